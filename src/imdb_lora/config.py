@@ -1,0 +1,257 @@
+"""One validated configuration for a run: model, lora, data and train sections.
+
+Precedence: dataclass defaults < YAML file (`--config`) < command-line flags. Every field is also a CLI
+flag (its name with dashes, or the `flag` given in its metadata). The resolved config is saved as
+`config.yaml` in the run directory, so a run describes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+# Roles LoRA can target; model.py maps each to module names per architecture.
+LORA_ROLES = ("attention_qkv", "attention_output", "ffn", "pooler", "word_embeddings")
+
+
+def _f(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
+    """A dataclass field with its CLI help (and optional flag name) attached."""
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "roberta-base",
+        "base model: a local Hugging Face folder or a hub id (hub needs network)",
+        flag="--model",
+    )
+    random_init: bool = _f(
+        False,
+        "architecture from config.json with random weights (tests and speed benchmarks only)",
+    )
+    num_labels: int = _f(2, "number of classes (IMDB: 0 = negative, 1 = positive)")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(8, "LoRA rank", flag="--lora-r")
+    alpha: float = _f(8.0, "LoRA scaling numerator (rsLoRA scale = alpha / sqrt(r))", flag="--lora-alpha")
+    dropout: float = _f(0.1, "dropout on the LoRA input", flag="--lora-dropout")
+    rslora: bool = _f(True, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r", flag="--rslora")
+    targets: list[str] = _f(
+        list(LORA_ROLES),
+        "LoRA targets by role: " + ", ".join(LORA_ROLES),
+        flag="--lora-targets",
+    )
+    target_modules: list[str] = _f(
+        [],
+        "explicit module names (suffixes) to wrap instead of roles, for architectures without a role map",
+        flag="--lora-modules",
+    )
+    train_biases: bool = _f(
+        True,
+        "also train the biases of LoRA-wrapped layers (peft bias='lora_only'; the reference's count)",
+        flag="--lora-train-biases",
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(
+        None,
+        "aclImdb folder or .tar/.tar.gz/.tar.xz of it (default: $IMDB_LORA_DATA, else download)",
+        flag="--data",
+    )
+    train_file: str | None = _f(None, "labeled CSV/TSV/JSONL with text,label columns instead of IMDB")
+    test_file: str | None = _f(None, "labeled CSV/TSV/JSONL test file (with --train-file)")
+    val_size: float = _f(0.05, "fraction of train held out (stratified) as the validation split")
+    max_train_samples: int | None = _f(None, "stratified, seeded subset of train for quick runs")
+    max_eval_samples: int | None = _f(None, "stratified, seeded subset of validation and test")
+    max_length: int = _f(512, "tokens per review after truncation (special tokens included)")
+    truncation: str = _f("head", "how long reviews are cut: head (keep the start) or head_tail")
+    head_tokens: int = _f(128, "with head_tail: tokens kept from the start; the rest come from the end")
+
+
+@dataclass
+class TrainConfig:
+    method: str = _f("lora", "lora (adapters + classifier) or full (every weight trains)")
+    epochs: int = _f(3, "passes over the training split")
+    batch_size: int = _f(32, "reviews per optimizer step")
+    eval_batch_size: int = _f(64, "reviews per batch at evaluation (sorted by length)")
+    lr: float | None = _f(None, "peak learning rate (AdamW); default 4e-4 for lora, 2e-5 for full")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_ratio: float = _f(0.06, "fraction of steps with linear warm-up, then linear decay to 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    seed: int = _f(42, "seed for splits, subsets, shuffling, dropout and initialisation")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    checkpoint_every: int = _f(200, "also checkpoint every N steps inside an epoch (0: epoch ends only)")
+    eval_test_each_epoch: bool = _f(True, "report test loss/acc after every epoch (never used to choose)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        """Raise UserError naming the flag of the first invalid field."""
+        m, lo, d, t = self.model, self.lora, self.data, self.train
+        checks = [
+            (bool(m.name), "--model", "must not be empty"),
+            (m.num_labels >= 2, "--num-labels", "must be at least 2"),
+            (lo.r >= 1, "--lora-r", "must be a positive integer"),
+            (lo.alpha > 0, "--lora-alpha", "must be positive"),
+            (0 <= lo.dropout < 1, "--lora-dropout", "must be in [0, 1)"),
+            (bool(lo.targets) or bool(lo.target_modules), "--lora-targets", "needs at least one role"),
+            (0 < d.val_size < 1, "--val-size", "must be a fraction in (0, 1)"),
+            (d.max_train_samples is None or d.max_train_samples >= 2, "--max-train-samples", "must be >= 2"),
+            (d.max_eval_samples is None or d.max_eval_samples >= 2, "--max-eval-samples", "must be >= 2"),
+            (8 <= d.max_length <= 8192, "--max-length", "must be between 8 and 8192"),
+            (d.truncation in ("head", "head_tail"), "--truncation", "must be head or head_tail"),
+            (
+                d.truncation != "head_tail" or 0 < d.head_tokens < d.max_length - 2,
+                "--head-tokens",
+                "must be in (0, max_length - 2)",
+            ),
+            (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
+            (t.method in ("lora", "full"), "--method", "must be lora or full"),
+            (t.epochs >= 1, "--epochs", "must be >= 1"),
+            (t.batch_size >= 1, "--batch-size", "must be >= 1"),
+            (t.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
+            (t.lr is None or t.lr > 0, "--lr", "must be positive"),
+            (t.weight_decay >= 0, "--weight-decay", "must be >= 0"),
+            (0 <= t.warmup_ratio < 1, "--warmup-ratio", "must be in [0, 1)"),
+            (t.max_grad_norm >= 0, "--max-grad-norm", "must be >= 0"),
+            (0 <= t.label_smoothing < 1, "--label-smoothing", "must be in [0, 1)"),
+            (t.checkpoint_every >= 0, "--checkpoint-every", "must be >= 0"),
+            (
+                t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+                "--device",
+                "must be auto, cpu or cuda[:N]",
+            ),
+        ]
+        for ok, flag, msg in checks:
+            if not ok:
+                raise UserError(f"{flag} {msg} (got {_value_of(self, flag)!r})")
+        if t.lr is None:  # LoRA matrices start at zero and need a far larger step than full weights
+            t.lr = 4e-4 if t.method == "lora" else 2e-5
+        bad = [r for r in lo.targets if r not in LORA_ROLES]
+        if bad:
+            raise UserError(f"--lora-targets: unknown role(s) {bad}; choose from {', '.join(LORA_ROLES)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        cfg = cls()
+        for section, values in (raw or {}).items():
+            if section not in _sections():
+                raise UserError(f"{source}: unknown section {section!r}; expected one of {list(_sections())}")
+            if not isinstance(values, dict):
+                raise UserError(f"{source}: section {section!r} must be a mapping")
+            target = getattr(cfg, section)
+            names = {f.name: f for f in dataclasses.fields(target)}
+            for key, value in values.items():
+                if key not in names:
+                    raise UserError(f"{source}: unknown field {section}.{key}")
+                setattr(target, key, coerce(value, type(target), names[key], f"{source}: {section}.{key}"))
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Config:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"--config: no such file: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"--config: {p} is not valid YAML ({e})") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise UserError(f"--config: {p} must hold a mapping of sections")
+        return cls.from_dict(raw or {}, source=str(p))
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def section_fields() -> list[tuple[str, type, dataclasses.Field]]:
+    """(section name, section class, field) for every leaf field, in declaration order."""
+    out = []
+    for sec in dataclasses.fields(Config):
+        cls = sec.default_factory  # type: ignore[misc]
+        out.extend((sec.name, cls, f) for f in dataclasses.fields(cls))
+    return out
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _value_of(cfg: Config, flag: str) -> Any:
+    for sec, _, f in section_fields():
+        if flag_of(f) == flag:
+            return getattr(getattr(cfg, sec), f.name)
+    return None
+
+
+def _resolved_type(owner: type, f: dataclasses.Field) -> tuple[Any, bool]:
+    """The field's base type and whether it is optional (`X | None`)."""
+    tp = typing.get_type_hints(owner)[f.name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None)), True
+    return tp, False
+
+
+def coerce(value: Any, owner: type, f: dataclasses.Field, where: str) -> Any:
+    """Convert a YAML or CLI value to the field's type, with an error that names where it came from."""
+    tp, optional = _resolved_type(owner, f)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UserError(f"{where}: a value is required")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typing.get_origin(tp) is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise UserError(f"{where}: expected {name}, got {value!r}") from None

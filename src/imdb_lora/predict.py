@@ -1,0 +1,182 @@
+"""One Classifier, loaded once from a run directory, used by `predict`, `evaluate` and the server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+from .data import LABEL_NAMES, encode, encode_windows
+from .errors import UserError
+from .model import base_fingerprint, batched_logits, load_base_model, load_tokenizer, resolve_device
+from .rundir import RunDir
+
+
+@dataclass
+class Prediction:
+    text: str
+    label: str  # NEGATIVE or POSITIVE
+    label_id: int
+    confidence: float  # probability of the predicted label
+    negative: float
+    positive: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "label": self.label,
+            "label_id": self.label_id,
+            "confidence": round(self.confidence, 6),
+            "probabilities": {"negative": round(self.negative, 6), "positive": round(self.positive, 6)},
+        }
+
+    def to_text(self) -> str:
+        return (
+            f"Text: {self.text}\n"
+            f"Prediction: {self.label}\n"
+            f"Confidence: {self.confidence:.4f}\n"
+            f"Probabilities - Negative: {self.negative:.4f} | Positive: {self.positive:.4f}"
+        )
+
+
+def check_texts(texts: list[str]) -> None:
+    for i, t in enumerate(texts, 1):
+        if not isinstance(t, str) or not t.strip():
+            raise UserError(f"text {i} is empty; give non-empty texts")
+
+
+class Classifier:
+    """A loaded model + tokenizer + the run's preprocessing; `predict(texts)` is all most callers need."""
+
+    def __init__(self, model, tokenizer, device: torch.device, config: Config, info: dict[str, Any]):
+        # model: a torch module, or an export's OnnxModel (anything with batched_logits(seqs, pad_id, ...))
+        self.model = model.eval() if isinstance(model, torch.nn.Module) else model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.config = config
+        self.info = info
+
+    @classmethod
+    def load(
+        cls, path: str, device: str = "auto", base_model: str | None = None, merge: bool = False
+    ) -> Classifier:
+        """Load a finished run directory or an export folder; `merge` folds the adapter into the base weights."""
+        from .export import is_export, load_export
+
+        if is_export(path):  # self-contained: base model, adapter and --base-model do not apply
+            return cls(*load_export(path, device))
+        run = RunDir(path)
+        info = run.require_finished()
+        cfg = Config.load(run.config_path)
+        dev = resolve_device(device)
+        if info["method"] == "full":
+            model, _ = load_base_model(
+                str(run.weights_dir("full")), cfg.model.num_labels, False, cfg.train.seed
+            )
+        else:
+            model = load_adapter_model(run, cfg, info, base_model, merge)
+        tokenizer = load_tokenizer(str(run.tokenizer_dir))
+        return cls(model.to(dev), tokenizer, dev, cfg, info)
+
+    # ------------------------------------------------------------ inference
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        d = self.config.data
+        return encode(self.tokenizer, texts, d.max_length, d.truncation, d.head_tokens)
+
+    def logits(
+        self, texts: list[str], batch_size: int = 32, progress=None, window_stride: int | None = None
+    ) -> torch.Tensor:
+        """Logits per text, in input order. With `window_stride`, long texts are read as overlapping
+        max-length windows and the result is the log of the window-averaged probabilities."""
+        check_texts(texts)
+        if window_stride is None:
+            ids = self.encode(texts)
+            return self.batched_logits(ids, batch_size, progress)
+        windows, owner = encode_windows(self.tokenizer, texts, self.config.data.max_length, window_stride)
+        probs = self.batched_logits(windows, batch_size).softmax(-1)
+        idx = torch.tensor(owner)
+        total = torch.zeros(len(texts), probs.shape[1]).index_add_(0, idx, probs)
+        counts = torch.zeros(len(texts)).index_add_(0, idx, torch.ones(len(owner)))
+        if progress is not None:
+            progress.update(len(texts))
+        return (total / counts[:, None]).log()
+
+    def batched_logits(self, seqs: list[list[int]], batch_size: int = 32, progress=None) -> torch.Tensor:
+        """fp32 logits of token-id sequences, in input order, from whichever backend holds the model."""
+        pad_id = self.tokenizer.pad_token_id
+        if isinstance(self.model, torch.nn.Module):
+            return batched_logits(self.model, seqs, pad_id, batch_size, self.device, progress)
+        return self.model.batched_logits(seqs, pad_id, batch_size, progress)
+
+    @property
+    def backend(self) -> str:
+        """torch, or onnxruntime for an ONNX export."""
+        return getattr(self.model, "backend", "torch")
+
+    def predict(self, texts: list[str], batch_size: int = 32, window_stride: int | None = None) -> list[Prediction]:
+        if not texts:
+            return []
+        probs = self.logits(texts, batch_size, window_stride=window_stride).softmax(-1)
+        return [to_prediction(t, p) for t, p in zip(texts, probs.tolist())]
+
+
+def to_prediction(text: str, probs: list[float]) -> Prediction:
+    label_id = int(probs[1] > probs[0])
+    return Prediction(text, LABEL_NAMES[label_id], label_id, probs[label_id], probs[0], probs[1])
+
+
+def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_model: str | None, merge: bool):
+    from peft import PeftModel
+
+    saved_base = run.path / "base_model"
+    base = base_model or (str(saved_base) if saved_base.is_dir() else cfg.model.name)
+    model, _ = load_base_model(base, cfg.model.num_labels, False, cfg.train.seed)
+    fp = base_fingerprint(model)
+    if fp != info.get("base_fingerprint"):
+        raise UserError(
+            f"the adapter in {run.path} was trained on base model {cfg.model.name!r}, "
+            f"but {base!r} is a different model (fingerprint {fp} != {info.get('base_fingerprint')}); "
+            "pass --base-model with the original base"
+        )
+    model = PeftModel.from_pretrained(model, str(run.weights_dir("lora")))
+    return model.merge_and_unload() if merge else model
+
+
+def read_texts(file: str | None, stdin_text: str | None) -> list[str]:
+    """Texts from --file (one per line, or JSONL/CSV with a `text` column) or from stdin lines."""
+    if file is None:
+        return [line for line in (stdin_text or "").splitlines() if line.strip()]
+    p = Path(file).expanduser()
+    if not p.is_file():
+        raise UserError(f"--file: no such file: {p}")
+    try:
+        content = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--file: {p} is not UTF-8") from None
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        texts = []
+        for n, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"--file: {p} line {n} is not JSON") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise UserError(f"--file: {p} line {n} has no 'text' string")
+                texts.append(obj["text"])
+        return texts
+    if suffix in (".csv", ".tsv"):
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
+        if "text" not in (reader.fieldnames or []):
+            raise UserError(f"--file: {p} has no 'text' column")
+        return [row["text"] for row in reader]
+    return [line for line in content.splitlines() if line.strip()]

@@ -1,0 +1,160 @@
+"""Run reports: results.md (the reference's tables), curves.png and the model card README.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Config
+from .rundir import RunDir, atomic_write_text
+
+
+def fmt_bytes(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def epoch_table(history: list[dict[str, Any]], best_epoch: int) -> str:
+    has_test = any("test_accuracy" in r for r in history)
+    head = "| Epoch | Train Loss | Train Acc | Val Loss | Val Acc |" + (
+        " Test Loss | Test Acc |" if has_test else ""
+    )
+    head += " Time |"
+    sep = "|" + "---|" * (head.count("|") - 1)
+    rows = [head, sep]
+    for r in history:
+        mark = " *" if r["epoch"] == best_epoch else ""
+        cells = [
+            f"{r['epoch']}{mark}",
+            f"{r['train_loss']:.4f}",
+            f"{100 * r['train_accuracy']:.2f}%",
+            f"{r['val_loss']:.4f}",
+            f"{100 * r['val_accuracy']:.2f}%",
+        ]
+        if has_test:
+            cells += [f"{r['test_loss']:.4f}", f"{100 * r['test_accuracy']:.2f}%"]
+        cells.append(fmt_seconds(r["train_seconds"]))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    n = len(history)
+    train_s = summary["train_seconds"]
+    weights = "Adapter size on disk" if summary["method"] == "lora" else "Model size on disk"
+    rows = [
+        (
+            "Model",
+            summary["model"]
+            + (" (RANDOM INIT - speed/test only, accuracy meaningless)" if summary["random_init"] else ""),
+        ),
+        ("Method", "LoRA" if summary["method"] == "lora" else "Full fine-tuning"),
+        ("Device", f"{summary['device']} ({summary['precision']}, {summary['train_path']})"),
+        ("Examples (train / val / test)", " / ".join(f"{v:,}" for v in summary["examples"].values())),
+        ("Training time", fmt_seconds(train_s)),
+        ("Time per epoch", fmt_seconds(train_s / max(1, n))),
+        ("Best epoch (by validation accuracy)", str(summary["best_epoch"])),
+        ("Validation accuracy (best epoch)", f"{100 * summary['val_accuracy']:.2f}%"),
+    ]
+    if summary.get("test_accuracy") is not None:
+        rows.append(("Final test accuracy (best epoch)", f"**{100 * summary['test_accuracy']:.2f}%**"))
+    rows += [
+        ("Trainable parameters", f"{summary['trainable_parameters']:,}"),
+        ("Total parameters", f"{summary['total_parameters']:,}"),
+        ("Trainable %", f"{summary['trainable_percent']:.2f}%"),
+        (weights, fmt_bytes(summary["weights_bytes"])),
+        (f"Peak memory, {summary['peak_memory_kind']}", fmt_bytes(summary["peak_memory_bytes"])),
+    ]
+    return "| Metric | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def results_markdown(cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    return (
+        f"# Results: {summary['model']} ({summary['method']})\n\n"
+        "## Per-epoch results\n\n"
+        f"{epoch_table(history, summary['best_epoch'])}\n\n"
+        "`*` = checkpoint kept (best validation accuracy). Test figures are reported, never used to choose.\n\n"
+        "## Key metrics\n\n"
+        f"{key_metrics(summary, history)}\n"
+    )
+
+
+def plot_curves(history: list[dict[str, Any]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "o-"), ("val", "s-"), ("test", "^--")):
+        if f"{split}_loss" in history[0]:
+            ax1.plot(epochs, [r[f"{split}_loss"] for r in history], style, label=split)
+            ax2.plot(epochs, [100 * r[f"{split}_accuracy"] for r in history], style, label=split)
+    ax1.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax2.set(title="Accuracy", xlabel="epoch", ylabel="%")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_xticks(epochs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def model_card(cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lo = cfg.lora
+    method = (
+        f"LoRA r={lo.r}, alpha={lo.alpha:g}, dropout={lo.dropout:g}, rsLoRA={'on' if lo.rslora else 'off'}, "
+        f"targets: {', '.join(lo.target_modules or lo.targets)}; classification head trained in full"
+        if cfg.train.method == "lora"
+        else "full fine-tuning (every weight trained)"
+    )
+    warn = (
+        "\n> **Random initialisation.** This run's base model had random weights (`--random-init`): it exists "
+        "for tests and speed benchmarks, and its accuracy means nothing.\n"
+        if cfg.model.random_init
+        else ""
+    )
+    test = summary.get("test_accuracy")
+    return f"""---
+library_name: peft
+base_model: {cfg.model.name}
+tags: [text-classification, sentiment-analysis, imdb, {"lora" if cfg.train.method == "lora" else "full-fine-tuning"}]
+---
+# IMDB sentiment classifier ({summary["model_type"]}, {cfg.train.method})
+{warn}
+Binary sentiment classifier for movie reviews: label 0 = NEGATIVE, 1 = POSITIVE.
+
+- Base model: `{cfg.model.name}`
+- Method: {method}
+- Trainable parameters: {summary["trainable_parameters"]:,} of {summary["total_parameters"]:,} ({summary["trainable_percent"]:.2f}%)
+- Data: {summary["examples"]["train"]:,} training reviews, {summary["examples"]["val"]:,} validation (carved from train), {summary["examples"]["test"]:,} test
+- Max length {cfg.data.max_length} tokens ({cfg.data.truncation} truncation); {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
+- Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}%)
+- Test accuracy of that checkpoint: {f"{100 * test:.2f}%" if test is not None else "not measured"}
+
+## Use
+```
+imdb-lora predict THIS_DIR "A wonderful film."
+imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz
+```
+The adapter in `adapter/` is standard PEFT: `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("{cfg.model.name}", num_labels=2), "adapter")`.
+
+## Limitations
+Trained on English IMDB movie reviews only; expect lower accuracy on other domains, sarcasm and very short texts.
+
+See `results.md` for per-epoch figures and `config.yaml` for the exact recipe.
+"""
+
+
+def write_reports(run: RunDir, cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    atomic_write_text(run.path / "results.md", results_markdown(cfg, history, summary))
+    atomic_write_text(run.path / "README.md", model_card(cfg, history, summary))
+    plot_curves(history, run.path / "curves.png")

@@ -1,0 +1,107 @@
+"""The run directory: its layout, its status, and atomic writes of everything in it.
+
+config.yaml            resolved config (the run's recipe)
+run.json               status (running | finished) and the summary figures
+tokenizer/             tokenizer files
+adapter/               LoRA: PEFT adapter (classifier head included), or
+model/                 full fine-tuning: the whole model (safetensors)
+base_model/            only for --random-init LoRA runs: the random base the adapter belongs to
+checkpoint.safetensors resume state (weights in training, optimizer, RNG, progress)
+metrics.jsonl          one line per epoch
+results.md, curves.png, README.md   the report and the model card
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    status_path = property(lambda self: self.path / "run.json")
+    tokenizer_dir = property(lambda self: self.path / "tokenizer")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+
+    def weights_dir(self, method: str) -> Path:
+        return self.path / ("adapter" if method == "lora" else "model")
+
+    # ------------------------------------------------------------ status
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def status(self) -> str | None:
+        return self.read_status().get("status")
+
+    def is_resumable(self) -> bool:
+        return self.config_path.is_file() and (self.path / "checkpoint.safetensors").is_file()
+
+    def write_status(self, status: str, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.status_path, json.dumps({"status": status, **summary}, indent=2) + "\n")
+
+    def write_metrics(self, history: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    def require_finished(self) -> dict[str, Any]:
+        """The run's summary, or a clear error if this is not a finished run directory."""
+        if not self.path.is_dir():
+            raise UserError(f"no such run directory: {self.path}")
+        info = self.read_status()
+        if not info or not self.config_path.is_file():
+            raise UserError(f"{self.path} is not an imdb-lora run directory (no run.json/config.yaml)")
+        if info.get("status") != "finished":
+            raise UserError(
+                f"{self.path} is not a finished run (status: {info.get('status')}); "
+                "finish it with `imdb-lora train --output-dir DIR --resume`"
+            )
+        if not self.weights_dir(info.get("method", "lora")).is_dir():
+            raise UserError(f"{self.path} has no {self.weights_dir(info.get('method', 'lora')).name}/ folder")
+        return info
+
+    # ------------------------------------------------------------ weights
+
+    def save_weights(self, model, method: str) -> None:
+        """Replace adapter/ (or model/) as a whole: a crash leaves the old or the new copy, never half."""
+        final = self.weights_dir(method)
+        tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def recover(self) -> None:
+        """Finish an interrupted swap in save_weights: keep whichever complete copy exists."""
+        for name in ("adapter", "model"):
+            final = self.path / name
+            old, tmp = self.path / (name + ".old"), self.path / (name + ".tmp")
+            if not final.exists() and old.exists():
+                os.replace(old, final)
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def weights_bytes(self, method: str) -> int:
+        return dir_bytes(self.weights_dir(method))

@@ -1,0 +1,132 @@
+"""Fixtures: tiny random models (roberta/bert/mpnet) and a tiny learnable aclImdb, all written by the tests.
+
+The real roberta-base tokenizer and config come from ../shared (or $IMDB_LORA_SHARED).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core machine
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMDB_LORA_SHARED", REPO.parent / "shared"))
+ROBERTA_BASE = SHARED / "models" / "roberta-base"
+
+POS_WORDS = ["great", "wonderful", "superb", "loved", "brilliant", "moving", "excellent", "beautiful"]
+NEG_WORDS = ["awful", "boring", "terrible", "hated", "dull", "waste", "poor", "horrible"]
+FILLER = ["the", "movie", "film", "plot", "acting", "was", "and", "a", "story", "really", "it", "this", "i"]
+SPECIALS_BERT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SPECIALS_MPNET = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"]
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def needs_shared():
+    if not ROBERTA_BASE.is_dir():
+        pytest.skip(f"shared roberta-base tokenizer not found at {ROBERTA_BASE} (set IMDB_LORA_SHARED)")
+
+
+def review(rng: random.Random, label: int, n_words: int) -> str:
+    words = POS_WORDS if label else NEG_WORDS
+    body = [rng.choice(FILLER) if rng.random() < 0.6 else rng.choice(words) for _ in range(n_words)]
+    return " ".join(body) + "."
+
+
+def write_imdb(root: Path, per_class: int = 24, seed: int = 0) -> Path:
+    """aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt with reviews a tiny model can learn."""
+    rng = random.Random(seed)
+    for split in ("train", "test"):
+        for label, name in ((1, "pos"), (0, "neg")):
+            d = root / "aclImdb" / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                (d / f"{i}_{8 if label else 2}.txt").write_text(review(rng, label, rng.randint(5, 40)))
+    (root / "aclImdb" / "README").write_text("tiny test copy\n")
+    return root / "aclImdb"
+
+
+def build_tiny(kind: str, dest: Path) -> Path:
+    """A tiny random model folder (config, safetensors weights, tokenizer) of the given architecture."""
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertTokenizerFast,
+        MPNetConfig,
+        MPNetTokenizerFast,
+        RobertaConfig,
+    )
+
+    dest.mkdir(parents=True, exist_ok=True)
+    words = sorted(set(POS_WORDS + NEG_WORDS + FILLER + list("abcdefghijklmnopqrstuvwxyz.,!?'")))
+    if kind == "roberta":
+        needs_shared()
+        tok = AutoTokenizer.from_pretrained(ROBERTA_BASE)
+        cfg = RobertaConfig(vocab_size=tok.vocab_size, max_position_embeddings=130, pad_token_id=1, **TINY)
+    elif kind == "bert":
+        vocab = {w: i for i, w in enumerate(SPECIALS_BERT + words)}
+        tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+        cfg = BertConfig(vocab_size=len(SPECIALS_BERT) + len(words), max_position_embeddings=128, **TINY)
+    elif kind == "mpnet":
+        vocab = {w: i for i, w in enumerate(SPECIALS_MPNET + words)}
+        tok = MPNetTokenizerFast(vocab=vocab, do_lower_case=True)
+        cfg = MPNetConfig(vocab_size=len(SPECIALS_MPNET) + len(words), max_position_embeddings=130, pad_token_id=1, **TINY)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(0)
+    cfg.num_labels = 2
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def imdb_dir(tmp_path_factory) -> Path:
+    return write_imdb(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """kind -> folder, built once per session."""
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = build_tiny(kind, root / kind)
+        return cache[kind]
+
+    return get
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """A quick, deterministic CPU training command line for tiny models."""
+    return [
+        "train", "--model", str(model), "--data", str(data), "--output-dir", str(out),
+        "--epochs", "2", "--batch-size", "8", "--max-length", "64", "--lr", "3e-3",
+        "--val-size", "0.25", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_models, imdb_dir, tmp_path_factory) -> Path:
+    """A finished LoRA run on the tiny bert model, shared by read-only tests."""
+    from imdb_lora.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "bert-lora"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out)) == 0
+    return out

@@ -1,0 +1,192 @@
+"""The CLI run in-process: predict/evaluate output, and every bad input ending in exit code 2."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import build_tiny, train_args
+from imdb_lora.cli import main
+
+FANTASTIC = "This movie was absolutely fantastic! I loved every minute of it."
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_prints_the_reference_format(trained_run, capsys):
+    code, out, _ = run(capsys, "predict", str(trained_run), FANTASTIC, "Terrible film.")
+    assert code == 0
+    blocks = out.strip().split("\n\n")
+    assert len(blocks) == 2
+    lines = blocks[0].splitlines()
+    assert lines[0] == f"Text: {FANTASTIC}"
+    assert lines[1] in ("Prediction: POSITIVE", "Prediction: NEGATIVE")
+    conf = float(lines[2].removeprefix("Confidence: "))
+    neg, pos = (float(x.split(": ")[1]) for x in lines[3].removeprefix("Probabilities - ").split(" | "))
+    assert lines[3].startswith("Probabilities - Negative: ") and " | Positive: " in lines[3]
+    assert conf == max(neg, pos) and abs(neg + pos - 1) < 2e-4
+    assert blocks[1].splitlines()[0] == "Text: Terrible film."
+
+
+def test_predict_json_keeps_input_order_across_length_sorted_batches(trained_run, capsys):
+    texts = ["great " * n + "film" for n in (1, 30, 3, 12, 7)]
+    code, out, _ = run(capsys, "predict", str(trained_run), *texts, "--json", "--batch-size", "2")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["text"] for r in rows] == texts
+    for r in rows:
+        p = r["probabilities"]
+        assert r["label"] == ("POSITIVE" if p["positive"] > p["negative"] else "NEGATIVE")
+    # one at a time gives the same numbers as batched
+    _, single, _ = run(capsys, "predict", str(trained_run), texts[3], "--json")
+    assert json.loads(single)["probabilities"] == pytest.approx(rows[3]["probabilities"], abs=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
+def test_predict_from_file(trained_run, tmp_path, capsys, fmt):
+    texts = ["great film", "awful, boring waste"]
+    f = tmp_path / f"in.{fmt}"
+    if fmt == "txt":
+        f.write_text("\n".join(texts) + "\n\n")
+    elif fmt == "jsonl":
+        f.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    else:
+        f.write_text('id,text\n1,great film\n2,"awful, boring waste"\n')
+    code, out, _ = run(capsys, "predict", str(trained_run), "--file", str(f), "--json")
+    assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == texts
+
+
+def test_predict_from_stdin(trained_run, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("great film\nawful film\n"))
+    code, out, _ = run(capsys, "predict", str(trained_run))
+    assert code == 0 and out.count("Prediction: ") == 2
+
+
+def test_evaluate_json(trained_run, capsys):
+    code, out, _ = run(capsys, "evaluate", str(trained_run), "--split", "val", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["split"] == "val" and r["examples"] == 12 and 0 <= r["accuracy"] <= 1
+    info = json.loads((trained_run / "run.json").read_text())
+    assert r["accuracy"] == pytest.approx(info["val_accuracy"], abs=1e-6)  # same checkpoint, same split
+    code, out, _ = run(capsys, "evaluate", str(trained_run), "--max-samples", "10", "--json")
+    assert json.loads(out)["examples"] == 10
+
+
+def test_python_dash_m_behaves_the_same(trained_run):
+    r = subprocess.run(
+        [sys.executable, "-m", "imdb_lora", "predict", str(trained_run), "--json", "great film"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout)["text"] == "great film"
+    r = subprocess.run([sys.executable, "-m", "imdb_lora", "predict", "/nonexistent/run", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no such run directory" in r.stderr
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one clear line
+
+
+def expect_error(capsys, needle, *args):
+    code, _, err = run(capsys, *args)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+    assert err.startswith("imdb-lora: error:")
+
+
+def test_missing_data_path(tiny_models, tmp_path, capsys):
+    expect_error(capsys, "no such file or directory", *train_args(tiny_models("bert"), tmp_path / "none", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()  # nothing half-made left behind
+
+
+def test_corrupt_archive(tiny_models, tmp_path, capsys):
+    (tmp_path / "x.tar.xz").write_bytes(b"garbage" * 100)
+    expect_error(capsys, "cannot read archive", *train_args(tiny_models("bert"), tmp_path / "x.tar.xz", tmp_path / "o"))
+
+
+def test_missing_model(imdb_dir, tmp_path, capsys):
+    expect_error(capsys, "--model: no such directory", *train_args(tmp_path / "nomodel", imdb_dir, tmp_path / "o"))
+
+
+def test_model_without_weights(imdb_dir, tmp_path, capsys, tiny_models):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((tiny_models("bert") / "config.json").read_text())
+    expect_error(capsys, "no model.safetensors", *train_args(tmp_path / "m", imdb_dir, tmp_path / "o"))
+
+
+def test_hub_unreachable(imdb_dir, tmp_path, capsys):
+    expect_error(capsys, "--model PATH", *train_args("some-org/some-model", imdb_dir, tmp_path / "o"))
+
+
+def test_bad_labels_in_a_file(tiny_models, tmp_path, capsys):
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\nok,1\nhm,5\n")
+    args = train_args(tiny_models("bert"), tmp_path, tmp_path / "o")
+    args[args.index("--data") : args.index("--data") + 2] = ["--train-file", str(f)]
+    expect_error(capsys, "labels must be 0 (negative) or 1 (positive)", *args)
+
+
+def test_existing_output_dir_is_never_silently_replaced(trained_run, tiny_models, imdb_dir, tmp_path, capsys):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    expect_error(capsys, "pass --overwrite", *train_args(tiny_models("bert"), imdb_dir, keep))
+    assert (keep / "notes.txt").read_text() == "precious"
+    expect_error(capsys, "--resume: ", "train", "--output-dir", str(keep), "--resume")
+    expect_error(capsys, "already finished", "train", "--output-dir", str(trained_run), "--resume")
+
+
+def test_overwrite_replaces(tiny_models, imdb_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    code, _, _ = run(capsys, *train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--overwrite"))
+    assert code == 0 and not (out / "old.txt").exists() and (out / "run.json").is_file()
+
+
+def test_predict_or_evaluate_on_something_that_is_not_a_run(tmp_path, capsys):
+    expect_error(capsys, "no such run directory", "predict", str(tmp_path / "nope"), "x")
+    expect_error(capsys, "not an imdb-lora run directory", "evaluate", str(tmp_path))
+
+
+def test_adapter_with_a_different_base(trained_run, tmp_path, capsys):
+    import torch
+
+    torch.manual_seed(123)
+    other = build_tiny("bert", tmp_path / "other-bert")  # same architecture, other weights
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(other)
+    with torch.no_grad():
+        m.get_input_embeddings().weight.add_(1.0)
+    m.save_pretrained(other)
+    expect_error(capsys, "different model", "predict", str(trained_run), "x", "--base-model", str(other))
+
+
+@pytest.mark.parametrize("texts", [["good", "   "], [""]])
+def test_empty_text(trained_run, capsys, texts):
+    expect_error(capsys, "is empty", "predict", str(trained_run), *texts)
+
+
+def test_no_text_at_all(trained_run, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    expect_error(capsys, "no text to classify", "predict", str(trained_run))
+
+
+def test_bad_flag_value_names_the_flag(capsys):
+    expect_error(capsys, "--lora-r must be a positive integer", "train", "--lora-r", "0")
+
+
+def test_window_averaging_gives_one_prediction_per_input_in_order(trained_run, capsys):
+    texts = ["great film " * 60, "awful", "boring plot and poor acting " * 25]
+    code, out, _ = run(capsys, "predict", str(trained_run), *texts, "--json", "--window-stride", "20", "--batch-size", "3")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["text"] for r in rows] == texts
+    _, plain, _ = run(capsys, "predict", str(trained_run), "awful", "--json")
+    # a text shorter than one window is read once: same probabilities as without windows
+    assert rows[1]["probabilities"] == pytest.approx(json.loads(plain)["probabilities"], abs=1e-5)
+    code, out, _ = run(capsys, "evaluate", str(trained_run), "--window-stride", "32", "--json")
+    assert code == 0 and json.loads(out)["window_stride"] == 32

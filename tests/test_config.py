@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imdb_lora.cli import build_parser, config_from_args
+from imdb_lora.config import LORA_ROLES, Config
+from imdb_lora.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_reference_recipe():
+    c = Config().validate()
+    assert c.model.name == "roberta-base"
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.rslora) == (8, 8.0, 0.1, True)
+    assert c.lora.targets == list(LORA_ROLES) and c.lora.train_biases
+    assert (c.train.epochs, c.data.max_length, c.data.val_size) == (3, 512, 0.05)
+    assert c.train.lr == 4e-4  # resolved from the method
+
+
+def test_full_method_gets_its_own_default_lr():
+    c = Config()
+    c.train.method = "full"
+    assert c.validate().train.lr == 2e-5
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_validates(path):
+    Config.load(path).validate()
+
+
+def test_yaml_then_flags_precedence(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"train": {"epochs": 5, "lr": 1e-3}, "lora": {"r": 16}}))
+    ns = build_parser().parse_args(["train", "--config", str(y), "--epochs", "2", "--lora-targets", "attention_qkv"])
+    c = config_from_args(ns, Config.load(y)).validate()
+    assert (c.train.epochs, c.train.lr, c.lora.r) == (2, 1e-3, 16)
+    assert c.lora.targets == ["attention_qkv"]
+
+
+def test_boolean_and_optional_flags():
+    ns = build_parser().parse_args(["train", "--no-rslora", "--random-init", "--max-train-samples", "100"])
+    c = config_from_args(ns, Config()).validate()
+    assert c.lora.rslora is False and c.model.random_init is True and c.data.max_train_samples == 100
+
+
+def test_saved_config_round_trips(tmp_path):
+    c = Config()
+    c.train.epochs, c.data.truncation = 7, "head_tail"
+    c.validate().save(tmp_path / "config.yaml")
+    assert Config.load(tmp_path / "config.yaml").to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--lora-r", "0"], "--lora-r"),
+        (["--val-size", "1.5"], "--val-size"),
+        (["--method", "prefix"], "--method"),
+        (["--epochs", "0"], "--epochs"),
+        (["--lora-targets", "attention_qkv,heads"], "--lora-targets"),
+        (["--truncation", "middle"], "--truncation"),
+    ],
+)
+def test_invalid_values_name_their_flag(flags, named):
+    ns = build_parser().parse_args(["train", *flags])
+    with pytest.raises(UserError, match=named):
+        config_from_args(ns, Config()).validate()
+
+
+def test_wrong_type_names_the_flag():
+    ns = build_parser().parse_args(["train", "--epochs", "three"])
+    with pytest.raises(UserError, match="--epochs: expected int"):
+        config_from_args(ns, Config())
+
+
+def test_unknown_yaml_field_is_an_error(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(UserError, match="unknown field train.epochz"):
+        Config.load(y)

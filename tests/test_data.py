@@ -1,0 +1,203 @@
+import json
+import tarfile
+
+import pytest
+
+from conftest import ROBERTA_BASE, needs_shared, write_imdb
+from imdb_lora.data import (
+    encode,
+    load_imdb,
+    load_labeled_file,
+    load_splits,
+    resolve_imdb_path,
+    stratified_split,
+    stratified_subset,
+)
+from imdb_lora.config import DataConfig
+from imdb_lora.errors import UserError
+
+
+def make_tar(src_root, dest, mode):
+    with tarfile.open(dest, mode) as tf:
+        tf.add(src_root, arcname="aclImdb")
+    return dest
+
+
+@pytest.mark.parametrize("suffix, mode", [(".tar", "w"), (".tar.gz", "w:gz"), (".tar.xz", "w:xz")])
+def test_archives_read_directly_and_equal_the_folder(imdb_dir, tmp_path, suffix, mode):
+    from_dir = load_imdb(imdb_dir)
+    from_tar = load_imdb(make_tar(imdb_dir, tmp_path / f"imdb{suffix}", mode))
+    for split in ("train", "test"):
+        assert from_tar[split].texts == from_dir[split].texts
+        assert from_tar[split].labels == from_dir[split].labels
+    assert not (tmp_path / "aclImdb").exists()  # nothing unpacked to disk
+
+
+def test_labels_follow_the_folders(imdb_dir):
+    d = load_imdb(imdb_dir.parent)  # the parent of aclImdb works too
+    assert set(d["train"].labels) == {0, 1}
+    pos = (imdb_dir / "train" / "pos" / "0_8.txt").read_text()
+    assert d["train"].labels[d["train"].texts.index(pos)] == 1
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match="no such file or directory"):
+        load_imdb(tmp_path / "nope")
+
+
+def test_corrupt_archive(tmp_path):
+    bad = tmp_path / "imdb.tar.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip" * 50)
+    with pytest.raises(UserError, match="cannot read archive"):
+        load_imdb(bad)
+
+
+def test_archive_that_is_not_aclimdb(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "a.txt").write_text("hello")
+    with pytest.raises(UserError, match="not an aclImdb dataset"):
+        load_imdb(make_tar(tmp_path / "stuff", tmp_path / "x.tar", "w"))
+
+
+def test_empty_review_file_is_named(tmp_path):
+    root = write_imdb(tmp_path, per_class=3)
+    (root / "train" / "neg" / "1_2.txt").write_text("  \n")
+    with pytest.raises(UserError, match=r"empty: .*train/neg/1_2\.txt"):
+        load_imdb(root)
+
+
+def test_non_utf8_review_file_is_named(tmp_path):
+    root = write_imdb(tmp_path, per_class=3)
+    (root / "test" / "pos" / "2_8.txt").write_bytes(b"caf\xe9 \xff great")
+    with pytest.raises(UserError, match=r"not UTF-8: .*test/pos/2_8\.txt"):
+        load_imdb(make_tar(root, tmp_path / "x.tar.gz", "w:gz"))
+
+
+def test_data_env_default(monkeypatch, imdb_dir):
+    monkeypatch.setenv("IMDB_LORA_DATA", str(imdb_dir))
+    assert resolve_imdb_path(None) == str(imdb_dir)
+    assert resolve_imdb_path("given") == "given"
+
+
+def test_download_fails_cleanly_without_network(monkeypatch, tmp_path):
+    import urllib.request
+
+    def refuse(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("IMDB_LORA_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(UserError, match="could not be downloaded.*--data PATH"):
+        resolve_imdb_path(None)
+    assert not list(tmp_path.rglob("*.part"))
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl"])
+def test_labeled_files(tmp_path, ext):
+    rows = [("good, fun", 1), ("bad", 0), ('so "so"', 0)]
+    p = tmp_path / f"d.{ext}"
+    if ext == "jsonl":
+        p.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    else:
+        import csv
+
+        with p.open("w", newline="") as f:
+            w = csv.writer(f, delimiter="\t" if ext == "tsv" else ",")
+            w.writerow(["label", "text"])
+            w.writerows([(y, t) for t, y in rows])
+    d = load_labeled_file(p)
+    assert d.texts == [t for t, _ in rows] and d.labels == [y for _, y in rows]
+
+
+def test_labeled_file_missing_column(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("review,label\nfine,1\n")
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['text'\]"):
+        load_labeled_file(p)
+
+
+@pytest.mark.parametrize("label", ["2", "-1", "pos", ""])
+def test_labeled_file_bad_label(tmp_path, label):
+    p = tmp_path / "d.csv"
+    p.write_text(f"text,label\nfine,1\nmeh,{label}\n")
+    with pytest.raises(UserError, match="row 2 has label"):
+        load_labeled_file(p)
+
+
+def test_stratified_split_is_seeded_and_balanced():
+    labels = [0] * 60 + [1] * 40
+    rest, held = stratified_split(labels, 0.1, seed=3)
+    assert sorted(rest + held) == list(range(100))
+    assert sum(labels[i] for i in held) == 4 and len(held) == 10
+    assert stratified_split(labels, 0.1, seed=3) == (rest, held)
+    assert stratified_split(labels, 0.1, seed=4) != (rest, held)
+
+
+def test_stratified_subset_exact_size():
+    labels = [0, 1] * 50 + [1]
+    idx = stratified_subset(labels, 11, seed=0)
+    assert len(idx) == 11 and len(set(idx)) == 11
+    assert stratified_subset(labels, None, 0) == list(range(101))
+
+
+def test_splits_never_overlap(imdb_dir):
+    cfg = DataConfig(path=str(imdb_dir), val_size=0.25, max_eval_samples=10)
+    s = load_splits(cfg, seed=1)
+    assert not set(s.train.texts) & set(s.val.texts)
+    assert len(s.val) == 10 and len(s.test) == 10 and len(s.train) == 36
+
+
+def test_labeled_train_file_without_test_carves_both(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(40)))
+    s = load_splits(DataConfig(train_file=str(p), val_size=0.1), seed=0)
+    assert len(s.train) + len(s.val) + len(s.test) == 40
+    assert not set(s.test.texts) & (set(s.train.texts) | set(s.val.texts))
+
+
+@pytest.fixture(scope="module")
+def roberta_tok():
+    needs_shared()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ROBERTA_BASE)
+
+
+def test_head_truncation_equals_the_tokenizers_own(roberta_tok):
+    texts = ["short one", "word " * 300, "Great movie! " * 40]
+    ours = encode(roberta_tok, texts, max_length=64)
+    theirs = roberta_tok(texts, truncation=True, max_length=64)["input_ids"]
+    assert ours == theirs
+
+
+def test_head_tail_keeps_exactly_the_first_and_last_tokens(roberta_tok):
+    text = " ".join(f"w{i}" for i in range(400))
+    body = roberta_tok(text, add_special_tokens=False)["input_ids"]
+    (ids,) = encode(roberta_tok, [text], max_length=64, truncation="head_tail", head_tokens=20)
+    assert len(ids) == 64
+    assert ids[0] == roberta_tok.cls_token_id and ids[-1] == roberta_tok.sep_token_id
+    assert ids[1:21] == body[:20]
+    assert ids[21:-1] == body[-42:]
+    short = encode(roberta_tok, ["tiny review"], 64, "head_tail", 20)
+    assert short == roberta_tok(["tiny review"])["input_ids"]
+
+
+def test_windows_cover_every_token_and_end_at_the_end(roberta_tok):
+    from imdb_lora.data import encode_windows
+
+    long = " ".join(f"w{i}" for i in range(300))
+    body = roberta_tok(long, add_special_tokens=False)["input_ids"]
+    windows, owner = encode_windows(roberta_tok, ["short review", long], max_length=64, stride=40)
+    assert owner[0] == 0 and owner.count(0) == 1 and owner[1:] == [1] * (len(owner) - 1)
+    assert windows[0] == roberta_tok("short review")["input_ids"]
+    bodies = [w[1:-1] for w in windows[1:]]
+    assert all(len(w) == 64 for w in windows[1:])
+    assert bodies[0] == body[:62] and bodies[-1] == body[-62:]
+    covered = set()
+    for k, b in enumerate(bodies[:-1]):
+        covered |= set(range(40 * k, 40 * k + 62))
+    covered |= set(range(len(body) - 62, len(body)))
+    assert covered == set(range(len(body)))
+    with pytest.raises(UserError, match="--window-stride"):
+        encode_windows(roberta_tok, [long], 64, 0)

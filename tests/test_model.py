@@ -1,0 +1,101 @@
+import re
+
+import pytest
+from torch import nn
+
+from conftest import ROBERTA_BASE, needs_shared
+from imdb_lora.config import Config
+from imdb_lora.errors import UserError
+from imdb_lora.model import build_model, load_base_model, lora_target_modules
+
+
+def cfg_for(path, **lora) -> Config:
+    c = Config()
+    c.model.name = str(path)
+    for k, v in lora.items():
+        setattr(c.lora, k, v)
+    return c.validate()
+
+
+def test_reference_count_on_the_real_roberta_base_architecture():
+    """The reference's 2,410,442 trainable parameters, on roberta-base's real config (random weights)."""
+    needs_shared()
+    c = cfg_for(ROBERTA_BASE)
+    c.model.random_init = True
+    model, info = build_model(c)
+    assert info["trainable_parameters"] == 2_410_442
+    assert info["base_parameters"] == 124_647_170
+    assert info["total_parameters"] == 124_647_170 + sum(
+        p.numel() for n, p in model.named_parameters() if "lora_" in n
+    )
+
+
+EXPECTED = {
+    # per layer: q, k, v, attention output, intermediate, output
+    "roberta": r"roberta\.encoder\.layer\.\d\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$",
+    "bert": r"bert\.(encoder\.layer\.\d\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)|pooler\.dense)$",
+    "mpnet": r"mpnet\.encoder\.layer\.\d\.(attention\.attn\.(q|k|v|o)|intermediate\.dense|output\.dense)$",
+}
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert", "mpnet"])
+def test_roles_map_to_the_right_modules(tiny_models, kind):
+    model, _ = load_base_model(str(tiny_models(kind)), 2, False, 0)
+    targets = lora_target_modules(model, Config().lora.targets)
+    linear = [t for t in targets if not t.endswith("word_embeddings")]
+    assert all(re.fullmatch(EXPECTED[kind], t) for t in linear), linear
+    assert len(linear) == 2 * 6 + (kind == "bert")  # 2 layers x 6 projections (+ bert's pooler)
+    assert sum(t.endswith("embeddings.word_embeddings") for t in targets) == 1
+    assert not any(t.startswith("classifier") for t in targets)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert", "mpnet"])
+def test_head_trains_in_full_and_base_stays_frozen(tiny_models, kind):
+    model, info = build_model(cfg_for(tiny_models(kind)))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("classifier" in n and "modules_to_save" in n for n in trainable)
+    assert all("lora_" in n or "modules_to_save" in n or n.endswith("bias") for n in trainable)
+    assert info["trainable_parameters"] < info["total_parameters"]
+
+
+def test_role_subset(tiny_models):
+    model, _ = load_base_model(str(tiny_models("mpnet")), 2, False, 0)
+    assert all(t.split(".")[-1] in "qkv" for t in lora_target_modules(model, ["attention_qkv"]))
+
+
+def test_unknown_architecture_names_the_flag(tmp_path):
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    AlbertForSequenceClassification(
+        AlbertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, embedding_size=8)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="not mapped for model type 'albert'.*--lora-modules"):
+        build_model(cfg_for(tmp_path))
+    model, info = build_model(cfg_for(tmp_path, target_modules=["query", "key", "value"]))
+    wrapped = [n for n, m in model.named_modules() if n.endswith(("query", "key", "value")) and hasattr(m, "lora_A")]
+    assert wrapped and info["trainable_parameters"] > 0
+
+
+def test_explicit_module_names_that_match_nothing(tiny_models):
+    with pytest.raises(UserError, match="--lora-modules"):
+        build_model(cfg_for(tiny_models("bert"), target_modules=["nothing_here"]))
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(UserError, match="--model: no such directory"):
+        build_model(cfg_for(tmp_path / "absent"))
+
+
+def test_model_folder_without_weights(tmp_path, tiny_models):
+    (tmp_path / "config.json").write_text((tiny_models("bert") / "config.json").read_text())
+    with pytest.raises(UserError, match="no model.safetensors.*--random-init"):
+        build_model(cfg_for(tmp_path))
+    c = cfg_for(tmp_path)
+    c.model.random_init = True
+    assert isinstance(build_model(c)[0], nn.Module)
+
+
+def test_hub_unreachable_suggests_a_local_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="hub.*--model PATH"):
+        build_model(cfg_for("no-such-org/no-such-model"))

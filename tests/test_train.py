@@ -1,0 +1,135 @@
+import json
+
+import pytest
+import torch
+
+from conftest import train_args
+from imdb_lora.cli import main
+from imdb_lora.config import Config
+from imdb_lora.predict import Classifier
+from imdb_lora.train import Trainer, lr_at
+
+TEXTS = ["great wonderful film", "awful boring waste", "the plot was dull and poor", "loved it. brilliant"]
+
+
+def test_run_directory_layout(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "run.json", "adapter", "tokenizer", "metrics.jsonl", "results.md", "curves.png",
+            "README.md", "checkpoint.safetensors"} <= names  # fmt: skip
+    assert not any(n.endswith((".tmp", ".old")) for n in names)
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(rows[0])
+    info = json.loads((trained_run / "run.json").read_text())
+    best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+    assert info["status"] == "finished" and info["best_epoch"] == best["epoch"]
+    assert info["test_accuracy"] == best["test_accuracy"]  # the headline is the chosen checkpoint's test
+    results = (trained_run / "results.md").read_text()
+    for needle in ("Per-epoch results", "Training time", "Time per epoch", "Best epoch", "Final test accuracy",
+                   "Trainable parameters", "Adapter size on disk", "Peak memory"):  # fmt: skip
+        assert needle in results
+    assert (trained_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert Config.load(trained_run / "config.yaml").train.epochs == 2
+
+
+def test_adapter_is_standard_peft(trained_run, tiny_models):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models("bert"), num_labels=2)
+    model = PeftModel.from_pretrained(base, trained_run / "adapter").eval()
+    clf = Classifier.load(str(trained_run), device="cpu")
+    ids, mask = clf.tokenizer(TEXTS, padding=True, return_tensors="pt").values().__iter__().__next__(), None
+    enc = clf.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        direct = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert torch.allclose(direct, clf.logits(TEXTS), atol=1e-5)
+    del ids, mask
+
+
+def test_merged_equals_unmerged(trained_run):
+    plain = Classifier.load(str(trained_run), device="cpu").logits(TEXTS)
+    merged = Classifier.load(str(trained_run), device="cpu", merge=True).logits(TEXTS)
+    assert torch.allclose(plain, merged, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, method", [("roberta", "lora"), ("mpnet", "lora"), ("bert", "full")])
+def test_save_then_reload_gives_identical_logits(tiny_models, imdb_dir, tmp_path, kind, method):
+    cfg = Config()
+    cfg.model.name = str(tiny_models(kind))
+    cfg.data.path, cfg.data.max_length, cfg.data.val_size = str(imdb_dir), 64, 0.25
+    cfg.train.method, cfg.train.epochs, cfg.train.batch_size, cfg.train.device = method, 1, 8, "cpu"
+    trainer = Trainer(cfg.validate(), tmp_path / "run").setup()
+    trainer.train()
+    clf = Classifier.load(str(tmp_path / "run"), device="cpu")
+    enc = clf.encode(TEXTS)
+    from imdb_lora.model import batched_logits
+
+    in_memory = batched_logits(trainer.model, enc, clf.tokenizer.pad_token_id, 2, torch.device("cpu"))
+    assert torch.equal(in_memory, clf.logits(TEXTS, batch_size=2))
+    assert (tmp_path / "run" / ("adapter" if method == "lora" else "model")).is_dir()
+
+
+def test_random_init_run_is_reloadable_and_marked(tiny_models, imdb_dir, tmp_path, capsys):
+    out = tmp_path / "ri"
+    assert main(train_args(tiny_models("roberta"), imdb_dir, out, "--random-init", "--epochs", "1")) == 0
+    assert (out / "base_model" / "model.safetensors").is_file()
+    assert "RANDOM INIT" in (out / "results.md").read_text()
+    assert "Random initialisation" in (out / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--device", "cpu"]) == 0
+    assert "RANDOM-INIT" in capsys.readouterr().out
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(tiny_models, imdb_dir, tmp_path, monkeypatch):
+    args = lambda out: train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "2", "--epochs", "2")  # noqa: E731
+    assert main(args(tmp_path / "straight")) == 0
+
+    steps = {"n": 0}
+
+    def crash_after_7(self):
+        steps["n"] += 1
+        if steps["n"] == 7:  # epoch 2, step 2 of 5: the last checkpoint is the end of epoch 1... or step 2
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_after_step", crash_after_7)
+    with pytest.raises(Crash):
+        main(args(tmp_path / "crashed"))
+    monkeypatch.undo()
+    info = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert info["status"] == "running" and info["epochs_done"] == 1
+    assert main(["evaluate", str(tmp_path / "crashed")]) == 2  # not a finished run
+
+    assert main(["train", "--output-dir", str(tmp_path / "crashed"), "--resume"]) == 0
+    a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    drop = ("train_seconds", "eval_seconds")
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+    pa = Classifier.load(str(tmp_path / "straight")).logits(TEXTS)
+    pb = Classifier.load(str(tmp_path / "crashed")).logits(TEXTS)
+    assert torch.equal(pa, pb)
+
+
+def test_resume_refuses_changed_settings(tiny_models, imdb_dir, tmp_path, monkeypatch, capsys):
+    def crash(self):
+        raise Crash
+
+    monkeypatch.setattr(Trainer, "_after_step", crash)
+    with pytest.raises(Crash):
+        main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "r", "--checkpoint-every", "1"))
+    monkeypatch.undo()
+    # the crash came before any checkpoint: nothing to resume, and the message says so
+    assert main(["train", "--output-dir", str(tmp_path / "r"), "--resume"]) == 2
+    assert "no resumable run" in capsys.readouterr().err
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)
+    assert lr_at(100, 100, 1.0, 0.1) == 0.0
