@@ -20,6 +20,7 @@ def pytest_configure(config):
 
     torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core machine
 
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMDB_LORA_SHARED", REPO.parent / "shared"))
 ROBERTA_BASE = SHARED / "models" / "roberta-base"
@@ -83,7 +84,9 @@ def build_tiny(kind: str, dest: Path) -> Path:
     elif kind == "mpnet":
         vocab = {w: i for i, w in enumerate(SPECIALS_MPNET + words)}
         tok = MPNetTokenizerFast(vocab=vocab, do_lower_case=True)
-        cfg = MPNetConfig(vocab_size=len(SPECIALS_MPNET) + len(words), max_position_embeddings=130, pad_token_id=1, **TINY)
+        cfg = MPNetConfig(
+            vocab_size=len(SPECIALS_MPNET) + len(words), max_position_embeddings=130, pad_token_id=1, **TINY
+        )
     else:
         raise ValueError(kind)
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import build_tiny, train_args
+
 from imdb_lora.cli import main
 
 FANTASTIC = "This movie was absolutely fantastic! I loved every minute of it."
@@ -83,7 +83,11 @@ def test_python_dash_m_behaves_the_same(trained_run):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout)["text"] == "great film"
-    r = subprocess.run([sys.executable, "-m", "imdb_lora", "predict", "/nonexistent/run", "x"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "imdb_lora", "predict", "/nonexistent/run", "x"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such run directory" in r.stderr
 
 
@@ -98,17 +102,25 @@ def expect_error(capsys, needle, *args):
 
 
 def test_missing_data_path(tiny_models, tmp_path, capsys):
-    expect_error(capsys, "no such file or directory", *train_args(tiny_models("bert"), tmp_path / "none", tmp_path / "o"))
+    expect_error(
+        capsys,
+        "no such file or directory",
+        *train_args(tiny_models("bert"), tmp_path / "none", tmp_path / "o"),
+    )
     assert not (tmp_path / "o").exists()  # nothing half-made left behind
 
 
 def test_corrupt_archive(tiny_models, tmp_path, capsys):
     (tmp_path / "x.tar.xz").write_bytes(b"garbage" * 100)
-    expect_error(capsys, "cannot read archive", *train_args(tiny_models("bert"), tmp_path / "x.tar.xz", tmp_path / "o"))
+    expect_error(
+        capsys, "cannot read archive", *train_args(tiny_models("bert"), tmp_path / "x.tar.xz", tmp_path / "o")
+    )
 
 
 def test_missing_model(imdb_dir, tmp_path, capsys):
-    expect_error(capsys, "--model: no such directory", *train_args(tmp_path / "nomodel", imdb_dir, tmp_path / "o"))
+    expect_error(
+        capsys, "--model: no such directory", *train_args(tmp_path / "nomodel", imdb_dir, tmp_path / "o")
+    )
 
 
 def test_model_without_weights(imdb_dir, tmp_path, capsys, tiny_models):
@@ -182,7 +194,9 @@ def test_bad_flag_value_names_the_flag(capsys):
 
 def test_window_averaging_gives_one_prediction_per_input_in_order(trained_run, capsys):
     texts = ["great film " * 60, "awful", "boring plot and poor acting " * 25]
-    code, out, _ = run(capsys, "predict", str(trained_run), *texts, "--json", "--window-stride", "20", "--batch-size", "3")
+    code, out, _ = run(
+        capsys, "predict", str(trained_run), *texts, "--json", "--window-stride", "20", "--batch-size", "3"
+    )
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["text"] for r in rows] == texts
     _, plain, _ = run(capsys, "predict", str(trained_run), "awful", "--json")

@@ -1,4 +1,5 @@
 from conftest import train_args
+
 from imdb_lora.cli import main
 
 
@@ -16,9 +17,10 @@ def test_compare_writes_both_rows(tiny_models, imdb_dir, tmp_path, capsys):
     full_trainable = int(full_row.split("|")[2].strip().replace(",", ""))
     assert 0 < lora_trainable < full_trainable
     assert (tmp_path / "cmp" / "lora" / "adapter").is_dir() and (tmp_path / "cmp" / "full" / "model").is_dir()
-    assert "1e-4" in (tmp_path / "cmp" / "full" / "config.yaml").read_text() or "0.0001" in (
-        tmp_path / "cmp" / "full" / "config.yaml"
-    ).read_text()
+    assert (
+        "1e-4" in (tmp_path / "cmp" / "full" / "config.yaml").read_text()
+        or "0.0001" in (tmp_path / "cmp" / "full" / "config.yaml").read_text()
+    )
 
 
 def test_compare_refuses_method_flag(tmp_path, capsys):

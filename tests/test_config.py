@@ -33,7 +33,9 @@ def test_every_shipped_config_parses_and_validates(path):
 def test_yaml_then_flags_precedence(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text(yaml.safe_dump({"train": {"epochs": 5, "lr": 1e-3}, "lora": {"r": 16}}))
-    ns = build_parser().parse_args(["train", "--config", str(y), "--epochs", "2", "--lora-targets", "attention_qkv"])
+    ns = build_parser().parse_args(
+        ["train", "--config", str(y), "--epochs", "2", "--lora-targets", "attention_qkv"]
+    )
     c = config_from_args(ns, Config.load(y)).validate()
     assert (c.train.epochs, c.train.lr, c.lora.r) == (2, 1e-3, 16)
     assert c.lora.targets == ["attention_qkv"]

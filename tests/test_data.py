@@ -2,8 +2,9 @@ import json
 import tarfile
 
 import pytest
-
 from conftest import ROBERTA_BASE, needs_shared, write_imdb
+
+from imdb_lora.config import DataConfig
 from imdb_lora.data import (
     encode,
     load_imdb,
@@ -13,7 +14,6 @@ from imdb_lora.data import (
     stratified_split,
     stratified_subset,
 )
-from imdb_lora.config import DataConfig
 from imdb_lora.errors import UserError
 
 
@@ -195,7 +195,7 @@ def test_windows_cover_every_token_and_end_at_the_end(roberta_tok):
     assert all(len(w) == 64 for w in windows[1:])
     assert bodies[0] == body[:62] and bodies[-1] == body[-62:]
     covered = set()
-    for k, b in enumerate(bodies[:-1]):
+    for k, _b in enumerate(bodies[:-1]):
         covered |= set(range(40 * k, 40 * k + 62))
     covered |= set(range(len(body) - 62, len(body)))
     assert covered == set(range(len(body)))

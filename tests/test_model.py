@@ -1,9 +1,9 @@
 import re
 
 import pytest
+from conftest import ROBERTA_BASE, needs_shared
 from torch import nn
 
-from conftest import ROBERTA_BASE, needs_shared
 from imdb_lora.config import Config
 from imdb_lora.errors import UserError
 from imdb_lora.model import build_model, load_base_model, lora_target_modules
@@ -67,12 +67,21 @@ def test_unknown_architecture_names_the_flag(tmp_path):
     from transformers import AlbertConfig, AlbertForSequenceClassification
 
     AlbertForSequenceClassification(
-        AlbertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, embedding_size=8)
+        AlbertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            embedding_size=8,
+        )
     ).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="not mapped for model type 'albert'.*--lora-modules"):
         build_model(cfg_for(tmp_path))
     model, info = build_model(cfg_for(tmp_path, target_modules=["query", "key", "value"]))
-    wrapped = [n for n, m in model.named_modules() if n.endswith(("query", "key", "value")) and hasattr(m, "lora_A")]
+    wrapped = [
+        n for n, m in model.named_modules() if n.endswith(("query", "key", "value")) and hasattr(m, "lora_A")
+    ]
     assert wrapped and info["trainable_parameters"] > 0
 
 

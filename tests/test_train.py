@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import train_args
+
 from imdb_lora.cli import main
 from imdb_lora.config import Config
 from imdb_lora.predict import Classifier
@@ -19,7 +19,9 @@ def test_run_directory_layout(trained_run):
     assert not any(n.endswith((".tmp", ".old")) for n in names)
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(rows[0])
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(
+        rows[0]
+    )
     info = json.loads((trained_run / "run.json").read_text())
     best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
     assert info["status"] == "finished" and info["best_epoch"] == best["epoch"]
@@ -85,8 +87,12 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(tiny_models, imdb_dir, tmp_path, monkeypatch):
-    args = lambda out: train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "2", "--epochs", "2")  # noqa: E731
+def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
+    tiny_models, imdb_dir, tmp_path, monkeypatch
+):
+    def args(out):
+        return train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "2", "--epochs", "2")  # noqa: E731
+
     assert main(args(tmp_path / "straight")) == 0
 
     steps = {"n": 0}
@@ -133,3 +139,22 @@ def test_lr_schedule():
     assert lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)
     assert lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)
     assert lr_at(100, 100, 1.0, 0.1) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["roberta", "mpnet"])
+def test_packed_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, kind, monkeypatch):
+    import imdb_lora.train as train_module
+
+    calls = []
+    real = train_module.packed_logits
+    monkeypatch.setattr(train_module, "packed_logits", lambda *a: calls.append(1) or real(*a))
+    out = tmp_path / kind
+    assert main(train_args(tiny_models(kind), imdb_dir, out, "--epochs", "1", "--batching", "packed")) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_path"].startswith("packed") and info["status"] == "finished"
+    assert len(calls) == 5  # every step of the epoch (36 reviews, batch 8) ran the packed forward
+    assert "packed" in (out / "results.md").read_text()
+
+
+def test_auto_batching_is_padded_on_cpu(trained_run):
+    assert json.loads((trained_run / "run.json").read_text())["train_path"].startswith("padded")

@@ -26,7 +26,9 @@ def add_compare_parser(sub) -> None:
     )
     p.add_argument("--output-dir", required=True, help="folder for lora/, full/ and comparison.md")
     p.add_argument("--lora-lr", type=float, help="LoRA learning rate (default: the method's default)")
-    p.add_argument("--full-lr", type=float, help="full fine-tuning learning rate (default: the method's default)")
+    p.add_argument(
+        "--full-lr", type=float, help="full fine-tuning learning rate (default: the method's default)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing runs in --output-dir")
     p.set_defaults(func=cmd_compare, passthrough=True)
 

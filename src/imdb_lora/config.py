@@ -97,6 +97,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
     seed: int = _f(42, "seed for splits, subsets, shuffling, dropout and initialisation")
+    batching: str = _f(
+        "auto",
+        "padded (dynamic padding), packed (several reviews per row, no padding) or auto (packed on CUDA "
+        "where the architecture supports it)",
+    )
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     checkpoint_every: int = _f(200, "also checkpoint every N steps inside an epoch (0: epoch ends only)")
     eval_test_each_epoch: bool = _f(True, "report test loss/acc after every epoch (never used to choose)")
@@ -132,6 +137,7 @@ class Config:
             (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
             (t.method in ("lora", "full"), "--method", "must be lora or full"),
             (t.epochs >= 1, "--epochs", "must be >= 1"),
+            (t.batching in ("auto", "padded", "packed"), "--batching", "must be auto, padded or packed"),
             (t.batch_size >= 1, "--batch-size", "must be >= 1"),
             (t.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
             (t.lr is None or t.lr > 0, "--lr", "must be positive"),

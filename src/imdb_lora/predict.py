@@ -118,7 +118,9 @@ class Classifier:
         """torch, or onnxruntime for an ONNX export."""
         return getattr(self.model, "backend", "torch")
 
-    def predict(self, texts: list[str], batch_size: int = 32, window_stride: int | None = None) -> list[Prediction]:
+    def predict(
+        self, texts: list[str], batch_size: int = 32, window_stride: int | None = None
+    ) -> list[Prediction]:
         if not texts:
             return []
         probs = self.logits(texts, batch_size, window_stride=window_stride).softmax(-1)

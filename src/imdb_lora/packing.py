@@ -1,0 +1,122 @@
+"""Padding-free batches: several reviews packed into one row, attention kept inside each review.
+
+A padded batch of IMDB reviews (median ~230 tokens, cut at 512) spends about half its compute on pad
+tokens. Packing concatenates reviews into rows of `row_tokens`, restarts position ids at each review,
+gives attention a block-diagonal mask (so no review sees another), and reads each review's first token
+for the classifier. The result is the same computation as the padded forward (tests check logits,
+loss and gradients), on fewer tokens.
+
+Supported: roberta-like heads (roberta, xlm-roberta, camembert, mpnet: the head reads features[:, 0])
+and bert (pooler on the first token, then the classifier), with the eager or SDPA attention kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FIRST_TOKEN_HEADS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+POOLER_HEADS = {"bert"}
+# Models whose position ids start after the padding index (fairseq convention) rather than at 0.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [rows, width]
+    segments: torch.Tensor  # [rows, width]: index of the review in the batch, -1 for padding
+    rows: torch.Tensor  # [n]: row of each review's first token, in input order
+    offsets: torch.Tensor  # [n]: column of each review's first token
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segments >= 0).sum())
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face *ForSequenceClassification module inside a (possibly PEFT-wrapped) model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_packing(model: nn.Module) -> bool:
+    m = classifier_of(model)
+    impl = getattr(m.config, "_attn_implementation", "eager")
+    return m.config.model_type in FIRST_TOKEN_HEADS | POOLER_HEADS and impl in ("eager", "sdpa")
+
+
+def pack(seqs: Sequence[Sequence[int]], row_tokens: int, pad_id: int, position_start: int) -> PackedBatch:
+    """First-fit decreasing: longest reviews first, each into the first row with room."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    rows: list[list[int]] = []  # review indices per row
+    room: list[int] = []
+    for i in order:
+        n = len(seqs[i])
+        if n > row_tokens:
+            raise ValueError(f"a sequence of {n} tokens does not fit rows of {row_tokens}")
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - n)
+    width = max(row_tokens - free for free in room)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.full((len(rows), width), position_start, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    first_row = torch.empty(len(seqs), dtype=torch.long)
+    first_col = torch.empty(len(seqs), dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, col : col + n] = torch.tensor(seqs[i], dtype=torch.long)
+            pos[r, col : col + n] = torch.arange(position_start, position_start + n)
+            seg[r, col : col + n] = i
+            first_row[i], first_col[i] = r, col
+            col += n
+    return PackedBatch(ids, pos, seg, first_row, first_col)
+
+
+def position_start(model: nn.Module) -> int:
+    """Where a review's position ids start: 0 for bert, padding_idx + 1 for roberta/mpnet."""
+    m = classifier_of(model)
+    return m.config.pad_token_id + 1 if m.config.model_type in OFFSET_POSITIONS else 0
+
+
+def block_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, 1, width, width] mask letting each token attend only inside its own review.
+
+    Padding attends to padding, so no row of the softmax is empty (its outputs are never read).
+    SDPA takes a boolean mask (True = attend); the eager kernel adds a float mask to its scores.
+    """
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    if implementation == "sdpa":
+        return same
+    return torch.zeros(same.shape, dtype=dtype, device=segments.device).masked_fill_(
+        ~same, torch.finfo(dtype).min
+    )
+
+
+def packed_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Classifier logits [n, labels] for a packed batch, in the order the reviews were given."""
+    m = classifier_of(model)
+    encoder = getattr(m, m.base_model_prefix)
+    impl = getattr(m.config, "_attn_implementation", "eager")
+    mask = block_mask(batch.segments, impl, encoder.get_input_embeddings().weight.dtype)
+    kwargs = {"token_type_ids": torch.zeros_like(batch.input_ids)} if m.config.model_type == "bert" else {}
+    hidden = encoder(
+        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kwargs
+    ).last_hidden_state
+    first = hidden[batch.rows, batch.offsets].unsqueeze(1)  # [n, 1, hidden]: each review's <s>/[CLS]
+    if m.config.model_type in POOLER_HEADS:
+        return m.classifier(m.dropout(encoder.pooler(first)))
+    return m.classifier(first)

@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from imdb_lora.cli import main
+
+
+@pytest.mark.parametrize("kind, batching", [("roberta", "packed"), ("bert", "padded")])
+def test_bench_train_reports_throughput(tiny_models, imdb_dir, capsys, kind, batching):
+    args = ["bench", "train", "--model", str(tiny_models(kind)), "--data", str(imdb_dir), "--steps", "2",
+            "--warmup", "1", "--batch-size", "4", "--max-length", "64", "--samples", "20", "--device", "cpu",
+            "--batching", batching, "--json"]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["batching"] == batching and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1
+    assert r["epoch_seconds_estimate"] > 0 and r["peak_memory_bytes"] > 0
+
+
+def test_bench_eval_reports_throughput(tiny_models, imdb_dir, capsys):
+    args = ["bench", "eval", "--model", str(tiny_models("mpnet")), "--data", str(imdb_dir), "--samples", "30",
+            "--batch-size", "8", "--max-length", "64", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "tokens_per_second" in out and "test_set_seconds_estimate" in out
+
+
+def test_bench_train_random_init_on_real_roberta_config(imdb_dir, capsys):
+    from conftest import ROBERTA_BASE, needs_shared
+
+    needs_shared()
+    args = ["bench", "train", "--model", str(ROBERTA_BASE), "--random-init", "--data", str(imdb_dir),
+            "--steps", "1", "--warmup", "0", "--batch-size", "2", "--max-length", "32", "--samples", "8",
+            "--device", "cpu", "--json"]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"].endswith("(random init)") and r["model_type"] == "roberta"

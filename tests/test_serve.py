@@ -1,0 +1,196 @@
+"""serve: every endpoint and limit in-process, the batcher, and one round trip through a real uvicorn."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from imdb_lora.cli import build_parser, main
+from imdb_lora.predict import Classifier
+from imdb_lora.serve import Batcher, ServeSettings, create_app
+
+LIMITS = ServeSettings(max_body_bytes=4000, max_texts=4, max_chars=200, max_batch=8, max_wait_ms=20)
+TEXTS = ["great wonderful film i loved it", "awful boring plot and terrible acting"]
+
+
+@pytest.fixture(scope="module")
+def clf(trained_run):
+    return Classifier.load(str(trained_run), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(clf):
+    with TestClient(create_app(clf, LIMITS)) as c:
+        yield c
+
+
+def assert_clean_error(r, status: int, error: str) -> dict:
+    """The status, our JSON shape, and nothing internal (tracebacks, paths, pydantic input echoes)."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "message", "details"} and body["error"] == error
+    for leak in ("Traceback", 'File "', "/tmp", "site-packages", '"input"'):
+        assert leak not in r.text
+    return body
+
+
+def test_predict_returns_the_numbers_predict_prints(client, clf):
+    r = client.post("/predict", json={"texts": TEXTS})
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    want = [p.to_dict() for p in clf.predict(TEXTS)]
+    for got, exp in zip(preds, want):
+        exp.pop("text")
+        assert got == exp
+        assert got["label"] in ("NEGATIVE", "POSITIVE") and got["label_id"] in (0, 1)
+        assert abs(got["probabilities"]["negative"] + got["probabilities"]["positive"] - 1) < 1e-5
+
+
+def test_health_info_page_and_docs(client, trained_run):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/info").json()
+    assert info["method"] == "lora" and info["format"] == "run" and info["backend"] == "torch"
+    assert info["base_model"] == "bert"  # the folder's name, never this machine's path
+    assert str(trained_run.parent) not in json.dumps(info)
+    assert set(info["metrics"]) >= {"val_accuracy", "test_accuracy"}
+    assert info["limits"]["max_texts"] == 4
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="analyze"' in page.text
+    schema = client.get("/openapi.json").json()
+    assert "/predict" in schema["paths"] and "/info" in schema["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "texts"),  # missing
+        ({"texts": []}, "texts"),  # empty
+        ({"texts": ["ok"] * 5}, "texts"),  # too many
+        ({"texts": ["x" * 201]}, "texts[0]"),  # too long
+        ({"texts": ["ok", "   "]}, "texts[1]"),  # blank
+        ({"texts": "one string"}, "texts"),  # wrong type
+        ({"texts": [1, 2]}, "texts[0]"),  # numbers are not texts
+        ({"texts": [["nested"]]}, "texts[0]"),
+        ({"texts": None}, "texts"),
+        ({"texts": ["ok"], "extra": 1}, "extra"),  # misspelt or unknown fields are errors
+        (["ok"], "body"),  # not an object
+    ],
+)
+def test_invalid_requests_are_422_with_the_field(client, body, field):
+    data = assert_clean_error(client.post("/predict", json=body), 422, "invalid_request")
+    assert data["details"][0]["field"] == field
+    assert data["message"].startswith(field)
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/predict", content=b'{"texts": ["a",', headers={"content-type": "application/json"})
+    assert_clean_error(r, 422, "invalid_json")
+
+
+def test_body_too_large_is_413_with_or_without_content_length(client):
+    big = json.dumps({"texts": ["x" * 150] * 30}).encode()
+    assert_clean_error(client.post("/predict", content=big), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: counted as it streams
+        for _ in range(10):
+            yield b"x" * 1000
+
+    assert_clean_error(client.post("/predict", content=chunks()), 413, "payload_too_large")
+
+
+def test_unknown_path_and_method_are_json(client):
+    assert_clean_error(client.get("/nowhere"), 404, "not_found")
+    assert_clean_error(client.get("/predict"), 405, "method_not_allowed")
+
+
+def test_model_failure_is_a_generic_500(clf, monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("secret internal detail /srv/model")
+
+    app = create_app(clf, LIMITS)
+    monkeypatch.setattr(clf, "predict", broken)
+    with TestClient(app) as c:
+        r = c.post("/predict", json={"texts": TEXTS})
+    body = assert_clean_error(r, 500, "internal_error")
+    assert "secret" not in r.text and body["message"]
+
+
+def test_requests_arriving_together_share_one_model_call():
+    calls: list[list[str]] = []
+
+    def model(texts):
+        calls.append(list(texts))
+        return [f"pred:{t}" for t in texts]
+
+    async def scenario():
+        b = Batcher(model, max_batch=5, max_wait_s=0.05)
+        jobs = [b.submit([f"r{i}a", f"r{i}b"]) for i in range(4)]  # 8 texts, at most 5 per call
+        results = await asyncio.gather(*jobs)
+        lone = await b.submit(["x"] * 7)  # larger than max_batch: runs alone, never split
+        await b.stop()
+        return results, lone, b.stats
+
+    results, lone, stats = asyncio.run(scenario())
+    assert results == [[f"pred:r{i}a", f"pred:r{i}b"] for i in range(4)]  # each gets its own, in order
+    assert [len(c) for c in calls] == [4, 4, 7]  # 2 requests per call: a third would pass 5 texts
+    assert lone == ["pred:x"] * 7 and stats.calls == 3 and stats.requests == 5
+
+
+def test_batch_wait_is_bounded():
+    async def scenario():
+        b = Batcher(lambda texts: texts, max_batch=100, max_wait_s=0.05)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await b.submit(["alone"])
+        took = loop.time() - t0
+        await b.stop()
+        return took
+
+    assert asyncio.run(scenario()) < 1.0  # waited about max_wait for company, not for a full batch
+
+
+def test_serve_defaults_to_loopback_and_rejects_bad_limits(capsys):
+    ns = build_parser().parse_args(["serve", "run"])
+    assert ns.host == "127.0.0.1" and ns.port == 8000
+    assert main(["serve", "somewhere", "--max-texts", "0"]) == 2
+    assert "--max-texts must be positive" in capsys.readouterr().err
+    assert main(["serve", "/no/such/run"]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+def test_port_in_use_is_a_clear_error(clf):
+    from imdb_lora.errors import UserError
+    from imdb_lora.serve import bind
+
+    taken = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(UserError, match="cannot listen on 127.0.0.1"):
+            bind("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+
+
+def test_real_uvicorn_on_a_free_loopback_port(clf):
+    from imdb_lora.serve import BackgroundServer
+
+    app = create_app(clf, LIMITS)
+    with BackgroundServer(app) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                health = await http.get("/health")
+                rs = await asyncio.gather(*(http.post("/predict", json={"texts": [t]}) for t in TEXTS * 4))
+                too_big = await http.post("/predict", content=b"x" * 5000)
+                return health, rs, too_big
+
+        health, rs, too_big = asyncio.run(burst())
+    assert health.json() == {"status": "ok"}
+    assert all(r.status_code == 200 for r in rs)
+    assert [r.json()["predictions"][0]["label"] for r in rs[:2]] == [p.label for p in clf.predict(TEXTS)]
+    assert too_big.status_code == 413
+    assert app.state.batcher.stats.calls < 8  # concurrent requests were batched
