@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' own deprecation notices (e.g. is_gradient_checkpointing) are not the user's to fix
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
     parser = build_parser()
     try:
         ns, extra = parser.parse_known_args(argv)
