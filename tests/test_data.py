@@ -201,3 +201,14 @@ def test_windows_cover_every_token_and_end_at_the_end(roberta_tok):
     assert covered == set(range(len(body)))
     with pytest.raises(UserError, match="--window-stride"):
         encode_windows(roberta_tok, [long], 64, 0)
+
+
+def test_token_budget_batches_cap_padding_and_keep_every_index():
+    from imdb_lora.data import token_budget_batches
+
+    lengths = [512, 30, 500, 100, 90, 480, 20, 110]
+    batches = token_budget_batches(lengths, batch_size=3, max_tokens=1024)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 1024 or len(b) == 1
+    assert [0, 2] in batches  # the two longest together, the third long one alone after them

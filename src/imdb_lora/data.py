@@ -289,6 +289,23 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Length-sorted batches of at most batch_size rows and max_tokens padded tokens.
+
+    On a CPU a large batch buys little parallelism but pays for padding to its longest review; capping
+    the padded size keeps long and short reviews in separate, nearly padding-free batches.
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = batches[-1] if batches else None
+        # the batch's first review is its longest, so its padded width is known
+        if b and len(b) < batch_size and (len(b) + 1) * lengths[b[0]] <= max_tokens:
+            b.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (longest first), so padding is small at inference."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
