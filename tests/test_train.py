@@ -41,12 +41,10 @@ def test_adapter_is_standard_peft(trained_run, tiny_models):
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models("bert"), num_labels=2)
     model = PeftModel.from_pretrained(base, trained_run / "adapter").eval()
     clf = Classifier.load(str(trained_run), device="cpu")
-    ids, mask = clf.tokenizer(TEXTS, padding=True, return_tensors="pt").values().__iter__().__next__(), None
     enc = clf.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         direct = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
     assert torch.allclose(direct, clf.logits(TEXTS), atol=1e-5)
-    del ids, mask
 
 
 def test_merged_equals_unmerged(trained_run):
