@@ -66,7 +66,7 @@ def _setup(ns: argparse.Namespace, split: str):
     data = data.take(stratified_subset(data.labels, ns.samples, 0))
     seqs = encode(tok, data.texts, ns.max_length)
     model, info = build_model(cfg)
-    return cfg, device, tok, seqs, data.labels, model.to(device), info
+    return device, tok, seqs, data.labels, model.to(device), info
 
 
 def model_flops_per_token(model, seq_len: float, train: bool, lora: bool) -> float:
@@ -111,7 +111,7 @@ def cmd_bench_train(ns: argparse.Namespace) -> int:
     from .model import autocast_for
     from .packing import pack, packed_logits, position_start, supports_packing
 
-    cfg, device, tok, seqs, labels, model, info = _setup(ns, "train")
+    device, tok, seqs, labels, model, info = _setup(ns, "train")
     packed = ns.batching == "packed" or (
         ns.batching == "auto" and device.type == "cuda" and supports_packing(model)
     )
@@ -157,7 +157,7 @@ def cmd_bench_eval(ns: argparse.Namespace) -> int:
 
     from .model import batched_logits
 
-    cfg, device, tok, seqs, labels, model, info = _setup(ns, "test")
+    device, tok, seqs, labels, model, info = _setup(ns, "test")
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -194,7 +194,7 @@ class Trainer:
         while st.epoch <= cfg.epochs:
             self._train_epoch()
             self._end_epoch()
-        summary = self._summary(finished=True, wall_seconds=time.time() - start)
+        summary = self._summary(wall_seconds=time.time() - start)
         from .report import write_reports
 
         write_reports(self.run, self.cfg, st.history, summary)
@@ -365,7 +365,7 @@ class Trainer:
 
     # ------------------------------------------------------------ the record
 
-    def _summary(self, finished: bool = False, wall_seconds: float | None = None) -> dict[str, Any]:
+    def _summary(self, wall_seconds: float | None = None) -> dict[str, Any]:
         st, cfg, info = self.state, self.cfg, self.info
         best = next((r for r in st.history if r["epoch"] == st.best_epoch), None)
         mem, mem_kind = peak_memory(self.device)
