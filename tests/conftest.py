@@ -21,6 +21,18 @@ def pytest_configure(config):
     torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core machine
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_token_cache(tmp_path_factory):
+    """The token cache of every test lives in a temporary folder, never in the user's ~/.cache."""
+    old = os.environ.get("IMDB_LORA_CACHE")
+    os.environ["IMDB_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("IMDB_LORA_CACHE", None)
+    else:
+        os.environ["IMDB_LORA_CACHE"] = old
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMDB_LORA_SHARED", REPO.parent / "shared"))
 ROBERTA_BASE = SHARED / "models" / "roberta-base"

@@ -108,3 +108,16 @@ def test_hub_unreachable_suggests_a_local_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="hub.*--model PATH"):
         build_model(cfg_for("no-such-org/no-such-model"))
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path, tiny_models):
+    """GPU staging ships fp16 copies of real weights; training needs fp32 master weights."""
+    import torch
+
+    model, _ = load_base_model(str(tiny_models("bert")), 2, False, 0)
+    half = tmp_path / "half"
+    model.half().save_pretrained(half)
+    loaded, _ = load_base_model(str(half), 2, False, 0)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for a, b in zip(model.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(a.float(), b)

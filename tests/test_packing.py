@@ -86,3 +86,22 @@ def test_pack_keeps_input_order_and_fills_rows():
     assert b.input_ids.shape[0] == 3  # 225 tokens in rows of 100
     with pytest.raises(ValueError):
         pack([[1] * 101], 100, 0, 0)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: about a minute
+def test_compiled_encoder_gives_the_same_packed_and_padded_logits(tiny_models):
+    from imdb_lora.model import compile_encoder
+
+    model = models(tiny_models, "roberta", "sdpa")
+    pad_id = model.get_base_model().config.pad_token_id
+    seqs = random_reviews(model.get_base_model().config.vocab_size, 6, seed=5)
+    ids, mask = pad_batch(seqs, pad_id)
+    batch = pack(seqs, row_tokens=128, pad_id=pad_id, position_start=position_start(model))
+    with torch.no_grad():
+        eager_padded = model(input_ids=ids, attention_mask=mask).logits
+        eager_packed = packed_logits(model, batch)
+        compile_encoder(model)
+        compiled_padded = model(input_ids=ids, attention_mask=mask).logits
+        compiled_packed = packed_logits(model, batch)
+    assert torch.allclose(compiled_padded, eager_padded, atol=1e-4)
+    assert torch.allclose(compiled_packed, eager_packed, atol=1e-4)

@@ -45,13 +45,15 @@ def add_bench_train_parsers(sub) -> None:
         p.add_argument(
             "--peak-tflops", type=float, help="device peak for MFU (default: H100 bf16 / CPU measured)"
         )
+        p.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_bench_train if name == "train" else cmd_bench_eval)
 
 
 def _setup(ns: argparse.Namespace, split: str):
-    from .data import encode, load_imdb, resolve_imdb_path, stratified_subset
-    from .model import build_model, load_tokenizer, resolve_device
+    from .data import load_imdb, resolve_imdb_path, stratified_subset
+    from .model import build_model, compile_encoder, load_tokenizer, resolve_device
+    from .tokcache import cached_encode
 
     for flag, v in (("--steps", ns.steps), ("--batch-size", ns.batch_size), ("--samples", ns.samples)):
         if v < 1:
@@ -64,9 +66,12 @@ def _setup(ns: argparse.Namespace, split: str):
     tok = load_tokenizer(ns.model)
     data = load_imdb(resolve_imdb_path(ns.data))[split]
     data = data.take(stratified_subset(data.labels, ns.samples, 0))
-    seqs = encode(tok, data.texts, ns.max_length)
+    seqs = cached_encode(tok, data.texts, ns.max_length)
     model, info = build_model(cfg)
-    return device, tok, seqs, data.labels, model.to(device), info
+    model = model.to(device)
+    if ns.compile:  # compiling happens in the untimed warm-up steps
+        compile_encoder(model)
+    return device, tok, seqs, data.labels, model, info
 
 
 def model_flops_per_token(model, seq_len: float, train: bool, lora: bool) -> float:
@@ -192,6 +197,7 @@ def _report(ns, kind, device, model, info, tokens, seconds, seqs, packed) -> dic
         "method": ns.method,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batching": "packed" if packed else "padded",
+        "compiled": ns.compile,
         "batch_size": ns.batch_size,
         "max_length": ns.max_length,
         "tokens_per_second": rate,

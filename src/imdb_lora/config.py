@@ -83,6 +83,9 @@ class DataConfig:
     max_length: int = _f(512, "tokens per review after truncation (special tokens included)")
     truncation: str = _f("head", "how long reviews are cut: head (keep the start) or head_tail")
     head_tokens: int = _f(128, "with head_tail: tokens kept from the start; the rest come from the end")
+    token_cache: bool = _f(
+        True, "keep tokenized splits in ~/.cache/imdb-lora/tokens ($IMDB_LORA_CACHE) and reuse them"
+    )
 
 
 @dataclass
@@ -103,6 +106,9 @@ class TrainConfig:
         "where the architecture supports it)",
     )
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    compile: bool = _f(
+        False, "torch.compile the encoder (dynamic shapes); the first steps are slower while it compiles"
+    )
     checkpoint_every: int = _f(200, "also checkpoint every N steps inside an epoch (0: epoch ends only)")
     eval_test_each_epoch: bool = _f(True, "report test loss/acc after every epoch (never used to choose)")
 

@@ -113,8 +113,10 @@ def load_base_model(name: str, num_labels: int, random_init: bool, seed: int) ->
         if random_init:
             config = AutoConfig.from_pretrained(name, num_labels=num_labels)
             return AutoModelForSequenceClassification.from_config(config), []
+        # float32 always: transformers 5 otherwise keeps a checkpoint's own dtype (fp16/bf16 copies,
+        # as staged for the GPU machine), and training needs fp32 master weights under bf16 autocast.
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=num_labels, use_safetensors=True, output_loading_info=True
+            name, num_labels=num_labels, use_safetensors=True, output_loading_info=True, dtype=torch.float32
         )
     except OSError as e:
         if is_local(name):
@@ -237,6 +239,18 @@ def base_fingerprint(model: nn.Module) -> str:
     emb = model.get_input_embeddings().weight.detach()
     h.update(emb[:32].float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def compile_encoder(model: nn.Module) -> None:
+    """torch.compile the transformer encoder in place, with dynamic shapes (review lengths vary).
+
+    In place, so PEFT, the state dict and the packed path (which calls the encoder directly) see the
+    same modules; only the encoder's forward is replaced by its compiled version.
+    """
+    from .packing import classifier_of
+
+    m = classifier_of(model)
+    getattr(m, m.base_model_prefix).compile(dynamic=True)
 
 
 # ---------------------------------------------------------------- devices and batched inference

@@ -24,18 +24,20 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Config
-from .data import encode, load_splits, pad_batch
+from .data import load_splits, pad_batch
 from .errors import UserError
 from .model import (
     autocast_for,
     batched_logits,
     build_model,
     check_model_source,
+    compile_encoder,
     load_tokenizer,
     resolve_device,
 )
 from .packing import pack, packed_logits, position_start, supports_packing
 from .rundir import RunDir
+from .tokcache import cached_encode
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -101,7 +103,9 @@ class Trainer:
         t0 = time.time()
         splits = load_splits(cfg.data, cfg.train.seed)
         d = cfg.data
-        tok = lambda texts: encode(self.tokenizer, texts, d.max_length, d.truncation, d.head_tokens)  # noqa: E731
+        tok = lambda texts: cached_encode(  # noqa: E731
+            self.tokenizer, texts, d.max_length, d.truncation, d.head_tokens, d.token_cache
+        )
         self.train_ids, self.val_ids, self.test_ids = (
             tok(splits.train.texts),
             tok(splits.val.texts),
@@ -128,6 +132,8 @@ class Trainer:
             self.tokenizer.save_pretrained(run.tokenizer_dir)
         self.model = model.to(self.device)
         self.packed = self._choose_batching()
+        if cfg.train.compile:
+            compile_encoder(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -379,9 +385,12 @@ class Trainer:
             "device": str(self.device)
             if self.device.type != "cuda"
             else torch.cuda.get_device_name(self.device),
-            "train_path": "packed (padding-free rows, block-diagonal attention)"
-            if self.packed
-            else "padded (dynamic padding)",
+            "train_path": (
+                "packed (padding-free rows, block-diagonal attention)"
+                if self.packed
+                else "padded (dynamic padding)"
+            )
+            + (", torch.compile" if self.cfg.train.compile else ""),
             "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",
             "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
             "epochs_done": len(st.history),

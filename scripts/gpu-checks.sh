@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 3 (speed) and 4 (accuracy, LoRA vs full), in one device call.
+#
+#   scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [compare]     (default: speed accuracy)
+#
+# STAGE holds what ../shared/docs/GPU.md stages (put together under /root/stage there):
+#   aclImdb-labeled.tar.xz, roberta-base/ (config + tokenizer from ../shared/models), reference_lora.py
+#   (from ../shared/bench), and for accuracy/compare all-mpnet-base-v2-fp16/ (real weights, fp16 copy).
+# Everything goes to OUT/log.txt (full output) and OUT/summary.txt (one line per step: status, seconds
+# and the figures the docs need). Each step has its own time limit, so one slow step cannot eat the call.
+# QUICK=1 runs every step with tiny settings: a CPU rehearsal of the command lines, not a measurement.
+set -uo pipefail
+
+[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [compare]" >&2; exit 2; }
+stage=$(cd "$1" && pwd) || exit 2
+out=$2
+shift 2
+parts=${*:-speed accuracy}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+data=$stage/aclImdb-labeled.tar.xz
+roberta=$stage/roberta-base
+ref=$stage/reference_lora.py
+runs=${RUNS:-/root/runs}
+quick=${QUICK:-0}
+log=$out/log.txt
+summary=$out/summary.txt
+
+if [ "$quick" = 1 ]; then
+  ref_steps=(--max-steps 3); bench=(--steps 2 --warmup 1 --samples 64); small=(--max-train-samples 64 --max-eval-samples 32)
+  limit=900
+else
+  ref_steps=(--max-steps 60); bench=(--steps 30 --warmup 5); small=(); limit=600
+fi
+
+# step NAME SECONDS CMD...: run with a time limit, keep all output, note status and wall seconds.
+step() {
+  local name=$1 secs=$2
+  shift 2
+  echo "=== $name: $*" >>"$log"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >>"$log" 2>&1
+  local rc=$?
+  printf '%-22s rc=%-3s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" >>"$summary"
+  # the figures: the last lines that name rates, times, accuracy or memory
+  tail -n 40 "$log" | grep -E "tok/s|tokens_per_second|epoch_seconds|test_set_seconds|peak|acc|total_s|wall|mfu" \
+    | tail -n 8 | sed 's/^/    /' >>"$summary"
+  return $rc
+}
+
+{
+  echo "gpu-checks $(date -u +%FT%TZ) parts: $parts quick=$quick"
+  $py -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+} | tee -a "$log" >"$summary"
+
+for part in $parts; do
+  case $part in
+  speed)
+    # Same call, same machine: the reference recipes first, then the project's fast path.
+    step ref-plain "$limit" $py "$ref" --model "$roberta" --random-init --data "$data" "${ref_steps[@]}"
+    step ref-seed-like "$limit" $py "$ref" --model "$roberta" --random-init --data "$data" --seed-like "${ref_steps[@]}"
+    for batching in padded packed; do
+      step "bench-train-$batching" "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
+        --data "$data" --batching "$batching" "${bench[@]}" --json
+    done
+    step bench-train-packed-compiled "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
+      --data "$data" --batching packed --compile "${bench[@]}" --json
+    step bench-eval "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init --data "$data" \
+      "${bench[@]}" --json
+    # The whole job: 3 epochs, per-epoch evaluation, data loading and tokenization included.
+    step train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \
+      --random-init --data "$data" --epochs 3 "${small[@]}" --output-dir "$runs/roberta-random-3ep" --overwrite
+    ;;
+  accuracy | compare)
+    mpnet=$runs/mpnet-fp32
+    if [ ! -d "$mpnet" ]; then  # the staged copy is fp16; both recipes get the same fp32 weights
+      step mpnet-fp32 300 $py -c "
+import sys, torch
+from transformers import AutoModel
+AutoModel.from_pretrained(sys.argv[1], dtype=torch.float32).save_pretrained(sys.argv[2])
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage/all-mpnet-base-v2-fp16" "$mpnet"
+    fi
+    if [ "$part" = accuracy ]; then
+      ref_epochs=(--epochs 1)
+      [ "$quick" = 1 ] && ref_epochs=("${ref_steps[@]}")
+      step ref-mpnet-1ep "$limit" $py "$ref" --model "$mpnet" --data "$data" "${ref_epochs[@]}"
+      step mpnet-1ep "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$mpnet" \
+        --data "$data" --epochs 1 "${small[@]}" --output-dir "$runs/mpnet-1ep" --overwrite
+    else
+      step compare-mpnet "$limit" $py -m imdb_lora compare --model "$mpnet" --data "$data" --epochs 1 \
+        "${small[@]}" --output-dir "$runs/compare-mpnet" --overwrite
+      cp "$runs/compare-mpnet/comparison.md" "$out/" 2>/dev/null
+    fi
+    ;;
+  *) echo "unknown part: $part (speed, accuracy, compare)" >&2; exit 2 ;;
+  esac
+done
+for r in "$runs"/*/results.md; do
+  [ -f "$r" ] && { echo "=== $r"; cat "$r"; } >>"$out/results.txt"
+done
+cat "$summary"

@@ -1,0 +1,87 @@
+import os
+
+import pytest
+from conftest import ROBERTA_BASE, needs_shared
+
+from imdb_lora import tokcache
+from imdb_lora.data import encode
+from imdb_lora.model import load_tokenizer
+
+TEXTS = ["A wonderful film, moving and funny. " * 30, "Dull.", "", "Not bad, not great. " * 10]
+
+
+@pytest.fixture
+def tok():
+    needs_shared()
+    return load_tokenizer(str(ROBERTA_BASE))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMDB_LORA_CACHE", str(tmp_path))
+    return tmp_path / "tokens"
+
+
+def entries(cache):
+    return sorted(cache.glob("*.safetensors")) if cache.is_dir() else []
+
+
+def test_second_call_reads_the_cache_and_gives_the_same_ids(tok, cache, monkeypatch):
+    first = tokcache.cached_encode(tok, TEXTS, 64, "head_tail", 16)
+    assert first == encode(tok, TEXTS, 64, "head_tail", 16)
+    assert len(entries(cache)) == 1
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    monkeypatch.setattr(tokcache, "encode", no_tokenizing)
+    assert tokcache.cached_encode(tok, TEXTS, 64, "head_tail", 16) == first
+
+
+@pytest.mark.parametrize(
+    "change", [dict(max_length=32), dict(truncation="head"), dict(head_tokens=8), dict(texts=TEXTS[:3])]
+)
+def test_any_change_of_settings_or_texts_is_a_new_entry(tok, cache, change):
+    args = dict(texts=TEXTS, max_length=64, truncation="head_tail", head_tokens=16) | change
+    base = dict(texts=TEXTS, max_length=64, truncation="head_tail", head_tokens=16)
+    tokcache.cached_encode(tok, **base)
+    ids = tokcache.cached_encode(tok, **args)
+    assert ids == encode(tok, args["texts"], args["max_length"], args["truncation"], args["head_tokens"])
+    assert len(entries(cache)) == 2
+
+
+def test_a_different_tokenizer_is_a_different_entry(tok, cache, tiny_models):
+    other = load_tokenizer(str(tiny_models("bert")))
+    assert tokcache.tokenizer_fingerprint(other) != tokcache.tokenizer_fingerprint(tok)
+    tokcache.cached_encode(tok, TEXTS, 64)
+    assert tokcache.cached_encode(other, TEXTS, 64) == encode(other, TEXTS, 64)
+    assert len(entries(cache)) == 2
+
+
+def test_a_damaged_entry_is_recomputed_and_replaced(tok, cache):
+    good = tokcache.cached_encode(tok, TEXTS, 64)
+    (entry,) = entries(cache)
+    entry.write_bytes(entry.read_bytes()[:20])
+    assert tokcache.cached_encode(tok, TEXTS, 64) == good
+    assert tokcache.cached_encode(tok, TEXTS, 64) == good  # the rewritten entry reads back
+
+
+def test_disabled_or_unwritable_cache_still_tokenizes(tok, cache):
+    assert tokcache.cached_encode(tok, TEXTS, 64, enabled=False) == encode(tok, TEXTS, 64)
+    assert entries(cache) == []
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text("a file where the folder should be")
+    assert tokcache.cached_encode(tok, TEXTS, 64) == encode(tok, TEXTS, 64)
+    assert os.listdir(cache.parent) == ["tokens"]
+
+
+def test_train_can_turn_the_cache_off(tiny_models, imdb_dir, tmp_path, cache):
+    from conftest import train_args
+
+    from imdb_lora.cli import main
+
+    args = train_args(tiny_models("bert"), imdb_dir, tmp_path / "run", "--epochs", "1")
+    assert main([*args, "--no-token-cache"]) == 0
+    assert entries(cache) == []
+    assert main([*args, "--overwrite"]) == 0
+    assert len(entries(cache)) == 3  # train, validation, test
