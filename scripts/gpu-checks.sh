@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues 3 (speed) and 4 (accuracy, LoRA vs full), in one device call.
 #
-#   scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [compare]     (default: speed accuracy)
+#   scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [compare] [best]     (default: speed accuracy)
+#
+# speed     reference recipes and the project's fast path, random-init roberta-base (issue 3)
+# accuracy  MPNet-base, 1 epoch, reference recipe vs `imdb-lora train` (issue 3's accuracy check)
+# compare   `imdb-lora compare`: LoRA vs full fine-tuning on MPNet-base, 1 epoch (issue 4)
+# best      MPNet-base, 3 epochs, head+tail truncation; window averaging kept only if it wins on
+#           validation; test reported once for what was kept (issue 4's accuracy goal)
 #
 # STAGE holds what ../shared/docs/GPU.md stages (put together under /root/stage there):
 #   aclImdb-labeled.tar.xz, roberta-base/ (config + tokenizer from ../shared/models), reference_lora.py
@@ -11,7 +17,7 @@
 # QUICK=1 runs every step with tiny settings: a CPU rehearsal of the command lines, not a measurement.
 set -uo pipefail
 
-[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [compare]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [compare] [best]" >&2; exit 2; }
 stage=$(cd "$1" && pwd) || exit 2
 out=$2
 shift 2
@@ -19,7 +25,7 @@ parts=${*:-speed accuracy}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TQDM_DISABLE=1  # no progress bars in the log
 data=$stage/aclImdb-labeled.tar.xz
 roberta=$stage/roberta-base
 ref=$stage/reference_lora.py
@@ -28,25 +34,30 @@ quick=${QUICK:-0}
 log=$out/log.txt
 summary=$out/summary.txt
 
-if [ "$quick" = 1 ]; then
-  ref_steps=(--max-steps 3); bench=(--steps 2 --warmup 1 --samples 64); small=(--max-train-samples 64 --max-eval-samples 32)
+if [ "$quick" = 1 ]; then  # small batches and lengths: a 2-core, 24 GiB CPU must survive it
+  ref_steps=(--max-steps 3 --bs 4)
+  bench=(--steps 2 --warmup 1 --samples 64 --batch-size 4 --max-length 128)
+  small=(--max-train-samples 64 --max-eval-samples 32 --batch-size 4 --max-length 128)
+  few=(--max-samples 32)
   limit=900
 else
-  ref_steps=(--max-steps 60); bench=(--steps 30 --warmup 5); small=(); limit=600
+  ref_steps=(--max-steps 60); bench=(--steps 30 --warmup 5); small=(); few=(); limit=600
 fi
 
-# step NAME SECONDS CMD...: run with a time limit, keep all output, note status and wall seconds.
+# step NAME SECONDS CMD...: run with a time limit, keep all output, note status, wall seconds and the
+# step's own figure lines (JSON reports, epoch lines, the reference's rates, accuracy, memory, wall time).
 step() {
   local name=$1 secs=$2
   shift 2
+  local t0=$SECONDS part="$out/.step.txt"
   echo "=== $name: $*" >>"$log"
-  local t0=$SECONDS
-  timeout "$secs" "$@" >>"$log" 2>&1
+  timeout "$secs" "$@" >"$part" 2>&1
   local rc=$?
-  printf '%-22s rc=%-3s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" >>"$summary"
-  # the figures: the last lines that name rates, times, accuracy or memory
-  tail -n 40 "$log" | grep -E "tok/s|tokens_per_second|epoch_seconds|test_set_seconds|peak|acc|total_s|wall|mfu" \
-    | tail -n 8 | sed 's/^/    /' >>"$summary"
+  cat "$part" >>"$log"
+  printf '%-28s rc=%-3s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" >>"$summary"
+  grep -E '^\{|^epoch [0-9]+:|^epoch [0-9]+ steps|tok/s|peak_mem|total_s|^wall|^done:|^\| |error' "$part" \
+    | cut -c1-600 | sed 's/^/    /' >>"$summary"
+  rm -f "$part"
   return $rc
 }
 
@@ -68,13 +79,15 @@ for part in $parts; do
     done
     step bench-train-packed-compiled "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
       --data "$data" --batching packed --compile "${bench[@]}" --json
-    step bench-eval "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init --data "$data" \
-      "${bench[@]}" --json
+    for batching in padded packed; do
+      step "bench-eval-$batching" "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init \
+        --data "$data" --batching "$batching" "${bench[@]}" --json
+    done
     # The whole job: 3 epochs, per-epoch evaluation, data loading and tokenization included.
     step train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \
       --random-init --data "$data" --epochs 3 "${small[@]}" --output-dir "$runs/roberta-random-3ep" --overwrite
     ;;
-  accuracy | compare)
+  accuracy | compare | best)
     mpnet=$runs/mpnet-fp32
     if [ ! -d "$mpnet" ]; then  # the staged copy is fp16; both recipes get the same fp32 weights
       step mpnet-fp32 300 $py -c "
@@ -90,6 +103,26 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage
       step ref-mpnet-1ep "$limit" $py "$ref" --model "$mpnet" --data "$data" "${ref_epochs[@]}"
       step mpnet-1ep "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$mpnet" \
         --data "$data" --epochs 1 "${small[@]}" --output-dir "$runs/mpnet-1ep" --overwrite
+    elif [ "$part" = best ]; then
+      best=$runs/mpnet-best
+      epochs=(--epochs 3) stride=256 head=128  # windows every 256 tokens; head+tail as 128 + 382 tokens
+      [ "$quick" = 1 ] && epochs=(--epochs 1) stride=64 head=32
+      step mpnet-best-train "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$mpnet" \
+        --data "$data" "${epochs[@]}" --truncation head_tail --head-tokens "$head" "${small[@]}" \
+        --output-dir "$best" --overwrite
+      # Inference chosen on validation only: one truncated window (as trained) or averaged windows.
+      step mpnet-best-val-truncated 300 $py -m imdb_lora evaluate "$best" --split val "${few[@]}" --json
+      step mpnet-best-val-windows 300 $py -m imdb_lora evaluate "$best" --split val --window-stride "$stride" "${few[@]}" --json
+      choice=$($py - "$log" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith('{"run"') and '"split": "val"' in line]
+trunc, win = rows[-2], rows[-1]  # the two validation evaluations just made
+print(f"--window-stride {win['window_stride']}" if win["accuracy"] > trunc["accuracy"] else "")
+PY
+      )
+      echo "    chosen on validation: ${choice:-one truncated window}" >>"$summary"
+      # shellcheck disable=SC2086  # $choice is empty or two words
+      step mpnet-best-test 300 $py -m imdb_lora evaluate "$best" --split test $choice "${few[@]}" --json
     else
       step compare-mpnet "$limit" $py -m imdb_lora compare --model "$mpnet" --data "$data" --epochs 1 \
         "${small[@]}" --output-dir "$runs/compare-mpnet" --overwrite

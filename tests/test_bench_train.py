@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -16,12 +17,14 @@ def test_bench_train_reports_throughput(tiny_models, imdb_dir, capsys, kind, bat
     assert r["epoch_seconds_estimate"] > 0 and r["peak_memory_bytes"] > 0
 
 
-def test_bench_eval_reports_throughput(tiny_models, imdb_dir, capsys):
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+def test_bench_eval_reports_throughput(tiny_models, imdb_dir, capsys, batching):
     args = ["bench", "eval", "--model", str(tiny_models("mpnet")), "--data", str(imdb_dir), "--samples", "30",
-            "--batch-size", "8", "--max-length", "64", "--device", "cpu"]  # fmt: skip
+            "--batch-size", "8", "--max-length", "64", "--device", "cpu", "--batching", batching]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "tokens_per_second" in out and "test_set_seconds_estimate" in out
+    assert re.search(rf"^batching\s+{batching}$", out, re.M)
 
 
 def test_bench_train_random_init_on_real_roberta_config(imdb_dir, capsys):

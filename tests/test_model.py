@@ -121,3 +121,24 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path, tiny_models):
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     for a, b in zip(model.parameters(), loaded.parameters(), strict=True):
         assert torch.equal(a.float(), b)
+
+
+def test_unreachable_hub_fails_at_once_without_library_retries(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from imdb_lora import model as model_mod
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_mod, "hub_reachable", lambda: False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert model_mod.hub_options("no-such-org/no-such-model") == {"local_files_only": True}
+    assert model_mod.hub_options("./local-folder") == {}
+    t0 = time.time()
+    with pytest.raises(UserError, match="hub is unreachable.*--model PATH"):
+        build_model(cfg_for("no-such-org/no-such-model"))
+    assert time.time() - t0 < 10
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # behind a proxy the probe says nothing
+    assert model_mod.hub_options("no-such-org/no-such-model") == {}

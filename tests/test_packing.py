@@ -105,3 +105,18 @@ def test_compiled_encoder_gives_the_same_packed_and_padded_logits(tiny_models):
         compiled_packed = packed_logits(model, batch)
     assert torch.allclose(compiled_padded, eager_padded, atol=1e-4)
     assert torch.allclose(compiled_packed, eager_packed, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, attn", [("roberta", "sdpa"), ("bert", "eager"), ("mpnet", "eager")])
+def test_packed_evaluation_equals_padded_in_input_order(tiny_models, kind, attn):
+    from imdb_lora.model import batched_logits
+
+    model = models(tiny_models, kind, attn)
+    cfg = model.get_base_model().config
+    seqs = random_reviews(cfg.vocab_size, 13, seed=7)
+    cpu = torch.device("cpu")
+    padded = batched_logits(model, seqs, cfg.pad_token_id, 4, cpu)
+    packed = batched_logits(model, seqs, cfg.pad_token_id, 5, cpu, packed=True)
+    assert torch.allclose(packed, padded, atol=1e-4), (packed - padded).abs().max()
+    one_by_one = torch.cat([batched_logits(model, [s], cfg.pad_token_id, 1, cpu) for s in seqs])
+    assert torch.allclose(padded, one_by_one, atol=1e-4)  # input order, not length order

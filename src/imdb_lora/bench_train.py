@@ -161,19 +161,23 @@ def cmd_bench_eval(ns: argparse.Namespace) -> int:
     import torch
 
     from .model import batched_logits
+    from .packing import supports_packing
 
     device, tok, seqs, labels, model, info = _setup(ns, "test")
+    packed = ns.batching == "packed" or (
+        ns.batching == "auto" and device.type == "cuda" and supports_packing(model)
+    )
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     warm = sorted(seqs, key=len)[-ns.batch_size :]
-    batched_logits(model, warm, tok.pad_token_id, ns.batch_size, device)  # allocation, kernel choice
+    batched_logits(model, warm, tok.pad_token_id, ns.batch_size, device, packed=packed)  # allocation, kernels
     _sync(device)
     t0 = time.perf_counter()
-    batched_logits(model, seqs, tok.pad_token_id, ns.batch_size, device)
+    batched_logits(model, seqs, tok.pad_token_id, ns.batch_size, device, packed=packed)
     _sync(device)
     seconds = time.perf_counter() - t0
-    report = _report(ns, "eval", device, model, info, sum(len(s) for s in seqs), seconds, seqs, False)
+    report = _report(ns, "eval", device, model, info, sum(len(s) for s in seqs), seconds, seqs, packed)
     report["reviews"] = len(seqs)
     report["test_set_seconds_estimate"] = seconds * 25000 / len(seqs)
     _print(report, ns.json)

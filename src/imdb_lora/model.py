@@ -7,10 +7,13 @@ on roberta, bert and mpnet (which calls its attention projections q/k/v/o).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -80,17 +83,47 @@ def check_model_source(name: str, random_init: bool) -> None:
 
 
 def _hub_error(name: str, e: Exception) -> UserError:
+    why = "the hub is unreachable and no copy is cached" if hub_options(name) else type(e).__name__
     return UserError(
-        f"--model: could not load {name!r} from the Hugging Face hub ({type(e).__name__}); "
+        f"--model: could not load {name!r} from the Hugging Face hub ({why}); "
         "without network, pass --model PATH to a local model folder"
     )
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint: seconds, where huggingface_hub's retries take ~50 s."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_options(name: str) -> dict[str, bool]:
+    """from_pretrained options for `name`: cached files only when the hub is known to be unreachable.
+
+    Behind a proxy a direct connection says nothing, so the probe is skipped and the libraries decide.
+    """
+    from huggingface_hub import constants
+
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if is_local(name) or constants.HF_HUB_OFFLINE or proxied or hub_reachable():
+        return {}
+    return {"local_files_only": True}
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, use_fast=True)
+        tok = AutoTokenizer.from_pretrained(name, use_fast=True, **hub_options(name))
     except OSError as e:
         if is_local(name):
             raise UserError(f"no usable tokenizer in {name} ({e})") from None
@@ -111,12 +144,19 @@ def load_base_model(name: str, num_labels: int, random_init: bool, seed: int) ->
     torch.manual_seed(seed)  # random init and any newly created head are reproducible
     try:
         if random_init:
-            config = AutoConfig.from_pretrained(name, num_labels=num_labels)
+            config = AutoConfig.from_pretrained(name, num_labels=num_labels, **hub_options(name))
             return AutoModelForSequenceClassification.from_config(config), []
         # float32 always: transformers 5 otherwise keeps a checkpoint's own dtype (fp16/bf16 copies,
         # as staged for the GPU machine), and training needs fp32 master weights under bf16 autocast.
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=num_labels, use_safetensors=True, output_loading_info=True, dtype=torch.float32
+            name,
+            num_labels=num_labels,
+            use_safetensors=True,
+            output_loading_info=True,
+            dtype=torch.float32,
+            **hub_options(name),
+            # transformers looks for a PEFT adapter on the hub too, ignoring local_files_only above
+            **({"adapter_kwargs": hub_options(name)} if hub_options(name) else {}),
         )
     except OSError as e:
         if is_local(name):
@@ -271,18 +311,38 @@ def autocast_for(device: torch.device):
 
 @torch.inference_mode()
 def batched_logits(
-    model: nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int, device: torch.device, progress=None
+    model: nn.Module,
+    seqs: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    progress=None,
+    packed: bool = False,
 ) -> torch.Tensor:
-    """fp32 logits for token-id sequences, in input order; batches are length-sorted to cut padding."""
+    """fp32 logits for token-id sequences, in input order.
+
+    Padded: length-sorted batches of batch_size, so padding is small. Packed: batch_size reviews at a
+    time packed into rows as long as the longest of them, no padding but block-diagonal attention.
+    """
     from .data import length_sorted_batches, pad_batch
+    from .packing import pack, packed_logits, position_start
 
     was_training = model.training
     model.eval()
     out = torch.empty((len(seqs), model.config.num_labels), dtype=torch.float32)
-    for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
-        ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+    if packed:
+        batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
+    else:
+        batches = length_sorted_batches([len(s) for s in seqs], batch_size)
+    for idx in batches:
+        chunk = [seqs[i] for i in idx]
         with autocast_for(device):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            if packed:
+                rows = pack(chunk, max(map(len, chunk)), pad_id, position_start(model))
+                logits = packed_logits(model, rows.to(device))
+            else:
+                ids, mask = pad_batch(chunk, pad_id)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         out[idx] = logits.float().cpu()
         if progress is not None:
             progress.update(len(idx))
