@@ -132,6 +132,24 @@ def test_resume_refuses_changed_settings(tiny_models, imdb_dir, tmp_path, monkey
     assert "no resumable run" in capsys.readouterr().err
 
 
+def test_resume_accepts_how_but_not_what(tiny_models, imdb_dir, tmp_path, monkeypatch, capsys):
+    steps = []
+
+    def crash_at_third_step(self):
+        steps.append(1)
+        if len(steps) == 3:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_after_step", crash_at_third_step)
+    with pytest.raises(Crash):
+        main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "r", "--checkpoint-every", "1"))
+    monkeypatch.undo()
+    resume = ["train", "--output-dir", str(tmp_path / "r"), "--resume"]
+    assert main([*resume, "--lr", "1e-3"]) == 2
+    assert "settings differ: train.lr" in capsys.readouterr().err
+    assert main([*resume, "--no-token-cache", "--device", "cpu"]) == 0
+
+
 def test_lr_schedule():
     assert lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)
     assert lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)

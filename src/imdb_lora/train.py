@@ -40,6 +40,8 @@ from .rundir import RunDir
 from .tokcache import cached_encode
 
 CHECKPOINT = "checkpoint.safetensors"
+# Settings a resumed run may change: where and how it computes, not what it computes.
+RESUME_MAY_CHANGE = {"train.device", "train.compile", "data.token_cache"}
 
 
 @dataclass
@@ -167,7 +169,7 @@ class Trainer:
             if run.status() == "finished":
                 raise UserError(f"--resume: {run.path} is already finished; see {run.path / 'results.md'}")
             saved = Config.load(run.config_path)
-            diff = differing_fields(saved, self.cfg, ignore={"train.device"})
+            diff = differing_fields(saved, self.cfg, ignore=RESUME_MAY_CHANGE)
             if diff:
                 raise UserError(
                     f"--resume continues {run.path} with its saved config.yaml; these settings differ: "
