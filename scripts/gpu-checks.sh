@@ -9,7 +9,7 @@
 # best      MPNet-base, 3 epochs, head+tail truncation; window averaging kept only if it wins on
 #           validation; test reported once for what was kept (issue 4's accuracy goal)
 #
-# STAGE holds what ../shared/docs/GPU.md stages (put together under /root/stage there):
+# STAGE holds what ../shared/docs/GPU.md stages (put together under ~/stage there: root's home):
 #   aclImdb-labeled.tar.xz, roberta-base/ (config + tokenizer from ../shared/models), reference_lora.py
 #   (from ../shared/bench), and for accuracy/compare all-mpnet-base-v2-fp16/ (real weights, fp16 copy).
 # Everything goes to OUT/log.txt (full output) and OUT/summary.txt (one line per step: status, seconds
@@ -29,7 +29,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TQDM_DISABLE=1  # no progres
 data=$stage/aclImdb-labeled.tar.xz
 roberta=$stage/roberta-base
 ref=$stage/reference_lora.py
-runs=${RUNS:-/root/runs}
+runs=${RUNS:-$HOME/runs}
 quick=${QUICK:-0}
 log=$out/log.txt
 summary=$out/summary.txt
