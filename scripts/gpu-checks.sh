@@ -115,9 +115,12 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage
       step mpnet-best-val-windows 300 $py -m imdb_lora evaluate "$best" --split val --window-stride "$stride" "${few[@]}" --json
       choice=$($py - "$log" <<'PY'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith('{"run"') and '"split": "val"' in line]
-trunc, win = rows[-2], rows[-1]  # the two validation evaluations just made
-print(f"--window-stride {win['window_stride']}" if win["accuracy"] > trunc["accuracy"] else "")
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith('{"run"')]
+val = [r for r in rows if r["run"].endswith("mpnet-best") and r["split"] == "val"]
+trunc = [r for r in val if r["window_stride"] is None][-1:]
+win = [r for r in val if r["window_stride"] is not None][-1:]
+better = trunc and win and win[0]["accuracy"] > trunc[0]["accuracy"]
+print(f"--window-stride {win[0]['window_stride']}" if better else "")
 PY
       )
       echo "    chosen on validation: ${choice:-one truncated window}" >>"$summary"

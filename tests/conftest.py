@@ -24,13 +24,9 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True, scope="session")
 def private_token_cache(tmp_path_factory):
     """The token cache of every test lives in a temporary folder, never in the user's ~/.cache."""
-    old = os.environ.get("IMDB_LORA_CACHE")
-    os.environ["IMDB_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("IMDB_LORA_CACHE", None)
-    else:
-        os.environ["IMDB_LORA_CACHE"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMDB_LORA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -120,3 +120,20 @@ def test_packed_evaluation_equals_padded_in_input_order(tiny_models, kind, attn)
     assert torch.allclose(packed, padded, atol=1e-4), (packed - padded).abs().max()
     one_by_one = torch.cat([batched_logits(model, [s], cfg.pad_token_id, 1, cpu) for s in seqs])
     assert torch.allclose(padded, one_by_one, atol=1e-4)  # input order, not length order
+
+
+def test_batching_choice(tiny_models):
+    from types import SimpleNamespace
+
+    from imdb_lora.errors import UserError
+    from imdb_lora.packing import use_packing
+
+    model = models(tiny_models, "bert", "sdpa")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object, no GPU needed
+    assert not use_packing("auto", model, cpu) and use_packing("auto", model, cuda)
+    assert use_packing("packed", model, cpu) and not use_packing("padded", model, cuda)
+    other = torch.nn.Module()
+    other.config = SimpleNamespace(model_type="gpt2", _attn_implementation="sdpa")
+    assert not use_packing("auto", other, cuda)
+    with pytest.raises(UserError, match="--batching packed is not supported for model type 'gpt2'"):
+        use_packing("packed", other, cpu)

@@ -114,12 +114,10 @@ def cmd_bench_train(ns: argparse.Namespace) -> int:
 
     from .data import pad_batch
     from .model import autocast_for
-    from .packing import pack, packed_logits, position_start, supports_packing
+    from .packing import pack, packed_logits, position_start, use_packing
 
     device, tok, seqs, labels, model, info = _setup(ns, "train")
-    packed = ns.batching == "packed" or (
-        ns.batching == "auto" and device.type == "cuda" and supports_packing(model)
-    )
+    packed = use_packing(ns.batching, model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     rng = random.Random(0)
@@ -161,12 +159,10 @@ def cmd_bench_eval(ns: argparse.Namespace) -> int:
     import torch
 
     from .model import batched_logits
-    from .packing import supports_packing
+    from .packing import use_packing
 
     device, tok, seqs, labels, model, info = _setup(ns, "test")
-    packed = ns.batching == "packed" or (
-        ns.batching == "auto" and device.type == "cuda" and supports_packing(model)
-    )
+    packed = use_packing(ns.batching, model, device)
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -142,9 +142,10 @@ def load_base_model(name: str, num_labels: int, random_init: bool, seed: int) ->
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here, not news
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     torch.manual_seed(seed)  # random init and any newly created head are reproducible
+    hub = hub_options(name)
     try:
         if random_init:
-            config = AutoConfig.from_pretrained(name, num_labels=num_labels, **hub_options(name))
+            config = AutoConfig.from_pretrained(name, num_labels=num_labels, **hub)
             return AutoModelForSequenceClassification.from_config(config), []
         # float32 always: transformers 5 otherwise keeps a checkpoint's own dtype (fp16/bf16 copies,
         # as staged for the GPU machine), and training needs fp32 master weights under bf16 autocast.
@@ -154,9 +155,9 @@ def load_base_model(name: str, num_labels: int, random_init: bool, seed: int) ->
             use_safetensors=True,
             output_loading_info=True,
             dtype=torch.float32,
-            **hub_options(name),
+            **hub,
             # transformers looks for a PEFT adapter on the hub too, ignoring local_files_only above
-            **({"adapter_kwargs": hub_options(name)} if hub_options(name) else {}),
+            **({"adapter_kwargs": hub} if hub else {}),
         )
     except OSError as e:
         if is_local(name):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
+
 FIRST_TOKEN_HEADS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
 POOLER_HEADS = {"bert"}
 # Models whose position ids start after the padding index (fairseq convention) rather than at 0.
@@ -49,6 +51,15 @@ def supports_packing(model: nn.Module) -> bool:
     m = classifier_of(model)
     impl = getattr(m.config, "_attn_implementation", "eager")
     return m.config.model_type in FIRST_TOKEN_HEADS | POOLER_HEADS and impl in ("eager", "sdpa")
+
+
+def use_packing(mode: str, model: nn.Module, device: torch.device) -> bool:
+    """The --batching decision: packed where asked, or under auto on CUDA where the model supports it."""
+    ok = supports_packing(model)
+    if mode == "packed" and not ok:
+        model_type = classifier_of(model).config.model_type
+        raise UserError(f"--batching packed is not supported for model type {model_type!r}")
+    return mode == "packed" or (mode == "auto" and ok and device.type == "cuda")
 
 
 def pack(seqs: Sequence[Sequence[int]], row_tokens: int, pad_id: int, position_start: int) -> PackedBatch:

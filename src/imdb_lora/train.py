@@ -35,7 +35,7 @@ from .model import (
     load_tokenizer,
     resolve_device,
 )
-from .packing import pack, packed_logits, position_start, supports_packing
+from .packing import pack, packed_logits, position_start, use_packing
 from .rundir import RunDir
 from .tokcache import cached_encode
 
@@ -133,7 +133,7 @@ class Trainer:
         if not self.resumed:
             self.tokenizer.save_pretrained(run.tokenizer_dir)
         self.model = model.to(self.device)
-        self.packed = self._choose_batching()
+        self.packed = use_packing(cfg.train.batching, self.model, self.device)
         if cfg.train.compile:
             compile_encoder(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -150,14 +150,6 @@ class Trainer:
             self._load_checkpoint()
         run.write_status("running", self._summary())
         return self
-
-    def _choose_batching(self) -> bool:
-        """Packed batches where asked (or on CUDA under auto) and the architecture supports them."""
-        mode = self.cfg.train.batching
-        ok = supports_packing(self.model)
-        if mode == "packed" and not ok:
-            raise UserError(f"--batching packed is not supported for model type {self.info['model_type']!r}")
-        return mode == "packed" or (mode == "auto" and ok and self.device.type == "cuda")
 
     def _check_directory(self) -> None:
         """Decide between a fresh run and a resumed one; refuse to lose anything silently."""
