@@ -37,3 +37,32 @@ def test_bench_train_random_init_on_real_roberta_config(imdb_dir, capsys):
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["model"].endswith("(random init)") and r["model_type"] == "roberta"
+
+
+def test_bench_train_profile_counts_host_ops(tiny_models, imdb_dir, capsys):
+    args = ["bench", "train", "--model", str(tiny_models("roberta")), "--data", str(imdb_dir), "--steps", "1",
+            "--warmup", "1", "--batch-size", "4", "--max-length", "64", "--samples", "20", "--device", "cpu",
+            "--profile", "2", "--json"]  # fmt: skip
+    assert main(args) == 0
+    p = json.loads(capsys.readouterr().out)["profile"]
+    # a 2-layer LoRA model still dispatches hundreds of ops per step (forward, backward, optimizer)
+    assert p["steps"] == 2 and p["host_ops_per_step"] > 100 and p["wall_ms_per_step"] > 0
+    assert 0 < len(p["top"]) <= 10 and all(r["name"].startswith("aten::") for r in p["top"])
+    costs = [r["ms_per_step"] for r in p["top"]]
+    assert costs == sorted(costs, reverse=True)
+
+
+def test_bench_eval_profile_prints_table(tiny_models, imdb_dir, capsys):
+    args = ["bench", "eval", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--samples", "12",
+            "--batch-size", "4", "--max-length", "64", "--device", "cpu", "--profile", "5"]  # fmt: skip
+    assert main(args) == 0  # 5 batches asked, 3 exist: the longest batch is reused
+    out = capsys.readouterr().out
+    assert "profile of 5 step(s), per step:" in out and re.search(r"host_ops_per_step\s+[\d,]+", out)
+    assert "costliest ops" in out
+
+
+def test_bench_rejects_negative_profile(tiny_models, imdb_dir, capsys):
+    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--profile", "-1",
+            "--device", "cpu"]  # fmt: skip
+    assert main(args) == 2
+    assert "--profile must be >= 0" in capsys.readouterr().err

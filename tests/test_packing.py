@@ -130,10 +130,17 @@ def test_batching_choice(tiny_models):
 
     model = models(tiny_models, "bert", "sdpa")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object, no GPU needed
-    assert not use_packing("auto", model, cpu) and use_packing("auto", model, cuda)
-    assert use_packing("packed", model, cpu) and not use_packing("padded", model, cuda)
+    for training in (True, False):
+        assert not use_packing("auto", model, cpu, training)
+        assert use_packing("packed", model, cpu, training) and not use_packing(
+            "padded", model, cuda, training
+        )
+    # auto: padded training, packed evaluation on CUDA (the faster of each, as measured on an H200)
+    assert not use_packing("auto", model, cuda, training=True) and use_packing(
+        "auto", model, cuda, training=False
+    )
     other = torch.nn.Module()
     other.config = SimpleNamespace(model_type="gpt2", _attn_implementation="sdpa")
-    assert not use_packing("auto", other, cuda)
+    assert not use_packing("auto", other, cuda, training=False)
     with pytest.raises(UserError, match="--batching packed is not supported for model type 'gpt2'"):
-        use_packing("packed", other, cpu)
+        use_packing("packed", other, cpu, training=True)

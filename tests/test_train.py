@@ -173,4 +173,6 @@ def test_packed_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path,
 
 
 def test_auto_batching_is_padded_on_cpu(trained_run):
-    assert json.loads((trained_run / "run.json").read_text())["train_path"].startswith("padded")
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["train_path"].startswith("padded") and info["eval_path"].startswith("padded")
+    assert "training padded (dynamic padding); evaluation padded" in (trained_run / "results.md").read_text()

@@ -12,6 +12,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
@@ -46,6 +47,14 @@ def add_bench_train_parsers(sub) -> None:
             "--peak-tflops", type=float, help="device peak for MFU (default: H100 bf16 / CPU measured)"
         )
         p.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
+        p.add_argument(
+            "--profile",
+            type=int,
+            default=0,
+            metavar="N",
+            help="after timing, profile N more steps (batches for eval): host ops and device kernels per "
+            "step, the device's busy fraction, the costliest ops",
+        )
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_bench_train if name == "train" else cmd_bench_eval)
 
@@ -58,6 +67,8 @@ def _setup(ns: argparse.Namespace, split: str):
     for flag, v in (("--steps", ns.steps), ("--batch-size", ns.batch_size), ("--samples", ns.samples)):
         if v < 1:
             raise UserError(f"{flag} must be >= 1")
+    if ns.profile < 0:
+        raise UserError("--profile must be >= 0")
     cfg = Config()
     cfg.model.name, cfg.model.random_init = ns.model, ns.random_init
     cfg.train.method, cfg.train.batching, cfg.data.max_length = ns.method, ns.batching, ns.max_length
@@ -117,18 +128,15 @@ def cmd_bench_train(ns: argparse.Namespace) -> int:
     from .packing import pack, packed_logits, position_start, use_packing
 
     device, tok, seqs, labels, model, info = _setup(ns, "train")
-    packed = use_packing(ns.batching, model, device)
+    packed = use_packing(ns.batching, model, device, training=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     rng = random.Random(0)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tokens = 0
-    for step in range(ns.warmup + ns.steps):
-        if step == ns.warmup:
-            _sync(device)
-            t0, tokens = time.perf_counter(), 0
+
+    def one_step() -> int:
         idx = rng.sample(range(len(seqs)), min(ns.batch_size, len(seqs)))
         batch = [seqs[i] for i in idx]
         y = torch.tensor([labels[i] for i in idx], device=device)
@@ -144,13 +152,21 @@ def cmd_bench_train(ns: argparse.Namespace) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += sum(len(s) for s in batch)
+        return sum(len(s) for s in batch)
+
+    for _ in range(ns.warmup):
+        one_step()
+    _sync(device)
+    t0 = time.perf_counter()
+    tokens = sum(one_step() for _ in range(ns.steps))
     _sync(device)
     seconds = time.perf_counter() - t0
     epoch_tokens = sum(len(s) for s in seqs) * (25000 / len(seqs))
     report = _report(ns, "train", device, model, info, tokens, seconds, seqs, packed)
     report["epoch_seconds_estimate"] = epoch_tokens / report["tokens_per_second"]
     report["epoch_tokens"] = int(epoch_tokens)
+    if ns.profile:
+        report["profile"] = profile_steps(one_step, ns.profile, device)
     _print(report, ns.json)
     return 0
 
@@ -162,7 +178,7 @@ def cmd_bench_eval(ns: argparse.Namespace) -> int:
     from .packing import use_packing
 
     device, tok, seqs, labels, model, info = _setup(ns, "test")
-    packed = use_packing(ns.batching, model, device)
+    packed = use_packing(ns.batching, model, device, training=False)
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -176,8 +192,72 @@ def cmd_bench_eval(ns: argparse.Namespace) -> int:
     report = _report(ns, "eval", device, model, info, sum(len(s) for s in seqs), seconds, seqs, packed)
     report["reviews"] = len(seqs)
     report["test_set_seconds_estimate"] = seconds * 25000 / len(seqs)
+    if ns.profile:
+        batches = iter([seqs[i : i + ns.batch_size] for i in range(0, len(seqs), ns.batch_size)])
+
+        def one_batch() -> None:
+            chunk = next(batches, warm)  # past the end (more batches than reviews): the longest again
+            batched_logits(model, chunk, tok.pad_token_id, ns.batch_size, device, packed=packed)
+
+        report["profile"] = profile_steps(one_batch, ns.profile, device)
     _print(report, ns.json)
     return 0
+
+
+def profile_steps(
+    run: Callable[[], object], steps: int, device: torch.device, top: int = 10
+) -> dict[str, Any]:
+    """Run `run` `steps` times under torch.profiler and say where the time went, per step.
+
+    host_ops: aten ops called from Python or autograd (nested aten calls not counted), each one a
+    dispatch the host pays for. On CUDA, device_busy_fraction = kernel time / wall time: near 1 the
+    GPU is the limit; far below 1 the host (Python, launches, syncs) is. The profiler's own overhead
+    makes wall time longer than in the timed run. `top`: the costliest ops (CPU) or kernels (CUDA).
+    """
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    events = prof.events()
+
+    def is_aten(e) -> bool:
+        return e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+
+    host_ops = sum(1 for e in events if is_aten(e) and not (e.cpu_parent and is_aten(e.cpu_parent)))
+    if cuda:
+        timed = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e.name, e.self_cpu_time_total) for e in events if is_aten(e)]
+    cost: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, us in timed:
+        cost[name][0] += us
+        cost[name][1] += 1
+    busiest = sorted(cost.items(), key=lambda kv: -kv[1][0])[:top]
+    out: dict[str, Any] = {
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall / steps,
+        "host_ops_per_step": host_ops / steps,
+    }
+    if cuda:
+        busy_us = sum(us for _, us in timed)
+        out["device_kernels_per_step"] = len(timed) / steps
+        out["device_busy_ms_per_step"] = busy_us / 1e3 / steps
+        out["device_busy_fraction"] = busy_us / 1e6 / wall
+    out["top"] = [
+        {"name": name[:90], "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+        for name, (us, n) in busiest
+    ]
+    return out
 
 
 def _report(ns, kind, device, model, info, tokens, seconds, seqs, packed) -> dict[str, Any]:
@@ -220,8 +300,22 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
 
     width = max(map(len, report))
     for k, v in report.items():
+        if k == "profile":
+            continue
         if k == "peak_memory_bytes":
             v = fmt_bytes(v)
         elif isinstance(v, float):
             v = f"{v:.4f}" if k == "mfu" else f"{v:,.1f}"
         print(f"{k:<{width}}  {v}")
+    if "profile" in report:
+        _print_profile(report["profile"])
+
+
+def _print_profile(prof: dict[str, Any]) -> None:
+    print(f"\nprofile of {prof['steps']} step(s), per step:")
+    for k, v in prof.items():
+        if k not in ("steps", "top"):
+            print(f"  {k:<26}{v:,.3f}" if isinstance(v, float) else f"  {k:<26}{v}")
+    print(f"  {'ms':>9} {'calls':>7}  costliest {'kernels' if 'device_kernels_per_step' in prof else 'ops'}")
+    for row in prof["top"]:
+        print(f"  {row['ms_per_step']:9.3f} {row['calls_per_step']:7.1f}  {row['name']}")

@@ -55,7 +55,11 @@ def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
             + (" (RANDOM INIT - speed/test only, accuracy meaningless)" if summary["random_init"] else ""),
         ),
         ("Method", "LoRA" if summary["method"] == "lora" else "Full fine-tuning"),
-        ("Device", f"{summary['device']} ({summary['precision']}, {summary['train_path']})"),
+        (
+            "Device",
+            f"{summary['device']} ({summary['precision']}; training {summary['train_path']}; "
+            f"evaluation {summary.get('eval_path', 'padded (length-sorted)')})",
+        ),
         ("Examples (train / val / test)", " / ".join(f"{v:,}" for v in summary["examples"].values())),
         ("Training time", fmt_seconds(train_s)),
         ("Time per epoch", fmt_seconds(train_s / max(1, n))),

@@ -41,6 +41,7 @@ from .tokcache import cached_encode
 
 CHECKPOINT = "checkpoint.safetensors"
 # Settings a resumed run may change: where and how it computes, not what it computes.
+POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
 RESUME_MAY_CHANGE = {"train.device", "train.compile", "data.token_cache"}
 
 
@@ -133,7 +134,8 @@ class Trainer:
         if not self.resumed:
             self.tokenizer.save_pretrained(run.tokenizer_dir)
         self.model = model.to(self.device)
-        self.packed = use_packing(cfg.train.batching, self.model, self.device)
+        self.packed = use_packing(cfg.train.batching, self.model, self.device, training=True)
+        self.packed_eval = use_packing(cfg.train.batching, self.model, self.device, training=False)
         if cfg.train.compile:
             compile_encoder(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -214,29 +216,43 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
+        # Loss sums and correct counts stay on the device between flushes: reading them every step
+        # would make the host wait for the GPU each step instead of queueing the next one.
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def flush() -> None:
+            if pending:
+                totals = torch.stack([torch.stack(p) for p in pending]).sum(0).tolist()
+                st.loss_sum += totals[0]
+                st.correct += round(totals[1])
+                pending.clear()
+                bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
+
         t0 = time.time()
         for idx in batches[st.step_in_epoch :]:
-            loss, correct = self._step(idx, pad_id)
-            st.loss_sum += loss * len(idx)
-            st.correct += correct
+            pending.append(self._step(idx, pad_id))
             st.seen += len(idx)
             st.step_in_epoch += 1
             st.global_step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
+            if len(pending) >= POSTFIX_EVERY:
+                flush()
             self._after_step()
             if (
                 cfg.checkpoint_every
                 and st.step_in_epoch % cfg.checkpoint_every == 0
                 and st.step_in_epoch < len(batches)
             ):
+                flush()
                 st.epoch_train_seconds += time.time() - t0
                 t0 = time.time()
                 self._save_checkpoint()
+        flush()
         bar.close()
         st.epoch_train_seconds += time.time() - t0
 
-    def _step(self, idx: list[int], pad_id: int) -> tuple[float, int]:
+    def _step(self, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the batch's summed loss and correct count, on the device."""
         cfg, st = self.cfg.train, self.state
         seqs = [self.train_ids[i] for i in idx]
         y = torch.tensor([self.train_y[i] for i in idx], device=self.device)
@@ -257,7 +273,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item(), int((logits.argmax(-1) == y).sum())
+        return loss.detach().float() * len(idx), (logits.argmax(-1) == y).sum().float()
 
     def _after_step(self) -> None:
         """Hook after each optimizer step (tests use it to simulate a crash)."""
@@ -300,7 +316,13 @@ class Trainer:
     def evaluate(self, seqs: list[list[int]], labels: list[int], name: str) -> tuple[float, float]:
         bar = tqdm(total=len(seqs), desc=f"eval {name}", unit="review", leave=False, dynamic_ncols=True)
         logits = batched_logits(
-            self.model, seqs, self.tokenizer.pad_token_id, self.cfg.train.eval_batch_size, self.device, bar
+            self.model,
+            seqs,
+            self.tokenizer.pad_token_id,
+            self.cfg.train.eval_batch_size,
+            self.device,
+            bar,
+            packed=self.packed_eval,
         )
         bar.close()
         return loss_and_accuracy(logits, labels)
@@ -385,6 +407,7 @@ class Trainer:
                 else "padded (dynamic padding)"
             )
             + (", torch.compile" if self.cfg.train.compile else ""),
+            "eval_path": "packed" if self.packed_eval else "padded (length-sorted)",
             "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",
             "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
             "epochs_done": len(st.history),
