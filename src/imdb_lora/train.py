@@ -40,8 +40,8 @@ from .rundir import RunDir
 from .tokcache import cached_encode
 
 CHECKPOINT = "checkpoint.safetensors"
-# Settings a resumed run may change: where and how it computes, not what it computes.
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
+# Settings a resumed run may change: where and how it computes, not what it computes.
 RESUME_MAY_CHANGE = {"train.device", "train.compile", "data.token_cache"}
 
 
