@@ -159,16 +159,21 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("kind", ["roberta", "mpnet"])
 def test_packed_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, kind, monkeypatch):
-    import imdb_lora.train as train_module
+    import torch
 
-    calls = []
-    real = train_module.packed_logits
-    monkeypatch.setattr(train_module, "packed_logits", lambda *a: calls.append(1) or real(*a))
+    import imdb_lora.packing as packing_module
+
+    calls = []  # grad enabled: a training step; disabled: evaluation
+    real = packing_module.packed_logits
+    monkeypatch.setattr(
+        packing_module, "packed_logits", lambda *a: calls.append(torch.is_grad_enabled()) or real(*a)
+    )
     out = tmp_path / kind
     assert main(train_args(tiny_models(kind), imdb_dir, out, "--epochs", "1", "--batching", "packed")) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["train_path"].startswith("packed") and info["status"] == "finished"
-    assert len(calls) == 5  # every step of the epoch (36 reviews, batch 8) ran the packed forward
+    assert sum(calls) == 5  # every step of the epoch (36 reviews, batch 8) ran the packed forward
+    assert False in calls  # and explicit --batching packed evaluates packed too
     assert "packed" in (out / "results.md").read_text()
 
 

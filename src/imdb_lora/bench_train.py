@@ -123,9 +123,8 @@ def _sync(device: torch.device) -> None:
 def cmd_bench_train(ns: argparse.Namespace) -> int:
     import torch
 
-    from .data import pad_batch
-    from .model import autocast_for
-    from .packing import pack, packed_logits, position_start, use_packing
+    from .model import forward_logits
+    from .packing import use_packing
 
     device, tok, seqs, labels, model, info = _setup(ns, "train")
     packed = use_packing(ns.batching, model, device, training=True)
@@ -140,14 +139,7 @@ def cmd_bench_train(ns: argparse.Namespace) -> int:
         idx = rng.sample(range(len(seqs)), min(ns.batch_size, len(seqs)))
         batch = [seqs[i] for i in idx]
         y = torch.tensor([labels[i] for i in idx], device=device)
-        with autocast_for(device):
-            if packed:
-                logits = packed_logits(
-                    model, pack(batch, ns.max_length, tok.pad_token_id, position_start(model)).to(device)
-                )
-            else:
-                ids, mask = pad_batch(batch, tok.pad_token_id)
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = forward_logits(model, batch, tok.pad_token_id, device, packed, row_tokens=ns.max_length)
         torch.nn.functional.cross_entropy(logits.float(), y).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

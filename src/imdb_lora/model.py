@@ -310,6 +310,31 @@ def autocast_for(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def forward_logits(
+    model: nn.Module,
+    seqs: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    packed: bool,
+    row_tokens: int | None = None,
+) -> torch.Tensor:
+    """Logits for one batch of token-id sequences, in the given order, under the device's autocast.
+
+    Packed: reviews share rows of up to row_tokens (default: the longest review) with block-diagonal
+    attention. Padded: one row per review, padded to the longest. The one forward that training,
+    evaluation and the benches all run.
+    """
+    from .data import pad_batch
+    from .packing import pack, packed_logits, position_start
+
+    with autocast_for(device):
+        if packed:
+            rows = pack(seqs, row_tokens or max(map(len, seqs)), pad_id, position_start(model))
+            return packed_logits(model, rows.to(device))
+        ids, mask = pad_batch(seqs, pad_id)
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+
+
 @torch.inference_mode()
 def batched_logits(
     model: nn.Module,
@@ -325,8 +350,7 @@ def batched_logits(
     Padded: length-sorted batches of batch_size, so padding is small. Packed: batch_size reviews at a
     time packed into rows as long as the longest of them, no padding but block-diagonal attention.
     """
-    from .data import length_sorted_batches, pad_batch
-    from .packing import pack, packed_logits, position_start
+    from .data import length_sorted_batches
 
     was_training = model.training
     model.eval()
@@ -336,14 +360,7 @@ def batched_logits(
     else:
         batches = length_sorted_batches([len(s) for s in seqs], batch_size)
     for idx in batches:
-        chunk = [seqs[i] for i in idx]
-        with autocast_for(device):
-            if packed:
-                rows = pack(chunk, max(map(len, chunk)), pad_id, position_start(model))
-                logits = packed_logits(model, rows.to(device))
-            else:
-                ids, mask = pad_batch(chunk, pad_id)
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = forward_logits(model, [seqs[i] for i in idx], pad_id, device, packed)
         out[idx] = logits.float().cpu()
         if progress is not None:
             progress.update(len(idx))

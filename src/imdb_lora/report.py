@@ -58,7 +58,7 @@ def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
         (
             "Device",
             f"{summary['device']} ({summary['precision']}; training {summary['train_path']}; "
-            f"evaluation {summary.get('eval_path', 'padded (length-sorted)')})",
+            f"evaluation {summary['eval_path']})",
         ),
         ("Examples (train / val / test)", " / ".join(f"{v:,}" for v in summary["examples"].values())),
         ("Training time", fmt_seconds(train_s)),

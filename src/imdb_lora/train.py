@@ -24,18 +24,18 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Config
-from .data import load_splits, pad_batch
+from .data import load_splits
 from .errors import UserError
 from .model import (
-    autocast_for,
     batched_logits,
     build_model,
     check_model_source,
     compile_encoder,
+    forward_logits,
     load_tokenizer,
     resolve_device,
 )
-from .packing import pack, packed_logits, position_start, use_packing
+from .packing import use_packing
 from .rundir import RunDir
 from .tokcache import cached_encode
 
@@ -258,15 +258,9 @@ class Trainer:
         y = torch.tensor([self.train_y[i] for i in idx], device=self.device)
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(st.global_step, self.total_steps, cfg.lr, cfg.warmup_ratio)
-        with autocast_for(self.device):
-            if self.packed:
-                batch = pack(seqs, self.cfg.data.max_length, pad_id, position_start(self.model))
-                logits = packed_logits(self.model, batch.to(self.device)).float()
-            else:
-                ids, mask = pad_batch(seqs, pad_id)
-                logits = self.model(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-                ).logits.float()
+        logits = forward_logits(
+            self.model, seqs, pad_id, self.device, self.packed, row_tokens=self.cfg.data.max_length
+        ).float()
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         loss.backward()
         if cfg.max_grad_norm:
