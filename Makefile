@@ -37,6 +37,7 @@ train: setup
 
 lint: setup
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports  # the architecture's import contracts (pyproject.toml [tool.importlinter])
 	bash -n scripts/gpu-checks.sh  # syntax only: the script itself runs on the GPU machine
 
 format: setup

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from imdb_lora.bench import percentile
+from imdb_lora.bench.common import percentile
 from imdb_lora.cli import main
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from imdb_lora.predict import Classifier
-from imdb_lora.serve import BackgroundServer, create_app
+from imdb_lora.inference.classifier import Classifier
+from imdb_lora.serving.app import create_app
+from imdb_lora.serving.server import BackgroundServer
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Headless, as root, on a machine with no network: no sandbox, and none of Chromium's background calls.

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imdb_lora.cli import build_parser, config_from_args
+from imdb_lora.cli import build_parser
+from imdb_lora.cli.train import config_from_args
 from imdb_lora.config import LORA_ROLES, Config
 from imdb_lora.errors import UserError
 

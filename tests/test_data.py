@@ -5,15 +5,10 @@ import pytest
 from conftest import ROBERTA_BASE, needs_shared, write_imdb
 
 from imdb_lora.config import DataConfig
-from imdb_lora.data import (
-    encode,
-    load_imdb,
-    load_labeled_file,
-    load_splits,
-    resolve_imdb_path,
-    stratified_split,
-    stratified_subset,
-)
+from imdb_lora.data.files import load_labeled_file
+from imdb_lora.data.imdb import load_imdb, resolve_imdb_path
+from imdb_lora.data.splits import load_splits, stratified_split, stratified_subset
+from imdb_lora.data.tokenize import encode
 from imdb_lora.errors import UserError
 
 
@@ -184,7 +179,7 @@ def test_head_tail_keeps_exactly_the_first_and_last_tokens(roberta_tok):
 
 
 def test_windows_cover_every_token_and_end_at_the_end(roberta_tok):
-    from imdb_lora.data import encode_windows
+    from imdb_lora.data.tokenize import encode_windows
 
     long = " ".join(f"w{i}" for i in range(300))
     body = roberta_tok(long, add_special_tokens=False)["input_ids"]
@@ -204,7 +199,7 @@ def test_windows_cover_every_token_and_end_at_the_end(roberta_tok):
 
 
 def test_token_budget_batches_cap_padding_and_keep_every_index():
-    from imdb_lora.data import token_budget_batches
+    from imdb_lora.data.batches import token_budget_batches
 
     lengths = [512, 30, 500, 100, 90, 480, 20, 110]
     batches = token_budget_batches(lengths, batch_size=3, max_tokens=1024)

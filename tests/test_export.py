@@ -7,8 +7,8 @@ import torch
 from conftest import train_args
 
 from imdb_lora.cli import main
-from imdb_lora.export import MARKER
-from imdb_lora.predict import Classifier
+from imdb_lora.inference.classifier import Classifier
+from imdb_lora.inference.exported import MARKER
 
 TEXTS = [
     "great wonderful film i loved it",

@@ -6,7 +6,8 @@ from torch import nn
 
 from imdb_lora.config import Config
 from imdb_lora.errors import UserError
-from imdb_lora.model import build_model, load_base_model, lora_target_modules
+from imdb_lora.modeling.load import load_base_model
+from imdb_lora.modeling.lora import build_model, lora_target_modules
 
 
 def cfg_for(path, **lora) -> Config:
@@ -128,7 +129,7 @@ def test_unreachable_hub_fails_at_once_without_library_retries(monkeypatch):
 
     from huggingface_hub import constants
 
-    from imdb_lora import model as model_mod
+    from imdb_lora.modeling import load as model_mod
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(model_mod, "hub_reachable", lambda: False)

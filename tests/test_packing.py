@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from imdb_lora.config import Config
-from imdb_lora.data import pad_batch
-from imdb_lora.model import build_model
-from imdb_lora.packing import pack, packed_logits, position_start, supports_packing
+from imdb_lora.data.batches import pack, pad_batch
+from imdb_lora.modeling.lora import build_model
+from imdb_lora.modeling.packing import packed_logits, position_start, supports_packing
 
 
 def random_reviews(vocab: int, n: int, seed: int, max_len: int = 60, specials=(0, 2)) -> list[list[int]]:
@@ -90,7 +90,7 @@ def test_pack_keeps_input_order_and_fills_rows():
 
 @pytest.mark.slow  # inductor compiles C++ kernels on the CPU: about a minute
 def test_compiled_encoder_gives_the_same_packed_and_padded_logits(tiny_models):
-    from imdb_lora.model import compile_encoder
+    from imdb_lora.modeling.forward import compile_encoder
 
     model = models(tiny_models, "roberta", "sdpa")
     pad_id = model.get_base_model().config.pad_token_id
@@ -109,7 +109,7 @@ def test_compiled_encoder_gives_the_same_packed_and_padded_logits(tiny_models):
 
 @pytest.mark.parametrize("kind, attn", [("roberta", "sdpa"), ("bert", "eager"), ("mpnet", "eager")])
 def test_packed_evaluation_equals_padded_in_input_order(tiny_models, kind, attn):
-    from imdb_lora.model import batched_logits
+    from imdb_lora.modeling.forward import batched_logits
 
     model = models(tiny_models, kind, attn)
     cfg = model.get_base_model().config
@@ -126,7 +126,7 @@ def test_batching_choice(tiny_models):
     from types import SimpleNamespace
 
     from imdb_lora.errors import UserError
-    from imdb_lora.packing import use_packing
+    from imdb_lora.modeling.packing import use_packing
 
     model = models(tiny_models, "bert", "sdpa")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object, no GPU needed

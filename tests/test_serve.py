@@ -8,8 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imdb_lora.cli import build_parser, main
-from imdb_lora.predict import Classifier
-from imdb_lora.serve import Batcher, ServeSettings, create_app
+from imdb_lora.inference.classifier import Classifier
+from imdb_lora.serving.app import ServeSettings, create_app
+from imdb_lora.serving.batcher import Batcher
 
 LIMITS = ServeSettings(max_body_bytes=4000, max_texts=4, max_chars=200, max_batch=8, max_wait_ms=20)
 TEXTS = ["great wonderful film i loved it", "awful boring plot and terrible acting"]
@@ -164,7 +165,7 @@ def test_serve_defaults_to_loopback_and_rejects_bad_limits(capsys):
 
 def test_port_in_use_is_a_clear_error(clf):
     from imdb_lora.errors import UserError
-    from imdb_lora.serve import bind
+    from imdb_lora.serving.server import bind
 
     taken = bind("127.0.0.1", 0)
     try:
@@ -175,7 +176,7 @@ def test_port_in_use_is_a_clear_error(clf):
 
 
 def test_real_uvicorn_on_a_free_loopback_port(clf):
-    from imdb_lora.serve import BackgroundServer
+    from imdb_lora.serving.server import BackgroundServer
 
     app = create_app(clf, LIMITS)
     with BackgroundServer(app) as server:

@@ -3,9 +3,9 @@ import os
 import pytest
 from conftest import ROBERTA_BASE, needs_shared
 
-from imdb_lora import tokcache
-from imdb_lora.data import encode
-from imdb_lora.model import load_tokenizer
+from imdb_lora.data import tokcache
+from imdb_lora.data.tokenize import encode
+from imdb_lora.modeling.load import load_tokenizer
 
 TEXTS = ["A wonderful film, moving and funny. " * 30, "Dull.", "", "Not bad, not great. " * 10]
 

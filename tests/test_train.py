@@ -6,8 +6,9 @@ from conftest import train_args
 
 from imdb_lora.cli import main
 from imdb_lora.config import Config
-from imdb_lora.predict import Classifier
-from imdb_lora.train import Trainer, lr_at
+from imdb_lora.inference.classifier import Classifier
+from imdb_lora.training.schedule import lr_at
+from imdb_lora.training.trainer import Trainer
 
 TEXTS = ["great wonderful film", "awful boring waste", "the plot was dull and poor", "loved it. brilliant"]
 
@@ -63,7 +64,7 @@ def test_save_then_reload_gives_identical_logits(tiny_models, imdb_dir, tmp_path
     trainer.train()
     clf = Classifier.load(str(tmp_path / "run"), device="cpu")
     enc = clf.encode(TEXTS)
-    from imdb_lora.model import batched_logits
+    from imdb_lora.modeling.forward import batched_logits
 
     in_memory = batched_logits(trainer.model, enc, clf.tokenizer.pad_token_id, 2, torch.device("cpu"))
     assert torch.equal(in_memory, clf.logits(TEXTS, batch_size=2))
@@ -86,7 +87,7 @@ class Crash(Exception):
 
 
 def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
-    tiny_models, imdb_dir, tmp_path, monkeypatch
+    tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
 ):
     def args(out):
         return train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "2", "--epochs", "2")  # noqa: E731
@@ -97,7 +98,7 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
 
     def crash_after_7(self):
         steps["n"] += 1
-        if steps["n"] == 7:  # epoch 2, step 2 of 5: the last checkpoint is the end of epoch 1... or step 2
+        if steps["n"] == 7:  # epoch 2, step 2 of 5, just after its mid-epoch checkpoint (every 2 steps)
             raise Crash
 
     monkeypatch.setattr(Trainer, "_after_step", crash_after_7)
@@ -108,7 +109,9 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
     assert info["status"] == "running" and info["epochs_done"] == 1
     assert main(["evaluate", str(tmp_path / "crashed")]) == 2  # not a finished run
 
+    capsys.readouterr()
     assert main(["train", "--output-dir", str(tmp_path / "crashed"), "--resume"]) == 0
+    assert "at epoch 2, step 2" in capsys.readouterr().out  # resumed mid-epoch, not at the epoch's start
     a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
     drop = ("train_seconds", "eval_seconds")
@@ -125,7 +128,7 @@ def test_resume_refuses_changed_settings(tiny_models, imdb_dir, tmp_path, monkey
 
     monkeypatch.setattr(Trainer, "_after_step", crash)
     with pytest.raises(Crash):
-        main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "r", "--checkpoint-every", "1"))
+        main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "r", "--checkpoint-every", "0"))
     monkeypatch.undo()
     # the crash came before any checkpoint: nothing to resume, and the message says so
     assert main(["train", "--output-dir", str(tmp_path / "r"), "--resume"]) == 2
@@ -161,7 +164,7 @@ def test_lr_schedule():
 def test_packed_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, kind, monkeypatch):
     import torch
 
-    import imdb_lora.packing as packing_module
+    import imdb_lora.modeling.forward as packing_module
 
     calls = []  # grad enabled: a training step; disabled: evaluation
     real = packing_module.packed_logits

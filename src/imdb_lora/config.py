@@ -42,7 +42,6 @@ class ModelConfig:
         False,
         "architecture from config.json with random weights (tests and speed benchmarks only)",
     )
-    num_labels: int = _f(2, "number of classes (IMDB: 0 = negative, 1 = positive)")
 
 
 @dataclass
@@ -125,7 +124,6 @@ class Config:
         m, lo, d, t = self.model, self.lora, self.data, self.train
         checks = [
             (bool(m.name), "--model", "must not be empty"),
-            (m.num_labels >= 2, "--num-labels", "must be at least 2"),
             (lo.r >= 1, "--lora-r", "must be a positive integer"),
             (lo.alpha > 0, "--lora-alpha", "must be positive"),
             (0 <= lo.dropout < 1, "--lora-dropout", "must be in [0, 1)"),
@@ -161,6 +159,9 @@ class Config:
         for ok, flag, msg in checks:
             if not ok:
                 raise UserError(f"{flag} {msg} (got {_value_of(self, flag)!r})")
+        # Local paths become absolute, so a run directory works from any working directory.
+        m.name = _absolute_if_local(m.name)
+        d.path, d.train_file, d.test_file = map(_absolute_if_local, (d.path, d.train_file, d.test_file))
         if t.lr is None:  # LoRA matrices start at zero and need a far larger step than full weights
             t.lr = 4e-4 if t.method == "lora" else 2e-5
         bad = [r for r in lo.targets if r not in LORA_ROLES]
@@ -185,6 +186,8 @@ class Config:
             target = getattr(cfg, section)
             names = {f.name: f for f in dataclasses.fields(target)}
             for key, value in values.items():
+                if RETIRED_FIELDS.get((section, key), object()) == value:
+                    continue  # an older run's config.yaml: the field's only value, now implied
                 if key not in names:
                     raise UserError(f"{source}: unknown field {section}.{key}")
                 setattr(target, key, coerce(value, type(target), names[key], f"{source}: {section}.{key}"))
@@ -202,6 +205,18 @@ class Config:
         if raw is not None and not isinstance(raw, dict):
             raise UserError(f"--config: {p} must hold a mapping of sections")
         return cls.from_dict(raw or {}, source=str(p))
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """An existing local path as an absolute one; hub ids, URLs and None unchanged."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+# Fields that earlier versions wrote to config.yaml and that no longer exist (value they always had).
+RETIRED_FIELDS = {("model", "num_labels"): 2}
 
 
 def _sections() -> dict[str, type]:

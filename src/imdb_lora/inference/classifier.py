@@ -1,19 +1,20 @@
-"""One Classifier, loaded once from a run directory, used by `predict`, `evaluate` and the server."""
+"""One Classifier, loaded once from a run directory or an export, used by predict, evaluate, serve, score."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Config
-from .data import LABEL_NAMES, encode, encode_windows
-from .errors import UserError
-from .model import base_fingerprint, batched_logits, load_base_model, load_tokenizer, resolve_device
-from .rundir import RunDir
+from ..config import Config
+from ..data.labeled import LABEL_NAMES
+from ..data.tokenize import encode, encode_windows
+from ..errors import UserError
+from ..modeling.forward import batched_logits
+from ..modeling.load import NUM_LABELS, base_fingerprint, load_base_model, load_tokenizer, resolve_device
+from ..runs.rundir import RunDir
+from .exported import is_export, load_export
 
 
 @dataclass
@@ -65,8 +66,6 @@ class Classifier:
         cls, path: str, device: str = "auto", base_model: str | None = None, merge: bool = False
     ) -> Classifier:
         """Load a finished run directory or an export folder; `merge` folds the adapter into the base weights."""
-        from .export import is_export, load_export
-
         if is_export(path):  # self-contained: base model, adapter and --base-model do not apply
             return cls(*load_export(path, device))
         run = RunDir(path)
@@ -74,9 +73,7 @@ class Classifier:
         cfg = Config.load(run.config_path)
         dev = resolve_device(device)
         if info["method"] == "full":
-            model, _ = load_base_model(
-                str(run.weights_dir("full")), cfg.model.num_labels, False, cfg.train.seed
-            )
+            model, _ = load_base_model(str(run.weights_dir("full")), NUM_LABELS, False, cfg.train.seed)
         else:
             model = load_adapter_model(run, cfg, info, base_model, merge)
         tokenizer = load_tokenizer(str(run.tokenizer_dir))
@@ -137,7 +134,7 @@ def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_mode
 
     saved_base = run.path / "base_model"
     base = base_model or (str(saved_base) if saved_base.is_dir() else cfg.model.name)
-    model, _ = load_base_model(base, cfg.model.num_labels, False, cfg.train.seed)
+    model, _ = load_base_model(base, NUM_LABELS, False, cfg.train.seed)
     fp = base_fingerprint(model)
     if fp != info.get("base_fingerprint"):
         raise UserError(
@@ -147,38 +144,3 @@ def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_mode
         )
     model = PeftModel.from_pretrained(model, str(run.weights_dir("lora")))
     return model.merge_and_unload() if merge else model
-
-
-def read_texts(file: str | None, stdin_text: str | None) -> list[str]:
-    """Texts from --file (one per line, or JSONL/CSV with a `text` column) or from stdin lines."""
-    if file is None:
-        return [line for line in (stdin_text or "").splitlines() if line.strip()]
-    p = Path(file).expanduser()
-    if not p.is_file():
-        raise UserError(f"--file: no such file: {p}")
-    try:
-        content = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"--file: {p} is not UTF-8") from None
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        texts = []
-        for n, line in enumerate(content.splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"--file: {p} line {n} is not JSON") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise UserError(f"--file: {p} line {n} has no 'text' string")
-                texts.append(obj["text"])
-        return texts
-    if suffix in (".csv", ".tsv"):
-        import csv
-        import io
-
-        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
-        if "text" not in (reader.fieldnames or []):
-            raise UserError(f"--file: {p} has no 'text' column")
-        return [row["text"] for row in reader]
-    return [line for line in content.splitlines() if line.strip()]

@@ -12,34 +12,15 @@ and bert (pooler on the first token, then the classifier), with the eager or SDP
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..data.batches import PackedBatch
+from ..errors import UserError
+from .load import OFFSET_POSITIONS
 
 FIRST_TOKEN_HEADS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
 POOLER_HEADS = {"bert"}
-# Models whose position ids start after the padding index (fairseq convention) rather than at 0.
-OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
-
-
-@dataclass
-class PackedBatch:
-    input_ids: torch.Tensor  # [rows, width]
-    position_ids: torch.Tensor  # [rows, width]
-    segments: torch.Tensor  # [rows, width]: index of the review in the batch, -1 for padding
-    rows: torch.Tensor  # [n]: row of each review's first token, in input order
-    offsets: torch.Tensor  # [n]: column of each review's first token
-
-    def to(self, device: torch.device) -> PackedBatch:
-        return PackedBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
-
-    @property
-    def real_tokens(self) -> int:
-        return int((self.segments >= 0).sum())
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -65,41 +46,6 @@ def use_packing(mode: str, model: nn.Module, device: torch.device, training: boo
         model_type = classifier_of(model).config.model_type
         raise UserError(f"--batching packed is not supported for model type {model_type!r}")
     return mode == "packed" or (mode == "auto" and ok and device.type == "cuda" and not training)
-
-
-def pack(seqs: Sequence[Sequence[int]], row_tokens: int, pad_id: int, position_start: int) -> PackedBatch:
-    """First-fit decreasing: longest reviews first, each into the first row with room."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    rows: list[list[int]] = []  # review indices per row
-    room: list[int] = []
-    for i in order:
-        n = len(seqs[i])
-        if n > row_tokens:
-            raise ValueError(f"a sequence of {n} tokens does not fit rows of {row_tokens}")
-        for r, free in enumerate(room):
-            if free >= n:
-                rows[r].append(i)
-                room[r] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(row_tokens - n)
-    width = max(row_tokens - free for free in room)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.full((len(rows), width), position_start, dtype=torch.long)
-    seg = torch.full((len(rows), width), -1, dtype=torch.long)
-    first_row = torch.empty(len(seqs), dtype=torch.long)
-    first_col = torch.empty(len(seqs), dtype=torch.long)
-    for r, members in enumerate(rows):
-        col = 0
-        for i in members:
-            n = len(seqs[i])
-            ids[r, col : col + n] = torch.tensor(seqs[i], dtype=torch.long)
-            pos[r, col : col + n] = torch.arange(position_start, position_start + n)
-            seg[r, col : col + n] = i
-            first_row[i], first_col[i] = r, col
-            col += n
-    return PackedBatch(ids, pos, seg, first_row, first_col)
 
 
 def position_start(model: nn.Module) -> int:

@@ -13,13 +13,14 @@ results.md, curves.png, README.md   the report and the model card
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -40,6 +41,46 @@ class RunDir:
     status_path = property(lambda self: self.path / "run.json")
     tokenizer_dir = property(lambda self: self.path / "tokenizer")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
+
+    lock_path = property(lambda self: self.path / ".lock")
+
+    # ------------------------------------------------------------ one writer at a time
+
+    _lock_file = None
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run directory until unlock() or the process ends.
+
+        An OS lock (flock), so a killed process never leaves a stale lock behind; the file holds the
+        holder's pid, which the error names.
+        """
+        f = open(self.lock_path, "a+")  # noqa: SIM115 - held open for as long as the lock is
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise UserError(
+                f"{self.path} is in use by another imdb-lora process (pid {holder}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
+
+    def check_unlocked(self) -> None:
+        """Raise UserError if another process holds the lock (without taking it)."""
+        if self.lock_path.is_file():
+            self.lock()
+            self.unlock()
 
     def weights_dir(self, method: str) -> Path:
         return self.path / ("adapter" if method == "lora" else "model")

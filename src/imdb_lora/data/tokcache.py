@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .data import encode
+from .tokenize import encode
 
 CACHE_ENV = "IMDB_LORA_CACHE"
 FORMAT_VERSION = 1  # bump when the stored layout or encode()'s output changes

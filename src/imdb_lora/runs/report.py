@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config
+from ..config import Config
 from .rundir import RunDir, atomic_write_text
 
 

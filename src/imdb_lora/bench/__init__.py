@@ -1,0 +1,1 @@
+"""Benchmarks: training/evaluation throughput, inference speed, HTTP load."""

@@ -1,0 +1,53 @@
+"""Shared by the benchmarks: real test reviews, percentiles, a description of the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..data.splits import load_splits, stratified_subset
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..data.labeled import LabeledTexts
+    from ..inference.classifier import Classifier
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); no interpolation, so p99 of 50 values is the maximum."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100), at least the first
+    return ordered[int(rank) - 1]
+
+
+def test_reviews(clf: Classifier, data: str | None, n: int, seed: int) -> LabeledTexts:
+    """n real test reviews (stratified, then shuffled with `seed`): the same ones for every model."""
+    data_cfg = clf.config.data
+    if data:
+        data_cfg.path, data_cfg.train_file, data_cfg.test_file = data, None, None
+    data_cfg.max_eval_samples = None
+    test = load_splits(data_cfg, seed).test
+    if n > len(test):
+        raise UserError(f"--samples {n}: the test split has only {len(test)} reviews")
+    idx = stratified_subset(test.labels, n, seed)
+    random.Random(seed).shuffle(idx)  # mixed lengths and labels, as requests would come
+    return test.take(idx)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads"

@@ -1,0 +1,337 @@
+"""Where training and evaluation time goes (`bench train`, `bench eval`).
+
+Both run the project's own step and forward (the same code as `train`/`evaluate`) on real IMDB reviews,
+so the length distribution is the real one, and report real tokens/s (padding excluded), the estimated
+epoch or test-set time, peak memory, and model FLOP utilisation (MFU: model FLOPs per second over the
+detected device's peak). `random_init` gives speed without weights (speed does not depend on weights).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..data.imdb import load_imdb, resolve_imdb_path
+from ..data.splits import stratified_split, stratified_subset
+from ..data.tokcache import cached_encode
+from ..errors import UserError
+from ..metrics import peak_memory
+from ..modeling.forward import batched_logits, compile_encoder
+from ..modeling.load import load_tokenizer, resolve_device
+from ..modeling.lora import build_model
+from ..modeling.packing import classifier_of, use_packing
+from ..runs.report import fmt_bytes
+from ..training.step import train_step
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched against
+# torch.cuda.get_device_name(); the first key found in the name wins, so longer names come first.
+GPU_BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,  # fp16: V100 has no bf16 tensor cores
+    "T4": 65.0,  # fp16
+}
+
+
+@dataclass
+class ThroughputOptions:
+    """What `bench train` / `bench eval` measure; the CLI fills it from its flags."""
+
+    model: str = "roberta-base"  # model folder or hub id
+    random_init: bool = False  # random weights: speed only
+    data: str | None = None  # IMDB folder/archive (default: $IMDB_LORA_DATA, else download)
+    method: str = "lora"  # lora or full
+    batching: str = "auto"  # auto, padded or packed (see config.TrainConfig.batching)
+    batch_size: int = 32  # reviews per step (train) or per batch (eval)
+    max_length: int = 512  # tokens per review after truncation
+    steps: int = 30  # timed steps (train), after `warmup` untimed ones
+    warmup: int = 3  # untimed steps first: allocation, kernel selection, compilation
+    samples: int = 25000  # reviews to draw lengths from
+    device: str = "auto"
+    peak_tflops: float | None = None  # device peak for MFU (default: the detected GPU's data sheet)
+    compile: bool = False  # torch.compile the encoder (dynamic shapes)
+    profile: int = 0  # after timing, profile this many more steps/batches
+
+    def validate(self) -> ThroughputOptions:
+        for flag, v in (
+            ("--steps", self.steps),
+            ("--batch-size", self.batch_size),
+            ("--samples", self.samples),
+        ):
+            if v < 1:
+                raise UserError(f"{flag} must be >= 1")
+        if self.profile < 0:
+            raise UserError("--profile must be >= 0")
+        return self
+
+
+def _setup(opts: ThroughputOptions, split: str):
+    opts.validate()
+    cfg = Config()
+    cfg.model.name, cfg.model.random_init = opts.model, opts.random_init
+    cfg.train.method, cfg.train.batching, cfg.data.max_length = opts.method, opts.batching, opts.max_length
+    cfg.validate()
+    device = resolve_device(opts.device)
+    tok = load_tokenizer(opts.model)
+    full = load_imdb(resolve_imdb_path(opts.data))[split]
+    # The real run sees the train split (train less validation) or the whole test split.
+    split_size = (
+        len(stratified_split(full.labels, cfg.data.val_size, cfg.train.seed)[0])
+        if split == "train"
+        else len(full)
+    )
+    data = full.take(stratified_subset(full.labels, opts.samples, 0))
+    seqs = cached_encode(tok, data.texts, opts.max_length)
+    model, info = build_model(cfg)
+    model = model.to(device)
+    if opts.compile:  # compiling happens in the untimed warm-up steps
+        compile_encoder(model)
+    return cfg, device, tok, seqs, data.labels, model, info, split_size
+
+
+def model_flops_per_token(model, seq_len: float, train: bool, lora: bool) -> float:
+    """Matmul FLOPs per token: 2 per weight (embeddings excluded) plus attention, times 3 for full
+    training (forward, input and weight gradients) or 2 for LoRA (frozen weights get no gradient)."""
+    m = classifier_of(model)
+    c = m.config
+    emb = sum(p.numel() for n, p in m.named_parameters() if "embeddings" in n and "lora" not in n)
+    dense = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "lora" not in n) - emb
+    forward = 2 * dense + 4 * c.num_hidden_layers * c.hidden_size * seq_len
+    return forward * ((2 if lora else 3) if train else 1)
+
+
+def device_peak_flops(device: torch.device, given: float | None) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it came from): given, the detected GPU's data sheet, or a measured CPU matmul."""
+    if given:
+        return given * 1e12, "given"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_BF16_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{key} dense bf16 data sheet"
+        return None, f"unknown GPU {name!r}: pass --peak-tflops"
+    a = torch.randn(1024, 1024)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    return 5 * 2 * 1024**3 / (time.perf_counter() - t0), "CPU fp32 matmul measured"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
+    """Timed training steps of the real recipe (its step function, lr and clipping) on real reviews."""
+    cfg, device, tok, seqs, labels, model, info, split_size = _setup(opts, "train")
+    packed = use_packing(opts.batching, model, device, training=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device.type == "cuda"
+    )
+    rng = random.Random(0)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def one_step() -> int:
+        idx = rng.sample(range(len(seqs)), min(opts.batch_size, len(seqs)))
+        batch = [seqs[i] for i in idx]
+        y = torch.tensor([labels[i] for i in idx], device=device)
+        train_step(
+            model,
+            opt,
+            params,
+            batch,
+            y,
+            tok.pad_token_id,
+            device,
+            packed,
+            cfg.train.lr,
+            cfg.train,
+            opts.max_length,
+        )
+        return sum(len(s) for s in batch)
+
+    for _ in range(opts.warmup):
+        one_step()
+    _sync(device)
+    t0 = time.perf_counter()
+    tokens = sum(one_step() for _ in range(opts.steps))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    epoch_tokens = sum(len(s) for s in seqs) * (split_size / len(seqs))
+    report = _report(opts, "train", device, model, info, tokens, seconds, seqs, packed)
+    report["epoch_reviews"] = split_size
+    report["epoch_seconds_estimate"] = epoch_tokens / report["tokens_per_second"]
+    report["epoch_tokens"] = int(epoch_tokens)
+    if opts.profile:
+        report["profile"] = profile_steps(one_step, opts.profile, device)
+    return report
+
+
+def bench_eval(opts: ThroughputOptions) -> dict[str, Any]:
+    """One timed pass of the evaluation forward over real test reviews (after a warm-up batch)."""
+    _, device, tok, seqs, _, model, info, split_size = _setup(opts, "test")
+    packed = use_packing(opts.batching, model, device, training=False)
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    warm = sorted(seqs, key=len)[-opts.batch_size :]
+    batched_logits(
+        model, warm, tok.pad_token_id, opts.batch_size, device, packed=packed
+    )  # allocation, kernels
+    _sync(device)
+    t0 = time.perf_counter()
+    batched_logits(model, seqs, tok.pad_token_id, opts.batch_size, device, packed=packed)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    report = _report(opts, "eval", device, model, info, sum(len(s) for s in seqs), seconds, seqs, packed)
+    report["reviews"] = len(seqs)
+    report["test_set_seconds_estimate"] = seconds * split_size / len(seqs)
+    if opts.profile:
+        batches = iter([seqs[i : i + opts.batch_size] for i in range(0, len(seqs), opts.batch_size)])
+
+        def one_batch() -> None:
+            chunk = next(batches, warm)  # past the end (more batches than reviews): the longest again
+            batched_logits(model, chunk, tok.pad_token_id, opts.batch_size, device, packed=packed)
+
+        report["profile"] = profile_steps(one_batch, opts.profile, device)
+    return report
+
+
+def profile_steps(
+    run: Callable[[], object], steps: int, device: torch.device, top: int = 10
+) -> dict[str, Any]:
+    """Run `run` `steps` times under torch.profiler and say where the time went, per step.
+
+    host_ops: aten ops called from Python or autograd (nested aten calls not counted), each one a
+    dispatch the host pays for. On CUDA, device_busy_fraction = kernel time / wall time: near 1 the
+    GPU is the limit; far below 1 the host (Python, launches, syncs) is. The profiler's own overhead
+    makes wall time longer than in the timed run. `top`: the costliest ops (CPU) or kernels (CUDA).
+    """
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    events = prof.events()
+
+    def is_aten(e) -> bool:
+        return e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+
+    host_ops = sum(1 for e in events if is_aten(e) and not (e.cpu_parent and is_aten(e.cpu_parent)))
+    if cuda:
+        timed = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e.name, e.self_cpu_time_total) for e in events if is_aten(e)]
+    cost: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, us in timed:
+        cost[name][0] += us
+        cost[name][1] += 1
+    busiest = sorted(cost.items(), key=lambda kv: -kv[1][0])[:top]
+    out: dict[str, Any] = {
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall / steps,
+        "host_ops_per_step": host_ops / steps,
+    }
+    if cuda:
+        busy_us = sum(us for _, us in timed)
+        out["device_kernels_per_step"] = len(timed) / steps
+        out["device_busy_ms_per_step"] = busy_us / 1e3 / steps
+        out["device_busy_fraction"] = busy_us / 1e6 / wall
+    out["top"] = [
+        {"name": name[:90], "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+        for name, (us, n) in busiest
+    ]
+    return out
+
+
+def _report(
+    opts: ThroughputOptions, kind, device, model, info, tokens, seconds, seqs, packed
+) -> dict[str, Any]:
+    rate = tokens / seconds
+    mean_len = sum(len(s) for s in seqs) / len(seqs)
+    flops = model_flops_per_token(model, mean_len, kind == "train", opts.method == "lora") * rate
+    peak, peak_source = device_peak_flops(device, opts.peak_tflops)
+    mem, mem_kind = peak_memory(device)
+    return {
+        "bench": kind,
+        "model": opts.model + (" (random init)" if opts.random_init else ""),
+        "model_type": info["model_type"],
+        "method": opts.method,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batching": "packed" if packed else "padded",
+        "compiled": opts.compile,
+        "batch_size": opts.batch_size,
+        "max_length": opts.max_length,
+        "tokens_per_second": rate,
+        "reviews_per_second": rate / mean_len,
+        "mean_review_tokens": mean_len,
+        "model_tflops_per_second": flops / 1e12,
+        "mfu": flops / peak if peak else None,
+        "mfu_peak_source": peak_source,
+        "peak_memory_bytes": mem,
+        "peak_memory_kind": mem_kind,
+        "timed_seconds": seconds,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    width = max(map(len, report))
+    lines = []
+    for k, v in report.items():
+        if k == "profile":
+            continue
+        if k == "peak_memory_bytes":
+            v = fmt_bytes(v)
+        elif isinstance(v, float):
+            v = f"{v:.4f}" if k == "mfu" else f"{v:,.1f}"
+        elif v is None:
+            v = "–"
+        lines.append(f"{k:<{width}}  {v}")
+    if "profile" in report:
+        lines.append(format_profile(report["profile"]))
+    return "\n".join(lines)
+
+
+def format_profile(prof: dict[str, Any]) -> str:
+    lines = []
+    lines.append(f"\nprofile of {prof['steps']} step(s), per step:")
+    for k, v in prof.items():
+        if k not in ("steps", "top"):
+            lines.append(f"  {k:<26}{v:,.3f}" if isinstance(v, float) else f"  {k:<26}{v}")
+    lines.append(
+        f"  {'ms':>9} {'calls':>7}  costliest {'kernels' if 'device_kernels_per_step' in prof else 'ops'}"
+    )
+    for row in prof["top"]:
+        lines.append(f"  {row['ms_per_step']:9.3f} {row['calls_per_step']:7.1f}  {row['name']}")
+    return "\n".join(lines)

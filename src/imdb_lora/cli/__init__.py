@@ -1,0 +1,68 @@
+"""Command line: `imdb-lora COMMAND ...` (also `python -m imdb_lora`); the only place argparse lives.
+
+One module per command, each with an `add_*_parser(sub)` that registers it. Every config field is a
+`train` flag, generated from the dataclasses in config.py, so the CLI, the YAML files and the saved
+config.yaml can never drift apart. Heavy libraries (torch, transformers, FastAPI) are imported inside
+the commands, so `--help` is fast. User mistakes end with one line on stderr and exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+
+from ..errors import UserError
+from .bench import add_bench_parser
+from .compare import add_compare_parser
+from .evaluate import add_evaluate_parser
+from .export import add_export_parser
+from .predict import add_predict_parser
+from .serve import add_serve_parser
+from .train import add_train_parser
+
+PARSERS: list[Callable] = [
+    add_train_parser,
+    add_evaluate_parser,
+    add_predict_parser,
+    add_compare_parser,
+    add_export_parser,
+    add_serve_parser,
+    add_bench_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog="imdb-lora", description="IMDB sentiment analysis by LoRA fine-tuning")
+    p.add_argument("--version", action="version", version=f"imdb-lora {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # transformers' own deprecation notices (e.g. is_gradient_checkpointing) are not the user's to fix
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    parser = build_parser()
+    try:
+        ns, extra = parser.parse_known_args(argv)
+        if getattr(ns, "passthrough", False):  # compare hands the remaining flags to train
+            ns.extra = extra
+        elif extra and getattr(ns, "texts", None) is not None and not any(e.startswith("-") for e in extra):
+            ns.texts += extra  # texts after options: `predict RUN --json "text"`
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns.func(ns)
+    except SystemExit as e:  # argparse usage errors (code 2) and --help (code 0)
+        return int(e.code or 0)
+    except UserError as e:
+        print(f"imdb-lora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nimdb-lora: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130

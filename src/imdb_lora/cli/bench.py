@@ -1,0 +1,163 @@
+"""`imdb-lora bench train|eval|predict|serve`: benchmarks on real IMDB reviews.
+
+    bench train / eval               training and evaluation throughput, epoch estimate, memory, MFU
+    bench predict MODEL [MODEL ...]  inference speed of runs and exports, side by side, batch 1 and 32
+    bench serve MODEL                HTTP load: concurrent clients against a real uvicorn on loopback
+
+`bench` is a parser with its own subcommands; a new benchmark is one `add_*` function in BENCH_PARSERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable
+
+from ..errors import UserError
+from ..serving.app import ServeSettings
+from .common import batch_sizes, positive_int
+
+
+def add_predict_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="reviews/s and latency of runs and exports on the same real test reviews, side by side",
+    )
+    p.add_argument(
+        "models", nargs="+", help="run directories and/or export folders; the first is the baseline"
+    )
+    p.add_argument(
+        "--samples", type=positive_int, default=64, help="test reviews per batch size [default: 64]"
+    )
+    p.add_argument("--batch-sizes", type=batch_sizes, default=[1, 32], help="comma-separated [default: 1,32]")
+    p.add_argument("--data", help="IMDB folder/archive (default: the first model's data setting)")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        help="tokens per review for every model (default: each model's own)",
+    )
+    p.add_argument("--device", default="cpu", help="device for torch models [default: cpu]")
+    p.add_argument("--seed", type=int, default=0, help="which reviews, in which order")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_predict)
+
+
+def cmd_bench_predict(ns: argparse.Namespace) -> int:
+    from ..bench.predict import bench_predict, format_predict_report
+
+    report = bench_predict(ns.models, ns.samples, ns.batch_sizes, ns.data, ns.max_length, ns.device, ns.seed)
+    print(json.dumps(report, indent=2) if ns.json else format_predict_report(report))
+    return 0
+
+
+def add_serve_bench_parser(sub) -> None:
+    d = ServeSettings()
+    p = sub.add_parser("serve", help="HTTP load check: concurrent clients against a real server on loopback")
+    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("--clients", type=positive_int, default=32, help="concurrent clients [default: 32]")
+    p.add_argument("--requests", type=positive_int, default=256, help="requests in all [default: 256]")
+    p.add_argument("--texts-per-request", type=positive_int, default=1, help="[default: 1]")
+    p.add_argument(
+        "--samples", type=positive_int, default=256, help="distinct test reviews to send [default: 256]"
+    )
+    p.add_argument("--data", help="IMDB folder/archive (default: the model's data setting)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take [default: 300]")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="server: texts per model call")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="server: batching wait")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    from ..bench.serve import bench_serve, format_serve_report
+
+    settings = ServeSettings(max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms)
+    load = bench_serve(
+        ns.model,
+        ns.clients,
+        ns.requests,
+        ns.texts_per_request,
+        ns.samples,
+        ns.data,
+        ns.timeout,
+        ns.device,
+        settings,
+        ns.seed,
+    )
+    print(json.dumps(load, indent=2) if ns.json else format_serve_report(load))
+    if load["errors"]:
+        raise UserError(f"bench serve: {load['errors']} of {load['requests']} requests failed")
+    return 0
+
+
+def add_bench_train_parsers(sub) -> None:
+    for name, helptext in (
+        ("train", "training throughput: tokens/s, epoch estimate, peak memory, MFU"),
+        ("eval", "evaluation throughput: tokens/s, test-set seconds, peak memory, MFU"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", default="roberta-base", help="model folder or hub id")
+        p.add_argument("--random-init", action="store_true", help="random weights (speed only)")
+        p.add_argument("--data", help="IMDB folder/archive (default: $IMDB_LORA_DATA)")
+        p.add_argument("--method", choices=["lora", "full"], default="lora")
+        p.add_argument("--batching", choices=["auto", "padded", "packed"], default="auto")
+        p.add_argument("--batch-size", type=int, default=32 if name == "train" else 256)
+        p.add_argument("--max-length", type=int, default=512)
+        p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup steps)")
+        p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocation, kernels)")
+        p.add_argument("--samples", type=int, default=25000, help="reviews to draw lengths from")
+        p.add_argument("--device", default="auto")
+        p.add_argument(
+            "--peak-tflops",
+            type=float,
+            help="device peak for MFU (default: the detected GPU's data sheet / CPU measured)",
+        )
+        p.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
+        p.add_argument(
+            "--profile",
+            type=int,
+            default=0,
+            metavar="N",
+            help="after timing, profile N more steps (batches for eval): host ops and device kernels per "
+            "step, the device's busy fraction, the costliest ops",
+        )
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_bench_train if name == "train" else cmd_bench_eval)
+
+
+def _throughput_options(ns: argparse.Namespace):
+    from ..bench.train import ThroughputOptions
+
+    return ThroughputOptions(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ThroughputOptions)})
+
+
+def cmd_bench_train(ns: argparse.Namespace) -> int:
+    from ..bench.train import bench_train, format_report
+
+    report = bench_train(_throughput_options(ns))
+    print(json.dumps(report) if ns.json else format_report(report))
+    return 0
+
+
+def cmd_bench_eval(ns: argparse.Namespace) -> int:
+    from ..bench.train import bench_eval, format_report
+
+    report = bench_eval(_throughput_options(ns))
+    print(json.dumps(report) if ns.json else format_report(report))
+    return 0
+
+
+BENCH_PARSERS: list[Callable] = [add_bench_train_parsers, add_predict_bench_parser, add_serve_bench_parser]
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: training and evaluation throughput (train, eval), inference speed (predict), HTTP load (serve)",
+    )
+    children = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for add in BENCH_PARSERS:
+        add(children)

@@ -1,0 +1,29 @@
+"""Flags and argument types shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_window_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--window-stride",
+        type=int,
+        metavar="TOKENS",
+        help="read long reviews as overlapping max-length windows starting every TOKENS tokens and "
+        "average their probabilities (default: one truncated window, as in training)",
+    )
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def batch_sizes(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",") if part.strip()]

@@ -1,0 +1,26 @@
+"""`imdb-lora export`: a merged folder or ONNX (optionally int8) of a finished run."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..inference.exported import FORMATS
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="fold LoRA into the base (merged) or export to ONNX (optionally int8)")
+    p.add_argument("run", help="finished run directory")
+    p.add_argument("--to", required=True, help="export folder to create")
+    p.add_argument("--format", default="merged", help=f"{' or '.join(FORMATS)} [default: merged]")
+    p.add_argument("--quantize", help="int8: dynamic int8 quantization of the ONNX model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument("--base-model", help="base model folder, if it moved since training")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from ..export.exporter import check_options, export_run
+
+    check_options(ns.format, ns.quantize)  # before loading anything: a typo fails at once
+    print(export_run(ns.run, ns.to, ns.format, ns.quantize, ns.overwrite, ns.base_model).summary())
+    return 0

@@ -1,0 +1,42 @@
+"""`imdb-lora predict`: label, confidence and both probabilities per text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import UserError
+from .common import add_window_flag
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="sentiment of texts given as arguments, in a file, or on stdin")
+    p.add_argument("run", help="run directory")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", help="one text per line, or JSONL/CSV with a 'text' column")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--base-model", help="base model folder, if it moved since training")
+    add_window_flag(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from ..data.files import read_texts
+    from ..inference.classifier import Classifier, check_texts
+
+    if ns.texts and ns.file:
+        raise UserError("give texts as arguments or --file, not both")
+    texts = ns.texts or read_texts(ns.file, None if ns.file else sys.stdin.read())
+    if not texts:
+        raise UserError("no text to classify: pass texts, --file F, or lines on stdin")
+    check_texts(texts)
+    clf = Classifier.load(ns.run, device=ns.device, base_model=ns.base_model)
+    preds = clf.predict(texts, ns.batch_size, window_stride=ns.window_stride)
+    if ns.json:
+        print("\n".join(json.dumps(p.to_dict()) for p in preds))
+    else:
+        print("\n\n".join(p.to_text() for p in preds))
+    return 0

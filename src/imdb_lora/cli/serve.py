@@ -1,0 +1,50 @@
+"""`imdb-lora serve`: the HTTP service on a run directory or an export."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+from ..serving.app import ServeSettings
+
+
+def add_serve_parser(sub) -> None:
+    d = ServeSettings()
+    p = sub.add_parser("serve", help="HTTP service with request batching, a web page and API docs")
+    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--base-model", help="base model folder, if it moved since training")
+    p.add_argument("--max-texts", type=int, default=d.max_texts, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters per text")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="texts per model call across requests")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="wait for more requests to batch")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        max_body_bytes=ns.max_body_bytes,
+        max_texts=ns.max_texts,
+        max_chars=ns.max_chars,
+        max_batch=ns.max_batch,
+        max_wait_ms=ns.max_wait_ms,
+    ).validate()
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from ..inference.classifier import Classifier
+    from ..serving.app import create_app
+    from ..serving.server import is_loopback, serve
+
+    settings = settings_from_args(ns)
+    if not 0 <= ns.port <= 65535:
+        raise UserError(f"--port must be in 0..65535 (got {ns.port})")
+    clf = Classifier.load(ns.model, device=ns.device, base_model=ns.base_model)
+    if not is_loopback(ns.host):
+        print(f"warning: --host {ns.host} makes the service reachable from other machines", flush=True)
+    serve(create_app(clf, settings), ns.host, ns.port, ns.log_level)
+    return 0

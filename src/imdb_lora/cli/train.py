@@ -1,0 +1,73 @@
+"""`imdb-lora train`: every config field as a flag, a YAML file under them, one run directory out."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from ..config import Config, coerce, flag_of, section_fields
+from ..errors import UserError
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are suppressed so only flags the user typed override YAML."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for sec, _cls, f in section_fields():
+        g = groups.setdefault(sec, p.add_argument_group(f"{sec} options"))
+        kw = dict(
+            dest=f"{sec}.{f.name}",
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} [default: {_default_text(f)}]",
+        )
+        if f.type in ("bool", bool):
+            g.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            g.add_argument(flag_of(f), metavar=f.name.upper(), **kw)
+
+
+def _default_text(f) -> str:
+    if f.default_factory is not dataclasses.MISSING:  # lists
+        return ",".join(f.default_factory())
+    return str(f.default).replace("%", "%%")
+
+
+def config_from_args(ns: argparse.Namespace, base: Config) -> Config:
+    for sec, cls, f in section_fields():
+        key = f"{sec}.{f.name}"
+        if key in vars(ns):
+            setattr(getattr(base, sec), f.name, coerce(vars(ns)[key], cls, f, flag_of(f)))
+    return base
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model on IMDB (or labeled files) into a run directory")
+    p.add_argument("--config", help="YAML file with model/lora/data/train sections; flags override it")
+    p.add_argument("--output-dir", help="run directory to create (default: runs/<model>-<method>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from ..training.trainer import Trainer
+
+    if ns.resume:
+        if not ns.output_dir:
+            raise UserError("--resume needs --output-dir (the run to continue)")
+        saved = Path(ns.output_dir) / "config.yaml"
+        base = Config.load(saved) if saved.is_file() else Config()
+    else:
+        base = Config.load(ns.config) if ns.config else Config()
+    cfg = config_from_args(ns, base).validate()
+    out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
+    summary = Trainer(cfg, out, overwrite=ns.overwrite, resume=ns.resume).setup().train()
+    test = summary.get("test_accuracy")
+    print(
+        f"done: {out} | best epoch {summary['best_epoch']} | val acc {100 * summary['val_accuracy']:.2f}%"
+        + (f" | test acc {100 * test:.2f}%" if test is not None else "")
+        + f" | trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,}"
+    )
+    return 0

@@ -1,0 +1,93 @@
+"""Batches of token ids: dynamic padding, length-sorted and token-budget batches, packed rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic padding to the longest sequence of the batch: (input_ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Length-sorted batches of at most batch_size rows and max_tokens padded tokens.
+
+    On a CPU a large batch buys little parallelism but pays for padding to its longest review; capping
+    the padded size keeps long and short reviews in separate, nearly padding-free batches.
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = batches[-1] if batches else None
+        # the batch's first review is its longest, so its padded width is known
+        if b and len(b) < batch_size and (len(b) + 1) * lengths[b[0]] <= max_tokens:
+            b.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length (longest first), so padding is small at inference."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [rows, width]
+    segments: torch.Tensor  # [rows, width]: index of the review in the batch, -1 for padding
+    rows: torch.Tensor  # [n]: row of each review's first token, in input order
+    offsets: torch.Tensor  # [n]: column of each review's first token
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segments >= 0).sum())
+
+
+def pack(seqs: Sequence[Sequence[int]], row_tokens: int, pad_id: int, position_start: int) -> PackedBatch:
+    """First-fit decreasing: longest reviews first, each into the first row with room."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    rows: list[list[int]] = []  # review indices per row
+    room: list[int] = []
+    for i in order:
+        n = len(seqs[i])
+        if n > row_tokens:
+            raise ValueError(f"a sequence of {n} tokens does not fit rows of {row_tokens}")
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - n)
+    width = max(row_tokens - free for free in room)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.full((len(rows), width), position_start, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    first_row = torch.empty(len(seqs), dtype=torch.long)
+    first_col = torch.empty(len(seqs), dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, col : col + n] = torch.tensor(seqs[i], dtype=torch.long)
+            pos[r, col : col + n] = torch.arange(position_start, position_start + n)
+            seg[r, col : col + n] = i
+            first_row[i], first_col[i] = r, col
+            col += n
+    return PackedBatch(ids, pos, seg, first_row, first_col)

@@ -1,0 +1,60 @@
+"""Train/validation/test splits and stratified, seeded subsets."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from .files import load_labeled_file
+from .imdb import describe_source, file_sha256, load_imdb, resolve_imdb_path
+from .labeled import Splits
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(rest, held_out) index lists; held_out takes `fraction` of each class, chosen by seed."""
+    rng = random.Random(seed)
+    rest, held = [], []
+    for cls in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == cls]
+        rng.shuffle(idx)
+        k = max(1, round(len(idx) * fraction))
+        held += idx[:k]
+        rest += idx[k:]
+    return sorted(rest), sorted(held)
+
+
+def stratified_subset(labels: Sequence[int], n: int | None, seed: int) -> list[int]:
+    """n indices keeping the class balance (all of them if n is None or too large)."""
+    if n is None or n >= len(labels):
+        return list(range(len(labels)))
+    rest, held = stratified_split(labels, n / len(labels), seed)
+    # Rounding per class can miss n by one; move the difference deterministically.
+    while len(held) > n:
+        held.pop()
+    while len(held) < n:
+        held.append(rest.pop())
+    return sorted(held)
+
+
+def load_splits(data_cfg, seed: int) -> Splits:
+    """Train/validation/test for a run, from IMDB or labeled files, subsets applied."""
+    if data_cfg.train_file:
+        train = load_labeled_file(data_cfg.train_file, "--train-file")
+        test = load_labeled_file(data_cfg.test_file, "--test-file") if data_cfg.test_file else None
+        files = [f for f in (data_cfg.train_file, data_cfg.test_file) if f]
+        source = {"kind": "files", "files": {f: file_sha256(Path(f).expanduser()) for f in files}}
+    else:
+        path = resolve_imdb_path(data_cfg.path)
+        imdb = load_imdb(path)
+        train, test = imdb["train"], imdb["test"]
+        source = describe_source(path)
+    rest, val_idx = stratified_split(train.labels, data_cfg.val_size, seed)
+    val, train = train.take(val_idx), train.take(rest)
+    if test is None:  # no test file: report on a second held-out slice, never on validation
+        rest, test_idx = stratified_split(train.labels, data_cfg.val_size, seed + 1)
+        test, train = train.take(test_idx), train.take(rest)
+    train = train.take(stratified_subset(train.labels, data_cfg.max_train_samples, seed))
+    val = val.take(stratified_subset(val.labels, data_cfg.max_eval_samples, seed))
+    test = test.take(stratified_subset(test.labels, data_cfg.max_eval_samples, seed))
+    return Splits(train, val, test, source)

@@ -1,0 +1,65 @@
+"""Tokenization: truncation (head or head+tail) and overlapping windows for whole-review reading."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import UserError
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a single sequence (e.g. [CLS] ... [SEP])."""
+    probe = "hello"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    return [], []
+
+
+def encode(
+    tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head", head_tokens: int = 128
+) -> list[list[int]]:
+    """Token ids per text, special tokens included, cut to max_length.
+
+    head keeps the first tokens (the same ids as the tokenizer's own truncation); head_tail keeps the
+    first `head_tokens` and fills the rest of the budget from the end of the review, where reviews
+    often state their verdict.
+    """
+    prefix, suffix = special_tokens_around(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    out = []
+    for ids in bodies:
+        if len(ids) > budget:
+            if truncation == "head_tail":
+                ids = ids[:head_tokens] + ids[len(ids) - (budget - head_tokens) :]
+            else:
+                ids = ids[:budget]
+        out.append(prefix + ids + suffix)
+    return out
+
+
+def encode_windows(
+    tokenizer, texts: Sequence[str], max_length: int, stride: int
+) -> tuple[list[list[int]], list[int]]:
+    """Every text as overlapping windows of at most max_length tokens (special tokens included).
+
+    Windows start every `stride` body tokens and the last one is aligned to the end of the review, so
+    every token is seen. Returns the windows and, for each, the index of the text it came from.
+    """
+    prefix, suffix = special_tokens_around(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    if not 0 < stride <= budget:
+        raise UserError(f"--window-stride must be in (0, {budget}] for max length {max_length}")
+    bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    windows, owner = [], []
+    for i, ids in enumerate(bodies):
+        starts = list(range(0, max(1, len(ids) - budget + 1), stride))
+        if starts[-1] + budget < len(ids):
+            starts.append(len(ids) - budget)
+        for s in starts:
+            windows.append(prefix + ids[s : s + budget] + suffix)
+            owner.append(i)
+    return windows, owner

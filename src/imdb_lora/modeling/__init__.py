@@ -1,0 +1,1 @@
+"""Modeling: loading base models and tokenizers, LoRA by role, the forward pass."""

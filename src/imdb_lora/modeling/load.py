@@ -1,0 +1,213 @@
+"""Loading: local folders (safetensors only), the hub (offline-aware), random init; devices."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.labeled import LABEL_NAMES
+from ..errors import UserError
+
+NUM_LABELS = len(LABEL_NAMES)  # binary sentiment: 0 = negative, 1 = positive, end to end
+# Models whose position ids start after the padding index (fairseq convention) rather than at 0.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+
+# ---------------------------------------------------------------- loading
+
+
+def is_local(name: str) -> bool:
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def check_model_source(name: str, random_init: bool) -> None:
+    """Fail early, naming --model, when a local model folder is missing or unusable."""
+    if not is_local(name):
+        return
+    p = Path(name).expanduser()
+    if not p.is_dir():
+        raise UserError(f"--model: no such directory: {p}")
+    if not (p / "config.json").is_file():
+        raise UserError(f"--model: {p} has no config.json (not a Hugging Face model folder)")
+    if not random_init and not has_weights(p):
+        raise UserError(
+            f"--model: {p} has no model.safetensors (only safetensors weights are loaded); "
+            "use --random-init for an untrained architecture"
+        )
+
+
+def _hub_error(name: str, e: Exception) -> UserError:
+    why = "the hub is unreachable and no copy is cached" if hub_options(name) else type(e).__name__
+    return UserError(
+        f"--model: could not load {name!r} from the Hugging Face hub ({why}); "
+        "without network, pass --model PATH to a local model folder"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint: seconds, where huggingface_hub's retries take ~50 s."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_options(name: str) -> dict[str, bool]:
+    """from_pretrained options for `name`: cached files only when the hub is known to be unreachable.
+
+    Behind a proxy a direct connection says nothing, so the probe is skipped and the libraries decide.
+    """
+    from huggingface_hub import constants
+
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if is_local(name) or constants.HF_HUB_OFFLINE or proxied or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def position_limit(config) -> int | None:
+    """Tokens per sequence the model's position embeddings allow (roberta/mpnet lose padding_idx + 1)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if config.model_type in OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+def check_max_length(name: str, max_length: int) -> None:
+    """--max-length must fit the model's position embeddings; checked before anything is written."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, **hub_options(name))
+    except (OSError, ValueError):
+        return  # loading the model itself reports the problem, with its own message
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"--max-length {max_length} exceeds what {Path(name).name or name} can read "
+            f"({limit} tokens per sequence); pass --max-length {limit} or less"
+        )
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions that decide what a run computes, and the project's git commit when run from a checkout."""
+    import subprocess
+
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    try:
+        src = Path(__file__).resolve().parents[2]
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "imdb_lora": __version__,
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, use_fast=True, **hub_options(name))
+    except OSError as e:
+        if is_local(name):
+            raise UserError(f"no usable tokenizer in {name} ({e})") from None
+        raise _hub_error(name, e) from None
+    if not tok.is_fast:
+        raise UserError(f"{name}: a fast tokenizer (tokenizer.json) is required")
+    return tok
+
+
+def load_base_model(name: str, num_labels: int, random_init: bool, seed: int) -> tuple[nn.Module, list[str]]:
+    """A sequence-classification model and the names of weights the checkpoint did not provide."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    check_model_source(name, random_init)
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here, not news
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
+    torch.manual_seed(seed)  # random init and any newly created head are reproducible
+    hub = hub_options(name)
+    try:
+        if random_init:
+            config = AutoConfig.from_pretrained(name, num_labels=num_labels, **hub)
+            return AutoModelForSequenceClassification.from_config(config), []
+        # float32 always: transformers 5 otherwise keeps a checkpoint's own dtype (fp16/bf16 copies,
+        # as staged for the GPU machine), and training needs fp32 master weights under bf16 autocast.
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name,
+            num_labels=num_labels,
+            use_safetensors=True,
+            output_loading_info=True,
+            dtype=torch.float32,
+            **hub,
+            # transformers looks for a PEFT adapter on the hub too, ignoring local_files_only above
+            **({"adapter_kwargs": hub} if hub else {}),
+        )
+    except OSError as e:
+        if is_local(name):
+            raise UserError(f"--model: cannot load {name}: {e}") from None
+        raise _hub_error(name, e) from None
+    except ValueError as e:  # unknown model_type and similar
+        raise UserError(f"--model: cannot build a classifier from {name}: {e}") from None
+    return model, list(info.get("missing_keys", []))
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level modules outside the encoder (the classification head), trained in full with LoRA."""
+    prefix = model.base_model_prefix
+    return [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Identifies a base model by architecture and a slice of its word embeddings (cheap, stable)."""
+    c = model.config
+    facts = {k: getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+    h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+    emb = model.get_input_embeddings().weight.detach()
+    h.update(emb[:32].float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- devices and batched inference
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)

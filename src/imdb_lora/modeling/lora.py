@@ -1,0 +1,147 @@
+"""Base model + LoRA: loading (local folder, hub, random init), role-aware LoRA targets, parameter counts.
+
+LoRA targets are chosen by role ("attention q/k/v", "attention output", "feed-forward", "pooler",
+"word embeddings") and mapped to module names per architecture, so the same recipe means the same thing
+on roberta, bert and mpnet (which calls its attention projections q/k/v/o).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from torch import nn
+
+from ..config import Config
+from ..errors import UserError
+from .load import NUM_LABELS, base_fingerprint, head_module_names, load_base_model
+
+# Per architecture: role -> regex over full module names (re.search). A layer index is always present
+# for encoder roles, so heads such as the classifier's own `dense` never match.
+_BERT_LIKE = {
+    "attention_qkv": r"encoder\.layer\.\d+\.attention\.self\.(query|key|value)$",
+    "attention_output": r"encoder\.layer\.\d+\.attention\.output\.dense$",
+    "ffn": r"encoder\.layer\.\d+\.(intermediate|output)\.dense$",
+    "pooler": r"^[a-z_]+\.pooler\.dense$",
+    "word_embeddings": r"embeddings\.word_embeddings$",
+}
+ROLE_PATTERNS: dict[str, dict[str, str]] = {
+    "roberta": _BERT_LIKE,
+    "bert": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "mpnet": {
+        **_BERT_LIKE,
+        "attention_qkv": r"encoder\.layer\.\d+\.attention\.attn\.(q|k|v)$",
+        "attention_output": r"encoder\.layer\.\d+\.attention\.attn\.o$",
+    },
+    "distilbert": {
+        "attention_qkv": r"transformer\.layer\.\d+\.attention\.(q_lin|k_lin|v_lin)$",
+        "attention_output": r"transformer\.layer\.\d+\.attention\.out_lin$",
+        "ffn": r"transformer\.layer\.\d+\.ffn\.(lin1|lin2)$",
+        "pooler": r"$^",  # no pooler: pre_classifier belongs to the head, trained in full
+        "word_embeddings": r"embeddings\.word_embeddings$",
+    },
+}
+OPTIONAL_ROLES = {"pooler"}  # sequence-classification heads of roberta/mpnet have no pooler
+
+log = logging.getLogger(__name__)
+
+
+def lora_target_modules(model: nn.Module, roles: list[str]) -> list[str]:
+    """Full names of the modules that the given roles select on this architecture."""
+    model_type = model.config.model_type
+    patterns = ROLE_PATTERNS.get(model_type)
+    if patterns is None:
+        raise UserError(
+            f"LoRA roles are not mapped for model type {model_type!r} (known: {', '.join(ROLE_PATTERNS)}); "
+            "give module names with --lora-modules, e.g. --lora-modules query,key,value,dense"
+        )
+    head = tuple(head_module_names(model))
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    names = [n for n in names if not n.startswith(head)]
+    chosen: list[str] = []
+    for role in roles:
+        hits = [n for n in names if re.search(patterns[role], n)]
+        if not hits and role not in OPTIONAL_ROLES:
+            raise UserError(f"LoRA role {role!r} matched no module in this {model_type} model")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def named_target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Modules chosen by explicit name suffixes (--lora-modules), the head excluded."""
+    head = tuple(head_module_names(model))
+    found = [
+        n
+        for n, _ in model.named_modules()
+        if not n.startswith(head) and any(n == t or n.endswith("." + t) for t in names)
+    ]
+    if not found:
+        raise UserError(f"--lora-modules: none of {names} names a module of this model")
+    return found
+
+
+def apply_lora(model: nn.Module, cfg: Config, missing_keys: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lo = cfg.lora
+    if lo.target_modules:
+        targets = named_target_modules(model, lo.target_modules)
+    else:
+        targets = lora_target_modules(model, lo.targets)
+    # Weights the checkpoint lacked (besides the head) are random: train and save them in full rather
+    # than freeze noise that a later load could not reproduce.
+    fresh = sorted({k.rsplit(".", 1)[0] for k in missing_keys})
+    head = head_module_names(model)
+    fresh = [m for m in fresh if not m.startswith(tuple(head)) and m not in ("", "position_ids")]
+    targets = [t for t in targets if t not in fresh]
+    peft_cfg = LoraConfig(
+        task_type="SEQ_CLS",
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        use_rslora=lo.rslora,
+        bias="lora_only" if lo.train_biases else "none",
+        target_modules=targets,
+        modules_to_save=head + fresh,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def build_model(
+    cfg: Config, source: str | None = None, random_init: bool | None = None, save_base_to: Path | None = None
+) -> tuple[nn.Module, dict]:
+    """The model to train (LoRA-wrapped or full) and facts about its base for the run record.
+
+    `source`/`random_init` override the config (a resumed random-init run reloads its saved base);
+    `save_base_to` keeps the base weights the adapter belongs to when they exist nowhere else.
+    """
+    m = cfg.model
+    source = source or m.name
+    random_init = m.random_init if random_init is None else random_init
+    model, missing = load_base_model(source, NUM_LABELS, random_init, cfg.train.seed)
+    info = {
+        "model_type": model.config.model_type,
+        "base_fingerprint": base_fingerprint(model),
+        "base_parameters": sum(p.numel() for p in model.parameters()),
+        # the hub revision (commit) the weights came from; None for local folders and random init
+        "model_revision": getattr(model.config, "_commit_hash", None),
+    }
+    if save_base_to is not None:
+        model.save_pretrained(save_base_to)
+    if cfg.train.method == "lora":
+        model = apply_lora(model, cfg, missing)
+    else:
+        model.requires_grad_(True)
+    info["trainable_parameters"], info["total_parameters"] = count_parameters(model, info["base_parameters"])
+    return model, info
+
+
+def count_parameters(model: nn.Module, base_params: int) -> tuple[int, int]:
+    """(trainable, total at inference): total counts the base once plus the LoRA matrices."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return trainable, base_params + lora

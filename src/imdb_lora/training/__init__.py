@@ -1,0 +1,1 @@
+"""Training: the recipe object (setup steps + loop), its step, schedule and checkpoints."""

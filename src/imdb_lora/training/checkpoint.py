@@ -1,0 +1,94 @@
+"""Resume state: trainable weights, optimizer moments, RNG state and progress in one safetensors file.
+
+Written with an atomic rename, so a crash leaves the previous checkpoint valid; read back into the
+same model and optimizer, so a resumed run continues exactly where the saved one stood.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..errors import UserError
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class Progress:
+    """Where the loop stands; saved in the checkpoint's metadata."""
+
+    epoch: int = 1  # epoch being trained (1-based)
+    step_in_epoch: int = 0  # optimizer steps done in this epoch
+    global_step: int = 0
+    loss_sum: float = 0.0  # running train loss x examples, this epoch
+    correct: int = 0
+    seen: int = 0
+    epoch_train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    best_epoch: int = 0
+    best_val_accuracy: float = -1.0
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, device: torch.device
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            tensors[f"param/{n}"] = p.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    for i, s in opt["state"].items():
+        for k, v in s.items():
+            tensors[f"opt/{i}/{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+    meta = {
+        "progress": json.dumps(progress.__dict__),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "version": __version__,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # atomic: the old checkpoint stays valid until here
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Progress, dict[str, torch.Tensor]]:
+    """Load weights and optimizer state in place; return the progress and the saved RNG states."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
+        raise UserError(f"--resume: cannot read {path} ({e})") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param/"):
+                params[key[len("param/") :]].copy_(value)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt/"):
+            _, i, k = key.split("/", 2)
+            state.setdefault(int(i), {})[k] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    rng = {k: v for k, v in tensors.items() if k.startswith("rng/")}
+    return Progress(**json.loads(meta["progress"])), rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["rng/cpu"])
+    if "rng/cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["rng/cuda"], device)

@@ -1,0 +1,376 @@
+"""The training recipe: `Trainer(cfg, out).setup().train()` runs (or resumes) one run into its directory.
+
+setup() is a sequence of steps, each checking what can fail before anything slow or anything on disk
+happens: the run directory (fresh, overwritten or resumed, locked against a second process), the model
+source and its position limit, the data, then the model and the optimizer. A failure during setup of a
+fresh run removes what it created. train() is the loop: steps, evaluation at each epoch's end, the
+checkpoint kept by validation accuracy, and the reports.
+
+Resumable by construction: everything the loop's future depends on is in checkpoint.safetensors,
+written every `checkpoint_every` steps and at each epoch's end, and the data order of an epoch is a
+function of (seed, epoch) alone, so a resumed run takes exactly the steps an uninterrupted one takes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import Config
+from ..data.splits import load_splits
+from ..data.tokcache import cached_encode
+from ..errors import UserError
+from ..metrics import loss_and_accuracy, peak_memory
+from ..modeling.forward import batched_logits, compile_encoder
+from ..modeling.load import (
+    check_max_length,
+    check_model_source,
+    load_tokenizer,
+    resolve_device,
+    software_versions,
+)
+from ..modeling.lora import build_model
+from ..modeling.packing import use_packing
+from ..runs.report import write_reports
+from ..runs.rundir import RunDir
+from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
+from .schedule import epoch_order, lr_at
+from .step import train_step
+
+POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
+# Settings a resumed run may change: where and how it computes, not what it computes.
+RESUME_MAY_CHANGE = {"train.device", "train.compile", "data.token_cache"}
+
+
+class Trainer:
+    """One run: `Trainer(cfg, out).setup().train()` returns the run's summary (also in run.json)."""
+
+    def __init__(
+        self, cfg: Config, output_dir: str | os.PathLike, overwrite: bool = False, resume: bool = False
+    ):
+        self.cfg = cfg
+        self.run = RunDir(output_dir)
+        self.overwrite = overwrite
+        self.resume = resume
+        self.created = False  # whether this process created the run directory (removed if setup fails)
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> Trainer:
+        self._check_directory()
+        self.device = resolve_device(self.cfg.train.device)
+        self._check_model_source()  # fail before the slow data loading
+        self._setup_data()
+        try:
+            self._open_directory()
+            self._setup_model()
+            self._setup_optimizer()
+            self.run.write_status("running", self._summary())
+        except BaseException:
+            self._abandon()
+            raise
+        return self
+
+    def _check_directory(self) -> None:
+        """Decide between a fresh run and a resumed one; refuse to lose anything silently."""
+        run = self.run
+        self.resumed = False
+        if self.resume:
+            if not run.is_resumable():
+                raise UserError(f"--resume: {run.path} holds no resumable run (no {CHECKPOINT})")
+            if run.status() == "finished":
+                raise UserError(f"--resume: {run.path} is already finished; see {run.path / 'results.md'}")
+            saved = Config.load(run.config_path)
+            diff = differing_fields(saved, self.cfg, ignore=RESUME_MAY_CHANGE)
+            if diff:
+                raise UserError(
+                    f"--resume continues {run.path} with its saved config.yaml; these settings differ: "
+                    + ", ".join(diff)
+                )
+            run.lock()  # before anything is read or written: a second process must not train here too
+            self.resumed = True
+        elif run.path.exists() and not run.path.is_dir():
+            raise UserError(f"--output-dir {run.path} exists and is a file")
+        elif run.path.exists() and any(run.path.iterdir()):
+            if not self.overwrite:
+                hint = " or --resume to continue it" if run.is_resumable() else ""
+                raise UserError(
+                    f"--output-dir {run.path} exists and is not empty; pass --overwrite to replace it{hint}"
+                )
+            run.check_unlocked()  # --overwrite never pulls a directory from under a running process
+
+    def _check_model_source(self) -> None:
+        cfg, run = self.cfg, self.run
+        self.base_dir = (
+            run.path / "base_model" if (cfg.model.random_init and cfg.train.method == "lora") else None
+        )
+        # A resumed random-init run reloads its saved base rather than trusting RNG reproducibility.
+        resumed_base = self.resumed and self.base_dir is not None and self.base_dir.is_dir()
+        self.model_source = str(self.base_dir) if resumed_base else cfg.model.name
+        check_model_source(self.model_source, cfg.model.random_init)
+        check_max_length(self.model_source, cfg.data.max_length)
+
+    def _setup_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        self.tokenizer = load_tokenizer(cfg.model.name if not self.resumed else str(self.run.tokenizer_dir))
+        t0 = time.time()
+        splits = load_splits(d, cfg.train.seed)
+        self.data_source = splits.source
+
+        def tok(texts: list[str]) -> list[list[int]]:
+            return cached_encode(
+                self.tokenizer, texts, d.max_length, d.truncation, d.head_tokens, d.token_cache
+            )
+
+        self.train_ids, self.val_ids, self.test_ids = map(
+            tok, (splits.train.texts, splits.val.texts, splits.test.texts)
+        )
+        self.train_y, self.val_y, self.test_y = splits.train.labels, splits.val.labels, splits.test.labels
+        self.data_seconds = time.time() - t0
+
+    def _open_directory(self) -> None:
+        run = self.run
+        if self.resumed:
+            run.recover()
+            return
+        if run.path.exists():
+            shutil.rmtree(run.path)  # only reached with --overwrite (or an empty folder)
+        run.path.mkdir(parents=True)
+        self.created = True
+        run.lock()
+        self.cfg.save(run.config_path)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        model, self.info = build_model(
+            cfg,
+            source=self.model_source,
+            random_init=cfg.model.random_init and self.model_source == cfg.model.name,
+            save_base_to=self.base_dir if not self.resumed else None,
+        )
+        if not self.resumed:
+            self.tokenizer.save_pretrained(self.run.tokenizer_dir)
+        self.model = model.to(self.device)
+        self.packed = use_packing(cfg.train.batching, self.model, self.device, training=True)
+        self.packed_eval = use_packing(cfg.train.batching, self.model, self.device, training=False)
+        if cfg.train.compile:
+            compile_encoder(self.model)
+
+    def _setup_optimizer(self) -> None:
+        t = self.cfg.train
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=t.lr, weight_decay=t.weight_decay, fused=self.device.type == "cuda"
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_ids) / t.batch_size)
+        self.total_steps = self.steps_per_epoch * t.epochs
+        self.state = Progress()
+        self._rng: dict[str, torch.Tensor] = {}
+        if self.resumed:
+            self.state, self._rng = load_checkpoint(self.run.path / CHECKPOINT, self.model, self.optimizer)
+            print(
+                f"resuming {self.run.path} at epoch {self.state.epoch}, step {self.state.step_in_epoch}",
+                flush=True,
+            )
+
+    def _abandon(self) -> None:
+        """Setup failed: a fresh run leaves nothing behind; a resumed one keeps its files, unlocked."""
+        if self.created:
+            shutil.rmtree(self.run.path, ignore_errors=True)
+        self.run.unlock()
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        cfg, st = self.cfg.train, self.state
+        try:
+            torch.manual_seed(cfg.seed)
+            if self.resumed:
+                restore_rng(self._rng, self.device)
+            self.model.train()
+            start = time.time()
+            while st.epoch <= cfg.epochs:
+                self._train_epoch()
+                self._end_epoch()
+            summary = self._summary(wall_seconds=time.time() - start)
+            write_reports(self.run, self.cfg, st.history, summary)
+            self.run.write_status("finished", summary)
+            return summary
+        finally:
+            self.run.unlock()
+
+    def _train_epoch(self) -> None:
+        cfg, st = self.cfg.train, self.state
+        order = epoch_order(len(self.train_ids), cfg.seed, st.epoch)
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        bar = tqdm(
+            total=len(batches),
+            initial=st.step_in_epoch,
+            desc=f"epoch {st.epoch}/{cfg.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+        )
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # device-side sums, read back in bulk
+
+        def flush() -> None:
+            if pending:
+                totals = torch.stack([torch.stack(p) for p in pending]).sum(0).tolist()
+                st.loss_sum += totals[0]
+                st.correct += round(totals[1])
+                pending.clear()
+                bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
+
+        t0 = time.time()
+        for idx in batches[st.step_in_epoch :]:
+            pending.append(self._step(idx))
+            st.seen += len(idx)
+            st.step_in_epoch += 1
+            st.global_step += 1
+            bar.update(1)
+            if len(pending) >= POSTFIX_EVERY:
+                flush()
+            mid_epoch = st.step_in_epoch < len(batches)
+            if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
+                flush()
+                st.epoch_train_seconds += time.time() - t0
+                t0 = time.time()
+                self._save_checkpoint()
+            self._after_step()
+        flush()
+        bar.close()
+        st.epoch_train_seconds += time.time() - t0
+
+    def _step(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg.train
+        y = torch.tensor([self.train_y[i] for i in idx], device=self.device)
+        lr = lr_at(self.state.global_step, self.total_steps, cfg.lr, cfg.warmup_ratio)
+        seqs = [self.train_ids[i] for i in idx]
+        pad_id = self.tokenizer.pad_token_id
+        return train_step(
+            self.model,
+            self.optimizer,
+            self.params,
+            seqs,
+            y,
+            pad_id,
+            self.device,
+            self.packed,
+            lr,
+            cfg,
+            row_tokens=self.cfg.data.max_length,
+        )
+
+    def _after_step(self) -> None:
+        """Hook after each optimizer step and its checkpoint (tests use it to simulate a crash)."""
+
+    def _end_epoch(self) -> None:
+        st, cfg = self.state, self.cfg.train
+        t0 = time.time()
+        val_loss, val_acc = self.evaluate(self.val_ids, self.val_y, "validation")
+        row = {
+            "epoch": st.epoch,
+            "train_loss": st.loss_sum / max(1, st.seen),
+            "train_accuracy": st.correct / max(1, st.seen),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+        }
+        if cfg.eval_test_each_epoch:
+            row["test_loss"], row["test_accuracy"] = self.evaluate(self.test_ids, self.test_y, "test")
+        row["train_seconds"] = st.epoch_train_seconds
+        row["eval_seconds"] = time.time() - t0
+        row["lr_end"] = self.optimizer.param_groups[0]["lr"]
+        st.history.append(row)
+        if val_acc > st.best_val_accuracy:  # strictly better: ties keep the earlier, cheaper epoch
+            st.best_val_accuracy, st.best_epoch = val_acc, st.epoch
+            self.run.save_weights(self.model, self.cfg.train.method)
+        print(
+            f"epoch {st.epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}"
+            + (f" | test acc {row['test_accuracy']:.4f}" if "test_accuracy" in row else "")
+            + f" | {row['train_seconds']:.1f}s train, {row['eval_seconds']:.1f}s eval"
+            + (" *best*" if st.best_epoch == st.epoch else ""),
+            flush=True,
+        )
+        st.epoch += 1
+        st.step_in_epoch = st.seen = st.correct = 0
+        st.loss_sum = st.epoch_train_seconds = 0.0
+        self.run.write_metrics(st.history)
+        self._save_checkpoint()
+        self.run.write_status("running", self._summary())
+
+    def evaluate(self, seqs: list[list[int]], labels: list[int], name: str) -> tuple[float, float]:
+        bar = tqdm(total=len(seqs), desc=f"eval {name}", unit="review", leave=False, dynamic_ncols=True)
+        logits = batched_logits(
+            self.model,
+            seqs,
+            self.tokenizer.pad_token_id,
+            self.cfg.train.eval_batch_size,
+            self.device,
+            bar,
+            packed=self.packed_eval,
+        )
+        bar.close()
+        return loss_and_accuracy(logits, labels)
+
+    def _save_checkpoint(self) -> None:
+        save_checkpoint(self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device)
+
+    # ------------------------------------------------------------ the record
+
+    def _summary(self, wall_seconds: float | None = None) -> dict[str, Any]:
+        st, cfg, info = self.state, self.cfg, self.info
+        best = next((r for r in st.history if r["epoch"] == st.best_epoch), None)
+        mem, mem_kind = peak_memory(self.device)
+        out = {
+            "version": __version__,
+            "model": cfg.model.name,
+            "random_init": cfg.model.random_init,
+            "method": cfg.train.method,
+            **info,
+            "trainable_percent": 100 * info["trainable_parameters"] / info["total_parameters"],
+            "device": str(self.device)
+            if self.device.type != "cuda"
+            else torch.cuda.get_device_name(self.device),
+            "train_path": (
+                "packed (padding-free rows, block-diagonal attention)"
+                if self.packed
+                else "padded (dynamic padding)"
+            )
+            + (", torch.compile" if self.cfg.train.compile else ""),
+            "eval_path": "packed" if self.packed_eval else "padded (length-sorted)",
+            "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",
+            "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
+            "epochs_done": len(st.history),
+            "best_epoch": st.best_epoch,
+            "val_accuracy": best["val_accuracy"] if best else None,
+            "test_accuracy": best.get("test_accuracy") if best else None,
+            "test_loss": best.get("test_loss") if best else None,
+            "train_seconds": sum(r["train_seconds"] for r in st.history),
+            "data_seconds": self.data_seconds,
+            "peak_memory_bytes": mem,
+            "peak_memory_kind": mem_kind,
+            "weights_bytes": self.run.weights_bytes(cfg.train.method),
+            "data_source": self.data_source,
+            "software": software_versions(),
+        }
+        if wall_seconds is not None:
+            out["wall_seconds"] = wall_seconds
+        return out
+
+
+def differing_fields(a: Config, b: Config, ignore: set[str]) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for sec in da:
+        for k in da[sec]:
+            if f"{sec}.{k}" not in ignore and da[sec][k] != db[sec][k]:
+                out.append(f"{sec}.{k} ({da[sec][k]!r} saved, {db[sec][k]!r} given)")
+    return out
