@@ -1,0 +1,6 @@
+"""Run directories: layout, status, reports and model card, comparisons of runs.
+"""
+
+
+
+
