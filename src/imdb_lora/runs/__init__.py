@@ -1,6 +1,1 @@
-"""Run directories: layout, status, reports and model card, comparisons of runs.
-"""
-
-
-
-
+"""Run directories: layout, status, reports and model card, comparisons of runs."""
