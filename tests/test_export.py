@@ -1,12 +1,14 @@
 """export: merged and ONNX exports predict what the run predicts; int8 stays close; user mistakes exit 2."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import train_args
 
 from imdb_lora.cli import main
+from imdb_lora.config import Config
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.inference.exported import MARKER
 
@@ -64,12 +66,32 @@ def test_export_folder_is_self_contained_and_safe(exports, trained_run):
         assert (folder / "tokenizer").is_dir()
         files = {p.suffix for p in folder.rglob("*") if p.is_file()}
         assert not files & {".bin", ".pt", ".pth", ".pkl", ".ckpt"}, files  # safetensors/onnx only
-        assert str(trained_run.parent) not in (folder / MARKER).read_text()  # no machine paths
     assert (exports["merged"] / "model" / "model.safetensors").is_file()
     assert (exports["onnx"] / "model.onnx").is_file() and not (exports["onnx"] / "model").exists()
     int8 = json.loads((exports["int8"] / MARKER).read_text())
     assert int8["quantize"] == "int8" and int8["quantization"]["excluded"]  # the head stays fp32
     assert (exports["int8"] / "model.onnx").stat().st_size < (exports["onnx"] / "model.onnx").stat().st_size
+
+
+def test_no_file_of_an_export_holds_a_machine_path(exports, tmp_path_factory):
+    """Every file an export writes (config, record, marker, tokenizer, weights, ONNX graph) is free of
+    the paths of this machine: the run's, the base model's and the data's folders all live under the
+    session's base temp folder; the home, repository and Python installation folders are checked too."""
+    from conftest import REPO
+
+    site_packages = str(Path(torch.__file__).parents[1])  # where a graph's stack traces would point
+    machine = [str(tmp_path_factory.getbasetemp()), str(Path.home()), str(REPO), site_packages]
+    for folder in exports.values():
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert {p.name for p in files} >= {"config.yaml", "run.json", MARKER}
+        for p in files:
+            data = p.read_bytes()
+            found = [m for m in machine if m.encode() in data]
+            assert not found, f"{p.relative_to(folder)} holds {found}"
+    cfg = Config.load(exports["onnx"] / "config.yaml")
+    assert cfg.model.name == "bert" and cfg.data.path is None  # named, not located
+    info = json.loads((exports["onnx"] / "run.json").read_text())
+    assert info["data_source"]["path"] == "aclImdb" and info["model"] == "bert"
 
 
 def test_predict_and_evaluate_accept_an_export(exports, trained_run, imdb_dir, capsys):
@@ -82,7 +104,11 @@ def test_predict_and_evaluate_accept_an_export(exports, trained_run, imdb_dir, c
     # evaluate takes its data settings from the config.yaml saved in the export
     assert main(["evaluate", str(exports["int8"]), "--data", str(imdb_dir), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
-    assert ev["examples"] == 48 and 0 <= ev["accuracy"] <= 1
+    assert main(["evaluate", str(trained_run), "--data", str(imdb_dir), "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert ev["examples"] == run["examples"] == 48
+    # int8 may flip a review whose probability sits at 0.5, not more; the loss moves by hundredths
+    assert abs(ev["accuracy"] - run["accuracy"]) <= 1 / 48 and abs(ev["loss"] - run["loss"]) < 0.01
 
 
 def test_roberta_onnx_export_fuses_and_matches(tiny_models, imdb_dir, tmp_path):

@@ -55,8 +55,22 @@ def test_head_trains_in_full_and_base_stays_frozen(tiny_models, kind):
     model, info = build_model(cfg_for(tiny_models(kind)))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("classifier" in n and "modules_to_save" in n for n in trainable)
-    assert all("lora_" in n or "modules_to_save" in n or n.endswith("bias") for n in trainable)
+    # outside LoRA and the head, exactly the biases of LoRA-wrapped layers train (peft's "lora_only"):
+    # not LayerNorm biases, not the biases of layers LoRA left alone
+    wrapped_biases = {
+        f"{n}.base_layer.bias"
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and getattr(m.get_base_layer(), "bias", None) is not None
+    }
+    rest = {n for n in trainable if "lora_" not in n and "modules_to_save" not in n}
+    assert wrapped_biases and rest == wrapped_biases
     assert info["trainable_parameters"] < info["total_parameters"]
+
+
+def test_no_bias_trains_without_lora_train_biases(tiny_models):
+    model, _ = build_model(cfg_for(tiny_models("bert"), train_biases=False))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "modules_to_save" in n for n in trainable), trainable
 
 
 def test_role_subset(tiny_models):

@@ -40,7 +40,10 @@ def test_minilm_learns_imdb(tmp_path):
           f"train {info['train_seconds']:.0f}s, wall {elapsed:.0f}s, "
           f"trainable {info['trainable_parameters']:,} of {info['total_parameters']:,}")  # fmt: skip
     assert info["examples"] == {"train": 2000, "val": 1000, "test": 1000}
-    assert info["test_accuracy"] >= 0.78
+    # The recipe is deterministic on the CPU: it reached 80.80% test (85.10% validation) on the 2-core CPU
+    # machine (torch 2.13.0+cpu) on 2026-11-28, after the sub-package restructure. The threshold sits half
+    # a point under that, so a regression of a point (10 of the 1,000 reviews) fails.
+    assert info["test_accuracy"] >= 0.803
     # the CLI's own evaluation of the finished run agrees with the training record
     r = subprocess.run([sys.executable, "-m", "imdb_lora", "evaluate", str(out), "--max-samples", "1000", "--json"],
                        capture_output=True, text=True, env=env, timeout=900)  # fmt: skip

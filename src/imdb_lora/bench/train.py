@@ -30,12 +30,13 @@ from ..runs.report import fmt_bytes
 from ..training.step import train_step
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched against
-# torch.cuda.get_device_name(); the first key found in the name wins, so longer names come first.
+# torch.cuda.get_device_name(); the first key found in the name wins, so a key that contains another
+# (GH200 > H200, H100 PCIe > H100, A100 > A10, L40S > L40 > L4) comes first.
 GPU_BF16_PEAK_TFLOPS = {
+    "GH200": 989.0,  # before H200, which its name contains
     "H200": 989.0,
     "H100 PCIe": 756.0,
     "H100": 989.0,
-    "GH200": 989.0,
     "B200": 2250.0,
     "A100": 312.0,
     "L40S": 362.0,

@@ -16,6 +16,7 @@ from ..inference.classifier import Classifier
 from ..inference.exported import FORMATS, MARKER, ONNX_FILE, QUANTIZATIONS, is_export
 from ..runs.rundir import RunDir
 from .onnx import export_onnx
+from .portable import write_portable_config, write_portable_record
 
 # Texts the export is checked on: short and long, clear and mixed, so that both labels and padding occur.
 PROBE_TEXTS = [
@@ -107,8 +108,8 @@ def _replace(stage: Path, dest: Path) -> None:
 
 def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -> dict[str, Any]:
     run = RunDir(src)
-    shutil.copy2(run.config_path, stage / "config.yaml")
-    shutil.copy2(run.status_path, stage / "run.json")
+    write_portable_config(run.config_path, stage / "config.yaml")  # without this machine's paths
+    write_portable_record(run.status_path, stage / "run.json")
     shutil.copytree(run.tokenizer_dir, stage / "tokenizer")
     t0 = time.time()
     # The merged folder is the ONNX exporter's input as well, so it is written in both formats.

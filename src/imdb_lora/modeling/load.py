@@ -109,6 +109,20 @@ def check_max_length(name: str, max_length: int) -> None:
         )
 
 
+def hub_revision(name: str) -> str | None:
+    """The commit a hub model was loaded from, read from the local hub cache (where the load just put
+    it); None for local folders. transformers 5 no longer keeps it on the config (`_commit_hash`)."""
+    if is_local(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(name, "config.json")  # resolves refs/main -> snapshots/<commit>/
+    if not isinstance(path, str):
+        return None
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
 def software_versions() -> dict[str, str | None]:
     """Versions that decide what a run computes, and the project's git commit when run from a checkout."""
     import subprocess

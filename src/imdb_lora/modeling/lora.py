@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import UserError
-from .load import NUM_LABELS, base_fingerprint, head_module_names, load_base_model
+from .load import NUM_LABELS, base_fingerprint, head_module_names, hub_revision, load_base_model
 
 # Per architecture: role -> regex over full module names (re.search). A layer index is always present
 # for encoder roles, so heads such as the classifier's own `dense` never match.
@@ -127,8 +127,8 @@ def build_model(
         "model_type": model.config.model_type,
         "base_fingerprint": base_fingerprint(model),
         "base_parameters": sum(p.numel() for p in model.parameters()),
-        # the hub revision (commit) the weights came from; None for local folders and random init
-        "model_revision": getattr(model.config, "_commit_hash", None),
+        # the hub revision (commit) the weights came from; None for local folders
+        "model_revision": hub_revision(source),
     }
     if save_base_to is not None:
         model.save_pretrained(save_base_to)

@@ -1,0 +1,105 @@
+"""The run-directory lock: one writer at a time, the holder named, never stale after a crash."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import train_args
+
+from imdb_lora.cli import main
+from imdb_lora.errors import UserError
+from imdb_lora.runs.rundir import RunDir
+from imdb_lora.training.trainer import Trainer
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture
+def interrupted_run(tiny_models, imdb_dir, tmp_path, monkeypatch):
+    """A run that crashed after its first mid-epoch checkpoint: resumable, and nobody holds its lock."""
+
+    def crash(self):
+        if self.state.global_step == 2:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_after_step", crash)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        main(train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "1", "--epochs", "1"))
+    monkeypatch.undo()
+    assert RunDir(out).is_resumable()
+    return out
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imdb-lora: error:"), err
+    return lines[0]
+
+
+def test_lock_names_its_holder_and_is_released(tmp_path):
+    run = RunDir(tmp_path)
+    run.lock()
+    try:
+        with pytest.raises(UserError, match=rf"in use by another imdb-lora process \(pid {os.getpid()}\)"):
+            RunDir(tmp_path).lock()  # a second open file: flock refuses it even in the same process
+        with pytest.raises(UserError, match="in use"):
+            RunDir(tmp_path).check_unlocked()
+    finally:
+        run.unlock()
+    RunDir(tmp_path).check_unlocked()  # released: no error
+    second = RunDir(tmp_path)
+    second.lock()
+    second.unlock()
+
+
+def test_second_resume_is_refused_while_the_first_holds_the_lock(interrupted_run, capsys):
+    holder = RunDir(interrupted_run)
+    holder.lock()  # stands in for a first `train --resume` still training this directory
+    before = {p.name: p.stat().st_mtime_ns for p in interrupted_run.iterdir()}
+    try:
+        capsys.readouterr()
+        assert main(["train", "--output-dir", str(interrupted_run), "--resume"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"pid {os.getpid()}" in line and str(interrupted_run) in line
+        # nothing was read into or written to the directory by the refused process
+        assert {p.name: p.stat().st_mtime_ns for p in interrupted_run.iterdir()} == before
+    finally:
+        holder.unlock()
+    assert main(["train", "--output-dir", str(interrupted_run), "--resume"]) == 0
+
+
+def test_overwrite_refuses_a_directory_locked_by_another_process(
+    interrupted_run, tiny_models, imdb_dir, capsys
+):
+    # the holder is a real second process, as it would be for a user
+    code = (
+        "import sys, time; from imdb_lora.runs.rundir import RunDir; run = RunDir(sys.argv[1]); run.lock(); "
+    )
+    code += "print('locked', flush=True); time.sleep(60)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(interrupted_run)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        args = train_args(tiny_models("bert"), imdb_dir, interrupted_run, "--epochs", "1", "--overwrite")
+        assert main(args) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"pid {holder.pid}" in line
+        assert RunDir(interrupted_run).is_resumable()  # the running process's files are untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock died with the holder: --overwrite now proceeds
+    assert (
+        main(train_args(tiny_models("bert"), imdb_dir, interrupted_run, "--epochs", "1", "--overwrite")) == 0
+    )
+
+
+def test_finished_and_crashed_runs_leave_no_lock_held(trained_run, interrupted_run):
+    for path in (trained_run, interrupted_run):
+        RunDir(path).check_unlocked()

@@ -1,0 +1,70 @@
+"""The Makefile on a clean clone: IMDB_LORA_DATA points at the shared archive only where one exists."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+
+
+def make_env(*args: str, **env: str) -> str:
+    """What `make` exports as IMDB_LORA_DATA to its recipes, for the given variables."""
+    base = {k: v for k, v in os.environ.items() if k != "IMDB_LORA_DATA"}
+    show = 'show-data: ; @echo "[$$IMDB_LORA_DATA]"'
+    r = subprocess.run(["make", "-s", "--no-print-directory", f"--eval={show}", "show-data", *args],
+                       cwd=REPO, env={**base, **env}, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_no_shared_folder_means_no_data_override(tmp_path):
+    # nothing exported: `imdb-lora train` falls back to the official download, never "--data: no such file"
+    assert make_env(f"SHARED={tmp_path / 'nonexistent'}") == "[]"
+
+
+def test_shared_archive_is_used_where_it_exists(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "aclImdb-labeled.tar.xz").write_bytes(b"")
+    assert make_env(f"SHARED={tmp_path}") == f"[{tmp_path / 'data' / 'aclImdb-labeled.tar.xz'}]"
+
+
+def test_the_users_own_setting_wins(tmp_path):
+    assert make_env(f"SHARED={tmp_path}", IMDB_LORA_DATA="/my/imdb") == "[/my/imdb]"
+
+
+@pytest.fixture
+def fake_venv(tmp_path):
+    """A set-up venv as far as make can tell, whose pytest only says how it was called."""
+    bin_ = tmp_path / "venv" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "pytest").write_text('#!/bin/sh\necho "pytest called with: $*"\n')
+    (bin_ / "pytest").chmod(0o755)
+    (bin_ / "imdb-lora").write_text("")  # newer than pyproject.toml: `setup` has nothing to do
+    return tmp_path / "venv"
+
+
+def make_test(fake_venv, shared, pretrained) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "IMDB_LORA_DATA"}
+    r = subprocess.run(["make", "-s", "--no-print-directory", "test", f"SHARED={shared}", f"VENV={fake_venv}",
+                        f"PRETRAINED_DIR={pretrained}"], cwd=REPO, env=base, capture_output=True, text=True,
+                       timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_make_test_without_shared_runs_the_fast_suite_and_says_why(fake_venv, tmp_path):
+    out = make_test(fake_venv, tmp_path / "nonexistent", tmp_path / "none")
+    assert "the real check (tests/test_real.py) needs" in out
+    assert "pytest called with: -q -m not slow" in out
+
+
+def test_make_test_with_weights_and_data_runs_everything(fake_venv, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "aclImdb-labeled.tar.xz").write_bytes(b"")
+    (tmp_path / "pre" / "all-MiniLM-L6-v2").mkdir(parents=True)
+    (tmp_path / "pre" / "all-MiniLM-L6-v2" / "model.safetensors").write_bytes(b"")
+    out = make_test(fake_venv, tmp_path, tmp_path / "pre")
+    assert out.strip().splitlines()[-1] == "pytest called with: -q"
