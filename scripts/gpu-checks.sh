@@ -10,6 +10,7 @@
 # fast-best MPNet-base, 3 epochs at 128 reviews per step, lr 8e-4, head+tail truncation
 # best      MPNet-base, 3 epochs, head+tail truncation; window averaging kept only if it wins on
 #           validation; test reported once for what was kept (issue 4's accuracy goal)
+# fast, fast-accuracy  issue 10's flat path (see fast_part below)
 #
 # STAGE holds what ../shared/docs/GPU.md stages (put together under ~/stage there: root's home):
 #   aclImdb-labeled.tar.xz, roberta-base/ (config + tokenizer from ../shared/models), reference_lora.py
@@ -19,7 +20,7 @@
 # QUICK=1 runs every step with tiny settings: a CPU rehearsal of the command lines, not a measurement.
 set -uo pipefail
 
-[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [batches] [accuracy] [compare] [best] [fast-best]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [batches] [accuracy] [compare] [best] [fast-best] [fast] [fast-accuracy]" >&2; exit 2; }
 stage=$(cd "$1" && pwd) || exit 2
 out=$2
 shift 2
@@ -69,6 +70,68 @@ step() {
     | cut -c1-600 | sed 's/^/    /' >>"$summary"
   rm -f "$part"
   return $rc
+}
+
+# ---- issue 10's fast path (self-contained: its own steps, table and JSON) ----------------------------
+# fast           one call of at most ~7 minutes (DEADLINE defaults to 400 s for it): the CUDA
+#                equivalence tests, reference_lora.py and the project's benches on random-init
+#                roberta-base (real IMDB lengths, max length 512, seed LoRA settings, batch 32): flat
+#                eager, flat with CUDA graphs, padded (today's default), flat evaluation cold and warm,
+#                a real 3-epoch `train` (flat + CUDA graphs, validation and test each epoch), then the
+#                compiled flat step if time is left. scripts/fast_summary.py prints one table and writes
+#                OUT/fast-summary.json (date, GPU, versions, commands, every figure) for docs/measurements/.
+# fast-accuracy  all-MiniLM-L6-v2 (real weights, bert architecture: it takes the flat path; staged as
+#                all-MiniLM-L6-v2-fp16/) 1 epoch, default recipe, padded and flat + CUDA graphs in the
+#                same call: the fast path must not cost accuracy (MPNet keeps the padded path, so its
+#                95.34% reference does not test the flat path).
+fast_part() {
+  local fb=(--steps 30 --warmup 5) gb=(--steps 60 --warmup 30) eb=() ep=(--epochs 3)
+  if [ "$quick" = 1 ]; then
+    fb=("${bench[@]}") gb=("${bench[@]}") eb=(--samples 64 --batch-size 8 --max-length 128) ep=(--epochs 1 "${small[@]}")
+  fi
+  [ -z "${DEADLINE:-}" ] && [ "$quick" != 1 ] && deadline=$((SECONDS + 400))  # one call of <= 7 minutes
+  # The captured step against the eager one on this GPU (tiny models; skipped where pytest is missing).
+  local shared=$out/.shared
+  mkdir -p "$shared/models" && ln -sfn "$roberta" "$shared/models/roberta-base"
+  if $py -c "import pytest" 2>/dev/null; then
+    step fast-cuda-tests 120 env IMDB_LORA_SHARED="$shared" $py -m pytest -q -p no:cacheprovider \
+      tests/test_flat.py -k "step or logits or gradients"
+  fi
+  step fast-ref "$limit" $py "$ref" --model "$roberta" --random-init --data "$data" "${ref_steps[@]}"
+  step fast-bench-train-flat "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
+    --data "$data" --batching flat "${fb[@]}" --json
+  step fast-bench-train-flat-graphs "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
+    --data "$data" --batching flat --cuda-graphs "${gb[@]}" --profile 3 --json
+  step fast-bench-eval-flat "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init \
+    --data "$data" --batching flat "${eb[@]}" --json
+  step fast-train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \
+    --random-init --data "$data" "${ep[@]}" --batching flat --cuda-graphs \
+    --output-dir "$runs/roberta-random-flat-3ep" --overwrite
+  step fast-bench-train-padded "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
+    --data "$data" --batching padded "${fb[@]}" --json
+  step fast-bench-eval-packed "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init \
+    --data "$data" --batching packed "${eb[@]}" --json
+  step fast-bench-train-flat-compiled "$limit" $py -m imdb_lora bench train --model "$roberta" \
+    --random-init --data "$data" --batching flat --compile "${fb[@]}" --json
+  $py scripts/fast_summary.py "$log" "$out/fast-summary.json" | tee -a "$summary"
+}
+
+fast_accuracy_part() {
+  local minilm=$runs/minilm-fp32
+  [ -d "$minilm" ] || step minilm-fp32 300 $py -c "
+import sys, torch
+from transformers import AutoModel, AutoTokenizer
+AutoModel.from_pretrained(sys.argv[1], dtype=torch.float32).save_pretrained(sys.argv[2])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage/all-MiniLM-L6-v2-fp16" "$minilm"
+  local how
+  for how in padded flat; do
+    local extra=(--batching "$how")
+    [ "$how" = flat ] && extra+=(--cuda-graphs)
+    [ "$how" = flat ] && [ "$quick" = 1 ] && extra=(--batching flat)  # no CUDA on the CPU rehearsal
+    step "fast-accuracy-minilm-$how" "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train \
+      --model "$minilm" --data "$data" --epochs 1 "${extra[@]}" "${small[@]}" \
+      --output-dir "$runs/minilm-$how" --overwrite
+  done
 }
 
 {
@@ -162,7 +225,9 @@ PY
       cp "$runs/compare-mpnet/comparison.md" "$out/" 2>/dev/null
     fi
     ;;
-  *) echo "unknown part: $part (speed, batches, accuracy, compare, best, fast-best)" >&2; exit 2 ;;
+  fast) fast_part ;;
+  fast-accuracy) fast_accuracy_part ;;
+  *) echo "unknown part: $part (speed, batches, accuracy, compare, best, fast-best, fast, fast-accuracy)" >&2; exit 2 ;;
   esac
 done
 for r in "$runs"/*/results.md; do

@@ -86,11 +86,22 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.parametrize("batching", ["auto", "flat"])
 def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
-    tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+    tiny_models, imdb_dir, tmp_path, monkeypatch, capsys, batching
 ):
     def args(out):
-        return train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "2", "--epochs", "2")  # noqa: E731
+        return train_args(
+            tiny_models("bert"),
+            imdb_dir,
+            out,
+            "--checkpoint-every",
+            "2",
+            "--epochs",
+            "2",
+            "--batching",
+            batching,
+        )
 
     assert main(args(tmp_path / "straight")) == 0
 
@@ -111,6 +122,8 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
 
     capsys.readouterr()
     assert main(["train", "--output-dir", str(tmp_path / "crashed"), "--resume"]) == 0
+    train_path = json.loads((tmp_path / "crashed" / "run.json").read_text())["train_path"]
+    assert train_path.startswith("flat" if batching == "flat" else "padded")
     assert "at epoch 2, step 2" in capsys.readouterr().out  # resumed mid-epoch, not at the epoch's start
     a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
@@ -184,3 +197,29 @@ def test_auto_batching_is_padded_on_cpu(trained_run):
     info = json.loads((trained_run / "run.json").read_text())
     assert info["train_path"].startswith("padded") and info["eval_path"].startswith("padded")
     assert "training padded (dynamic padding); evaluation padded" in (trained_run / "results.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert"])
+def test_flat_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, kind, monkeypatch):
+    import imdb_lora.modeling.forward as forward_module
+
+    calls = []  # grad enabled: a training step; disabled: evaluation
+    real = forward_module.flat_logits
+    monkeypatch.setattr(
+        forward_module, "flat_logits", lambda *a: calls.append(torch.is_grad_enabled()) or real(*a)
+    )
+    out = tmp_path / kind
+    assert main(train_args(tiny_models(kind), imdb_dir, out, "--epochs", "1", "--batching", "flat")) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_path"].startswith("flat") and info["eval_path"].startswith("flat")
+    assert sum(calls) == 5  # every step of the epoch (36 reviews, batch 8) ran the flat forward
+    assert False in calls  # and evaluation too
+    assert "training flat" in (out / "results.md").read_text()
+
+
+def test_flat_batching_refuses_mpnet_and_cuda_graphs_need_flat(tiny_models, imdb_dir, tmp_path, capsys):
+    assert main(train_args(tiny_models("mpnet"), imdb_dir, tmp_path / "m", "--batching", "flat")) == 2
+    assert "--batching flat is not supported for model type 'mpnet'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "g", "--cuda-graphs")) == 2
+    assert "--cuda-graphs needs --batching flat" in capsys.readouterr().err

@@ -101,12 +101,18 @@ class TrainConfig:
     seed: int = _f(42, "seed for splits, subsets, shuffling, dropout and initialisation")
     batching: str = _f(
         "auto",
-        "padded (dynamic padding), packed (several reviews per row, no padding) or auto (padded "
-        "training; packed evaluation on CUDA where the architecture supports it: faster as measured)",
+        "padded (dynamic padding), packed (several reviews per row, no padding), flat (a batch's "
+        "reviews as one row, per-review attention; roberta/bert) or auto (padded training; packed "
+        "evaluation on CUDA where the architecture supports it: faster as measured)",
     )
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     compile: bool = _f(
         False, "torch.compile the encoder (dynamic shapes); the first steps are slower while it compiles"
+    )
+    cuda_graphs: bool = _f(
+        False,
+        "capture each --batching flat training step as a CUDA graph per length bucket (CUDA only; "
+        "the last partial batch runs eagerly)",
     )
     checkpoint_every: int = _f(200, "also checkpoint every N steps inside an epoch (0: epoch ends only)")
     eval_test_each_epoch: bool = _f(True, "report test loss/acc after every epoch (never used to choose)")
@@ -141,7 +147,12 @@ class Config:
             (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
             (t.method in ("lora", "full"), "--method", "must be lora or full"),
             (t.epochs >= 1, "--epochs", "must be >= 1"),
-            (t.batching in ("auto", "padded", "packed"), "--batching", "must be auto, padded or packed"),
+            (
+                t.batching in ("auto", "padded", "packed", "flat"),
+                "--batching",
+                "must be auto, padded, packed or flat",
+            ),
+            (not t.cuda_graphs or t.batching == "flat", "--cuda-graphs", "needs --batching flat"),
             (t.batch_size >= 1, "--batch-size", "must be >= 1"),
             (t.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
             (t.lr is None or t.lr > 0, "--lr", "must be positive"),

@@ -22,11 +22,14 @@ from ..data.splits import stratified_split, stratified_subset
 from ..data.tokcache import cached_encode
 from ..errors import UserError
 from ..metrics import peak_memory
+from ..modeling.flat import batching_path
 from ..modeling.forward import batched_logits, compile_encoder
 from ..modeling.load import load_tokenizer, resolve_device
 from ..modeling.lora import build_model
-from ..modeling.packing import classifier_of, use_packing
+from ..modeling.merge import frozen_weights_to_bf16
+from ..modeling.packing import classifier_of
 from ..runs.report import fmt_bytes
+from ..training.graphs import CapturedSteps, make_optimizer
 from ..training.step import train_step
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched against
@@ -59,7 +62,7 @@ class ThroughputOptions:
     random_init: bool = False  # random weights: speed only
     data: str | None = None  # IMDB folder/archive (default: $IMDB_LORA_DATA, else download)
     method: str = "lora"  # lora or full
-    batching: str = "auto"  # auto, padded or packed (see config.TrainConfig.batching)
+    batching: str = "auto"  # auto, padded, packed or flat (see config.TrainConfig.batching)
     batch_size: int = 32  # reviews per step (train) or per batch (eval)
     max_length: int = 512  # tokens per review after truncation
     steps: int = 30  # timed steps (train), after `warmup` untimed ones
@@ -68,6 +71,7 @@ class ThroughputOptions:
     device: str = "auto"
     peak_tflops: float | None = None  # device peak for MFU (default: the detected GPU's data sheet)
     compile: bool = False  # torch.compile the encoder (dynamic shapes)
+    cuda_graphs: bool = False  # flat training steps captured as CUDA graphs per bucket (CUDA)
     profile: int = 0  # after timing, profile this many more steps/batches
 
     def validate(self) -> ThroughputOptions:
@@ -88,6 +92,7 @@ def _setup(opts: ThroughputOptions, split: str):
     cfg = Config()
     cfg.model.name, cfg.model.random_init = opts.model, opts.random_init
     cfg.train.method, cfg.train.batching, cfg.data.max_length = opts.method, opts.batching, opts.max_length
+    cfg.train.cuda_graphs = opts.cuda_graphs
     cfg.validate()
     device = resolve_device(opts.device)
     tok = load_tokenizer(opts.model)
@@ -102,9 +107,12 @@ def _setup(opts: ThroughputOptions, split: str):
     seqs = cached_encode(tok, data.texts, opts.max_length)
     model, info = build_model(cfg)
     model = model.to(device)
+    path = batching_path(opts.batching, model, device, training=split == "train")
+    if path == "flat" and device.type == "cuda" and opts.method == "lora":
+        frozen_weights_to_bf16(model)  # as the trainer does on the flat path
     if opts.compile:  # compiling happens in the untimed warm-up steps
         compile_encoder(model)
-    return cfg, device, tok, seqs, data.labels, model, info, split_size
+    return cfg, device, tok, seqs, data.labels, model, info, split_size, path
 
 
 def model_flops_per_token(model, seq_len: float, train: bool, lora: bool) -> float:
@@ -143,11 +151,16 @@ def _sync(device: torch.device) -> None:
 
 def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
     """Timed training steps of the real recipe (its step function, lr and clipping) on real reviews."""
-    cfg, device, tok, seqs, labels, model, info, split_size = _setup(opts, "train")
-    packed = use_packing(opts.batching, model, device, training=True)
+    cfg, device, tok, seqs, labels, model, info, split_size, path = _setup(opts, "train")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device.type == "cuda"
+    graphs = opts.cuda_graphs and device.type == "cuda"
+    opt = make_optimizer(params, cfg.train, device, captured=graphs)
+    captured = (
+        CapturedSteps(
+            model, opt, params, cfg.train, device, tok.pad_token_id, opts.batch_size, opts.max_length
+        )
+        if graphs
+        else None
     )
     rng = random.Random(0)
     model.train()
@@ -166,10 +179,11 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
             y,
             tok.pad_token_id,
             device,
-            packed,
+            path,
             cfg.train.lr,
             cfg.train,
             opts.max_length,
+            captured=captured,
         )
         return sum(len(s) for s in batch)
 
@@ -181,7 +195,8 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
     _sync(device)
     seconds = time.perf_counter() - t0
     epoch_tokens = sum(len(s) for s in seqs) * (split_size / len(seqs))
-    report = _report(opts, "train", device, model, info, tokens, seconds, seqs, packed)
+    report = _report(opts, "train", device, model, info, tokens, seconds, seqs, path)
+    report["cuda_graphs"] = captured is not None
     report["epoch_reviews"] = split_size
     report["epoch_seconds_estimate"] = epoch_tokens / report["tokens_per_second"]
     report["epoch_tokens"] = int(epoch_tokens)
@@ -191,30 +206,32 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
 
 
 def bench_eval(opts: ThroughputOptions) -> dict[str, Any]:
-    """One timed pass of the evaluation forward over real test reviews (after a warm-up batch)."""
-    _, device, tok, seqs, _, model, info, split_size = _setup(opts, "test")
-    packed = use_packing(opts.batching, model, device, training=False)
+    """Two timed passes of the evaluation forward over real test reviews: cold (the first, which pays
+    for allocation, kernel selection and each new batch shape) and warm (the second)."""
+    _, device, tok, seqs, _, model, info, split_size, path = _setup(opts, "test")
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    warm = sorted(seqs, key=len)[-opts.batch_size :]
-    batched_logits(
-        model, warm, tok.pad_token_id, opts.batch_size, device, packed=packed
-    )  # allocation, kernels
-    _sync(device)
-    t0 = time.perf_counter()
-    batched_logits(model, seqs, tok.pad_token_id, opts.batch_size, device, packed=packed)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    report = _report(opts, "eval", device, model, info, sum(len(s) for s in seqs), seconds, seqs, packed)
+    passes = []
+    for _ in range(2):
+        _sync(device)
+        t0 = time.perf_counter()
+        batched_logits(model, seqs, tok.pad_token_id, opts.batch_size, device, packed=path)
+        _sync(device)
+        passes.append(time.perf_counter() - t0)
+    cold, seconds = passes
+    report = _report(opts, "eval", device, model, info, sum(len(s) for s in seqs), seconds, seqs, path)
     report["reviews"] = len(seqs)
-    report["test_set_seconds_estimate"] = seconds * split_size / len(seqs)
+    report["cold_seconds"] = cold
+    report["cold_test_set_seconds_estimate"] = cold * split_size / len(seqs)
+    report["test_set_seconds_estimate"] = seconds * split_size / len(seqs)  # warm
     if opts.profile:
         batches = iter([seqs[i : i + opts.batch_size] for i in range(0, len(seqs), opts.batch_size)])
+        longest = sorted(seqs, key=len)[-opts.batch_size :]
 
         def one_batch() -> None:
-            chunk = next(batches, warm)  # past the end (more batches than reviews): the longest again
-            batched_logits(model, chunk, tok.pad_token_id, opts.batch_size, device, packed=packed)
+            chunk = next(batches, longest)  # past the end (more batches than reviews): the longest
+            batched_logits(model, chunk, tok.pad_token_id, opts.batch_size, device, packed=path)
 
         report["profile"] = profile_steps(one_batch, opts.profile, device)
     return report
@@ -277,7 +294,7 @@ def profile_steps(
 
 
 def _report(
-    opts: ThroughputOptions, kind, device, model, info, tokens, seconds, seqs, packed
+    opts: ThroughputOptions, kind, device, model, info, tokens, seconds, seqs, path: str
 ) -> dict[str, Any]:
     rate = tokens / seconds
     mean_len = sum(len(s) for s in seqs) / len(seqs)
@@ -290,7 +307,7 @@ def _report(
         "model_type": info["model_type"],
         "method": opts.method,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "batching": "packed" if packed else "padded",
+        "batching": path,
         "compiled": opts.compile,
         "batch_size": opts.batch_size,
         "max_length": opts.max_length,

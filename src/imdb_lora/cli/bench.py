@@ -103,7 +103,7 @@ def add_bench_train_parsers(sub) -> None:
         p.add_argument("--random-init", action="store_true", help="random weights (speed only)")
         p.add_argument("--data", help="IMDB folder/archive (default: $IMDB_LORA_DATA)")
         p.add_argument("--method", choices=["lora", "full"], default="lora")
-        p.add_argument("--batching", choices=["auto", "padded", "packed"], default="auto")
+        p.add_argument("--batching", choices=["auto", "padded", "packed", "flat"], default="auto")
         p.add_argument("--batch-size", type=int, default=32 if name == "train" else 256)
         p.add_argument("--max-length", type=int, default=512)
         p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup steps)")
@@ -116,6 +116,12 @@ def add_bench_train_parsers(sub) -> None:
             help="device peak for MFU (default: the detected GPU's data sheet / CPU measured)",
         )
         p.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
+        if name == "train":
+            p.add_argument(
+                "--cuda-graphs",
+                action="store_true",
+                help="with --batching flat on CUDA: capture each step as a CUDA graph per length bucket",
+            )
         p.add_argument(
             "--profile",
             type=int,
@@ -131,7 +137,9 @@ def add_bench_train_parsers(sub) -> None:
 def _throughput_options(ns: argparse.Namespace):
     from ..bench.train import ThroughputOptions
 
-    return ThroughputOptions(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ThroughputOptions)})
+    return ThroughputOptions(
+        **{f.name: getattr(ns, f.name) for f in dataclasses.fields(ThroughputOptions) if hasattr(ns, f.name)}
+    )
 
 
 def cmd_bench_train(ns: argparse.Namespace) -> int:

@@ -91,3 +91,75 @@ def pack(seqs: Sequence[Sequence[int]], row_tokens: int, pad_id: int, position_s
             first_row[i], first_col[i] = r, col
             col += n
     return PackedBatch(ids, pos, seg, first_row, first_col)
+
+
+FLAT_BUCKET = 512  # a flat row's length is rounded up to a multiple of this, so step shapes repeat
+
+
+@dataclass
+class FlatBatch:
+    """A batch's reviews concatenated into one row [1, width], no padding between them.
+
+    cu_seqlens [n + 2] (int32) marks where each review starts and ends, then the padding tail that
+    rounds the row up to its bucket, which is one more segment (it attends only to itself and is never
+    read). starts [n]: each review's first token, in input order.
+    """
+
+    input_ids: torch.Tensor  # [1, width]
+    position_ids: torch.Tensor  # [1, width]: restart at each review
+    cu_seqlens: torch.Tensor  # [n + 2], int32
+    starts: torch.Tensor  # [n]
+    max_len: int  # longest segment (padding tail included): the kernel's max_seqlen
+    real_tokens: int
+
+    def to(self, device: torch.device) -> FlatBatch:
+        t = (self.input_ids, self.position_ids, self.cu_seqlens, self.starts)
+        return FlatBatch(*(x.to(device, non_blocking=True) for x in t), self.max_len, self.real_tokens)
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def flat_width(tokens: int, bucket: int = FLAT_BUCKET) -> int:
+    """The bucket a row of `tokens` real tokens goes to: the next multiple of bucket above it, so the
+    padding tail always has at least one token (an empty segment is not given to the kernel)."""
+    return (tokens // bucket + 1) * bucket
+
+
+def flatten(
+    seqs: Sequence[Sequence[int]], pad_id: int, position_start: int, bucket: int = FLAT_BUCKET
+) -> FlatBatch:
+    """Concatenate reviews in input order into one row; positions restart at position_start for each."""
+    lengths = [len(s) for s in seqs]
+    total = sum(lengths)
+    width = flat_width(total, bucket)
+    ids = torch.full((1, width), pad_id, dtype=torch.long)
+    ids[0, :total] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    bounds = torch.tensor([0, *lengths, width - total], dtype=torch.long).cumsum(0)
+    # position of token j: j minus the start of its segment, plus the model's first position
+    segment = torch.repeat_interleave(torch.arange(len(lengths) + 1), torch.tensor([*lengths, width - total]))
+    pos = torch.arange(width) - bounds[segment] + position_start
+    pos[total:] = position_start  # the tail is never read; a constant stays inside any position table
+    return FlatBatch(
+        ids,
+        pos.unsqueeze(0),
+        bounds.to(torch.int32),
+        bounds[:-2].clone(),
+        max(max(lengths), width - total),
+        total,
+    )
+
+
+def flat_token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive index batches of at most max_tokens real tokens (at least one review each), in input
+    order: flat rows have no padding to save by sorting, and near-full rows fall into few buckets."""
+    batches: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if batches[-1] and used + n > max_tokens:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += n
+    return [b for b in batches if b]

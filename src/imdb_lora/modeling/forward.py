@@ -1,22 +1,35 @@
-"""The one forward pass (padded or packed) that training, evaluation and the benches run."""
+"""The one forward pass (padded, packed or flat) that training, evaluation and the benches run."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from ..data.batches import length_sorted_batches, pack, pad_batch
+from ..data.batches import flat_token_batches, flatten, length_sorted_batches, pack, pad_batch
+from .flat import flat_logits
+from .merge import merged_lora
 from .packing import classifier_of, packed_logits, position_start
 
+FLAT_EVAL_TOKENS_PER_REVIEW = 256  # flat evaluation: rows of up to eval batch size x this many tokens
 
-def compile_encoder(model: nn.Module) -> None:
+
+def path_name(path: bool | str) -> str:
+    """padded, packed or flat; True/False (the older packed flag) mean packed/padded."""
+    if isinstance(path, str):
+        return path
+    return "packed" if path else "padded"
+
+
+def compile_encoder(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile the transformer encoder in place, with dynamic shapes (review lengths vary).
 
     In place, so PEFT, the state dict and the packed path (which calls the encoder directly) see the
     same modules; only the encoder's forward is replaced by its compiled version.
     """
     m = classifier_of(model)
-    getattr(m, m.base_model_prefix).compile(dynamic=True)
+    getattr(m, m.base_model_prefix).compile(dynamic=True, backend=backend)
 
 
 def autocast_for(device: torch.device):
@@ -29,17 +42,21 @@ def forward_logits(
     seqs: list[list[int]],
     pad_id: int,
     device: torch.device,
-    packed: bool,
+    packed: bool | str,
     row_tokens: int | None = None,
 ) -> torch.Tensor:
     """Logits for one batch of token-id sequences, in the given order, under the device's autocast.
 
-    Packed: reviews share rows of up to row_tokens (default: the longest review) with block-diagonal
-    attention. Padded: one row per review, padded to the longest. The one forward that training,
-    evaluation and the benches all run.
+    packed (the path: padded, packed or flat; a bool means packed/padded): flat concatenates the
+    reviews into one row with per-review attention (flat.py). Packed: reviews share rows of up to
+    row_tokens (default: the longest review) with block-diagonal attention. Padded: one row per review,
+    padded to the longest. The one forward that training, evaluation and the benches all run.
     """
+    path = path_name(packed)
     with autocast_for(device):
-        if packed:
+        if path == "flat":
+            return flat_logits(model, flatten(seqs, pad_id, position_start(model)).to(device))
+        if path == "packed":
             rows = pack(seqs, row_tokens or max(map(len, seqs)), pad_id, position_start(model))
             return packed_logits(model, rows.to(device))
         ids, mask = pad_batch(seqs, pad_id)
@@ -54,24 +71,33 @@ def batched_logits(
     batch_size: int,
     device: torch.device,
     progress=None,
-    packed: bool = False,
+    packed: bool | str = False,
 ) -> torch.Tensor:
     """fp32 logits for token-id sequences, in input order.
 
     Padded: length-sorted batches of batch_size, so padding is small. Packed: batch_size reviews at a
     time packed into rows as long as the longest of them, no padding but block-diagonal attention.
+    Flat: consecutive reviews up to batch_size x FLAT_EVAL_TOKENS_PER_REVIEW tokens per row, with the
+    LoRA adapters merged into the base weights for the pass (merge.merged_lora, restored after).
     """
+    path = path_name(packed)
     was_training = model.training
     model.eval()
     out = torch.empty((len(seqs), model.config.num_labels), dtype=torch.float32)
-    if packed:
+    lengths = [len(s) for s in seqs]
+    if path == "flat":
+        batches = flat_token_batches(lengths, batch_size * FLAT_EVAL_TOKENS_PER_REVIEW)
+    elif path == "packed":
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
     else:
-        batches = length_sorted_batches([len(s) for s in seqs], batch_size)
-    for idx in batches:
-        logits = forward_logits(model, [seqs[i] for i in idx], pad_id, device, packed)
-        out[idx] = logits.float().cpu()
-        if progress is not None:
-            progress.update(len(idx))
+        batches = length_sorted_batches(lengths, batch_size)
+    with merged_lora(model) if path == "flat" else nullcontext():
+        parts = []  # kept on the device until the end: one copy back instead of a sync per batch
+        for idx in batches:
+            parts.append(forward_logits(model, [seqs[i] for i in idx], pad_id, device, path).float())
+            if progress is not None:
+                progress.update(len(idx))
+    if parts:
+        out[torch.tensor([i for idx in batches for i in idx])] = torch.cat(parts).cpu()
     model.train(was_training)
     return out

@@ -55,7 +55,7 @@ def save_checkpoint(
         tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
     meta = {
         "progress": json.dumps(progress.__dict__),
-        "param_groups": json.dumps(opt["param_groups"]),
+        "param_groups": json.dumps(opt["param_groups"], default=float),  # lr: a tensor when captured
         "version": __version__,
     }
     tmp = path.with_name(path.name + ".tmp")

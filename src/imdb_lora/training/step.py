@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..modeling.forward import forward_logits
+from .graphs import CapturedSteps, set_lr
 
 
 def train_step(
@@ -22,19 +23,25 @@ def train_step(
     lr: float,
     train_cfg: TrainConfig,
     row_tokens: int | None = None,
+    captured: CapturedSteps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, clipping and the optimizer update for one batch at learning rate `lr`.
+
+    packed: the path (padded, packed or flat; a bool means packed/padded). captured: flat steps of its
+    batch size run its static-buffer step (a CUDA graph per bucket on CUDA); other batches (an epoch's
+    last, partial one) run eagerly here, keeping the gradient buffers the graphs write to.
 
     Returns the batch's summed loss and its correct count as device tensors: reading them back here
     would make the host wait for the device every step instead of queueing the next one.
     """
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    if captured is not None and captured.handles(len(seqs)):
+        return captured.step(seqs, labels, lr)
+    set_lr(optimizer, lr)
     logits = forward_logits(model, seqs, pad_id, device, packed, row_tokens=row_tokens).float()
     loss = F.cross_entropy(logits, labels, label_smoothing=train_cfg.label_smoothing)
     loss.backward()
     if train_cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=captured is None)
     return loss.detach().float() * len(seqs), (logits.argmax(-1) == labels).sum().float()

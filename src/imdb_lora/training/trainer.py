@@ -28,6 +28,7 @@ from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
 from ..errors import UserError
 from ..metrics import loss_and_accuracy, peak_memory
+from ..modeling.flat import batching_path
 from ..modeling.forward import batched_logits, compile_encoder
 from ..modeling.load import (
     check_max_length,
@@ -37,16 +38,25 @@ from ..modeling.load import (
     software_versions,
 )
 from ..modeling.lora import build_model
-from ..modeling.packing import use_packing
+from ..modeling.merge import frozen_weights_to_bf16
 from ..runs.report import write_reports
 from ..runs.rundir import RunDir
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
+from .graphs import CapturedSteps, make_optimizer
 from .schedule import epoch_order, lr_at
 from .step import train_step
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
 # Settings a resumed run may change: where and how it computes, not what it computes.
-RESUME_MAY_CHANGE = {"train.device", "train.compile", "data.token_cache"}
+RESUME_MAY_CHANGE = {"train.device", "train.compile", "train.cuda_graphs", "data.token_cache"}
+
+
+TRAIN_PATHS = {
+    "padded": "padded (dynamic padding)",
+    "packed": "packed (padding-free rows, block-diagonal attention)",
+    "flat": "flat (one padding-free row per batch, per-review varlen attention)",
+}
+EVAL_PATHS = {"padded": "padded (length-sorted)", "packed": "packed", "flat": "flat (LoRA merged)"}
 
 
 class Trainer:
@@ -158,17 +168,21 @@ class Trainer:
         if not self.resumed:
             self.tokenizer.save_pretrained(self.run.tokenizer_dir)
         self.model = model.to(self.device)
-        self.packed = use_packing(cfg.train.batching, self.model, self.device, training=True)
-        self.packed_eval = use_packing(cfg.train.batching, self.model, self.device, training=False)
+        self.path = batching_path(cfg.train.batching, self.model, self.device, training=True)
+        self.eval_path = batching_path(cfg.train.batching, self.model, self.device, training=False)
+        # The fast path on CUDA stores the frozen weights in bf16 once (autocast computes with bf16
+        # copies of them anyway); LoRA, the head and the optimizer state stay fp32.
+        self.bf16_base = self.path == "flat" and self.device.type == "cuda" and cfg.train.method == "lora"
+        if self.bf16_base:
+            frozen_weights_to_bf16(self.model)
         if cfg.train.compile:
             compile_encoder(self.model)
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=t.lr, weight_decay=t.weight_decay, fused=self.device.type == "cuda"
-        )
+        graphs = t.cuda_graphs and self.device.type == "cuda"
+        self.optimizer = make_optimizer(self.params, t, self.device, captured=graphs)
         self.steps_per_epoch = math.ceil(len(self.train_ids) / t.batch_size)
         self.total_steps = self.steps_per_epoch * t.epochs
         self.state = Progress()
@@ -179,6 +193,20 @@ class Trainer:
                 f"resuming {self.run.path} at epoch {self.state.epoch}, step {self.state.step_in_epoch}",
                 flush=True,
             )
+        self.captured = (
+            CapturedSteps(
+                self.model,
+                self.optimizer,
+                self.params,
+                t,
+                self.device,
+                self.tokenizer.pad_token_id,
+                t.batch_size,
+                self.cfg.data.max_length,
+            )
+            if graphs
+            else None
+        )
 
     def _abandon(self) -> None:
         """Setup failed: a fresh run leaves nothing behind; a resumed one keeps its files, unlocked."""
@@ -262,10 +290,11 @@ class Trainer:
             y,
             pad_id,
             self.device,
-            self.packed,
+            self.path,
             lr,
             cfg,
             row_tokens=self.cfg.data.max_length,
+            captured=self.captured,
         )
 
     def _after_step(self) -> None:
@@ -286,7 +315,7 @@ class Trainer:
             row["test_loss"], row["test_accuracy"] = self.evaluate(self.test_ids, self.test_y, "test")
         row["train_seconds"] = st.epoch_train_seconds
         row["eval_seconds"] = time.time() - t0
-        row["lr_end"] = self.optimizer.param_groups[0]["lr"]
+        row["lr_end"] = float(self.optimizer.param_groups[0]["lr"])  # a tensor for captured steps
         st.history.append(row)
         if val_acc > st.best_val_accuracy:  # strictly better: ties keep the earlier, cheaper epoch
             st.best_val_accuracy, st.best_epoch = val_acc, st.epoch
@@ -315,7 +344,7 @@ class Trainer:
             self.cfg.train.eval_batch_size,
             self.device,
             bar,
-            packed=self.packed_eval,
+            packed=self.eval_path,
         )
         bar.close()
         return loss_and_accuracy(logits, labels)
@@ -339,13 +368,11 @@ class Trainer:
             "device": str(self.device)
             if self.device.type != "cuda"
             else torch.cuda.get_device_name(self.device),
-            "train_path": (
-                "packed (padding-free rows, block-diagonal attention)"
-                if self.packed
-                else "padded (dynamic padding)"
-            )
+            "train_path": TRAIN_PATHS[self.path]
+            + (", CUDA graphs" if self.captured is not None else "")
+            + (", bf16 frozen weights" if self.bf16_base else "")
             + (", torch.compile" if self.cfg.train.compile else ""),
-            "eval_path": "packed" if self.packed_eval else "padded (length-sorted)",
+            "eval_path": EVAL_PATHS[self.eval_path],
             "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",
             "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
             "epochs_done": len(st.history),

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Issue 10's table from one `scripts/gpu-checks.sh STAGE OUT fast` call, and its JSON record.
+
+    python3 scripts/fast_summary.py OUT/log.txt OUT/fast-summary.json
+
+Reads the log that gpu-checks.sh wrote (each step's command after `=== NAME:`, then its output) and
+its summary.txt (exit status and seconds per step), prints one markdown table (tokens/s, epoch seconds,
+cold and warm test-set evaluation seconds, peak memory, MFU, ratio to reference_lora.py) and the
+3-epoch `train` wall time, and writes every figure with the date, GPU, versions and commands to JSON
+(commit it under docs/measurements/). Standard library only: it runs on the GPU machine as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+TRAIN_ROWS = [  # (step name, label)
+    ("fast-ref", "reference_lora.py (bf16, SDPA, dynamic padding)"),
+    ("fast-bench-train-padded", "project, padded (today's default)"),
+    ("fast-bench-train-flat", "project, flat"),
+    ("fast-bench-train-flat-graphs", "project, flat + CUDA graphs"),
+    ("fast-bench-train-flat-compiled", "project, flat + torch.compile"),
+]
+EVAL_ROWS = [
+    ("fast-bench-eval-packed", "evaluation, packed"),
+    ("fast-bench-eval-flat", "evaluation, flat (LoRA merged)"),
+]
+TARGETS = {"ratio": 6.0, "epoch_s": 10.0, "eval_warm_s": 3.0, "train_3_epochs_wall_s": 60.0}
+
+
+def parse_steps(log: str) -> dict[str, dict]:
+    """{step name: {"command": ..., "lines": [...]}} in log order."""
+    steps: dict[str, dict] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.match(r"^=== ([\w.-]+): (.*)$", line)
+        if m:
+            current = steps[m.group(1)] = {"command": m.group(2), "lines": []}
+        elif current is not None:
+            current["lines"].append(line)
+    return steps
+
+
+def parse_status(summary: str) -> dict[str, dict]:
+    out = {}
+    for line in summary.splitlines():
+        m = re.match(r"^([\w.-]+)\s+rc=(\d+)\s+(\d+)s", line)
+        if m:
+            out[m.group(1)] = {"rc": int(m.group(2)), "seconds": int(m.group(3))}
+        m = re.match(r"^([\w.-]+)\s+skipped", line)
+        if m:
+            out[m.group(1)] = {"rc": None, "skipped": True}
+    return out
+
+
+def figures(name: str, lines: list[str]) -> dict:
+    """The figures one step printed: a bench's JSON report, the reference's rate, train's epochs."""
+    text = "\n".join(lines)
+    fig: dict = {}
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                fig.update(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    m = re.search(r"real_tok/s (\d+) epoch_est_s ([\d.]+)", text)
+    if m:
+        fig["tokens_per_second"], fig["epoch_seconds_estimate"] = float(m.group(1)), float(m.group(2))
+    m = re.search(r"peak_mem_GiB ([\d.]+)", text)
+    if m:
+        fig["peak_memory_bytes"] = float(m.group(1)) * 2**30
+    epochs = re.findall(r"^epoch (\d+): .*?\| ([\d.]+)s train, ([\d.]+)s eval", text, re.M)
+    if epochs:
+        fig["epochs"] = [{"epoch": int(e), "train_s": float(t), "eval_s": float(v)} for e, t, v in epochs]
+        fig["test_accuracy"] = [float(a) for a in re.findall(r"test acc ([\d.]+)", text)]
+    m = re.search(r"^wall ([\d.]+) s", text, re.M)
+    if m:
+        fig["wall_seconds"] = float(m.group(1))
+    return fig
+
+
+def gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB" if b else "–"
+
+
+def num(v, fmt="{:,.1f}") -> str:
+    return fmt.format(v) if isinstance(v, (int, float)) else "–"
+
+
+def main(log_path: str, json_path: str) -> int:
+    log = Path(log_path).read_text()
+    summary_path = Path(log_path).with_name("summary.txt")
+    status = parse_status(summary_path.read_text()) if summary_path.exists() else {}
+    steps = parse_steps(log)
+    head = log.splitlines()[:3]
+    versions = next((line for line in head if line.startswith("torch ")), "")
+    gpu = versions.rsplit("| gpu ", 1)[-1] if "| gpu " in versions else "unknown"
+    record: dict = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "gpu": gpu,
+        "versions": versions,
+        "header": head,
+        "steps": {},
+    }
+    for name, s in steps.items():
+        if name.startswith("fast"):
+            record["steps"][name] = {
+                "command": s["command"],
+                **status.get(name, {}),
+                **figures(name, s["lines"]),
+            }
+    got = record["steps"]
+    ref_rate = got.get("fast-ref", {}).get("tokens_per_second")
+    print(f"\nissue 10, fast path: {gpu}")
+    print("| recipe | tokens/s | epoch s | vs reference | MFU | peak memory |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, label in TRAIN_ROWS:
+        f = got.get(name, {})
+        rate = f.get("tokens_per_second")
+        ratio = rate / ref_rate if rate and ref_rate else None
+        f["ratio_to_reference"] = ratio
+        print(
+            f"| {label} | {num(rate, '{:,.0f}')} | {num(f.get('epoch_seconds_estimate'))} | "
+            f"{num(ratio, '{:.2f}x')} | {num(f.get('mfu'), '{:.1%}')} | {gib(f.get('peak_memory_bytes'))} |"
+        )
+    print("\n| evaluation of the test set | tokens/s (warm) | cold s | warm s | peak memory |")
+    print("|---|---:|---:|---:|---:|")
+    for name, label in EVAL_ROWS:
+        f = got.get(name, {})
+        print(
+            f"| {label} | {num(f.get('tokens_per_second'), '{:,.0f}')} | "
+            f"{num(f.get('cold_test_set_seconds_estimate'))} | {num(f.get('test_set_seconds_estimate'))} | "
+            f"{gib(f.get('peak_memory_bytes'))} |"
+        )
+    train = got.get("fast-train-3-epochs", {})
+    for e in train.get("epochs", []):
+        print(
+            f"train --epochs 3 (flat + CUDA graphs): epoch {e['epoch']} {e['train_s']:.1f}s train, {e['eval_s']:.1f}s eval"
+        )
+    print(f"train --epochs 3 wall: {num(train.get('wall_seconds'))} s")
+    best = max(
+        (
+            got.get(n, {})
+            for n in (
+                "fast-bench-train-flat",
+                "fast-bench-train-flat-graphs",
+                "fast-bench-train-flat-compiled",
+            )
+        ),
+        key=lambda f: f.get("tokens_per_second") or 0,
+    )
+    flat_eval = got.get("fast-bench-eval-flat", {})
+    checks = {
+        "ratio >= 6x": (best.get("ratio_to_reference"), TARGETS["ratio"], ">="),
+        "epoch <= 10 s": (best.get("epoch_seconds_estimate"), TARGETS["epoch_s"], "<="),
+        "test-set evaluation warm <= 3 s": (
+            flat_eval.get("test_set_seconds_estimate"),
+            TARGETS["eval_warm_s"],
+            "<=",
+        ),
+        "3 epochs with evaluations <= 60 s wall": (
+            train.get("wall_seconds"),
+            TARGETS["train_3_epochs_wall_s"],
+            "<=",
+        ),
+    }
+    record["targets"] = {}
+    for label, (value, target, op) in checks.items():
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        record["targets"][label] = {"value": value, "target": target, "met": met}
+        print(
+            f"target {label}: {num(value, '{:.2f}')} -> {'not measured' if met is None else 'met' if met else 'NOT met'}"
+        )
+    Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))

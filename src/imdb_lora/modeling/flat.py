@@ -1,0 +1,174 @@
+"""Flat batches: a batch's reviews as one padding-free row, attention by cumulative sequence lengths.
+
+The packed path (packing.py) fills fixed-width rows and keeps reviews apart with a dense
+[rows, 1, L, L] mask, which measured slower than padding in training on an H200. Here the batch is one
+row [1, T] (data.batches.flatten), positions restart per review, and attention runs per review from
+`cu_seqlens`: no mask and no pad token inside the row (only a short tail rounding T up to its bucket).
+
+It plugs into transformers' own attention hooks instead of re-implementing the encoder: an attention
+function registered with `AttentionInterface` and a mask function with `AttentionMaskInterface` under
+one name (FLAT_ATTENTION), selected with `set_attn_implementation`. The encoder passes the keywords
+`cu_seq_lens_q/k` and `max_length_q/k` through to the attention function unchanged.
+- CUDA: the flash-attention varlen kernel (`aten::_flash_attention_forward`, differentiable, with
+  dropout; `torch.nn.attention.varlen.varlen_attn` has no dropout, and the configs' attention dropout
+  is 0.1).
+- CPU: a reference that runs SDPA review by review: the same computation, exact, for the tests.
+Calls without `cu_seq_lens_q` (padded batches on the same model) go to transformers' SDPA function
+with its usual mask, so one model serves both layouts.
+
+Supported: roberta-like heads and bert (see FLAT_MODELS). MPNet is not: its attention does not go
+through the attention interface (its own kernel, plus a relative position bias it builds densely as
+[batch, heads, L, L] from the row length), so a flat row of ~10k tokens would need its own attention
+module (FlexAttention with a score_mod for the bias); it stays padded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.batches import FlatBatch
+from ..errors import UserError
+from .packing import POOLER_HEADS, classifier_of, supports_packing
+
+FLAT_ATTENTION = "imdb_lora_flat"
+FLAT_MODELS = {"roberta", "xlm-roberta", "camembert", "bert"}
+BATCHING_MODES = ("auto", "padded", "packed", "flat")
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, dropout: float, scale
+) -> torch.Tensor:
+    """Attention inside each segment of cu_seqlens; q, k, v and the result are [T, heads, dim]."""
+    if q.is_cuda:
+        dtype = q.dtype
+        if dtype not in (torch.float16, torch.bfloat16):  # the flash kernel takes half precision only
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, dropout, False, False, scale=scale
+        )[0]
+        return out.to(dtype)
+    if torch.compiler.is_compiling():
+        # Traced: one SDPA over the row with a block-diagonal mask (no data-dependent loop to break the
+        # graph); O(T^2) memory, which only the tests' tiny rows afford on the CPU.
+        seg = torch.repeat_interleave(
+            torch.arange(cu.numel() - 1, device=q.device), cu.diff(), output_size=q.shape[0]
+        )
+        mask = seg[:, None] == seg[None, :]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scale,
+        )
+        return out.transpose(0, 1)
+    # CPU reference: SDPA per segment, [heads, n, dim] each; the tests compare it with the padded model.
+    bounds = cu.tolist()
+    parts = [
+        F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            dropout_p=dropout,
+            scale=scale,
+        ).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(parts)
+
+
+def flat_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The attention function registered as FLAT_ATTENTION: query/key/value are [1, heads, T, dim]."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # a padded batch on a model switched to the flat implementation
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+    out = varlen_attention(q, k, v, cu, kwargs["max_length_q"], dropout, scaling)
+    return out.unsqueeze(0), None  # [1, T, heads, dim], as transformers' kernels return
+
+
+_registered = False
+
+
+def register_flat_attention() -> None:
+    """Register FLAT_ATTENTION with transformers (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FLAT_ATTENTION, flat_attention)
+    # The flat call passes no attention mask, so SDPA's mask function returns None there; padded calls
+    # on the same model get SDPA's usual mask.
+    AttentionMaskInterface.register(FLAT_ATTENTION, sdpa_mask)
+    _registered = True
+
+
+def supports_flat(model: nn.Module) -> bool:
+    return classifier_of(model).config.model_type in FLAT_MODELS
+
+
+def enable_flat(model: nn.Module) -> None:
+    """Switch the model's attention to FLAT_ATTENTION (padded calls keep working, through SDPA)."""
+    m = classifier_of(model)
+    if m.config._attn_implementation != FLAT_ATTENTION:
+        register_flat_attention()
+        m.set_attn_implementation(FLAT_ATTENTION)
+
+
+def batching_path(mode: str, model: nn.Module, device: torch.device, training: bool) -> str:
+    """The --batching decision: padded, packed or flat.
+
+    auto: padded training and packed evaluation on CUDA where supported, padded on the CPU. That is the
+    fastest measured so far on an H200 (docs/performance.md); flat is selectable and measured by
+    `scripts/gpu-checks.sh ... fast` before auto may choose it.
+    """
+    model_type = classifier_of(model).config.model_type
+    if mode == "flat":
+        if not supports_flat(model):
+            raise UserError(
+                f"--batching flat is not supported for model type {model_type!r} "
+                f"(supported: {', '.join(sorted(FLAT_MODELS))}); use padded or packed"
+            )
+        return "flat"
+    if mode == "packed" and not supports_packing(model):
+        raise UserError(f"--batching packed is not supported for model type {model_type!r}")
+    if mode == "packed" or (
+        mode == "auto" and supports_packing(model) and device.type == "cuda" and not training
+    ):
+        return "packed"
+    return "padded"
+
+
+def flat_logits(model: nn.Module, batch: FlatBatch, static_max_len: int | None = None) -> torch.Tensor:
+    """Classifier logits [n, labels] for a flat batch, in input order.
+
+    static_max_len: the kernel's max sequence length when it must not depend on the batch (a captured
+    CUDA graph bakes it in); any bound >= the longest segment gives the same result.
+    """
+    enable_flat(model)
+    m = classifier_of(model)
+    encoder = getattr(m, m.base_model_prefix)
+    kwargs = {"token_type_ids": torch.zeros_like(batch.input_ids)} if m.config.model_type == "bert" else {}
+    max_len = static_max_len or batch.max_len
+    hidden = encoder(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        cu_seq_lens_q=batch.cu_seqlens,
+        cu_seq_lens_k=batch.cu_seqlens,
+        max_length_q=max_len,
+        max_length_k=max_len,
+        **kwargs,
+    ).last_hidden_state
+    first = hidden[0, batch.starts].unsqueeze(1)  # [n, 1, hidden]: each review's <s>/[CLS]
+    if m.config.model_type in POOLER_HEADS:
+        return m.classifier(m.dropout(encoder.pooler(first)))
+    return m.classifier(first)

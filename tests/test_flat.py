@@ -1,0 +1,192 @@
+"""The flat (one padding-free row, per-review attention) forward is the same computation as padded."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_packing import models, random_reviews
+
+from imdb_lora.data.batches import flat_token_batches, flat_width, flatten, pad_batch
+from imdb_lora.modeling.flat import FLAT_ATTENTION, batching_path, flat_logits, supports_flat
+from imdb_lora.modeling.packing import position_start
+
+KINDS = ["roberta", "bert"]
+
+
+def flat_batch(model, seqs, bucket=64):
+    cfg = model.get_base_model().config
+    return flatten(seqs, cfg.pad_token_id, position_start(model), bucket=bucket)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flat_logits_equal_padded_logits(tiny_models, kind):
+    model = models(tiny_models, kind, "sdpa")
+    assert supports_flat(model)
+    cfg = model.get_base_model().config
+    seqs = random_reviews(cfg.vocab_size, 9, seed=3)
+    ids, mask = pad_batch(seqs, cfg.pad_token_id)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        batch = flat_batch(model, seqs)
+        assert batch.input_ids.shape[0] == 1 and batch.width > batch.real_tokens  # one row, a tail
+        flat = flat_logits(model, batch)
+        assert cfg._attn_implementation == FLAT_ATTENTION
+        again = model(input_ids=ids, attention_mask=mask).logits  # padded calls still work after
+    assert torch.allclose(flat, padded, atol=1e-4), (flat - padded).abs().max()
+    assert torch.allclose(again, padded, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flat_loss_and_gradients_equal_padded(tiny_models, kind):
+    model = models(tiny_models, kind, "sdpa")  # eval mode: dropout off, so both paths are deterministic
+    cfg = model.get_base_model().config
+    seqs = random_reviews(cfg.vocab_size, 7, seed=5)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(logits):
+        loss = F.cross_entropy(logits, y)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    ids, mask = pad_batch(seqs, cfg.pad_token_id)
+    loss_a, ga = grads(model(input_ids=ids, attention_mask=mask).logits)
+    loss_b, gb = grads(flat_logits(model, flat_batch(model, seqs)))
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert len(ga) > 10
+    for p, a, b in zip(params, ga, gb):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), p.shape
+
+
+def test_flatten_layout():
+    seqs = [[7] * n for n in (5, 3, 9)]
+    b = flatten(seqs, pad_id=1, position_start=2, bucket=8)
+    assert b.width == 24 == flat_width(17, 8) and b.real_tokens == 17
+    assert b.cu_seqlens.tolist() == [0, 5, 8, 17, 24] and b.cu_seqlens.dtype == torch.int32
+    assert b.starts.tolist() == [0, 5, 8] and b.max_len == 9
+    assert b.position_ids[0].tolist() == [*range(2, 7), *range(2, 5), *range(2, 11), *[2] * 7]
+    assert (b.input_ids[0, 17:] == 1).all() and (b.input_ids[0, :17] == 7).all()
+    assert flat_width(16, 8) == 24  # a full bucket still gets a padding tail: no empty segment
+    assert flat_token_batches([5, 3, 9, 2, 20], 10) == [[0, 1], [2], [3], [4]]
+
+
+def test_flat_needs_a_supported_architecture(tiny_models):
+    from imdb_lora.errors import UserError
+
+    mpnet = models(tiny_models, "mpnet", "eager")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(UserError, match="--batching flat is not supported for model type 'mpnet'"):
+        batching_path("flat", mpnet, cpu, training=True)
+    bert = models(tiny_models, "bert", "sdpa")
+    assert batching_path("flat", bert, cpu, training=True) == "flat"
+    # auto stays as measured so far: padded training, packed evaluation on CUDA, padded on the CPU
+    assert batching_path("auto", bert, cuda, training=True) == "padded"
+    assert batching_path("auto", bert, cuda, training=False) == "packed"
+    assert batching_path("auto", bert, cpu, training=False) == "padded"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flat_evaluation_merged_equals_padded_in_input_order(tiny_models, kind):
+    from imdb_lora.modeling.forward import batched_logits
+
+    model = models(tiny_models, kind, "sdpa")
+    cfg = model.get_base_model().config
+    seqs = random_reviews(cfg.vocab_size, 13, seed=7)
+    cpu = torch.device("cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    padded = batched_logits(model, seqs, cfg.pad_token_id, 4, cpu)
+    flat = batched_logits(model, seqs, cfg.pad_token_id, 1, cpu, packed="flat")  # rows of <= 256 tokens
+    assert torch.allclose(flat, padded, atol=1e-4), (flat - padded).abs().max()
+    for n, p in model.named_parameters():  # LoRA merged for the pass, then the weights put back exactly
+        assert torch.equal(p, before[n]), n
+    unmerged = batched_logits(model, seqs, cfg.pad_token_id, 4, cpu)
+    assert torch.equal(unmerged, padded)
+
+
+def _steps(model, batches, labels, captured_cls=None, capture=False):
+    """Three-ish flat training steps of the real step function; returns the trainable parameters."""
+    from imdb_lora.config import TrainConfig
+    from imdb_lora.training.graphs import CapturedSteps, make_optimizer
+    from imdb_lora.training.step import train_step
+
+    device = next(model.parameters()).device
+    cfg = TrainConfig(lr=1e-2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg, device, captured=capture)
+    pad_id = model.get_base_model().config.pad_token_id
+    captured = (
+        CapturedSteps(model, opt, params, cfg, device, pad_id, len(batches[0]), 128, capture=capture)
+        if captured_cls
+        else None
+    )
+    sums = []
+    for seqs, y in zip(batches, labels):
+        y = y.to(device)
+        sums.append(
+            train_step(model, opt, params, seqs, y, pad_id, device, "flat", 1e-2, cfg, captured=captured)
+        )
+    return [p.detach().cpu() for p in params], [torch.stack(s).cpu() for s in sums], captured
+
+
+def _step_data(model, sizes=(4, 4, 3, 4)):
+    vocab = model.get_base_model().config.vocab_size
+    seqs = random_reviews(vocab, sum(sizes), seed=11)
+    out, i = [], 0
+    for n in sizes:  # two buckets of full batches, and a partial batch that runs eagerly
+        out.append(seqs[i : i + n])
+        i += n
+    return out, [torch.tensor([j % 2 for j in range(n)]) for n in sizes]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_buffer_step_equals_the_eager_step(tiny_models, kind):
+    """CapturedSteps on the CPU runs its static-buffer step uncaptured: same parameters as the plain
+    eager step after 4 steps (3 full batches in two buckets, 1 partial batch run eagerly), dropout off."""
+    import copy
+
+    model = models(tiny_models, kind, "sdpa")  # eval mode: no dropout
+    other = copy.deepcopy(model)
+    batches, labels = _step_data(model)
+    eager, eager_sums, _ = _steps(model, batches, labels)
+    static, static_sums, captured = _steps(other, batches, labels, captured_cls=True)
+    assert len(captured.buckets) >= 1
+    for a, b in zip(eager, static):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    for a, b in zip(eager_sums, static_sums):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not any(torch.equal(a, b) for a, b in zip(eager, [p.detach() for p in models(tiny_models, kind, "sdpa").parameters() if p.requires_grad]))  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_graph_step_equals_the_eager_step(tiny_models, kind):
+    import copy
+
+    model = models(tiny_models, kind, "sdpa").cuda()
+    other = copy.deepcopy(model)
+    batches, labels = _step_data(model, sizes=(4, 4, 4, 3))
+    eager, eager_sums, _ = _steps(model, batches, labels)
+    graphed, graphed_sums, captured = _steps(other, batches, labels, captured_cls=True, capture=True)
+    assert all(b.graph is not None for b in captured.buckets.values())
+    for a, b in zip(eager, graphed):  # bf16 autocast on both: equal up to reduction order
+        assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
+    for a, b in zip(eager_sums, graphed_sums):
+        assert torch.allclose(a, b, atol=1e-2)
+
+
+@pytest.mark.slow  # about two minutes on 2 CPU cores (dynamic-shape tracing of forward and backward)
+def test_compiled_flat_step_equals_the_eager_step(tiny_models):
+    """torch.compile of the encoder (dynamic token dimension) on the flat path: same parameters after 3
+    steps. aot_eager traces forward and backward as Inductor would, without its slow CPU code
+    generation (the Inductor variant is the slow test in test_packing.py and the GPU script)."""
+    import copy
+
+    from imdb_lora.modeling.forward import compile_encoder
+
+    torch._dynamo.reset()
+    model = models(tiny_models, "roberta", "sdpa")
+    other = copy.deepcopy(model)
+    batches, labels = _step_data(model, sizes=(4, 5, 3))
+    eager, _, _ = _steps(model, batches, labels)
+    compile_encoder(other, backend="aot_eager")
+    compiled, _, _ = _steps(other, batches, labels)
+    for a, b in zip(eager, compiled):  # traced attention uses a block mask, eager a loop: float rounding
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
