@@ -1,0 +1,48 @@
+"""scripts/fast_summary.py: the GPU part's table and JSON record, from a log in gpu-checks.sh's format."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fast_summary.py"
+
+LOG = """gpu-checks 2026-11-29T00:00:00Z parts: fast quick=0
+torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | gpu NVIDIA H200
+=== fast-ref: python3 reference_lora.py --max-steps 60
+epoch 1 steps 60 train_loss 0.6931 train_acc 0.5000 train_s 30.0 real_tok/s 70000 epoch_est_s 95.1
+peak_mem_GiB 9.0
+=== fast-bench-train-flat-graphs: python3 -m imdb_lora bench train --batching flat --cuda-graphs
+{"bench": "train", "tokens_per_second": 490000.0, "epoch_seconds_estimate": 9.5, "mfu": 0.3}
+=== fast-bench-eval-flat: python3 -m imdb_lora bench eval --batching flat
+{"bench": "eval", "cold_test_set_seconds_estimate": 6.0, "test_set_seconds_estimate": 3.5}
+=== fast-train-3-epochs: /usr/bin/time python3 -m imdb_lora train --epochs 3
+epoch 1: train loss 0.69 acc 0.50 | val loss 0.69 acc 0.50 | test acc 0.5012 | 14.0s train, 4.0s eval *best*
+wall 55.0 s
+"""
+
+
+def test_fast_summary_table_json_and_targets(tmp_path, monkeypatch, capsys):
+    (tmp_path / "log.txt").write_text(LOG)
+    (tmp_path / "summary.txt").write_text(
+        "fast-ref                     rc=0    61s\nfast-bench-train-flat-compiled skipped (DEADLINE)\n"
+    )
+    out = tmp_path / "fast-summary.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(tmp_path / "log.txt"), str(out)])
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0
+    table = capsys.readouterr().out
+    assert "| project, flat + CUDA graphs | 490,000 | 9.5 | 7.00x | 30.0% |" in table
+    r = json.loads(out.read_text())
+    assert r["gpu"] == "NVIDIA H200" and r["steps"]["fast-ref"] == {
+        "command": "python3 reference_lora.py --max-steps 60", "rc": 0, "seconds": 61,
+        "tokens_per_second": 70000.0, "epoch_seconds_estimate": 95.1, "peak_memory_bytes": 9.0 * 2**30,
+        "ratio_to_reference": 1.0,
+    }  # fmt: skip
+    assert r["steps"]["fast-bench-train-flat-compiled"]["skipped"] is True
+    assert r["steps"]["fast-train-3-epochs"]["epochs"] == [{"epoch": 1, "train_s": 14.0, "eval_s": 4.0}]
+    met = {k: v["met"] for k, v in r["targets"].items()}
+    assert met == {"ratio >= 6x": True, "epoch <= 10 s": True, "test-set evaluation warm <= 3 s": False,
+                   "3 epochs with evaluations <= 60 s wall": True}  # fmt: skip
