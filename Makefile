@@ -27,12 +27,13 @@ RUN ?= runs/$(notdir $(MODEL))-lora
 .PHONY: setup test test-fast train lint format clean
 
 # torch first, pinned, with torch's own index beside PyPI: PyPI's Linux wheel is a multi-GB CUDA build,
-# and the CPU index's 2.13.0+cpu sorts above it. A CUDA machine picks its CUDA build instead, e.g.
-# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128` (README: "Set-up on a GPU machine").
+# and the CPU index's 2.13.0+cpu sorts above it (--no-deps: only torch itself comes from that index; its
+# dependencies come from PyPI with the project's). A CUDA machine picks its CUDA build instead, e.g.
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128` (README: "Set-up").
 $(BIN)/imdb-lora: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
+	$(BIN)/pip install -q --no-deps torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
