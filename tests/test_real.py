@@ -44,6 +44,16 @@ def test_minilm_learns_imdb(tmp_path):
     # machine (torch 2.13.0+cpu) on 2026-11-28, after the sub-package restructure. The threshold sits half
     # a point under that, so a regression of a point (10 of the 1,000 reviews) fails.
     assert info["test_accuracy"] >= 0.803
+    # calibration: the temperature fitted on validation leaves the labels alone and lowers validation ECE
+    cal = info["calibration"]
+    print(f"calibration: temperature {cal['temperature']:.3f}, ECE val {100 * cal['val']['before']['ece']:.2f}% -> "
+          f"{100 * cal['val']['after']['ece']:.2f}%, test {100 * cal['test']['before']['ece']:.2f}% -> "
+          f"{100 * cal['test']['after']['ece']:.2f}%")  # fmt: skip
+    assert (out / "calibration.json").is_file() and (out / "reliability.png").is_file()
+    for split in ("val", "test"):
+        assert cal[split]["after"]["accuracy"] == cal[split]["before"]["accuracy"]
+    assert cal["val"]["after"]["nll"] <= cal["val"]["before"]["nll"]
+    assert cal["val"]["after"]["ece"] <= cal["val"]["before"]["ece"]
     # the CLI's own evaluation of the finished run agrees with the training record
     r = subprocess.run([sys.executable, "-m", "imdb_lora", "evaluate", str(out), "--max-samples", "1000", "--json"],
                        capture_output=True, text=True, env=env, timeout=900)  # fmt: skip

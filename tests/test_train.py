@@ -41,7 +41,7 @@ def test_adapter_is_standard_peft(trained_run, tiny_models):
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models("bert"), num_labels=2)
     model = PeftModel.from_pretrained(base, trained_run / "adapter").eval()
-    clf = Classifier.load(str(trained_run), device="cpu")
+    clf = Classifier.load(str(trained_run), device="cpu", raw=True)  # plain PEFT knows no temperature
     enc = clf.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         direct = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
@@ -62,7 +62,7 @@ def test_save_then_reload_gives_identical_logits(tiny_models, imdb_dir, tmp_path
     cfg.train.method, cfg.train.epochs, cfg.train.batch_size, cfg.train.device = method, 1, 8, "cpu"
     trainer = Trainer(cfg.validate(), tmp_path / "run").setup()
     trainer.train()
-    clf = Classifier.load(str(tmp_path / "run"), device="cpu")
+    clf = Classifier.load(str(tmp_path / "run"), device="cpu", raw=True)
     enc = clf.encode(TEXTS)
     from imdb_lora.modeling.forward import batched_logits
 

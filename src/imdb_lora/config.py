@@ -23,9 +23,10 @@ from .errors import UserError
 LORA_ROLES = ("attention_qkv", "attention_output", "ffn", "pooler", "word_embeddings")
 
 
-def _f(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
-    """A dataclass field with its CLI help (and optional flag name) attached."""
-    meta = {"help": help, "flag": flag}
+def _f(default: Any, help: str, flag: str | None = None, repeatable: bool = False, **kw: Any) -> Any:
+    """A dataclass field with its CLI help (and optional flag name) attached; a repeatable list flag
+    takes one value per use (`--eval-file a.csv --eval-file b.csv`) instead of a comma list."""
+    meta = {"help": help, "flag": flag, "repeatable": repeatable}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -85,6 +86,13 @@ class DataConfig:
     token_cache: bool = _f(
         True, "keep tokenized splits in ~/.cache/imdb-lora/tokens ($IMDB_LORA_CACHE) and reuse them"
     )
+    eval_files: list[str] = _f(
+        [],
+        "labeled CSV/TSV/JSONL (text, label columns) evaluated with the kept checkpoint after the last "
+        "epoch, reported in results.md and run.json, never used to choose anything (repeatable)",
+        flag="--eval-file",
+        repeatable=True,
+    )
 
 
 @dataclass
@@ -116,6 +124,11 @@ class TrainConfig:
     )
     checkpoint_every: int = _f(200, "also checkpoint every N steps inside an epoch (0: epoch ends only)")
     eval_test_each_epoch: bool = _f(True, "report test loss/acc after every epoch (never used to choose)")
+    calibration: bool = _f(
+        True,
+        "fit a temperature on the validation split after training (calibration.json); predict, "
+        "evaluate, serve and exports apply it",
+    )
 
 
 @dataclass
@@ -173,6 +186,7 @@ class Config:
         # Local paths become absolute, so a run directory works from any working directory.
         m.name = _absolute_if_local(m.name)
         d.path, d.train_file, d.test_file = map(_absolute_if_local, (d.path, d.train_file, d.test_file))
+        d.eval_files = [_absolute_if_local(f) for f in d.eval_files]
         if t.lr is None:  # LoRA matrices start at zero and need a far larger step than full weights
             t.lr = 4e-4 if t.method == "lora" else 2e-5
         bad = [r for r in lo.targets if r not in LORA_ROLES]

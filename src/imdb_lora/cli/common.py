@@ -15,6 +15,14 @@ def add_window_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_raw_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="raw softmax probabilities: ignore the temperature fitted on validation (calibration.json)",
+    )
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

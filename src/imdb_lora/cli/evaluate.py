@@ -1,57 +1,110 @@
-"""`imdb-lora evaluate`: accuracy and loss of a finished run (or an export) on a split."""
+"""`imdb-lora evaluate`: accuracy, loss and calibration of a finished run (or an export) on a split of
+its data, or on labeled files of your own (`--file`, repeatable)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
-from .common import add_window_flag
+from .common import add_raw_flag, add_window_flag, positive_int
 
 
 def add_evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="accuracy and loss of a finished run on the test or validation split")
-    p.add_argument("run", help="run directory")
+    p = sub.add_parser(
+        "evaluate", help="accuracy, loss and calibration of a finished run on a split or on labeled files"
+    )
+    p.add_argument("run", help="run directory or export folder")
     p.add_argument("--data", help="IMDB folder/archive (default: the run's own data setting)")
-    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--split", choices=["test", "val"], help="split of the run's data [default: test]")
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of the split")
+    p.add_argument(
+        "--file",
+        action="append",
+        dest="files",
+        metavar="F",
+        help="labeled CSV/TSV/JSONL to evaluate instead of a split (repeatable); labels 0/1, "
+        "negative/positive or neg/pos, any case",
+    )
+    p.add_argument("--text-column", default="text", help="--file: column of the text [default: text]")
+    p.add_argument("--label-column", default="label", help="--file: column of the label [default: label]")
+    p.add_argument(
+        "--errors",
+        type=positive_int,
+        metavar="N",
+        help="--file: write the N most confident mistakes of each file to <errors-dir>/<file name>.errors.jsonl",
+    )
+    p.add_argument("--errors-dir", default=".", help="folder for the --errors files [default: .]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --errors files")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (one per --file)")
+    add_raw_flag(p)
     add_window_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
-    import time
-
-    from tqdm.auto import tqdm
-
-    from ..data.splits import load_splits, stratified_subset
-    from ..inference.classifier import Classifier
-    from ..metrics import loss_and_accuracy
-
     if ns.max_samples is not None and ns.max_samples < 2:
         raise UserError("--max-samples must be >= 2")
-    clf = Classifier.load(ns.run, device=ns.device, base_model=ns.base_model)
+    if ns.files:
+        for flag, given in (("--data", ns.data), ("--split", ns.split), ("--max-samples", ns.max_samples)):
+            if given is not None:
+                raise UserError(f"{flag} selects a split of the run's data; it does not apply to --file")
+    elif ns.errors or ns.text_column != "text" or ns.label_column != "label":
+        raise UserError("--errors, --text-column and --label-column need --file")
+    if ns.files:
+        return _evaluate_files(ns)
+    return _evaluate_split(ns)
+
+
+def _load(ns: argparse.Namespace):
+    from ..inference.classifier import Classifier
+
+    clf = Classifier.load(ns.run, device=ns.device, base_model=ns.base_model, raw=ns.raw)
+    if not ns.json:
+        print(f"probabilities: {clf.calibration_note}")
+    return clf
+
+
+def _logits(clf, texts: list[str], ns: argparse.Namespace, desc: str):
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(texts), desc=desc, unit="review", leave=False) as bar:
+        return clf.logits(texts, ns.batch_size, bar, window_stride=ns.window_stride)
+
+
+def _evaluate_split(ns: argparse.Namespace) -> int:
+    import time
+
+    from ..calibration import figures
+    from ..data.splits import load_splits, stratified_subset
+
+    split = ns.split or "test"
+    clf = _load(ns)
     data_cfg = clf.config.data
     if ns.data:
         data_cfg.path, data_cfg.train_file, data_cfg.test_file = ns.data, None, None
     data_cfg.max_eval_samples = None
     splits = load_splits(data_cfg, clf.config.train.seed)
-    part = splits.test if ns.split == "test" else splits.val
+    part = splits.test if split == "test" else splits.val
     part = part.take(stratified_subset(part.labels, ns.max_samples, clf.config.train.seed))
     t0 = time.time()
-    with tqdm(total=len(part), desc=f"evaluate {ns.split}", unit="review", leave=False) as bar:
-        logits = clf.logits(part.texts, ns.batch_size, bar, window_stride=ns.window_stride)
-    loss, acc = loss_and_accuracy(logits, part.labels)
+    logits = _logits(clf, part.texts, ns, f"evaluate {split}")
+    f = figures(logits, part.labels)
     result = {
         "run": ns.run,
-        "split": ns.split,
+        "split": split,
         "examples": len(part),
-        "accuracy": acc,
-        "loss": loss,
+        "accuracy": f["accuracy"],
+        "loss": f["nll"],
+        "ece": f["ece"],
+        "brier": f["brier"],
+        "temperature": clf.temperature,
+        "calibration": clf.calibration_note,
         "window_stride": ns.window_stride,
         "seconds": time.time() - t0,
         "random_init": clf.info.get("random_init", False),
@@ -61,6 +114,97 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     else:
         warn = "  (RANDOM-INIT run: accuracy is meaningless)" if result["random_init"] else ""
         print(
-            f"{ns.split}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {len(part):,} reviews | {result['seconds']:.1f}s{warn}"
+            f"{split}: accuracy {100 * f['accuracy']:.2f}% | loss {f['nll']:.4f} | ECE {100 * f['ece']:.2f}% | "
+            f"Brier {f['brier']:.4f} | {len(part):,} reviews | {result['seconds']:.1f}s{warn}"
         )
     return 0
+
+
+# ---------------------------------------------------------------- labeled files
+
+
+def _evaluate_files(ns: argparse.Namespace) -> int:
+    from ..data.files import load_labeled_file
+
+    # Every file is read and every errors path checked before the model loads: mistakes fail at once.
+    data = [load_labeled_file(f, "--file", ns.text_column, ns.label_column) for f in ns.files]
+    errors_paths = _errors_paths(ns) if ns.errors else [None] * len(ns.files)
+    clf = _load(ns)
+    for path, part, errors_path in zip(ns.files, data, errors_paths):
+        result = _evaluate_file(clf, ns, path, part, errors_path)
+        print(json.dumps(result) if ns.json else _file_text(result))
+    return 0
+
+
+def _errors_paths(ns: argparse.Namespace) -> list[Path]:
+    """<errors-dir>/<file name>.errors.jsonl per --file; never overwritten silently, never two alike."""
+    folder = Path(ns.errors_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--errors-dir {folder} exists and is not a folder")
+    paths = [folder / f"{Path(f).name}.errors.jsonl" for f in ns.files]
+    if len(set(paths)) < len(paths):
+        raise UserError("--errors: two --file inputs share a file name; evaluate them in separate calls")
+    for p in paths:
+        if p.exists() and not ns.overwrite:
+            raise UserError(f"--errors: {p} exists; pass --overwrite to replace it or choose --errors-dir")
+    return paths
+
+
+def _evaluate_file(clf, ns: argparse.Namespace, path: str, part, errors_path: Path | None) -> dict[str, Any]:
+    from ..calibration import labeled_report
+
+    logits = _logits(clf, part.texts, ns, f"evaluate {Path(path).name}")
+    result: dict[str, Any] = {
+        "file": path,
+        **labeled_report(logits, part.labels),
+        "temperature": clf.temperature,
+        "calibration": clf.calibration_note,
+        "window_stride": ns.window_stride,
+    }
+    if errors_path is not None:
+        result["errors_file"] = str(errors_path)
+        result["errors_written"] = _write_errors(errors_path, part, logits.softmax(-1), ns.errors)
+    return result
+
+
+def _write_errors(path: Path, part, probs, n: int) -> int:
+    """The n most confident mistakes as JSONL (1-based row of the input file), atomically."""
+    import os
+
+    from ..calibration import most_confident_mistakes
+    from ..data.labeled import LABEL_NAMES
+
+    lines = []
+    for i in most_confident_mistakes(probs, part.labels, n):
+        p = probs[i].tolist()
+        pred = int(p[1] > p[0])
+        lines.append(
+            {
+                "row": i + 1,
+                "label": LABEL_NAMES[part.labels[i]],
+                "predicted": LABEL_NAMES[pred],
+                "confidence": round(p[pred], 6),
+                "probabilities": {"negative": round(p[0], 6), "positive": round(p[1], 6)},
+                "text": part.texts[i],
+            }
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, path)
+    return len(lines)
+
+
+def _file_text(r: dict[str, Any]) -> str:
+    (tn, fp), (fn, tp) = r["confusion"]
+    out = [
+        f"{r['file']}: accuracy {100 * r['accuracy']:.2f}% | loss {r['loss']:.4f} | ECE {100 * r['ece']:.2f}% | "
+        f"Brier {r['brier']:.4f} | {r['rows']:,} rows",
+        "  confusion (rows: true label, columns: predicted)",
+        f"    {'':10}{'NEGATIVE':>10}{'POSITIVE':>10}",
+        f"    {'NEGATIVE':10}{tn:>10,}{fp:>10,}",
+        f"    {'POSITIVE':10}{fn:>10,}{tp:>10,}",
+    ]
+    if "errors_file" in r:
+        out.append(f"  {r['errors_written']} most confident mistakes written to {r['errors_file']}")
+    return "\n".join(out)

@@ -23,6 +23,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         )
         if f.type in ("bool", bool):
             g.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **kw)
+        elif f.metadata.get("repeatable"):
+            g.add_argument(flag_of(f), action="append", metavar="FILE", **kw)
         else:
             g.add_argument(flag_of(f), metavar=f.name.upper(), **kw)
 

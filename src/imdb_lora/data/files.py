@@ -11,9 +11,24 @@ from pathlib import Path
 from ..errors import UserError
 from .labeled import LabeledTexts
 
+# Label spellings accepted in labeled files (case-insensitive, surrounding spaces ignored).
+LABEL_SPELLINGS = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1}
 
-def load_labeled_file(path: str | os.PathLike, flag: str = "--train-file") -> LabeledTexts:
-    """CSV, TSV or JSONL with `text` and `label` columns; labels must be 0 or 1."""
+
+def parse_label(value: object) -> int | None:
+    """0/1 from 0, 1, negative/positive or neg/pos (any case); None for anything else."""
+    if isinstance(value, bool):  # JSON true/false is not a label spelling anyone agreed on
+        return None
+    return LABEL_SPELLINGS.get(str(value).strip().lower())
+
+
+def load_labeled_file(
+    path: str | os.PathLike,
+    flag: str = "--train-file",
+    text_column: str = "text",
+    label_column: str = "label",
+) -> LabeledTexts:
+    """CSV, TSV or JSONL with a text and a label column; labels 0/1, negative/positive or neg/pos."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{flag}: no such file: {p}")
@@ -37,21 +52,22 @@ def load_labeled_file(path: str | os.PathLike, flag: str = "--train-file") -> La
         rows = list(csv.DictReader(io.StringIO(content), delimiter=delimiter))
     if not rows:
         raise UserError(f"{flag}: {p} has no rows")
-    missing = [c for c in ("text", "label") if c not in rows[0]]
+    missing = [c for c in (text_column, label_column) if c not in rows[0]]
     if missing:
-        raise UserError(f"{flag}: {p} lacks column(s) {missing}; it needs 'text' and 'label'")
+        raise UserError(
+            f"{flag}: {p} lacks column(s) {missing}; it needs {text_column!r} and {label_column!r}"
+            f" (columns found: {list(rows[0])})"
+        )
     texts, labels = [], []
     for n, row in enumerate(rows, 1):
-        text, label = row.get("text"), row.get("label")
+        text, label = row.get(text_column), row.get(label_column)
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{flag}: {p} row {n} has an empty or missing text")
-        try:
-            y = int(str(label).strip())
-        except ValueError:
-            y = -1
-        if y not in (0, 1):
+        y = parse_label(label)
+        if y is None:
             raise UserError(
                 f"{flag}: {p} row {n} has label {label!r}; labels must be 0 (negative) or 1 (positive)"
+                " (also accepted: negative/positive, neg/pos, any case)"
             )
         texts.append(text)
         labels.append(y)

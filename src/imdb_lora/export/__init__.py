@@ -4,6 +4,7 @@ An export folder is self-contained, so `predict`, `evaluate`, `serve` and `bench
 
     imdb_lora_export.json  marker: format, quantization, exporter, the check against the run
     config.yaml, run.json  the run's recipe and figures (data settings for evaluate, /info)
+    calibration.json       the run's temperature, if it has one (applied by Classifier on every backend)
     tokenizer/             the run's tokenizer
     model/                 merged format: config.json + model.safetensors (LoRA folded into the base)
     model.onnx             onnx format: logits from input_ids + attention_mask, dynamic batch and length

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import UserError
 from ..inference.classifier import Classifier
 from ..inference.exported import FORMATS, MARKER, ONNX_FILE, QUANTIZATIONS, is_export
-from ..runs.rundir import RunDir
+from ..runs.rundir import CALIBRATION, RunDir
 from .onnx import export_onnx
 from .portable import write_portable_config, write_portable_record
 
@@ -42,7 +42,7 @@ class ExportResult:
         return (
             f"exported to {self.path} ({kind}, {m['size_bytes'] / 1e6:.1f} MB) | "
             f"check on {check['texts']} texts: labels agree {check['labels_agree']}/{check['texts']}, "
-            f"max |Δprob| {check['max_abs_prob_diff']:.2e}"
+            f"max |Δprob| {check['max_abs_prob_diff']:.2e} | temperature {m.get('temperature', 1.0):.4f}"
         )
 
 
@@ -111,11 +111,18 @@ def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -
     write_portable_config(run.config_path, stage / "config.yaml")  # without this machine's paths
     write_portable_record(run.status_path, stage / "run.json")
     shutil.copytree(run.tokenizer_dir, stage / "tokenizer")
+    if run.calibration_path.is_file():  # the temperature travels with the weights; Classifier applies it
+        shutil.copy2(run.calibration_path, stage / CALIBRATION)
     t0 = time.time()
     # The merged folder is the ONNX exporter's input as well, so it is written in both formats.
     merged = stage / "model"
     clf.model.save_pretrained(merged)
-    marker: dict[str, Any] = {"format": fmt, "quantize": quantize, "source_run": src.resolve().name}
+    marker: dict[str, Any] = {
+        "format": fmt,
+        "quantize": quantize,
+        "source_run": src.resolve().name,
+        "temperature": clf.temperature,  # from calibration.json (copied above); 1 if the run has none
+    }
     if fmt == "onnx":
         marker.update(export_onnx(merged, stage, quantize))
         marker["onnx_file"] = ONNX_FILE

@@ -13,7 +13,7 @@ from ..data.tokenize import encode, encode_windows
 from ..errors import UserError
 from ..modeling.forward import batched_logits
 from ..modeling.load import NUM_LABELS, base_fingerprint, load_base_model, load_tokenizer, resolve_device
-from ..runs.rundir import RunDir
+from ..runs.rundir import CALIBRATION, RunDir, read_calibration
 from .exported import is_export, load_export
 
 
@@ -60,14 +60,44 @@ class Classifier:
         self.device = device
         self.config = config
         self.info = info
+        # Temperature scaling (calibration.json, fitted on validation at the end of training): every
+        # caller - predict, evaluate, serve, score, the benches - gets calibrated probabilities.
+        self.temperature = 1.0
+        self.calibration_note = "uncalibrated"
+
+    def use_calibration(self, folder: str, raw: bool = False) -> None:
+        """Apply the temperature stored in `folder` (a run or an export), or none with raw=True."""
+        if raw:  # the file is not even read: --raw works with a damaged one too
+            self.temperature, self.calibration_note = 1.0, "raw probabilities (--raw: temperature 1)"
+            return
+        record = read_calibration(folder)
+        if record is None:
+            self.temperature = 1.0
+            self.calibration_note = f"no {CALIBRATION} (uncalibrated run): temperature 1"
+        else:
+            self.temperature = float(record["temperature"])
+            self.calibration_note = f"calibrated: temperature {self.temperature:.4f} (fitted on validation)"
 
     @classmethod
     def load(
-        cls, path: str, device: str = "auto", base_model: str | None = None, merge: bool = False
+        cls,
+        path: str,
+        device: str = "auto",
+        base_model: str | None = None,
+        merge: bool = False,
+        raw: bool = False,
     ) -> Classifier:
-        """Load a finished run directory or an export folder; `merge` folds the adapter into the base weights."""
+        """Load a finished run directory or an export folder; `merge` folds the adapter into the base
+        weights; `raw` ignores the run's calibration (temperature 1)."""
         if is_export(path):  # self-contained: base model, adapter and --base-model do not apply
-            return cls(*load_export(path, device))
+            clf = cls(*load_export(path, device))
+        else:
+            clf = cls._load_run(path, device, base_model, merge)
+        clf.use_calibration(path, raw)
+        return clf
+
+    @classmethod
+    def _load_run(cls, path: str, device: str, base_model: str | None, merge: bool) -> Classifier:
         run = RunDir(path)
         info = run.require_finished()
         cfg = Config.load(run.config_path)
@@ -88,14 +118,15 @@ class Classifier:
     def logits(
         self, texts: list[str], batch_size: int = 32, progress=None, window_stride: int | None = None
     ) -> torch.Tensor:
-        """Logits per text, in input order. With `window_stride`, long texts are read as overlapping
-        max-length windows and the result is the log of the window-averaged probabilities."""
+        """Calibrated logits per text (divided by the temperature), in input order. With `window_stride`,
+        long texts are read as overlapping max-length windows and the result is the log of the
+        window-averaged (calibrated) probabilities."""
         check_texts(texts)
         if window_stride is None:
             ids = self.encode(texts)
-            return self.batched_logits(ids, batch_size, progress)
+            return self.batched_logits(ids, batch_size, progress) / self.temperature
         windows, owner = encode_windows(self.tokenizer, texts, self.config.data.max_length, window_stride)
-        probs = self.batched_logits(windows, batch_size).softmax(-1)
+        probs = (self.batched_logits(windows, batch_size) / self.temperature).softmax(-1)
         idx = torch.tensor(owner)
         total = torch.zeros(len(texts), probs.shape[1]).index_add_(0, idx, probs)
         counts = torch.zeros(len(texts)).index_add_(0, idx, torch.ones(len(owner)))
@@ -104,7 +135,8 @@ class Classifier:
         return (total / counts[:, None]).log()
 
     def batched_logits(self, seqs: list[list[int]], batch_size: int = 32, progress=None) -> torch.Tensor:
-        """fp32 logits of token-id sequences, in input order, from whichever backend holds the model."""
+        """Raw fp32 logits (no temperature) of token-id sequences, in input order, from whichever backend
+        holds the model."""
         pad_id = self.tokenizer.pad_token_id
         if isinstance(self.model, torch.nn.Module):
             return batched_logits(self.model, seqs, pad_id, batch_size, self.device, progress)

@@ -86,6 +86,59 @@ def results_markdown(cfg: Config, history: list[dict[str, Any]], summary: dict[s
         "`*` = checkpoint kept (best validation accuracy). Test figures are reported, never used to choose.\n\n"
         "## Key metrics\n\n"
         f"{key_metrics(summary, history)}\n"
+        + calibration_section(summary.get("calibration"))
+        + eval_files_section(summary.get("eval_files"))
+    )
+
+
+def calibration_section(cal: dict[str, Any] | None) -> str:
+    """Before/after table of the kept checkpoint's calibration figures ('' for runs without them)."""
+    if not cal:
+        return ""
+    if cal["enabled"]:
+        head = (
+            f"Temperature **{cal['temperature']:.4f}**, fitted on the validation split (minimum NLL); "
+            "predict, evaluate, serve and exports divide the logits by it. It never moves the predicted "
+            "label, so accuracy is unchanged. Test figures are reported only."
+        )
+    else:
+        head = "Calibration off (`--no-calibration`): the figures of the raw probabilities."
+    rows = ["| Split | Probabilities | ECE (15 bins) | Brier | NLL | Accuracy |", "|---|---|---|---|---|---|"]
+    for split, label in (("val", "validation"), ("test", "test")):
+        for when in ("before", "after"):
+            f = cal.get(split, {}).get(when)
+            if f:
+                name = "raw" if when == "before" else "calibrated"
+                rows.append(
+                    f"| {label} | {name} | {100 * f['ece']:.2f}% | {f['brier']:.4f} | {f['nll']:.4f} | "
+                    f"{100 * f['accuracy']:.2f}% |"
+                )
+    return (
+        "\n## Calibration\n\n"
+        + head
+        + "\n\n"
+        + "\n".join(rows)
+        + "\n\nReliability diagram: `reliability.png`.\n"
+    )
+
+
+def eval_files_section(files: list[dict[str, Any]] | None) -> str:
+    """Per labeled file (--eval-file): figures of the kept checkpoint, reported only."""
+    if not files:
+        return ""
+    rows = [
+        "| File | Rows | Accuracy | Loss | ECE | Confusion [[TN, FP], [FN, TP]] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in files:
+        rows.append(
+            f"| {f['file']} | {f['rows']:,} | {100 * f['accuracy']:.2f}% | {f['loss']:.4f} | "
+            f"{100 * f['ece']:.2f}% | {f['confusion']} |"
+        )
+    return (
+        "\n## Labeled files (robustness report)\n\n"
+        "The kept checkpoint (calibrated, if calibration is on) on each `--eval-file`, after the last epoch; "
+        "never used to choose anything.\n\n" + "\n".join(rows) + "\n"
     )
 
 
@@ -107,6 +160,35 @@ def plot_curves(history: list[dict[str, Any]], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_xticks(epochs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(bins: dict[str, Any], path) -> None:
+    """Reliability diagram per split: accuracy against mean confidence per bin, raw and calibrated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(bins), figsize=(5 * len(bins), 4.5), squeeze=False)
+    for ax, (split, tables) in zip(axes[0], bins.items()):
+        ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+        for when, style in (("before", "o-"), ("after", "s-")):
+            used = [b for b in tables.get(when, []) if b["count"]]
+            if used:
+                label = "raw" if when == "before" else "calibrated"
+                ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], style, label=label)
+        ax.set(
+            title=f"Reliability ({'validation' if split == 'val' else split})",
+            xlabel="confidence of the predicted label",
+            ylabel="accuracy",
+            xlim=(0.45, 1.02),
+            ylim=(0, 1.02),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -143,7 +225,7 @@ Binary sentiment classifier for movie reviews: label 0 = NEGATIVE, 1 = POSITIVE.
 - Max length {cfg.data.max_length} tokens ({cfg.data.truncation} truncation); {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
 - Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}%)
 - Test accuracy of that checkpoint: {f"{100 * test:.2f}%" if test is not None else "not measured"}
-
+{card_calibration(summary.get("calibration"))}
 ## Use
 ```
 imdb-lora predict THIS_DIR "A wonderful film."
@@ -158,7 +240,35 @@ See `results.md` for per-epoch figures and `config.yaml` for the exact recipe.
 """
 
 
-def write_reports(run: RunDir, cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+def card_calibration(cal: dict[str, Any] | None) -> str:
+    """The model card's calibration line: ECE before -> after on validation and test."""
+    if not cal:
+        return "- Calibration: none (probabilities are the raw softmax)\n"
+
+    def ece(split: str) -> str:
+        f = cal.get(split)
+        if not f:
+            return ""
+        after = f" -> {100 * f['after']['ece']:.2f}%" if "after" in f else ""
+        return f"; {'validation' if split == 'val' else split} ECE {100 * f['before']['ece']:.2f}%{after}"
+
+    if not cal["enabled"]:
+        return f"- Calibration: off (raw softmax){ece('val')}{ece('test')}\n"
+    return (
+        f"- Calibration: temperature {cal['temperature']:.4f} fitted on validation (`calibration.json`, "
+        f"applied by predict/evaluate/serve){ece('val')}{ece('test')}\n"
+    )
+
+
+def write_reports(
+    run: RunDir,
+    cfg: Config,
+    history: list[dict[str, Any]],
+    summary: dict[str, Any],
+    reliability: dict[str, Any] | None = None,
+) -> None:
     atomic_write_text(run.path / "results.md", results_markdown(cfg, history, summary))
     atomic_write_text(run.path / "README.md", model_card(cfg, history, summary))
     plot_curves(history, run.path / "curves.png")
+    if reliability:
+        plot_reliability(reliability, run.path / "reliability.png")

@@ -8,6 +8,8 @@ model/                 full fine-tuning: the whole model (safetensors)
 base_model/            only for --random-init LoRA runs: the random base the adapter belongs to
 checkpoint.safetensors resume state (weights in training, optimizer, RNG, progress)
 metrics.jsonl          one line per epoch
+calibration.json       the temperature fitted on validation and its before/after figures (absent
+                       with --no-calibration and in runs made before calibration existed)
 results.md, curves.png, README.md   the report and the model card
 """
 
@@ -29,6 +31,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+CALIBRATION = "calibration.json"
+
+
+def read_calibration(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The calibration record of a run or export folder, or None if it has none (temperature 1)."""
+    path = Path(folder).expanduser() / CALIBRATION
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        temperature = float(record["temperature"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is unreadable; delete it to use uncalibrated probabilities") from None
+    if not 0 < temperature < float("inf"):
+        raise UserError(f"{path} holds an invalid temperature {temperature!r}")
+    return record
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
@@ -41,6 +61,7 @@ class RunDir:
     status_path = property(lambda self: self.path / "run.json")
     tokenizer_dir = property(lambda self: self.path / "tokenizer")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    calibration_path = property(lambda self: self.path / CALIBRATION)
 
     lock_path = property(lambda self: self.path / ".lock")
 
@@ -104,6 +125,9 @@ class RunDir:
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    def write_calibration(self, record: dict[str, Any]) -> None:
+        atomic_write_text(self.calibration_path, json.dumps(record, indent=2) + "\n")
 
     def require_finished(self) -> dict[str, Any]:
         """The run's summary, or a clear error if this is not a finished run directory."""

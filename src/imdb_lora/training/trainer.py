@@ -43,12 +43,15 @@ from ..runs.report import write_reports
 from ..runs.rundir import RunDir
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .graphs import CapturedSteps, make_optimizer
+from .posthoc import after_training, load_eval_files
 from .schedule import epoch_order, lr_at
 from .step import train_step
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
-# Settings a resumed run may change: where and how it computes, not what it computes.
+# Settings a resumed run may change: where and how it computes, not what it computes (calibration and
+# the labeled-file report happen after the last epoch and change no weight).
 RESUME_MAY_CHANGE = {"train.device", "train.compile", "train.cuda_graphs", "data.token_cache"}
+RESUME_MAY_CHANGE |= {"train.calibration", "data.eval_files"}
 
 
 TRAIN_PATHS = {
@@ -143,6 +146,7 @@ class Trainer:
             tok, (splits.train.texts, splits.val.texts, splits.test.texts)
         )
         self.train_y, self.val_y, self.test_y = splits.train.labels, splits.val.labels, splits.test.labels
+        self.eval_files = load_eval_files(d.eval_files)  # reported after training; read now to fail early
         self.data_seconds = time.time() - t0
 
     def _open_directory(self) -> None:
@@ -227,8 +231,9 @@ class Trainer:
             while st.epoch <= cfg.epochs:
                 self._train_epoch()
                 self._end_epoch()
-            summary = self._summary(wall_seconds=time.time() - start)
-            write_reports(self.run, self.cfg, st.history, summary)
+            post = after_training(self)  # calibration and --eval-file report, on the kept checkpoint
+            summary = {**self._summary(wall_seconds=time.time() - start), **post.summary}
+            write_reports(self.run, self.cfg, st.history, summary, reliability=post.bins)
             self.run.write_status("finished", summary)
             return summary
         finally:
@@ -336,6 +341,9 @@ class Trainer:
         self.run.write_status("running", self._summary())
 
     def evaluate(self, seqs: list[list[int]], labels: list[int], name: str) -> tuple[float, float]:
+        return loss_and_accuracy(self.eval_logits(seqs, name), labels)
+
+    def eval_logits(self, seqs: list[list[int]], name: str) -> torch.Tensor:
         bar = tqdm(total=len(seqs), desc=f"eval {name}", unit="review", leave=False, dynamic_ncols=True)
         logits = batched_logits(
             self.model,
@@ -347,7 +355,7 @@ class Trainer:
             packed=self.eval_path,
         )
         bar.close()
-        return loss_and_accuracy(logits, labels)
+        return logits
 
     def _save_checkpoint(self) -> None:
         save_checkpoint(self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device)

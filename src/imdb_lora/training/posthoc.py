@@ -1,0 +1,115 @@
+"""After the last epoch, on the kept checkpoint: calibration on validation and the labeled-file report.
+
+Nothing here chooses anything from the test split or the labeled files: the temperature is fitted on
+validation only; test and the `--eval-file` files are reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..calibration import ECE_BINS, before_after, fit_temperature, labeled_report
+from ..data.files import load_labeled_file
+from ..data.labeled import LabeledTexts
+from ..data.tokcache import cached_encode
+from ..runs.rundir import RunDir
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+@dataclass
+class EvalFile:
+    path: str
+    data: LabeledTexts
+
+
+@dataclass
+class PostTraining:
+    summary: dict[str, Any] = field(default_factory=dict)  # merged into run.json
+    bins: dict[str, Any] = field(default_factory=dict)  # reliability tables, for the diagram
+
+
+def load_eval_files(paths: list[str]) -> list[EvalFile]:
+    """Read every --eval-file before training starts, so a bad file fails at once, not after hours."""
+    return [EvalFile(p, load_labeled_file(p, "--eval-file")) for p in paths]
+
+
+def restore_kept_weights(model: torch.nn.Module, run: RunDir, method: str) -> None:
+    """Load the kept checkpoint (adapter/ or model/) into the in-memory model, in place."""
+    folder = run.weights_dir(method)
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):  # one file, or shards
+        state.update(load_file(f))
+    # strict=False: tied weights are saved once, so their second name is missing from the file
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not state:
+        raise RuntimeError(f"cannot restore the kept checkpoint from {folder} (unexpected: {unexpected[:3]})")
+
+
+def after_training(tr: Trainer) -> PostTraining:
+    """Calibrate (unless --no-calibration) and report the labeled files, with the kept checkpoint."""
+    st, cfg = tr.state, tr.cfg
+    if st.history and st.best_epoch != st.history[-1]["epoch"]:
+        restore_kept_weights(tr.model, tr.run, cfg.train.method)
+    out = PostTraining()
+    val = tr.eval_logits(tr.val_ids, "validation")
+    temperature = fit_temperature(val, tr.val_y) if cfg.train.calibration else 1.0
+    splits = {"val": (val, tr.val_y)}
+    if cfg.train.eval_test_each_epoch:  # test is reported, as every epoch's test figures are
+        splits["test"] = (tr.eval_logits(tr.test_ids, "test"), tr.test_y)
+    record: dict[str, Any] = {"enabled": cfg.train.calibration, "temperature": temperature, "bins": ECE_BINS}
+    for name, (logits, labels) in splits.items():
+        figs = before_after(logits, labels, temperature)
+        out.bins[name] = figs.pop("bins")
+        if not cfg.train.calibration:
+            figs.pop("after")
+        record[name] = figs
+    out.summary["calibration"] = record
+    if cfg.train.calibration:
+        tr.run.write_calibration(
+            {"temperature": temperature, "fitted_on": "validation", "epoch": st.best_epoch, **record}
+            | {"reliability": out.bins}
+        )
+    print(calibration_line(record), flush=True)
+    if tr.eval_files:
+        out.summary["eval_files"] = [_report_file(tr, f, temperature) for f in tr.eval_files]
+    return out
+
+
+def _report_file(tr: Trainer, f: EvalFile, temperature: float) -> dict[str, Any]:
+    d = tr.cfg.data
+    ids = cached_encode(tr.tokenizer, f.data.texts, d.max_length, d.truncation, d.head_tokens, d.token_cache)
+    name = Path(f.path).name
+    report = {"file": name, **labeled_report(tr.eval_logits(ids, name) / temperature, f.data.labels)}
+    print(
+        f"eval file {name}: accuracy {100 * report['accuracy']:.2f}% | loss {report['loss']:.4f} | "
+        f"ECE {100 * report['ece']:.2f}% | {report['rows']:,} rows",
+        flush=True,
+    )
+    return report
+
+
+def calibration_line(record: dict[str, Any]) -> str:
+    parts = []
+    for name in ("val", "test"):
+        if name in record:
+            r = record[name]
+            after = f" -> {100 * r['after']['ece']:.2f}%" if "after" in r else ""
+            parts.append(f"{name} ECE {100 * r['before']['ece']:.2f}%{after}")
+    head = (
+        f"calibration: temperature {record['temperature']:.4f} (fitted on validation)"
+        if record["enabled"]
+        else "calibration off (--no-calibration)"
+    )
+    return head + " | " + " | ".join(parts)
