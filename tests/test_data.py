@@ -112,7 +112,7 @@ def test_labeled_file_missing_column(tmp_path):
         load_labeled_file(p)
 
 
-@pytest.mark.parametrize("label", ["2", "-1", "pos", ""])
+@pytest.mark.parametrize("label", ["2", "-1", "maybe", "positiv", ""])  # pos/neg are spellings
 def test_labeled_file_bad_label(tmp_path, label):
     p = tmp_path / "d.csv"
     p.write_text(f"text,label\nfine,1\nmeh,{label}\n")
