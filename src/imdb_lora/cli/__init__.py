@@ -20,6 +20,7 @@ from .compare import add_compare_parser
 from .evaluate import add_evaluate_parser
 from .export import add_export_parser
 from .predict import add_predict_parser
+from .score import add_score_parser
 from .serve import add_serve_parser
 from .train import add_train_parser
 
@@ -30,6 +31,7 @@ PARSERS: list[Callable] = [
     add_compare_parser,
     add_export_parser,
     add_serve_parser,
+    add_score_parser,
     add_bench_parser,
 ]
 

@@ -65,7 +65,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         base = Config.load(ns.config) if ns.config else Config()
     cfg = config_from_args(ns, base).validate()
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
-    summary = Trainer(cfg, out, overwrite=ns.overwrite, resume=ns.resume).setup().train()
+    trainer = Trainer(cfg, out, overwrite=ns.overwrite, resume=ns.resume)
+    summary = trainer.setup().train()
+    if not trainer.dist.main:
+        return 0  # under torchrun, rank 0 reports for all
     test = summary.get("test_accuracy")
     print(
         f"done: {out} | best epoch {summary['best_epoch']} | val acc {100 * summary['val_accuracy']:.2f}%"

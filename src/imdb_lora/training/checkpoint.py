@@ -40,9 +40,15 @@ class Progress:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, device: torch.device
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: Progress,
+    device: torch.device,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    tensors: dict[str, torch.Tensor] = {}
+    """`extra`: more tensors to keep (a data-parallel run's other ranks' RNG states, `rng/rank{r}/...`)."""
+    tensors: dict[str, torch.Tensor] = dict(extra or {})
     for n, p in model.named_parameters():
         if p.requires_grad:
             tensors[f"param/{n}"] = p.detach().cpu().contiguous()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
-from ..modeling.forward import forward_logits
+from .distributed import step_logits
 from .graphs import CapturedSteps, set_lr
 
 
@@ -24,6 +24,7 @@ def train_step(
     train_cfg: TrainConfig,
     row_tokens: int | None = None,
     captured: CapturedSteps | None = None,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, clipping and the optimizer update for one batch at learning rate `lr`.
 
@@ -33,15 +34,18 @@ def train_step(
 
     Returns the batch's summed loss and its correct count as device tensors: reading them back here
     would make the host wait for the device every step instead of queueing the next one.
+    `loss_scale` multiplies the loss before backward (data-parallel: this rank's share of the global
+    batch, see distributed.py); 0 makes the step a stand-in that adds no gradient and no statistics.
     """
     if captured is not None and captured.handles(len(seqs)):
         return captured.step(seqs, labels, lr)
     set_lr(optimizer, lr)
-    logits = forward_logits(model, seqs, pad_id, device, packed, row_tokens=row_tokens).float()
+    logits = step_logits(model, seqs, pad_id, device, packed, row_tokens=row_tokens).float()
     loss = F.cross_entropy(logits, labels, label_smoothing=train_cfg.label_smoothing)
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     if train_cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=captured is None)
-    return loss.detach().float() * len(seqs), (logits.argmax(-1) == labels).sum().float()
+    weight = 1.0 if loss_scale else 0.0
+    return loss.detach().float() * (len(seqs) * weight), (logits.argmax(-1) == labels).sum().float() * weight

@@ -27,7 +27,7 @@ from ..config import Config
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
 from ..errors import UserError
-from ..metrics import loss_and_accuracy, peak_memory
+from ..metrics import peak_memory
 from ..modeling.flat import batching_path
 from ..modeling.forward import batched_logits, compile_encoder
 from ..modeling.load import (
@@ -42,6 +42,7 @@ from ..modeling.merge import frozen_weights_to_bf16
 from ..runs.report import write_reports
 from ..runs.rundir import RunDir
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
+from .distributed import Dist
 from .graphs import CapturedSteps, make_optimizer
 from .posthoc import after_training, load_eval_files
 from .schedule import epoch_order, lr_at
@@ -73,19 +74,23 @@ class Trainer:
         self.overwrite = overwrite
         self.resume = resume
         self.created = False  # whether this process created the run directory (removed if setup fails)
+        self.dist = Dist.from_env()  # torchrun's data-parallel place; rank 0 of 1 otherwise
 
     # ------------------------------------------------------------ setup
 
     def setup(self) -> Trainer:
+        self.dist.check(self.cfg)
+        self.device = self.dist.start(resolve_device(self.cfg.train.device))
         self._check_directory()
-        self.device = resolve_device(self.cfg.train.device)
+        self.dist.barrier()  # every rank has checked the directory before rank 0 creates it
         self._check_model_source()  # fail before the slow data loading
         self._setup_data()
         try:
             self._open_directory()
             self._setup_model()
             self._setup_optimizer()
-            self.run.write_status("running", self._summary())
+            if self.dist.main:
+                self.run.write_status("running", self._summary())
         except BaseException:
             self._abandon()
             raise
@@ -107,7 +112,9 @@ class Trainer:
                     f"--resume continues {run.path} with its saved config.yaml; these settings differ: "
                     + ", ".join(diff)
                 )
-            run.lock()  # before anything is read or written: a second process must not train here too
+            self.dist.check_resume(run.read_status(), run.path)
+            if self.dist.main:
+                run.lock()  # before anything is read or written: a second process must not train here too
             self.resumed = True
         elif run.path.exists() and not run.path.is_dir():
             raise UserError(f"--output-dir {run.path} exists and is a file")
@@ -117,7 +124,8 @@ class Trainer:
                 raise UserError(
                     f"--output-dir {run.path} exists and is not empty; pass --overwrite to replace it{hint}"
                 )
-            run.check_unlocked()  # --overwrite never pulls a directory from under a running process
+            if self.dist.main:
+                run.check_unlocked()  # --overwrite never pulls a directory from under a running process
 
     def _check_model_source(self) -> None:
         cfg, run = self.cfg, self.run
@@ -151,6 +159,8 @@ class Trainer:
 
     def _open_directory(self) -> None:
         run = self.run
+        if not self.dist.main:
+            return  # rank 0 alone writes the run directory
         if self.resumed:
             run.recover()
             return
@@ -167,9 +177,9 @@ class Trainer:
             cfg,
             source=self.model_source,
             random_init=cfg.model.random_init and self.model_source == cfg.model.name,
-            save_base_to=self.base_dir if not self.resumed else None,
+            save_base_to=self.base_dir if not self.resumed and self.dist.main else None,
         )
-        if not self.resumed:
+        if not self.resumed and self.dist.main:
             self.tokenizer.save_pretrained(self.run.tokenizer_dir)
         self.model = model.to(self.device)
         self.path = batching_path(cfg.train.batching, self.model, self.device, training=True)
@@ -181,22 +191,26 @@ class Trainer:
             frozen_weights_to_bf16(self.model)
         if cfg.train.compile:
             compile_encoder(self.model)
+        self.step_model = self.dist.wrap(self.model)  # DDP around the forward when data-parallel
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         graphs = t.cuda_graphs and self.device.type == "cuda"
         self.optimizer = make_optimizer(self.params, t, self.device, captured=graphs)
-        self.steps_per_epoch = math.ceil(len(self.train_ids) / t.batch_size)
+        self.global_batch = t.batch_size * self.dist.world_size  # --batch-size is per process
+        self.steps_per_epoch = math.ceil(len(self.train_ids) / self.global_batch)
         self.total_steps = self.steps_per_epoch * t.epochs
         self.state = Progress()
         self._rng: dict[str, torch.Tensor] = {}
         if self.resumed:
             self.state, self._rng = load_checkpoint(self.run.path / CHECKPOINT, self.model, self.optimizer)
-            print(
-                f"resuming {self.run.path} at epoch {self.state.epoch}, step {self.state.step_in_epoch}",
-                flush=True,
-            )
+            self._rng = self.dist.own_rng(self._rng)
+            if self.dist.main:
+                print(
+                    f"resuming {self.run.path} at epoch {self.state.epoch}, step {self.state.step_in_epoch}",
+                    flush=True,
+                )
         self.captured = (
             CapturedSteps(
                 self.model,
@@ -217,13 +231,14 @@ class Trainer:
         if self.created:
             shutil.rmtree(self.run.path, ignore_errors=True)
         self.run.unlock()
+        self.dist.close()
 
     # ------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, Any]:
         cfg, st = self.cfg.train, self.state
         try:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.seed + self.dist.rank)  # each rank its own dropout masks
             if self.resumed:
                 restore_rng(self._rng, self.device)
             self.model.train()
@@ -231,6 +246,8 @@ class Trainer:
             while st.epoch <= cfg.epochs:
                 self._train_epoch()
                 self._end_epoch()
+            if not self.dist.main:  # data-parallel: rank 0 calibrates and reports alone
+                return self._summary(wall_seconds=time.time() - start)
             post = after_training(self)  # calibration and --eval-file report, on the kept checkpoint
             summary = {**self._summary(wall_seconds=time.time() - start), **post.summary}
             write_reports(self.run, self.cfg, st.history, summary, reliability=post.bins)
@@ -238,11 +255,13 @@ class Trainer:
             return summary
         finally:
             self.run.unlock()
+            self.dist.close()
 
     def _train_epoch(self) -> None:
         cfg, st = self.cfg.train, self.state
         order = epoch_order(len(self.train_ids), cfg.seed, st.epoch)
-        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        size = self.global_batch  # each rank trains on its shard of every batch (_step)
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
         bar = tqdm(
             total=len(batches),
             initial=st.step_in_epoch,
@@ -250,12 +269,13 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
             leave=False,
+            disable=not self.dist.main,
         )
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # device-side sums, read back in bulk
 
         def flush() -> None:
             if pending:
-                totals = torch.stack([torch.stack(p) for p in pending]).sum(0).tolist()
+                totals = self.dist.all_sum(torch.stack([torch.stack(p) for p in pending]).sum(0)).tolist()
                 st.loss_sum += totals[0]
                 st.correct += round(totals[1])
                 pending.clear()
@@ -283,12 +303,13 @@ class Trainer:
 
     def _step(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg.train
+        idx, loss_scale = self.dist.shard_batch(idx)  # this rank's share; (idx, 1.0) in one process
         y = torch.tensor([self.train_y[i] for i in idx], device=self.device)
         lr = lr_at(self.state.global_step, self.total_steps, cfg.lr, cfg.warmup_ratio)
         seqs = [self.train_ids[i] for i in idx]
         pad_id = self.tokenizer.pad_token_id
         return train_step(
-            self.model,
+            self.step_model,
             self.optimizer,
             self.params,
             seqs,
@@ -300,6 +321,7 @@ class Trainer:
             cfg,
             row_tokens=self.cfg.data.max_length,
             captured=self.captured,
+            loss_scale=loss_scale,
         )
 
     def _after_step(self) -> None:
@@ -324,7 +346,21 @@ class Trainer:
         st.history.append(row)
         if val_acc > st.best_val_accuracy:  # strictly better: ties keep the earlier, cheaper epoch
             st.best_val_accuracy, st.best_epoch = val_acc, st.epoch
-            self.run.save_weights(self.model, self.cfg.train.method)
+            if self.dist.main:
+                self.run.save_weights(self.model, self.cfg.train.method)
+        if self.dist.main:
+            self._print_epoch(row)
+        st.epoch += 1
+        st.step_in_epoch = st.seen = st.correct = 0
+        st.loss_sum = st.epoch_train_seconds = 0.0
+        if self.dist.main:
+            self.run.write_metrics(st.history)
+        self._save_checkpoint()
+        if self.dist.main:
+            self.run.write_status("running", self._summary())
+
+    def _print_epoch(self, row: dict[str, Any]) -> None:
+        st, val_loss, val_acc = self.state, row["val_loss"], row["val_accuracy"]
         print(
             f"epoch {st.epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
             f"val loss {val_loss:.4f} acc {val_acc:.4f}"
@@ -333,18 +369,21 @@ class Trainer:
             + (" *best*" if st.best_epoch == st.epoch else ""),
             flush=True,
         )
-        st.epoch += 1
-        st.step_in_epoch = st.seen = st.correct = 0
-        st.loss_sum = st.epoch_train_seconds = 0.0
-        self.run.write_metrics(st.history)
-        self._save_checkpoint()
-        self.run.write_status("running", self._summary())
 
     def evaluate(self, seqs: list[list[int]], labels: list[int], name: str) -> tuple[float, float]:
-        return loss_and_accuracy(self.eval_logits(seqs, name), labels)
+        """Loss and accuracy over the whole split (each rank evaluates its shard when data-parallel)."""
+        seqs, labels = self.dist.shard(seqs), self.dist.shard(labels)
+        return self.dist.loss_and_accuracy(self.eval_logits(seqs, name), labels)
 
     def eval_logits(self, seqs: list[list[int]], name: str) -> torch.Tensor:
-        bar = tqdm(total=len(seqs), desc=f"eval {name}", unit="review", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(seqs),
+            desc=f"eval {name}",
+            unit="review",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.dist.main,
+        )
         logits = batched_logits(
             self.model,
             seqs,
@@ -358,7 +397,11 @@ class Trainer:
         return logits
 
     def _save_checkpoint(self) -> None:
-        save_checkpoint(self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device)
+        others = self.dist.gather_rng(self.device)  # collective: every rank takes part
+        if self.dist.main:
+            save_checkpoint(
+                self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device, others
+            )
 
     # ------------------------------------------------------------ the record
 
@@ -382,6 +425,8 @@ class Trainer:
             + (", torch.compile" if self.cfg.train.compile else ""),
             "eval_path": EVAL_PATHS[self.eval_path],
             "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",
+            "world_size": self.dist.world_size,
+            "global_batch_size": cfg.train.batch_size * self.dist.world_size,
             "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
             "epochs_done": len(st.history),
             "best_epoch": st.best_epoch,

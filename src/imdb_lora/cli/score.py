@@ -1,0 +1,85 @@
+"""`imdb-lora score`: bulk scoring of JSONL/CSV/Parquet files into Parquet, locally or on Ray."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+from .common import add_window_flag, positive_int
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def add_score_parser(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score review files (JSONL, CSV, Parquet; folders; cloud URIs) into Parquet, locally or on Ray",
+    )
+    p.add_argument("model", help="finished run directory or export folder (int8 ONNX suits CPU workers)")
+    p.add_argument(
+        "--input", nargs="+", action="extend", required=True, metavar="PATH",
+        help="files or folders of .jsonl/.csv/.tsv/.parquet (local paths or URIs such as s3://...)",
+    )  # fmt: skip
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the Parquet output")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="[default: local]")
+    p.add_argument("--text-column", default="text", help="column holding the review [default: text]")
+    p.add_argument("--keep-text", action="store_true", help="copy the text column to the output too")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256,
+        help="rows handed to a worker at a time (Ray Data's batch_size) [default: 256]",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-batch-size", type=positive_int, default=32,
+        help="reviews per forward pass, as predict's --batch-size [default: 32]",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="local engine: auto, cpu or cuda[:N] [default: auto]")
+    g = p.add_argument_group("ray engine")
+    g.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: "
+                   "$RAY_ADDRESS, else a local Ray started for this command")  # fmt: skip
+    g.add_argument("--workers", type=positive_int, help="actors (loaded models) [default: as many as fit]")
+    g.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="[default: 1]")
+    g.add_argument("--num-gpus-per-worker", type=positive_float, default=0.0, help="[default: 0, CPU]")
+    add_window_flag(p)
+    p.set_defaults(func=cmd_score)
+
+
+RAY_ONLY = ("ray_address", "workers")
+
+
+def cmd_score(ns: argparse.Namespace) -> int:
+    from ..scale.engines import ScoreJob, prepare, run_local, run_ray
+
+    if ns.engine == "local":
+        given = [f"--{k.replace('_', '-')}" for k in RAY_ONLY if getattr(ns, k) is not None]
+        given += ["--num-gpus-per-worker"] if ns.num_gpus_per_worker else []
+        if given:
+            raise UserError(f"{', '.join(given)} apply to --engine ray only")
+    elif ns.cpus_per_worker <= 0:
+        raise UserError("--cpus-per-worker must be > 0")
+    job = ScoreJob(
+        model=ns.model,
+        inputs=ns.input,
+        output=ns.output,
+        text_column=ns.text_column,
+        rows_per_batch=ns.batch_size,
+        model_batch_size=ns.model_batch_size,
+        keep_text=ns.keep_text,
+        window_stride=ns.window_stride,
+        overwrite=ns.overwrite,
+    )
+    prepare(job)
+    if ns.engine == "local":
+        summary = run_local(job, device=ns.device)
+    else:
+        summary = run_ray(job, ns.ray_address, ns.workers, ns.cpus_per_worker, ns.num_gpus_per_worker)
+    print(summary.text(ns.output))
+    return 0

@@ -1,0 +1,7 @@
+"""Bulk scoring of review files: `imdb-lora score`, in-process (pyarrow) or on a Ray cluster (Ray Data).
+
+sources  input files and folders (JSONL, CSV, Parquet; local paths or pyarrow filesystem URIs), read as
+         Arrow batches that carry their id columns and where each row came from
+batch    ScoreBatch: one loaded Classifier turning an Arrow batch into scored rows (the Ray actor)
+engines  local (pyarrow only, no Ray import) and ray (map_batches over an actor pool); output Parquet
+"""

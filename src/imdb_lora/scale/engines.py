@@ -1,0 +1,270 @@
+"""The two engines of `imdb-lora score`, and what both share: the job, the output folder, the summary.
+
+local  reads each input file in Arrow batches and scores them in this process (pyarrow only: Ray is
+       never imported); one Parquet part per input file, in input order.
+ray    the same reading and the same ScoreBatch on a Ray cluster: Ray Data reads the files in tasks,
+       scores the batches in an actor pool (one loaded model per actor, reused for every batch it gets)
+       and writes Parquet from the workers; `preserve_order` keeps the output files in input order.
+Either way every output row names its source_file and source_row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserError
+from .batch import ScoreBatch
+from .sources import Source, check_columns, filesystem, list_sources, read_batches
+
+
+@dataclass
+class ScoreJob:
+    model: str
+    inputs: list[str]
+    output: str
+    text_column: str = "text"
+    rows_per_batch: int = 256  # rows handed to a worker at a time (Ray Data's batch_size)
+    model_batch_size: int = 32  # reviews per forward pass, as in `predict`
+    keep_text: bool = False
+    window_stride: int | None = None
+    overwrite: bool = False
+    sources: list[Source] = field(default_factory=list)
+
+    def scorer_args(self, device: str, threads: int | None = None) -> dict[str, Any]:
+        return dict(
+            model=self.model,
+            text_column=self.text_column,
+            batch_size=self.model_batch_size,
+            device=device,
+            keep_text=self.keep_text,
+            window_stride=self.window_stride,
+            threads=threads,
+        )
+
+
+@dataclass
+class Summary:
+    rows: int
+    errors: int
+    seconds: float
+    examples: list[str]  # a few of the errors, with where they came from
+
+    def text(self, output: str) -> str:
+        rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
+        lines = [
+            f"scored {self.rows:,} rows in {self.seconds:.1f} s ({rate:,.1f} rows/s); "
+            f"{self.errors:,} rows with an error; output: {output}"
+        ]
+        return "\n".join(lines + [f"  {e}" for e in self.examples])
+
+
+def prepare(job: ScoreJob) -> None:
+    """Check everything that can be checked before any work: model, inputs, their columns, output."""
+    check_model(job.model)
+    job.sources = list_sources(job.inputs)
+    check_columns(job.sources, job.text_column)
+    prepare_output(job.output, job.overwrite)
+
+
+def check_model(path: str) -> None:
+    """A finished run directory or an export folder (cheap checks; workers load the model)."""
+    from pathlib import Path
+
+    from ..inference.exported import is_export, read_marker
+    from ..runs.rundir import RunDir
+
+    if is_export(path):
+        read_marker(Path(path).expanduser())
+    else:
+        RunDir(path).require_finished()
+
+
+def is_onnx(path: str) -> bool:
+    from pathlib import Path
+
+    from ..inference.exported import is_export, read_marker
+
+    return is_export(path) and read_marker(Path(path).expanduser())["format"] == "onnx"
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """An empty output folder: never mixed with an earlier run's parts unless --overwrite says so."""
+    from pyarrow import fs
+
+    fsys, path = filesystem(output)
+    info = fsys.get_file_info(path)
+    if info.type == fs.FileType.File:
+        raise UserError(f"--output {output} is a file; give a folder")
+    if info.type == fs.FileType.Directory and fsys.get_file_info(fs.FileSelector(path)):
+        if not overwrite:
+            raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+        fsys.delete_dir_contents(path)
+    fsys.create_dir(path, recursive=True)
+
+
+# ---------------------------------------------------------------- local
+
+
+def run_local(job: ScoreJob, device: str = "auto", progress: bool = True) -> Summary:
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    scorer = ScoreBatch(**job.scorer_args(device))
+    fsys, out = filesystem(job.output)
+    bar = tqdm(
+        total=known_rows(job.sources), unit="row", desc="score", disable=not progress, dynamic_ncols=True
+    )
+    for i, src in enumerate(job.sources):
+        parts = PartWriter(fsys, f"{out}/part-{i:05d}", pq)
+        for table in read_batches(src.uri, src.format, job.rows_per_batch, job.text_column):
+            parts.write(scorer(table))
+            bar.update(table.num_rows)
+        parts.close()
+    bar.close()
+    return summarize(job.output, time.time() - start)
+
+
+class PartWriter:
+    """Parquet parts of one input file; a batch whose columns differ (sparse JSONL keys) starts a new part."""
+
+    def __init__(self, fsys, stem: str, pq):
+        self.fsys, self.stem, self.pq = fsys, stem, pq
+        self.writer = self.stream = None
+        self.count = 0
+
+    def write(self, table) -> None:
+        if self.writer is not None and table.schema != self.writer.schema:
+            try:
+                table = table.cast(self.writer.schema)  # e.g. a column that was all null so far
+            except Exception:  # noqa: BLE001 - another shape of row: its own part
+                self.close()
+        if self.writer is None:
+            suffix = "" if self.count == 0 else f"-{self.count}"
+            self.stream = self.fsys.open_output_stream(f"{self.stem}{suffix}.parquet")
+            self.writer = self.pq.ParquetWriter(self.stream, table.schema)
+            self.count += 1
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.stream.close()
+            self.writer = self.stream = None
+
+
+def known_rows(sources: list[Source]) -> int | None:
+    """Rows in all inputs if cheap to know (Parquet metadata only), else None (the bar counts up)."""
+    import pyarrow.parquet as pq
+
+    if any(s.format != "parquet" for s in sources):
+        return None
+    total = 0
+    for s in sources:
+        fsys, path = filesystem(s.uri)
+        with fsys.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+# ---------------------------------------------------------------- ray
+
+
+def run_ray(
+    job: ScoreJob,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+) -> Summary:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UserError("--engine ray needs Ray Data: pip install 'imdb-lora[scale]'") from None
+    if gpus_per_worker and is_onnx(job.model):
+        raise UserError(
+            "--num-gpus-per-worker: ONNX exports run on CPUs; score a run or a merged export on GPUs"
+        )
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING")  # None: RAY_ADDRESS, else a local cluster
+    start = time.time()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # output files in input order
+    size = workers or pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)
+    ds = ray.data.from_items([{"uri": s.uri, "format": s.format} for s in job.sources])
+    # Reading and writing are light next to the model: they take no CPU slot from the actors.
+    ds = ds.map_batches(
+        read_files,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"rows": job.rows_per_batch, "text_column": job.text_column},
+        num_cpus=0,
+    )
+    ds = ds.map_batches(
+        ScoreBatch,
+        batch_size=job.rows_per_batch,
+        batch_format="pyarrow",
+        fn_constructor_kwargs=job.scorer_args(
+            "cuda" if gpus_per_worker else "cpu", threads=max(1, int(cpus_per_worker))
+        ),
+        concurrency=size,
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker,
+    )
+    try:
+        ds.write_parquet(job.output, ray_remote_args={"num_cpus": 0})
+    except Exception as e:
+        raise user_error_inside(e) or e from None
+    return summarize(job.output, time.time() - start)
+
+
+def read_files(batch, rows: int, text_column: str):
+    """Ray Data stage: a batch of file names in, their rows out (streamed, `rows` at a time)."""
+    for uri, fmt in zip(batch["uri"].to_pylist(), batch["format"].to_pylist()):
+        yield from read_batches(uri, fmt, rows, text_column)
+
+
+def pool_size(resources: dict[str, float], cpus: float, gpus: float) -> int:
+    """As many actors as the cluster holds: by GPUs when workers take GPUs, else by CPUs."""
+    if gpus:
+        fit = resources.get("GPU", 0) // gpus
+        if fit < 1:
+            raise UserError(
+                f"--num-gpus-per-worker {gpus}: the Ray cluster has {resources.get('GPU', 0)} GPU(s)"
+            )
+        return int(fit)
+    return max(1, int(resources.get("CPU", 1) // cpus))
+
+
+def user_error_inside(e: BaseException) -> UserError | None:
+    """The UserError a Ray worker raised (Ray wraps it in its own exceptions), to report in one line."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(str(e))
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+# ---------------------------------------------------------------- summary
+
+
+def summarize(output: str, seconds: float, examples: int = 3) -> Summary:
+    """Rows and errors as written (read back from the output's `error` column)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    fsys, path = filesystem(output)
+    data = pds.dataset(path, filesystem=fsys, format="parquet")
+    if not data.files:  # inputs without a single row
+        return Summary(0, 0, seconds, [])
+    table = data.to_table(columns=["source_file", "source_row", "error"])
+    bad = table.filter(pc.is_valid(table["error"]))
+    shown = [
+        f"{r['source_file']} row {r['source_row']}: {r['error']}" for r in bad.slice(0, examples).to_pylist()
+    ]
+    return Summary(table.num_rows, bad.num_rows, seconds, shown)

@@ -1,0 +1,232 @@
+"""`imdb-lora score`: the local engine on small files (fast), and both engines against `predict` on 1,000
+real IMDB test reviews (slow: a local Ray cluster starts in tens of seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SHARED, train_args
+
+from imdb_lora.cli import main
+from imdb_lora.inference.classifier import Classifier
+from imdb_lora.scale.batch import ScoreBatch
+
+DATA = Path(os.environ.get("IMDB_LORA_DATA", SHARED / "data" / "aclImdb-labeled.tar.xz"))
+PRED = ["label", "label_id", "confidence", "prob_negative", "prob_positive"]
+
+
+def write_inputs(folder: Path) -> dict[str, str | None]:
+    """A JSONL, a CSV and a Parquet file with ids, good rows and every kind of bad row: id -> text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        {"id": "j1", "text": "great wonderful film", "label": 1},
+        {"id": "j2", "text": 5},
+        {"id": "j3", "text": None},
+        {"id": "j4"},
+        None,  # a line that is not JSON
+        {"id": "j6", "text": "   "},
+        {"id": "j7", "text": "awful boring waste. the plot was dull and poor", "label": 0},
+    ]
+    (folder / "a.jsonl").write_text(
+        "".join(("{not json\n" if r is None else json.dumps(r) + "\n") for r in lines)
+    )
+    (folder / "b.csv").write_text('id,text\nc1,loved it. brilliant\nc2,\nc3,"dull, poor, awful"\n')
+    pq.write_table(
+        pa.table({"rid": ["p1", "p2"], "text": ["superb moving story", None]}), folder / "c.parquet"
+    )
+    return {
+        "j1": "great wonderful film", "j7": "awful boring waste. the plot was dull and poor",
+        "c1": "loved it. brilliant", "c3": "dull, poor, awful", "p1": "superb moving story",
+    }  # fmt: skip
+
+
+def read_output(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted(out.glob("*.parquet")):  # file-name order is input order
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def row_id(r: dict) -> str:
+    return r.get("id") or r.get("rid") or f"{Path(r['source_file']).name}:{r['source_row']}"
+
+
+def test_local_engine_scores_files_keeps_ids_and_reports_bad_rows(trained_run, tmp_path, capsys):
+    good = write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["score", str(trained_run), "--input", str(tmp_path / "in"), "--output", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "scored 12 rows" in summary and "7 rows with an error" in summary
+    rows = read_output(out)
+    assert [(Path(r["source_file"]).name, r["source_row"]) for r in rows] == [
+        ("a.jsonl", i) for i in range(7)
+    ] + [("b.csv", i) for i in range(3)] + [("c.parquet", i) for i in range(2)]
+    ok = {row_id(r): r for r in rows if r["error"] is None}
+    assert set(ok) == set(good)
+    preds = Classifier.load(str(trained_run), device="cpu").predict(list(good.values()))
+    for key, p in zip(good, preds):
+        assert ok[key]["label"] == p.label and ok[key]["label_id"] == p.label_id
+        assert ok[key]["prob_positive"] == pytest.approx(p.positive, abs=1e-6)
+        assert ok[key]["prob_negative"] == pytest.approx(p.negative, abs=1e-6)
+        assert ok[key]["confidence"] == pytest.approx(p.confidence, abs=1e-6)
+    errors = {row_id(r): r["error"] for r in rows if r["error"] is not None}
+    assert errors == {
+        "j2": "'text' is a JSON int, not text",
+        "j3": "no 'text' value",
+        "j4": "no 'text' value",
+        "a.jsonl:4": "line 5 is not JSON (Expecting property name enclosed in double quotes)",
+        "j6": "empty text",
+        "c2": "empty text",
+        "p2": "no 'text' value",
+    }
+    assert all(r[c] is None for r in rows if r["error"] for c in PRED)
+    assert rows[0]["input_label"] == 1 and "text" not in rows[0]  # the input's label kept apart; no text
+
+
+def test_a_row_the_model_fails_on_costs_only_itself(trained_run):
+    scorer = ScoreBatch(str(trained_run), device="cpu")
+    real = scorer.clf.predict
+
+    def fragile(texts, *a, **kw):
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("cannot read BOOM")
+        return real(texts, *a, **kw)
+
+    scorer.clf.predict = fragile
+    out = scorer(pa.table({"id": [1, 2, 3], "text": ["great film", "BOOM", "awful film"]})).to_pylist()
+    assert [r["error"] for r in out] == [None, "RuntimeError: cannot read BOOM", None]
+    assert out[0]["label"] and out[2]["label"] and out[1]["label"] is None
+
+
+def test_score_refuses_what_it_cannot_do(trained_run, tmp_path, capsys):
+    write_inputs(tmp_path / "in")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.parquet").write_text("earlier output")
+    (tmp_path / "notext.csv").write_text("id,body\n1,hello\n")
+    run, inp = str(trained_run), str(tmp_path / "in")
+    cases = [
+        (["--input", inp, "--output", str(tmp_path / "full")], "exists and is not empty; pass --overwrite"),
+        (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "no such file or folder"),
+        (["--input", str(tmp_path / "notext.csv"), "--output", str(tmp_path / "o")], "--text-column"),
+        (["--input", inp, "--output", str(tmp_path / "o"), "--workers", "2"], "apply to --engine ray only"),
+    ]
+    for args, needle in cases:
+        assert main(["score", run, *args]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["score", str(tmp_path), "--input", inp, "--output", str(tmp_path / "o")]) == 2  # not a run
+    assert (tmp_path / "full" / "x.parquet").read_text() == "earlier output"  # nothing replaced
+    assert main(["score", run, "--input", inp, "--output", str(tmp_path / "full"), "--overwrite"]) == 0
+    assert len(read_output(tmp_path / "full")) == 12
+
+
+def test_local_engine_never_imports_ray(trained_run, tmp_path):
+    write_inputs(tmp_path / "in")
+    code = (
+        "import sys; from imdb_lora.cli import main; "
+        f"rc = main(['score', {str(trained_run)!r}, '--input', {str(tmp_path / 'in')!r}, "
+        f"'--output', {str(tmp_path / 'out')!r}]); "
+        "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no ray" in r.stdout
+
+
+# ---------------------------------------------------------------- real reviews, both engines
+
+
+@pytest.fixture(scope="module")
+def roberta_run(tiny_models, imdb_dir, tmp_path_factory) -> Path:
+    """A tiny roberta run: the real roberta tokenizer reads real reviews as they are."""
+    out = tmp_path_factory.mktemp("score") / "roberta"
+    assert main(train_args(tiny_models("roberta"), imdb_dir, out, "--epochs", "1")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_reviews(tmp_path_factory) -> tuple[Path, list[tuple[str, str]]]:
+    """1,000 real IMDB test reviews (stratified) in a JSONL and a Parquet file, plus 3 bad rows."""
+    from imdb_lora.data.imdb import load_imdb
+    from imdb_lora.data.splits import stratified_subset
+
+    if not DATA.is_file():
+        pytest.skip(f"IMDB archive not found at {DATA}")
+    test = load_imdb(DATA)["test"]
+    idx = stratified_subset(test.labels, 1000, seed=0)
+    rows = [{"review_id": f"r{i:05d}", "text": test.texts[i], "label": test.labels[i]} for i in idx]
+    folder = tmp_path_factory.mktemp("reviews")
+    with open(folder / "part1.jsonl", "w") as f:
+        for r in rows[:600] + [{"review_id": "bad1", "text": ""}, {"review_id": "bad2", "text": 42}]:
+            f.write(json.dumps(r) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows[600:] + [{"review_id": "bad3", "text": None, "label": 0}]),
+                   folder / "part2.parquet")  # fmt: skip
+    return folder, [(r["review_id"], r["text"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def predicted(roberta_run, real_reviews, tmp_path_factory) -> dict[str, dict]:
+    """`imdb-lora predict --json` on the same reviews: the reference."""
+    folder, reviews = real_reviews
+    texts = tmp_path_factory.mktemp("predict") / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in reviews))
+    r = subprocess.run(
+        [sys.executable, "-m", "imdb_lora", "predict", str(roberta_run), "--file", str(texts), "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {rid: json.loads(line) for (rid, _), line in zip(reviews, r.stdout.splitlines())}
+
+
+def check_against_predict(out: Path, reviews: list[tuple[str, str]], predicted: dict[str, dict]) -> None:
+    rows = read_output(out)
+    ids = [r["review_id"] for r in rows]
+    assert ids == [rid for rid, _ in reviews[:600]] + ["bad1", "bad2"] + [rid for rid, _ in reviews[600:]] + [
+        "bad3"
+    ]  # every id kept, in input order
+    by_id = {r["review_id"]: r for r in rows}
+    assert {k: by_id[k]["error"] for k in ("bad1", "bad2", "bad3")} == {
+        "bad1": "empty text",
+        "bad2": "'text' is a JSON int, not text",
+        "bad3": "no 'text' value",
+    }
+    worst = 0.0
+    for rid, _ in reviews:
+        got, want = by_id[rid], predicted[rid]
+        assert got["error"] is None and got["label"] == want["label"], rid
+        for side in ("negative", "positive"):
+            worst = max(worst, abs(got[f"prob_{side}"] - want["probabilities"][side]))
+    assert worst <= 1e-6  # predict prints 6 decimals
+    assert all(isinstance(by_id[rid]["input_label"], int) for rid, _ in reviews)
+
+
+@pytest.mark.slow
+def test_local_engine_matches_predict_on_real_reviews(roberta_run, real_reviews, predicted, tmp_path, capsys):
+    folder, reviews = real_reviews
+    args = ["score", str(roberta_run), "--input", str(folder), "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "scored 1,003 rows" in capsys.readouterr().out
+    check_against_predict(tmp_path / "out", reviews, predicted)
+
+
+@pytest.mark.slow
+def test_ray_engine_matches_predict_on_real_reviews(roberta_run, real_reviews, predicted, tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    folder, reviews = real_reviews
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        args = ["score", str(roberta_run), "--input", str(folder), "--output", str(tmp_path / "out"),
+                "--engine", "ray", "--batch-size", "128"]  # fmt: skip
+        assert main(args) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    assert "scored 1,003 rows" in out and "3 rows with an error" in out
+    check_against_predict(tmp_path / "out", reviews, predicted)

@@ -1,0 +1,172 @@
+"""Data-parallel training: torchrun with 2 CPU processes (gloo) computes what one process computes.
+
+The tiny bert is rebuilt without dropout (hidden, attention, LoRA), so one process with batch 8 and two
+with batch 4 each run the same computation; 25 training reviews make the last batch of every epoch a
+single review, so rank 1 steps on a weightless stand-in there; 9 evaluation reviews split 5 + 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_args
+
+from imdb_lora.cli import main
+from imdb_lora.errors import UserError
+from imdb_lora.inference.classifier import Classifier
+from imdb_lora.training.distributed import Dist
+
+HERE = Path(__file__).resolve().parent
+TEXTS = ["great wonderful film", "awful boring waste", "the plot was dull and poor", "loved it. brilliant"]
+TOL = 1e-5
+TIMINGS = ("train_seconds", "eval_seconds")
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tiny_models, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("nodrop") / "bert"
+    shutil.copytree(tiny_models("bert"), dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def recipe(model: Path, data: Path, out: Path, per_device_batch: int) -> list[str]:
+    return train_args(
+        model, data, out, "--lora-dropout", "0", "--lr", "1e-2", "--epochs", "2", "--checkpoint-every", "2",
+        "--max-train-samples", "25", "--max-eval-samples", "9", "--batch-size", str(per_device_batch),
+    )  # fmt: skip
+
+
+def torchrun(*args: str, env: dict | None = None, log_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS` (a free port each time)."""
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *logs,
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def one_process(no_dropout_bert, imdb_dir, tmp_path_factory) -> Path:
+    """The reference: one process, batch 8."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main(recipe(no_dropout_bert, imdb_dir, out, 8)) == 0
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [r.keys() for r in ma] == [r.keys() for r in mb]
+    for ra, rb in zip(ma, mb):
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=TOL), (k, ra, rb)
+    la = Classifier.load(str(a), device="cpu").logits(TEXTS)
+    lb = Classifier.load(str(b), device="cpu").logits(TEXTS)
+    assert torch.allclose(la, lb, atol=TOL), (la - lb).abs().max()
+    ia, ib = (json.loads((r / "run.json").read_text()) for r in (a, b))
+    assert ia["best_epoch"] == ib["best_epoch"] and ia["test_accuracy"] == pytest.approx(ib["test_accuracy"])
+
+
+# ---------------------------------------------------------------- the plumbing, in one process
+
+
+def test_shards_are_disjoint_and_scaled_to_the_global_mean():
+    batch = list(range(7))
+    ranks = [Dist(rank=r, world_size=2) for r in range(2)]
+    shares = [d.shard_batch(batch) for d in ranks]
+    assert sorted(shares[0][0] + shares[1][0]) == batch
+    # DDP averages the ranks' gradients: (4/7*2 * mean_4 + 3/7*2 * mean_3) / 2 = the mean over all 7
+    assert [s for _, s in shares] == [pytest.approx(8 / 7), pytest.approx(6 / 7)]
+    stand_in = Dist(rank=1, world_size=2).shard_batch([5])
+    assert stand_in == ([5], 0.0)  # rank 1 has nothing: it steps on rank 0's review, weighing zero
+    assert Dist().shard_batch(batch) == (batch, 1.0)
+
+
+def test_environment_and_resume_checks(tmp_path):
+    assert Dist.from_env({}) == Dist()
+    d = Dist.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert (d.rank, d.world_size, d.local_rank, d.enabled, d.main) == (3, 4, 1, True, False)
+    with pytest.raises(UserError, match="RANK=4, WORLD_SIZE=4"):
+        Dist.from_env({"WORLD_SIZE": "4", "RANK": "4", "LOCAL_RANK": "0"})
+    d.check_resume({"world_size": 4}, tmp_path)
+    with pytest.raises(UserError, match="trained by 1 process"):
+        d.check_resume({}, tmp_path)  # runs from before data parallelism were single-process
+
+
+def test_write_probe_sees_a_runs_writes(tmp_path):
+    """The audit hook the torchrun tests rely on does see writes to the run directory."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    run.mkdir()
+    r = subprocess.run([sys.executable, str(HERE / "ddp_probe.py"), "--self-test", str(run), str(log)])
+    assert r.returncode == 0
+    seen = log.read_text()
+    assert "run.json.tmp" in seen and "os.rename" in seen and ".lock" in seen and "os.mkdir" in seen
+
+
+# ---------------------------------------------------------------- torchrun, 2 processes, gloo
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(one_process, no_dropout_bert, imdb_dir, tmp_path):
+    out = tmp_path / "ddp"
+    r = torchrun("-m", "imdb_lora", *recipe(no_dropout_bert, imdb_dir, out, 4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done: ") == 1 and r.stdout.count("epoch 1: ") == 1  # rank 0 reports alone
+    assert_same_run(one_process, out)
+    info = json.loads((out / "run.json").read_text())
+    assert (info["world_size"], info["global_batch_size"]) == (2, 8)
+    assert json.loads((one_process / "run.json").read_text())["world_size"] == 1
+    assert {p.name for p in out.iterdir()} == {p.name for p in one_process.iterdir()}
+
+
+@pytest.mark.slow
+def test_torchrun_killed_mid_epoch_resumes_to_the_same_result(
+    one_process, no_dropout_bert, imdb_dir, tmp_path, capsys
+):
+    out, log = tmp_path / "ddp", tmp_path / "writes"
+    probe = {"PROBE_RUN_DIR": str(out), "PROBE_LOG": str(log)}
+    args = [str(HERE / "ddp_probe.py"), *recipe(no_dropout_bert, imdb_dir, out, 4)]
+    # 4 steps per epoch (8 + 8 + 8 + 1 reviews), a checkpoint every 2: step 7 is epoch 2, step 3
+    killed = torchrun(*args, env={**probe, "PROBE_KILL_AT_STEP": "7"})
+    assert killed.returncode != 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "running" and info["epochs_done"] == 1 and info["world_size"] == 2
+
+    # one process cannot continue what two started: one clear line, nothing changed
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trained by 2 process(es) and this launch has 1" in err and "Traceback" not in err
+
+    resumed = torchrun(
+        *args[:1], "train", "--output-dir", str(out), "--resume", env=probe, log_dir=tmp_path / "logs"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rank_logs = {p.parent.name + "/" + p.name: p.read_text() for p in (tmp_path / "logs").rglob("*.log")}
+    assert "resuming" in "".join(v for k, v in rank_logs.items() if k.startswith("0/"))
+    assert "at epoch 2, step 2" in "".join(rank_logs.values())
+    rank1 = "".join(v for k, v in rank_logs.items() if k.startswith("1/"))
+    assert "epoch" not in rank1 and "eval" not in rank1 and "done" not in rank1  # no prints, no bars
+    assert_same_run(one_process, out)
+    assert Path(f"{log}.rank1").read_text() == ""  # rank 1 was watched (both launches) and never wrote
