@@ -19,6 +19,7 @@ import torch
 from conftest import train_args
 
 from imdb_lora.cli import main
+from imdb_lora.config import Config
 from imdb_lora.errors import UserError
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.training.distributed import Dist
@@ -112,6 +113,11 @@ def test_environment_and_resume_checks(tmp_path):
     d.check_resume({"world_size": 4}, tmp_path)
     with pytest.raises(UserError, match="trained by 1 process"):
         d.check_resume({}, tmp_path)  # runs from before data parallelism were single-process
+    cfg = Config()
+    cfg.train.batching, cfg.train.cuda_graphs = "flat", True
+    Dist().check(cfg)  # one process: fine
+    with pytest.raises(UserError, match="--cuda-graphs does not run under torchrun"):
+        d.check(cfg)
 
 
 def test_write_probe_sees_a_runs_writes(tmp_path):
