@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,23 @@ def test_local_engine_never_imports_ray(trained_run, tmp_path, capsys):
         == 0
     )
     assert "ray" not in sys.modules
+
+
+def test_raw_ignores_the_calibration_as_predict_does(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    record = json.loads((run / "calibration.json").read_text())
+    (run / "calibration.json").write_text(json.dumps({**record, "temperature": 3.0}))  # a visible one
+    good = write_inputs(tmp_path / "in")
+    texts, seen = list(good.values()), []
+    for flags, clf in (([], Classifier.load(str(run))), (["--raw"], Classifier.load(str(run), raw=True))):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["score", str(run), "--input", str(tmp_path / "in"), "--output", str(out), *flags]) == 0
+        ok = {row_id(r): r for r in read_output(out) if r["error"] is None}
+        want = [p.positive for p in clf.predict(texts)]
+        assert [ok[k]["prob_positive"] for k in good] == pytest.approx(want, abs=1e-6)
+        seen.append(want)
+    assert max(abs(a - b) for a, b in zip(*seen)) > 1e-6  # the temperature shows: --raw is not a no-op
 
 
 # ---------------------------------------------------------------- real reviews, both engines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from .common import add_window_flag, positive_int
+from .common import add_raw_flag, add_window_flag, positive_int
 
 
 def positive_float(text: str) -> float:
@@ -49,6 +49,7 @@ def add_score_parser(sub) -> None:
     g.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="[default: 1]")
     g.add_argument("--num-gpus-per-worker", type=positive_float, default=0.0, help="[default: 0, CPU]")
     add_window_flag(p)
+    add_raw_flag(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -74,6 +75,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
         model_batch_size=ns.model_batch_size,
         keep_text=ns.keep_text,
         window_stride=ns.window_stride,
+        raw=ns.raw,
         overwrite=ns.overwrite,
     )
     prepare(job)

@@ -30,6 +30,7 @@ class ScoreBatch:
         keep_text: bool = False,
         window_stride: int | None = None,
         threads: int | None = None,
+        raw: bool = False,
     ):
         if threads:  # a Ray actor's share of the machine: its torch and onnxruntime threads
             import torch
@@ -38,7 +39,7 @@ class ScoreBatch:
             os.environ["IMDB_LORA_ORT_THREADS"] = str(threads)
         from ..inference.classifier import Classifier
 
-        self.clf = Classifier.load(model, device=device)
+        self.clf = Classifier.load(model, device=device, raw=raw)
         self.text_key = carried_name(text_column)
         self.batch_size = batch_size
         self.keep_text = keep_text

@@ -29,6 +29,7 @@ class ScoreJob:
     model_batch_size: int = 32  # reviews per forward pass, as in `predict`
     keep_text: bool = False
     window_stride: int | None = None
+    raw: bool = False  # ignore the run's calibration temperature, as predict --raw
     overwrite: bool = False
     sources: list[Source] = field(default_factory=list)
 
@@ -41,6 +42,7 @@ class ScoreJob:
             keep_text=self.keep_text,
             window_stride=self.window_stride,
             threads=threads,
+            raw=self.raw,
         )
 
 
