@@ -1,50 +1,69 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 3 (speed) and 4 (accuracy, LoRA vs full), in one device call.
+# The GPU measurements (speed; accuracy on MPNet-base), each part a few steps of one device call.
 #
-#   scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [compare] [best]     (default: speed accuracy)
+#   scripts/gpu-checks.sh STAGE OUT PART...     (default: speed accuracy)
 #
-# speed     reference recipes and the project's fast path, random-init roberta-base (issue 3)
-# accuracy  MPNet-base, 1 epoch, reference recipe vs `imdb-lora train` (issue 3's accuracy check)
-# compare   `imdb-lora compare`: LoRA vs full fine-tuning on MPNet-base, 1 epoch (issue 4)
+# speed     reference recipes and the project's fast path, random-init roberta-base
+# accuracy  MPNet-base, 1 epoch, reference recipe vs `imdb-lora train`
+# default   MPNet-base, the default recipe end to end (LoRA r 8, alpha 8, dropout 0.1, rsLoRA, batch 32,
+#           lr 4e-4, 512 tokens, 3 epochs, --val-size 0.1): the README's per-epoch table; then
+#           `imdb-lora select` reads it with and without window averaging on validation, test once
+# compare   `imdb-lora compare`: LoRA vs full fine-tuning on MPNet-base, 1 epoch each, --val-size 0.1
+# levers    MPNet-base, one change to the default recipe per run (mean pooling, head+tail, lr 2e-4,
+#           2 epochs; each with the weights' moving average evaluated beside the raw weights), their
+#           combination if two or more beat the default on validation, then `imdb-lora select` over
+#           all finished runs and window strides on validation, test once for the choice and the default
 # batches   bench train at 128 and 256 reviews per step (padded) and 128 packed (random-init roberta-base)
 # fast-best MPNet-base, 3 epochs at 128 reviews per step, lr 8e-4, head+tail truncation
-# best      MPNet-base, 3 epochs, head+tail truncation; window averaging kept only if it wins on
-#           validation; test reported once for what was kept (issue 4's accuracy goal)
 # fast, fast-accuracy  issue 10's flat path (see fast_part below)
+#
+# Runs live in $RUNS (default ~/runs): a training step that a time limit cut short is resumed by the
+# next call (`train --resume`) while the machine is kept, and a finished one is not trained again.
 #
 # STAGE holds what ../shared/docs/GPU.md stages (put together under ~/stage there: root's home):
 #   aclImdb-labeled.tar.xz, roberta-base/ (config + tokenizer from ../shared/models), reference_lora.py
 #   (from ../shared/bench), and for accuracy/compare all-mpnet-base-v2-fp16/ (real weights, fp16 copy).
-# Everything goes to OUT/log.txt (full output) and OUT/summary.txt (one line per step: status, seconds
-# and the figures the docs need). Each step has its own time limit, so one slow step cannot eat the call.
+# Everything goes to OUT/log.txt (full output), OUT/summary.txt (one line per step: status, seconds
+# and the figures the docs need) and OUT/summary.json (date, machine, versions, every step's command
+# and figures, every run's run.json/metrics/config: for docs/measurements/). Each step has its own time
+# limit, so one slow step cannot eat the call.
 # QUICK=1 runs every step with tiny settings: a CPU rehearsal of the command lines, not a measurement.
+# MPNET=DIR replaces the staged MPNet folder (QUICK rehearsals on a CPU use MiniLM).
 set -uo pipefail
 
-[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [batches] [accuracy] [compare] [best] [fast-best] [fast] [fast-accuracy]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [default] [compare] [levers] [batches] [fast-best] [fast] [fast-accuracy]" >&2; exit 2; }
 stage=$(cd "$1" && pwd) || exit 2
 out=$2
 shift 2
 parts=${*:-speed accuracy}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TQDM_DISABLE=1  # no progress bars in the log
 data=$stage/aclImdb-labeled.tar.xz
 roberta=$stage/roberta-base
 ref=$stage/reference_lora.py
 runs=${RUNS:-$HOME/runs}
+mkdir -p "$runs"
 quick=${QUICK:-0}
 log=$out/log.txt
 summary=$out/summary.txt
+steps=$(mktemp)  # one JSON line per step, gathered into OUT/summary.json at the end
+new_runs=()  # runs this call trained: each leaves OUT/NAME.tar.gz for the next session
 
 if [ "$quick" = 1 ]; then  # small batches and lengths: a 2-core, 24 GiB CPU must survive it
   ref_steps=(--max-steps 3 --bs 4)
   bench=(--steps 2 --warmup 1 --samples 64 --batch-size 4 --max-length 128)
   small=(--max-train-samples 64 --max-eval-samples 32 --batch-size 4 --max-length 128)
   few=(--max-samples 32)
-  limit=900
+  limit=900 stride=64 head=32 need=20
 else
   ref_steps=(--max-steps 60); bench=(--steps 30 --warmup 5); small=(); few=(); limit=${LIMIT:-300}
+  # windows every 256 tokens at 512; head+tail as 128 + 382 tokens; a 3-epoch MPNet run at batch 32
+  # needs ~250 s on an H200 (~70 s per epoch, evaluation and loading included): less left, not started
+  stride=256 head=128 need=250
 fi
 
 # step NAME SECONDS CMD...: run with a time limit, keep all output, note status, wall seconds and the
@@ -66,7 +85,8 @@ step() {
   local rc=$?
   cat "$part" >>"$log"
   printf '%-28s rc=%-3s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" >>"$summary"
-  grep -E '^\{|^epoch [0-9]+:|^epoch [0-9]+ steps|tok/s|peak_mem|total_s|^wall|^done:|^\| |error' "$part" \
+  $py "$here/gpu_summary.py" record "$steps" "$name" "$rc" "$((SECONDS - t0))" "$part" -- "$@"
+  grep -E '^\{|^epoch [0-9]+:|^epoch [0-9]+ steps|tok/s|peak_mem|total_s|^wall|^done:|^chosen|^(val|test) |^\| |error' "$part" \
     | cut -c1-600 | sed 's/^/    /' >>"$summary"
   rm -f "$part"
   return $rc
@@ -134,6 +154,37 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage
   done
 }
 
+# train_run NAME NEED FLAGS...: one training run into $runs/NAME, skipped when fewer than NEED seconds
+# are left before DEADLINE (a cut-short run costs its time and gives nothing); a finished run is kept,
+# an interrupted one (resumable) continues with --resume.
+train_run() {
+  local name=$1 need=$2 dir=$runs/$1
+  shift 2
+  if [ "$($py -c 'import json,sys; print(json.load(open(sys.argv[1])).get("status"))' "$dir/run.json" 2>/dev/null)" = finished ]; then
+    printf '%-28s finished before: kept\n' "$name" >>"$summary"
+    return 0
+  fi
+  if [ $((deadline - SECONDS)) -lt "$need" ]; then
+    printf '%-28s skipped (DEADLINE: needs ~%ss, %ss left)\n' "$name" "$need" "$((deadline - SECONDS))" >>"$summary"
+    return 124
+  fi
+  new_runs+=("$name")
+  if [ -f "$dir/checkpoint.safetensors" ]; then
+    step "$name" 600 /usr/bin/time -f "wall %e s" $py -m imdb_lora train --output-dir "$dir" --resume
+  else
+    step "$name" 600 /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$mpnet" --data "$data" \
+      --val-size 0.1 "$@" "${small[@]}" --output-dir "$dir" --overwrite
+  fi
+}
+
+# finished_runs NAME...: the run directories among $runs/NAME that finished
+finished_runs() {
+  local name
+  for name in "$@"; do
+    grep -qs '"status": "finished"' "$runs/$name/run.json" && echo "$runs/$name"
+  done
+}
+
 {
   echo "gpu-checks $(date -u +%FT%TZ) parts: $parts quick=$quick"
   $py -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
@@ -172,15 +223,22 @@ for part in $parts; do
     step bench-train-packed-bs128 "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
       --data "$data" --batching packed "${bench[@]}" --batch-size 128 --json
     ;;
-  accuracy | compare | best | fast-best)
+  accuracy | compare | fast-best | default | levers)
     mpnet=$runs/mpnet-fp32
+    # Runs finished in an earlier session come back as OUT/NAME.tar.gz, staged with the next chunks:
+    # the default run is the levers' control, and `select` reads every finished run.
+    for tarball in "$stage"/mpnet-*.tar.gz; do
+      name=$(basename "$tarball" .tar.gz)
+      [ -f "$tarball" ] && [ ! -d "$runs/$name" ] && tar -C "$runs" -xzf "$tarball" &&
+        printf '%-28s from an earlier session (%s)\n' "$name" "$(basename "$tarball")" >>"$summary"
+    done
     if [ ! -d "$mpnet" ]; then  # the staged copy is fp16; both recipes get the same fp32 weights
       step mpnet-fp32 300 $py -c "
 import sys, torch
 from transformers import AutoModel
 AutoModel.from_pretrained(sys.argv[1], dtype=torch.float32).save_pretrained(sys.argv[2])
 from transformers import AutoTokenizer
-AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage/all-mpnet-base-v2-fp16" "$mpnet"
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "${MPNET:-$stage/all-mpnet-base-v2-fp16}" "$mpnet"
     fi
     if [ "$part" = accuracy ]; then
       ref_epochs=(--epochs 1)
@@ -196,41 +254,91 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage
       step mpnet-fast-3ep "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$mpnet" \
         --data "$data" --epochs "${FAST_EPOCHS:-3}" --batch-size 128 --lr 8e-4 --eval-batch-size 256 \
         --truncation head_tail --head-tokens "$head" "${small[@]}" --output-dir "$runs/mpnet-fast" --overwrite
-    elif [ "$part" = best ]; then
-      best=$runs/mpnet-best
-      epochs=(--epochs 3) stride=256 head=128  # windows every 256 tokens; head+tail as 128 + 382 tokens
-      [ "$quick" = 1 ] && epochs=(--epochs 1) stride=64 head=32
-      step mpnet-best-train "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$mpnet" \
-        --data "$data" "${epochs[@]}" --truncation head_tail --head-tokens "$head" "${small[@]}" \
-        --output-dir "$best" --overwrite
-      # Inference chosen on validation only: one truncated window (as trained) or averaged windows.
-      step mpnet-best-val-truncated 300 $py -m imdb_lora evaluate "$best" --split val "${few[@]}" --json
-      step mpnet-best-val-windows 300 $py -m imdb_lora evaluate "$best" --split val --window-stride "$stride" "${few[@]}" --json
-      choice=$($py - "$log" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith('{"run"')]
-val = [r for r in rows if r["run"].endswith("mpnet-best") and r["split"] == "val"]
-trunc = [r for r in val if r["window_stride"] is None][-1:]
-win = [r for r in val if r["window_stride"] is not None][-1:]
-better = trunc and win and win[0]["accuracy"] > trunc[0]["accuracy"]
-print(f"--window-stride {win[0]['window_stride']}" if better else "")
+    elif [ "$part" = default ]; then
+      # The default recipe as it is (no flag but the larger validation split): the README's table.
+      train_run mpnet-default "$need"
+      # Whole reviews at inference (windows every $stride tokens) vs one truncated window, chosen on
+      # validation; test read once for the choice (and for the default as trained, if that lost).
+      if [ -n "$(finished_runs mpnet-default)" ]; then
+        step select-default 300 $py -m imdb_lora select "$runs/mpnet-default" --window-strides "0,$stride" \
+          "${few[@]}" --json
+      fi
+    elif [ "$part" = levers ]; then
+      # One change per run, decided on validation (2,500 reviews); no test during training. Every run
+      # also evaluates the moving average of its weights (EMA) beside the raw ones, and saves it if it
+      # wins. Order: most expected value first; LEVERS="..." picks or reorders.
+      declare -A lever_flags=(
+        [mean]="--pooling mean"
+        [headtail]="--truncation head_tail --head-tokens $head"
+        [lr2e-4]="--lr 2e-4"
+        [2ep]="--epochs 2"
+      )
+      levers=${LEVERS:-mean headtail lr2e-4 2ep}
+      for name in $levers; do
+        # shellcheck disable=SC2086  # the flags are words
+        train_run "mpnet-lever-$name" "$need" ${lever_flags[$name]} --no-eval-test-each-epoch --ema-decay 0.999
+      done
+      # Levers whose raw weights beat the default's on validation (best epoch); two or more: combined.
+      winners=$($py - "$runs" $levers <<'PY'
+import json, pathlib, sys
+
+root = pathlib.Path(sys.argv[1])
+
+def best_raw_val(run):
+    info, rows = root / run / "run.json", root / run / "metrics.jsonl"
+    if not info.is_file() or json.loads(info.read_text()).get("status") != "finished":
+        return None
+    return max(json.loads(line)["val_accuracy"] for line in rows.read_text().splitlines())
+
+base = best_raw_val("mpnet-default")
+scores = {n: best_raw_val(f"mpnet-lever-{n}") for n in sys.argv[2:]}
+print(" ".join(n for n, v in scores.items() if None not in (base, v) and v > base))
 PY
       )
-      echo "    chosen on validation: ${choice:-one truncated window}" >>"$summary"
-      # shellcheck disable=SC2086  # $choice is empty or two words
-      step mpnet-best-test 300 $py -m imdb_lora evaluate "$best" --split test $choice "${few[@]}" --json
+      echo "    levers whose raw weights beat the default on validation: ${winners:-none}" >>"$summary"
+      combined=()
+      for name in $winners; do
+        # shellcheck disable=SC2206  # the flags are words
+        combined+=(${lever_flags[$name]})
+      done
+      if [ "$(wc -w <<<"$winners")" -ge 2 ]; then
+        train_run mpnet-lever-combined "$need" "${combined[@]}" --no-eval-test-each-epoch --ema-decay 0.999
+      fi
+      # The choice: every finished run x (one window, windows every $stride tokens) on validation;
+      # test once for the winner and for the default as trained (the control, listed first).
+      # shellcheck disable=SC2046  # one word per run directory
+      candidates=($(finished_runs mpnet-default $(for n in $levers combined; do echo "mpnet-lever-$n"; done)))
+      if [ "${#candidates[@]}" -ge 1 ] && [ "${candidates[0]}" = "$runs/mpnet-default" ]; then
+        step select-levers 600 $py -m imdb_lora select "${candidates[@]}" --window-strides "0,$stride" \
+          "${few[@]}" --json
+      else
+        echo "    select-levers skipped: the default run (the control) has not finished" >>"$summary"
+      fi
     else
-      step compare-mpnet "$limit" $py -m imdb_lora compare --model "$mpnet" --data "$data" --epochs 1 \
-        "${small[@]}" --output-dir "$runs/compare-mpnet" --overwrite
+      # LoRA and full fine-tuning, 1 epoch each (~240 s on an H200 with loading and evaluation).
+      if [ -f "$runs/compare-mpnet/comparison.md" ]; then
+        printf '%-28s finished before: kept\n' compare-mpnet >>"$summary"
+      elif [ $((deadline - SECONDS)) -lt "$need" ]; then
+        printf '%-28s skipped (DEADLINE: needs ~%ss, %ss left)\n' compare-mpnet "$need" "$((deadline - SECONDS))" >>"$summary"
+      else
+        step compare-mpnet 600 $py -m imdb_lora compare --model "$mpnet" --data "$data" --epochs 1 \
+          --val-size 0.1 "${small[@]}" --output-dir "$runs/compare-mpnet" --overwrite
+      fi
       cp "$runs/compare-mpnet/comparison.md" "$out/" 2>/dev/null
     fi
     ;;
   fast) fast_part ;;
   fast-accuracy) fast_accuracy_part ;;
-  *) echo "unknown part: $part (speed, batches, accuracy, compare, best, fast-best, fast, fast-accuracy)" >&2; exit 2 ;;
+  *) echo "unknown part: $part (speed, accuracy, default, compare, levers, batches, fast-best, fast, fast-accuracy)" >&2; exit 2 ;;
   esac
 done
-for r in "$runs"/*/results.md; do
+for r in "$runs"/*/results.md "$runs"/*/*/results.md; do
   [ -f "$r" ] && { echo "=== $r"; cat "$r"; } >>"$out/results.txt"
 done
+for name in ${new_runs[@]+"${new_runs[@]}"}; do  # everything but the resume state (~10 MB per MPNet LoRA run)
+  grep -qs '"status": "finished"' "$runs/$name/run.json" &&
+    tar -C "$runs" --exclude checkpoint.safetensors -czf "$out/$name.tar.gz" "$name"
+done
+$py "$here/gpu_summary.py" write "$steps" "$runs" "$out/summary.json" "$parts" "$quick"
+rm -f "$steps"
 cat "$summary"

@@ -83,3 +83,11 @@ def test_unknown_yaml_field_is_an_error(tmp_path):
     y.write_text("train:\n  epochz: 3\n")
     with pytest.raises(UserError, match="unknown field train.epochz"):
         Config.load(y)
+
+
+def test_mpnet_default_config_is_the_default_recipe_with_a_larger_validation_split():
+    shipped = Config.load(REPO / "configs" / "mpnet-default.yaml").validate().to_dict()
+    defaults = Config().validate().to_dict()
+    changed = {(s, k) for s in defaults for k in defaults[s] if shipped[s][k] != defaults[s][k]}
+    assert changed == {("model", "name"), ("data", "val_size")}
+    assert shipped["data"]["val_size"] == 0.1

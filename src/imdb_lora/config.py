@@ -43,6 +43,11 @@ class ModelConfig:
         False,
         "architecture from config.json with random weights (tests and speed benchmarks only)",
     )
+    pooling: str = _f(
+        "cls",
+        "what the classification head reads: cls (the first token, as Hugging Face heads do) or mean "
+        "(the masked mean of the last hidden states, as sentence-transformers models were trained)",
+    )
 
 
 @dataclass
@@ -129,6 +134,11 @@ class TrainConfig:
         "fit a temperature on the validation split after training (calibration.json); predict, "
         "evaluate, serve and exports apply it",
     )
+    ema_decay: float = _f(
+        0.0,
+        "exponential moving average of the trainable weights (0: off; e.g. 0.999), evaluated beside "
+        "the raw weights each epoch and saved when it wins on validation",
+    )
 
 
 @dataclass
@@ -143,6 +153,7 @@ class Config:
         m, lo, d, t = self.model, self.lora, self.data, self.train
         checks = [
             (bool(m.name), "--model", "must not be empty"),
+            (m.pooling in ("cls", "mean"), "--pooling", "must be cls or mean"),
             (lo.r >= 1, "--lora-r", "must be a positive integer"),
             (lo.alpha > 0, "--lora-alpha", "must be positive"),
             (0 <= lo.dropout < 1, "--lora-dropout", "must be in [0, 1)"),
@@ -174,6 +185,7 @@ class Config:
             (t.max_grad_norm >= 0, "--max-grad-norm", "must be >= 0"),
             (0 <= t.label_smoothing < 1, "--label-smoothing", "must be in [0, 1)"),
             (t.checkpoint_every >= 0, "--checkpoint-every", "must be >= 0"),
+            (0 <= t.ema_decay < 1, "--ema-decay", "must be in [0, 1) (0: off)"),
             (
                 t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
                 "--device",

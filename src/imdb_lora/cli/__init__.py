@@ -21,6 +21,7 @@ from .evaluate import add_evaluate_parser
 from .export import add_export_parser
 from .predict import add_predict_parser
 from .score import add_score_parser
+from .select import add_select_parser
 from .serve import add_serve_parser
 from .train import add_train_parser
 
@@ -29,6 +30,7 @@ PARSERS: list[Callable] = [
     add_evaluate_parser,
     add_predict_parser,
     add_compare_parser,
+    add_select_parser,
     add_export_parser,
     add_serve_parser,
     add_score_parser,

@@ -81,17 +81,11 @@ def _evaluate_split(ns: argparse.Namespace) -> int:
     import time
 
     from ..calibration import figures
-    from ..data.splits import load_splits, stratified_subset
+    from ..inference.selection import split_of
 
     split = ns.split or "test"
     clf = _load(ns)
-    data_cfg = clf.config.data
-    if ns.data:
-        data_cfg.path, data_cfg.train_file, data_cfg.test_file = ns.data, None, None
-    data_cfg.max_eval_samples = None
-    splits = load_splits(data_cfg, clf.config.train.seed)
-    part = splits.test if split == "test" else splits.val
-    part = part.take(stratified_subset(part.labels, ns.max_samples, clf.config.train.seed))
+    part = split_of(clf, split, ns.max_samples, ns.data)
     t0 = time.time()
     logits = _logits(clf, part.texts, ns, f"evaluate {split}")
     f = figures(logits, part.labels)

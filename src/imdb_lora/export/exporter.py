@@ -124,7 +124,7 @@ def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -
         "temperature": clf.temperature,  # from calibration.json (copied above); 1 if the run has none
     }
     if fmt == "onnx":
-        marker.update(export_onnx(merged, stage, quantize))
+        marker.update(export_onnx(merged, stage, quantize, clf.config.model.pooling))
         marker["onnx_file"] = ONNX_FILE
         shutil.rmtree(merged)
     marker.update(

@@ -35,10 +35,16 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- ONNX
 
 
-def export_onnx(merged: Path, stage: Path, quantize: str | None) -> dict[str, Any]:
-    """model.onnx in `stage` from the merged folder: export, fuse, and optionally quantize."""
+def export_onnx(merged: Path, stage: Path, quantize: str | None, pooling: str = "cls") -> dict[str, Any]:
+    """model.onnx in `stage` from the merged folder: export, fuse, and optionally quantize.
+
+    The traced forward is the project's own (padded_logits), so --pooling mean is part of the graph.
+    """
     import torch
     from transformers import AutoModelForSequenceClassification
+
+    from ..modeling.forward import padded_logits
+    from ..modeling.pooling import set_pooling
 
     class LogitsOnly(torch.nn.Module):
         """The classifier with a plain (input_ids, attention_mask) -> logits signature for tracing."""
@@ -48,11 +54,12 @@ def export_onnx(merged: Path, stage: Path, quantize: str | None) -> dict[str, An
             self.model = model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return padded_logits(self.model, input_ids, attention_mask)
 
     # Eager attention traces to the MatMul/Softmax pattern that onnxruntime fuses into one Attention op;
     # the SDPA graph does not fuse (measured: no Attention fusion, and slower).
     model = AutoModelForSequenceClassification.from_pretrained(merged, attn_implementation="eager").eval()
+    set_pooling(model, pooling)
     raw, fused = stage / "raw.onnx", stage / "fused.onnx"
     exporter = _torch_export(LogitsOnly(model), raw)
     fusions = _fuse(raw, fused, model.config)

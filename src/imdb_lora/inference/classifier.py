@@ -13,6 +13,7 @@ from ..data.tokenize import encode, encode_windows
 from ..errors import UserError
 from ..modeling.forward import batched_logits
 from ..modeling.load import NUM_LABELS, base_fingerprint, load_base_model, load_tokenizer, resolve_device
+from ..modeling.pooling import set_pooling
 from ..runs.rundir import CALIBRATION, RunDir, read_calibration
 from .exported import is_export, load_export
 
@@ -104,6 +105,7 @@ class Classifier:
         dev = resolve_device(device)
         if info["method"] == "full":
             model, _ = load_base_model(str(run.weights_dir("full")), NUM_LABELS, False, cfg.train.seed)
+            set_pooling(model, cfg.model.pooling)
         else:
             model = load_adapter_model(run, cfg, info, base_model, merge)
         tokenizer = load_tokenizer(str(run.tokenizer_dir))
@@ -167,6 +169,7 @@ def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_mode
     saved_base = run.path / "base_model"
     base = base_model or (str(saved_base) if saved_base.is_dir() else cfg.model.name)
     model, _ = load_base_model(base, NUM_LABELS, False, cfg.train.seed)
+    set_pooling(model, cfg.model.pooling)  # before PEFT wraps it: merge_and_unload keeps the config
     fp = base_fingerprint(model)
     if fp != info.get("base_fingerprint"):
         raise UserError(

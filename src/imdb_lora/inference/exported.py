@@ -39,6 +39,7 @@ def load_export(path: str | os.PathLike, device: str = "auto"):
     import torch
 
     from ..modeling.load import NUM_LABELS, load_base_model, load_tokenizer, resolve_device
+    from ..modeling.pooling import set_pooling
 
     root = Path(path).expanduser()
     marker = read_marker(root)
@@ -49,6 +50,7 @@ def load_export(path: str | os.PathLike, device: str = "auto"):
     if marker["format"] == "merged":
         dev = resolve_device(device)
         model, _ = load_base_model(str(root / "model"), NUM_LABELS, False, cfg.train.seed)
+        set_pooling(model, cfg.model.pooling)  # the export's config.yaml decides, as for a run
         return model.to(dev), tokenizer, dev, cfg, info
     if device.startswith("cuda"):
         raise UserError(

@@ -31,6 +31,7 @@ from torch import nn
 from ..data.batches import FlatBatch
 from ..errors import UserError
 from .packing import POOLER_HEADS, classifier_of, supports_packing
+from .pooling import pooling_of
 
 FLAT_ATTENTION = "imdb_lora_flat"
 FLAT_MODELS = {"roberta", "xlm-roberta", "camembert", "bert"}
@@ -129,9 +130,12 @@ def batching_path(mode: str, model: nn.Module, device: torch.device, training: b
 
     auto: padded training and packed evaluation on CUDA where supported, padded on the CPU. That is the
     fastest measured so far on an H200 (docs/performance.md); flat is selectable and measured by
-    `scripts/gpu-checks.sh ... fast` before auto may choose it.
+    `scripts/gpu-checks.sh ... fast` before auto may choose it. With --pooling mean, flat falls back to
+    padded (the flat forward reads each review's first token; padded and packed compute the mean).
     """
     model_type = classifier_of(model).config.model_type
+    if mode == "flat" and pooling_of(classifier_of(model)) == "mean":
+        return "padded"
     if mode == "flat":
         if not supports_flat(model):
             raise UserError(

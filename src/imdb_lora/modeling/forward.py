@@ -11,6 +11,7 @@ from ..data.batches import flat_token_batches, flatten, length_sorted_batches, p
 from .flat import flat_logits
 from .merge import merged_lora
 from .packing import classifier_of, packed_logits, position_start
+from .pooling import mean_pooled_logits, pooling_of
 
 FLAT_EVAL_TOKENS_PER_REVIEW = 256  # flat evaluation: rows of up to eval batch size x this many tokens
 
@@ -60,7 +61,15 @@ def forward_logits(
             rows = pack(seqs, row_tokens or max(map(len, seqs)), pad_id, position_start(model))
             return packed_logits(model, rows.to(device))
         ids, mask = pad_batch(seqs, pad_id)
-        return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        return padded_logits(model, ids.to(device), mask.to(device))
+
+
+def padded_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of a padded batch: the model's own forward, or its head on the mean with --pooling mean."""
+    m = classifier_of(model)
+    if pooling_of(m) == "mean":
+        return mean_pooled_logits(m, input_ids, attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 @torch.inference_mode()

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import Config
 from ..errors import UserError
 from .load import NUM_LABELS, base_fingerprint, head_module_names, hub_revision, load_base_model
+from .pooling import set_pooling
 
 # Per architecture: role -> regex over full module names (re.search). A layer index is always present
 # for encoder roles, so heads such as the classifier's own `dense` never match.
@@ -123,6 +124,7 @@ def build_model(
     source = source or m.name
     random_init = m.random_init if random_init is None else random_init
     model, missing = load_base_model(source, NUM_LABELS, random_init, cfg.train.seed)
+    set_pooling(model, m.pooling)
     info = {
         "model_type": model.config.model_type,
         "base_fingerprint": base_fingerprint(model),

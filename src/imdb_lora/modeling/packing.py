@@ -3,8 +3,8 @@
 A padded batch of IMDB reviews (median ~230 tokens, cut at 512) spends about half its compute on pad
 tokens. Packing concatenates reviews into rows of `row_tokens`, restarts position ids at each review,
 gives attention a block-diagonal mask (so no review sees another), and reads each review's first token
-for the classifier. The result is the same computation as the padded forward (tests check logits,
-loss and gradients), on fewer tokens.
+for the classifier (or the mean of its tokens, with --pooling mean). The result is the same computation
+as the padded forward (tests check logits, loss and gradients), on fewer tokens.
 
 Supported: roberta-like heads (roberta, xlm-roberta, camembert, mpnet: the head reads features[:, 0])
 and bert (pooler on the first token, then the classifier), with the eager or SDPA attention kernels.
@@ -18,9 +18,7 @@ from torch import nn
 from ..data.batches import PackedBatch
 from ..errors import UserError
 from .load import OFFSET_POSITIONS
-
-FIRST_TOKEN_HEADS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
-POOLER_HEADS = {"bert"}
+from .pooling import FIRST_TOKEN_HEADS, POOLER_HEADS, head_logits, pooling_of, segment_mean
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -78,7 +76,8 @@ def packed_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     hidden = encoder(
         input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kwargs
     ).last_hidden_state
-    first = hidden[batch.rows, batch.offsets].unsqueeze(1)  # [n, 1, hidden]: each review's <s>/[CLS]
-    if m.config.model_type in POOLER_HEADS:
-        return m.classifier(m.dropout(encoder.pooler(first)))
-    return m.classifier(first)
+    if pooling_of(m) == "mean":
+        pooled = segment_mean(hidden, batch.segments, len(batch.rows)).to(hidden.dtype)
+    else:
+        pooled = hidden[batch.rows, batch.offsets]  # [n, hidden]: each review's <s>/[CLS]
+    return head_logits(m, pooled)

@@ -22,14 +22,16 @@ def fmt_seconds(s: float) -> str:
 
 def epoch_table(history: list[dict[str, Any]], best_epoch: int) -> str:
     has_test = any("test_accuracy" in r for r in history)
+    has_ema = any("ema_val_accuracy" in r for r in history)
     head = "| Epoch | Train Loss | Train Acc | Val Loss | Val Acc |" + (
         " Test Loss | Test Acc |" if has_test else ""
     )
+    head += " EMA Val Acc | EMA Test Acc |" if has_ema else ""
     head += " Time |"
     sep = "|" + "---|" * (head.count("|") - 1)
     rows = [head, sep]
     for r in history:
-        mark = " *" if r["epoch"] == best_epoch else ""
+        mark = (" *" + (" (EMA)" if r.get("weights") == "ema" else "")) if r["epoch"] == best_epoch else ""
         cells = [
             f"{r['epoch']}{mark}",
             f"{r['train_loss']:.4f}",
@@ -39,9 +41,15 @@ def epoch_table(history: list[dict[str, Any]], best_epoch: int) -> str:
         ]
         if has_test:
             cells += [f"{r['test_loss']:.4f}", f"{100 * r['test_accuracy']:.2f}%"]
+        if has_ema:
+            cells += [_pct(r.get("ema_val_accuracy")), _pct(r.get("ema_test_accuracy"))]
         cells.append(fmt_seconds(r["train_seconds"]))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.2f}%" if x is not None else "–"
 
 
 def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
@@ -64,6 +72,16 @@ def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
         ("Training time", fmt_seconds(train_s)),
         ("Time per epoch", fmt_seconds(train_s / max(1, n))),
         ("Best epoch (by validation accuracy)", str(summary["best_epoch"])),
+    ]
+    if summary.get("ema_decay"):
+        kept = summary.get("kept_weights") == "ema"
+        rows.append(
+            (
+                "Weights kept (by validation accuracy)",
+                f"moving average (EMA, decay {summary['ema_decay']:g})" if kept else "raw (EMA did not win)",
+            )
+        )
+    rows += [
         ("Validation accuracy (best epoch)", f"{100 * summary['val_accuracy']:.2f}%"),
     ]
     if summary.get("test_accuracy") is not None:
@@ -83,7 +101,8 @@ def results_markdown(cfg: Config, history: list[dict[str, Any]], summary: dict[s
         f"# Results: {summary['model']} ({summary['method']})\n\n"
         "## Per-epoch results\n\n"
         f"{epoch_table(history, summary['best_epoch'])}\n\n"
-        "`*` = checkpoint kept (best validation accuracy). Test figures are reported, never used to choose.\n\n"
+        "`*` = checkpoint kept (best validation accuracy; `(EMA)`: the weights' moving average won and was "
+        "saved). Test figures are reported, never used to choose.\n\n"
         "## Key metrics\n\n"
         f"{key_metrics(summary, history)}\n"
         + calibration_section(summary.get("calibration"))
@@ -209,6 +228,20 @@ def model_card(cfg: Config, history: list[dict[str, Any]], summary: dict[str, An
         else ""
     )
     test = summary.get("test_accuracy")
+    peft_use = (
+        "The adapter in `adapter/` is standard PEFT: `PeftModel.from_pretrained(AutoModelForSequenceClassification."
+        f'from_pretrained("{cfg.model.name}", num_labels=2), "adapter")`.'
+    )
+    if cfg.model.pooling == "mean":
+        method += "; the head reads the mean of the last hidden states"
+        peft_use += (
+            " This run's head reads the **mean of the last hidden states** (`pooling: mean`), not the first "
+            "token: load it with imdb-lora (which reads config.yaml), or call "
+            '`imdb_lora.modeling.pooling.set_pooling(base, "mean")` on the base model before PEFT and '
+            "compute logits with `imdb_lora.modeling.forward.padded_logits`."
+        )
+    if summary.get("kept_weights") == "ema":
+        method += f"; weights saved: their exponential moving average (decay {cfg.train.ema_decay:g})"
     return f"""---
 library_name: peft
 base_model: {cfg.model.name}
@@ -231,7 +264,7 @@ Binary sentiment classifier for movie reviews: label 0 = NEGATIVE, 1 = POSITIVE.
 imdb-lora predict THIS_DIR "A wonderful film."
 imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz
 ```
-The adapter in `adapter/` is standard PEFT: `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("{cfg.model.name}", num_labels=2), "adapter")`.
+{peft_use}
 
 ## Limitations
 Trained on English IMDB movie reviews only; expect lower accuracy on other domains, sarcasm and very short texts.

@@ -37,6 +37,7 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
+    best_weights: str = "raw"  # raw, or ema: the moving average won on validation and was saved
 
 
 def save_checkpoint(
@@ -47,7 +48,8 @@ def save_checkpoint(
     device: torch.device,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """`extra`: more tensors to keep (a data-parallel run's other ranks' RNG states, `rng/rank{r}/...`)."""
+    """`extra`: more tensors to keep, each under its own key prefix (a data-parallel run's other ranks'
+    RNG states, `rng/rank{r}/...`; the weights' moving average, `ema/...`)."""
     tensors: dict[str, torch.Tensor] = dict(extra or {})
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -72,7 +74,8 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[Progress, dict[str, torch.Tensor]]:
-    """Load weights and optimizer state in place; return the progress and the saved RNG states."""
+    """Load weights and optimizer state in place; return the progress and the other saved tensors
+    (RNG states under rng/, and whatever save_checkpoint was given as `extra`)."""
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata()
@@ -90,8 +93,8 @@ def load_checkpoint(
             _, i, k = key.split("/", 2)
             state.setdefault(int(i), {})[k] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    rng = {k: v for k, v in tensors.items() if k.startswith("rng/")}
-    return Progress(**json.loads(meta["progress"])), rng
+    rest = {k: v for k, v in tensors.items() if not k.startswith(("param/", "opt/"))}
+    return Progress(**json.loads(meta["progress"])), rest
 
 
 def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -43,6 +43,7 @@ from ..runs.report import write_reports
 from ..runs.rundir import RunDir
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import Dist
+from .ema import Ema
 from .graphs import CapturedSteps, make_optimizer
 from .posthoc import after_training, load_eval_files
 from .schedule import epoch_order, lr_at
@@ -202,9 +203,12 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_ids) / self.global_batch)
         self.total_steps = self.steps_per_epoch * t.epochs
         self.state = Progress()
+        self.ema = Ema.for_model(self.model, t.ema_decay)
         self._rng: dict[str, torch.Tensor] = {}
         if self.resumed:
             self.state, self._rng = load_checkpoint(self.run.path / CHECKPOINT, self.model, self.optimizer)
+            if self.ema is not None:  # every rank holds the same average (same weights every step)
+                self.ema.load_state_dict(self._rng)
             self._rng = self.dist.own_rng(self._rng)
             if self.dist.main:
                 print(
@@ -308,7 +312,7 @@ class Trainer:
         lr = lr_at(self.state.global_step, self.total_steps, cfg.lr, cfg.warmup_ratio)
         seqs = [self.train_ids[i] for i in idx]
         pad_id = self.tokenizer.pad_token_id
-        return train_step(
+        out = train_step(
             self.step_model,
             self.optimizer,
             self.params,
@@ -323,6 +327,9 @@ class Trainer:
             captured=self.captured,
             loss_scale=loss_scale,
         )
+        if self.ema is not None:
+            self.ema.update()
+        return out
 
     def _after_step(self) -> None:
         """Hook after each optimizer step and its checkpoint (tests use it to simulate a crash)."""
@@ -340,14 +347,22 @@ class Trainer:
         }
         if cfg.eval_test_each_epoch:
             row["test_loss"], row["test_accuracy"] = self.evaluate(self.test_ids, self.test_y, "test")
+        weights, score = "raw", val_acc
+        if self.ema is not None:  # the average beside the raw weights; kept only if strictly better
+            with self.ema.applied():
+                row["ema_val_loss"], row["ema_val_accuracy"] = self.evaluate(
+                    self.val_ids, self.val_y, "validation (EMA)"
+                )
+            if row["ema_val_accuracy"] > val_acc:
+                weights, score = "ema", row["ema_val_accuracy"]
+            row["weights"] = weights
+        if score > st.best_val_accuracy:  # strictly better: ties keep the earlier, cheaper epoch
+            st.best_val_accuracy, st.best_epoch, st.best_weights = score, st.epoch, weights
+            self._save_weights(row, weights)
         row["train_seconds"] = st.epoch_train_seconds
         row["eval_seconds"] = time.time() - t0
         row["lr_end"] = float(self.optimizer.param_groups[0]["lr"])  # a tensor for captured steps
         st.history.append(row)
-        if val_acc > st.best_val_accuracy:  # strictly better: ties keep the earlier, cheaper epoch
-            st.best_val_accuracy, st.best_epoch = val_acc, st.epoch
-            if self.dist.main:
-                self.run.save_weights(self.model, self.cfg.train.method)
         if self.dist.main:
             self._print_epoch(row)
         st.epoch += 1
@@ -365,10 +380,28 @@ class Trainer:
             f"epoch {st.epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
             f"val loss {val_loss:.4f} acc {val_acc:.4f}"
             + (f" | test acc {row['test_accuracy']:.4f}" if "test_accuracy" in row else "")
+            + (f" | EMA val acc {row['ema_val_accuracy']:.4f}" if "ema_val_accuracy" in row else "")
+            + (f" test acc {row['ema_test_accuracy']:.4f}" if "ema_test_accuracy" in row else "")
             + f" | {row['train_seconds']:.1f}s train, {row['eval_seconds']:.1f}s eval"
             + (" *best*" if st.best_epoch == st.epoch else ""),
             flush=True,
         )
+
+    def _save_weights(self, row: dict[str, Any], weights: str) -> None:
+        """Save the epoch's winning weights; the test split is read for the average only when it is
+        what is saved (the raw weights' test figures are in every row already). Evaluation is collective
+        when data-parallel (every rank takes part); writing is rank 0's."""
+        if weights == "raw":
+            if self.dist.main:
+                self.run.save_weights(self.model, self.cfg.train.method)
+            return
+        with self.ema.applied():
+            if self.cfg.train.eval_test_each_epoch:
+                row["ema_test_loss"], row["ema_test_accuracy"] = self.evaluate(
+                    self.test_ids, self.test_y, "test (EMA)"
+                )
+            if self.dist.main:
+                self.run.save_weights(self.model, self.cfg.train.method)
 
     def evaluate(self, seqs: list[list[int]], labels: list[int], name: str) -> tuple[float, float]:
         """Loss and accuracy over the whole split (each rank evaluates its shard when data-parallel)."""
@@ -399,8 +432,9 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         others = self.dist.gather_rng(self.device)  # collective: every rank takes part
         if self.dist.main:
+            extra = {**others, **(self.ema.state_dict() if self.ema is not None else {})}
             save_checkpoint(
-                self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device, others
+                self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device, extra
             )
 
     # ------------------------------------------------------------ the record
@@ -408,6 +442,7 @@ class Trainer:
     def _summary(self, wall_seconds: float | None = None) -> dict[str, Any]:
         st, cfg, info = self.state, self.cfg, self.info
         best = next((r for r in st.history if r["epoch"] == st.best_epoch), None)
+        kept = "ema_" if st.best_weights == "ema" else ""  # the figures of the weights that were saved
         mem, mem_kind = peak_memory(self.device)
         out = {
             "version": __version__,
@@ -430,9 +465,11 @@ class Trainer:
             "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
             "epochs_done": len(st.history),
             "best_epoch": st.best_epoch,
-            "val_accuracy": best["val_accuracy"] if best else None,
-            "test_accuracy": best.get("test_accuracy") if best else None,
-            "test_loss": best.get("test_loss") if best else None,
+            "kept_weights": st.best_weights,
+            "ema_decay": cfg.train.ema_decay,
+            "val_accuracy": best[kept + "val_accuracy"] if best else None,
+            "test_accuracy": best.get(kept + "test_accuracy") if best else None,
+            "test_loss": best.get(kept + "test_loss") if best else None,
             "train_seconds": sum(r["train_seconds"] for r in st.history),
             "data_seconds": self.data_seconds,
             "peak_memory_bytes": mem,

@@ -1,0 +1,117 @@
+"""The JSON record of one gpu-checks.sh call, for docs/measurements/ (run by the script, not by hand).
+
+    gpu_summary.py record STEPS NAME RC SECONDS OUTPUT -- CMD...   one step: its command and figures
+    gpu_summary.py write STEPS RUNS DEST PARTS QUICK               the call: machine, versions, steps, runs
+
+A step's figures are the JSON objects it printed (bench reports, evaluate/select results) and its
+figure lines (epoch lines, `done:`, wall time); a run's figures are its run.json, metrics.jsonl and
+config.yaml, read from the run directory itself. Paths under the home folder are written as ~/...
+Standard library only (plus torch and friends, for their versions): it runs on the GPU machine as is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+FIGURE_LINE = re.compile(r"^(epoch \d+[: ]|done:|wall |chosen on validation|.*tok/s)")
+
+
+def record(steps: Path, name: str, rc: str, seconds: str, output: Path, cmd: list[str]) -> None:
+    text = output.read_text(errors="replace") if output.is_file() else ""
+    objects, lines = [], []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                objects.append(json.loads(line))
+                continue
+            except json.JSONDecodeError:
+                pass
+        if FIGURE_LINE.match(line):
+            lines.append(line[:600])
+    row = {
+        "step": name,
+        "rc": int(rc),
+        "seconds": int(seconds),
+        "command": cmd,
+        "json": objects,
+        "lines": lines,
+    }
+    with steps.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def machine() -> dict:
+    out: dict = {"python": platform.python_version(), "host": platform.node()}
+    try:
+        import peft
+        import torch
+        import transformers
+
+        out.update(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+        out["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        out["cuda"] = torch.version.cuda
+    except ImportError as e:
+        out["versions_error"] = str(e)
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        out["nvidia_smi"] = smi.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["nvidia_smi"] = None
+    return out
+
+
+def runs_in(root: Path) -> list[dict]:
+    """Every run directory under root (compare puts lora/ and full/ one level deeper)."""
+    out = []
+    for status in sorted([*root.glob("*/run.json"), *root.glob("*/*/run.json")]):
+        run = status.parent
+        entry: dict = {"run": str(run.relative_to(root)), "summary": json.loads(status.read_text())}
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file():
+            entry["epochs"] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if (run / "config.yaml").is_file():
+            entry["config_yaml"] = (run / "config.yaml").read_text()
+        out.append(entry)
+    for table in sorted(root.glob("*/comparison.md")):
+        out.append({"run": str(table.parent.relative_to(root)), "comparison_md": table.read_text()})
+    return out
+
+
+def write(steps: Path, runs: Path, dest: Path, parts: str, quick: str) -> None:
+    rows = [json.loads(line) for line in steps.read_text().splitlines()] if steps.is_file() else []
+    doc = {
+        "what": "scripts/gpu-checks.sh " + parts,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "quick_rehearsal": quick == "1",
+        "machine": machine(),
+        "steps": rows,
+        "runs": runs_in(runs) if runs.is_dir() else [],
+    }
+    # Paths under the home folder are written as ~/...: no machine paths in committed files.
+    dest.write_text(json.dumps(doc, indent=1).replace(str(Path.home()) + "/", "~/") + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 7 and argv[0] == "record" and argv[6] == "--":
+        record(Path(argv[1]), argv[2], argv[3], argv[4], Path(argv[5]), argv[7:])
+    elif len(argv) == 6 and argv[0] == "write":
+        write(Path(argv[1]), Path(argv[2]), Path(argv[3]), argv[4], argv[5])
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

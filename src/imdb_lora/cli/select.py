@@ -1,0 +1,47 @@
+"""`imdb-lora select`: choose among finished runs and window strides on validation, then test once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_select_parser(sub) -> None:
+    p = sub.add_parser(
+        "select",
+        help="choose the best (run, window stride) on validation, then evaluate test once",
+        description="Every run is read with every window stride on the validation split the runs share; "
+        "the best validation accuracy wins (ties: the earlier run, then the earlier stride). Only then is "
+        "test read: once for the winner and once for the first run as trained (the control).",
+    )
+    p.add_argument("runs", nargs="+", help="finished run directories (the first is the control)")
+    p.add_argument(
+        "--window-strides",
+        default="0",
+        metavar="TOKENS,...",
+        help="window strides to try (0: one truncated window, as in training) [default: 0]",
+    )
+    p.add_argument("--data", help="IMDB folder/archive (default: the runs' own data setting)")
+    p.add_argument("--max-samples", type=int, help="stratified, seeded subset of each split (quick checks)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(func=cmd_select)
+
+
+def cmd_select(ns: argparse.Namespace) -> int:
+    from ..errors import UserError
+    from ..inference.selection import parse_strides, select
+
+    if ns.max_samples is not None and ns.max_samples < 2:
+        raise UserError("--max-samples must be >= 2")
+    result = select(
+        ns.runs, parse_strides(ns.window_strides), ns.data, ns.max_samples, ns.batch_size, ns.device
+    )
+    c = result["chosen"]
+    print(
+        f"chosen on validation: {c['run']} window_stride={c['window_stride']} ({100 * c['val_accuracy']:.2f}%)"
+    )
+    if ns.json:
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,137 @@
+"""Choosing among finished runs and inference settings on validation, then reading test once.
+
+`imdb-lora select RUN... --window-strides 0,256`: every (run, window stride) pair is a candidate; each
+is scored on the validation split the runs share (carved from train), the best validation accuracy wins
+(ties: the earlier candidate, so list the default run first and the cheaper inference first), and only
+then is the test split read: once for the winner and once for the first run as trained (the control).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..data.splits import load_splits, stratified_subset
+from ..errors import UserError
+from ..metrics import loss_and_accuracy
+from .classifier import Classifier
+
+
+@dataclass
+class Score:
+    run: str
+    window_stride: int | None  # None: one truncated window, as in training
+    split: str
+    accuracy: float
+    loss: float
+    examples: int
+    seconds: float
+
+
+def evaluate_split(
+    clf: Classifier,
+    split: str,
+    max_samples: int | None = None,
+    batch_size: int = 64,
+    window_stride: int | None = None,
+    data: str | None = None,
+    cache: dict | None = None,
+) -> tuple[float, float, int, float]:
+    """(loss, accuracy, examples, seconds) of a loaded run on its test or validation split (whole, or a
+    stratified subset); the seconds are those of the model, data loading excluded."""
+    from tqdm.auto import tqdm
+
+    part = split_of(clf, split, max_samples, data, cache)
+    t0 = time.time()
+    with tqdm(total=len(part), desc=f"evaluate {split}", unit="review", leave=False) as bar:
+        logits = clf.logits(part.texts, batch_size, bar, window_stride=window_stride)
+    loss, acc = loss_and_accuracy(logits, part.labels)
+    return loss, acc, len(part), time.time() - t0
+
+
+def split_of(clf: Classifier, split: str, max_samples: int | None, data: str | None = None, cache=None):
+    """A run's test or validation split as evaluate reads it: the whole split (the training-time
+    subset does not apply) or a stratified subset; `data` replaces the run's data source. `cache`
+    keeps loaded splits between calls (reading the IMDB archive takes seconds each time)."""
+    data_cfg = clf.config.data
+    if data:
+        data_cfg.path, data_cfg.train_file, data_cfg.test_file = data, None, None
+    data_cfg.max_eval_samples = None
+    key = validation_key(clf)
+    splits = (cache or {}).get(key) or load_splits(data_cfg, clf.config.train.seed)
+    if cache is not None:
+        cache[key] = splits
+    part = splits.test if split == "test" else splits.val
+    return part.take(stratified_subset(part.labels, max_samples, clf.config.train.seed))
+
+
+def validation_key(clf: Classifier) -> tuple:
+    """What decides a run's validation split: candidates are comparable only if this is equal."""
+    d, t = clf.config.data, clf.config.train
+    return (d.path, d.train_file, d.test_file, d.val_size, t.seed)
+
+
+def select(
+    runs: list[str],
+    strides: list[int | None],
+    data: str | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    log=print,
+) -> dict[str, Any]:
+    """Score every (run, stride) on validation, choose, then read test for the choice and the control."""
+    if not runs:
+        raise UserError("give at least one run directory")
+    loaded: dict[str, Classifier] = {}
+    for run in runs:
+        loaded[run] = Classifier.load(run, device=device)
+    keys = {validation_key(c) for c in loaded.values()}
+    cache: dict = {}
+    if len(keys) > 1 and data is None:
+        raise UserError(
+            "the runs do not share one validation split (their data, --val-size or --seed differ); "
+            "compare runs trained on the same split"
+        )
+
+    def score(run: str, stride: int | None, split: str) -> Score:
+        loss, acc, n, seconds = evaluate_split(
+            loaded[run], split, max_samples, batch_size, stride, data, cache
+        )
+        s = Score(run, stride, split, acc, loss, n, seconds)
+        log(
+            f"{split} {run} window_stride={stride}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {n:,} reviews"
+        )
+        return s
+
+    val = [score(run, stride, "val") for run in runs for stride in strides]
+    chosen = max(val, key=lambda s: s.accuracy)  # max keeps the first of equal scores
+    control = (runs[0], None)
+    test = [score(chosen.run, chosen.window_stride, "test")]
+    if (chosen.run, chosen.window_stride) != control:
+        test.append(score(*control, "test"))
+    return {
+        "validation": [asdict(s) for s in val],
+        "chosen": {"run": chosen.run, "window_stride": chosen.window_stride, "val_accuracy": chosen.accuracy},
+        "test": [dict(asdict(s), role="chosen" if i == 0 else "control") for i, s in enumerate(test)],
+    }
+
+
+def parse_strides(text: str) -> list[int | None]:
+    """'0,256' -> [None, 256]: 0 means one truncated window, as in training."""
+    out: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise UserError(f"--window-strides: expected integers, got {part!r}") from None
+        if value < 0:
+            raise UserError(f"--window-strides: {value} is negative")
+        out.append(value or None)
+    if not out:
+        raise UserError("--window-strides: give at least one stride (0 = one truncated window)")
+    return list(dict.fromkeys(out))
