@@ -127,3 +127,13 @@ def test_mean_adapter_loads_with_plain_peft_plus_the_pooling(mean_run, tiny_mode
     ids = clf.encode(TEXTS)
     got = batched_logits(model, ids, clf.tokenizer.pad_token_id, 4, torch.device("cpu"))
     assert torch.allclose(got, clf.logits(TEXTS), atol=1e-5)
+
+
+def test_flat_batching_falls_back_to_padded_with_mean_pooling(tiny_models):
+    from imdb_lora.modeling.flat import batching_path
+
+    cpu = torch.device("cpu")
+    for training in (True, False):
+        assert batching_path("flat", lora_model(tiny_models, "bert", "cls"), cpu, training) == "flat"
+        assert batching_path("flat", lora_model(tiny_models, "bert", "mean"), cpu, training) == "padded"
+        assert batching_path("packed", lora_model(tiny_models, "bert", "mean"), cpu, training) == "packed"

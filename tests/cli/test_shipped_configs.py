@@ -9,7 +9,12 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_configs_are_shipped():
-    assert {p.name for p in SHIPPED} >= {"reference.yaml", "full-finetune.yaml", "minilm-quick.yaml", "mpnet-default.yaml"}
+    assert {p.name for p in SHIPPED} >= {
+        "reference.yaml",
+        "full-finetune.yaml",
+        "minilm-quick.yaml",
+        "mpnet-default.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -197,7 +197,8 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         t = self.cfg.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        graphs = t.cuda_graphs and self.device.type == "cuda"
+        # Captured steps run the flat forward: only where the path is flat (--pooling mean is padded).
+        graphs = t.cuda_graphs and self.device.type == "cuda" and self.path == "flat"
         self.optimizer = make_optimizer(self.params, t, self.device, captured=graphs)
         self.global_batch = t.batch_size * self.dist.world_size  # --batch-size is per process
         self.steps_per_epoch = math.ceil(len(self.train_ids) / self.global_batch)
