@@ -77,6 +77,7 @@ step() {
   local t0=$SECONDS part="$out/.step.txt" left=$((deadline - SECONDS))
   if [ "$left" -lt 20 ]; then
     printf '%-28s skipped (DEADLINE)\n' "$name" >>"$summary"
+    $py "$here/gpu_summary.py" record "$steps" "$name" skipped 0 /dev/null -- "$@"
     return 124
   fi
   [ "$secs" -gt "$left" ] && secs=$left
@@ -166,6 +167,7 @@ train_run() {
   fi
   if [ $((deadline - SECONDS)) -lt "$need" ]; then
     printf '%-28s skipped (DEADLINE: needs ~%ss, %ss left)\n' "$name" "$need" "$((deadline - SECONDS))" >>"$summary"
+    $py "$here/gpu_summary.py" record "$steps" "$name" skipped 0 /dev/null -- train "$@"
     return 124
   fi
   new_runs+=("$name")
@@ -302,6 +304,7 @@ PY
         combined+=(${lever_flags[$name]})
       done
       if [ "$(wc -w <<<"$winners")" -ge 2 ]; then
+        echo "    combined: ${combined[*]}" >>"$summary"
         train_run mpnet-lever-combined "$need" "${combined[@]}" --no-eval-test-each-epoch --ema-decay 0.999
       fi
       # The choice: every finished run x (one window, windows every $stride tokens) on validation;

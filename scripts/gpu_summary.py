@@ -1,6 +1,7 @@
 """The JSON record of one gpu-checks.sh call, for docs/measurements/ (run by the script, not by hand).
 
     gpu_summary.py record STEPS NAME RC SECONDS OUTPUT -- CMD...   one step: its command and figures
+                                                                   (RC `skipped`: not run, DEADLINE)
     gpu_summary.py write STEPS RUNS DEST PARTS QUICK               the call: machine, versions, steps, runs
 
 A step's figures are the JSON objects it printed (bench reports, evaluate/select results) and its
@@ -36,7 +37,8 @@ def record(steps: Path, name: str, rc: str, seconds: str, output: Path, cmd: lis
             lines.append(line[:600])
     row = {
         "step": name,
-        "rc": int(rc),
+        "rc": None if rc == "skipped" else int(rc),
+        "skipped": rc == "skipped",
         "seconds": int(seconds),
         "command": cmd,
         "json": objects,
