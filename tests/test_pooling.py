@@ -123,7 +123,7 @@ def test_mean_adapter_loads_with_plain_peft_plus_the_pooling(mean_run, tiny_mode
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models("mpnet"), num_labels=2)
     set_pooling(base, "mean")
     model = PeftModel.from_pretrained(base, mean_run / "adapter").eval()
-    clf = Classifier.load(str(mean_run), device="cpu")
+    clf = Classifier.load(str(mean_run), device="cpu", raw=True)  # raw: no temperature, as plain PEFT
     ids = clf.encode(TEXTS)
     got = batched_logits(model, ids, clf.tokenizer.pad_token_id, 4, torch.device("cpu"))
     assert torch.allclose(got, clf.logits(TEXTS), atol=1e-5)

@@ -60,7 +60,9 @@ def restore_kept_weights(model: torch.nn.Module, run: RunDir, method: str) -> No
 def after_training(tr: Trainer) -> PostTraining:
     """Calibrate (unless --no-calibration) and report the labeled files, with the kept checkpoint."""
     st, cfg = tr.state, tr.cfg
-    if st.history and st.best_epoch != st.history[-1]["epoch"]:
+    # The model in memory holds the last epoch's raw weights; the kept ones may be another epoch's, or
+    # the moving average of the weights (--ema-decay), saved when it won on validation.
+    if st.history and (st.best_epoch != st.history[-1]["epoch"] or st.best_weights == "ema"):
         restore_kept_weights(tr.model, tr.run, cfg.train.method)
     out = PostTraining()
     val = tr.eval_logits(tr.val_ids, "validation")
