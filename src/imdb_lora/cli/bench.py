@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..errors import UserError
 from ..serving.app import ServeSettings
-from .common import batch_sizes, positive_int
+from .common import add_max_batch_tokens_flag, batch_sizes, positive_int
 
 
 def add_predict_bench_parser(sub) -> None:
@@ -66,6 +66,14 @@ def add_serve_bench_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="server: texts per model call")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="server: batching wait")
+    p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="server: texts waiting")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="server: seconds per admitted request",
+    )
+    add_max_batch_tokens_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_serve)
@@ -74,7 +82,12 @@ def add_serve_bench_parser(sub) -> None:
 def cmd_bench_serve(ns: argparse.Namespace) -> int:
     from ..bench.serve import bench_serve, format_serve_report
 
-    settings = ServeSettings(max_batch=ns.max_batch, max_wait_ms=ns.max_wait_ms)
+    settings = ServeSettings(
+        max_batch=ns.max_batch,
+        max_wait_ms=ns.max_wait_ms,
+        max_queue=ns.max_queue,
+        request_timeout=ns.request_timeout,
+    )
     load = bench_serve(
         ns.model,
         ns.clients,
@@ -86,6 +99,7 @@ def cmd_bench_serve(ns: argparse.Namespace) -> int:
         ns.device,
         settings,
         ns.seed,
+        ns.max_batch_tokens,
     )
     print(json.dumps(load, indent=2) if ns.json else format_serve_report(load))
     if load["errors"]:

@@ -23,6 +23,16 @@ def add_raw_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_max_batch_tokens_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        metavar="TOKENS",
+        help="padded tokens per forward pass: texts run as length-sorted micro-batches of at most this "
+        "size, so a large batch costs no more per text than a small one (default: 2048 on CPU, 32768 on CUDA)",
+    )
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import UserError
-from .common import add_raw_flag, add_window_flag
+from .common import add_max_batch_tokens_flag, add_raw_flag, add_window_flag
 
 
 def add_predict_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--base-model", help="base model folder, if it moved since training")
     add_raw_flag(p)
     add_window_flag(p)
+    add_max_batch_tokens_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -34,7 +35,13 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if not texts:
         raise UserError("no text to classify: pass texts, --file F, or lines on stdin")
     check_texts(texts)
-    clf = Classifier.load(ns.run, device=ns.device, base_model=ns.base_model, raw=ns.raw)
+    clf = Classifier.load(
+        ns.run,
+        device=ns.device,
+        base_model=ns.base_model,
+        raw=ns.raw,
+        max_batch_tokens=ns.max_batch_tokens,
+    )
     preds = clf.predict(texts, ns.batch_size, window_stride=ns.window_stride)
     if ns.json:
         print("\n".join(json.dumps(p.to_dict()) for p in preds))

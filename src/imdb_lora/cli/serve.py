@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import UserError
 from ..serving.app import ServeSettings
+from .common import add_max_batch_tokens_flag
 
 
 def add_serve_parser(sub) -> None:
@@ -21,8 +22,34 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="texts per model call across requests")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="wait for more requests to batch")
+    add_max_batch_tokens_flag(p)
+    add_load_flags(p, d)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+
+def add_load_flags(p: argparse.ArgumentParser, d: ServeSettings) -> None:
+    """Overload and shutdown behaviour (shared with `bench serve`)."""
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help=f"texts waiting for the model; beyond it /predict answers 503 + Retry-After [default: {d.max_queue}]",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        metavar="SECONDS",
+        help=f"an admitted request unanswered after this long gets 504 [default: {d.request_timeout:g}]",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=d.shutdown_timeout,
+        metavar="SECONDS",
+        help=f"on SIGTERM, wait at most this long for admitted requests [default: {d.shutdown_timeout:g}]",
+    )
 
 
 def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
@@ -32,6 +59,9 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
         max_chars=ns.max_chars,
         max_batch=ns.max_batch,
         max_wait_ms=ns.max_wait_ms,
+        max_queue=ns.max_queue,
+        request_timeout=ns.request_timeout,
+        shutdown_timeout=ns.shutdown_timeout,
     ).validate()
 
 
@@ -43,7 +73,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns)
     if not 0 <= ns.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (got {ns.port})")
-    clf = Classifier.load(ns.model, device=ns.device, base_model=ns.base_model)
+    clf = Classifier.load(
+        ns.model, device=ns.device, base_model=ns.base_model, max_batch_tokens=ns.max_batch_tokens
+    )
     if not is_loopback(ns.host):
         print(f"warning: --host {ns.host} makes the service reachable from other machines", flush=True)
     serve(create_app(clf, settings), ns.host, ns.port, ns.log_level)

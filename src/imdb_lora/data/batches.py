@@ -19,6 +19,16 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+# Padded tokens per forward pass at inference (`--max-batch-tokens`), by device type. On a CPU a few
+# thousand tokens already fill the cores, and a larger pass only adds padding and cache misses; a GPU
+# needs many rows in flight to be busy.
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
+
+
+def default_max_batch_tokens(device_type: str) -> int:
+    return DEFAULT_MAX_BATCH_TOKENS.get(device_type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
+
+
 def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
     """Length-sorted batches of at most batch_size rows and max_tokens padded tokens.
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from ..data.batches import default_max_batch_tokens
 from ..data.labeled import LABEL_NAMES
 from ..data.tokenize import encode, encode_windows
 from ..errors import UserError
@@ -54,13 +55,24 @@ def check_texts(texts: list[str]) -> None:
 class Classifier:
     """A loaded model + tokenizer + the run's preprocessing; `predict(texts)` is all most callers need."""
 
-    def __init__(self, model, tokenizer, device: torch.device, config: Config, info: dict[str, Any]):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: torch.device,
+        config: Config,
+        info: dict[str, Any],
+        max_batch_tokens: int | None = None,
+    ):
         # model: a torch module, or an export's OnnxModel (anything with batched_logits(seqs, pad_id, ...))
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.tokenizer = tokenizer
         self.device = device
         self.config = config
         self.info = info
+        # padded tokens per forward pass, whatever the backend: a call of many texts runs as length-sorted
+        # micro-batches of this size, so it costs no more per text than a call of a few
+        self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(device.type)
         # Temperature scaling (calibration.json, fitted on validation at the end of training): every
         # caller - predict, evaluate, serve, score, the benches - gets calibrated probabilities.
         self.temperature = 1.0
@@ -87,18 +99,21 @@ class Classifier:
         base_model: str | None = None,
         merge: bool = False,
         raw: bool = False,
+        max_batch_tokens: int | None = None,
     ) -> Classifier:
         """Load a finished run directory or an export folder; `merge` folds the adapter into the base
         weights; `raw` ignores the run's calibration (temperature 1)."""
         if is_export(path):  # self-contained: base model, adapter and --base-model do not apply
-            clf = cls(*load_export(path, device))
+            clf = cls(*load_export(path, device), max_batch_tokens=max_batch_tokens)
         else:
-            clf = cls._load_run(path, device, base_model, merge)
+            clf = cls._load_run(path, device, base_model, merge, max_batch_tokens)
         clf.use_calibration(path, raw)
         return clf
 
     @classmethod
-    def _load_run(cls, path: str, device: str, base_model: str | None, merge: bool) -> Classifier:
+    def _load_run(
+        cls, path: str, device: str, base_model: str | None, merge: bool, max_batch_tokens: int | None
+    ) -> Classifier:
         run = RunDir(path)
         info = run.require_finished()
         cfg = Config.load(run.config_path)
@@ -109,7 +124,7 @@ class Classifier:
         else:
             model = load_adapter_model(run, cfg, info, base_model, merge)
         tokenizer = load_tokenizer(str(run.tokenizer_dir))
-        return cls(model.to(dev), tokenizer, dev, cfg, info)
+        return cls(model.to(dev), tokenizer, dev, cfg, info, max_batch_tokens)
 
     # ------------------------------------------------------------ inference
 
@@ -138,11 +153,14 @@ class Classifier:
 
     def batched_logits(self, seqs: list[list[int]], batch_size: int = 32, progress=None) -> torch.Tensor:
         """Raw fp32 logits (no temperature) of token-id sequences, in input order, from whichever backend
-        holds the model."""
-        pad_id = self.tokenizer.pad_token_id
+        holds the model, in length-sorted micro-batches of at most batch_size rows and max_batch_tokens
+        padded tokens."""
+        pad_id, budget = self.tokenizer.pad_token_id, self.max_batch_tokens
         if isinstance(self.model, torch.nn.Module):
-            return batched_logits(self.model, seqs, pad_id, batch_size, self.device, progress)
-        return self.model.batched_logits(seqs, pad_id, batch_size, progress)
+            return batched_logits(
+                self.model, seqs, pad_id, batch_size, self.device, progress, max_tokens=budget
+            )
+        return self.model.batched_logits(seqs, pad_id, batch_size, progress, max_tokens=budget)
 
     @property
     def backend(self) -> str:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data.batches import pad_batch, token_budget_batches
+from ..data.batches import default_max_batch_tokens, pad_batch, token_budget_batches
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -14,11 +14,6 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------- the ONNX backend
-
-
-# Padded tokens per onnxruntime call: on a 2-core CPU, 4 full-length reviews already fill the cores,
-# and smaller calls of similar length waste no compute on padding.
-ORT_MAX_BATCH_TOKENS = 2048
 
 
 class OnnxModel:
@@ -54,13 +49,21 @@ class OnnxModel:
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
     def batched_logits(
-        self, seqs: list[list[int]], pad_id: int, batch_size: int, progress=None
+        self,
+        seqs: list[list[int]],
+        pad_id: int,
+        batch_size: int,
+        progress=None,
+        max_tokens: int | None = None,
     ) -> torch.Tensor:
-        """fp32 logits in input order; length-sorted batches capped at ORT_MAX_BATCH_TOKENS padded tokens."""
+        """fp32 logits in input order; length-sorted batches of at most max_tokens padded tokens (default:
+        the CPU's): on a 2-core CPU, 4 full-length reviews already fill the cores, and smaller calls of
+        similar length waste no compute on padding."""
         import torch
 
         out: torch.Tensor | None = None
-        for idx in token_budget_batches([len(s) for s in seqs], batch_size, ORT_MAX_BATCH_TOKENS):
+        budget = max_tokens or default_max_batch_tokens("cpu")
+        for idx in token_budget_batches([len(s) for s in seqs], batch_size, budget):
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
             logits = self(ids, mask)
             if out is None:

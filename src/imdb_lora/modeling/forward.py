@@ -7,7 +7,14 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ..data.batches import flat_token_batches, flatten, length_sorted_batches, pack, pad_batch
+from ..data.batches import (
+    flat_token_batches,
+    flatten,
+    length_sorted_batches,
+    pack,
+    pad_batch,
+    token_budget_batches,
+)
 from .flat import flat_logits
 from .merge import merged_lora
 from .packing import classifier_of, packed_logits, position_start
@@ -81,11 +88,14 @@ def batched_logits(
     device: torch.device,
     progress=None,
     packed: bool | str = False,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """fp32 logits for token-id sequences, in input order.
 
-    Padded: length-sorted batches of batch_size, so padding is small. Packed: batch_size reviews at a
-    time packed into rows as long as the longest of them, no padding but block-diagonal attention.
+    Padded: length-sorted batches of batch_size, so padding is small; with max_tokens, also at most that
+    many padded tokens per forward pass (inference: a large call costs no more per text than a small
+    one). Packed: batch_size reviews at a time packed into rows as long as the longest of them, no
+    padding but block-diagonal attention.
     Flat: consecutive reviews up to batch_size x FLAT_EVAL_TOKENS_PER_REVIEW tokens per row, with the
     LoRA adapters merged into the base weights for the pass (merge.merged_lora, restored after).
     """
@@ -98,6 +108,8 @@ def batched_logits(
         batches = flat_token_batches(lengths, batch_size * FLAT_EVAL_TOKENS_PER_REVIEW)
     elif path == "packed":
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
+    elif max_tokens:
+        batches = token_budget_batches(lengths, batch_size, max_tokens)
     else:
         batches = length_sorted_batches(lengths, batch_size)
     with merged_lora(model) if path == "flat" else nullcontext():

@@ -1,20 +1,28 @@
 """HTTP service: one Classifier, loaded once; requests that arrive together are batched into one model call.
 
     POST /predict  {"texts": [...]} -> per text: label, label_id, confidence, probabilities
-    GET  /health   liveness
+    GET  /health   liveness: 200 {"status": "ok"}, or 503 {"status": "draining"} while shutting down
     GET  /info     base model, method, format, metrics from the run, limits
+    GET  /metrics  Prometheus text format: requests, latency, model calls, queue depth, shed requests
     GET  /         a small page to try the model; /docs and /openapi.json describe the API
 
 Every input is bounded (body bytes, texts per request, characters per text), and errors are JSON
 `{"error", "message", "details"}` that never carry tracebacks, paths or the submitted text back.
+
+Under load the service sheds rather than queues without end: texts waiting for the model are bounded
+(max_queue), and beyond that /predict answers 503 at once with Retry-After; an admitted request waits at
+most request_timeout seconds (then 504), and a request whose client has gone is withdrawn before the
+model computes it.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time,
 and the request model is built per app from its limits. FastAPI, pydantic and the model are imported
 inside functions, so the CLI (which registers `serve` from here) starts fast and works without them.
 """
 
+import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -25,10 +33,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from .. import __version__
 from ..data.labeled import LABEL_NAMES
 from ..errors import UserError
-from .batcher import Batcher, ModelError
+from .batcher import Batcher, Job, ModelError
+from .metrics import RequestMetrics, ServiceMetrics
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from starlette.requests import Request
     from starlette.responses import JSONResponse
 
     from ..inference.classifier import Classifier, Prediction
@@ -44,12 +54,26 @@ class ServeSettings:
     max_batch: int = 64  # texts in one model call, summed over the requests it gathers
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     model_batch_size: int = 32  # rows per forward pass inside a model call (length-sorted)
+    max_queue: int = 256  # texts admitted and waiting for a model call; beyond it: 503 + Retry-After
+    request_timeout: float = 30.0  # seconds an admitted request may wait for its answer; then 504
+    shutdown_timeout: float = 30.0  # seconds SIGTERM waits for admitted requests before exiting anyway
 
     def validate(self) -> "ServeSettings":
         for name, value in asdict(self).items():
-            if value < (0 if name == "max_wait_ms" else 1):
+            if not math.isfinite(value) or value < (0 if name == "max_wait_ms" else 1):
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {value})")
+        if self.max_queue < self.max_texts:  # else a full-size request could never be admitted
+            raise UserError(f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts})")
         return self
+
+
+@dataclass
+class ServiceState:
+    """What graceful shutdown needs to see and set: the server flips `draining` on SIGTERM and exits
+    once `in_flight` (admitted /predict requests not yet answered) reaches 0."""
+
+    draining: bool = False
+    in_flight: int = 0
 
 
 # ---------------------------------------------------------------- request and response models
@@ -190,7 +214,7 @@ def model_info(clf: "Classifier", settings: ServeSettings) -> dict[str, Any]:
         "labels": list(LABEL_NAMES),
         "metrics": {k: info[k] for k in metric_keys if info.get(k) is not None},
         "examples": info.get("examples"),
-        "limits": asdict(settings),
+        "limits": {**asdict(settings), "max_batch_tokens": clf.max_batch_tokens},
         "version": __version__,
     }
 
@@ -206,14 +230,18 @@ def page_html() -> str:
 
 
 def create_app(clf: "Classifier", settings: ServeSettings | None = None) -> "FastAPI":
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse
+    from starlette.responses import JSONResponse, Response
 
     settings = (settings or ServeSettings()).validate()
+    service = ServiceState()
+    metrics = ServiceMetrics(lambda: batcher.queued, lambda: service.in_flight, lambda: service.draining)
     batcher = Batcher(
         lambda texts: clf.predict(texts, settings.model_batch_size),
         settings.max_batch,
         settings.max_wait_ms / 1000,
+        on_call=metrics.model_call,
     )
     info = model_info(clf, settings)
     page = page_html()
@@ -226,27 +254,49 @@ def create_app(clf: "Classifier", settings: ServeSettings | None = None) -> "Fas
     app = FastAPI(
         title="imdb-lora sentiment service",
         version=__version__,
-        description="Sentiment (NEGATIVE/POSITIVE) of English movie reviews. Requests arriving together are batched.",
+        description="Sentiment (NEGATIVE/POSITIVE) of English movie reviews. Requests arriving together are "
+        "batched; under overload the service answers 503 with Retry-After rather than queueing without end.",
         lifespan=lifespan,
     )
-    app.state.batcher = batcher
+    app.state.batcher, app.state.service, app.state.metrics = batcher, service, metrics
+    app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees the 413s too
     _add_error_handlers(app)
     PredictRequest = request_model(settings)
     models = response_models()
-    errors = {code: {"model": models["error"]} for code in (413, 422, 500)}
+    errors = {code: {"model": models["error"]} for code in (413, 422, 500, 503, 504)}
 
     @app.post("/predict", response_model=models["predict"], responses=errors)
-    async def predict(body: PredictRequest):  # type: ignore[valid-type]
-        """Label, confidence and both probabilities per text, in the order given."""
+    async def predict(body: PredictRequest, request: Request):  # type: ignore[valid-type]
+        """Label, confidence and both probabilities per text, in the order given. 503 with Retry-After
+        when the service is full or shutting down; 504 when no answer came within the request timeout."""
+        texts = body.texts  # type: ignore[attr-defined]
+        refusal = _refusal(batcher, service, settings, len(texts))
+        if refusal is not None:
+            metrics.shed.labels(refusal[0]).inc()
+            return refusal[1]
+        job = batcher.enqueue(texts)
+        service.in_flight += 1
         try:
-            preds = await batcher.submit(body.texts)  # type: ignore[attr-defined]
+            preds = await _answer(batcher, job, request, settings.request_timeout)
+        except Unanswered as e:
+            if e.never_computed:
+                metrics.dropped.labels(e.reason).inc(len(texts))
+            return e.response(settings.request_timeout)
         except ModelError:
             return error_json(500, "internal_error", "the model failed on this request; try again")
-        return {"predictions": [prediction_out(p) for p in preds]}
+        finally:
+            service.in_flight -= 1
+        # a response object: FastAPI skips re-validating it against the response model (CPU the event
+        # loop would otherwise take from the model thread under load); the model still documents it
+        return JSONResponse({"predictions": [prediction_out(p) for p in preds]})
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", responses={503: {"description": "shutting down: send no more requests"}})
+    async def health():
+        """200 {"status": "ok"}, or 503 {"status": "draining"} once the service is shutting down."""
+        if service.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/info")
@@ -254,11 +304,81 @@ def create_app(clf: "Classifier", settings: ServeSettings | None = None) -> "Fas
         """The model behind the service: base model, method, format, run metrics and request limits."""
         return info
 
+    @app.get("/metrics", include_in_schema=False)
+    async def get_metrics():
+        content, content_type = metrics.exposition()
+        return Response(content, media_type=content_type)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse(page)
 
     return app
+
+
+# ---------------------------------------------------------------- admission, deadline, gone clients
+
+
+def _refusal(
+    batcher: Batcher, service: ServiceState, settings: ServeSettings, n_texts: int
+) -> "tuple[str, JSONResponse] | None":
+    """(reason, 503 response) if this request is not admitted, None if it is. Refusing costs the server
+    almost nothing, and Retry-After tells a well-behaved client when to come back."""
+    if service.draining:
+        response = error_json(
+            503, "shutting_down", "the service is shutting down; send the request elsewhere"
+        )
+        response.headers["Retry-After"] = "1"
+        return "draining", response
+    waiting = batcher.queued + n_texts
+    rate = batcher.stats.texts_per_second()
+    # Shed when the queue is full, and also when at the measured model speed the request could not be
+    # answered within its timeout anyway (a slow model on a small machine): a 503 now beats a 504 later.
+    if waiting <= settings.max_queue and (rate is None or waiting / rate <= settings.request_timeout):
+        return None
+    retry = 1 if rate is None else min(60, max(1, math.ceil(waiting / rate)))
+    response = error_json(
+        503, "overloaded", f"the service is at capacity ({batcher.queued} texts waiting); retry in {retry} s"
+    )
+    response.headers["Retry-After"] = str(retry)
+    return "queue_full", response
+
+
+class Unanswered(Exception):
+    """An admitted request that gets no predictions: its client left, or its deadline passed."""
+
+    def __init__(self, reason: str, never_computed: bool):
+        self.reason = reason  # client_gone or timeout
+        self.never_computed = never_computed
+
+    def response(self, timeout: float) -> "JSONResponse":
+        if self.reason == "client_gone":  # nobody reads it; 499 is the usual log mark for this case
+            return error_json(499, "client_closed_request", "the client closed the connection")
+        return error_json(504, "timeout", f"no answer within {timeout:g} s; try again later")
+
+
+async def _answer(batcher: Batcher, job: Job, request: "Request", timeout: float) -> "list[Prediction]":
+    """The job's predictions; or, if the client disconnects or the deadline passes first, the job is
+    withdrawn (not computed, if no model call has taken it yet) and Unanswered is raised."""
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait({job.future, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        never_computed = batcher.withdraw(job) if not job.future.done() else False
+    if job.future in done:
+        return job.future.result()
+    raise Unanswered("client_gone" if gone in done else "timeout", never_computed)
+
+
+async def _client_gone(request: "Request") -> None:
+    """Returns when the client disconnects. The body has been read, so the server's next message on
+    this connection is the disconnect (uvicorn sends it when the socket closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------- errors
 
 
 def _add_error_handlers(app: "FastAPI") -> None:
