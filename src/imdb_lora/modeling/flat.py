@@ -122,7 +122,10 @@ def enable_flat(model: nn.Module) -> None:
     m = classifier_of(model)
     if m.config._attn_implementation != FLAT_ATTENTION:
         register_flat_attention()
-        m.set_attn_implementation(FLAT_ATTENTION)
+        if hasattr(m, "set_attn_implementation"):
+            m.set_attn_implementation(FLAT_ATTENTION)
+        else:  # an older transformers: the layers read the (shared) config's setting
+            m.config._attn_implementation = FLAT_ATTENTION
 
 
 def batching_path(mode: str, model: nn.Module, device: torch.device, training: bool) -> str:
