@@ -190,3 +190,34 @@ def test_compiled_flat_step_equals_the_eager_step(tiny_models):
     compiled, _, _ = _steps(other, batches, labels)
     for a, b in zip(eager, compiled):  # traced attention uses a block mask, eager a loop: float rounding
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel needs a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_flash_varlen_on_cuda_matches_padded(tiny_models, kind):
+    """On the GPU the flat path runs the flash kernel under bf16 autocast: logits close to the padded
+    model's, gradients close in train mode with dropout off, and finite with attention dropout on."""
+    from imdb_lora.modeling.forward import autocast_for
+
+    model = models(tiny_models, kind, "sdpa").cuda()
+    cfg = model.get_base_model().config
+    seqs = random_reviews(cfg.vocab_size, 9, seed=3)
+    cuda = torch.device("cuda")
+    ids, mask = (t.cuda() for t in pad_batch(seqs, cfg.pad_token_id))
+    batch = flat_batch(model, seqs).to(cuda)
+    with autocast_for(cuda):
+        with torch.no_grad():
+            padded = model(input_ids=ids, attention_mask=mask).logits.float()
+            flat = flat_logits(model, batch).float()
+        assert torch.allclose(flat, padded, atol=3e-2), (flat - padded).abs().max()
+        params = [p for p in model.parameters() if p.requires_grad]
+        y = torch.tensor([i % 2 for i in range(len(seqs))], device=cuda)
+        ga = torch.autograd.grad(
+            F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits.float(), y), params
+        )
+        gb = torch.autograd.grad(F.cross_entropy(flat_logits(model, batch).float(), y), params)
+        scale = max(a.abs().max() for a in ga)
+        assert max((a - b).abs().max() for a, b in zip(ga, gb)) < 5e-2 * scale
+        model.train()  # attention dropout 0.1 inside the flash kernel, and its backward
+        gc = torch.autograd.grad(F.cross_entropy(flat_logits(model, batch).float(), y), params)
+    assert all(torch.isfinite(g).all() for g in gc)
