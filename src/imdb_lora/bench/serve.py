@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from ..inference.classifier import Classifier
 from ..serving.app import ServeSettings, create_app
 from ..serving.server import BackgroundServer
-from .common import machine, percentile, test_reviews
+from .common import machine, test_reviews
+from .load import run_load_in_process
 
 
 def bench_serve(
@@ -33,7 +32,7 @@ def bench_serve(
     reviews = test_reviews(clf, data, samples, seed).texts
     app = create_app(clf, settings)
     with BackgroundServer(app) as server:
-        load = asyncio.run(run_load(server.url, reviews, clients, requests, texts_per_request, timeout))
+        load = run_load_in_process(server.url, reviews, clients, requests, texts_per_request, timeout)
     stats = app.state.batcher.stats
     load.update(
         model_calls=stats.calls,
@@ -45,73 +44,6 @@ def bench_serve(
     )
     load["machine"] = machine()
     return load
-
-
-async def run_load(
-    url: str, texts: list[str], clients: int, requests: int, per_request: int, timeout: float
-) -> dict[str, Any]:
-    """`clients` concurrent loops share `requests` POST /predict calls; every one is timed and checked.
-
-    A 503 with Retry-After (the service shedding load) is counted as shed, not as an error: the client
-    waits as told and sends the same request again, as a well-behaved client would. Latencies are those
-    of the admitted attempts; `end_to_end_ms` includes the waits after 503s."""
-    import httpx
-
-    latencies: list[float] = []
-    end_to_end: list[float] = []
-    errors: dict[str, int] = {}
-    shed = 0
-    next_request = iter(range(requests))
-
-    async def attempt(http: httpx.AsyncClient, body: dict) -> tuple[str, float | None]:
-        """'ok', 'shed' or an error kind; and for a shed request, the seconds to wait."""
-        try:
-            r = await http.post(f"{url}/predict", json=body)
-        except httpx.HTTPError as e:
-            return type(e).__name__, None
-        if r.status_code == 503 and r.headers.get("retry-after", "").isdigit():
-            return "shed", float(r.headers["retry-after"])
-        ok = r.status_code == 200 and len(r.json()["predictions"]) == per_request
-        return ("ok" if ok else f"HTTP {r.status_code}"), None
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal shed
-        for i in next_request:  # one shared iterator: the total is bounded, whoever is free takes the next
-            body = {"texts": [texts[(i * per_request + k) % len(texts)] for k in range(per_request)]}
-            first = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                key, wait = await attempt(http, body)
-                if key != "shed":
-                    break
-                shed += 1
-                await asyncio.sleep(wait)
-            if key == "ok":
-                now = time.perf_counter()
-                latencies.append(1000 * (now - t0))
-                end_to_end.append(1000 * (now - first))
-            else:
-                errors[key] = errors.get(key, 0) + 1
-
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        seconds = time.perf_counter() - t0
-    done = len(latencies)
-    return {
-        "clients": clients,
-        "requests": requests,
-        "texts_per_request": per_request,
-        "seconds": round(seconds, 3),
-        "requests_per_s": round(done / seconds, 3),
-        "texts_per_s": round(done * per_request / seconds, 3),
-        "latency_ms": {f"p{q}": round(percentile(latencies, q), 1) for q in (50, 90, 99)},
-        "end_to_end_ms": {f"p{q}": round(percentile(end_to_end, q), 1) for q in (50, 99)},
-        "shed": shed,
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-    }
 
 
 def format_serve_report(r: dict[str, Any]) -> str:
