@@ -119,7 +119,7 @@ fast_part() {
   mkdir -p "$shared/models" && ln -sfn "$roberta" "$shared/models/roberta-base"
   if $py -c "import pytest" 2>/dev/null; then
     step fast-cuda-tests 120 env IMDB_LORA_SHARED="$shared" $py -m pytest -q -p no:cacheprovider \
-      tests/test_flat.py -m "not slow" -k "cuda or flash or flat_logits or flat_loss or static_buffer" -rs
+      tests/modeling/test_flat.py -m "not slow" -k "cuda or flash or flat_logits or flat_loss or static_buffer" -rs
   fi
   step fast-ref "$limit" $py "$ref" --model "$roberta" --random-init --data "$data" "${rs[@]}"
   step fast-bench-train-flat "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..inference.classifier import Classifier
@@ -32,7 +33,9 @@ def bench_serve(
     reviews = test_reviews(clf, data, samples, seed).texts
     app = create_app(clf, settings)
     with BackgroundServer(app) as server:
+        cpu0 = time.process_time()
         load = run_load_in_process(server.url, reviews, clients, requests, texts_per_request, timeout)
+        load["service_cpu_seconds"] = round(time.process_time() - cpu0, 2)  # model + event loop, all threads
     stats = app.state.batcher.stats
     load.update(
         model_calls=stats.calls,

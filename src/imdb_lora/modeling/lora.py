@@ -1,4 +1,4 @@
-"""Base model + LoRA: loading (local folder, hub, random init), role-aware LoRA targets, parameter counts.
+"""LoRA on a loaded base model: role-aware targets, the model to train (LoRA or full), parameter counts.
 
 LoRA targets are chosen by role ("attention q/k/v", "attention output", "feed-forward", "pooler",
 "word embeddings") and mapped to module names per architecture, so the same recipe means the same thing

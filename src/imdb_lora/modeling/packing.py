@@ -1,7 +1,7 @@
 """Padding-free batches: several reviews packed into one row, attention kept inside each review.
 
 A padded batch of IMDB reviews (median ~230 tokens, cut at 512) spends about half its compute on pad
-tokens. Packing concatenates reviews into rows of `row_tokens`, restarts position ids at each review,
+tokens. Packing (data.batches.pack) concatenates reviews into rows of `row_tokens`, restarts position ids at each review,
 gives attention a block-diagonal mask (so no review sees another), and reads each review's first token
 for the classifier (or the mean of its tokens, with --pooling mean). The result is the same computation
 as the padded forward (tests check logits, loss and gradients), on fewer tokens.
