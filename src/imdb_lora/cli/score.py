@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from .common import add_raw_flag, add_window_flag, positive_int
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+from .common import add_raw_flag, add_window_flag, non_negative_float, positive_int
 
 
 def add_score_parser(sub) -> None:
@@ -46,8 +36,8 @@ def add_score_parser(sub) -> None:
     g.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: "
                    "$RAY_ADDRESS, else a local Ray started for this command")  # fmt: skip
     g.add_argument("--workers", type=positive_int, help="actors (loaded models) [default: as many as fit]")
-    g.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="[default: 1]")
-    g.add_argument("--num-gpus-per-worker", type=positive_float, default=0.0, help="[default: 0, CPU]")
+    g.add_argument("--cpus-per-worker", type=non_negative_float, default=1.0, help="[default: 1]")
+    g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0.0, help="[default: 0, CPU]")
     add_window_flag(p)
     add_raw_flag(p)
     p.set_defaults(func=cmd_score)
