@@ -22,6 +22,17 @@ def parse_label(value: object) -> int | None:
     return LABEL_SPELLINGS.get(str(value).strip().lower())
 
 
+def read_utf8(path: str | os.PathLike, flag: str) -> tuple[Path, str]:
+    """A text file's path and content, or one line naming the flag: missing, or not UTF-8."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{flag}: no such file: {p}")
+    try:
+        return p, p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{flag}: {p} is not UTF-8") from None
+
+
 def load_labeled_file(
     path: str | os.PathLike,
     flag: str = "--train-file",
@@ -29,13 +40,7 @@ def load_labeled_file(
     label_column: str = "label",
 ) -> LabeledTexts:
     """CSV, TSV or JSONL with a text and a label column; labels 0/1, negative/positive or neg/pos."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{flag}: no such file: {p}")
-    try:
-        content = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{flag}: {p} is not UTF-8") from None
+    p, content = read_utf8(path, flag)
     rows: list[dict] = []
     if p.suffix.lower() in (".jsonl", ".json"):
         for n, line in enumerate(content.splitlines(), 1):
@@ -78,13 +83,7 @@ def read_texts(file: str | None, stdin_text: str | None) -> list[str]:
     """Texts from --file (one per line, or JSONL/CSV with a `text` column) or from stdin lines."""
     if file is None:
         return [line for line in (stdin_text or "").splitlines() if line.strip()]
-    p = Path(file).expanduser()
-    if not p.is_file():
-        raise UserError(f"--file: no such file: {p}")
-    try:
-        content = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"--file: {p} is not UTF-8") from None
+    p, content = read_utf8(file, "--file")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
         texts = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -18,9 +18,6 @@ from ..data.files import load_labeled_file
 from ..data.labeled import LabeledTexts
 from ..data.tokcache import cached_encode
 from ..runs.rundir import RunDir
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 @dataclass
@@ -33,6 +30,26 @@ class EvalFile:
 class PostTraining:
     summary: dict[str, Any] = field(default_factory=dict)  # merged into run.json
     bins: dict[str, Any] = field(default_factory=dict)  # reliability tables, for the diagram
+
+
+class FinishedTraining(Protocol):
+    """What the post-training steps read from a trainer whose loop has ended (training.trainer.Trainer).
+
+    A protocol rather than an import of Trainer: the trainer calls into this module, not the reverse.
+    """
+
+    cfg: Any
+    state: Any
+    model: torch.nn.Module
+    run: RunDir
+    tokenizer: Any
+    val_ids: list[list[int]]
+    val_y: list[int]
+    test_ids: list[list[int]]
+    test_y: list[int]
+    eval_files: list[EvalFile]
+
+    def eval_logits(self, seqs: list[list[int]], name: str) -> torch.Tensor: ...
 
 
 def load_eval_files(paths: list[str]) -> list[EvalFile]:
@@ -57,7 +74,7 @@ def restore_kept_weights(model: torch.nn.Module, run: RunDir, method: str) -> No
         raise RuntimeError(f"cannot restore the kept checkpoint from {folder} (unexpected: {unexpected[:3]})")
 
 
-def after_training(tr: Trainer) -> PostTraining:
+def after_training(tr: FinishedTraining) -> PostTraining:
     """Calibrate (unless --no-calibration) and report the labeled files, with the kept checkpoint."""
     st, cfg = tr.state, tr.cfg
     # The model in memory holds the last epoch's raw weights; the kept ones may be another epoch's, or
@@ -89,7 +106,7 @@ def after_training(tr: Trainer) -> PostTraining:
     return out
 
 
-def _report_file(tr: Trainer, f: EvalFile, temperature: float) -> dict[str, Any]:
+def _report_file(tr: FinishedTraining, f: EvalFile, temperature: float) -> dict[str, Any]:
     d = tr.cfg.data
     ids = cached_encode(tr.tokenizer, f.data.texts, d.max_length, d.truncation, d.head_tokens, d.token_cache)
     name = Path(f.path).name
