@@ -70,6 +70,10 @@ def test_bench_serve_reports_zero_errors(trained_run, imdb_dir, capsys):
     assert 0 < r["latency_ms"]["p50"] and r["latency_ms"]["p99"] <= wall_ms + 1
     assert 24 * r["latency_ms"]["p99"] >= 0.5 * wall_ms
     assert r["model_calls"] < 24  # concurrent clients were batched together
+    assert r["connect_failures_before_start"] == 0 and r["load_generator_cpu_seconds"] > 0
+    from imdb_lora.bench.serve import format_serve_report
+
+    assert "CPU seconds: load generator" in format_serve_report(r)
 
 
 @pytest.mark.parametrize(

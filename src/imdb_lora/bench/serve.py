@@ -64,5 +64,7 @@ def format_serve_report(r: dict[str, Any]) -> str:
             f"batching: {r['model_calls']} model calls, {r['mean_texts_per_call']:.1f} texts per call "
             f"on average, largest {r['largest_call']}; {r['model_seconds']:.1f} s in the model "
             f"(queue bound {r['max_queue']} texts, {r['max_batch_tokens']} tokens per forward pass)",
+            f"CPU seconds: load generator {r['load_generator_cpu_seconds']:.1f}, "
+            f"service {r['service_cpu_seconds']:.1f} (model and event loop, all threads)",
         ]
     )
