@@ -29,6 +29,12 @@ EVAL_ROWS = [
     ("fast-bench-eval-packed", "evaluation, packed"),
     ("fast-bench-eval-flat", "evaluation, flat (LoRA merged)"),
 ]
+MPNET_TRAIN_ROWS = [
+    ("fast-mpnet-bench-train-padded", "MPNet-base (random init), padded"),
+    ("fast-mpnet-bench-train-flat", "MPNet-base (random init), flat (FlexAttention, no attention dropout)"),
+]
+MPNET_RUNS = [("fast-mpnet-1ep-flat", "flat"), ("fast-mpnet-1ep-padded", "padded")]
+MPNET_PLAIN_TEST = 95.34  # the plain recipe's 1-epoch test accuracy on MPNet-base (docs/GPU.md in ../shared)
 TARGETS = {"ratio": 6.0, "epoch_s": 10.0, "eval_warm_s": 3.0, "train_3_epochs_wall_s": 60.0}
 
 
@@ -91,6 +97,34 @@ def num(v, fmt="{:,.1f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) else "–"
 
 
+def mpnet_tables(got: dict, record: dict) -> None:
+    """MPNet's flat path (part fast-mpnet): speed flat vs padded, and the 1-epoch accuracy guard."""
+    print("\nMPNet-base, flat path (FlexAttention) vs padded")
+    print("| recipe | tokens/s | epoch s | vs padded | MFU | peak memory |")
+    print("|---|---:|---:|---:|---:|---:|")
+    padded = got.get(MPNET_TRAIN_ROWS[0][0], {}).get("tokens_per_second")
+    for name, label in MPNET_TRAIN_ROWS:
+        f = got.get(name, {})
+        rate = f.get("tokens_per_second")
+        f["ratio_to_padded"] = rate / padded if rate and padded else None
+        print(
+            f"| {label} | {num(rate, '{:,.0f}')} | {num(f.get('epoch_seconds_estimate'))} | "
+            f"{num(f['ratio_to_padded'], '{:.2f}x')} | {num(f.get('mfu'), '{:.1%}')} | {gib(f.get('peak_memory_bytes'))} |"
+        )
+    record["mpnet_accuracy"] = {}
+    for name, how in MPNET_RUNS:
+        f = got.get(name, {})
+        acc = (f.get("test_accuracy") or [None])[0]  # epoch 1's line: a fraction (the done: line is in %)
+        acc = acc * 100 if acc is not None else None
+        epochs = f.get("epochs") or [{}]
+        record["mpnet_accuracy"][how] = {"test_accuracy": acc, "wall_seconds": f.get("wall_seconds")}
+        print(
+            f"MPNet-base 1 epoch (real weights, default recipe), {how}: test {num(acc, '{:.2f}')}% "
+            f"(plain recipe {MPNET_PLAIN_TEST}%), {num(epochs[-1].get('train_s'))} s train, "
+            f"{num(epochs[-1].get('eval_s'))} s eval, wall {num(f.get('wall_seconds'))} s"
+        )
+
+
 def main(log_path: str, json_path: str) -> int:
     log = Path(log_path).read_text()
     summary_path = Path(log_path).with_name("summary.txt")
@@ -117,6 +151,12 @@ def main(log_path: str, json_path: str) -> int:
         if name.startswith("fast") and name not in record["steps"]:
             record["steps"][name] = st
     got = record["steps"]
+    if any(name in got for name, _ in MPNET_TRAIN_ROWS + MPNET_RUNS):
+        mpnet_tables(got, record)
+    if not any(name in got for name, _ in TRAIN_ROWS + EVAL_ROWS):  # a fast-mpnet call alone
+        Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {json_path}")
+        return 0
     ref_rate = got.get("fast-ref", {}).get("tokens_per_second")
     print(f"\nissue 10, fast path: {gpu}")
     print("| recipe | tokens/s | epoch s | vs reference | MFU | peak memory |")

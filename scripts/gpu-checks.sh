@@ -15,7 +15,7 @@
 #           all finished runs and window strides on validation, test once for the choice and the default
 # batches   bench train at 128 and 256 reviews per step (padded) and 128 packed (random-init roberta-base)
 # fast-best MPNet-base, 3 epochs at 128 reviews per step, lr 8e-4, head+tail truncation
-# fast, fast-accuracy  issue 10's flat path (see fast_part below)
+# fast, fast-accuracy, fast-mpnet  issue 10's flat path (see fast_part below)
 #
 # Runs live in $RUNS (default ~/runs): a training step that a time limit cut short is resumed by the
 # next call (`train --resume`) while the machine is kept, and a finished one is not trained again.
@@ -31,7 +31,7 @@
 # MPNET=DIR replaces the staged MPNet folder (QUICK rehearsals on a CPU use MiniLM).
 set -uo pipefail
 
-[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [default] [compare] [levers] [batches] [fast-best] [fast] [fast-accuracy]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [default] [compare] [levers] [batches] [fast-best] [fast] [fast-accuracy] [fast-mpnet]" >&2; exit 2; }
 stage=$(cd "$1" && pwd) || exit 2
 out=$2
 shift 2
@@ -103,8 +103,12 @@ step() {
 #                OUT/fast-summary.json (date, GPU, versions, commands, every figure) for docs/measurements/.
 # fast-accuracy  all-MiniLM-L6-v2 (real weights, bert architecture: it takes the flat path; staged as
 #                all-MiniLM-L6-v2-fp16/) 1 epoch, default recipe, padded and flat + CUDA graphs in the
-#                same call: the fast path must not cost accuracy (MPNet keeps the padded path, so its
-#                95.34% reference does not test the flat path).
+#                same call: the fast path must not cost accuracy.
+# fast-mpnet     MPNet's flat path (FlexAttention; no attention dropout), at most ~9 minutes (DEADLINE
+#                defaults to 540 s for it; needs all-mpnet-base-v2-fp16/ staged): its CUDA tests, bench
+#                train flat and padded on random-init MPNet-base (max length 512, batch 32), then the
+#                accuracy guard: MPNet-base (real weights) 1 epoch, default recipe, --batching flat (to
+#                set against the plain recipe's 95.34%), and padded in the same call if time is left.
 fast_part() {
   local fb=(--steps 30 --warmup 5) gb=(--steps 60 --warmup 30 --profile 3) eb=() ep=(--epochs 3)
   local rs=("${ref_steps[@]}")
@@ -157,6 +161,52 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage
       --model "$minilm" --data "$data" --epochs 1 "${extra[@]}" "${tiny[@]}" \
       --output-dir "$runs/minilm-$how" --overwrite
   done
+}
+
+# mpnet_fp32: $runs/mpnet-fp32, the staged fp16 MPNet turned back into fp32 once (both recipes and
+# every part get the same fp32 weights).
+mpnet_fp32() {
+  mpnet=$runs/mpnet-fp32
+  [ -d "$mpnet" ] && return 0
+  step mpnet-fp32 300 $py -c "
+import sys, torch
+from transformers import AutoModel
+AutoModel.from_pretrained(sys.argv[1], dtype=torch.float32).save_pretrained(sys.argv[2])
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "${MPNET:-$stage/all-mpnet-base-v2-fp16}" "$mpnet"
+}
+
+fast_mpnet_part() {
+  local fb=(--steps 30 --warmup 5) ep=() need_flat=200 need_padded=150
+  if [ "$quick" = 1 ]; then  # MPNet-base on 2 shared cores: tiny batches, short reviews
+    fb=(--steps 1 --warmup 1 --samples 16 --batch-size 4 --max-length 64)
+    ep=(--max-train-samples 16 --max-eval-samples 8 --batch-size 4 --max-length 64 --val-size 0.25)
+    need_flat=20 need_padded=20
+  fi
+  [ -z "${DEADLINE:-}" ] && [ "$quick" != 1 ] && deadline=$((SECONDS + 540))
+  mpnet_fp32
+  if $py -c "import pytest" 2>/dev/null; then
+    step fast-mpnet-tests 150 $py -m pytest -q -p no:cacheprovider \
+      tests/modeling/test_flat_mpnet.py -m "not slow" -rs
+  fi
+  local how
+  for how in flat padded; do
+    step "fast-mpnet-bench-train-$how" "$limit" $py -m imdb_lora bench train --model "$mpnet" --random-init \
+      --data "$data" --batching "$how" "${fb[@]}" --json
+  done
+  # Accuracy: the flat run first (set against 95.34%, the plain recipe's 1-epoch test accuracy), then
+  # padded in the same call when the time for a whole run is left (a cut-short run tells nothing).
+  for how in flat padded; do
+    local need=$need_flat
+    [ "$how" = padded ] && need=$need_padded
+    if [ $((deadline - SECONDS)) -lt "$need" ]; then
+      printf '%-28s skipped (DEADLINE: needs ~%ss, %ss left)\n' "fast-mpnet-1ep-$how" "$need" "$((deadline - SECONDS))" >>"$summary"
+      continue
+    fi
+    step "fast-mpnet-1ep-$how" "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$mpnet" \
+      --data "$data" --epochs 1 --batching "$how" "${ep[@]}" --output-dir "$runs/mpnet-1ep-$how" --overwrite
+  done
+  $py scripts/fast_summary.py "$log" "$out/fast-mpnet-summary.json" | tee -a "$summary"
 }
 
 # train_run NAME NEED FLAGS...: one training run into $runs/NAME, skipped when fewer than NEED seconds
@@ -230,7 +280,6 @@ for part in $parts; do
       --data "$data" --batching packed "${bench[@]}" --batch-size 128 --json
     ;;
   accuracy | compare | fast-best | default | levers)
-    mpnet=$runs/mpnet-fp32
     # Runs finished in an earlier session come back as OUT/NAME.tar.gz, staged with the next chunks:
     # the default run is the levers' control, and `select` reads every finished run.
     for tarball in "$stage"/mpnet-*.tar.gz; do
@@ -238,14 +287,7 @@ for part in $parts; do
       [ -f "$tarball" ] && [ ! -d "$runs/$name" ] && tar -C "$runs" -xzf "$tarball" &&
         printf '%-28s from an earlier session (%s)\n' "$name" "$(basename "$tarball")" >>"$summary"
     done
-    if [ ! -d "$mpnet" ]; then  # the staged copy is fp16; both recipes get the same fp32 weights
-      step mpnet-fp32 300 $py -c "
-import sys, torch
-from transformers import AutoModel
-AutoModel.from_pretrained(sys.argv[1], dtype=torch.float32).save_pretrained(sys.argv[2])
-from transformers import AutoTokenizer
-AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "${MPNET:-$stage/all-mpnet-base-v2-fp16}" "$mpnet"
-    fi
+    mpnet_fp32  # the staged copy is fp16; both recipes get the same fp32 weights
     if [ "$part" = accuracy ]; then
       ref_epochs=(--epochs 1)
       [ "$quick" = 1 ] && ref_epochs=("${ref_steps[@]}")
@@ -336,7 +378,8 @@ PY
     ;;
   fast) fast_part ;;
   fast-accuracy) fast_accuracy_part ;;
-  *) echo "unknown part: $part (speed, accuracy, default, compare, levers, batches, fast-best, fast, fast-accuracy)" >&2; exit 2 ;;
+  fast-mpnet) fast_mpnet_part ;;
+  *) echo "unknown part: $part (speed, accuracy, default, compare, levers, batches, fast-best, fast, fast-accuracy, fast-mpnet)" >&2; exit 2 ;;
   esac
 done
 for r in "$runs"/*/results.md "$runs"/*/*/results.md; do

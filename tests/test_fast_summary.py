@@ -46,3 +46,37 @@ def test_fast_summary_table_json_and_targets(tmp_path, monkeypatch, capsys):
     met = {k: v["met"] for k, v in r["targets"].items()}
     assert met == {"ratio >= 6x": True, "epoch <= 10 s": True, "test-set evaluation warm <= 3 s": False,
                    "3 epochs with evaluations <= 60 s wall": True}  # fmt: skip
+
+
+MPNET_LOG = """gpu-checks 2026-11-29T00:00:00Z parts: fast-mpnet quick=0
+torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | gpu NVIDIA H200
+=== fast-mpnet-bench-train-flat: python3 -m imdb_lora bench train --batching flat
+{"bench": "train", "tokens_per_second": 150000.0, "epoch_seconds_estimate": 44.0, "mfu": 0.1}
+=== fast-mpnet-bench-train-padded: python3 -m imdb_lora bench train --batching padded
+{"bench": "train", "tokens_per_second": 100000.0, "epoch_seconds_estimate": 66.0, "mfu": 0.07}
+=== fast-mpnet-1ep-flat: /usr/bin/time python3 -m imdb_lora train --epochs 1 --batching flat
+epoch 1: train loss 0.25 acc 0.90 | val loss 0.15 acc 0.95 | test acc 0.9521 | 50.0s train, 9.0s eval *best*
+done: runs/mpnet-1ep-flat | best epoch 1 | val acc 95.00% | test acc 95.21% | trainable 2,252,538 of 111,065,466
+wall 90.0 s
+"""
+
+
+def test_fast_summary_mpnet_part_alone(tmp_path, monkeypatch, capsys):
+    """A fast-mpnet call: the MPNet table (flat vs padded) and the accuracy line, no roberta table."""
+    (tmp_path / "log.txt").write_text(MPNET_LOG)
+    out = tmp_path / "fast-mpnet-summary.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(tmp_path / "log.txt"), str(out)])
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0
+    text = capsys.readouterr().out
+    assert (
+        "| MPNet-base (random init), flat (FlexAttention, no attention dropout) | 150,000 | 44.0 | 1.50x |"
+        in text
+    )
+    assert "flat: test 95.21% (plain recipe 95.34%), 50.0 s train, 9.0 s eval, wall 90.0 s" in text
+    assert "padded: test –" in text and "reference_lora" not in text
+    r = json.loads(out.read_text())
+    assert r["mpnet_accuracy"]["flat"] == {"test_accuracy": 95.21, "wall_seconds": 90.0}
+    assert r["steps"]["fast-mpnet-bench-train-flat"]["ratio_to_padded"] == 1.5

@@ -115,7 +115,8 @@ class TrainConfig:
     batching: str = _f(
         "auto",
         "padded (dynamic padding), packed (several reviews per row, no padding), flat (a batch's "
-        "reviews as one row, per-review attention; roberta/bert) or auto (padded training; packed "
+        "reviews as one row, per-review attention; roberta/bert, and mpnet through FlexAttention without "
+        "attention dropout) or auto (padded training; packed "
         "evaluation on CUDA where the architecture supports it: faster as measured)",
     )
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")

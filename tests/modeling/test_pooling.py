@@ -137,3 +137,4 @@ def test_flat_batching_falls_back_to_padded_with_mean_pooling(tiny_models):
         assert batching_path("flat", lora_model(tiny_models, "bert", "cls"), cpu, training) == "flat"
         assert batching_path("flat", lora_model(tiny_models, "bert", "mean"), cpu, training) == "padded"
         assert batching_path("packed", lora_model(tiny_models, "bert", "mean"), cpu, training) == "packed"
+        assert batching_path("flat", lora_model(tiny_models, "mpnet", "mean"), cpu, training) == "padded"

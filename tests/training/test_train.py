@@ -199,7 +199,7 @@ def test_auto_batching_is_padded_on_cpu(trained_run):
     assert "training padded (dynamic padding); evaluation padded" in (trained_run / "results.md").read_text()
 
 
-@pytest.mark.parametrize("kind", ["roberta", "bert"])
+@pytest.mark.parametrize("kind", ["roberta", "bert", "mpnet"])
 def test_flat_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, kind, monkeypatch):
     import imdb_lora.modeling.forward as forward_module
 
@@ -212,14 +212,16 @@ def test_flat_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, k
     assert main(train_args(tiny_models(kind), imdb_dir, out, "--epochs", "1", "--batching", "flat")) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["train_path"].startswith("flat") and info["eval_path"].startswith("flat")
+    assert ("no attention dropout" in info["train_path"]) == (kind == "mpnet")
     assert sum(calls) == 5  # every step of the epoch (36 reviews, batch 8) ran the flat forward
     assert False in calls  # and evaluation too
     assert "training flat" in (out / "results.md").read_text()
 
 
-def test_flat_batching_refuses_mpnet_and_cuda_graphs_need_flat(tiny_models, imdb_dir, tmp_path, capsys):
-    assert main(train_args(tiny_models("mpnet"), imdb_dir, tmp_path / "m", "--batching", "flat")) == 2
-    assert "--batching flat is not supported for model type 'mpnet'" in capsys.readouterr().err
+def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, imdb_dir, tmp_path, capsys):
+    args = train_args(tiny_models("mpnet"), imdb_dir, tmp_path / "m", "--batching", "flat", "--cuda-graphs")
+    assert main(args) == 2
+    assert "--cuda-graphs is not built for mpnet's flat path" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
     assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "g", "--cuda-graphs")) == 2
     assert "--cuda-graphs needs --batching flat" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from ..data.splits import stratified_split, stratified_subset
 from ..data.tokcache import cached_encode
 from ..errors import UserError
 from ..metrics import peak_memory
-from ..modeling.flat import batching_path
+from ..modeling.flat import batching_path, flat_options_check
 from ..modeling.forward import batched_logits, compile_encoder
 from ..modeling.load import load_tokenizer, resolve_device
 from ..modeling.lora import build_model
@@ -108,6 +108,7 @@ def _setup(opts: ThroughputOptions, split: str):
     model, info = build_model(cfg)
     model = model.to(device)
     path = batching_path(opts.batching, model, device, training=split == "train")
+    flat_options_check(model, path, opts.compile, opts.cuda_graphs and split == "train")
     if path == "flat" and device.type == "cuda" and opts.method == "lora":
         frozen_weights_to_bf16(model)  # as the trainer does on the flat path
     if opts.compile:  # compiling happens in the untimed warm-up steps

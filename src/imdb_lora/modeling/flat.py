@@ -16,10 +16,11 @@ one name (FLAT_ATTENTION), selected with `set_attn_implementation`. The encoder 
 Calls without `cu_seq_lens_q` (padded batches on the same model) go to transformers' SDPA function
 with its usual mask, so one model serves both layouts.
 
-Supported: roberta-like heads and bert (see FLAT_MODELS). MPNet is not: its attention does not go
-through the attention interface (its own kernel, plus a relative position bias it builds densely as
-[batch, heads, L, L] from the row length), so a flat row of ~10k tokens would need its own attention
-module (FlexAttention with a score_mod for the bias); it stays padded.
+Supported: roberta-like heads, bert and mpnet (see FLAT_MODELS). MPNet's attention does not go through
+the attention interface and adds a relative position bias that it builds densely as [batch, heads, L, L];
+its flat path (flat_mpnet.py) runs FlexAttention with a document mask and the bias as a score_mod, and
+trains without attention dropout (FlexAttention has none); --compile and --cuda-graphs are not built
+for it (flat_options_check refuses them).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from torch import nn
 
 from ..data.batches import FlatBatch
 from ..errors import UserError
+from .flat_mpnet import mpnet_flat_hidden
 from .packing import POOLER_HEADS, classifier_of, supports_packing
 from .pooling import pooling_of
 
 FLAT_ATTENTION = "imdb_lora_flat"
-FLAT_MODELS = {"roberta", "xlm-roberta", "camembert", "bert"}
+FLAT_MODELS = {"roberta", "xlm-roberta", "camembert", "bert", "mpnet"}
+FLEX_MODELS = {"mpnet"}  # flat through FlexAttention (flat_mpnet.py), not the attention interface
 BATCHING_MODES = ("auto", "padded", "packed", "flat")
 
 
@@ -117,9 +120,29 @@ def supports_flat(model: nn.Module) -> bool:
     return classifier_of(model).config.model_type in FLAT_MODELS
 
 
+def flat_options_check(model: nn.Module, path: str, compile: bool, cuda_graphs: bool) -> None:
+    """Refuse what the flat path does not build for a model: MPNet's has no --compile/--cuda-graphs."""
+    model_type = classifier_of(model).config.model_type
+    if path == "flat" and model_type in FLEX_MODELS and (compile or cuda_graphs):
+        flag = "--compile" if compile else "--cuda-graphs"
+        raise UserError(
+            f"{flag} is not built for {model_type}'s flat path (FlexAttention, compiled on its own); "
+            f"drop {flag} or use --batching padded"
+        )
+
+
+def flat_note(model: nn.Module) -> str:
+    """What run.json adds to a flat path's name for the model: MPNet's differs (FlexAttention)."""
+    if classifier_of(model).config.model_type in FLEX_MODELS:
+        return ", FlexAttention with the relative position bias as a score_mod, no attention dropout"
+    return ""
+
+
 def enable_flat(model: nn.Module) -> None:
     """Switch the model's attention to FLAT_ATTENTION (padded calls keep working, through SDPA)."""
     m = classifier_of(model)
+    if m.config.model_type in FLEX_MODELS:
+        return  # flat_mpnet switches its modules itself, on the first flat call
     if m.config._attn_implementation != FLAT_ATTENTION:
         register_flat_attention()
         if hasattr(m, "set_attn_implementation"):
@@ -164,6 +187,9 @@ def flat_logits(model: nn.Module, batch: FlatBatch, static_max_len: int | None =
     enable_flat(model)
     m = classifier_of(model)
     encoder = getattr(m, m.base_model_prefix)
+    if m.config.model_type in FLEX_MODELS:  # its own flat forward; static_max_len: FlexAttention has none
+        hidden = mpnet_flat_hidden(encoder, batch)
+        return m.classifier(hidden[0, batch.starts].unsqueeze(1))
     kwargs = {"token_type_ids": torch.zeros_like(batch.input_ids)} if m.config.model_type == "bert" else {}
     max_len = static_max_len or batch.max_len
     hidden = encoder(

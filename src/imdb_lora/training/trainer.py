@@ -28,7 +28,7 @@ from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
 from ..errors import UserError
 from ..metrics import peak_memory
-from ..modeling.flat import batching_path
+from ..modeling.flat import batching_path, flat_note, flat_options_check
 from ..modeling.forward import batched_logits, compile_encoder
 from ..modeling.load import (
     check_max_length,
@@ -185,6 +185,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.path = batching_path(cfg.train.batching, self.model, self.device, training=True)
         self.eval_path = batching_path(cfg.train.batching, self.model, self.device, training=False)
+        flat_options_check(self.model, self.path, cfg.train.compile, cfg.train.cuda_graphs)
         # The fast path on CUDA stores the frozen weights in bf16 once (autocast computes with bf16
         # copies of them anyway); LoRA, the head and the optimizer state stay fp32.
         self.bf16_base = self.path == "flat" and self.device.type == "cuda" and cfg.train.method == "lora"
@@ -456,6 +457,7 @@ class Trainer:
             if self.device.type != "cuda"
             else torch.cuda.get_device_name(self.device),
             "train_path": TRAIN_PATHS[self.path]
+            + (flat_note(self.model) if self.path == "flat" else "")
             + (", CUDA graphs" if self.captured is not None else "")
             + (", bf16 frozen weights" if self.bf16_base else "")
             + (", torch.compile" if self.cfg.train.compile else ""),
