@@ -102,6 +102,44 @@ def test_flex_attention_with_the_mods_equals_the_reference():
     ]
 
 
+def test_compiled_flex_attention_is_traced_once_per_shape_kind_not_per_call():
+    """On CUDA every flat forward calls the compiled FlexAttention with a new score_mod closure, a new
+    block mask and (bucketed) new widths. Dynamo must not compile again for each of them (it would hit
+    its recompile limit and fall back to the unfused eager kernel): a fresh closure reuses the graph,
+    and a second width makes the width dynamic once. Traced here with a counting backend (the CPU's
+    Inductor cannot build FlexAttention's backward, and its forward template fails to compile in
+    torch 2.13): this is dynamo's guard behaviour, which is the same on CUDA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from imdb_lora.modeling.flat_mpnet import relative_bias_mod
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(flex_attention, backend=counting_backend)
+    heads, dim, reach = 2, 16, 64
+    for width, lengths in [
+        (128, [100, 28]),
+        (128, [30, 90, 8]),
+        (256, [200, 56]),
+        (384, [300, 84]),
+        (128, [128]),
+    ]:
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        mask = document_block_mask(cu, width)
+        bias = FlatPositionBias(torch.randn(heads, 2 * reach + 1), reach, cu, mask)
+        q, k, v = (torch.randn(1, heads, width, dim) for _ in range(3))
+        out = fn(q, k, v, score_mod=relative_bias_mod(bias), block_mask=mask, scale=dim**-0.5)
+        ref = reference_attend(q, k, v, bias, scale=dim**-0.5)
+        assert torch.allclose(out, ref, atol=1e-5)
+    assert len(graphs) == 2  # the first width, then one dynamic-width graph for all the others
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("where", ["tiny", "long"])
 def test_mpnet_flat_logits_equal_padded_logits(tiny_models, where):
     if where == "tiny":  # the conftest model with LoRA (128 positions at most)
