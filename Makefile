@@ -39,20 +39,27 @@ $(BIN)/imdb-lora: pyproject.toml
 
 setup: $(BIN)/imdb-lora
 
+# The tests are independent (each writes its own temporary folders and binds free ports), so the fast
+# suite is spread over WORKERS processes by pytest-xdist (WORKERS=0: one process); the slow real checks
+# (MiniLM training, torchrun, Ray) run after it, one at a time, so they never share the cores.
+WORKERS ?= 2
+FAST_SUITE := -q -m "not slow" -n $(WORKERS)
+
 # The real check needs MiniLM's real weights (fetch-pretrained installs them once, idempotent and
 # checksummed, where $(SHARED) has it) and IMDB data; without them the fast suite runs and says so.
 test: setup
 	@if [ -x "$(FETCH_PRETRAINED)" ]; then $(FETCH_PRETRAINED) minilm >/dev/null; fi
 	@if [ -f "$(MINILM_WEIGHTS)" ] && [ -n "$$IMDB_LORA_DATA" ]; then \
-		echo "$(BIN)/pytest -q"; $(BIN)/pytest -q; \
+		echo "$(BIN)/pytest $(FAST_SUITE)" && $(BIN)/pytest $(FAST_SUITE) && \
+		echo "$(BIN)/pytest -q -m slow" && $(BIN)/pytest -q -m slow; \
 	else \
 		echo "make test: the real check (tests/test_real.py) needs $(MINILM_WEIGHTS) and IMDB_LORA_DATA;" \
 			"running the fast suite only"; \
-		echo "$(BIN)/pytest -q -m 'not slow'"; $(BIN)/pytest -q -m "not slow"; \
+		echo "$(BIN)/pytest $(FAST_SUITE)"; $(BIN)/pytest $(FAST_SUITE); \
 	fi
 
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest $(FAST_SUITE)
 
 train: setup
 	$(BIN)/imdb-lora train --model $(MODEL) --output-dir $(RUN) $(ARGS)

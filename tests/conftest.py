@@ -5,6 +5,8 @@ The real roberta-base tokenizer and config come from ../shared (or $IMDB_LORA_SH
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 from pathlib import Path
@@ -100,8 +102,11 @@ def build_tiny(kind: str, dest: Path) -> Path:
     torch.manual_seed(0)
     cfg.num_labels = 2
     model = AutoModelForSequenceClassification.from_config(cfg)
-    model.save_pretrained(dest)
-    tok.save_pretrained(dest)
+    # transformers prints a "Writing model shards" bar: kept out of the stderr a test may be capturing
+    # (a fixture built lazily inside a test would otherwise show up in what that test reads back)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(dest)
+        tok.save_pretrained(dest)
     return dest
 
 

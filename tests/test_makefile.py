@@ -58,7 +58,8 @@ def make_test(fake_venv, shared, pretrained) -> str:
 def test_make_test_without_shared_runs_the_fast_suite_and_says_why(fake_venv, tmp_path):
     out = make_test(fake_venv, tmp_path / "nonexistent", tmp_path / "none")
     assert "the real check (tests/test_real.py) needs" in out
-    assert "pytest called with: -q -m not slow" in out
+    assert "pytest called with: -q -m not slow -n 2" in out
+    assert "-m slow" not in out.replace("not slow", "")
 
 
 def test_make_test_with_weights_and_data_runs_everything(fake_venv, tmp_path):
@@ -67,4 +68,6 @@ def test_make_test_with_weights_and_data_runs_everything(fake_venv, tmp_path):
     (tmp_path / "pre" / "all-MiniLM-L6-v2").mkdir(parents=True)
     (tmp_path / "pre" / "all-MiniLM-L6-v2" / "model.safetensors").write_bytes(b"")
     out = make_test(fake_venv, tmp_path, tmp_path / "pre")
-    assert out.strip().splitlines()[-1] == "pytest called with: -q"
+    # the fast suite over two workers, then the slow checks alone
+    calls = [line for line in out.strip().splitlines() if line.startswith("pytest called with:")]
+    assert calls == ["pytest called with: -q -m not slow -n 2", "pytest called with: -q -m slow"]
