@@ -145,7 +145,10 @@ async def run_load(
             return str(e), None
         if status == 503 and headers.get("retry-after", "").isdigit():
             return "shed", float(headers["retry-after"])
-        ok = status == 200 and len(json.loads(answer)["predictions"]) == per_request
+        try:
+            ok = status == 200 and len(json.loads(answer)["predictions"]) == per_request
+        except (ValueError, KeyError, TypeError):  # a body that is not the service's answer
+            ok = False
         return ("ok" if ok else f"HTTP {status}"), None
 
     async def requests_of_one_client(conn: Connection) -> None:
