@@ -7,6 +7,16 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fast_summary.py"
 
+
+def run_summary(monkeypatch, log: Path, out: Path) -> None:
+    """scripts/fast_summary.py LOG OUT, as the GPU script calls it; it must exit 0 (or just return)."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(log), str(out)])
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0
+
+
 LOG = """gpu-checks 2026-11-29T00:00:00Z parts: fast quick=0
 torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | gpu NVIDIA H200
 === fast-ref: python3 reference_lora.py --max-steps 60
@@ -28,11 +38,7 @@ def test_fast_summary_table_json_and_targets(tmp_path, monkeypatch, capsys):
         "fast-ref                     rc=0    61s\nfast-bench-train-flat-compiled skipped (DEADLINE)\n"
     )
     out = tmp_path / "fast-summary.json"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(tmp_path / "log.txt"), str(out)])
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    except SystemExit as e:
-        assert e.code == 0
+    run_summary(monkeypatch, tmp_path / "log.txt", out)
     table = capsys.readouterr().out
     assert "| project, flat + CUDA graphs | 490,000 | 9.5 | 7.00x | 30.0% |" in table
     r = json.loads(out.read_text())
@@ -65,11 +71,7 @@ def test_fast_summary_mpnet_part_alone(tmp_path, monkeypatch, capsys):
     """A fast-mpnet call: the MPNet table (flat vs padded) and the accuracy line, no roberta table."""
     (tmp_path / "log.txt").write_text(MPNET_LOG)
     out = tmp_path / "fast-mpnet-summary.json"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(tmp_path / "log.txt"), str(out)])
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    except SystemExit as e:
-        assert e.code == 0
+    run_summary(monkeypatch, tmp_path / "log.txt", out)
     text = capsys.readouterr().out
     assert (
         "| MPNet-base (random init), flat (FlexAttention, no attention dropout) | 150,000 | 44.0 | 1.50x |"
