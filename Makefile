@@ -21,20 +21,22 @@ MINILM_WEIGHTS := $(PRETRAINED_DIR)/all-MiniLM-L6-v2/model.safetensors
 # torch's own wheel index: the CPU build by default (see setup)
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Optional pip constraints file for the venv (test-gpu-versions sets it).
+CONSTRAINTS ?=
 MODEL ?= roberta-base
 RUN ?= runs/$(notdir $(MODEL))-lora
 
-.PHONY: setup test test-fast train lint format clean
+.PHONY: setup test test-fast test-gpu-versions train lint format clean
 
 # torch first, pinned, with torch's own index beside PyPI: PyPI's Linux wheel is a multi-GB CUDA build,
 # and the CPU index's 2.13.0+cpu sorts above it (--no-deps: only torch itself comes from that index; its
 # dependencies come from PyPI with the project's). A CUDA machine picks its CUDA build instead, e.g.
 # `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128` (README: "Set-up").
-$(BIN)/imdb-lora: pyproject.toml
+$(BIN)/imdb-lora: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-deps torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 setup: $(BIN)/imdb-lora
@@ -61,6 +63,14 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest $(FAST_SUITE)
 
+# The fast suite against the libraries of the GPU machine (requirements/gpu-machine.txt: transformers
+# and peft as pinned there, torch the CPU build), in a venv of its own: the GPU machine has no package
+# registry and runs the code from source, so an API those versions lack must fail here, not there.
+GPU_VENV ?= .venv-gpu-versions
+test-gpu-versions:
+	$(MAKE) test-fast VENV=$(GPU_VENV) CONSTRAINTS=requirements/gpu-machine.txt
+	$(GPU_VENV)/bin/python -c "import transformers, peft; print('tested with transformers', transformers.__version__, 'peft', peft.__version__)"
+
 train: setup
 	$(BIN)/imdb-lora train --model $(MODEL) --output-dir $(RUN) $(ARGS)
 
@@ -73,4 +83,4 @@ format: setup
 	$(BIN)/ruff format src tests && $(BIN)/ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .ruff_cache src/*.egg-info
