@@ -29,8 +29,9 @@
 # limit, so one slow step cannot eat the call.
 # QUICK=1 runs every step with tiny settings: a CPU rehearsal of the command lines, not a measurement.
 # MPNET=DIR replaces the staged MPNet folder (QUICK rehearsals on a CPU use MiniLM).
-# PYTHON=EXE is the interpreter (default python3; rehearse with .venv-gpu-versions/bin/python, the GPU
-# machine's transformers and peft: `make test-gpu-versions` builds it).
+# PYTHON=EXE is the interpreter (default python3). Rehearse as the GPU machine runs it with
+# PYTHON=.venv-gpu-versions/bin/python (its transformers and peft; `make test-gpu-versions` builds it)
+# and PYTHONPATH=scripts/gpu-like (refuses the packages it lacks: FastAPI, uvicorn, Ray, Playwright).
 set -uo pipefail
 
 [ $# -ge 2 ] || { echo "usage: scripts/gpu-checks.sh STAGE OUT [speed] [accuracy] [default] [compare] [levers] [batches] [fast-best] [fast] [fast-accuracy] [fast-mpnet]" >&2; exit 2; }
