@@ -6,6 +6,7 @@ bench eval, select) run on tiny models in one such process. `compare` runs `trai
 (about 9 s each to start here), so only its modules are imported.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_gpu_script_commands_need_no_package_the_gpu_machine_lacks(tiny_models, 
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(GPU_LIKE), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, __import__("json").dumps(commands)],
+        [sys.executable, "-c", SCRIPT, json.dumps(commands)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
