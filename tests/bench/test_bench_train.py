@@ -61,8 +61,17 @@ def test_bench_eval_profile_prints_table(tiny_models, imdb_dir, capsys):
     assert "costliest ops" in out
 
 
-def test_bench_rejects_negative_profile(tiny_models, imdb_dir, capsys):
-    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--profile", "-1",
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--profile", "-1", "--profile must be >= 0"),
+        ("--warmup", "-1", "--warmup must be >= 0"),
+        ("--peak-tflops", "-5", "--peak-tflops must be > 0"),
+        ("--peak-tflops", "nan", "--peak-tflops must be > 0"),
+    ],
+)
+def test_bench_rejects_values_out_of_range(tiny_models, imdb_dir, capsys, flag, value, message):
+    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), flag, value,
             "--device", "cpu"]  # fmt: skip
     assert main(args) == 2
-    assert "--profile must be >= 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

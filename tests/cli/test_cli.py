@@ -91,6 +91,21 @@ def test_python_dash_m_behaves_the_same(trained_run):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such run directory" in r.stderr
 
 
+HEAVY = ("torch", "transformers", "peft", "numpy", "fastapi", "uvicorn", "onnxruntime", "ray", "matplotlib")
+
+
+def test_help_and_parsing_import_no_heavy_library():
+    # `--help`, `--version` and usage errors answer in a fraction of a second: the commands import
+    # torch & co. only when they run (importing torch alone takes seconds)
+    code = (
+        "import sys; from imdb_lora.cli import build_parser; build_parser(); "
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"imported at parse time: {r.stdout.strip()}"
+
+
 # ---------------------------------------------------------------- bad input: exit 2, one clear line
 
 
@@ -190,6 +205,17 @@ def test_no_text_at_all(trained_run, capsys, monkeypatch):
 
 def test_bad_flag_value_names_the_flag(capsys):
     expect_error(capsys, "--lora-r must be a positive integer", "train", "--lora-r", "0")
+
+
+@pytest.mark.parametrize(
+    "command", [["predict", "RUN", "x"], ["evaluate", "RUN"], ["select", "RUN"], ["bench", "eval"]]
+)
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_batch_size_must_be_positive(command, value, capsys):
+    # a batch of 0 or fewer rows used to run silently one text at a time
+    assert main([*command, "--batch-size", value]) == 2
+    err = capsys.readouterr().err
+    assert "argument --batch-size: expected a positive integer" in err and "Traceback" not in err
 
 
 def test_window_averaging_gives_one_prediction_per_input_in_order(trained_run, capsys):

@@ -82,8 +82,11 @@ class ThroughputOptions:
         ):
             if v < 1:
                 raise UserError(f"{flag} must be >= 1")
-        if self.profile < 0:
-            raise UserError("--profile must be >= 0")
+        for flag, v in (("--warmup", self.warmup), ("--profile", self.profile)):
+            if v < 0:
+                raise UserError(f"{flag} must be >= 0")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:  # also refuses NaN
+            raise UserError(f"--peak-tflops must be > 0 (got {self.peak_tflops})")
         return self
 
 

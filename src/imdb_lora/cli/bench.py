@@ -118,7 +118,7 @@ def add_bench_train_parsers(sub) -> None:
         p.add_argument("--data", help="IMDB folder/archive (default: $IMDB_LORA_DATA)")
         p.add_argument("--method", choices=["lora", "full"], default="lora")
         p.add_argument("--batching", choices=["auto", "padded", "packed", "flat"], default="auto")
-        p.add_argument("--batch-size", type=int, default=32 if name == "train" else 256)
+        p.add_argument("--batch-size", type=positive_int, default=32 if name == "train" else 256)
         p.add_argument("--max-length", type=int, default=512)
         p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup steps)")
         p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocation, kernels)")

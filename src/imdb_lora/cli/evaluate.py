@@ -38,7 +38,7 @@ def add_evaluate_parser(sub) -> None:
     )
     p.add_argument("--errors-dir", default=".", help="folder for the --errors files [default: .]")
     p.add_argument("--overwrite", action="store_true", help="replace existing --errors files")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
     p.add_argument("--device", default="auto")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
     p.add_argument("--json", action="store_true", help="print one JSON object (one per --file)")

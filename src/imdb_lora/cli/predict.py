@@ -7,16 +7,21 @@ import json
 import sys
 
 from ..errors import UserError
-from .common import add_max_batch_tokens_flag, add_raw_flag, add_window_flag
+from .common import add_max_batch_tokens_flag, add_raw_flag, add_window_flag, positive_int
 
 
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="sentiment of texts given as arguments, in a file, or on stdin")
     p.add_argument("run", help="run directory")
-    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("texts", nargs="*", default=[], help="texts to classify (none: --file or stdin)")
     p.add_argument("--file", help="one text per line, or JSONL/CSV with a 'text' column")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="texts per forward pass at most (--max-batch-tokens also caps it)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
     add_raw_flag(p)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import positive_int
+
 
 def add_select_parser(sub) -> None:
     p = sub.add_parser(
@@ -23,7 +25,7 @@ def add_select_parser(sub) -> None:
     )
     p.add_argument("--data", help="IMDB folder/archive (default: the runs' own data setting)")
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of each split (quick checks)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(func=cmd_select)

@@ -9,7 +9,6 @@ from typing import Any
 
 from ..config import Config
 from ..errors import UserError
-from .onnx_backend import OnnxModel
 
 MARKER = "imdb_lora_export.json"
 FORMATS = ("merged", "onnx")
@@ -40,6 +39,7 @@ def load_export(path: str | os.PathLike, device: str = "auto"):
 
     from ..modeling.load import NUM_LABELS, load_base_model, load_tokenizer, resolve_device
     from ..modeling.pooling import set_pooling
+    from .onnx_backend import OnnxModel
 
     root = Path(path).expanduser()
     marker = read_marker(root)
