@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import build_tiny, train_args
@@ -94,16 +95,33 @@ def test_python_dash_m_behaves_the_same(trained_run):
 HEAVY = ("torch", "transformers", "peft", "numpy", "fastapi", "uvicorn", "onnxruntime", "ray", "matplotlib")
 
 
-def test_help_and_parsing_import_no_heavy_library():
-    # `--help`, `--version` and usage errors answer in a fraction of a second: the commands import
-    # torch & co. only when they run (importing torch alone takes seconds)
-    code = (
-        "import sys; from imdb_lora.cli import build_parser; build_parser(); "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+MISTYPED_RUN = [
+    ["predict", "/no/such/run", "x"],
+    ["evaluate", "/no/such/run"],
+    ["serve", "/no/such/run"],
+    ["export", "/no/such/run", "--to", "/no/such/export"],
+    ["select", "/no/such/run"],
+    ["bench", "predict", "/no/such/run"],
+    ["bench", "serve", "/no/such/run"],
+]
+
+
+def test_help_usage_errors_and_a_mistyped_run_import_no_heavy_library():
+    # `--help`, `--version`, usage errors and a run path that does not exist answer in a fraction of a
+    # second: the commands import torch & co. only when they run (importing torch alone takes seconds)
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from imdb_lora.cli import build_parser, main
+        build_parser()
+        codes = [main(args) for args in {MISTYPED_RUN!r}]
+        print(json.dumps({{"codes": codes, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+        """
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "", f"imported at parse time: {r.stdout.strip()}"
+    assert json.loads(r.stdout) == {"codes": [2] * len(MISTYPED_RUN), "heavy": []}
+    assert r.stderr.count("no such run directory: /no/such/run") == len(MISTYPED_RUN), r.stderr
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one clear line

@@ -1,9 +1,23 @@
+import sys
+from types import SimpleNamespace
+
+import pytest
 from conftest import train_args
 
+import imdb_lora.runs.compare
 from imdb_lora.cli import main
 
 
-def test_compare_writes_both_rows(tiny_models, imdb_dir, tmp_path, capsys):
+def train_in_this_process(argv: list[str], env: dict[str, str]) -> int:
+    """compare's `python -m imdb_lora train ...` without the ~10 s start of a fresh Python with torch."""
+    assert argv[:3] == [sys.executable, "-m", "imdb_lora"] and argv[3] == "train"
+    return main(argv[3:])
+
+
+@pytest.mark.parametrize("process", ["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
+def test_compare_writes_both_rows(process, tiny_models, imdb_dir, tmp_path, capsys, monkeypatch):
+    if process == "in-process":
+        monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(call=train_in_this_process))
     flags = train_args(tiny_models("bert"), imdb_dir, tmp_path / "unused", "--epochs", "1")
     flags = flags[1:]  # drop "train"
     i = flags.index("--output-dir")

@@ -158,7 +158,17 @@ def test_serve_defaults_to_loopback_and_rejects_bad_limits(capsys):
     ns = build_parser().parse_args(["serve", "run"])
     assert ns.host == "127.0.0.1" and ns.port == 8000
     assert main(["serve", "somewhere", "--max-texts", "0"]) == 2
-    assert "--max-texts must be positive" in capsys.readouterr().err
+    assert "--max-texts must be a number >= 1 (got 0)" in capsys.readouterr().err
+    assert main(["serve", "somewhere", "--request-timeout", "0.5"]) == 2
+    assert "--request-timeout must be a number >= 1 (got 0.5)" in capsys.readouterr().err
+    assert main(["bench", "serve", "somewhere", "--max-wait-ms", "-3"]) == 2
+    assert "--max-wait-ms must be a number >= 0 (got -3.0)" in capsys.readouterr().err
+    # bench serve raises the queue to its requests' size, as it always did: only the path is wrong here
+    assert main(["bench", "serve", "somewhere", "--max-queue", "10", "--texts-per-request", "300"]) == 2
+    assert "no such run directory: somewhere" in capsys.readouterr().err
+    for timeout in ("0", "-1", "nan"):
+        assert main(["bench", "serve", "somewhere", "--timeout", timeout]) == 2
+        assert "argument --timeout: expected a number > 0" in capsys.readouterr().err
     assert main(["serve", "/no/such/run"]) == 2
     assert "no such run directory" in capsys.readouterr().err
 

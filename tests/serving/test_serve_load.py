@@ -271,6 +271,6 @@ def test_queue_smaller_than_a_request_and_bad_token_budget_are_flag_errors(capsy
     assert main(["serve", "somewhere", "--max-texts", "64", "--max-queue", "10"]) == 2
     assert "--max-queue (10) must be at least --max-texts (64)" in capsys.readouterr().err
     assert main(["serve", "somewhere", "--request-timeout", "0"]) == 2
-    assert "--request-timeout must be positive" in capsys.readouterr().err
+    assert "--request-timeout must be a number >= 1" in capsys.readouterr().err
     assert main(["predict", "somewhere", "text", "--max-batch-tokens", "0"]) == 2
     assert "--max-batch-tokens" in capsys.readouterr().err

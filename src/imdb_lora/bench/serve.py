@@ -26,9 +26,7 @@ def bench_serve(
     max_batch_tokens: int | None = None,
 ) -> dict[str, Any]:
     """HTTP load: `clients` concurrent loops send `requests` POST /predict to a real uvicorn on loopback."""
-    settings = settings or ServeSettings()
-    settings.max_texts = max(settings.max_texts, texts_per_request)
-    settings.max_queue = max(settings.max_queue, settings.max_texts)
+    settings = (settings or ServeSettings()).admitting(texts_per_request)
     clf = Classifier.load(model, device=device, max_batch_tokens=max_batch_tokens)
     reviews = test_reviews(clf, data, samples, seed).texts
     app = create_app(clf, settings)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..errors import UserError
 from ..serving.app import ServeSettings
-from .common import add_max_batch_tokens_flag, batch_sizes, positive_int
+from .common import add_max_batch_tokens_flag, batch_sizes, positive_float, positive_int, require_directories
 
 
 def add_predict_bench_parser(sub) -> None:
@@ -44,6 +44,7 @@ def add_predict_bench_parser(sub) -> None:
 
 
 def cmd_bench_predict(ns: argparse.Namespace) -> int:
+    require_directories(*ns.models)
     from ..bench.predict import bench_predict, format_predict_report
 
     report = bench_predict(ns.models, ns.samples, ns.batch_sizes, ns.data, ns.max_length, ns.device, ns.seed)
@@ -62,7 +63,9 @@ def add_serve_bench_parser(sub) -> None:
         "--samples", type=positive_int, default=256, help="distinct test reviews to send [default: 256]"
     )
     p.add_argument("--data", help="IMDB folder/archive (default: the model's data setting)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take [default: 300]")
+    p.add_argument(
+        "--timeout", type=positive_float, default=300.0, help="seconds a request may take [default: 300]"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="server: texts per model call")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="server: batching wait")
@@ -80,14 +83,19 @@ def add_serve_bench_parser(sub) -> None:
 
 
 def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    settings = (
+        ServeSettings(
+            max_batch=ns.max_batch,
+            max_wait_ms=ns.max_wait_ms,
+            max_queue=ns.max_queue,
+            request_timeout=ns.request_timeout,
+        )
+        .admitting(ns.texts_per_request)
+        .validate()
+    )  # flag mistakes, then a mistyped path, fail before loading
+    require_directories(ns.model)
     from ..bench.serve import bench_serve, format_serve_report
 
-    settings = ServeSettings(
-        max_batch=ns.max_batch,
-        max_wait_ms=ns.max_wait_ms,
-        max_queue=ns.max_queue,
-        request_timeout=ns.request_timeout,
-    )
     load = bench_serve(
         ns.model,
         ns.clients,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
+
+from ..errors import UserError
 
 
 def add_window_flag(p: argparse.ArgumentParser) -> None:
@@ -43,6 +47,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -55,3 +69,10 @@ def positive_int(text: str) -> int:
 
 def batch_sizes(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",") if part.strip()]
+
+
+def require_directories(*paths: str) -> None:
+    """A mistyped run or export path fails at once, before torch & co. are imported (seconds)."""
+    for path in paths:
+        if not Path(path).is_dir():
+            raise UserError(f"no such run directory: {path}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .common import add_raw_flag, add_window_flag, positive_int
+from .common import add_raw_flag, add_window_flag, positive_int, require_directories
 
 
 def add_evaluate_parser(sub) -> None:
@@ -56,6 +56,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
                 raise UserError(f"{flag} selects a split of the run's data; it does not apply to --file")
     elif ns.errors or ns.text_column != "text" or ns.label_column != "label":
         raise UserError("--errors, --text-column and --label-column need --file")
+    require_directories(ns.run)
     if ns.files:
         return _evaluate_files(ns)
     return _evaluate_split(ns)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..inference.exported import FORMATS
+from .common import require_directories
 
 
 def add_export_parser(sub) -> None:
@@ -19,6 +20,7 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    require_directories(ns.run)
     from ..export.exporter import check_options, export_run
 
     check_options(ns.format, ns.quantize)  # before loading anything: a typo fails at once

@@ -7,7 +7,13 @@ import json
 import sys
 
 from ..errors import UserError
-from .common import add_max_batch_tokens_flag, add_raw_flag, add_window_flag, positive_int
+from .common import (
+    add_max_batch_tokens_flag,
+    add_raw_flag,
+    add_window_flag,
+    positive_int,
+    require_directories,
+)
 
 
 def add_predict_parser(sub) -> None:
@@ -31,11 +37,12 @@ def add_predict_parser(sub) -> None:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
+    if ns.texts and ns.file:
+        raise UserError("give texts as arguments or --file, not both")
+    require_directories(ns.run)
     from ..data.files import read_texts
     from ..inference.classifier import Classifier, check_texts
 
-    if ns.texts and ns.file:
-        raise UserError("give texts as arguments or --file, not both")
     texts = ns.texts or read_texts(ns.file, None if ns.file else sys.stdin.read())
     if not texts:
         raise UserError("no text to classify: pass texts, --file F, or lines on stdin")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import positive_int
+from .common import positive_int, require_directories
 
 
 def add_select_parser(sub) -> None:
@@ -33,10 +33,12 @@ def add_select_parser(sub) -> None:
 
 def cmd_select(ns: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..inference.selection import parse_strides, select
 
     if ns.max_samples is not None and ns.max_samples < 2:
         raise UserError("--max-samples must be >= 2")
+    require_directories(*ns.runs)
+    from ..inference.selection import parse_strides, select
+
     result = select(
         ns.runs, parse_strides(ns.window_strides), ns.data, ns.max_samples, ns.batch_size, ns.device
     )

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import UserError
 from ..serving.app import ServeSettings
-from .common import add_max_batch_tokens_flag
+from .common import add_max_batch_tokens_flag, require_directories
 
 
 def add_serve_parser(sub) -> None:
@@ -66,13 +66,14 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    settings = settings_from_args(ns)
+    if not 0 <= ns.port <= 65535:
+        raise UserError(f"--port must be in 0..65535 (got {ns.port})")
+    require_directories(ns.model)
     from ..inference.classifier import Classifier
     from ..serving.app import create_app
     from ..serving.server import is_loopback, serve
 
-    settings = settings_from_args(ns)
-    if not 0 <= ns.port <= 65535:
-        raise UserError(f"--port must be in 0..65535 (got {ns.port})")
     clf = Classifier.load(
         ns.model, device=ns.device, base_model=ns.base_model, max_batch_tokens=ns.max_batch_tokens
     )

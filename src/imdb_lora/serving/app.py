@@ -24,7 +24,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -60,11 +60,17 @@ class ServeSettings:
 
     def validate(self) -> "ServeSettings":
         for name, value in asdict(self).items():
-            if not math.isfinite(value) or value < (0 if name == "max_wait_ms" else 1):
-                raise UserError(f"--{name.replace('_', '-')} must be positive (got {value})")
+            lowest = 0 if name == "max_wait_ms" else 1
+            if not math.isfinite(value) or value < lowest:
+                raise UserError(f"--{name.replace('_', '-')} must be a number >= {lowest} (got {value})")
         if self.max_queue < self.max_texts:  # else a full-size request could never be admitted
             raise UserError(f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts})")
         return self
+
+    def admitting(self, texts_per_request: int) -> "ServeSettings":
+        """A copy widened so that requests of this many texts are admitted (`bench serve`'s load)."""
+        max_texts = max(self.max_texts, texts_per_request)
+        return replace(self, max_texts=max_texts, max_queue=max(self.max_queue, max_texts))
 
 
 @dataclass
