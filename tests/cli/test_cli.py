@@ -62,10 +62,18 @@ def test_predict_from_file(trained_run, tmp_path, capsys, fmt):
     assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == texts
 
 
-def test_predict_from_stdin(trained_run, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("great film\nawful film\n"))
-    code, out, _ = run(capsys, "predict", str(trained_run))
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdin", [io.StringIO, Terminal])
+def test_predict_from_stdin(trained_run, capsys, monkeypatch, stdin):
+    monkeypatch.setattr(sys, "stdin", stdin("great film\nawful film\n"))
+    code, out, err = run(capsys, "predict", str(trained_run))
     assert code == 0 and out.count("Prediction: ") == 2
+    # typed in a terminal, the texts are asked for (a pipe stays silent)
+    assert ("end with Ctrl-D" in err) == (stdin is Terminal)
 
 
 def test_evaluate_json(trained_run, capsys):

@@ -18,7 +18,7 @@ def fake_runs(monkeypatch, val: dict, test: dict, keys: dict | None = None):
     def load(run, device="auto"):
         cfg = Config()
         cfg.train.seed = (keys or {}).get(run, 42)
-        return SimpleNamespace(name=run, config=cfg)
+        return SimpleNamespace(name=run, config=cfg, tokenizer=None)
 
     def evaluate(clf, split, max_samples, batch_size, stride, data, cache=None):
         reads.append((split, clf.name, stride))
@@ -27,6 +27,7 @@ def fake_runs(monkeypatch, val: dict, test: dict, keys: dict | None = None):
 
     monkeypatch.setattr(selection.Classifier, "load", load)
     monkeypatch.setattr(selection, "evaluate_split", evaluate)
+    monkeypatch.setattr(selection, "window_body_tokens", lambda tokenizer, max_length: max_length - 2)
     return reads
 
 
@@ -55,6 +56,22 @@ def test_runs_on_different_validation_splits_are_refused(monkeypatch):
     fake_runs(monkeypatch, {}, {}, keys={"a": 1, "b": 2})
     with pytest.raises(UserError, match="do not share one validation split"):
         selection.select(["a", "b"], [None], log=lambda *_: None)
+
+
+def test_a_run_given_twice_is_refused_before_loading(monkeypatch, tmp_path):
+    reads = fake_runs(monkeypatch, {}, {})
+    (tmp_path / "a").mkdir()
+    with pytest.raises(UserError, match="is given twice"):
+        selection.select([str(tmp_path / "a"), str(tmp_path / "b"), f"{tmp_path}/./a"], [None])
+    assert reads == []
+
+
+def test_a_stride_too_long_for_a_run_is_refused_before_any_read(monkeypatch):
+    reads = fake_runs(monkeypatch, {("a", None): 0.9, ("a", 510): 0.9}, {("a", None): 0.9})
+    with pytest.raises(UserError, match="--window-strides: 511 is over the 510 review tokens of a's windows"):
+        selection.select(["a"], [None, 510, 511], log=lambda *_: None)
+    assert reads == []
+    selection.select(["a"], [None, 510], log=lambda *_: None)  # the whole window is a valid stride
 
 
 @pytest.mark.parametrize(

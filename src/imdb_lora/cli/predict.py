@@ -43,6 +43,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     from ..data.files import read_texts
     from ..inference.classifier import Classifier, check_texts
 
+    if not ns.texts and not ns.file and sys.stdin.isatty():  # else a bare `predict RUN` waits silently
+        print("reading texts from the terminal, one per line; end with Ctrl-D", file=sys.stderr, flush=True)
     texts = ns.texts or read_texts(ns.file, None if ns.file else sys.stdin.read())
     if not texts:
         raise UserError("no text to classify: pass texts, --file F, or lines on stdin")

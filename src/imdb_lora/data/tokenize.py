@@ -18,6 +18,12 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def window_body_tokens(tokenizer, max_length: int) -> int:
+    """Review tokens one max_length window holds: the special tokens around them take the rest."""
+    prefix, suffix = special_tokens_around(tokenizer)
+    return max_length - len(prefix) - len(suffix)
+
+
 def encode(
     tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head", head_tokens: int = 128
 ) -> list[list[int]]:
@@ -50,7 +56,7 @@ def encode_windows(
     every token is seen. Returns the windows and, for each, the index of the text it came from.
     """
     prefix, suffix = special_tokens_around(tokenizer)
-    budget = max_length - len(prefix) - len(suffix)
+    budget = window_body_tokens(tokenizer, max_length)
     if not 0 < stride <= budget:
         raise UserError(f"--window-stride must be in (0, {budget}] for max length {max_length}")
     bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]

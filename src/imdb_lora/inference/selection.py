@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data.splits import load_splits, stratified_subset
+from ..data.tokenize import window_body_tokens
 from ..errors import UserError
 from ..metrics import loss_and_accuracy
 from .classifier import Classifier
@@ -84,9 +86,14 @@ def select(
     """Score every (run, stride) on validation, choose, then read test for the choice and the control."""
     if not runs:
         raise UserError("give at least one run directory")
+    resolved = [Path(run).resolve() for run in runs]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise UserError(f"{runs[i]} is given twice; list each run directory once")
     loaded: dict[str, Classifier] = {}
     for run in runs:
         loaded[run] = Classifier.load(run, device=device)
+    check_strides_fit(loaded, strides)
     keys = {validation_key(c) for c in loaded.values()}
     cache: dict = {}
     if len(keys) > 1 and data is None:
@@ -116,6 +123,18 @@ def select(
         "chosen": {"run": chosen.run, "window_stride": chosen.window_stride, "val_accuracy": chosen.accuracy},
         "test": [dict(asdict(s), role="chosen" if i == 0 else "control") for i, s in enumerate(test)],
     }
+
+
+def check_strides_fit(loaded: dict[str, Classifier], strides: list[int | None]) -> None:
+    """Every stride fits every run's windows: refused before anything is scored, not midway."""
+    for run, clf in loaded.items():
+        body = window_body_tokens(clf.tokenizer, clf.config.data.max_length)
+        for stride in strides:
+            if stride is not None and stride > body:
+                raise UserError(
+                    f"--window-strides: {stride} is over the {body} review tokens of {run}'s windows "
+                    f"(max length {clf.config.data.max_length})"
+                )
 
 
 def parse_strides(text: str) -> list[int | None]:
