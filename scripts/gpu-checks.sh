@@ -237,9 +237,12 @@ train_run() {
 }
 
 # finished_runs NAME...: the run directories among $runs/NAME that finished
-finished_runs() {
+finished_runs() {  # each finished run once, in the order given (select refuses a run listed twice)
   local name
+  local -A seen=()
   for name in "$@"; do
+    [ -z "${seen[$name]:-}" ] || continue
+    seen[$name]=1
     grep -qs '"status": "finished"' "$runs/$name/run.json" && echo "$runs/$name"
   done
 }
