@@ -27,7 +27,7 @@ def fake_runs(monkeypatch, val: dict, test: dict, keys: dict | None = None):
 
     monkeypatch.setattr(selection.Classifier, "load", load)
     monkeypatch.setattr(selection, "evaluate_split", evaluate)
-    monkeypatch.setattr(selection, "window_body_tokens", lambda tokenizer, max_length: max_length - 2)
+    monkeypatch.setattr(selection, "window_layout", lambda tokenizer, max_length: ([0], [2], max_length - 2))
     return reads
 
 

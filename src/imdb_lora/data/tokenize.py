@@ -18,10 +18,11 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def window_body_tokens(tokenizer, max_length: int) -> int:
-    """Review tokens one max_length window holds: the special tokens around them take the rest."""
+def window_layout(tokenizer, max_length: int) -> tuple[list[int], list[int], int]:
+    """A max_length sequence's special-token ids before and after the review, and how many review
+    tokens fit between them."""
     prefix, suffix = special_tokens_around(tokenizer)
-    return max_length - len(prefix) - len(suffix)
+    return prefix, suffix, max_length - len(prefix) - len(suffix)
 
 
 def encode(
@@ -33,8 +34,7 @@ def encode(
     first `head_tokens` and fills the rest of the budget from the end of the review, where reviews
     often state their verdict.
     """
-    prefix, suffix = special_tokens_around(tokenizer)
-    budget = max_length - len(prefix) - len(suffix)
+    prefix, suffix, budget = window_layout(tokenizer, max_length)
     bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     out = []
     for ids in bodies:
@@ -55,8 +55,7 @@ def encode_windows(
     Windows start every `stride` body tokens and the last one is aligned to the end of the review, so
     every token is seen. Returns the windows and, for each, the index of the text it came from.
     """
-    prefix, suffix = special_tokens_around(tokenizer)
-    budget = window_body_tokens(tokenizer, max_length)
+    prefix, suffix, budget = window_layout(tokenizer, max_length)
     if not 0 < stride <= budget:
         raise UserError(f"--window-stride must be in (0, {budget}] for max length {max_length}")
     bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.splits import load_splits, stratified_subset
-from ..data.tokenize import window_body_tokens
+from ..data.tokenize import window_layout
 from ..errors import UserError
 from ..metrics import loss_and_accuracy
 from .classifier import Classifier
@@ -128,7 +128,7 @@ def select(
 def check_strides_fit(loaded: dict[str, Classifier], strides: list[int | None]) -> None:
     """Every stride fits every run's windows: refused before anything is scored, not midway."""
     for run, clf in loaded.items():
-        body = window_body_tokens(clf.tokenizer, clf.config.data.max_length)
+        _, _, body = window_layout(clf.tokenizer, clf.config.data.max_length)
         for stride in strides:
             if stride is not None and stride > body:
                 raise UserError(
