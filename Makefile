@@ -63,13 +63,18 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest $(FAST_SUITE)
 
-# The fast suite against the libraries of the GPU machine (requirements/gpu-machine.txt: transformers
-# and peft as pinned there, torch the CPU build), in a venv of its own: the GPU machine has no package
-# registry and runs the code from source, so an API those versions lack must fail here, not there.
+# The fast suite against the libraries of the GPU machine (requirements/gpu-machine.txt: torch,
+# transformers and peft as pinned there), in a venv of its own: the GPU machine has no package registry
+# and runs the code from source, so an API those versions lack must fail here, not there. torch comes
+# first at the file's version (TORCH_VERSION), so setup never installs the default one to replace it.
+# The venv uses Python 3.12, the GPU machine's, where python3.12 runs here, else $(PY).
 GPU_VENV ?= .venv-gpu-versions
+GPU_CONSTRAINTS := requirements/gpu-machine.txt
+GPU_TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(GPU_CONSTRAINTS))
+GPU_PY ?= $(shell python3.12 -c "" >/dev/null 2>&1 && echo python3.12 || echo $(PY))
 test-gpu-versions:
-	$(MAKE) test-fast VENV=$(GPU_VENV) CONSTRAINTS=requirements/gpu-machine.txt
-	$(GPU_VENV)/bin/python -c "import transformers, peft; print('tested with transformers', transformers.__version__, 'peft', peft.__version__)"
+	$(MAKE) test-fast VENV=$(GPU_VENV) PY=$(GPU_PY) CONSTRAINTS=$(GPU_CONSTRAINTS) TORCH_VERSION=$(GPU_TORCH_VERSION)
+	$(GPU_VENV)/bin/python -c "import sys, torch, transformers, peft; print('tested with Python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
 train: setup
 	$(BIN)/imdb-lora train --model $(MODEL) --output-dir $(RUN) $(ARGS)

@@ -30,7 +30,7 @@
 # QUICK=1 runs every step with tiny settings: a CPU rehearsal of the command lines, not a measurement.
 # MPNET=DIR replaces the staged MPNet folder (QUICK rehearsals on a CPU use MiniLM).
 # PYTHON=EXE is the interpreter (default python3). Rehearse as the GPU machine runs it with
-# PYTHON=.venv-gpu-versions/bin/python (its transformers and peft; `make test-gpu-versions` builds it)
+# PYTHON=.venv-gpu-versions/bin/python (its torch, transformers and peft; `make test-gpu-versions` builds it)
 # and PYTHONPATH=scripts/gpu-like (refuses the packages it lacks: FastAPI, uvicorn, Ray, Playwright).
 set -uo pipefail
 
@@ -249,7 +249,7 @@ finished_runs() {  # each finished run once, in the order given (select refuses 
 
 {
   echo "gpu-checks $(date -u +%FT%TZ) parts: $parts quick=$quick"
-  $py -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+  $py -c "import platform, torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| python', platform.python_version(), '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 } | tee -a "$log" >"$summary"
 

@@ -18,7 +18,7 @@ def run_summary(monkeypatch, log: Path, out: Path) -> None:
 
 
 LOG = """gpu-checks 2026-11-29T00:00:00Z parts: fast quick=0
-torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | gpu NVIDIA H200
+torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | python 3.12.1 | gpu NVIDIA H200
 === fast-ref: python3 reference_lora.py --max-steps 60
 epoch 1 steps 60 train_loss 0.6931 train_acc 0.5000 train_s 30.0 real_tok/s 70000 epoch_est_s 95.1
 peak_mem_GiB 9.0
@@ -42,6 +42,7 @@ def test_fast_summary_table_json_and_targets(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "| project, flat + CUDA graphs | 490,000 | 9.5 | 7.00x | 30.0% |" in table
     r = json.loads(out.read_text())
+    assert "| python 3.12.1 |" in r["versions"]
     assert r["gpu"] == "NVIDIA H200" and r["steps"]["fast-ref"] == {
         "command": "python3 reference_lora.py --max-steps 60", "rc": 0, "seconds": 61,
         "tokens_per_second": 70000.0, "epoch_seconds_estimate": 95.1, "peak_memory_bytes": 9.0 * 2**30,
@@ -55,7 +56,7 @@ def test_fast_summary_table_json_and_targets(tmp_path, monkeypatch, capsys):
 
 
 MPNET_LOG = """gpu-checks 2026-11-29T00:00:00Z parts: fast-mpnet quick=0
-torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | gpu NVIDIA H200
+torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | python 3.12.1 | gpu NVIDIA H200
 === fast-mpnet-bench-train-flat: python3 -m imdb_lora bench train --batching flat
 {"bench": "train", "tokens_per_second": 150000.0, "epoch_seconds_estimate": 44.0, "mfu": 0.1}
 === fast-mpnet-bench-train-padded: python3 -m imdb_lora bench train --batching padded

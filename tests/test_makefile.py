@@ -71,3 +71,17 @@ def test_make_test_with_weights_and_data_runs_everything(fake_venv, tmp_path):
     # the fast suite over two workers, then the slow checks alone
     calls = [line for line in out.strip().splitlines() if line.startswith("pytest called with:")]
     assert calls == ["pytest called with: -q -m not slow -n 2", "pytest called with: -q -m slow"]
+
+
+def test_gpu_versions_venv_installs_the_gpu_machines_torch_first(tmp_path):
+    """`make test-gpu-versions` builds its venv with torch at requirements/gpu-machine.txt's version (not
+    the default TORCH_VERSION, which a later step would then replace) and the file as pip constraints."""
+    lines = (REPO / "requirements" / "gpu-machine.txt").read_text().splitlines()
+    pinned = dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+    assert {"torch", "transformers", "peft"} <= set(pinned)
+    r = subprocess.run(["make", "-n", "--no-print-directory", "test-gpu-versions", f"GPU_VENV={tmp_path / 'v'}",
+                        "GPU_PY=python3"], cwd=REPO, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    torch_installs = [line for line in r.stdout.splitlines() if "pip install" in line and "torch==" in line]
+    assert torch_installs and all(f"torch=={pinned['torch']} " in line for line in torch_installs)
+    assert "-c requirements/gpu-machine.txt" in r.stdout

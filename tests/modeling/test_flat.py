@@ -1,11 +1,13 @@
 """The flat (one padding-free row, per-review attention) forward is the same computation as padded."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from test_packing import models, random_reviews
 
-from imdb_lora.data.batches import flat_token_batches, flat_width, flatten, pad_batch
+from imdb_lora.data.batches import FlatBatch, flat_token_batches, flat_width, flatten, pad_batch
 from imdb_lora.modeling.flat import FLAT_ATTENTION, batching_path, flat_logits, supports_flat
 from imdb_lora.modeling.packing import position_start
 
@@ -222,3 +224,50 @@ def test_flash_varlen_on_cuda_matches_padded(tiny_models, kind):
         model.train()  # attention dropout 0.1 inside the flash kernel, and its backward
         gc = torch.autograd.grad(F.cross_entropy(flat_logits(model, batch).float(), y), params)
     assert all(torch.isfinite(g).all() for g in gc)
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+@pytest.mark.parametrize("kind", KINDS)
+def test_flat_cuda_branch_runs_on_fake_cuda_tensors(tiny_models, kind, monkeypatch):
+    """Without a GPU (make test-gpu-versions: the GPU machine's CUDA build of torch): CUDA training's
+    flat evaluation (frozen weights in bf16, LoRA merged into them, the flash varlen kernel, logits back
+    in input order) run on fake CUDA tensors (shapes, dtypes and devices, no data), so a call that torch
+    refuses fails here rather than in a GPU session."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from imdb_lora.modeling import forward
+    from imdb_lora.modeling.merge import frozen_weights_to_bf16
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def host_flatten(*args, **kwargs):  # built on the host from real token ids, then handed over as fake
+        with unset_fake_temporarily():
+            b = flatten(*args, **kwargs)
+        tensors = (b.input_ids, b.position_ids, b.cu_seqlens, b.starts)
+        return FlatBatch(*(fake.from_tensor(t) for t in tensors), b.max_len, b.real_tokens)
+
+    monkeypatch.setattr(forward, "flatten", host_flatten)
+
+    calls = []
+
+    class FlashCalls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._flash_attention_forward.default:
+                calls.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    model = models(tiny_models, kind, "sdpa")
+    cfg = model.get_base_model().config
+    seqs = random_reviews(cfg.vocab_size, 9, seed=3)
+    cuda = torch.device("cuda")
+    with fake, FlashCalls(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "CUDA is not available", UserWarning)  # autocast: no real GPU
+        model.to(cuda)
+        assert frozen_weights_to_bf16(model) > 0
+        logits = forward.batched_logits(
+            model, seqs, cfg.pad_token_id, batch_size=4, device=cuda, packed="flat"
+        )
+    assert logits.shape == (9, 2) and logits.dtype == torch.float32
+    assert calls and set(calls) == {torch.bfloat16}  # the kernel ran, in half precision
+    assert len(calls) % cfg.num_hidden_layers == 0  # once per layer for each flat row
