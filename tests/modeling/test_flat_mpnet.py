@@ -266,3 +266,37 @@ def test_mpnet_flex_on_cuda_matches_padded():
     for n in ga:
         scale = ga[n].abs().max() + 1e-6
         assert (ga[n] - gb[n]).abs().max() < 5e-2 * scale, n
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+def test_mpnet_flat_cuda_branch_runs_on_fake_cuda_tensors(monkeypatch):
+    """Without a GPU (make test-gpu-versions: the GPU machine's CUDA build of torch): MPNet's flat
+    forward on fake CUDA tensors (shapes, dtypes and devices, no data) takes its CUDA branch, the
+    document block mask built on the device and FlexAttention called with it and the bias's score_mod.
+    Fake tensors cannot be compiled, so the eager FlexAttention stands in for the compiled one (the
+    same call); the compiled kernel itself is checked on a GPU (test_mpnet_flex_on_cuda_matches_padded)."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from imdb_lora.data.batches import FlatBatch
+    from imdb_lora.modeling import flat_mpnet
+
+    calls = []
+
+    def eager_flex(q, k, v, score_mod, block_mask, scale):
+        calls.append((q.device.type, isinstance(block_mask, BlockMask), block_mask.shape))
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+    monkeypatch.setattr(flat_mpnet, "_compiled_flex", lambda: eager_flex)
+    model = long_mpnet()
+    b = flat_batch(model, random_reviews(60, 9, seed=3, max_len=330), bucket=512)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake, torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
+        tensors = (b.input_ids, b.position_ids, b.cu_seqlens, b.starts)
+        batch = FlatBatch(*(fake.from_tensor(t).to("cuda") for t in tensors), b.max_len, b.real_tokens)
+        logits = flat_logits(model.to("cuda"), batch)
+    assert logits.shape == (9, 2) and logits.device.type == "cuda"
+    assert calls == [("cuda", True, (1, 1, b.width, b.width))] * model.config.num_hidden_layers
