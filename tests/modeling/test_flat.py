@@ -226,7 +226,20 @@ def test_flash_varlen_on_cuda_matches_padded(tiny_models, kind):
     assert all(torch.isfinite(g).all() for g in gc)
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+# Fake CUDA tensors (shapes, dtypes and devices, no data) run CUDA code paths without a GPU, but only where
+# torch is a CUDA build (make test-gpu-versions installs the GPU machine's); a CPU build refuses them.
+needs_cuda_build = pytest.mark.skipif(
+    torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch"
+)
+
+
+def as_fake(fake, b: FlatBatch) -> FlatBatch:
+    """b with its tensors as fake tensors of the FakeTensorMode `fake` (same shapes, dtypes, devices)."""
+    tensors = (b.input_ids, b.position_ids, b.cu_seqlens, b.starts)
+    return FlatBatch(*(fake.from_tensor(t) for t in tensors), b.max_len, b.real_tokens)
+
+
+@needs_cuda_build
 @pytest.mark.parametrize("kind", KINDS)
 def test_flat_cuda_branch_runs_on_fake_cuda_tensors(tiny_models, kind, monkeypatch):
     """Without a GPU (make test-gpu-versions: the GPU machine's CUDA build of torch): CUDA training's
@@ -243,9 +256,7 @@ def test_flat_cuda_branch_runs_on_fake_cuda_tensors(tiny_models, kind, monkeypat
 
     def host_flatten(*args, **kwargs):  # built on the host from real token ids, then handed over as fake
         with unset_fake_temporarily():
-            b = flatten(*args, **kwargs)
-        tensors = (b.input_ids, b.position_ids, b.cu_seqlens, b.starts)
-        return FlatBatch(*(fake.from_tensor(t) for t in tensors), b.max_len, b.real_tokens)
+            return as_fake(fake, flatten(*args, **kwargs))
 
     monkeypatch.setattr(forward, "flatten", host_flatten)
 

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_flat import as_fake, needs_cuda_build
 from test_packing import models, random_reviews
 
 from imdb_lora.data.batches import flatten, pad_batch
@@ -268,7 +269,7 @@ def test_mpnet_flex_on_cuda_matches_padded():
         assert (ga[n] - gb[n]).abs().max() < 5e-2 * scale, n
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+@needs_cuda_build
 def test_mpnet_flat_cuda_branch_runs_on_fake_cuda_tensors(monkeypatch):
     """Without a GPU (make test-gpu-versions: the GPU machine's CUDA build of torch): MPNet's flat
     forward on fake CUDA tensors (shapes, dtypes and devices, no data) takes its CUDA branch, the
@@ -280,7 +281,6 @@ def test_mpnet_flat_cuda_branch_runs_on_fake_cuda_tensors(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    from imdb_lora.data.batches import FlatBatch
     from imdb_lora.modeling import flat_mpnet
 
     calls = []
@@ -295,8 +295,6 @@ def test_mpnet_flat_cuda_branch_runs_on_fake_cuda_tensors(monkeypatch):
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake, torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
-        tensors = (b.input_ids, b.position_ids, b.cu_seqlens, b.starts)
-        batch = FlatBatch(*(fake.from_tensor(t).to("cuda") for t in tensors), b.max_len, b.real_tokens)
-        logits = flat_logits(model.to("cuda"), batch)
+        logits = flat_logits(model.to("cuda"), as_fake(fake, b).to(torch.device("cuda")))
     assert logits.shape == (9, 2) and logits.device.type == "cuda"
     assert calls == [("cuda", True, (1, 1, b.width, b.width))] * model.config.num_hidden_layers
