@@ -2,6 +2,7 @@
 computation as its padded forward (fp32, dropout off), LoRA and full fine-tuning alike."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -276,8 +277,6 @@ def test_mpnet_flat_cuda_branch_runs_on_fake_cuda_tensors(monkeypatch):
     document block mask built on the device and FlexAttention called with it and the bias's score_mod.
     Fake tensors cannot be compiled, so the eager FlexAttention stands in for the compiled one (the
     same call); the compiled kernel itself is checked on a GPU (test_mpnet_flex_on_cuda_matches_padded)."""
-    import warnings
-
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
