@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from ..config import Config
 from .rundir import RunDir, atomic_write_text
@@ -122,6 +124,18 @@ def calibration_section(cal: dict[str, Any] | None) -> str:
         )
     else:
         head = "Calibration off (`--no-calibration`): the figures of the raw probabilities."
+    rows = calibration_rows(cal)
+    return (
+        "\n## Calibration\n\n"
+        + head
+        + "\n\n"
+        + "\n".join(rows)
+        + "\n\nReliability diagram: `reliability.png`.\n"
+    )
+
+
+def calibration_rows(cal: dict[str, Any]) -> list[str]:
+    """Markdown table rows: per split, the raw and (if fitted) calibrated ECE, Brier, NLL and accuracy."""
     rows = ["| Split | Probabilities | ECE (15 bins) | Brier | NLL | Accuracy |", "|---|---|---|---|---|---|"]
     for split, label in (("val", "validation"), ("test", "test")):
         for when in ("before", "after"):
@@ -132,13 +146,7 @@ def calibration_section(cal: dict[str, Any] | None) -> str:
                     f"| {label} | {name} | {100 * f['ece']:.2f}% | {f['brier']:.4f} | {f['nll']:.4f} | "
                     f"{100 * f['accuracy']:.2f}% |"
                 )
-    return (
-        "\n## Calibration\n\n"
-        + head
-        + "\n\n"
-        + "\n".join(rows)
-        + "\n\nReliability diagram: `reliability.png`.\n"
-    )
+    return rows
 
 
 def eval_files_section(files: list[dict[str, Any]] | None) -> str:
@@ -214,11 +222,12 @@ def plot_reliability(bins: dict[str, Any], path) -> None:
 
 
 def model_card(cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lora = cfg.train.method == "lora"
     lo = cfg.lora
     method = (
         f"LoRA r={lo.r}, alpha={lo.alpha:g}, dropout={lo.dropout:g}, rsLoRA={'on' if lo.rslora else 'off'}, "
         f"targets: {', '.join(lo.target_modules or lo.targets)}; classification head trained in full"
-        if cfg.train.method == "lora"
+        if lora
         else "full fine-tuning (every weight trained)"
     )
     warn = (
@@ -228,34 +237,26 @@ def model_card(cfg: Config, history: list[dict[str, Any]], summary: dict[str, An
         else ""
     )
     test = summary.get("test_accuracy")
-    peft_use = (
-        "The adapter in `adapter/` is standard PEFT: `PeftModel.from_pretrained(AutoModelForSequenceClassification."
-        f'from_pretrained("{cfg.model.name}", num_labels=2), "adapter")`.'
-    )
     if cfg.model.pooling == "mean":
         method += "; the head reads the mean of the last hidden states"
-        peft_use += (
-            " This run's head reads the **mean of the last hidden states** (`pooling: mean`), not the first "
-            "token: load it with imdb-lora (which reads config.yaml), or call "
-            '`imdb_lora.modeling.pooling.set_pooling(base, "mean")` on the base model before PEFT and '
-            "compute logits with `imdb_lora.modeling.forward.padded_logits`."
-        )
     if summary.get("kept_weights") == "ema":
         method += f"; weights saved: their exponential moving average (decay {cfg.train.ema_decay:g})"
+    base = card_base_model(cfg)
+    # The hub's metadata wants a hub id; a local folder's path means nothing on another machine.
+    base_meta = f"base_model: {cfg.model.name}\n" if base.hub_id else ""
     return f"""---
-library_name: peft
-base_model: {cfg.model.name}
-tags: [text-classification, sentiment-analysis, imdb, {"lora" if cfg.train.method == "lora" else "full-fine-tuning"}]
+library_name: {"peft" if lora else "transformers"}
+{base_meta}tags: [text-classification, sentiment-analysis, imdb, {"lora" if lora else "full-fine-tuning"}]
 ---
 # IMDB sentiment classifier ({summary["model_type"]}, {cfg.train.method})
 {warn}
 Binary sentiment classifier for movie reviews: label 0 = NEGATIVE, 1 = POSITIVE.
 
-- Base model: `{cfg.model.name}`
+- Base model: {base.described}
 - Method: {method}
 - Trainable parameters: {summary["trainable_parameters"]:,} of {summary["total_parameters"]:,} ({summary["trainable_percent"]:.2f}%)
 - Data: {summary["examples"]["train"]:,} training reviews, {summary["examples"]["val"]:,} validation (carved from train), {summary["examples"]["test"]:,} test
-- Max length {cfg.data.max_length} tokens ({cfg.data.truncation} truncation); {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
+- Max length {cfg.data.max_length} tokens ({cfg.data.truncation} truncation); {cfg.train.epochs} epoch{"s" if cfg.train.epochs != 1 else ""}, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
 - Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}%)
 - Test accuracy of that checkpoint: {f"{100 * test:.2f}%" if test is not None else "not measured"}
 {card_calibration(summary.get("calibration"))}
@@ -264,7 +265,7 @@ Binary sentiment classifier for movie reviews: label 0 = NEGATIVE, 1 = POSITIVE.
 imdb-lora predict THIS_DIR "A wonderful film."
 imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz
 ```
-{peft_use}
+{card_plain_use(cfg, base.snippet)}
 
 ## Limitations
 Trained on English IMDB movie reviews only; expect lower accuracy on other domains, sarcasm and very short texts.
@@ -273,24 +274,63 @@ See `results.md` for per-epoch figures and `config.yaml` for the exact recipe.
 """
 
 
+class CardBase(NamedTuple):
+    """How the model card names the base model."""
+
+    hub_id: bool  # worth putting in the hub metadata
+    described: str  # the "Base model:" line
+    snippet: str  # what the plain-PEFT snippet passes to from_pretrained
+
+
+def card_base_model(cfg: Config) -> CardBase:
+    """A hub id as is; a local folder by its name only (its path means nothing on another machine)."""
+    name = cfg.model.name
+    if cfg.model.random_init:
+        saved = " (saved in `base_model/`)" if cfg.train.method == "lora" else ""
+        return CardBase(False, f"`{name}` architecture, random weights{saved}", "base_model")
+    # config.py stores local folders as absolute paths; hub ids are never absolute.
+    if not os.path.isabs(name):
+        return CardBase(True, f"`{name}`", name)
+    folder = Path(name).name
+    return CardBase(False, f"local folder `{folder}` (its path is in `config.yaml`)", f"path/to/{folder}")
+
+
+def card_plain_use(cfg: Config, base: str) -> str:
+    """How to load the run without imdb-lora: PEFT for an adapter, transformers for a full model."""
+    if cfg.train.method == "lora":
+        use = (
+            "The adapter in `adapter/` is standard PEFT: `PeftModel.from_pretrained(AutoModelForSequenceClassification."
+            f'from_pretrained("{base}", num_labels=2), "adapter")`, with the tokenizer in `tokenizer/`.'
+        )
+        mean_fix = "on the base model before PEFT"
+    else:
+        use = (
+            "The model in `model/` is a standard transformers checkpoint: "
+            '`AutoModelForSequenceClassification.from_pretrained("model")`, with the tokenizer in `tokenizer/`.'
+        )
+        mean_fix = "on the loaded model"
+    if cfg.model.pooling == "mean":
+        use += (
+            " This run's head reads the **mean of the last hidden states** (`pooling: mean`), not the first "
+            "token: load it with imdb-lora (which reads config.yaml), or call "
+            f'`imdb_lora.modeling.pooling.set_pooling(model, "mean")` {mean_fix} and '
+            "compute logits with `imdb_lora.modeling.forward.padded_logits`."
+        )
+    return use
+
+
 def card_calibration(cal: dict[str, Any] | None) -> str:
-    """The model card's calibration line: ECE before -> after on validation and test."""
+    """The model card's calibration lines: the temperature, and ECE, Brier and NLL before and after."""
     if not cal:
         return "- Calibration: none (probabilities are the raw softmax)\n"
-
-    def ece(split: str) -> str:
-        f = cal.get(split)
-        if not f:
-            return ""
-        after = f" -> {100 * f['after']['ece']:.2f}%" if "after" in f else ""
-        return f"; {'validation' if split == 'val' else split} ECE {100 * f['before']['ece']:.2f}%{after}"
-
-    if not cal["enabled"]:
-        return f"- Calibration: off (raw softmax){ece('val')}{ece('test')}\n"
-    return (
-        f"- Calibration: temperature {cal['temperature']:.4f} fitted on validation (`calibration.json`, "
-        f"applied by predict/evaluate/serve){ece('val')}{ece('test')}\n"
-    )
+    if cal["enabled"]:
+        line = (
+            f"- Calibration: temperature {cal['temperature']:.4f} fitted on validation (`calibration.json`, "
+            "applied by predict/evaluate/serve and exports)\n"
+        )
+    else:
+        line = "- Calibration: off (raw softmax)\n"
+    return line + "\n" + "\n".join(calibration_rows(cal)) + "\n"
 
 
 def write_reports(

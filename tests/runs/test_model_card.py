@@ -1,0 +1,64 @@
+"""The model card (README.md of a run): metadata and loading snippet fit the method, a local base model is
+named without its machine path, and calibration is reported as ECE, Brier and NLL before and after."""
+
+from imdb_lora.config import Config
+from imdb_lora.runs.report import model_card
+
+FIGURES = {"ece": 0.0512, "brier": 0.0934, "nll": 0.3121, "accuracy": 0.875}
+CALIBRATED = {"ece": 0.0123, "brier": 0.0901, "nll": 0.2817, "accuracy": 0.875}
+SUMMARY = {
+    "model_type": "bert",
+    "trainable_parameters": 1_000,
+    "total_parameters": 100_000,
+    "trainable_percent": 1.0,
+    "examples": {"train": 900, "val": 100, "test": 500},
+    "best_epoch": 2,
+    "val_accuracy": 0.88,
+    "test_accuracy": 0.875,
+    "calibration": {
+        "enabled": True,
+        "temperature": 1.7,
+        "val": {"before": FIGURES, "after": CALIBRATED},
+        "test": {"before": FIGURES, "after": CALIBRATED},
+    },
+}
+
+
+def card(model: str, method: str, **train) -> str:
+    cfg = Config.from_dict({"model": {"name": model}, "train": {"method": method, **train}})
+    return model_card(cfg.validate(), [], SUMMARY)
+
+
+def metadata(text: str) -> str:
+    return text.split("---")[1]
+
+
+def test_lora_card_on_a_hub_model_names_it_and_loads_the_adapter_with_peft():
+    text = card("FacebookAI/roberta-base", "lora")
+    assert "library_name: peft" in metadata(text)
+    assert "base_model: FacebookAI/roberta-base" in metadata(text)
+    assert 'from_pretrained("FacebookAI/roberta-base", num_labels=2), "adapter")' in text
+
+
+def test_full_card_loads_model_folder_with_transformers_and_hides_the_local_path():
+    text = card("/home/someone/models/all-MiniLM-L6-v2", "full")
+    assert "library_name: transformers" in metadata(text)
+    assert "base_model" not in metadata(text)  # a local folder is no hub id
+    assert "/home/someone" not in text
+    assert "local folder `all-MiniLM-L6-v2`" in text
+    assert 'AutoModelForSequenceClassification.from_pretrained("model")' in text
+    assert "adapter" not in text.lower()
+
+
+def test_lora_card_on_a_local_model_points_the_snippet_at_a_placeholder_folder():
+    text = card("/home/someone/models/all-MiniLM-L6-v2", "lora")
+    assert "/home/someone" not in text
+    assert 'from_pretrained("path/to/all-MiniLM-L6-v2", num_labels=2), "adapter")' in text
+
+
+def test_card_reports_ece_brier_and_nll_before_and_after_on_both_splits():
+    text = card("FacebookAI/roberta-base", "lora")
+    assert "temperature 1.7000" in text
+    for split in ("validation", "test"):
+        assert f"| {split} | raw | 5.12% | 0.0934 | 0.3121 | 87.50% |" in text
+        assert f"| {split} | calibrated | 1.23% | 0.0901 | 0.2817 | 87.50% |" in text
