@@ -22,7 +22,8 @@
 #
 # STAGE holds what ../shared/docs/GPU.md stages (put together under ~/stage there: root's home):
 #   aclImdb-labeled.tar.xz, roberta-base/ (config + tokenizer from ../shared/models), reference_lora.py
-#   (from ../shared/bench), and for accuracy/compare all-mpnet-base-v2-fp16/ (real weights, fp16 copy).
+#   (from ../shared/bench), and for every MPNet part (accuracy, compare, default, levers, fast-best,
+#   fast-mpnet) all-mpnet-base-v2-fp16/ (real weights, fp16 copy; made fp32 on the machine).
 # Everything goes to OUT/log.txt (full output), OUT/summary.txt (one line per step: status, seconds
 # and the figures the docs need) and OUT/summary.json (date, machine, versions, every step's command
 # and figures, every run's run.json/metrics/config: for docs/measurements/). Each step has its own time
