@@ -24,8 +24,10 @@ SUMMARY = {
 }
 
 
-def card(model: str, method: str, **train) -> str:
-    cfg = Config.from_dict({"model": {"name": model}, "train": {"method": method, **train}})
+def card(model: str, method: str, random_init: bool = False) -> str:
+    cfg = Config.from_dict(
+        {"model": {"name": model, "random_init": random_init}, "train": {"method": method}}
+    )
     return model_card(cfg.validate(), [], SUMMARY)
 
 
@@ -62,3 +64,10 @@ def test_card_reports_ece_brier_and_nll_before_and_after_on_both_splits():
     for split in ("validation", "test"):
         assert f"| {split} | raw | 5.12% | 0.0934 | 0.3121 | 87.50% |" in text
         assert f"| {split} | calibrated | 1.23% | 0.0901 | 0.2817 | 87.50% |" in text
+
+
+def test_random_init_card_names_the_architecture_without_its_path():
+    text = card("/home/someone/models/roberta-base", "lora", random_init=True)
+    assert "/home/someone" not in text
+    assert "`roberta-base` architecture, random weights (saved in `base_model/`)" in text
+    assert 'from_pretrained("base_model", num_labels=2)' in text

@@ -285,14 +285,15 @@ class CardBase(NamedTuple):
 def card_base_model(cfg: Config) -> CardBase:
     """A hub id as is; a local folder by its name only (its path means nothing on another machine)."""
     name = cfg.model.name
+    # config.py stores local folders as absolute paths; hub ids are never absolute.
+    local = os.path.isabs(name)
+    shown = Path(name).name if local else name
     if cfg.model.random_init:
         saved = " (saved in `base_model/`)" if cfg.train.method == "lora" else ""
-        return CardBase(False, f"`{name}` architecture, random weights{saved}", "base_model")
-    # config.py stores local folders as absolute paths; hub ids are never absolute.
-    if not os.path.isabs(name):
+        return CardBase(False, f"`{shown}` architecture, random weights{saved}", "base_model")
+    if not local:
         return CardBase(True, f"`{name}`", name)
-    folder = Path(name).name
-    return CardBase(False, f"local folder `{folder}` (its path is in `config.yaml`)", f"path/to/{folder}")
+    return CardBase(False, f"local folder `{shown}` (its path is in `config.yaml`)", f"path/to/{shown}")
 
 
 def card_plain_use(cfg: Config, base: str) -> str:
