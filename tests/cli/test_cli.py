@@ -2,11 +2,13 @@
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import yaml
 from conftest import build_tiny, train_args
 
 from imdb_lora.cli import main
@@ -195,6 +197,7 @@ def test_existing_output_dir_is_never_silently_replaced(trained_run, tiny_models
 def test_overwrite_replaces(tiny_models, imdb_dir, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
+    (out / "config.yaml").write_text("{}\n")  # a run directory (an interrupted one, say)
     (out / "old.txt").write_text("x")
     code, _, _ = run(capsys, *train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--overwrite"))
     assert code == 0 and not (out / "old.txt").exists() and (out / "run.json").is_file()
@@ -217,6 +220,21 @@ def test_adapter_with_a_different_base(trained_run, tmp_path, capsys):
         m.get_input_embeddings().weight.add_(1.0)
     m.save_pretrained(other)
     expect_error(capsys, "different model", "predict", str(trained_run), "x", "--base-model", str(other))
+
+
+def test_a_moved_base_model_points_to_base_model(trained_run, tmp_path, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "r")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["name"] = str(tmp_path / "moved-away")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    expect_error(capsys, "is no longer there; pass --base-model", "predict", str(run), "x")
+    expect_error(capsys, "--base-model: ", "predict", str(run), "x", "--base-model", str(tmp_path))
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_device_typo_is_one_line(trained_run, capsys, command):
+    text = ["x"] if command == "predict" else ["--max-samples", "4"]
+    expect_error(capsys, "--device 'gpu': not a device", command, str(trained_run), *text, "--device", "gpu")
 
 
 @pytest.mark.parametrize("texts", [["good", "   "], [""]])

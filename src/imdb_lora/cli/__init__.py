@@ -67,6 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"imdb-lora: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nimdb-lora: interrupted; a training run continues with --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # train says what the interruption left behind
+        print(f"\nimdb-lora: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130

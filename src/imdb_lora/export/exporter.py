@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import UserError
 from ..inference.classifier import Classifier
 from ..inference.exported import FORMATS, MARKER, ONNX_FILE, QUANTIZATIONS, is_export
-from ..runs.rundir import CALIBRATION, RunDir
+from ..runs.rundir import CALIBRATION, RunDir, require_creatable
 from .onnx import export_onnx
 from .portable import write_portable_config, write_portable_record
 
@@ -64,7 +64,10 @@ def export_run(
     clf = Classifier.load(run, device="cpu", base_model=base_model, merge=True)
     stage = dest.with_name(f".{dest.name}.export-tmp")
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    try:
+        stage.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"--to {dest}: cannot create a folder there ({e.strerror})") from None
     try:
         marker = _write_export(clf, src, stage, fmt, quantize)
         _replace(stage, dest)
@@ -90,6 +93,7 @@ def check_destination(src: Path, dest: Path, overwrite: bool) -> None:
         raise UserError(f"--to {dest}: choose a folder outside the run directory")
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--to {dest} exists and is not a directory")
+    require_creatable(dest, "--to")
     if dest.is_dir() and any(dest.iterdir()):
         if not overwrite:
             raise UserError(f"--to {dest} exists and is not empty; pass --overwrite to replace it")

@@ -49,6 +49,17 @@ def read_calibration(folder: str | os.PathLike) -> dict[str, Any] | None:
     return record
 
 
+def require_creatable(path: Path, flag: str) -> None:
+    """Raise UserError unless `path` is, or can become, a folder: checked before any slow work."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe != path.absolute() and not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, so no folder can be made under it")
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable")
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
@@ -116,6 +127,10 @@ class RunDir:
 
     def status(self) -> str | None:
         return self.read_status().get("status")
+
+    def is_run(self) -> bool:
+        """Whether the folder was written by imdb-lora train (finished, interrupted or resumable)."""
+        return self.config_path.is_file() or self.status_path.is_file()
 
     def is_resumable(self) -> bool:
         return self.config_path.is_file() and (self.path / "checkpoint.safetensors").is_file()

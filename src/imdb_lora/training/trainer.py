@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from ..modeling.load import (
 from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
 from ..runs.report import write_reports
-from ..runs.rundir import RunDir
+from ..runs.rundir import RunDir, require_creatable
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import Dist
 from .ema import Ema
@@ -75,6 +76,7 @@ class Trainer:
         self.overwrite = overwrite
         self.resume = resume
         self.created = False  # whether this process created the run directory (removed if setup fails)
+        self.replaced: Path | None = None  # the run --overwrite replaces, kept aside until setup succeeds
         self.dist = Dist.from_env()  # torchrun's data-parallel place; rank 0 of 1 otherwise
 
     # ------------------------------------------------------------ setup
@@ -95,6 +97,8 @@ class Trainer:
         except BaseException:
             self._abandon()
             raise
+        if self.replaced is not None:  # the new run is set up: only now is the old one dropped
+            shutil.rmtree(self.replaced, ignore_errors=True)
         return self
 
     def _check_directory(self) -> None:
@@ -125,8 +129,19 @@ class Trainer:
                 raise UserError(
                     f"--output-dir {run.path} exists and is not empty; pass --overwrite to replace it{hint}"
                 )
+            if not run.is_run():
+                raise UserError(
+                    f"--overwrite: {run.path} is not an imdb-lora run directory (no config.yaml or run.json); "
+                    "refusing to replace it"
+                )
+            if Path.cwd().resolve().is_relative_to(run.path.resolve()):
+                raise UserError(
+                    f"--overwrite: {run.path} holds the current directory; refusing to replace it"
+                )
             if self.dist.main:
                 run.check_unlocked()  # --overwrite never pulls a directory from under a running process
+        if not self.resume:
+            require_creatable(run.path, "--output-dir")  # before the slow data loading
 
     def _check_model_source(self) -> None:
         cfg, run = self.cfg, self.run
@@ -165,9 +180,14 @@ class Trainer:
         if self.resumed:
             run.recover()
             return
-        if run.path.exists():
-            shutil.rmtree(run.path)  # only reached with --overwrite (or an empty folder)
-        run.path.mkdir(parents=True)
+        if run.path.exists() and any(run.path.iterdir()):  # only reached with --overwrite
+            # Set aside, not deleted: a setup that fails later (or Ctrl-C) puts the old run back.
+            self.replaced = run.path.with_name(f"{run.path.name}.replaced-{os.getpid()}")
+            os.replace(run.path, self.replaced)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)  # an empty folder is used as it is
+        except OSError as e:
+            raise UserError(f"--output-dir {run.path}: cannot create it ({e.strerror})") from None
         self.created = True
         run.lock()
         self.cfg.save(run.config_path)
@@ -236,6 +256,8 @@ class Trainer:
         """Setup failed: a fresh run leaves nothing behind; a resumed one keeps its files, unlocked."""
         if self.created:
             shutil.rmtree(self.run.path, ignore_errors=True)
+        if self.replaced is not None:
+            os.replace(self.replaced, self.run.path)
         self.run.unlock()
         self.dist.close()
 
@@ -259,9 +281,20 @@ class Trainer:
             write_reports(self.run, self.cfg, st.history, summary, reliability=post.bins)
             self.run.write_status("finished", summary)
             return summary
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(self._interrupted()) from None
         finally:
             self.run.unlock()
             self.dist.close()
+
+    def _interrupted(self) -> str:
+        """What Ctrl-C leaves: a run to --resume or, before the first checkpoint, nothing at all."""
+        run = self.run
+        if run.is_resumable():
+            return f"continue it with: imdb-lora train --output-dir {run.path} --resume"
+        if self.dist.main:  # no checkpoint: the folder could be neither resumed nor used
+            shutil.rmtree(run.path, ignore_errors=True)
+        return f"no checkpoint had been written yet, so there is nothing to resume; {run.path} was removed"
 
     def _train_epoch(self) -> None:
         cfg, st = self.cfg.train, self.state

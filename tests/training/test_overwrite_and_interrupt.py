@@ -1,0 +1,105 @@
+"""--overwrite replaces only a run directory, and only once the new run is set up; Ctrl-C during training
+leaves a run to --resume or, before its first checkpoint, nothing at all; an impossible --output-dir is
+refused before the data is read."""
+
+import shutil
+
+import pytest
+from conftest import train_args
+
+from imdb_lora.cli import main
+from imdb_lora.runs.rundir import RunDir
+from imdb_lora.training.trainer import Trainer
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imdb-lora: error:"), lines
+    return lines[0]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_models, imdb_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    assert main(train_args(tiny_models("bert"), imdb_dir, mine, "--overwrite")) == 2
+    assert "is not an imdb-lora run directory" in error_line(capsys)
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
+
+
+def test_overwrite_refuses_the_folder_it_is_run_from(
+    trained_run, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    run = shutil.copytree(trained_run, tmp_path / "r")
+    monkeypatch.chdir(run / "adapter")
+    assert main(train_args(tiny_models("bert"), imdb_dir, run, "--overwrite")) == 2
+    assert "holds the current directory" in error_line(capsys)
+    assert (run / "adapter").is_dir() and RunDir(run).status() == "finished"
+
+
+def test_overwrite_puts_the_old_run_back_when_the_new_setup_fails(
+    trained_run, tiny_models, imdb_dir, tmp_path, capsys
+):
+    run = shutil.copytree(trained_run, tmp_path / "r")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    # --lora-modules is checked once the model is built, after the directory was replaced
+    args = train_args(tiny_models("bert"), imdb_dir, run, "--overwrite", "--lora-modules", "nothing_here")
+    assert main(args) == 2
+    assert "--lora-modules" in error_line(capsys)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # nothing set aside is left behind
+
+
+def test_overwrite_drops_the_old_run_once_the_new_one_is_set_up(
+    trained_run, tiny_models, imdb_dir, tmp_path, capsys
+):
+    run = shutil.copytree(trained_run, tmp_path / "r")
+    (run / "stale.txt").write_text("from the old run")
+    assert main(train_args(tiny_models("bert"), imdb_dir, run, "--epochs", "1", "--overwrite")) == 0
+    assert not (run / "stale.txt").exists() and RunDir(run).status() == "finished"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    def ctrl_c(self):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_after_step", ctrl_c)
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(
+    tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    interrupt_at_step(monkeypatch, 2)
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "0")) == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "was removed" in err
+    assert not out.exists()
+    monkeypatch.undo()  # and the same command needs no --overwrite now
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1")) == 0
+
+
+def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tiny_models, imdb_dir, tmp_path, monkeypatch, capsys):
+    interrupt_at_step(monkeypatch, 2)
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "1")) == 130
+    assert f"imdb-lora train --output-dir {out} --resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert RunDir(out).status() == "finished"
+
+
+@pytest.mark.parametrize("flag", ["train", "export"])
+def test_an_output_folder_under_a_file_is_a_one_line_error(
+    flag, trained_run, tiny_models, imdb_dir, tmp_path, capsys
+):
+    (tmp_path / "p.csv").write_text("text,label\n")
+    dest = tmp_path / "p.csv" / "x"
+    if flag == "train":
+        args = train_args(tiny_models("bert"), imdb_dir, dest)
+    else:
+        args = ["export", str(trained_run), "--to", str(dest)]
+    assert main(args) == 2
+    assert "p.csv is a file" in error_line(capsys)
