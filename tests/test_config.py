@@ -91,3 +91,11 @@ def test_mpnet_default_config_is_the_default_recipe_with_a_larger_validation_spl
     changed = {(s, k) for s in defaults for k in defaults[s] if shipped[s][k] != defaults[s][k]}
     assert changed == {("model", "name"), ("data", "val_size")}
     assert shipped["data"]["val_size"] == 0.1
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("data:\n  max_length: [\n")
+    with pytest.raises(UserError) as e:
+        Config.load(y)
+    assert "\n" not in str(e.value) and "is not valid YAML at line 3, column 1" in str(e.value)

@@ -238,8 +238,11 @@ class Config:
             raise UserError(f"--config: no such file: {p}")
         try:
             raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"--config: {p} is not valid YAML ({e})") from None
+        except yaml.YAMLError as e:  # one line: where, and PyYAML's short reason
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"--config: {p} is not valid YAML{where} ({reason})") from None
         if raw is not None and not isinstance(raw, dict):
             raise UserError(f"--config: {p} must hold a mapping of sections")
         return cls.from_dict(raw or {}, source=str(p))

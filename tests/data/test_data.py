@@ -5,7 +5,7 @@ import pytest
 from conftest import ROBERTA_BASE, needs_shared, write_imdb
 
 from imdb_lora.config import DataConfig
-from imdb_lora.data.files import load_labeled_file
+from imdb_lora.data.files import load_labeled_file, read_texts
 from imdb_lora.data.imdb import load_imdb, resolve_imdb_path
 from imdb_lora.data.splits import load_splits, stratified_split, stratified_subset
 from imdb_lora.data.tokenize import encode
@@ -207,3 +207,11 @@ def test_token_budget_batches_cap_padding_and_keep_every_index():
     for b in batches:
         assert len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 1024 or len(b) == 1
     assert [0, 2] in batches  # the two longest together, the third long one alone after them
+
+
+def test_csv_cells_longer_than_csvs_default_limit_are_read(tmp_path):
+    long = "a wonderful film " * 12_000  # ~200 KB in one cell, past csv's 128 KB default
+    f = tmp_path / "long.csv"
+    f.write_text(f'text,label\n"{long}",1\nshort,0\n')
+    assert load_labeled_file(f).texts == [long, "short"]
+    assert read_texts(str(f), None) == [long, "short"]

@@ -91,3 +91,12 @@ def test_select_end_to_end(trained_run, capsys):
     assert all(t["split"] == "test" for t in result["test"]) and len(result["test"]) in (1, 2)
     info = json.loads((trained_run / "run.json").read_text())
     assert result["validation"][0]["accuracy"] == pytest.approx(info["val_accuracy"])
+
+
+def test_an_export_is_refused_before_loading(monkeypatch, tmp_path):
+    reads = fake_runs(monkeypatch, {}, {})
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "imdb_lora_export.json").write_text("{}")
+    with pytest.raises(UserError, match="is an export; select chooses among run directories"):
+        selection.select(["a", str(tmp_path / "ex")], [None])
+    assert reads == []

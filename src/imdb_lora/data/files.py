@@ -33,6 +33,18 @@ def read_utf8(path: str | os.PathLike, flag: str) -> tuple[Path, str]:
         raise UserError(f"{flag}: {p} is not UTF-8") from None
 
 
+def csv_rows(content: str, p: Path, flag: str) -> tuple[list[str], list[dict]]:
+    """A CSV/TSV file's header and rows; a malformed file is one line naming the flag and the line."""
+    # The whole file is in memory already, so no field of it can be too large to hold: lift csv's
+    # 128 KB field limit (a long review in one cell is legitimate) up to the file's own size.
+    csv.field_size_limit(max(csv.field_size_limit(), len(content) + 1))
+    reader = csv.DictReader(io.StringIO(content), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    try:
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as e:
+        raise UserError(f"{flag}: {p} line {reader.line_num} is not valid CSV ({e})") from None
+
+
 def load_labeled_file(
     path: str | os.PathLike,
     flag: str = "--train-file",
@@ -53,8 +65,7 @@ def load_labeled_file(
                     raise UserError(f"{flag}: {p} line {n} is not a JSON object")
                 rows.append(obj)
     else:
-        delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
-        rows = list(csv.DictReader(io.StringIO(content), delimiter=delimiter))
+        rows = csv_rows(content, p, flag)[1]
     if not rows:
         raise UserError(f"{flag}: {p} has no rows")
     missing = [c for c in (text_column, label_column) if c not in rows[0]]
@@ -98,11 +109,8 @@ def read_texts(file: str | None, stdin_text: str | None) -> list[str]:
                 texts.append(obj["text"])
         return texts
     if suffix in (".csv", ".tsv"):
-        import csv
-        import io
-
-        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
-        if "text" not in (reader.fieldnames or []):
+        header, rows = csv_rows(content, p, "--file")
+        if "text" not in header:
             raise UserError(f"--file: {p} has no 'text' column")
-        return [row["text"] for row in reader]
+        return [row["text"] for row in rows]
     return [line for line in content.splitlines() if line.strip()]

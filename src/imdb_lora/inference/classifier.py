@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,14 @@ from ..data.labeled import LABEL_NAMES
 from ..data.tokenize import encode, encode_windows
 from ..errors import UserError
 from ..modeling.forward import batched_logits
-from ..modeling.load import NUM_LABELS, base_fingerprint, load_base_model, load_tokenizer, resolve_device
+from ..modeling.load import (
+    NUM_LABELS,
+    base_fingerprint,
+    is_local,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+)
 from ..modeling.pooling import set_pooling
 from ..runs.rundir import CALIBRATION, RunDir, read_calibration
 from .exported import is_export, load_export
@@ -186,7 +194,12 @@ def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_mode
 
     saved_base = run.path / "base_model"
     base = base_model or (str(saved_base) if saved_base.is_dir() else cfg.model.name)
-    model, _ = load_base_model(base, NUM_LABELS, False, cfg.train.seed)
+    if base_model is None and is_local(base) and not Path(base).is_dir():
+        raise UserError(
+            f"the base model {run.path} was trained on, {base}, is no longer there; "
+            "pass --base-model with where it is now"
+        )
+    model, _ = load_base_model(base, NUM_LABELS, False, cfg.train.seed, flag="--base-model")
     set_pooling(model, cfg.model.pooling)  # before PEFT wraps it: merge_and_unload keeps the config
     fp = base_fingerprint(model)
     if fp != info.get("base_fingerprint"):

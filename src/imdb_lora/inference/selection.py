@@ -18,6 +18,7 @@ from ..data.tokenize import window_layout
 from ..errors import UserError
 from ..metrics import loss_and_accuracy
 from .classifier import Classifier
+from .exported import is_export
 
 
 @dataclass
@@ -90,6 +91,11 @@ def select(
     for i, path in enumerate(resolved):
         if path in resolved[:i]:
             raise UserError(f"{runs[i]} is given twice; list each run directory once")
+    for run in runs:  # an export keeps no validation split to choose on
+        if is_export(run):
+            raise UserError(
+                f"{run} is an export; select chooses among run directories (their validation split)"
+            )
     loaded: dict[str, Classifier] = {}
     for run in runs:
         loaded[run] = Classifier.load(run, device=device)

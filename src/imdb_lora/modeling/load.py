@@ -30,27 +30,28 @@ def has_weights(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def check_model_source(name: str, random_init: bool) -> None:
-    """Fail early, naming --model, when a local model folder is missing or unusable."""
+def check_model_source(name: str, random_init: bool, flag: str = "--model") -> None:
+    """Fail early, naming the flag (--model; --base-model when reading a run), when a local model folder is
+    missing or unusable."""
     if not is_local(name):
         return
     p = Path(name).expanduser()
     if not p.is_dir():
-        raise UserError(f"--model: no such directory: {p}")
+        raise UserError(f"{flag}: no such directory: {p}")
     if not (p / "config.json").is_file():
-        raise UserError(f"--model: {p} has no config.json (not a Hugging Face model folder)")
+        raise UserError(f"{flag}: {p} has no config.json (not a Hugging Face model folder)")
     if not random_init and not has_weights(p):
         raise UserError(
-            f"--model: {p} has no model.safetensors (only safetensors weights are loaded); "
+            f"{flag}: {p} has no model.safetensors (only safetensors weights are loaded); "
             "use --random-init for an untrained architecture"
         )
 
 
-def _hub_error(name: str, e: Exception) -> UserError:
+def _hub_error(name: str, e: Exception, flag: str = "--model") -> UserError:
     why = "the hub is unreachable and no copy is cached" if hub_options(name) else type(e).__name__
     return UserError(
-        f"--model: could not load {name!r} from the Hugging Face hub ({why}); "
-        "without network, pass --model PATH to a local model folder"
+        f"{flag}: could not load {name!r} from the Hugging Face hub ({why}); "
+        f"without network, pass {flag} PATH to a local model folder"
     )
 
 
@@ -165,12 +166,15 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_base_model(name: str, num_labels: int, random_init: bool, seed: int) -> tuple[nn.Module, list[str]]:
-    """A sequence-classification model and the names of weights the checkpoint did not provide."""
+def load_base_model(
+    name: str, num_labels: int, random_init: bool, seed: int, flag: str = "--model"
+) -> tuple[nn.Module, list[str]]:
+    """A sequence-classification model and the names of weights the checkpoint did not provide; errors
+    name `flag`, the option the user would change."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    check_model_source(name, random_init)
+    check_model_source(name, random_init, flag)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here, not news
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     torch.manual_seed(seed)  # random init and any newly created head are reproducible
@@ -193,10 +197,10 @@ def load_base_model(name: str, num_labels: int, random_init: bool, seed: int) ->
         )
     except OSError as e:
         if is_local(name):
-            raise UserError(f"--model: cannot load {name}: {e}") from None
-        raise _hub_error(name, e) from None
+            raise UserError(f"{flag}: cannot load {name}: {e}") from None
+        raise _hub_error(name, e, flag) from None
     except ValueError as e:  # unknown model_type and similar
-        raise UserError(f"--model: cannot build a classifier from {name}: {e}") from None
+        raise UserError(f"{flag}: cannot build a classifier from {name}: {e}") from None
     return model, list(info.get("missing_keys", []))
 
 
@@ -224,4 +228,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
