@@ -92,6 +92,28 @@ def test_malformed_json_is_422(client):
     assert_clean_error(r, 422, "invalid_json")
 
 
+def test_a_body_that_is_not_json_is_415(client):
+    body = json.dumps({"texts": ["good"]})
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+        r = client.post("/predict", content=body, headers={"content-type": kind})
+        assert_clean_error(r, 415, "unsupported_media_type")
+    ok = client.post("/predict", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("body", ["[" * 1500 + "]" * 1500, b'{"texts": ["\xff"]}'])
+def test_bodies_json_cannot_parse_are_422_invalid_json(client, body):
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert_clean_error(r, 422, "invalid_json")
+
+
+def test_a_text_of_control_characters_is_refused(client):
+    data = assert_clean_error(
+        client.post("/predict", json={"texts": ["\u0000\u0001"]}), 422, "invalid_request"
+    )
+    assert data["details"][0]["field"] == "texts[0]"
+
+
 def test_body_too_large_is_413_with_or_without_content_length(client):
     big = json.dumps({"texts": ["x" * 150] * 30}).encode()
     assert_clean_error(client.post("/predict", content=big), 413, "payload_too_large")

@@ -18,7 +18,7 @@ from .common import (
 
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="sentiment of texts given as arguments, in a file, or on stdin")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help="run directory or export folder")
     p.add_argument("texts", nargs="*", default=[], help="texts to classify (none: --file or stdin)")
     p.add_argument("--file", help="one text per line, or JSONL/CSV with a 'text' column")
     p.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -8,20 +8,28 @@ from ..errors import UserError
 from ..serving.app import ServeSettings
 from .common import add_max_batch_tokens_flag, require_directories
 
+# (flag, type, ServeSettings field, help): the service's input and batching limits.
+SERVE_LIMITS = [
+    ("--max-texts", int, "max_texts", "texts per request"),
+    ("--max-chars", int, "max_chars", "characters per text"),
+    ("--max-body-bytes", int, "max_body_bytes", "request body bytes"),
+    ("--max-batch", int, "max_batch", "texts per model call across requests"),
+    ("--max-wait-ms", float, "max_wait_ms", "ms to wait for more requests to batch"),
+]
+
 
 def add_serve_parser(sub) -> None:
     d = ServeSettings()
     p = sub.add_parser("serve", help="HTTP service with request batching, a web page and API docs")
     p.add_argument("model", help="run directory or export folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
-    p.add_argument("--max-texts", type=int, default=d.max_texts, help="texts per request")
-    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters per text")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="texts per model call across requests")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="wait for more requests to batch")
+    for flag, kind, field, what in SERVE_LIMITS:
+        default = getattr(d, field)
+        shown = f"{default:,}" if isinstance(default, int) else f"{default:g}"
+        p.add_argument(flag, type=kind, default=default, help=f"{what} [default: {shown}]")
     add_max_batch_tokens_flag(p)
     add_load_flags(p, d)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -86,8 +86,8 @@ class ServiceState:
 
 
 def _has_content(text: str) -> str:
-    if not text.strip():
-        raise ValueError("text must not be empty or only whitespace")
+    if not any(c.isprintable() and not c.isspace() for c in text):  # "\u0000" is no review either
+        raise ValueError("text must not be empty or only whitespace or control characters")
     return text
 
 
@@ -393,7 +393,11 @@ def _add_error_handlers(app: "FastAPI") -> None:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError):
+    async def invalid(request: Request, exc: RequestValidationError):
+        if request.method == "POST" and not _is_json(request.headers.get("content-type", "")):
+            return error_json(
+                415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)"
+            )
         details = [_detail(e) for e in exc.errors()]
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             return error_json(422, "invalid_json", "the request body is not valid JSON")
@@ -403,6 +407,8 @@ def _add_error_handlers(app: "FastAPI") -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": nested too deep, not UTF-8
+            return error_json(422, "invalid_json", "the request body is not valid JSON in UTF-8")
         names = {404: "not_found", 405: "method_not_allowed"}
         return error_json(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
 
@@ -410,6 +416,12 @@ def _add_error_handlers(app: "FastAPI") -> None:
     async def crashed(_: Request, exc: Exception):
         log.error("unhandled error", exc_info=exc)
         return error_json(500, "internal_error", "internal server error")
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json or a +json type; FastAPI reads any other body as no JSON at all."""
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or kind.endswith("+json")
 
 
 def _detail(e: dict[str, Any]) -> dict[str, str]:
