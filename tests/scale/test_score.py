@@ -16,6 +16,7 @@ from conftest import SHARED, train_args
 from imdb_lora.cli import main
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.scale.batch import ScoreBatch
+from imdb_lora.scale.engines import schema_clash_inside
 
 pa = pytest.importorskip("pyarrow")  # the scale extra (part of dev)
 pq = pytest.importorskip("pyarrow.parquet")
@@ -89,7 +90,27 @@ def test_local_engine_scores_files_keeps_ids_and_reports_bad_rows(trained_run, t
         "p2": "no 'text' value",
     }
     assert all(r[c] is None for r in rows if r["error"] for c in PRED)
-    assert rows[0]["input_label"] == 1 and "text" not in rows[0]  # the input's label kept apart; no text
+    assert rows[0]["input_label"] == "1" and "text" not in rows[0]  # the input's label kept apart; no text
+
+
+def test_jsonl_and_csv_sharing_an_id_column_are_written_with_one_type(trained_run, tmp_path, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "a.jsonl").write_text('{"id": 1, "text": "great film"}\n{"id": 2, "text": "awful film"}\n')
+    (inp / "b.csv").write_text("id,text\nc1,fine film\n")
+    assert main(["score", str(trained_run), "--input", str(inp), "--output", str(out)]) == 0
+    assert [r["id"] for r in read_output(out)] == ["1", "2", "c1"]
+    assert {str(pq.read_schema(f).field("id").type) for f in out.glob("*.parquet")} == {"string"}
+
+
+def test_a_type_clash_inside_ray_becomes_one_line_naming_the_column():
+    ray_error = RuntimeError("ray.data task failed")
+    ray_error.__cause__ = pa.ArrowTypeError(
+        "Unable to merge: Field id has incompatible types: int64 vs string"
+    )
+    err = schema_clash_inside(ray_error)
+    assert "column 'id' (int64 vs string)" in str(err) and "\n" not in str(err)
+    assert schema_clash_inside(RuntimeError("something else")) is None
 
 
 def test_a_row_the_model_fails_on_costs_only_itself(trained_run):

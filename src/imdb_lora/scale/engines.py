@@ -219,7 +219,7 @@ def run_ray(
     try:
         ds.write_parquet(job.output, ray_remote_args={"num_cpus": 0})
     except Exception as e:
-        raise user_error_inside(e) or e from None
+        raise user_error_inside(e) or schema_clash_inside(e) or e from None
     return summarize(job.output, time.time() - start)
 
 
@@ -252,6 +252,23 @@ def user_error_inside(e: BaseException) -> UserError | None:
     return None
 
 
+def schema_clash_inside(e: BaseException) -> UserError | None:
+    """Arrow's "Field X has incompatible types" from inside Ray: input files that disagree on a type."""
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        m = re.search(r"Field (\S+) has incompatible types: (\S+) vs (\S+)", str(e))
+        if m:
+            return UserError(
+                f"--input: the files disagree on the type of column {m[1]!r} ({m[2]} vs {m[3]}); "
+                "give that column one type in every file (CSV and JSONL columns are read as text)"
+            )
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -267,6 +284,7 @@ def summarize(output: str, seconds: float, examples: int = 3) -> Summary:
     table = data.to_table(columns=["source_file", "source_row", "error"])
     bad = table.filter(pc.is_valid(table["error"]))
     shown = [
-        f"{r['source_file']} row {r['source_row']}: {r['error']}" for r in bad.slice(0, examples).to_pylist()
+        f"{r['source_file']} source_row {r['source_row']} (0-based): {r['error']}"
+        for r in bad.slice(0, examples).to_pylist()
     ]
     return Summary(table.num_rows, bad.num_rows, seconds, shown)
