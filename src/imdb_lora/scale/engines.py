@@ -263,7 +263,7 @@ def schema_clash_inside(e: BaseException) -> UserError | None:
         if m:
             return UserError(
                 f"--input: the files disagree on the type of column {m[1]!r} ({m[2]} vs {m[3]}); "
-                "give that column one type in every file (CSV and JSONL columns are read as text)"
+                "give that column one type in every file (CSV columns are read as text)"
             )
         e = getattr(e, "cause", None) or e.__cause__
     return None

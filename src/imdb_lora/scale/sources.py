@@ -227,8 +227,8 @@ def _jsonl(uri: str, rows: int, text_column: str):
     """JSON lines parsed one by one, so a bad line is a row with an error, not an unreadable file.
 
     The `error` column written here (an unparsable line, a text that is not a string) is kept by
-    ScoreBatch; the text of such a row is null. Other columns are carried as text (a value that is not a
-    string as its JSON text), like every CSV column.
+    ScoreBatch; the text of such a row is null. Values of other columns that do not share one type are
+    carried as their JSON text.
     """
     fsys, path = filesystem(uri)
     with fsys.open_input_stream(path) as f:
@@ -271,11 +271,13 @@ def _json_table(batch: list[dict], text_column: str):
     columns = {}
     for name in names:
         values = [row.get(name) for row in batch]
-        # Carried columns are text, as CSV's are: one JSONL file's ids may be numbers and another's (or a
-        # CSV's) strings, and every batch of every file must share one schema to be written together.
-        columns[name] = pa.array(
-            [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string()
-        )
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep what each value was
+            columns[name] = pa.array(
+                [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
+                pa.string(),
+            )
     if "error" not in columns:
         columns["error"] = pa.nulls(len(batch), pa.string())
     return pa.table(columns)
