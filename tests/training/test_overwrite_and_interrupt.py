@@ -103,3 +103,13 @@ def test_an_output_folder_under_a_file_is_a_one_line_error(
         args = ["export", str(trained_run), "--to", str(dest)]
     assert main(args) == 2
     assert "p.csv is a file" in error_line(capsys)
+
+
+def test_overwrite_takes_a_folder_left_by_a_train_killed_right_after_its_lock(
+    tiny_models, imdb_dir, tmp_path
+):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("12345\n")  # the lock file alone: killed before config.yaml was written
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--overwrite")) == 0
+    assert RunDir(out).status() == "finished"
