@@ -91,10 +91,9 @@ def select(
     for i, path in enumerate(resolved):
         if path in resolved[:i]:
             raise UserError(f"{runs[i]} is given twice; list each run directory once")
-    for run in runs:  # an export keeps no validation split to choose on
-        if is_export(run):
+        if is_export(path):  # an export keeps no validation split to choose on
             raise UserError(
-                f"{run} is an export; select chooses among run directories (their validation split)"
+                f"{runs[i]} is an export; select chooses among run directories (their validation split)"
             )
     loaded: dict[str, Classifier] = {}
     for run in runs:

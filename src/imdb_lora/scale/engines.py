@@ -241,31 +241,31 @@ def pool_size(resources: dict[str, float], cpus: float, gpus: float) -> int:
     return max(1, int(resources.get("CPU", 1) // cpus))
 
 
-def user_error_inside(e: BaseException) -> UserError | None:
-    """The UserError a Ray worker raised (Ray wraps it in its own exceptions), to report in one line."""
+def _chain(e: BaseException | None):
+    """An exception and the ones it wraps (Ray keeps a worker's error as `cause`), each once."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, UserError):
-            return UserError(str(e))
+        yield e
         e = getattr(e, "cause", None) or e.__cause__
-    return None
+
+
+def user_error_inside(e: BaseException) -> UserError | None:
+    """The UserError a Ray worker raised (Ray wraps it in its own exceptions), to report in one line."""
+    return next((UserError(str(x)) for x in _chain(e) if isinstance(x, UserError)), None)
 
 
 def schema_clash_inside(e: BaseException) -> UserError | None:
     """Arrow's "Field X has incompatible types" from inside Ray: input files that disagree on a type."""
     import re
 
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        m = re.search(r"Field (\S+) has incompatible types: (\S+) vs (\S+)", str(e))
+    for x in _chain(e):
+        m = re.search(r"Field (\S+) has incompatible types: (\S+) vs (\S+)", str(x))
         if m:
             return UserError(
                 f"--input: the files disagree on the type of column {m[1]!r} ({m[2]} vs {m[3]}); "
                 "give that column one type in every file (CSV columns are read as text)"
             )
-        e = getattr(e, "cause", None) or e.__cause__
     return None
 
 
