@@ -256,6 +256,31 @@ def _absolute_if_local(path: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else path
 
 
+# Settings a resumed run may change: where and how it computes, not what it computes (calibration and
+# the labeled-file report happen after the last epoch and change no weight).
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train.device",
+        "train.compile",
+        "train.cuda_graphs",
+        "data.token_cache",
+        "train.calibration",
+        "data.eval_files",
+    }
+)
+
+
+def differing_fields(saved: Config, given: Config, ignore: frozenset[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """The fields (outside `ignore`) where a run's saved config and the one asked for now disagree."""
+    ds, dg = saved.to_dict(), given.to_dict()
+    return [
+        f"{sec}.{k} ({ds[sec][k]!r} saved, {dg[sec][k]!r} given)"
+        for sec in ds
+        for k in ds[sec]
+        if f"{sec}.{k}" not in ignore and ds[sec][k] != dg[sec][k]
+    ]
+
+
 # Fields that earlier versions wrote to config.yaml and that no longer exist (value they always had).
 RETIRED_FIELDS = {("model", "num_labels"): 2}
 

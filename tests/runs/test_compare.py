@@ -1,4 +1,6 @@
+import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -6,6 +8,7 @@ from conftest import train_args
 
 import imdb_lora.runs.compare
 from imdb_lora.cli import main
+from imdb_lora.training.trainer import Trainer
 
 
 def train_in_this_process(argv: list[str], env: dict[str, str]) -> int:
@@ -14,14 +17,18 @@ def train_in_this_process(argv: list[str], env: dict[str, str]) -> int:
     return main(argv[3:])
 
 
+def compare_flags(tiny_models, imdb_dir, *extra: str) -> list[str]:
+    """conftest's quick train flags for one epoch, less the ones compare sets itself."""
+    flags = train_args(tiny_models("bert"), imdb_dir, Path("unused"), "--epochs", "1", *extra)[1:]
+    i = flags.index("--output-dir")
+    return flags[:i] + flags[i + 2 :]
+
+
 @pytest.mark.parametrize("process", ["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
 def test_compare_writes_both_rows(process, tiny_models, imdb_dir, tmp_path, capsys, monkeypatch):
     if process == "in-process":
         monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(call=train_in_this_process))
-    flags = train_args(tiny_models("bert"), imdb_dir, tmp_path / "unused", "--epochs", "1")
-    flags = flags[1:]  # drop "train"
-    i = flags.index("--output-dir")
-    del flags[i : i + 2]
+    flags = compare_flags(tiny_models, imdb_dir)
     code = main(["compare", "--output-dir", str(tmp_path / "cmp"), "--full-lr", "1e-4", *flags])
     assert code == 0, capsys.readouterr().err
     table = (tmp_path / "cmp" / "comparison.md").read_text()
@@ -40,3 +47,81 @@ def test_compare_writes_both_rows(process, tiny_models, imdb_dir, tmp_path, caps
 def test_compare_refuses_method_flag(tmp_path, capsys):
     assert main(["compare", "--output-dir", str(tmp_path), "--method", "full"]) == 2
     assert "compare sets --method" in capsys.readouterr().err
+
+
+class Crash(Exception):
+    pass
+
+
+def test_compare_resume_keeps_the_finished_run_and_continues_the_interrupted_one(
+    tiny_models, imdb_dir, tmp_path, capsys, monkeypatch
+):
+    trained = []  # the train command lines compare ran
+
+    def train_and_record(argv, env):
+        trained.append(argv[4:])
+        return train_in_this_process(argv, env)
+
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(call=train_and_record))
+    out = tmp_path / "cmp"
+    compare = [
+        "compare",
+        "--output-dir",
+        str(out),
+        *compare_flags(tiny_models, imdb_dir, "--checkpoint-every", "1"),
+    ]
+    full_steps = []
+
+    def crash_in_full(self):
+        if self.cfg.train.method == "full":
+            full_steps.append(1)
+            if len(full_steps) == 3:  # after two checkpoints of the full run
+                raise Crash
+
+    monkeypatch.setattr(Trainer, "_after_step", crash_in_full)
+    with pytest.raises(Crash):
+        main(compare)
+    monkeypatch.setattr(Trainer, "_after_step", lambda self: None)
+    assert json.loads((out / "full" / "run.json").read_text())["status"] == "running"
+    trained.clear()
+
+    # again without a flag: refused before anything trains, with both ways out named
+    assert main(compare) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{out / 'lora'} exists and is not empty; pass --overwrite to replace it, or --resume to keep it"
+        in err
+    )
+    assert trained == []
+
+    # --resume: the finished LoRA run is kept, the full run continues where it stopped
+    assert main([*compare, "--resume"]) == 0
+    assert [args[:2] for args in trained] == [["--method", "full"]] and trained[0][-1] == "--resume"
+    assert f"== lora: {out / 'lora'} finished before; kept (--resume)" in capsys.readouterr().out
+    assert "| Full fine-tuning |" in (out / "comparison.md").read_text()
+    assert json.loads((out / "full" / "run.json").read_text())["status"] == "finished"
+
+    # a finished run is kept only with the settings asked for now
+    trained.clear()
+    assert main([*compare, "--resume", "--epochs", "2"]) == 2
+    assert "lora finished with other settings (train.epochs (1 saved, 2 given))" in capsys.readouterr().err
+    assert trained == []
+
+
+def test_compare_checks_both_runs_and_its_flags_before_training(
+    tiny_models, imdb_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(call=pytest.fail))
+    out = tmp_path / "cmp"
+    (out / "full").mkdir(parents=True)
+    (out / "full" / "notes.txt").write_text("not a run")
+    compare = ["compare", "--output-dir", str(out), *compare_flags(tiny_models, imdb_dir)]
+    assert main([*compare, "--overwrite"]) == 2  # lora/ would have trained first, for nothing
+    assert f"--overwrite: {out / 'full'} is not an imdb-lora run directory" in capsys.readouterr().err
+    assert main([*compare, "--resume"]) == 2
+    assert "holds no finished or resumable run" in capsys.readouterr().err
+    assert main([*compare, "--epochs", "many"]) == 2
+    assert "--epochs: expected int, got 'many'" in capsys.readouterr().err
+    assert main([*compare, "--lora-rank", "8"]) == 2
+    assert "train flags: unrecognized arguments: --lora-rank 8" in capsys.readouterr().err
+    assert (out / "full" / "notes.txt").read_text() == "not a run"

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
+
+from ..config import Config
+from ..errors import UserError
+from .train import add_config_flags, config_from_args
 
 
 def add_compare_parser(sub) -> None:
@@ -18,12 +23,39 @@ def add_compare_parser(sub) -> None:
         "--full-lr", type=float, help="full fine-tuning learning rate (default: the method's default)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing runs in --output-dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs in --output-dir that finished (with the same settings) and continue interrupted ones",
+    )
     p.set_defaults(func=cmd_compare, passthrough=True)
 
 
+def method_configs(train_args: list[str], lrs: dict[str, float | None]) -> dict[str, Config]:
+    """The settings each method's `train` would run with, parsed here so that a mistyped flag or value
+    fails at once rather than after the first method has trained."""
+    p = argparse.ArgumentParser(prog="imdb-lora compare", add_help=False)
+    p.add_argument("--config")
+    add_config_flags(p)
+    p.error = _refuse  # one line naming the flag, not train's whole usage text
+    ns = p.parse_args(train_args)
+    configs = {}
+    for method, lr in lrs.items():
+        cfg = config_from_args(ns, Config.load(ns.config) if ns.config else Config())
+        cfg.train.method, cfg.train.lr = method, lr if lr is not None else cfg.train.lr
+        configs[method] = cfg.validate()
+    return configs
+
+
+def _refuse(message: str) -> NoReturn:
+    raise UserError(f"train flags: {message}")
+
+
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from ..runs.compare import run_compare
+    from ..runs.compare import check_train_args, run_compare
 
     lrs = {"lora": ns.lora_lr, "full": ns.full_lr}
-    print(run_compare(ns.output_dir, ns.extra, lrs, ns.overwrite))
+    check_train_args(ns.extra)  # before parsing them: --method is a train flag too
+    configs = method_configs(ns.extra, lrs)
+    print(run_compare(ns.output_dir, ns.extra, lrs, ns.overwrite, ns.resume, configs))
     return 0

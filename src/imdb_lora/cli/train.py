@@ -56,13 +56,15 @@ def add_train_parser(sub) -> None:
 def cmd_train(ns: argparse.Namespace) -> int:
     from ..training.trainer import Trainer
 
-    if ns.resume:
-        if not ns.output_dir:
-            raise UserError("--resume needs --output-dir (the run to continue)")
-        saved = Path(ns.output_dir) / "config.yaml"
-        base = Config.load(saved) if saved.is_file() else Config()
+    if ns.resume and not ns.output_dir:
+        raise UserError("--resume needs --output-dir (the run to continue)")
+    saved = Path(ns.output_dir or "") / "config.yaml"
+    if ns.config:  # under --resume too, so a YAML that changed since the run started is caught
+        base = Config.load(ns.config)
+    elif ns.resume and saved.is_file():  # flags alone: the run's own settings, changed only where given
+        base = Config.load(saved)
     else:
-        base = Config.load(ns.config) if ns.config else Config()
+        base = Config()
     cfg = config_from_args(ns, base).validate()
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
     trainer = Trainer(cfg, out, overwrite=ns.overwrite, resume=ns.resume)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import Config, differing_fields
 from ..errors import UserError
 from .report import fmt_bytes, fmt_seconds
 from .rundir import RunDir, atomic_write_text
@@ -23,28 +24,80 @@ def run_compare(
     train_args: list[str],
     lrs: dict[str, float | None] | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    configs: dict[str, Config] | None = None,
 ) -> str:
-    """Train each method into output_dir/<method> with the same train flags; write comparison.md."""
+    """Train each method into output_dir/<method> with the same train flags; write comparison.md.
+
+    With `resume`, a finished sub-run is kept (if `configs`, the settings each method would train with,
+    match its saved ones) and an interrupted one continues; both sub-runs are checked before either
+    trains, so a problem with the second never costs the first's training time.
+    """
     out = Path(output_dir)
-    if any(a in ("--method", "--output-dir", "--resume") for a in train_args):
-        raise UserError("compare sets --method and --output-dir itself; give the other train flags only")
+    check_train_args(train_args)
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume contradict each other; pass one")
+    plans = {m: plan_method(out / m, overwrite, resume, (configs or {}).get(m)) for m in METHODS}
     rows = []
     for method in METHODS:
         run = out / method
-        args = ["train", "--method", method, "--output-dir", str(run), *train_args]
-        lr = (lrs or {}).get(method)
-        if lr is not None:
-            args += ["--lr", str(lr)]
-        if overwrite:
-            args.append("--overwrite")
-        print(f"== {method}: imdb-lora {' '.join(args)}", flush=True)
-        code = subprocess.call([sys.executable, "-m", "imdb_lora", *args], env=os.environ.copy())
-        if code != 0:
-            raise UserError(f"the {method} run failed (exit code {code}); see its output above")
+        if plans[method] == "keep":
+            print(f"== {method}: {run} finished before; kept (--resume)", flush=True)
+        else:
+            train_method(method, run, train_args, (lrs or {}).get(method), plans[method])
         rows.append(RunDir(run).require_finished())
     table = comparison_markdown(rows)
     atomic_write_text(out / "comparison.md", table)
     return table
+
+
+def check_train_args(train_args: list[str]) -> None:
+    if any(a in ("--method", "--output-dir") for a in train_args):
+        raise UserError("compare sets --method and --output-dir itself; give the other train flags only")
+
+
+def plan_method(run: Path, overwrite: bool, resume: bool, expected: Config | None) -> str:
+    """What to do with one method's sub-run: "fresh", "overwrite", "resume" or "keep" (or a UserError)."""
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--output-dir: {run} exists and is a file")
+    if not run.exists() or not any(run.iterdir()):
+        return "fresh"
+    rundir = RunDir(run)
+    if overwrite:
+        if not rundir.is_run():
+            raise UserError(f"--overwrite: {run} is not an imdb-lora run directory; refusing to replace it")
+        return "overwrite"
+    if not resume:
+        if rundir.status() == "finished":
+            hint = ", or --resume to keep it"
+        elif rundir.is_resumable():
+            hint = ", or --resume to continue it"
+        else:
+            hint = ""
+        raise UserError(f"--output-dir: {run} exists and is not empty; pass --overwrite to replace it{hint}")
+    if rundir.status() == "finished":
+        diff = differing_fields(Config.load(rundir.config_path), expected) if expected else []
+        if diff:
+            raise UserError(
+                f"--resume: {run} finished with other settings ({', '.join(diff)}); "
+                "pass --overwrite to train both methods again"
+            )
+        return "keep"
+    if rundir.is_resumable():
+        return "resume"
+    raise UserError(f"--resume: {run} holds no finished or resumable run; pass --overwrite to replace it")
+
+
+def train_method(method: str, run: Path, train_args: list[str], lr: float | None, plan: str) -> None:
+    """One method's `imdb-lora train` in its own process, so its peak memory is its own."""
+    args = ["train", "--method", method, "--output-dir", str(run), *train_args]
+    if lr is not None:
+        args += ["--lr", str(lr)]
+    args += {"fresh": [], "overwrite": ["--overwrite"], "resume": ["--resume"]}[plan]
+    print(f"== {method}: imdb-lora {' '.join(args)}", flush=True)
+    code = subprocess.call([sys.executable, "-m", "imdb_lora", *args], env=os.environ.copy())
+    if code != 0:
+        raise UserError(f"the {method} run failed (exit code {code}); see its output above")
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:

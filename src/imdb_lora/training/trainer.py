@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, differing_fields
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
 from ..errors import UserError
@@ -51,10 +51,6 @@ from .schedule import epoch_order, lr_at
 from .step import train_step
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
-# Settings a resumed run may change: where and how it computes, not what it computes (calibration and
-# the labeled-file report happen after the last epoch and change no weight).
-RESUME_MAY_CHANGE = {"train.device", "train.compile", "train.cuda_graphs", "data.token_cache"}
-RESUME_MAY_CHANGE |= {"train.calibration", "data.eval_files"}
 
 
 TRAIN_PATHS = {
@@ -105,13 +101,15 @@ class Trainer:
         """Decide between a fresh run and a resumed one; refuse to lose anything silently."""
         run = self.run
         self.resumed = False
+        if self.resume and self.overwrite:
+            raise UserError("--overwrite and --resume contradict each other; pass one")
         if self.resume:
             if not run.is_resumable():
                 raise UserError(f"--resume: {run.path} holds no resumable run (no {CHECKPOINT})")
             if run.status() == "finished":
                 raise UserError(f"--resume: {run.path} is already finished; see {run.path / 'results.md'}")
             saved = Config.load(run.config_path)
-            diff = differing_fields(saved, self.cfg, ignore=RESUME_MAY_CHANGE)
+            diff = differing_fields(saved, self.cfg)
             if diff:
                 raise UserError(
                     f"--resume continues {run.path} with its saved config.yaml; these settings differ: "
@@ -517,13 +515,3 @@ class Trainer:
         if wall_seconds is not None:
             out["wall_seconds"] = wall_seconds
         return out
-
-
-def differing_fields(a: Config, b: Config, ignore: set[str]) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
-    out = []
-    for sec in da:
-        for k in da[sec]:
-            if f"{sec}.{k}" not in ignore and da[sec][k] != db[sec][k]:
-                out.append(f"{sec}.{k} ({da[sec][k]!r} saved, {db[sec][k]!r} given)")
-    return out
