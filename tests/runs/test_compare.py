@@ -8,6 +8,7 @@ from conftest import train_args
 
 import imdb_lora.runs.compare
 from imdb_lora.cli import main
+from imdb_lora.runs.compare import comparison_markdown
 from imdb_lora.training.trainer import Trainer
 
 
@@ -125,3 +126,15 @@ def test_compare_checks_both_runs_and_its_flags_before_training(
     assert main([*compare, "--lora-rank", "8"]) == 2
     assert "train flags: unrecognized arguments: --lora-rank 8" in capsys.readouterr().err
     assert (out / "full" / "notes.txt").read_text() == "not a run"
+
+
+def test_the_table_names_each_device_when_the_runs_differ():
+    row = {"model": "m", "examples": {"train": 8, "val": 2, "test": 4}, "trainable_parameters": 10}
+    row |= {"trainable_percent": 1.0, "val_accuracy": 0.5, "train_seconds": 3.0, "epochs_done": 1}
+    row |= {"peak_memory_bytes": 1, "peak_memory_kind": "rss", "weights_bytes": 1, "precision": "fp32"}
+    lora, full = row | {"method": "lora", "device": "cpu"}, row | {"method": "full", "device": "cpu"}
+    assert "Device: cpu (fp32); same data" in comparison_markdown([lora, full])
+    full |= {"device": "cuda:0", "precision": "bf16"}
+    assert "Devices: lora on cpu (fp32), full on cuda:0 (bf16); same data" in comparison_markdown(
+        [lora, full]
+    )

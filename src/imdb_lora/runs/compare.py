@@ -105,7 +105,7 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# LoRA vs full fine-tuning: {first['model']}",
         "",
-        f"Device: {first['device']} ({first['precision']}); same data, epochs and seed for both; "
+        f"{devices_line(rows)}; same data, epochs and seed for both; "
         f"train/val/test = {' / '.join(f'{v:,}' for v in first['examples'].values())} reviews. "
         "Test accuracy is that of the checkpoint chosen on validation.",
         "",
@@ -121,3 +121,11 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
             f"{fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']}) | {fmt_bytes(r['weights_bytes'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def devices_line(rows: list[dict[str, Any]]) -> str:
+    """One device for both runs, or each run's: a run kept by --resume may have trained elsewhere."""
+    where = [f"{r['device']} ({r['precision']})" for r in rows]
+    if len(set(where)) == 1:
+        return f"Device: {where[0]}"
+    return "Devices: " + ", ".join(f"{r['method']} on {w}" for r, w in zip(rows, where, strict=True))
