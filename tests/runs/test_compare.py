@@ -1,21 +1,48 @@
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import train_args
+from conftest import train_args, write_imdb
 
 import imdb_lora.runs.compare
 from imdb_lora.cli import main
 from imdb_lora.runs.compare import comparison_markdown
+from imdb_lora.runs.rundir import RunDir
 from imdb_lora.training.trainer import Trainer
 
 
-def train_in_this_process(argv: list[str], env: dict[str, str]) -> int:
-    """compare's `python -m imdb_lora train ...` without the ~10 s start of a fresh Python with torch."""
-    assert argv[:3] == [sys.executable, "-m", "imdb_lora"] and argv[3] == "train"
-    return main(argv[3:])
+class TrainInThisProcess:
+    """compare's `python -m imdb_lora train ...` child without the ~10 s start of a fresh Python with
+    torch: a stand-in for subprocess.Popen that runs the command in this process when waited on."""
+
+    started: list[list[str]] = []  # the train arguments of every child, in order
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        assert argv[:3] == [sys.executable, "-m", "imdb_lora"] and argv[3] == "train"
+        self.argv = argv[3:]
+        self.started.append(argv[4:])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def wait(self) -> int:
+        return main(self.argv)
+
+
+@pytest.fixture
+def train_in_this_process(monkeypatch) -> list[list[str]]:
+    monkeypatch.setattr(TrainInThisProcess, "started", [])
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=TrainInThisProcess))
+    return TrainInThisProcess.started
 
 
 def compare_flags(tiny_models, imdb_dir, *extra: str) -> list[str]:
@@ -26,9 +53,9 @@ def compare_flags(tiny_models, imdb_dir, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("process", ["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
-def test_compare_writes_both_rows(process, tiny_models, imdb_dir, tmp_path, capsys, monkeypatch):
+def test_compare_writes_both_rows(process, tiny_models, imdb_dir, tmp_path, capsys, request):
     if process == "in-process":
-        monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(call=train_in_this_process))
+        request.getfixturevalue("train_in_this_process")
     flags = compare_flags(tiny_models, imdb_dir)
     code = main(["compare", "--output-dir", str(tmp_path / "cmp"), "--full-lr", "1e-4", *flags])
     assert code == 0, capsys.readouterr().err
@@ -55,15 +82,9 @@ class Crash(Exception):
 
 
 def test_compare_resume_keeps_the_finished_run_and_continues_the_interrupted_one(
-    tiny_models, imdb_dir, tmp_path, capsys, monkeypatch
+    tiny_models, imdb_dir, tmp_path, capsys, monkeypatch, train_in_this_process
 ):
-    trained = []  # the train command lines compare ran
-
-    def train_and_record(argv, env):
-        trained.append(argv[4:])
-        return train_in_this_process(argv, env)
-
-    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(call=train_and_record))
+    trained = train_in_this_process  # the train arguments of each child compare started
     out = tmp_path / "cmp"
     compare = [
         "compare",
@@ -112,7 +133,7 @@ def test_compare_resume_keeps_the_finished_run_and_continues_the_interrupted_one
 def test_compare_checks_both_runs_and_its_flags_before_training(
     tiny_models, imdb_dir, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(call=pytest.fail))
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=pytest.fail))
     out = tmp_path / "cmp"
     (out / "full").mkdir(parents=True)
     (out / "full" / "notes.txt").write_text("not a run")
@@ -138,3 +159,73 @@ def test_the_table_names_each_device_when_the_runs_differ():
     assert "Devices: lora on cpu (fp32), full on cuda:0 (bf16); same data" in comparison_markdown(
         [lora, full]
     )
+
+
+def test_ctrl_c_lets_the_run_tidy_up_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    waits = []
+
+    class InterruptedChild:
+        def __init__(self, argv, env):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def wait(self) -> int:
+            waits.append(1)
+            if len(waits) == 1:
+                raise KeyboardInterrupt  # Ctrl-C while the child trains
+            return 130  # the child got it too and has left its run resumable
+
+        def kill(self) -> None:
+            pytest.fail("compare killed a run that was still tidying up after Ctrl-C")
+
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=InterruptedChild))
+    assert main(["compare", "--output-dir", str(tmp_path / "cmp"), "--epochs", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the lora run stopped; the same compare command with --resume continues it" in err
+    assert len(waits) == 2
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_then_resume(tiny_models, imdb_dir, tmp_path, train_in_this_process):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during the LoRA run of a real
+    two-process compare leaves that run resumable; compare --resume then finishes both."""
+    data = write_imdb(tmp_path / "imdb48", per_class=48, seed=1)  # 18 steps an epoch at batch 4
+    out = tmp_path / "cmp"
+    flags = compare_flags(tiny_models, data, "--batch-size", "4", "--checkpoint-every", "2", "--epochs", "2")
+    compare = ["compare", "--output-dir", str(out), *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "compare.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imdb_lora", *compare], env=env, stdout=f, stderr=f, start_new_session=True
+        )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "lora" / "checkpoint.safetensors").is_file():
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the LoRA run ended before Ctrl-C: {log.read_text()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert "the lora run stopped; the same compare command with --resume continues it" in text
+    assert json.loads((out / "lora" / "run.json").read_text())["status"] != "finished"
+    assert RunDir(out / "lora").is_resumable() and not (out / "full").exists()
+
+    assert main([*compare, "--resume"]) == 0
+    lora, full = train_in_this_process
+    assert lora[:2] == ["--method", "lora"] and lora[-1] == "--resume"
+    assert full[:2] == ["--method", "full"] and "--resume" not in full
+    assert {json.loads((out / m / "run.json").read_text())["status"] for m in ("lora", "full")} == {
+        "finished"
+    }

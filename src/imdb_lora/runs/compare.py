@@ -95,7 +95,16 @@ def train_method(method: str, run: Path, train_args: list[str], lr: float | None
         args += ["--lr", str(lr)]
     args += {"fresh": [], "overwrite": ["--overwrite"], "resume": ["--resume"]}[plan]
     print(f"== {method}: imdb-lora {' '.join(args)}", flush=True)
-    code = subprocess.call([sys.executable, "-m", "imdb_lora", *args], env=os.environ.copy())
+    with subprocess.Popen([sys.executable, "-m", "imdb_lora", *args], env=os.environ.copy()) as proc:
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the child too, and it is leaving its run resumable (or removing a run with
+            # nothing to resume); killing it now, as subprocess.call would, could cut that short.
+            proc.wait()
+            raise KeyboardInterrupt(
+                f"the {method} run stopped; the same compare command with --resume continues it"
+            ) from None
     if code != 0:
         raise UserError(f"the {method} run failed (exit code {code}); see its output above")
 
