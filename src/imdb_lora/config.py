@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,6 +173,7 @@ class Config:
             (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
             (t.method in ("lora", "full"), "--method", "must be lora or full"),
             (t.epochs >= 1, "--epochs", "must be >= 1"),
+            (0 <= t.seed < 2**32, "--seed", "must be in [0, 2**32)"),  # numpy's and CUDA's seed range
             (
                 t.batching in ("auto", "padded", "packed", "flat"),
                 "--batching",
@@ -232,20 +234,34 @@ class Config:
         return cfg
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Config:
+    def load(cls, path: str | os.PathLike, flag: str | None = "--config") -> Config:
+        """A YAML config; errors start with `flag` (None: a file the user did not name, e.g. a run's)."""
         p = Path(path)
+        at = f"{flag}: " if flag else ""
         if not p.is_file():
-            raise UserError(f"--config: no such file: {p}")
+            raise UserError(f"{at}no such file: {p}")
         try:
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:  # one line: where, and PyYAML's short reason
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             reason = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UserError(f"--config: {p} is not valid YAML{where} ({reason})") from None
+            raise UserError(f"{at}{p} is not valid YAML{where} ({reason})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{at}{p} is unreadable ({type(e).__name__})") from None
         if raw is not None and not isinstance(raw, dict):
-            raise UserError(f"--config: {p} must hold a mapping of sections")
+            raise UserError(f"{at}{p} must hold a mapping of sections")
         return cls.from_dict(raw or {}, source=str(p))
+
+    @classmethod
+    def load_saved(cls, path: str | os.PathLike) -> Config:
+        """The config.yaml of a run or an export, held to the same checks as the flags that made it: a
+        hand-edited or foreign file fails here in one line, not later as a traceback mid-request."""
+        cfg = cls.load(path, flag=None)
+        try:
+            return cfg.validate()
+        except UserError as e:
+            raise UserError(f"{path}: a saved setting is invalid: {e}") from None
 
 
 def _absolute_if_local(path: str | None) -> str | None:
@@ -337,6 +353,9 @@ def coerce(value: Any, owner: type, f: dataclasses.Field, where: str) -> Any:
         if typing.get_origin(tp) is list:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
+                # also keeps YAML aliases of nested lists (a few bytes that expand to gigabytes) out
+                raise ValueError(value)
             return [str(v) for v in value]
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
@@ -347,4 +366,4 @@ def coerce(value: Any, owner: type, f: dataclasses.Field, where: str) -> Any:
         return str(value)
     except (TypeError, ValueError):
         name = getattr(tp, "__name__", str(tp))
-        raise UserError(f"{where}: expected {name}, got {value!r}") from None
+        raise UserError(f"{where}: expected {name}, got {reprlib.repr(value)}") from None  # bounded length

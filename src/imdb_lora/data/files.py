@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UserError
@@ -45,6 +46,22 @@ def csv_rows(content: str, p: Path, flag: str) -> tuple[list[str], list[dict]]:
         raise UserError(f"{flag}: {p} line {reader.line_num} is not valid CSV ({e})") from None
 
 
+def jsonl_objects(content: str, p: Path, flag: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank JSONL line; a line that is not a JSON object is an error."""
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{flag}: {p} line {n} is not JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer past Python's digit limit, or nesting
+            raise UserError(f"{flag}: {p} line {n} is not usable JSON ({type(e).__name__})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{flag}: {p} line {n} is not a JSON object")
+        yield n, obj
+
+
 def load_labeled_file(
     path: str | os.PathLike,
     flag: str = "--train-file",
@@ -53,17 +70,8 @@ def load_labeled_file(
 ) -> LabeledTexts:
     """CSV, TSV or JSONL with a text and a label column; labels 0/1, negative/positive or neg/pos."""
     p, content = read_utf8(path, flag)
-    rows: list[dict] = []
     if p.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(content.splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{flag}: {p} line {n} is not JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{flag}: {p} line {n} is not a JSON object")
-                rows.append(obj)
+        rows: list[dict] = [obj for _, obj in jsonl_objects(content, p, flag)]
     else:
         rows = csv_rows(content, p, flag)[1]
     if not rows:
@@ -98,15 +106,10 @@ def read_texts(file: str | None, stdin_text: str | None) -> list[str]:
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
         texts = []
-        for n, line in enumerate(content.splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"--file: {p} line {n} is not JSON") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise UserError(f"--file: {p} line {n} has no 'text' string")
-                texts.append(obj["text"])
+        for n, obj in jsonl_objects(content, p, "--file"):
+            if not isinstance(obj.get("text"), str):
+                raise UserError(f"--file: {p} line {n} has no 'text' string")
+            texts.append(obj["text"])
         return texts
     if suffix in (".csv", ".tsv"):
         header, rows = csv_rows(content, p, "--file")

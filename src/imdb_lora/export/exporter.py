@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import UserError
 from ..inference.classifier import Classifier
 from ..inference.exported import FORMATS, MARKER, ONNX_FILE, QUANTIZATIONS, is_export
+from ..modeling.load import position_limit
 from ..runs.rundir import CALIBRATION, RunDir, require_creatable
 from .onnx import export_onnx
 from .portable import write_portable_config, write_portable_record
@@ -130,6 +131,8 @@ def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -
     if fmt == "onnx":
         marker.update(export_onnx(merged, stage, quantize, clf.config.model.pooling))
         marker["onnx_file"] = ONNX_FILE
+        # the graph's position table is fixed: loading checks config.yaml's max_length against it
+        marker["max_positions"] = position_limit(clf.model.config)
         shutil.rmtree(merged)
     marker.update(
         imdb_lora_version=__version__,

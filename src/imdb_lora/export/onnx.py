@@ -58,7 +58,9 @@ def export_onnx(merged: Path, stage: Path, quantize: str | None, pooling: str = 
 
     # Eager attention traces to the MatMul/Softmax pattern that onnxruntime fuses into one Attention op;
     # the SDPA graph does not fuse (measured: no Attention fusion, and slower).
-    model = AutoModelForSequenceClassification.from_pretrained(merged, attn_implementation="eager").eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        merged, attn_implementation="eager", use_safetensors=True, trust_remote_code=False
+    ).eval()
     set_pooling(model, pooling)
     raw, fused = stage / "raw.onnx", stage / "fused.onnx"
     exporter = _torch_export(LogitsOnly(model), raw)

@@ -17,9 +17,11 @@ from ..modeling.forward import batched_logits
 from ..modeling.load import (
     NUM_LABELS,
     base_fingerprint,
+    check_saved_max_length,
     is_local,
     load_base_model,
     load_tokenizer,
+    position_limit,
     resolve_device,
 )
 from ..modeling.pooling import set_pooling
@@ -124,13 +126,14 @@ class Classifier:
     ) -> Classifier:
         run = RunDir(path)
         info = run.require_finished()
-        cfg = Config.load(run.config_path)
+        cfg = Config.load_saved(run.config_path)
         dev = resolve_device(device)
         if info["method"] == "full":
             model, _ = load_base_model(str(run.weights_dir("full")), NUM_LABELS, False, cfg.train.seed)
             set_pooling(model, cfg.model.pooling)
         else:
             model = load_adapter_model(run, cfg, info, base_model, merge)
+        check_saved_max_length(cfg.data.max_length, position_limit(model.config), run.config_path)
         tokenizer = load_tokenizer(str(run.tokenizer_dir))
         return cls(model.to(dev), tokenizer, dev, cfg, info, max_batch_tokens)
 
@@ -208,5 +211,8 @@ def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_mode
             f"but {base!r} is a different model (fingerprint {fp} != {info.get('base_fingerprint')}); "
             "pass --base-model with the original base"
         )
-    model = PeftModel.from_pretrained(model, str(run.weights_dir("lora")))
+    adapter = run.weights_dir("lora")
+    if not (adapter / "adapter_model.safetensors").is_file():  # PEFT would fall back to a pickled .bin
+        raise UserError(f"{adapter} has no adapter_model.safetensors (only safetensors weights are loaded)")
+    model = PeftModel.from_pretrained(model, str(adapter))
     return model.merge_and_unload() if merge else model

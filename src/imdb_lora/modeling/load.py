@@ -47,6 +47,24 @@ def check_model_source(name: str, random_init: bool, flag: str = "--model") -> N
         )
 
 
+# Passed to every from_pretrained: a model or tokenizer whose config maps to its own Python code
+# (auto_map) is refused, never run, and never asked about (transformers prompts y/N on a terminal if
+# the option is left unset).
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
+
+def _remote_code_error(name: str, e: Exception, flag: str) -> UserError | None:
+    if "trust_remote_code" not in str(e):
+        return None
+    return UserError(
+        f"{flag}: {name} needs Python code of its own to load (auto_map); imdb-lora never runs it"
+    )
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _hub_error(name: str, e: Exception, flag: str = "--model") -> UserError:
     why = "the hub is unreachable and no copy is cached" if hub_options(name) else type(e).__name__
     return UserError(
@@ -94,12 +112,21 @@ def position_limit(config) -> int | None:
     return limit
 
 
+def check_saved_max_length(max_length: int, limit: int | None, config_path: os.PathLike) -> None:
+    """A run's or export's max_length must fit its model (else every long text fails mid-request)."""
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"{config_path}: max_length {max_length} exceeds the {limit} positions its model reads; "
+            "the file was edited or does not belong to this model"
+        )
+
+
 def check_max_length(name: str, max_length: int) -> None:
     """--max-length must fit the model's position embeddings; checked before anything is written."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name, **hub_options(name))
+        config = AutoConfig.from_pretrained(name, **hub_options(name), **NO_REMOTE_CODE)
     except (OSError, ValueError):
         return  # loading the model itself reports the problem, with its own message
     limit = position_limit(config)
@@ -156,11 +183,15 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, use_fast=True, **hub_options(name))
+        tok = AutoTokenizer.from_pretrained(name, use_fast=True, **hub_options(name), **NO_REMOTE_CODE)
     except OSError as e:
         if is_local(name):
             raise UserError(f"no usable tokenizer in {name} ({e})") from None
         raise _hub_error(name, e) from None
+    except ValueError as e:  # custom tokenizer code, an unknown tokenizer class and the like
+        raise _remote_code_error(name, e, "tokenizer") or UserError(
+            f"no usable tokenizer in {name} ({e})"
+        ) from None
     if not tok.is_fast:
         raise UserError(f"{name}: a fast tokenizer (tokenizer.json) is required")
     return tok
@@ -181,7 +212,7 @@ def load_base_model(
     hub = hub_options(name)
     try:
         if random_init:
-            config = AutoConfig.from_pretrained(name, num_labels=num_labels, **hub)
+            config = AutoConfig.from_pretrained(name, num_labels=num_labels, **hub, **NO_REMOTE_CODE)
             return AutoModelForSequenceClassification.from_config(config), []
         # float32 always: transformers 5 otherwise keeps a checkpoint's own dtype (fp16/bf16 copies,
         # as staged for the GPU machine), and training needs fp32 master weights under bf16 autocast.
@@ -192,6 +223,7 @@ def load_base_model(
             output_loading_info=True,
             dtype=torch.float32,
             **hub,
+            **NO_REMOTE_CODE,
             # transformers looks for a PEFT adapter on the hub too, ignoring local_files_only above
             **({"adapter_kwargs": hub} if hub else {}),
         )
@@ -199,8 +231,9 @@ def load_base_model(
         if is_local(name):
             raise UserError(f"{flag}: cannot load {name}: {e}") from None
         raise _hub_error(name, e, flag) from None
-    except ValueError as e:  # unknown model_type and similar
-        raise UserError(f"{flag}: cannot build a classifier from {name}: {e}") from None
+    except ValueError as e:  # unknown model_type, custom code, and similar
+        remote = _remote_code_error(name, e, flag)
+        raise remote or UserError(f"{flag}: cannot build a classifier from {name}: {first_line(e)}") from None
     return model, list(info.get("missing_keys", []))
 
 

@@ -34,18 +34,37 @@ def atomic_write_text(path: Path, text: str) -> None:
 CALIBRATION = "calibration.json"
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object, as a run or export writes it; one UserError naming the file
+    for anything else (unreadable, not JSON, not an object, nested past the parser's recursion limit)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return value
+
+
 def read_calibration(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The calibration record of a run or export folder, or None if it has none (temperature 1)."""
+    """The calibration record of a run or export folder, or None if it has none (temperature 1).
+
+    Training clamps the temperature to [T_MIN, T_MAX]; anything outside was not written by it, and would
+    turn every probability into NaN (T near 0) or 0.5 (T huge)."""
+    from ..calibration import T_MAX, T_MIN  # here: calibration imports torch, this module does not
+
     path = Path(folder).expanduser() / CALIBRATION
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
+        record = read_json_object(path)
         temperature = float(record["temperature"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, OverflowError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} is unreadable; delete it to use uncalibrated probabilities") from None
-    if not 0 < temperature < float("inf"):
-        raise UserError(f"{path} holds an invalid temperature {temperature!r}")
+    if not T_MIN <= temperature <= T_MAX:
+        raise UserError(
+            f"{path} holds temperature {temperature!r}, outside [{T_MIN}, {T_MAX}] where training keeps it"
+        )
     return record
 
 
@@ -120,10 +139,10 @@ class RunDir:
     # ------------------------------------------------------------ status
 
     def read_status(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.status_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        """run.json's content; {} while there is none (a run being set up, or not a run at all)."""
+        if not self.status_path.is_file():
             return {}
+        return read_json_object(self.status_path)
 
     def status(self) -> str | None:
         return self.read_status().get("status")

@@ -1,0 +1,198 @@
+"""Run and export folders that were edited, damaged or crafted: refused in one line (exit 2), never a
+traceback, never a pickle loaded, never a model's own Python code run, never a file outside the export."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import train_args
+
+from imdb_lora.cli import main
+from imdb_lora.config import Config
+from imdb_lora.errors import UserError
+from imdb_lora.inference.exported import MARKER
+
+
+@pytest.fixture(scope="module")
+def merged_export(trained_run, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("hostile") / "merged"
+    assert main(["export", str(trained_run), "--to", str(dest)]) == 0
+    return dest
+
+
+def copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def predict_fails(folder: Path, capsys, *expected: str) -> str:
+    """predict on `folder` exits 2 with one line holding every `expected` piece."""
+    assert main(["predict", str(folder), "great film", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and err.startswith("imdb-lora: error:"), err
+    for piece in expected:
+        assert piece in err
+    return captured.out
+
+
+def edit_yaml(path: Path, section: str, key: str, value) -> None:
+    raw = yaml.safe_load(path.read_text())
+    raw[section][key] = value
+    path.write_text(yaml.safe_dump(raw))
+
+
+# ------------------------------------------------------------ model code, pickles
+
+
+def add_custom_code(model_dir: Path, witness: Path) -> None:
+    """Point the model's config at Python code of its own that, if ever imported, leaves `witness`."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = "evilbert"
+    config["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForSequenceClassification": "evil.EvilModel",
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "evil.py").write_text(f"import pathlib\npathlib.Path({str(witness)!r}).touch()\n")
+
+
+def test_a_model_with_its_own_code_is_refused_without_running_or_asking(
+    merged_export, tiny_models, imdb_dir, tmp_path, capsys
+):
+    witness = tmp_path / "code-ran"
+    export = copy(merged_export, tmp_path)
+    add_custom_code(export / "model", witness)
+    out = predict_fails(export, capsys, "needs Python code of its own", "imdb-lora never runs it")
+    assert "[y/N]" not in out  # transformers asks on a terminal unless told trust_remote_code=False
+
+    model = copy(tiny_models("bert"), tmp_path)
+    add_custom_code(model, witness)
+    assert main(train_args(model, imdb_dir, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "imdb-lora never runs it" in err
+    assert not witness.exists()
+
+
+def test_a_pickled_adapter_is_refused(trained_run, tmp_path, capsys):
+    run = copy(trained_run, tmp_path)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.rename(weights.with_name("adapter_model.bin"))  # PEFT would torch.load a .bin
+    predict_fails(run, capsys, "no adapter_model.safetensors", "only safetensors")
+
+
+# ------------------------------------------------------------ calibration.json
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"temperature": 1e-300}', "outside [0.05, 20.0]"),  # every probability NaN
+        ('{"temperature": 1e300}', "outside [0.05, 20.0]"),  # every probability 0.5
+        ('{"temperature": ' + "9" * 400 + "}", "is unreadable"),  # OverflowError in float()
+        ("[" * 100_000 + "]" * 100_000, "is unreadable"),  # RecursionError in json
+    ],
+)
+def test_calibration_outside_what_training_writes_is_refused(
+    trained_run, tmp_path, capsys, content, expected
+):
+    run = copy(trained_run, tmp_path)
+    (run / "calibration.json").write_text(content)
+    predict_fails(run, capsys, "calibration.json", expected)
+
+
+# ------------------------------------------------------------ run.json, config.yaml
+
+
+@pytest.mark.parametrize("content", ["[1]", '"finished"', "[" * 100_000 + "]" * 100_000])
+def test_run_json_that_is_not_an_object_is_refused(trained_run, tmp_path, capsys, content):
+    run = copy(trained_run, tmp_path)
+    (run / "run.json").write_text(content)
+    predict_fails(run, capsys, "run.json")
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("data", "max_length", 1_000_000_000, "--max-length must be between 8 and 8192"),
+        ("data", "max_length", -5, "--max-length must be between 8 and 8192"),
+        ("data", "max_length", 4096, "exceeds the"),  # valid as a setting, past the model's positions
+        ("data", "truncation", "bogus", "--truncation must be head or head_tail"),
+        ("model", "pooling", "evil", "--pooling must be cls or mean"),
+        ("train", "seed", 10**26, "--seed must be in [0, 2**32)"),
+    ],
+)
+def test_saved_settings_are_checked_like_flags(trained_run, tmp_path, capsys, section, key, value, expected):
+    run = copy(trained_run, tmp_path)
+    edit_yaml(run / "config.yaml", section, key, value)
+    predict_fails(run, capsys, "config.yaml", expected)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    # 8 levels of 9 aliases: ~43 million strings if expanded (minutes and gigabytes before the check)
+    items = ["&a0 [x,x,x,x,x,x,x,x,x]"] + [
+        f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)
+    ]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("lora:\n  target_modules: [" + ", ".join(items) + "]\n")
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="lora.target_modules: expected list"):
+        Config.load(path)
+    assert time.perf_counter() - start < 2
+
+
+# ------------------------------------------------------------ export folders
+
+
+def edit_marker(export: Path, **changes) -> None:
+    marker = json.loads((export / MARKER).read_text())
+    marker.update(changes)
+    (export / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize(
+    "onnx_file",
+    [5, "/elsewhere/model.onnx", "../../model.onnx", "..", ""],
+    ids=["int", "abs", "up", "dots", "empty"],
+)
+def test_the_marker_names_only_a_file_inside_the_export(merged_export, tmp_path, capsys, onnx_file):
+    export = copy(merged_export, tmp_path)
+    edit_marker(export, format="onnx", onnx_file=onnx_file)
+    predict_fails(export, capsys, "invalid onnx_file")
+
+
+def test_an_export_marker_that_is_not_an_object_is_refused(merged_export, tmp_path, capsys):
+    export = copy(merged_export, tmp_path)
+    (export / MARKER).write_text("[]")
+    predict_fails(export, capsys, f"unreadable {MARKER}")
+
+
+def test_an_export_with_a_damaged_run_json_is_refused(merged_export, tmp_path, capsys):
+    export = copy(merged_export, tmp_path)
+    (export / "run.json").write_text("{bad")
+    predict_fails(export, capsys, "run.json is unreadable (JSONDecodeError)")
+
+
+def test_an_export_missing_its_model_or_its_calibration_is_incomplete(merged_export, tmp_path, capsys):
+    export = copy(merged_export, tmp_path)
+    shutil.rmtree(export / "model")
+    predict_fails(export, capsys, "incomplete export (no model)")  # not "could not load it from the hub"
+
+    calibrated = copy(merged_export, tmp_path / "calibrated")
+    edit_marker(calibrated, temperature=0.5)
+    (calibrated / "calibration.json").unlink(missing_ok=True)
+    predict_fails(calibrated, capsys, "incomplete export (no calibration.json)")  # not silently uncalibrated
+
+
+# ------------------------------------------------------------ labeled and text files
+
+
+def test_jsonl_nested_past_the_parser_limit_is_one_line(trained_run, tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "fine", "label": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["predict", str(trained_run), "--file", str(deep), "--device", "cpu"]) == 2
+    assert "deep.jsonl line 2 is not usable JSON (RecursionError)" in capsys.readouterr().err
+    assert main(["evaluate", str(trained_run), "--file", str(deep), "--device", "cpu"]) == 2
+    assert "deep.jsonl line 2 is not usable JSON (RecursionError)" in capsys.readouterr().err
