@@ -62,7 +62,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.config:  # under --resume too, so a YAML that changed since the run started is caught
         base = Config.load(ns.config)
     elif ns.resume and saved.is_file():  # flags alone: the run's own settings, changed only where given
-        base = Config.load(saved)
+        base = Config.load(saved, flag="--resume")
     else:
         base = Config()
     cfg = config_from_args(ns, base).validate()

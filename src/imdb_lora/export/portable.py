@@ -20,7 +20,7 @@ def portable_name(value: str | None) -> str | None:
 
 
 def write_portable_config(src: Path, dest: Path) -> None:
-    cfg = Config.load(src)
+    cfg = Config.load(src, flag=None)
     cfg.model.name = portable_name(cfg.model.name)
     d = cfg.data
     # IMDB is IMDB on any machine: an export evaluates on the user's own copy ($IMDB_LORA_DATA, else

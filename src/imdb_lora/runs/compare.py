@@ -76,7 +76,7 @@ def plan_method(run: Path, overwrite: bool, resume: bool, expected: Config | Non
             hint = ""
         raise UserError(f"--output-dir: {run} exists and is not empty; pass --overwrite to replace it{hint}")
     if rundir.status() == "finished":
-        diff = differing_fields(Config.load(rundir.config_path), expected) if expected else []
+        diff = differing_fields(Config.load(rundir.config_path, flag=None), expected) if expected else []
         if diff:
             raise UserError(
                 f"--resume: {run} finished with other settings ({', '.join(diff)}); "

@@ -108,7 +108,7 @@ class Trainer:
                 raise UserError(f"--resume: {run.path} holds no resumable run (no {CHECKPOINT})")
             if run.status() == "finished":
                 raise UserError(f"--resume: {run.path} is already finished; see {run.path / 'results.md'}")
-            saved = Config.load(run.config_path)
+            saved = Config.load(run.config_path, flag=None)
             diff = differing_fields(saved, self.cfg)
             if diff:
                 raise UserError(
