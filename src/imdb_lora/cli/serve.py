@@ -15,15 +15,23 @@ SERVE_LIMITS = [
     ("--max-body-bytes", int, "max_body_bytes", "request body bytes"),
     ("--max-batch", int, "max_batch", "texts per model call across requests"),
     ("--max-wait-ms", float, "max_wait_ms", "ms to wait for more requests to batch"),
+    ("--body-timeout", float, "body_timeout", "seconds to receive a whole request body, then 408"),
+    ("--max-connections", int, "max_connections", "open connections, idle ones included; beyond: 503"),
 ]
 
 
 def add_serve_parser(sub) -> None:
     d = ServeSettings()
-    p = sub.add_parser("serve", help="HTTP service with request batching, a web page and API docs")
+    p = sub.add_parser("serve", help="HTTP service with request batching, a web page and an OpenAPI schema")
     p.add_argument("model", help="run directory or export folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
+    p.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        help="Host header names to answer, comma separated, any port ('*': any) [default: on loopback "
+        "localhost,127.0.0.1,[::1] (against DNS rebinding), else any]",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
     for flag, kind, field, what in SERVE_LIMITS:
@@ -70,6 +78,8 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
         max_queue=ns.max_queue,
         request_timeout=ns.request_timeout,
         shutdown_timeout=ns.shutdown_timeout,
+        body_timeout=ns.body_timeout,
+        max_connections=ns.max_connections,
     ).validate()
 
 
@@ -77,15 +87,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns)
     if not 0 <= ns.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (got {ns.port})")
+    from ..serving.server import allowed_hosts, is_loopback, serve
+
+    hosts = allowed_hosts(ns.host, ns.allowed_hosts)  # a flag mistake fails before the model loads
     require_directories(ns.model)
     from ..inference.classifier import Classifier
     from ..serving.app import create_app
-    from ..serving.server import is_loopback, serve
 
     clf = Classifier.load(
         ns.model, device=ns.device, base_model=ns.base_model, max_batch_tokens=ns.max_batch_tokens
     )
     if not is_loopback(ns.host):
         print(f"warning: --host {ns.host} makes the service reachable from other machines", flush=True)
-    serve(create_app(clf, settings), ns.host, ns.port, ns.log_level)
+    serve(create_app(clf, settings, hosts), ns.host, ns.port, ns.log_level)
     return 0

@@ -3,9 +3,10 @@
     POST /predict  {"texts": [...]} -> per text: label, label_id, confidence, probabilities
     GET  /health   liveness
     GET  /info     base model, method, format, metrics from the run, limits
-    GET  /         a small page to try the model; /docs and /openapi.json describe the API
+    GET  /         a small page to try the model; /openapi.json describes the API (no CDN-loaded /docs)
 
-Every input is bounded (body bytes, texts per request, characters per text), and errors are JSON
+Every input is bounded (body bytes and the time to send them, texts per request, characters per text,
+connections), a loopback service answers only loopback Host names, and errors are JSON
 `{"error", "message", "details"}` that never carry tracebacks, paths or the submitted text back.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time,

@@ -4,10 +4,14 @@
     GET  /health   liveness: 200 {"status": "ok"}, or 503 {"status": "draining"} while shutting down
     GET  /info     base model, method, format, metrics from the run, limits
     GET  /metrics  Prometheus text format: requests, latency, model calls, queue depth, shed requests
-    GET  /         a small page to try the model; /docs and /openapi.json describe the API
+    GET  /         a small page to try the model; /openapi.json describes the API (no /docs or /redoc:
+                   FastAPI's pages load scripts from a CDN, blank offline and foreign code on this origin)
 
-Every input is bounded (body bytes, texts per request, characters per text), and errors are JSON
-`{"error", "message", "details"}` that never carry tracebacks, paths or the submitted text back.
+Every input is bounded (body bytes, the time to send the body, texts per request, characters per text,
+fields in the body), and errors are JSON `{"error", "message", "details"}` that never carry tracebacks,
+paths or the submitted text back (at most MAX_DETAILS details; field names cut to MAX_FIELD_CHARS).
+Connections are capped by the server (server.py), and a loopback service answers only loopback Host
+names (HostCheck: a web page cannot reach it by DNS rebinding).
 
 Under load the service sheds rather than queues without end: texts waiting for the model are bounded
 (max_queue), and beyond that /predict answers 503 at once with Retry-After; an admitted request waits at
@@ -23,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import cache
 from importlib import resources
@@ -45,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imdb_lora.serve")
 
+MAX_DETAILS = 10  # validation errors listed in one response; the rest are only counted
+MAX_FIELD_CHARS = 64  # a client's field name is cut to this in errors (never echoed whole)
+MAX_UNKNOWN_FIELDS = 4  # unknown body fields named one by one; a body with more is refused as a whole
+
 
 @dataclass
 class ServeSettings:
@@ -57,6 +65,8 @@ class ServeSettings:
     max_queue: int = 256  # texts admitted and waiting for a model call; beyond it: 503 + Retry-After
     request_timeout: float = 30.0  # seconds an admitted request may wait for its answer; then 504
     shutdown_timeout: float = 30.0  # seconds SIGTERM waits for admitted requests before exiting anyway
+    body_timeout: float = 10.0  # seconds to receive a whole request body (a slow sender holds a slot); 408
+    max_connections: int = 1000  # open connections, idle ones included (uvicorn's limit_concurrency); 503
 
     def validate(self) -> "ServeSettings":
         for name, value in asdict(self).items():
@@ -93,7 +103,7 @@ def _has_content(text: str) -> str:
 
 def request_model(settings: ServeSettings):
     """The /predict body, with this server's limits in its schema (and so in the OpenAPI docs)."""
-    from pydantic import AfterValidator, ConfigDict, Field, create_model
+    from pydantic import AfterValidator, ConfigDict, Field, create_model, model_validator
 
     text = Annotated[str, Field(min_length=1, max_length=settings.max_chars), AfterValidator(_has_content)]
     texts = Annotated[
@@ -107,8 +117,23 @@ def request_model(settings: ServeSettings):
     ]
     # strict: a number is not a text; forbid: a misspelt field is an error, not silently ignored
     return create_model(
-        "PredictRequest", __config__=ConfigDict(strict=True, extra="forbid"), texts=(texts, ...)
+        "PredictRequest",
+        __config__=ConfigDict(strict=True, extra="forbid"),
+        __validators__={"few_fields": model_validator(mode="before")(_few_fields)},
+        texts=(texts, ...),
     )
+
+
+def _few_fields(data: Any) -> Any:
+    """Refuse a body with many fields in one error, before pydantic builds one error per unknown field
+    (180,000 keys in 1.7 MB took seconds of the event loop and a 12 MB answer)."""
+    from pydantic_core import PydanticCustomError
+
+    if isinstance(data, dict) and len(data) > 1 + MAX_UNKNOWN_FIELDS:
+        raise PydanticCustomError(
+            "too_many_fields", "the body has {n} fields; it takes only texts", {"n": len(data)}
+        )
+    return data
 
 
 @cache
@@ -147,6 +172,13 @@ def error_json(status: int, error: str, message: str, details: list[dict] | None
     return JSONResponse({"error": error, "message": message, "details": details or []}, status_code=status)
 
 
+def closing(response: "JSONResponse") -> "JSONResponse":
+    """The response with Connection: close, for answers sent before the request body was read: the
+    connection ends with it instead of waiting for (or reading) the rest of a body nobody wants."""
+    response.headers["Connection"] = "close"
+    return response
+
+
 def prediction_out(p: "Prediction") -> dict[str, Any]:
     """Prediction.to_dict (the numbers `predict --json` prints) without echoing the text back."""
     d = p.to_dict()
@@ -154,16 +186,18 @@ def prediction_out(p: "Prediction") -> dict[str, Any]:
     return d
 
 
-# ---------------------------------------------------------------- body size limit
+# ---------------------------------------------------------------- body limits, Host check
 
 
 class BodyLimit:
     """Reject bodies over `max_bytes` with 413 before they are parsed, whether or not Content-Length is
-    sent (chunked bodies are counted as they arrive, and buffering stops at the limit)."""
+    sent (chunked bodies are counted as they arrive, and buffering stops at the limit); and bodies not
+    received whole within `timeout` seconds with 408, so a slow sender cannot hold a connection for ever."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -171,20 +205,69 @@ class BodyLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._too_large(scope, receive, send)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except _TooLarge:
+            return await self._too_large(scope, receive, send)
+        except asyncio.TimeoutError:
+            message = f"the request body did not arrive within {self.timeout:g} s"
+            return await closing(error_json(408, "request_timeout", message))(scope, receive, send)
+        if body is None:  # the client left before sending it all: nobody to answer (/metrics: 499)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive) -> bytes | None:
         body, more = b"", True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                return await self._too_large(scope, receive, send)
-        await self.app(scope, _replay(body, receive), send)
+                raise _TooLarge
+        return body
 
     async def _too_large(self, scope, receive, send) -> None:
         response = error_json(413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes")
-        await response(scope, receive, send)
+        await closing(response)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class HostCheck:
+    """Answer only requests whose Host header names one of `allowed` (any port), else 400. A service on
+    loopback allows only loopback names: a web page that rebinds its own DNS name to 127.0.0.1 sends
+    its name as Host, so the browser cannot be used to read this service (DNS rebinding)."""
+
+    def __init__(self, app, allowed: Sequence[str]):
+        self.app = app
+        self.allowed = frozenset(name.lower() for name in allowed)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (
+            scope["type"] == "http"
+            and host_name(dict(scope["headers"]).get(b"host", b"")) not in self.allowed
+        ):
+            response = error_json(400, "invalid_host", "this service does not answer for that Host header")
+            return await closing(response)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def host_name(header: bytes) -> str | None:
+    """The host of a Host header without its port, lowercase, IPv6 in brackets; None if malformed."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        end = host.find("]") + 1
+        name, rest = host[:end], host[end:]
+    else:
+        name, colon, port = host.partition(":")
+        rest = colon + port
+    if not name or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+        return None
+    return name
 
 
 def _replay(body: bytes, receive):
@@ -235,7 +318,10 @@ def page_html() -> str:
     return resources.files("imdb_lora.serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(clf: "Classifier", settings: ServeSettings | None = None) -> "FastAPI":
+def create_app(
+    clf: "Classifier", settings: ServeSettings | None = None, allowed_hosts: Sequence[str] | None = None
+) -> "FastAPI":
+    """The service; `allowed_hosts`: the Host names it answers (None: any; see server.allowed_hosts)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse
     from starlette.responses import JSONResponse, Response
@@ -263,15 +349,19 @@ def create_app(clf: "Classifier", settings: ServeSettings | None = None) -> "Fas
         description="Sentiment (NEGATIVE/POSITIVE) of English movie reviews. Requests arriving together are "
         "batched; under overload the service answers 503 with Retry-After rather than queueing without end.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's /docs and /redoc pull scripts and styles from a CDN; /openapi.json stays
+        redoc_url=None,
     )
     app.state.batcher, app.state.service, app.state.metrics = batcher, service, metrics
     app.state.settings = settings
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    if allowed_hosts is not None:  # outside the body limit: a foreign Host's body is never read
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees the 413s too
     _add_error_handlers(app)
     PredictRequest = request_model(settings)
     models = response_models()
-    errors = {code: {"model": models["error"]} for code in (413, 422, 500, 503, 504)}
+    errors = {code: {"model": models["error"]} for code in (408, 413, 422, 500, 503, 504)}
 
     @app.post("/predict", response_model=models["predict"], responses=errors)
     async def predict(body: PredictRequest, request: Request):  # type: ignore[valid-type]
@@ -398,12 +488,14 @@ def _add_error_handlers(app: "FastAPI") -> None:
             return error_json(
                 415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)"
             )
-        details = [_detail(e) for e in exc.errors()]
-        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
             return error_json(422, "invalid_json", "the request body is not valid JSON")
-        return error_json(
-            422, "invalid_request", details[0]["message"] if details else "invalid request", details
-        )
+        details = [_detail(e) for e in errors[:MAX_DETAILS]]
+        message = details[0]["message"] if details else "invalid request"
+        if len(errors) > len(details):
+            message += f" (and {len(errors) - len(details)} more errors)"
+        return error_json(422, "invalid_request", message, details)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
@@ -425,7 +517,18 @@ def _is_json(content_type: str) -> bool:
 
 
 def _detail(e: dict[str, Any]) -> dict[str, str]:
-    """A validation error as field + message; pydantic's `input` (the client's own data) is left out."""
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-    where = "".join(f"[{p}]" if p.isdigit() else (f".{p}" if i else p) for i, p in enumerate(loc))
+    """A validation error as field + message; pydantic's `input` (the client's own data) is left out, and
+    a field name (the client's own key) is cut to MAX_FIELD_CHARS. List indices are ints in pydantic's
+    `loc`; a key "0" is a str and stays a field name."""
+    loc = list(e.get("loc", ()))
+    if loc[:1] == ["body"]:
+        loc = loc[1:]
+    where = "".join(
+        f"[{p}]" if isinstance(p, int) else (f".{_cut(p)}" if i else _cut(p)) for i, p in enumerate(loc)
+    )
     return {"field": where or "body", "message": f"{where or 'body'}: {e.get('msg', 'invalid')}"}
+
+
+def _cut(name: Any) -> str:
+    name = str(name)
+    return name if len(name) <= MAX_FIELD_CHARS else name[:MAX_FIELD_CHARS] + "..."

@@ -27,7 +27,7 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "imdb_lora_http_requests", "HTTP requests answered, by endpoint and status code",
+            "imdb_lora_http_requests", "HTTP requests by endpoint and status code (499: client left unanswered)",
             ["endpoint", "status"], registry=r,
         )  # fmt: skip
         self.latency = Histogram(
@@ -71,7 +71,9 @@ class ServiceMetrics:
 
 class RequestMetrics:
     """ASGI middleware: every HTTP response counted by endpoint and status, and timed. Outside the body
-    limit, so 413s count too; an exception that escapes is counted as the 500 the server will send."""
+    limit, so 413s count too; an exception that escapes is counted as the 500 the server will send, and
+    a request that ends with no response (its client left, e.g. an aborted upload) as 499, never 500:
+    a client must not be able to raise the 5xx rate that alerts watch."""
 
     def __init__(self, app, metrics: ServiceMetrics):
         self.app = app
@@ -82,7 +84,7 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else "other"
-        status = "500"
+        status: str | None = None
         t0 = time.perf_counter()
 
         async def send_status(message) -> None:
@@ -93,6 +95,9 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.requests.labels(endpoint, status).inc()
+        except Exception:
+            status = status or "500"  # what the server answers for it
+            raise
+        finally:  # no response and no exception: the client left first
+            self.metrics.requests.labels(endpoint, status or "499").inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)

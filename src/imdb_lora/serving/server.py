@@ -1,7 +1,18 @@
-"""Running the app: a bound socket (clear errors), uvicorn, and a background server for tests and benches."""
+"""Running the app: a bound socket (clear errors), uvicorn, and a background server for tests and benches.
+
+Connections are bounded here: at most `max_connections` open (uvicorn's limit_concurrency, which counts
+every open connection, idle keep-alive ones and half-sent requests included, and answers a request
+beyond it with a plain-text 503 and Connection: close), and the process's soft file-descriptor limit is
+raised to its hard limit, so that the cap, not "Too many open files", is what a flood of connections
+meets. uvicorn (h11) has no timeout for a request's headers, and none can be set through its API: a
+connection that never completes its headers holds its slot until the client closes it, so an exposed
+deployment belongs behind a reverse proxy with header timeouts (README, Serving). Bodies are timed by
+the app (BodyLimit).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -45,16 +56,66 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def allowed_hosts(bind_host: str, listed: str | None) -> list[str] | None:
+    """The Host names the service answers (any port), None for any: `listed` (--allowed-hosts, comma
+    separated, "*" for any) if given; else the loopback names when bound to loopback, against DNS
+    rebinding (a page whose name points at 127.0.0.1 sends that name as Host); else any."""
+    if listed is not None:
+        names = [_bracketed(n.strip().lower()) for n in listed.split(",")]
+        if not all(names) or any(c.isspace() or c in "/@?#" for n in names for c in n):
+            raise UserError(f"--allowed-hosts must be host names separated by commas (got {listed!r})")
+        return None if "*" in names else names
+    if not is_loopback(bind_host):
+        return None
+    return list(dict.fromkeys([*LOOPBACK_NAMES, _bracketed(bind_host.lower())]))
+
+
+def _bracketed(name: str) -> str:
+    """An IPv6 address as a Host header writes it: [::1]."""
+    return f"[{name}]" if ":" in name and not name.startswith("[") else name
+
+
+def raise_fd_limit() -> int | None:
+    """Raise the soft limit on open files to the hard one (each connection is a file descriptor); the
+    soft limit after it, or None where there is no such limit. Not permitted: left as it was."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Run the app until SIGTERM or Ctrl-C, then drain (see draining_server) and return."""
     import uvicorn
 
+    settings = app.state.settings
+    fd_limit = raise_fd_limit()
+    if fd_limit is not None and fd_limit < settings.max_connections + 64:  # 64: the model, logs, ...
+        print(
+            f"warning: at most {fd_limit} open files allowed (ulimit -n), fewer than --max-connections "
+            f"{settings.max_connections} needs; lower --max-connections or raise the limit",
+            flush=True,
+        )
     sock = bind(host, port)
     url_host = f"[{host}]" if ":" in host else host
-    print(f"serving on http://{url_host}:{sock.getsockname()[1]}  (page: /, API docs: /docs)", flush=True)
-    # after the drain only idle keep-alive connections are left, so uvicorn's own wait can be short
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
-    draining_server(config, app.state.service, app.state.settings.shutdown_timeout).run(sockets=[sock])
+    print(f"serving on http://{url_host}:{sock.getsockname()[1]}  (page: /, API: /openapi.json)", flush=True)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        # after the drain only idle keep-alive connections are left, so uvicorn's own wait can be short
+        timeout_graceful_shutdown=2,
+        limit_concurrency=settings.max_connections,
+    )
+    draining_server(config, app.state.service, settings.shutdown_timeout).run(sockets=[sock])
 
 
 def draining_server(config, service, timeout: float):
@@ -93,14 +154,16 @@ def draining_server(config, service, timeout: float):
 
 
 class BackgroundServer:
-    """A real uvicorn on a free loopback port in a thread: for tests and `bench serve`."""
+    """A real uvicorn on a free loopback port in a thread: for tests and `bench serve`. No connection cap
+    unless `max_connections` is given: `bench serve` holds one connection per client, as many as asked."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1"):
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", max_connections: int | None = None):
         import uvicorn
 
         self.sock = bind(host, 0)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        config = uvicorn.Config(app, log_level="warning", limit_concurrency=max_connections)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:

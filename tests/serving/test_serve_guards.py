@@ -1,0 +1,232 @@
+"""serve's guards against hostile clients (audit23): slow bodies (408), the connection cap and the file
+descriptor limit, error responses that stay small, aborted uploads in /metrics, and the Host check
+against DNS rebinding. Real uvicorn on loopback where the server's own behaviour is what is tested."""
+
+import json
+import resource
+import socket
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from imdb_lora.cli import build_parser, main
+from imdb_lora.errors import UserError
+from imdb_lora.inference.classifier import Classifier
+from imdb_lora.serving import server as server_module
+from imdb_lora.serving.app import MAX_DETAILS, MAX_FIELD_CHARS, ServeSettings, create_app
+from imdb_lora.serving.server import LOOPBACK_NAMES, BackgroundServer, allowed_hosts
+
+BIG = ServeSettings(max_body_bytes=2_000_000, max_texts=64, max_chars=200, body_timeout=1)
+
+
+@pytest.fixture(scope="module")
+def clf(trained_run):
+    return Classifier.load(str(trained_run), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(clf):
+    with TestClient(create_app(clf, BIG)) as c:
+        yield c
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def wait_until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.02)
+
+
+def requests_by_status(text: str, endpoint: str) -> dict[str, float]:
+    return {
+        s.labels["status"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "imdb_lora_http_requests_total" and s.labels["endpoint"] == endpoint
+    }
+
+
+POST_HEAD = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+
+
+# ---------------------------------------------------------------- M3: slow bodies, connections, fds
+
+
+def test_a_body_trickling_past_its_deadline_gets_408_and_the_connection_closes(clf):
+    with BackgroundServer(create_app(clf, BIG)) as server:
+        sock = connect(server.url)
+        sock.sendall(POST_HEAD + b'{"te')
+        sock.settimeout(0.25)
+        t0, answer = time.monotonic(), b""
+        while not answer and time.monotonic() - t0 < 8:  # one byte every 0.25 s: never idle, never done
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                sock.sendall(b"x")
+        took = time.monotonic() - t0
+        sock.settimeout(5)
+        answer += read_all(sock)  # returns: the server closed the connection
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(body)["error"] == "request_timeout"
+    assert 0.9 < took < 4  # the whole body's deadline (1 s), not an idle timeout
+
+
+def test_connections_beyond_the_cap_get_503_until_they_close(clf):
+    with BackgroundServer(create_app(clf, BIG), max_connections=4) as server:
+        held = [connect(server.url) for _ in range(4)]
+        for s in held:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never finished
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            wait_until(lambda: http.get("/health").status_code == 503)
+            for s in held:
+                s.close()
+            wait_until(lambda: http.get("/health").status_code == 200)
+
+
+def test_serve_caps_connections_and_raises_the_open_files_limit(clf, monkeypatch, capsys):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 2 * 64:
+        pytest.skip("needs a finite hard limit on open files")
+    configs = []
+
+    class Fake:
+        def __init__(self, config, *_):
+            configs.append(config)
+
+        def run(self, sockets):
+            for s in sockets:
+                s.close()
+
+    monkeypatch.setattr(server_module, "draining_server", Fake)
+    app = create_app(clf, ServeSettings(max_connections=hard + 1))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        server_module.serve(app, "127.0.0.1", 0, "warning")
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert raised == hard
+    assert configs[0].limit_concurrency == hard + 1
+    out = capsys.readouterr().out
+    assert "lower --max-connections or raise the limit" in out and "/openapi.json" in out
+
+
+# ---------------------------------------------------------------- M4: small errors, no echoes
+
+
+def test_a_body_with_many_unknown_fields_gets_one_short_422(client):
+    body = {"texts": ["ok"], **{f"{i:x}": 0 for i in range(20_000)}}
+    r = client.post("/predict", json=body)
+    assert r.status_code == 422 and len(r.content) < 500
+    data = r.json()
+    assert data["error"] == "invalid_request" and [d["field"] for d in data["details"]] == ["body"]
+    assert data["message"] == "body: the body has 20001 fields; it takes only texts"
+
+
+def test_a_few_unknown_fields_are_still_named(client):
+    data = client.post("/predict", json={"texts": ["ok"], "a": 1, "b": 2, "c": 3, "d": 4}).json()
+    assert [d["field"] for d in data["details"]] == ["a", "b", "c", "d"]
+
+
+def test_errors_list_at_most_ten_details_and_count_the_rest(client):
+    data = client.post("/predict", json={"texts": list(range(30))}).json()
+    assert [d["field"] for d in data["details"]] == [f"texts[{i}]" for i in range(MAX_DETAILS)]
+    assert data["message"].startswith("texts[0]: ") and data["message"].endswith("(and 20 more errors)")
+
+
+def test_a_long_field_name_is_cut_and_never_echoed_whole(client):
+    name = "k" * 100_000
+    r = client.post("/predict", json={"texts": ["ok"], name: 1})
+    assert r.status_code == 422 and len(r.content) < 500
+    assert r.json()["details"][0]["field"] == "k" * MAX_FIELD_CHARS + "..."
+
+
+def test_a_digit_key_is_a_field_not_a_list_index(client):
+    data = client.post("/predict", json={"texts": ["ok"], "0": 1}).json()
+    assert data["details"][0]["field"] == "0" and data["message"].startswith("0: ")
+
+
+# ---------------------------------------------------------------- L6: aborted uploads in /metrics
+
+
+def test_aborted_uploads_count_as_499_never_500(clf):
+    with BackgroundServer(create_app(clf, BIG)) as server:
+        for _ in range(3):
+            s = connect(server.url)
+            s.sendall(POST_HEAD + b'{"te')
+            s.close()
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            counts: dict[str, float] = {}
+
+            def counted() -> bool:
+                counts.update(requests_by_status(http.get("/metrics").text, "/predict"))
+                return sum(counts.values()) >= 3
+
+            wait_until(counted)
+    assert counts == {"499": 3}
+
+
+# ---------------------------------------------------------------- Host check (DNS rebinding)
+
+
+@pytest.mark.parametrize(
+    "base, status",
+    [
+        ("http://localhost:8000", 200),
+        ("http://127.0.0.1:1234", 200),
+        ("http://[::1]:8000", 200),
+        ("http://LOCALHOST", 200),
+        ("http://rebind.example:8000", 400),
+        ("http://127.0.0.1.rebind.example", 400),
+    ],
+)
+def test_a_loopback_service_answers_only_loopback_host_names(clf, base, status):
+    with TestClient(create_app(clf, BIG, list(LOOPBACK_NAMES)), base_url=base) as c:
+        r = c.get("/info")
+    assert r.status_code == status
+    if status == 400:
+        assert r.json()["error"] == "invalid_host" and "rebind" not in r.text
+
+
+def test_allowed_hosts_follow_the_bind_address_and_the_flag():
+    assert set(allowed_hosts("127.0.0.1", None)) == {"localhost", "127.0.0.1", "[::1]"}
+    assert "[::1]" in allowed_hosts("::1", None) and "127.0.0.2" in allowed_hosts("127.0.0.2", None)
+    assert allowed_hosts("0.0.0.0", None) is None  # exposed on purpose: any Host unless listed
+    assert allowed_hosts("0.0.0.0", "API.example.com, localhost") == ["api.example.com", "localhost"]
+    assert allowed_hosts("127.0.0.1", "*") is None and allowed_hosts("127.0.0.1", "::1") == ["[::1]"]
+    for bad in ("", "a,,b", "http://x.example", "a b"):
+        with pytest.raises(UserError, match="--allowed-hosts"):
+            allowed_hosts("0.0.0.0", bad)
+
+
+def test_serve_cli_wires_the_host_check_and_the_new_limits(trained_run, monkeypatch):
+    ns = build_parser().parse_args(["serve", "run"])
+    assert ns.body_timeout == 10 and ns.max_connections == 1000 and ns.allowed_hosts is None
+    apps = []
+    monkeypatch.setattr(server_module, "serve", lambda app, *a: apps.append(app))
+    base = ["serve", str(trained_run), "--device", "cpu", "--body-timeout", "3", "--max-connections", "50"]
+    assert main(base) == 0
+    assert main([*base, "--host", "0.0.0.0", "--allowed-hosts", "api.example.com"]) == 0
+    assert apps[0].state.settings.body_timeout == 3 and apps[0].state.settings.max_connections == 50
+    for app, ok, refused in zip(apps, ("localhost:8000", "api.example.com"), ("rebind.example", "localhost")):
+        with TestClient(app, base_url=f"http://{ok}") as c:
+            assert c.get("/health").status_code == 200
+        with TestClient(app, base_url=f"http://{refused}") as c:
+            assert c.get("/health").status_code == 400
