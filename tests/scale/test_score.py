@@ -136,8 +136,6 @@ def test_score_refuses_what_it_cannot_do(trained_run, tmp_path, capsys):
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["score", str(tmp_path), "--input", inp, "--output", str(tmp_path / "o")]) == 2  # not a run
     assert (tmp_path / "full" / "x.parquet").read_text() == "earlier output"  # nothing replaced
-    assert main(["score", run, "--input", inp, "--output", str(tmp_path / "full"), "--overwrite"]) == 0
-    assert len(read_output(tmp_path / "full")) == 12
 
 
 def test_local_engine_never_imports_ray(trained_run, tmp_path, capsys):
@@ -181,7 +179,7 @@ def roberta_run(tiny_models, imdb_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_reviews(tmp_path_factory) -> tuple[Path, list[tuple[str, str]]]:
-    """1,000 real IMDB test reviews (stratified) in a JSONL and a Parquet file, plus 3 bad rows."""
+    """1,000 real IMDB test reviews (stratified) in a JSONL and a Parquet file, plus 4 bad rows."""
     from imdb_lora.data.imdb import load_imdb
     from imdb_lora.data.splits import stratified_subset
 
@@ -192,7 +190,9 @@ def real_reviews(tmp_path_factory) -> tuple[Path, list[tuple[str, str]]]:
     rows = [{"review_id": f"r{i:05d}", "text": test.texts[i], "label": test.labels[i]} for i in idx]
     folder = tmp_path_factory.mktemp("reviews")
     with open(folder / "part1.jsonl", "w") as f:
-        for r in rows[:600] + [{"review_id": "bad1", "text": ""}, {"review_id": "bad2", "text": 42}]:
+        bad = [{"review_id": "bad1", "text": ""}, {"review_id": "bad2", "text": 42}]
+        bad += [{"review_id": "bad4", "text": "great " * 20_000}]  # 120,000 characters: over --max-chars
+        for r in rows[:600] + bad:
             f.write(json.dumps(r) + "\n")
     pq.write_table(pa.Table.from_pylist(rows[600:] + [{"review_id": "bad3", "text": None, "label": 0}]),
                    folder / "part2.parquet")  # fmt: skip
@@ -216,15 +216,19 @@ def predicted(roberta_run, real_reviews, tmp_path_factory) -> dict[str, dict]:
 def check_against_predict(out: Path, reviews: list[tuple[str, str]], predicted: dict[str, dict]) -> None:
     rows = read_output(out)
     ids = [r["review_id"] for r in rows]
-    assert ids == [rid for rid, _ in reviews[:600]] + ["bad1", "bad2"] + [rid for rid, _ in reviews[600:]] + [
-        "bad3"
-    ]  # every id kept, in input order
+    assert ids == [rid for rid, _ in reviews[:600]] + ["bad1", "bad2", "bad4"] + [
+        rid for rid, _ in reviews[600:]
+    ] + ["bad3"]  # every id kept, in input order
     by_id = {r["review_id"]: r for r in rows}
-    assert {k: by_id[k]["error"] for k in ("bad1", "bad2", "bad3")} == {
+    assert {k: by_id[k]["error"] for k in ("bad1", "bad2", "bad3", "bad4")} == {
         "bad1": "empty text",
         "bad2": "'text' is a JSON int, not text",
         "bad3": "no 'text' value",
+        "bad4": "text longer than 100,000 characters (120,000; --max-chars)",
     }
+    # The marker beside the parts (never read as one): the job finished, with what the summary said.
+    done = json.loads((out / "_imdb_lora_score.json").read_text())
+    assert (done["status"], done["rows"], done["errors"]) == ("finished", 1004, 4)
     worst = 0.0
     for rid, _ in reviews:
         got, want = by_id[rid], predicted[rid]
@@ -240,7 +244,7 @@ def test_local_engine_matches_predict_on_real_reviews(roberta_run, real_reviews,
     folder, reviews = real_reviews
     args = ["score", str(roberta_run), "--input", str(folder), "--output", str(tmp_path / "out")]
     assert main(args) == 0
-    assert "scored 1,003 rows" in capsys.readouterr().out
+    assert "scored 1,004 rows" in capsys.readouterr().out
     check_against_predict(tmp_path / "out", reviews, predicted)
 
 
@@ -256,5 +260,5 @@ def test_ray_engine_matches_predict_on_real_reviews(roberta_run, real_reviews, p
     finally:
         ray.shutdown()
     out = capsys.readouterr().out
-    assert "scored 1,003 rows" in out and "3 rows with an error" in out
+    assert "scored 1,004 rows" in out and "4 rows with an error" in out
     check_against_predict(tmp_path / "out", reviews, predicted)

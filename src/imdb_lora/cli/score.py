@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..scale.batch import MAX_CHARS
 from .common import add_raw_flag, add_window_flag, non_negative_float, positive_int
 
 
@@ -22,7 +23,14 @@ def add_score_parser(sub) -> None:
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="[default: local]")
     p.add_argument("--text-column", default="text", help="column holding the review [default: text]")
     p.add_argument("--keep-text", action="store_true", help="copy the text column to the output too")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier score output (only a folder holding score's _imdb_lora_score.json marker)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-chars", type=positive_int, default=MAX_CHARS, metavar="N",
+        help=f"a longer text becomes a row with an error, never cut [default: {MAX_CHARS:,}]",
+    )  # fmt: skip
     p.add_argument(
         "--batch-size", type=positive_int, default=256,
         help="rows handed to a worker at a time (Ray Data's batch_size) [default: 256]",
@@ -66,6 +74,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
         keep_text=ns.keep_text,
         window_stride=ns.window_stride,
         raw=ns.raw,
+        max_chars=ns.max_chars,
         overwrite=ns.overwrite,
     )
     prepare(job)

@@ -6,8 +6,9 @@ once per worker, never per batch. Probabilities are Classifier.predict's, so wha
 (a calibration temperature, window averaging) applies here too.
 
 A row that cannot be scored gets a message in `error` and nulls in the prediction columns: a null,
-empty or non-text value, an unreadable JSONL line, or a text the model fails on (the batch is then
-scored row by row, so one bad row costs only itself).
+empty or non-text value, a text longer than max_chars (never cut: a review that long is not one, and
+tokenizing it costs seconds and gigabytes), an unreadable JSONL line, or a text the model fails on (the
+batch is then scored row by row, so one bad row costs only itself).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from .sources import carried_name
 
 ERROR_CHARS = 300  # an error message is a hint, not a copy of the review
+MAX_CHARS = 100_000  # --max-chars default: IMDB's longest review is about 14k characters
 
 
 class ScoreBatch:
@@ -31,6 +33,7 @@ class ScoreBatch:
         window_stride: int | None = None,
         threads: int | None = None,
         raw: bool = False,
+        max_chars: int = MAX_CHARS,
     ):
         if threads:  # a Ray actor's share of the machine: its torch and onnxruntime threads
             import torch
@@ -44,6 +47,7 @@ class ScoreBatch:
         self.batch_size = batch_size
         self.keep_text = keep_text
         self.window_stride = window_stride
+        self.max_chars = max_chars
 
     def __call__(self, table):
         import pyarrow as pa
@@ -53,7 +57,7 @@ class ScoreBatch:
         errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
         for i, t in enumerate(texts):
             if errors[i] is None:
-                errors[i] = text_problem(t, self.text_key)
+                errors[i] = text_problem(t, self.text_key, self.max_chars)
         probs = self._score([i for i in range(n) if errors[i] is None], texts, errors)
         label_ids = [None if p is None else int(p[1] > p[0]) for p in probs]
         drop = {"error"} | (set() if self.keep_text else {self.text_key})
@@ -95,12 +99,14 @@ class ScoreBatch:
         return [[p.negative, p.positive] for p in preds]
 
 
-def text_problem(value: Any, column: str) -> str | None:
+def text_problem(value: Any, column: str, max_chars: int = MAX_CHARS) -> str | None:
     """Why a value cannot be scored as a review, or None if it can."""
     if value is None:
         return f"no {column!r} value"
     if not isinstance(value, str):
         return f"{column!r} is {type(value).__name__}, not text"
+    if len(value) > max_chars:  # before strip(): a huge text is refused without another pass over it
+        return f"text longer than {max_chars:,} characters ({len(value):,}; --max-chars)"
     if not value.strip():
         return "empty text"
     return None

@@ -5,17 +5,21 @@ local  reads each input file in Arrow batches and scores them in this process (p
 ray    the same reading and the same ScoreBatch on a Ray cluster: Ray Data reads the files in tasks,
        scores the batches in an actor pool (one loaded model per actor, reused for every batch it gets)
        and writes Parquet from the workers; `preserve_order` keeps the output files in input order.
-Either way every output row names its source_file and source_row.
+Either way every output row names its source_file and source_row, and the output folder's marker
+(scale/output.py) says "running" until the job has finished.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from .batch import ScoreBatch
+from .batch import MAX_CHARS, ScoreBatch
+from .output import fail_marker, finish_marker, prepare_output
 from .sources import Source, check_columns, filesystem, list_sources, read_batches
 
 
@@ -30,6 +34,7 @@ class ScoreJob:
     keep_text: bool = False
     window_stride: int | None = None
     raw: bool = False  # ignore the run's calibration temperature, as predict --raw
+    max_chars: int = MAX_CHARS  # a longer text is an error row, never cut
     overwrite: bool = False
     sources: list[Source] = field(default_factory=list)
 
@@ -43,6 +48,7 @@ class ScoreJob:
             window_stride=self.window_stride,
             threads=threads,
             raw=self.raw,
+            max_chars=self.max_chars,
         )
 
 
@@ -66,8 +72,8 @@ def prepare(job: ScoreJob) -> None:
     """Check everything that can be checked before any work: model, inputs, their columns, output."""
     check_model(job.model)
     job.sources = list_sources(job.inputs)
-    check_columns(job.sources, job.text_column)
-    prepare_output(job.output, job.overwrite)
+    check_columns(job.sources, job.text_column, job.max_chars)
+    prepare_output(job.output, job.inputs, job.overwrite)
 
 
 def check_model(path: str) -> None:
@@ -91,19 +97,19 @@ def is_onnx(path: str) -> bool:
     return is_export(path) and read_marker(Path(path).expanduser())["format"] == "onnx"
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
-    """An empty output folder: never mixed with an earlier run's parts unless --overwrite says so."""
-    from pyarrow import fs
+@contextmanager
+def recorded(job: ScoreJob) -> Iterator[None]:
+    """The job's end in its output's marker: "failed" with the error if anything escapes."""
+    try:
+        yield
+    except BaseException as e:
+        fail_marker(job.output, e)
+        raise
 
-    fsys, path = filesystem(output)
-    info = fsys.get_file_info(path)
-    if info.type == fs.FileType.File:
-        raise UserError(f"--output {output} is a file; give a folder")
-    if info.type == fs.FileType.Directory and fsys.get_file_info(fs.FileSelector(path)):
-        if not overwrite:
-            raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-        fsys.delete_dir_contents(path)
-    fsys.create_dir(path, recursive=True)
+
+def finished(job: ScoreJob, summary: Summary) -> Summary:
+    finish_marker(job.output, summary.rows, summary.errors, summary.seconds)
+    return summary
 
 
 # ---------------------------------------------------------------- local
@@ -114,19 +120,22 @@ def run_local(job: ScoreJob, device: str = "auto", progress: bool = True) -> Sum
     from tqdm.auto import tqdm
 
     start = time.time()
-    scorer = ScoreBatch(**job.scorer_args(device))
-    fsys, out = filesystem(job.output)
-    bar = tqdm(
-        total=known_rows(job.sources), unit="row", desc="score", disable=not progress, dynamic_ncols=True
-    )
-    for i, src in enumerate(job.sources):
-        parts = PartWriter(fsys, f"{out}/part-{i:05d}", pq)
-        for table in read_batches(src.uri, src.format, job.rows_per_batch, job.text_column):
-            parts.write(scorer(table))
-            bar.update(table.num_rows)
-        parts.close()
-    bar.close()
-    return summarize(job.output, time.time() - start)
+    with recorded(job):
+        scorer = ScoreBatch(**job.scorer_args(device))
+        fsys, out = filesystem(job.output)
+        bar = tqdm(
+            total=known_rows(job.sources), unit="row", desc="score", disable=not progress, dynamic_ncols=True
+        )
+        for i, src in enumerate(job.sources):
+            parts = PartWriter(fsys, f"{out}/part-{i:05d}", pq)
+            for table in read_batches(
+                src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars
+            ):
+                parts.write(scorer(table))
+                bar.update(table.num_rows)
+            parts.close()
+        bar.close()
+        return finished(job, summarize(job.output, time.time() - start))
 
 
 class PartWriter:
@@ -181,6 +190,13 @@ def run_ray(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
 ) -> Summary:
+    with recorded(job):
+        return finished(job, _run_ray(job, address, workers, cpus_per_worker, gpus_per_worker))
+
+
+def _run_ray(
+    job: ScoreJob, address: str | None, workers: int | None, cpus_per_worker: float, gpus_per_worker: float
+) -> Summary:
     try:
         import ray
         import ray.data
@@ -202,7 +218,7 @@ def run_ray(
         read_files,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"rows": job.rows_per_batch, "text_column": job.text_column},
+        fn_kwargs={"rows": job.rows_per_batch, "text_column": job.text_column, "max_chars": job.max_chars},
         num_cpus=0,
     )
     ds = ds.map_batches(
@@ -217,16 +233,17 @@ def run_ray(
         num_gpus=gpus_per_worker,
     )
     try:
+        # Ray's default mode (append) adds its uuid-named parts beside the marker and deletes nothing.
         ds.write_parquet(job.output, ray_remote_args={"num_cpus": 0})
     except Exception as e:
         raise user_error_inside(e) or schema_clash_inside(e) or e from None
     return summarize(job.output, time.time() - start)
 
 
-def read_files(batch, rows: int, text_column: str):
+def read_files(batch, rows: int, text_column: str, max_chars: int = MAX_CHARS):
     """Ray Data stage: a batch of file names in, their rows out (streamed, `rows` at a time)."""
     for uri, fmt in zip(batch["uri"].to_pylist(), batch["format"].to_pylist()):
-        yield from read_batches(uri, fmt, rows, text_column)
+        yield from read_batches(uri, fmt, rows, text_column, max_chars)
 
 
 def pool_size(resources: dict[str, float], cpus: float, gpus: float) -> int:

@@ -7,8 +7,11 @@ as `input_<name>` (a labeled file's `label` becomes `input_label`, next to the p
 
 Paths go through pyarrow's filesystems: local paths, or URIs such as s3://, gs://, hdfs://, abfs://
 (credentials as pyarrow reads them). Compressed JSONL/CSV (.gz, .bz2, .zst, .lz4) are decompressed by
-suffix. A JSONL line that is not a JSON object, or whose text is not a string, becomes a row with an
-`error`, never a failed job.
+suffix. A JSONL line that is not UTF-8, not JSON (nested too deep too), not a JSON object, whose text
+is not a string, or that holds both a name the output uses and its input_<name> (`label` and
+`input_label`), becomes a row with an `error`, never a failed job. CSV and Parquet are read by pyarrow:
+their columns are checked once before any work (`check_columns`), and a file pyarrow cannot read stops
+the job with one line naming it.
 """
 
 from __future__ import annotations
@@ -110,12 +113,12 @@ def list_sources(inputs: list[str]) -> list[Source]:
     return out
 
 
-def check_columns(sources: list[Source], text_column: str) -> None:
+def check_columns(sources: list[Source], text_column: str, max_chars: int) -> None:
     """Fail before any work if a CSV or Parquet input lacks the text column (JSONL is checked per row)."""
     for s in sources:
         if s.format == "json":
             continue
-        names = _schema_names(s)
+        names = _schema_names(s, max_chars)
         if text_column not in names:
             raise UserError(
                 f"--text-column: {s.uri} has no column {text_column!r} (it has {', '.join(names) or 'none'})"
@@ -125,8 +128,7 @@ def check_columns(sources: list[Source], text_column: str) -> None:
             raise UserError(f"{s.uri}: columns {sorted(clash)} would collide in the output; rename them")
 
 
-def _schema_names(s: Source) -> list[str]:
-    import pyarrow.csv as pcsv
+def _schema_names(s: Source, max_chars: int) -> list[str]:
     import pyarrow.parquet as pq
 
     fsys, path = filesystem(s.uri)
@@ -134,12 +136,18 @@ def _schema_names(s: Source) -> list[str]:
         if s.format == "parquet":
             with fsys.open_input_file(path) as f:
                 return pq.ParquetFile(f).schema_arrow.names
-        with fsys.open_input_stream(path) as f:
-            return pcsv.open_csv(f, parse_options=_csv_parse(s.uri)).schema.names
+        return _csv_names(fsys, path, s.uri, max_chars)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"--input: cannot read {s.uri} ({type(e).__name__}: {e})") from None
+        raise UserError(f"--input: cannot read {s.uri} ({_cause(e, max_chars)})") from None
+
+
+def _csv_names(fsys, path: str, uri: str, max_chars: int) -> list[str]:
+    import pyarrow.csv as pcsv
+
+    with fsys.open_input_stream(path) as f:
+        return pcsv.open_csv(f, read_options=_csv_read(max_chars), parse_options=_csv_parse(uri)).schema.names
 
 
 def _csv_parse(uri: str):
@@ -149,10 +157,34 @@ def _csv_parse(uri: str):
     return pcsv.ParseOptions(delimiter="\t" if tsv else ",", newlines_in_values=True)
 
 
+def csv_block_bytes(max_chars: int) -> int:
+    """pyarrow's CSV block: a row longer than one block can fail the whole file ("straddling object").
+
+    A block holds a text of max_chars characters (up to 4 UTF-8 bytes each) twice over, so its other
+    cells fit beside it, and at least 16 MiB, so a text far over the bound still reaches ScoreBatch and
+    becomes an error row (pyarrow 26 read rows of up to about two blocks; one byte more failed).
+    """
+    return max(16 << 20, 8 * max_chars)
+
+
+def _csv_read(max_chars: int):
+    import pyarrow.csv as pcsv
+
+    return pcsv.ReadOptions(block_size=csv_block_bytes(max_chars))
+
+
+def _cause(e: Exception, max_chars: int) -> str:
+    """An exception from reading a file, in words a user can act on."""
+    if "straddl" in str(e):  # pyarrow: one CSV row longer than its block
+        mib = csv_block_bytes(max_chars) >> 20
+        return f"a CSV row is longer than {mib} MiB, the most read with --max-chars {max_chars:,}"
+    return f"{type(e).__name__}: {e}"
+
+
 # ---------------------------------------------------------------- reading
 
 
-def read_batches(uri: str, fmt: str, rows: int, text_column: str) -> Iterator[Any]:
+def read_batches(uri: str, fmt: str, rows: int, text_column: str, max_chars: int) -> Iterator[Any]:
     """Arrow tables of up to `rows` rows: the input's columns (renamed where they clash) + provenance.
 
     JSONL tables come with an `error` column already (lines that could not be read); other formats'
@@ -162,15 +194,17 @@ def read_batches(uri: str, fmt: str, rows: int, text_column: str) -> Iterator[An
     try:
         if fmt == "json":
             tables = _jsonl(uri, rows, text_column)
+        elif fmt == "parquet":
+            tables = _parquet(uri, rows)
         else:
-            tables = (_parquet if fmt == "parquet" else _csv)(uri, rows)
+            tables = _csv(uri, rows, max_chars)
         for table in tables:
             yield _with_provenance(table, uri, start, keep_error=fmt == "json")
             start += table.num_rows
     except UserError:
         raise
     except Exception as e:  # a corrupt or unreadable file: name it, in one line
-        raise UserError(f"--input: cannot read {uri} after row {start} ({type(e).__name__}: {e})") from None
+        raise UserError(f"--input: cannot read {uri} after row {start} ({_cause(e, max_chars)})") from None
 
 
 def _with_provenance(table, uri: str, start: int, keep_error: bool):
@@ -193,17 +227,18 @@ def _parquet(uri: str, rows: int):
             yield pa.Table.from_batches([rb])
 
 
-def _csv(uri: str, rows: int):
+def _csv(uri: str, rows: int, max_chars: int):
     """Every CSV column as text: a column typed from the first block cannot fail on a later row."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
     fsys, path = filesystem(uri)
-    with fsys.open_input_stream(path) as f:
-        names = pcsv.open_csv(f, parse_options=_csv_parse(uri)).schema.names
+    names = _csv_names(fsys, path, uri, max_chars)
     convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names})
     with fsys.open_input_stream(path) as f:
-        reader = pcsv.open_csv(f, parse_options=_csv_parse(uri), convert_options=convert)
+        reader = pcsv.open_csv(
+            f, read_options=_csv_read(max_chars), parse_options=_csv_parse(uri), convert_options=convert
+        )
         yield from _rebatch((pa.Table.from_batches([rb]) for rb in reader), rows)
 
 
@@ -226,46 +261,75 @@ def _rebatch(tables, rows: int):
 def _jsonl(uri: str, rows: int, text_column: str):
     """JSON lines parsed one by one, so a bad line is a row with an error, not an unreadable file.
 
-    The `error` column written here (an unparsable line, a text that is not a string) is kept by
-    ScoreBatch; the text of such a row is null. Values of other columns that do not share one type are
-    carried as their JSON text.
+    The `error` column written here (an unreadable line, a text that is not a string) is kept by
+    ScoreBatch; the text of such a row is null. Keys are renamed as the output carries them (`label`
+    -> `input_label`) line by line, so lines that disagree on their keys cannot collide. Values of
+    other columns that do not share one type are carried as their JSON text.
     """
+    text_key = carried_name(text_column)
     fsys, path = filesystem(uri)
     with fsys.open_input_stream(path) as f:
-        lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+        # surrogateescape keeps invalid bytes recognisable (a lone surrogate), so that line, and only
+        # it, becomes an error row instead of a silently changed text.
+        lines = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape")
         batch: list[dict] = []
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             batch.append(_json_row(line, n))
             if len(batch) == rows:
-                yield _json_table(batch, text_column)
+                yield _json_table(batch, text_key)
                 batch = []
         if batch:
-            yield _json_table(batch, text_column)
+            yield _json_table(batch, text_key)
 
 
 def _json_row(line: str, n: int) -> dict:
     try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return {"error": f"line {n} is not UTF-8"}
+    try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         return {"error": f"line {n} is not JSON ({e.msg})"}
+    except Exception as e:  # noqa: BLE001 - RecursionError (nested too deep), huge numbers...
+        return {"error": f"line {n} is not readable JSON ({type(e).__name__})"}
     if not isinstance(obj, dict):
         return {"error": f"line {n} is not a JSON object"}
-    return {k: v for k, v in obj.items() if k != "error"} | (
-        {"input_error": obj["error"]} if "error" in obj else {}
-    )
+    if "\\u" in line and not _valid_unicode(obj):
+        return {"error": f"line {n} is not valid Unicode (a lone surrogate escape such as \\udc80)"}
+    row = {}
+    for key, value in obj.items():
+        name = carried_name(key)
+        if name != key and name in obj:
+            return {
+                "error": f"line {n} has both {key!r} and {name!r} (the output carries {key!r} as {name!r})"
+            }
+        row[name] = value
+    return row
 
 
-def _json_table(batch: list[dict], text_column: str):
+def _valid_unicode(obj: dict) -> bool:
+    """No lone surrogate (from a \\udXXX escape) anywhere: Arrow and Parquet hold UTF-8 only."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    except Exception:  # noqa: BLE001 - too deep to check here: _json_table carries it as text or not at all
+        return True
+    return True
+
+
+def _json_table(batch: list[dict], text_key: str):
     import pyarrow as pa
 
     for row in batch:
-        text = row.get(text_column)
+        text = row.get(text_key)
         if text is not None and not isinstance(text, str):
-            row[text_column] = None
-            row.setdefault("error", f"{text_column!r} is a JSON {type(text).__name__}, not text")
-    names: dict[str, None] = {text_column: None}
+            row[text_key] = None
+            row.setdefault("error", f"{text_key!r} is a JSON {type(text).__name__}, not text")
+    names: dict[str, None] = {text_key: None}
     for row in batch:
         names.update(dict.fromkeys(row))
     columns = {}
@@ -273,11 +337,18 @@ def _json_table(batch: list[dict], text_column: str):
         values = [row.get(name) for row in batch]
         try:
             columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep what each value was
+        except Exception:  # noqa: BLE001 - mixed types, an int over 64 bits...: keep what each value was
             columns[name] = pa.array(
-                [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
+                [None if v is None else v if isinstance(v, str) else _json_text(v) for v in values],
                 pa.string(),
             )
     if "error" not in columns:
         columns["error"] = pa.nulls(len(batch), pa.string())
     return pa.table(columns)
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except Exception:  # noqa: BLE001 - RecursionError: json.loads read it, but deeper than dumps goes
+        return "(nested too deep to carry)"
