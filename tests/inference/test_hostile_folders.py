@@ -196,3 +196,17 @@ def test_jsonl_nested_past_the_parser_limit_is_one_line(trained_run, tmp_path, c
     assert "deep.jsonl line 2 is not usable JSON (RecursionError)" in capsys.readouterr().err
     assert main(["evaluate", str(trained_run), "--file", str(deep), "--device", "cpu"]) == 2
     assert "deep.jsonl line 2 is not usable JSON (RecursionError)" in capsys.readouterr().err
+
+
+def test_a_text_of_only_control_characters_is_empty_everywhere(trained_run, tmp_path, capsys):
+    """The service refused "\\u0000" as a review; predict, evaluate --file and score take the same rule."""
+    from imdb_lora.scale.batch import text_problem
+
+    assert main(["predict", str(trained_run), "\x00\x00", "--device", "cpu"]) == 2
+    assert "text 1 is empty (or only whitespace or control characters)" in capsys.readouterr().err
+    labeled = tmp_path / "nul.csv"
+    labeled.write_text("text,label\ngreat film,1\n\x00\x07,0\n")
+    assert main(["evaluate", str(trained_run), "--file", str(labeled), "--device", "cpu"]) == 2
+    assert "nul.csv row 2 has an empty or missing text" in capsys.readouterr().err
+    assert text_problem("\x00 \u200b\x1f", "text") == "empty text"
+    assert text_problem("\x00ok", "text") is None

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UserError
-from .labeled import LabeledTexts
+from .labeled import LabeledTexts, has_content
 
 # Label spellings accepted in labeled files (case-insensitive, surrounding spaces ignored).
 LABEL_SPELLINGS = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1}
@@ -85,7 +85,7 @@ def load_labeled_file(
     texts, labels = [], []
     for n, row in enumerate(rows, 1):
         text, label = row.get(text_column), row.get(label_column)
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not has_content(text):
             raise UserError(f"{flag}: {p} row {n} has an empty or missing text")
         y = parse_label(label)
         if y is None:

@@ -9,6 +9,12 @@ from typing import Any
 LABEL_NAMES = ("NEGATIVE", "POSITIVE")
 
 
+def has_content(text: str) -> bool:
+    """Whether a text holds anything to read: not empty, not only whitespace or control characters
+    ("\u0000" is no review either). The one rule for predict, evaluate, score and the service."""
+    return any(c.isprintable() and not c.isspace() for c in text)
+
+
 @dataclass
 class LabeledTexts:
     texts: list[str]

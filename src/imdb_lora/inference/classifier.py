@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..data.batches import default_max_batch_tokens
-from ..data.labeled import LABEL_NAMES
+from ..data.labeled import LABEL_NAMES, has_content
 from ..data.tokenize import encode, encode_windows
 from ..errors import UserError
 from ..modeling.forward import batched_logits
@@ -58,8 +58,8 @@ class Prediction:
 
 def check_texts(texts: list[str]) -> None:
     for i, t in enumerate(texts, 1):
-        if not isinstance(t, str) or not t.strip():
-            raise UserError(f"text {i} is empty; give non-empty texts")
+        if not isinstance(t, str) or not has_content(t):
+            raise UserError(f"text {i} is empty (or only whitespace or control characters); give a review")
 
 
 class Classifier:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..data.labeled import has_content
 from .sources import carried_name
 
 ERROR_CHARS = 300  # an error message is a hint, not a copy of the review
@@ -107,6 +108,6 @@ def text_problem(value: Any, column: str, max_chars: int = MAX_CHARS) -> str | N
         return f"{column!r} is {type(value).__name__}, not text"
     if len(value) > max_chars:  # before strip(): a huge text is refused without another pass over it
         return f"text longer than {max_chars:,} characters ({len(value):,}; --max-chars)"
-    if not value.strip():
-        return "empty text"
+    if not has_content(value):
+        return "empty text"  # or only whitespace or control characters
     return None

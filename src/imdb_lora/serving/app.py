@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from .. import __version__
-from ..data.labeled import LABEL_NAMES
+from ..data.labeled import LABEL_NAMES, has_content
 from ..errors import UserError
 from .batcher import Batcher, Job, ModelError
 from .metrics import RequestMetrics, ServiceMetrics
@@ -96,7 +96,7 @@ class ServiceState:
 
 
 def _has_content(text: str) -> str:
-    if not any(c.isprintable() and not c.isspace() for c in text):  # "\u0000" is no review either
+    if not has_content(text):
         raise ValueError("text must not be empty or only whitespace or control characters")
     return text
 
