@@ -68,6 +68,57 @@ def test_non_utf8_review_file_is_named(tmp_path):
         load_imdb(make_tar(root, tmp_path / "x.tar.gz", "w:gz"))
 
 
+def test_oversized_review_in_an_archive_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import io
+
+    import imdb_lora.data.imdb as imdb
+
+    monkeypatch.setattr(imdb, "MAX_REVIEW_BYTES", 1000)
+    root = write_imdb(tmp_path, per_class=3)
+    with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as tf:
+        tf.add(root, arcname="aclImdb")
+        big = tarfile.TarInfo("aclImdb/train/pos/9_9.txt")
+        big.size = 5000
+        tf.addfile(big, io.BytesIO(b"a" * 5000))
+    opened = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tf, m: opened.append(m.name) or extract(tf, m))
+    with pytest.raises(UserError, match=r"larger than .*train/pos/9_9\.txt \(5,000 bytes\)"):
+        load_imdb(tmp_path / "bomb.tar.gz")
+    assert opened and "aclImdb/train/pos/9_9.txt" not in opened  # refused from its header, never read
+
+
+def test_archive_expanding_past_the_bound_is_refused(tmp_path, monkeypatch):
+    import imdb_lora.data.imdb as imdb
+
+    root = write_imdb(tmp_path, per_class=3)
+    archive = make_tar(root, tmp_path / "x.tar.xz", "w:xz")
+    total = sum(f.stat().st_size for f in root.rglob("*.txt"))
+    monkeypatch.setattr(imdb, "MAX_EXPANDED_BYTES", total // 2)
+    with pytest.raises(UserError, match="expands to more than"):
+        load_imdb(archive)
+    monkeypatch.setattr(imdb, "MAX_EXPANDED_BYTES", total)
+    monkeypatch.setattr(imdb, "MAX_ENTRIES", 5)
+    with pytest.raises(UserError, match="more than 5 entries"):
+        load_imdb(archive)
+    with pytest.raises(UserError, match="more than 5 review files"):
+        load_imdb(root)
+
+
+def test_oversized_or_special_review_file_in_a_folder_is_refused(tmp_path, monkeypatch):
+    import imdb_lora.data.imdb as imdb
+
+    monkeypatch.setattr(imdb, "MAX_REVIEW_BYTES", 1000)
+    root = write_imdb(tmp_path, per_class=3)
+    (root / "train" / "pos" / "9_9.txt").write_text("a" * 1001)
+    with pytest.raises(UserError, match=r"larger than .*9_9\.txt"):
+        load_imdb(root)
+    (root / "train" / "pos" / "9_9.txt").unlink()
+    (root / "train" / "pos" / "9_9.txt").symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=r"not a regular file: .*9_9\.txt"):
+        load_imdb(root)
+
+
 def test_data_env_default(monkeypatch, imdb_dir):
     monkeypatch.setenv("IMDB_LORA_DATA", str(imdb_dir))
     assert resolve_imdb_path(None) == str(imdb_dir)

@@ -17,6 +17,13 @@ IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 DATA_ENV = "IMDB_LORA_DATA"
 
+# Bounds on what --data may make us read, so a damaged or crafted archive (a "zip bomb") fails in one
+# line instead of filling memory or decompressing for hours. aclImdb's labeled reviews (train and test)
+# are 50,008 archive entries holding 65 MB, the longest review 13,704 bytes; each bound is far above.
+MAX_REVIEW_BYTES = 1 << 20  # one review file: reviews are read whole into memory
+MAX_ENTRIES = 1_000_000  # entries walked in an archive or review files in a folder (tarfile keeps each)
+MAX_EXPANDED_BYTES = 4 << 30  # bytes an archive's entries hold in all: each is decompressed, even if skipped
+
 
 def _imdb_member(parts: list[str]) -> tuple[str, int] | None:
     """(split, label) for a path like aclImdb/train/pos/123_9.txt, else None."""
@@ -52,20 +59,49 @@ def _collect(items: Iterator[tuple[str, bytes]], source: str) -> dict[str, Label
     return out
 
 
+def _check_review_size(size: int, name: str) -> None:
+    if size > MAX_REVIEW_BYTES:
+        raise UserError(
+            f"review file is larger than {MAX_REVIEW_BYTES >> 20} MiB: {name} ({size:,} bytes); "
+            "aclImdb reviews are under 14 KB"
+        )
+
+
 def _iter_dir(root: Path) -> Iterator[tuple[str, bytes]]:
+    count = 0
     for split in ("train", "test"):
         for label in ("neg", "pos"):
             d = root / split / label
             if d.is_dir():
                 for p in sorted(d.glob("*.txt")):
-                    yield str(p), p.read_bytes()
+                    count += 1
+                    if count > MAX_ENTRIES:
+                        raise UserError(
+                            f"{root} holds more than {MAX_ENTRIES:,} review files; is it aclImdb?"
+                        )
+                    yield str(p), _read_review(p)
+
+
+def _read_review(p: Path) -> bytes:
+    """A review file's bytes; a link to a device or FIFO (no size, maybe endless) is refused."""
+    if not p.is_file():
+        raise UserError(f"review file is not a regular file: {p}")
+    _check_review_size(p.stat().st_size, str(p))
+    with open(p, "rb") as f:  # read no more than the bound, even if the file grows meanwhile
+        raw = f.read(MAX_REVIEW_BYTES + 1)
+    _check_review_size(len(raw), str(p))
+    return raw
 
 
 def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
     try:
         with tarfile.open(path) as tf:
+            entries = expanded = 0
             for m in tf:
+                entries, expanded = entries + 1, expanded + max(m.size, 0)
+                _check_archive_bounds(path, entries, expanded)
                 if m.isfile() and _imdb_member(m.name.split("/")):
+                    _check_review_size(m.size, m.name)
                     f = tf.extractfile(m)
                     yield m.name, f.read() if f else b""
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
@@ -73,6 +109,17 @@ def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
         raise UserError(
             f"cannot read archive {path}: {why} (corrupt, or not a .tar/.tar.gz/.tar.xz)"
         ) from None
+
+
+def _check_archive_bounds(path: Path, entries: int, expanded: int) -> None:
+    """Checked from each entry's header, before its content is read or skipped."""
+    if entries > MAX_ENTRIES:
+        raise UserError(f"archive {path} holds more than {MAX_ENTRIES:,} entries; is it an aclImdb archive?")
+    if expanded > MAX_EXPANDED_BYTES:
+        raise UserError(
+            f"archive {path} expands to more than {MAX_EXPANDED_BYTES >> 30} GiB; "
+            "is it damaged, or not an aclImdb archive?"
+        )
 
 
 def load_imdb(path: str | os.PathLike) -> dict[str, LabeledTexts]:
