@@ -1,11 +1,13 @@
-"""serve's guards against hostile clients (audit23): slow bodies (408), the connection cap and the file
-descriptor limit, error responses that stay small, aborted uploads in /metrics, and the Host check
-against DNS rebinding. Real uvicorn on loopback where the server's own behaviour is what is tested."""
+"""serve's guards against hostile clients (audit23): slow headers and bodies (408), the connection cap
+and the file descriptor limit, error responses that stay small, aborted uploads in /metrics, and the
+Host check against DNS rebinding. Real uvicorn on loopback where the server's own behaviour is tested."""
 
 import json
+import math
 import resource
 import socket
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -17,9 +19,11 @@ from imdb_lora.errors import UserError
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.serving import server as server_module
 from imdb_lora.serving.app import MAX_DETAILS, MAX_FIELD_CHARS, ServeSettings, create_app
+from imdb_lora.serving.protocol import HeaderTimeoutProtocol, header_timeout_protocol
 from imdb_lora.serving.server import LOOPBACK_NAMES, BackgroundServer, allowed_hosts
 
 BIG = ServeSettings(max_body_bytes=2_000_000, max_texts=64, max_chars=200, body_timeout=1)
+QUICK = replace(BIG, header_timeout=0.5)  # request heads due within half a second
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,51 @@ def read_all(sock: socket.socket) -> bytes:
     return out
 
 
+def trickle(sock: socket.socket, start: bytes, every: float = 0.2, limit: float = 6) -> tuple[bytes, float]:
+    """Send `start`, then one more byte every `every` s (never idle, never done) until the server
+    answers or closes, for at most `limit` s; (what came back until the close, seconds it took)."""
+    sock.sendall(start)
+    sock.settimeout(every)
+    t0, answer = time.monotonic(), b""
+    while not answer and time.monotonic() - t0 < limit:
+        try:
+            answer = sock.recv(65536)
+            if not answer:  # closed without an answer
+                break
+        except TimeoutError:
+            sock.sendall(b"x")
+    took = time.monotonic() - t0
+    sock.settimeout(5)
+    try:
+        answer += read_all(sock)  # returns once the server has closed the connection
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {time.monotonic() - t0:.1f} s: {answer[:200]!r}")
+    return answer, took
+
+
+def send_slowly(sock: socket.socket, data: bytes, seconds: float, pieces: int = 5) -> None:
+    step = math.ceil(len(data) / pieces)
+    for i in range(0, len(data), step):
+        sock.sendall(data[i : i + step])
+        if i + step < len(data):
+            time.sleep(seconds / (pieces - 1))
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(status line, body) of one response with a Content-Length, leaving the connection open."""
+    sock.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or pytest.fail(f"closed mid-response: {data!r}")
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(65536) or pytest.fail(f"closed mid-body: {data!r}")
+    return head.split(b"\r\n")[0], body
+
+
 def wait_until(condition, seconds: float = 5.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -68,24 +117,105 @@ POST_HEAD = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applica
 
 
 def test_a_body_trickling_past_its_deadline_gets_408_and_the_connection_closes(clf):
-    with BackgroundServer(create_app(clf, BIG)) as server:
+    with BackgroundServer(create_app(clf, QUICK)) as server:  # headers due in 0.5 s, the body in 1 s
         sock = connect(server.url)
-        sock.sendall(POST_HEAD + b'{"te')
-        sock.settimeout(0.25)
-        t0, answer = time.monotonic(), b""
-        while not answer and time.monotonic() - t0 < 8:  # one byte every 0.25 s: never idle, never done
-            try:
-                answer = sock.recv(65536)
-            except TimeoutError:
-                sock.sendall(b"x")
-        took = time.monotonic() - t0
-        sock.settimeout(5)
-        answer += read_all(sock)  # returns: the server closed the connection
+        answer, took = trickle(sock, POST_HEAD + b'{"te', every=0.25)
         sock.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert json.loads(body)["error"] == "request_timeout"
-    assert 0.9 < took < 4  # the whole body's deadline (1 s), not an idle timeout
+    assert json.loads(body)["error"] == "request_timeout" and "body" in json.loads(body)["message"]
+    assert 0.9 < took < 4  # the whole body's deadline (1 s): not an idle timeout, nor the header one
+
+
+# ---------------------------------------------------------------- slow request heads (slowloris)
+
+
+def test_headers_trickling_past_their_deadline_get_408_and_the_connection_closes(clf):
+    with BackgroundServer(create_app(clf, QUICK)) as server:
+        sock = connect(server.url)
+        answer, took = trickle(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"connection: close" in head.lower()
+    assert json.loads(body) == {
+        "error": "request_timeout",
+        "message": "the request headers did not arrive within 0.5 s",
+        "details": [],
+    }
+    assert 0.4 < took < 3  # from the connection's opening, however often a byte came
+
+
+def test_a_connection_that_sends_nothing_is_closed_quietly_at_the_deadline(clf):
+    with BackgroundServer(create_app(clf, QUICK)) as server:
+        sock = connect(server.url)
+        sock.settimeout(5)
+        t0 = time.monotonic()
+        try:
+            answer = read_all(sock)
+        except TimeoutError:
+            pytest.fail("a silent connection was still open after 5 s")
+        took = time.monotonic() - t0
+        sock.close()
+    assert answer == b"" and 0.4 < took < 3  # nothing asked, nothing answered (as a keep-alive timeout)
+
+
+def test_half_sent_requests_hold_the_connection_cap_only_until_their_deadline(clf):
+    with BackgroundServer(create_app(clf, QUICK), max_connections=4) as server:
+        held = [connect(server.url) for _ in range(4)]
+        for s in held:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing, never closed
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            wait_until(lambda: http.get("/health").status_code == 503, seconds=0.4)  # the cap is reached...
+            wait_until(
+                lambda: http.get("/health").status_code == 200, seconds=3
+            )  # ...and freed by the server
+        for s in held:
+            s.settimeout(5)
+            assert read_all(s).startswith(b"HTTP/1.1 408")
+            s.close()
+
+
+def test_slow_but_complete_heads_and_keep_alive_requests_are_answered(clf):
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with BackgroundServer(create_app(clf, replace(BIG, header_timeout=1.5))) as server:
+        sock = connect(server.url)
+        t0 = time.monotonic()
+        send_slowly(sock, request, seconds=1.0)  # within 1.5 s of connecting
+        assert read_response(sock) == (b"HTTP/1.1 200 OK", b'{"status":"ok"}')
+        time.sleep(0.4)
+        send_slowly(sock, request, seconds=0.6)  # 1 s after the first answer, over 1.5 s after connecting:
+        assert read_response(sock) == (b"HTTP/1.1 200 OK", b'{"status":"ok"}')  # the deadline restarted
+        assert time.monotonic() - t0 > 1.5
+        t1 = time.monotonic()
+        sock.settimeout(5)
+        assert read_all(sock) == b""  # idle after an answer: closed at the deadline, before uvicorn's 5 s
+        assert 1.2 < time.monotonic() - t1 < 3.5
+        sock.close()
+
+
+def test_the_header_deadline_fails_loudly_if_uvicorn_changes(monkeypatch):
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    assert header_timeout_protocol(2).header_timeout == 2
+    monkeypatch.setattr(H11Protocol, "__init__", lambda self, *a, **k: None)  # no h11 connection in .conn
+    with pytest.raises(RuntimeError, match=r"\.conn: serving/protocol.py's header timeout needs updating"):
+        header_timeout_protocol(2)()
+    monkeypatch.delattr(H11Protocol, "on_response_complete")
+    with pytest.raises(RuntimeError, match="has no on_response_complete"):
+        header_timeout_protocol(2)
+
+
+def test_header_timeout_flag_help_and_errors(capsys):
+    assert build_parser().parse_args(["serve", "run"]).header_timeout == 10
+    assert main(["serve", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--header-timeout HEADER_TIMEOUT seconds to receive a request's line and headers" in help_text
+    assert "then 408 and the connection closes [default: 10]" in help_text
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["serve", "somewhere", "--header-timeout", bad]) == 2
+        err = capsys.readouterr().err
+        assert err == f"imdb-lora: error: --header-timeout must be a number > 0 (got {float(bad)})\n"
 
 
 def test_connections_beyond_the_cap_get_503_until_they_close(clf):
@@ -124,6 +254,7 @@ def test_serve_caps_connections_and_raises_the_open_files_limit(clf, monkeypatch
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert raised == hard
     assert configs[0].limit_concurrency == hard + 1
+    assert issubclass(configs[0].http, HeaderTimeoutProtocol) and configs[0].http.header_timeout == 10
     out = capsys.readouterr().out
     assert "lower --max-connections or raise the limit" in out and "/openapi.json" in out
 
@@ -222,9 +353,10 @@ def test_serve_cli_wires_the_host_check_and_the_new_limits(trained_run, monkeypa
     apps = []
     monkeypatch.setattr(server_module, "serve", lambda app, *a: apps.append(app))
     base = ["serve", str(trained_run), "--device", "cpu", "--body-timeout", "3", "--max-connections", "50"]
-    assert main(base) == 0
+    assert main([*base, "--header-timeout", "0.25"]) == 0
     assert main([*base, "--host", "0.0.0.0", "--allowed-hosts", "api.example.com"]) == 0
     assert apps[0].state.settings.body_timeout == 3 and apps[0].state.settings.max_connections == 50
+    assert apps[0].state.settings.header_timeout == 0.25 and apps[1].state.settings.header_timeout == 10
     for app, ok, refused in zip(apps, ("localhost:8000", "api.example.com"), ("rebind.example", "localhost")):
         with TestClient(app, base_url=f"http://{ok}") as c:
             assert c.get("/health").status_code == 200

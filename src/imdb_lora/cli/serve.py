@@ -16,6 +16,13 @@ SERVE_LIMITS = [
     ("--max-batch", int, "max_batch", "texts per model call across requests"),
     ("--max-wait-ms", float, "max_wait_ms", "ms to wait for more requests to batch"),
     ("--body-timeout", float, "body_timeout", "seconds to receive a whole request body, then 408"),
+    (
+        "--header-timeout",
+        float,
+        "header_timeout",
+        "seconds to receive a request's line and headers, from connecting or the previous response; "
+        "then 408 and the connection closes",
+    ),
     ("--max-connections", int, "max_connections", "open connections, idle ones included; beyond: 503"),
 ]
 
@@ -79,6 +86,7 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
         request_timeout=ns.request_timeout,
         shutdown_timeout=ns.shutdown_timeout,
         body_timeout=ns.body_timeout,
+        header_timeout=ns.header_timeout,
         max_connections=ns.max_connections,
     ).validate()
 

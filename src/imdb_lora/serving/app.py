@@ -7,11 +7,12 @@
     GET  /         a small page to try the model; /openapi.json describes the API (no /docs or /redoc:
                    FastAPI's pages load scripts from a CDN, blank offline and foreign code on this origin)
 
-Every input is bounded (body bytes, the time to send the body, texts per request, characters per text,
-fields in the body), and errors are JSON `{"error", "message", "details"}` that never carry tracebacks,
-paths or the submitted text back (at most MAX_DETAILS details; field names cut to MAX_FIELD_CHARS).
-Connections are capped by the server (server.py), and a loopback service answers only loopback Host
-names (HostCheck: a web page cannot reach it by DNS rebinding).
+Every input is bounded (body bytes, the time to send the headers and the body, texts per request,
+characters per text, fields in the body), and errors are JSON `{"error", "message", "details"}` that
+never carry tracebacks, paths or the submitted text back (at most MAX_DETAILS details; field names cut
+to MAX_FIELD_CHARS). Connections and the time to send request headers are bounded by the server
+(server.py), and a loopback service answers only loopback Host names (HostCheck: a web page cannot reach
+it by DNS rebinding).
 
 Under load the service sheds rather than queues without end: texts waiting for the model are bounded
 (max_queue), and beyond that /predict answers 503 at once with Retry-After; an admitted request waits at
@@ -66,13 +67,19 @@ class ServeSettings:
     request_timeout: float = 30.0  # seconds an admitted request may wait for its answer; then 504
     shutdown_timeout: float = 30.0  # seconds SIGTERM waits for admitted requests before exiting anyway
     body_timeout: float = 10.0  # seconds to receive a whole request body (a slow sender holds a slot); 408
+    header_timeout: float = 10.0  # seconds to receive a request's line and headers (server.py); 408, closed
     max_connections: int = 1000  # open connections, idle ones included (uvicorn's limit_concurrency); 503
 
     def validate(self) -> "ServeSettings":
         for name, value in asdict(self).items():
+            flag = f"--{name.replace('_', '-')}"
+            if name == "header_timeout":  # any positive time, fractions of a second too
+                if not (math.isfinite(value) and value > 0):
+                    raise UserError(f"{flag} must be a number > 0 (got {value})")
+                continue
             lowest = 0 if name == "max_wait_ms" else 1
             if not math.isfinite(value) or value < lowest:
-                raise UserError(f"--{name.replace('_', '-')} must be a number >= {lowest} (got {value})")
+                raise UserError(f"{flag} must be a number >= {lowest} (got {value})")
         if self.max_queue < self.max_texts:  # else a full-size request could never be admitted
             raise UserError(f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts})")
         return self

@@ -4,9 +4,10 @@ Connections are bounded here: at most `max_connections` open (uvicorn's limit_co
 every open connection, idle keep-alive ones and half-sent requests included, and answers a request
 beyond it with a plain-text 503 and Connection: close), and the process's soft file-descriptor limit is
 raised to its hard limit, so that the cap, not "Too many open files", is what a flood of connections
-meets. uvicorn (h11) has no timeout for a request's headers, and none can be set through its API: a
-connection that never completes its headers holds its slot until the client closes it, so an exposed
-deployment belongs behind a reverse proxy with header timeouts (README, Serving). Bodies are timed by
+meets. A connection must deliver each request's line and headers within `header_timeout` seconds of
+opening or of its previous response, else it is closed (408 if part of a request had come): uvicorn has
+no such setting, so serve runs its own h11 protocol class (protocol.py), and a client that opens
+connections and dribbles header bytes (slowloris) holds each slot only that long. Bodies are timed by
 the app (BodyLimit).
 """
 
@@ -95,7 +96,6 @@ def raise_fd_limit() -> int | None:
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Run the app until SIGTERM or Ctrl-C, then drain (see draining_server) and return."""
-    import uvicorn
 
     settings = app.state.settings
     fd_limit = raise_fd_limit()
@@ -108,14 +108,26 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     sock = bind(host, port)
     url_host = f"[{host}]" if ":" in host else host
     print(f"serving on http://{url_host}:{sock.getsockname()[1]}  (page: /, API: /openapi.json)", flush=True)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings.max_connections,
         log_level=log_level,
         # after the drain only idle keep-alive connections are left, so uvicorn's own wait can be short
         timeout_graceful_shutdown=2,
-        limit_concurrency=settings.max_connections,
     )
     draining_server(config, app.state.service, settings.shutdown_timeout).run(sockets=[sock])
+
+
+def uvicorn_config(app: FastAPI, max_connections: int | None, **kwargs):
+    """uvicorn.Config for serve and BackgroundServer alike: the connection cap (None: none) and the
+    header deadline from the app's settings. `http` is a protocol class, so h11 even where httptools is
+    installed (uvicorn's "auto" would take it): the deadline is built on h11 (protocol.py)."""
+    import uvicorn
+
+    from .protocol import header_timeout_protocol
+
+    http = header_timeout_protocol(app.state.settings.header_timeout)
+    return uvicorn.Config(app, http=http, limit_concurrency=max_connections, **kwargs)
 
 
 def draining_server(config, service, timeout: float):
@@ -154,16 +166,16 @@ def draining_server(config, service, timeout: float):
 
 
 class BackgroundServer:
-    """A real uvicorn on a free loopback port in a thread: for tests and `bench serve`. No connection cap
-    unless `max_connections` is given: `bench serve` holds one connection per client, as many as asked."""
+    """A real uvicorn on a free loopback port in a thread: for tests and `bench serve`, with serve's
+    protocol and header deadline. No connection cap unless `max_connections` is given: `bench serve`
+    holds one connection per client, as many as asked."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", max_connections: int | None = None):
         import uvicorn
 
         self.sock = bind(host, 0)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", limit_concurrency=max_connections)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, max_connections, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:

@@ -1,0 +1,125 @@
+"""uvicorn's h11 protocol with a deadline for a request's line and headers (`serve --header-timeout`).
+
+uvicorn has no such setting: its keep-alive timer is cancelled by the first byte that arrives, and a new
+connection has none, so a client that opens connections and sends nothing, or dribbles header bytes
+for ever (slowloris), holds them, and with --max-connections reached everyone else gets 503.
+
+Here a timer starts when a connection opens and again when a response has finished and the connection
+waits for its next request (keep-alive); it is cancelled once h11 has read the whole head of a request
+(the client's h11 state leaves IDLE). When it fires the connection is closed, after a 408 if part of a
+request had arrived (an idle connection is closed quietly, as uvicorn's keep-alive timeout does). The
+body has its own deadline in the app (BodyLimit), which starts where this one ends.
+
+h11, not httptools: uvicorn's "auto" takes httptools when it is installed (uvicorn[standard]), and this
+timer reads h11's state, so serve always runs h11 (a declared dependency): the same behaviour on every
+machine, and the service's time goes to the model, not to parsing HTTP.
+
+Besides the asyncio Protocol methods, this relies on two uvicorn internals, both present from 0.30 to
+0.54 (our pin: >=0.30,<1): the h11.Connection in `self.conn`, and `on_response_complete`, which a
+request's cycle calls when its response is done. Both are checked (header_timeout_protocol and
+__init__ raise RuntimeError), so a uvicorn that changes them fails every serving test instead of
+silently running without the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("uvicorn.error")
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """H11Protocol that closes a connection whose request head is not in within `header_timeout` s."""
+
+    header_timeout: float = 10.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(getattr(self, "conn", None), h11.Connection):
+            raise RuntimeError(_changed("no longer keeps its h11.Connection in .conn"))
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_transport = transport
+        self._watch_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_headers()  # a head completed here cancels; a cycle ended by the request's body re-arms
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next cycle when both sides are done
+        self._watch_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _watch_headers(self) -> None:
+        """Armed while a request head is awaited, from the moment the wait began: more bytes of the same
+        head do not restart it (which is what dribbling defeats uvicorn's keep-alive timer with)."""
+        transport = self._header_transport
+        waiting = self.conn.their_state is h11.IDLE and transport is not None and not transport.is_closing()
+        if not waiting:
+            self._stop_header_timer()
+        elif self._header_timer is None:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self.header_timeout, self._headers_late
+            )
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        transport = self._header_transport
+        if transport is None or transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        partial = bool(self.conn.trailing_data[0])
+        try:
+            if partial and self.conn.our_state is h11.IDLE:  # h11 lets a server answer before a request
+                transport.write(self._timeout_response())
+            self.conn.send(h11.ConnectionClosed())
+        except h11.LocalProtocolError:  # h11 refused (some state this did not foresee): just close
+            pass
+        log.debug("closed a connection whose request headers took over %g s", self.header_timeout)
+        transport.close()
+
+    def _timeout_response(self) -> bytes:
+        """408 in the service's JSON error shape (app.error_json), ending the connection."""
+        message = f"the request headers did not arrive within {self.header_timeout:g} s"
+        body = json.dumps({"error": "request_timeout", "message": message, "details": []}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        response = h11.Response(status_code=408, headers=headers, reason=b"Request Timeout")
+        return (
+            self.conn.send(response)
+            + self.conn.send(h11.Data(data=body))
+            + self.conn.send(h11.EndOfMessage())
+        )
+
+
+def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this deadline (uvicorn builds one per
+    connection from the class, so the setting travels as a class attribute)."""
+    if not callable(getattr(H11Protocol, "on_response_complete", None)):  # the others are asyncio's own
+        raise RuntimeError(_changed("has no on_response_complete"))
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})
+
+
+def _changed(what: str) -> str:
+    import uvicorn
+
+    return f"uvicorn {uvicorn.__version__}'s H11Protocol {what}: serving/protocol.py's header timeout needs updating"
