@@ -5,8 +5,8 @@
     GET  /info     base model, method, format, metrics from the run, limits
     GET  /         a small page to try the model; /openapi.json describes the API (no CDN-loaded /docs)
 
-Every input is bounded (body bytes and the time to send them, texts per request, characters per text,
-connections), a loopback service answers only loopback Host names, and errors are JSON
+Every input is bounded (body bytes, the time to send the headers and the body, texts per request,
+characters per text, connections), a loopback service answers only loopback Host names, and errors are JSON
 `{"error", "message", "details"}` that never carry tracebacks, paths or the submitted text back.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time,

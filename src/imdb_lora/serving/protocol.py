@@ -16,9 +16,9 @@ machine, and the service's time goes to the model, not to parsing HTTP.
 
 Besides the asyncio Protocol methods, this relies on two uvicorn internals, both present from 0.30 to
 0.54 (our pin: >=0.30,<1): the h11.Connection in `self.conn`, and `on_response_complete`, which a
-request's cycle calls when its response is done. Both are checked (header_timeout_protocol and
-__init__ raise RuntimeError), so a uvicorn that changes them fails every serving test instead of
-silently running without the timeout.
+request's cycle calls when its response is done. Their presence is checked (header_timeout_protocol and
+__init__ raise RuntimeError, failing every serving test), and tests/serving/test_serve_guards.py fails
+if the hook is no longer called (a keep-alive connection would then idle past the deadline).
 """
 
 from __future__ import annotations
@@ -122,4 +122,5 @@ def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
 def _changed(what: str) -> str:
     import uvicorn
 
-    return f"uvicorn {uvicorn.__version__}'s H11Protocol {what}: serving/protocol.py's header timeout needs updating"
+    version = uvicorn.__version__
+    return f"uvicorn {version}'s H11Protocol {what}: serving/protocol.py's header timeout needs updating"
