@@ -96,7 +96,6 @@ def raise_fd_limit() -> int | None:
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Run the app until SIGTERM or Ctrl-C, then drain (see draining_server) and return."""
-
     settings = app.state.settings
     fd_limit = raise_fd_limit()
     if fd_limit is not None and fd_limit < settings.max_connections + 64:  # 64: the model, logs, ...
