@@ -119,13 +119,16 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 
 def uvicorn_config(app: FastAPI, max_connections: int | None, **kwargs):
     """uvicorn.Config for serve and BackgroundServer alike: the connection cap (None: none) and the
-    header deadline from the app's settings. `http` is a protocol class, so h11 even where httptools is
-    installed (uvicorn's "auto" would take it): the deadline is built on h11 (protocol.py)."""
+    header deadline from the app's settings (the default for an app without them, e.g. a test's own).
+    `http` is a protocol class, so h11 even where httptools is installed (uvicorn's "auto" would take
+    it): the deadline is built on h11 (protocol.py)."""
     import uvicorn
 
+    from .app import ServeSettings
     from .protocol import header_timeout_protocol
 
-    http = header_timeout_protocol(app.state.settings.header_timeout)
+    settings = getattr(app.state, "settings", None) or ServeSettings()
+    http = header_timeout_protocol(settings.header_timeout)
     return uvicorn.Config(app, http=http, limit_concurrency=max_connections, **kwargs)
 
 
