@@ -239,3 +239,227 @@ def test_max_chars_is_in_the_help(capsys):
         main(["score", "--help"])
     out = capsys.readouterr().out
     assert "--max-chars N" in out and "100,000" in out
+
+
+# ---------------------------------------------------------------- one writer per local output (lock)
+
+LOCK = "_imdb_lora_score.lock"
+# Another process that takes the output as a job does, writes a part and holds on until it is killed.
+HOLDER = """
+import sys, time
+from imdb_lora.scale.output import prepare_output
+lock = prepare_output(sys.argv[1], [sys.argv[2]], overwrite=False)
+open(sys.argv[1] + "/part-00000.parquet", "w").write("being written")
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def holding_job(out: Path, src: Path):
+    """Another process holding `out` as a running job does, killed (SIGKILL) when the block ends."""
+    import os
+    import subprocess
+    import sys
+
+    import imdb_lora
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(imdb_lora.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out), str(src)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def folder_state(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_a_second_job_on_a_locked_output_is_refused_and_touches_nothing(trained_run, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    out = tmp_path / "out"
+    with holding_job(out, src) as proc:
+        before = folder_state(out)
+        assert (
+            set(before) == {MARKER, LOCK, "part-00000.parquet"} and before[LOCK] == f"{proc.pid}\n".encode()
+        )
+        for flags in ([], ["--overwrite"]):
+            assert score(trained_run, "--input", str(src), "--output", str(out), *flags) == 2
+            one_line_error(
+                capsys, f"--output {out} is being written by another imdb-lora score job (pid {proc.pid})"
+            )
+            assert folder_state(out) == before
+    # A killed job's lock went with its process; its "running" marker says what happened.
+    assert score(trained_run, "--input", str(src), "--output", str(out)) == 2
+    one_line_error(
+        capsys, "holds an unfinished score output (status 'running': the job was killed or failed)"
+    )
+    assert score(trained_run, "--input", str(src), "--output", str(out), "--overwrite") == 0
+    assert marker(out)["status"] == "finished" and [r["id"] for r in output_rows(out)] == ["ok"]
+
+
+def test_a_lock_file_without_a_holder_blocks_nobody(trained_run, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK).write_text("99999999\n")  # left by a killed job: the only thing in the folder
+    assert score(trained_run, "--input", str(src), "--output", str(out)) == 0
+    assert marker(out)["status"] == "finished" and len(output_rows(out)) == 1
+
+
+def test_the_ray_engines_driver_holds_the_lock_until_the_job_ends(trained_run, tmp_path, monkeypatch):
+    """The lock is the driver's (Ray's workers write the parts): held while _run_ray runs, then let go."""
+    from imdb_lora.errors import UserError
+    from imdb_lora.scale import engines
+    from imdb_lora.scale import output as score_output
+
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    out = tmp_path / "out"
+    seen = []
+
+    def ray_stand_in(job, *a):
+        with pytest.raises(UserError, match="is being written by another imdb-lora score job"):
+            score_output.prepare_output(str(out), [str(src)], overwrite=True)
+        seen.append(marker(out)["status"])
+        return engines.Summary(0, 0, 0.1, [])
+
+    monkeypatch.setattr(engines, "_run_ray", ray_stand_in)
+    job = engines.ScoreJob(model=str(trained_run), inputs=[str(src)], output=str(out))
+    engines.prepare(job)
+    engines.run_ray(job)
+    assert seen == ["running"] and marker(out)["status"] == "finished"
+    score_output.prepare_output(str(out), [str(src)], overwrite=True).close()  # let go: taken again
+
+
+# ---------------------------------------------------------------- encodings (CSV and JSONL)
+
+# An export whose rows are UTF-8 (ASCII here, which Latin-1 reads the same) but for one Latin-1 row.
+LATIN1_CSV = b"id,text,label\n1,great film,1\n2,caf\xe9 cr\xe8me: superb,1\n3,awful boring,0\n"
+
+
+def test_a_csv_cell_that_is_not_utf8_is_an_error_row_not_a_failed_job(trained_run, tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_bytes(LATIN1_CSV)
+    out = tmp_path / "out"
+    assert score(trained_run, "--input", str(src), "--output", str(out), "--keep-text") == 0, (
+        capsys.readouterr()
+    )
+    rows = output_rows(out)
+    assert [(r["id"], r["source_row"], r["input_label"]) for r in rows] == [
+        ("1", 0, "1"),
+        ("2", 1, "1"),
+        ("3", 2, "0"),
+    ]
+    assert rows[1]["error"] == "column 'text' is not UTF-8 (byte 0xe9 at offset 3; --encoding)"
+    assert rows[1]["text"] is None and rows[1]["label"] is None
+    assert rows[0]["error"] is None and rows[2]["error"] is None and rows[0]["label"] and rows[2]["label"]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "data", "text"),
+    [
+        ("latin-1", LATIN1_CSV, "café crème: superb"),
+        ("cp1252", LATIN1_CSV.replace(b"superb", b"\x93superb\x94"), "café crème: “superb”"),
+        ("utf-16", LATIN1_CSV.decode("latin-1").encode("utf-16"), "café crème: superb"),  # pyarrow transcodes
+    ],
+)
+def test_encoding_reads_a_csv_export_as_written(trained_run, tmp_path, capsys, encoding, data, text):
+    src = tmp_path / "in.csv"
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    args = ["--input", str(src), "--output", str(out), "--keep-text", "--encoding", encoding]
+    assert score(trained_run, *args) == 0, capsys.readouterr().err
+    rows = output_rows(out)
+    assert [r["error"] for r in rows] == [None] * 3
+    assert [r["text"] for r in rows] == ["great film", text, "awful boring"]
+
+
+def test_both_engines_read_encodings_alike(tmp_path):
+    """Ray's read stage (read_files) is read_batches, with the same arguments, as the local engine's."""
+    from imdb_lora.scale.engines import read_files
+
+    src = tmp_path / "in.csv"
+    src.write_bytes(LATIN1_CSV.replace(b"superb", b"\x81"))  # 0x81: a byte cp1252 leaves undefined
+    files = pa.table({"uri": [str(src)], "format": ["csv"]})
+    for encoding in ("utf-8", "cp1252", "iso8859-1"):
+        local = list(sources.read_batches(str(src), "csv", 2, "text", 1000, encoding))
+        ray = list(read_files(files, rows=2, text_column="text", max_chars=1000, encoding=encoding))
+        assert [t.to_pylist() for t in ray] == [t.to_pylist() for t in local]
+        errors = [r["error"] for t in local for r in t.to_pylist()]
+        assert [r["source_row"] for t in local for r in t.to_pylist()] == [0, 1, 2]
+        want = {"utf-8": "UTF-8 (byte 0xe9", "cp1252": "cp1252 (byte 0x81", "iso8859-1": None}[encoding]
+        assert errors[0] is None and errors[2] is None
+        assert errors[1] == want or errors[1].startswith(f"column 'text' is not {want}")
+
+
+def test_encoding_reads_jsonl_too(trained_run, tmp_path):
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [GOOD, '{"id": "l", "text": "caf\xe9 superb"}'.encode("latin-1")]
+    )
+    assert score(trained_run, "--input", str(src), "--output", str(tmp_path / "a")) == 0
+    assert [r["error"] for r in output_rows(tmp_path / "a")] == [None, "line 2 is not UTF-8"]
+    args = ["--input", str(src), "--output", str(tmp_path / "b"), "--keep-text", "--encoding", "latin-1"]
+    assert score(trained_run, *args) == 0
+    assert [(r["text"], r["error"]) for r in output_rows(tmp_path / "b")] == [
+        ("great wonderful film", None),
+        ("café superb", None),
+    ]
+
+
+@pytest.mark.parametrize("name", ["utf-9", "rot13"])
+def test_an_unknown_encoding_is_one_line(trained_run, tmp_path, capsys, name):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    assert score(trained_run, "--input", str(src), "--output", str(tmp_path / "out"), "--encoding", name) == 2
+    one_line_error(capsys, f"--encoding {name}: not a text encoding")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- a JSONL line without end
+
+
+def test_a_jsonl_line_of_megabytes_is_an_error_row_and_the_next_lines_keep_their_numbers(
+    trained_run, tmp_path
+):
+    """A .gz of a few kB expanding to a 3,000,000-character line (the bomb, small): with --max-chars 20
+    the reader stops at 1,000,240 characters and skips to the next newline."""
+    import gzip
+
+    huge = b'{"id": "huge", "text": "' + b"great " * 500_000 + b'"}'
+    src = tmp_path / "in.jsonl.gz"
+    src.write_bytes(
+        gzip.compress(b"\n".join([GOOD, huge, b"", b"{not json", b'{"id": "end", "text": "awful"}']))
+    )
+    assert src.stat().st_size < 100_000
+    out = tmp_path / "out"
+    assert score(trained_run, "--input", str(src), "--output", str(out), "--max-chars", "20") == 0
+    rows = output_rows(out)
+    assert [(r["source_row"], r["error"]) for r in rows] == [
+        (0, None),
+        (1, "line 2 is longer than 1,000,240 characters (12 per --max-chars character, plus 1,000,000)"),
+        (2, "line 4 is not JSON (Expecting property name enclosed in double quotes)"),
+        (3, None),
+    ]
+    assert rows[3]["id"] == "end" and rows[3]["label"]
+
+
+def test_a_long_line_is_skipped_in_pieces_not_read_whole(tmp_path):
+    """Memory: reading past a 50,000,000-character line costs far less than the line."""
+    import gzip
+    import io
+    import tracemalloc
+
+    src = tmp_path / "bomb.gz"
+    src.write_bytes(gzip.compress(b"x" * 50_000_000 + b"\nafter\n", compresslevel=1))
+    with fs.LocalFileSystem().open_input_stream(str(src), compression="gzip") as f:
+        lines = io.TextIOWrapper(f, encoding="utf-8")
+        tracemalloc.start()
+        got = list(sources._bounded_lines(lines, 1000))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert got == [None, "after\n"] and peak < 5_000_000

@@ -32,6 +32,11 @@ def add_score_parser(sub) -> None:
         help=f"a longer text becomes a row with an error, never cut [default: {MAX_CHARS:,}]",
     )  # fmt: skip
     p.add_argument(
+        "--encoding", default="utf-8", metavar="NAME",
+        help="of JSONL and CSV inputs, e.g. cp1252 or latin-1 (Parquet is always UTF-8 and ignores it); "
+        "a row that is not in it becomes a row with an error [default: utf-8]",
+    )  # fmt: skip
+    p.add_argument(
         "--batch-size", type=positive_int, default=256,
         help="rows handed to a worker at a time (Ray Data's batch_size) [default: 256]",
     )  # fmt: skip
@@ -75,6 +80,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
         window_stride=ns.window_stride,
         raw=ns.raw,
         max_chars=ns.max_chars,
+        encoding=ns.encoding,
         overwrite=ns.overwrite,
     )
     prepare(job)

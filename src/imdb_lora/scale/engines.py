@@ -6,7 +6,8 @@ ray    the same reading and the same ScoreBatch on a Ray cluster: Ray Data reads
        scores the batches in an actor pool (one loaded model per actor, reused for every batch it gets)
        and writes Parquet from the workers; `preserve_order` keeps the output files in input order.
 Either way every output row names its source_file and source_row, and the output folder's marker
-(scale/output.py) says "running" until the job has finished.
+(scale/output.py) says "running" until the job has finished; a local output stays locked by this (the
+driver) process until then.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from ..errors import UserError
 from .batch import MAX_CHARS, ScoreBatch
 from .output import fail_marker, finish_marker, prepare_output
-from .sources import Source, check_columns, filesystem, list_sources, read_batches
+from .sources import Source, check_columns, check_encoding, filesystem, list_sources, read_batches
 
 
 @dataclass
@@ -35,8 +36,10 @@ class ScoreJob:
     window_stride: int | None = None
     raw: bool = False  # ignore the run's calibration temperature, as predict --raw
     max_chars: int = MAX_CHARS  # a longer text is an error row, never cut
+    encoding: str = "utf-8"  # of JSONL and CSV inputs (--encoding)
     overwrite: bool = False
     sources: list[Source] = field(default_factory=list)
+    lock: IO[str] | None = field(default=None, repr=False, compare=False)  # a local output's, from prepare
 
     def scorer_args(self, device: str, threads: int | None = None) -> dict[str, Any]:
         return dict(
@@ -71,9 +74,10 @@ class Summary:
 def prepare(job: ScoreJob) -> None:
     """Check everything that can be checked before any work: model, inputs, their columns, output."""
     check_model(job.model)
+    job.encoding = check_encoding(job.encoding)
     job.sources = list_sources(job.inputs)
-    check_columns(job.sources, job.text_column, job.max_chars)
-    prepare_output(job.output, job.inputs, job.overwrite)
+    check_columns(job.sources, job.text_column, job.max_chars, job.encoding)
+    job.lock = prepare_output(job.output, job.inputs, job.overwrite)  # last: nothing else can refuse now
 
 
 def check_model(path: str) -> None:
@@ -99,12 +103,17 @@ def is_onnx(path: str) -> bool:
 
 @contextmanager
 def recorded(job: ScoreJob) -> Iterator[None]:
-    """The job's end in its output's marker: "failed" with the error if anything escapes."""
+    """The job's end in its output's marker: "failed" with the error if anything escapes; then the
+    output's lock is let go (after the marker, so a job that finds the output unlocked reads its end)."""
     try:
         yield
     except BaseException as e:
         fail_marker(job.output, e)
         raise
+    finally:
+        if job.lock is not None:
+            job.lock.close()  # closing releases the flock
+            job.lock = None
 
 
 def finished(job: ScoreJob, summary: Summary) -> Summary:
@@ -129,7 +138,7 @@ def run_local(job: ScoreJob, device: str = "auto", progress: bool = True) -> Sum
         for i, src in enumerate(job.sources):
             parts = PartWriter(fsys, f"{out}/part-{i:05d}", pq)
             for table in read_batches(
-                src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars
+                src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars, job.encoding
             ):
                 parts.write(scorer(table))
                 bar.update(table.num_rows)
@@ -218,7 +227,12 @@ def _run_ray(
         read_files,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"rows": job.rows_per_batch, "text_column": job.text_column, "max_chars": job.max_chars},
+        fn_kwargs={
+            "rows": job.rows_per_batch,
+            "text_column": job.text_column,
+            "max_chars": job.max_chars,
+            "encoding": job.encoding,
+        },
         num_cpus=0,
     )
     ds = ds.map_batches(
@@ -240,10 +254,10 @@ def _run_ray(
     return summarize(job.output, time.time() - start)
 
 
-def read_files(batch, rows: int, text_column: str, max_chars: int = MAX_CHARS):
+def read_files(batch, rows: int, text_column: str, max_chars: int = MAX_CHARS, encoding: str = "utf-8"):
     """Ray Data stage: a batch of file names in, their rows out (streamed, `rows` at a time)."""
     for uri, fmt in zip(batch["uri"].to_pylist(), batch["format"].to_pylist()):
-        yield from read_batches(uri, fmt, rows, text_column, max_chars)
+        yield from read_batches(uri, fmt, rows, text_column, max_chars, encoding)
 
 
 def pool_size(resources: dict[str, float], cpus: float, gpus: float) -> int:

@@ -6,54 +6,148 @@ rewritten when the job ends: "finished" with rows, errors and seconds, or "faile
 that was killed leaves "running": its parts are incomplete. `--overwrite` replaces only a folder holding
 this marker, so it can never empty a folder this tool did not write. Everything goes through the
 pyarrow filesystem of the output, so a bucket behaves as a local folder does.
+
+A LOCAL output is also locked while a job writes it: `_imdb_lora_score.lock` holds the writer's pid
+under an OS lock (flock, as runs/rundir.py locks a run), taken before anything in the folder is deleted
+or written and held by the driver process until the job ends, so a second job on the same output (with
+--overwrite or not) is refused and touches nothing. A killed job's lock goes with its process: a lock
+file left behind blocks nobody. Remote (URI) outputs have no such lock (object stores offer no flock):
+two jobs must not be given the same remote output.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posixpath
 import time
-from typing import Any
+from typing import IO, Any
 
 from ..errors import UserError
 from .sources import filesystem
 
 MARKER = "_imdb_lora_score.json"
 KIND = "imdb-lora score output"
+LOCK = "_imdb_lora_score.lock"  # a leading underscore too: readers of the parts skip it
 MARKER_BYTES = 64 * 1024  # a marker is a few hundred bytes; never read more than this
 
 
-def prepare_output(output: str, inputs: list[str], overwrite: bool) -> None:
-    """An empty output folder holding a "running" marker; an earlier output replaced only if --overwrite."""
+def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] | None:
+    """An empty output folder holding a "running" marker; an earlier output replaced only if --overwrite.
+
+    Returns the held lock of a local output (None for a remote one): close it when the job has ended.
+    """
     from pyarrow import fs
 
     check_placement(output, inputs)
     fsys, path = filesystem(output)
+    local = fsys.type_name == "local"
     info = fsys.get_file_info(path)
     if info.type == fs.FileType.File:
         raise UserError(f"--output {output} is a file; give a folder")
-    if info.type == fs.FileType.Directory and fsys.get_file_info(fs.FileSelector(path)):
-        marker = read_marker(output)
-        if not overwrite:
-            raise UserError(f"--output {output} {describe(marker)}; pass --overwrite to replace it")
-        if marker is None:  # --overwrite must never empty a folder this tool did not write
-            raise UserError(f"--output {output} is not an imdb-lora score output; refusing to replace it")
-        fsys.delete_dir_contents(path)
-    fsys.create_dir(path, recursive=True)
-    write_marker(output, {"status": "running", "started": _now()})
+    # The lock of an earlier job, before anything else: a running job's folder is never read as
+    # "unfinished" nor emptied. Only an existing lock file is opened: a folder this tool may refuse
+    # (not a score output, no --overwrite) gets nothing written into it.
+    held = lock_output(output, path, create=False) if local and info.type == fs.FileType.Directory else None
+    lock = None
+    try:
+        if info.type == fs.FileType.Directory and _contents(fsys, path):
+            marker = read_marker(output)
+            if not overwrite:
+                raise UserError(
+                    f"--output {output} {describe(marker, local)}; pass --overwrite to replace it"
+                )
+            if marker is None:  # --overwrite must never empty a folder this tool did not write
+                raise UserError(f"--output {output} is not an imdb-lora score output; refusing to replace it")
+            if local and held is None:  # an output without a lock file: ours (its marker says so), lock it
+                held = lock_output(output, path, create=True)
+            if held is not None:  # a job refused by our lock from here on names us, not a dead holder
+                _write_pid(held)
+            fsys.delete_dir_contents(path)  # the lock file too: `held` keeps its lock on the deleted file
+        elif held is not None:  # nothing to delete: the lock file we hold stays this job's lock
+            lock, held = held, None
+        fsys.create_dir(path, recursive=True)
+        if local and lock is None:
+            # A new lock file, locked before the deleted one's lock is let go (finally), so no other job
+            # slips in between; one that took the new file first (a narrow race) refuses this one here.
+            lock = lock_output(output, path, create=True)
+        if lock is not None:
+            _write_pid(lock)
+        write_marker(output, {"status": "running", "started": _now()})
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    finally:
+        if held is not None:
+            held.close()
+    return lock
 
 
-def describe(marker: dict[str, Any] | None) -> str:
-    """What a non-empty output folder holds, for the refusal without --overwrite."""
+def _contents(fsys, path: str) -> list:
+    """What a folder holds, the lock file aside: a folder holding only a lock file counts as empty."""
+    from pyarrow import fs
+
+    return [i for i in fsys.get_file_info(fs.FileSelector(path)) if i.base_name != LOCK]
+
+
+def lock_output(output: str, path: str, create: bool) -> IO[str] | None:
+    """An exclusive flock on the output's lock file; None if there is none to lock (create=False and no
+    file). Another holder: one line naming its pid (the file's content), and nothing touched."""
+    lock_path = os.path.join(path, LOCK)
+    for _ in range(10):  # a file replaced between opening and locking it: lock the new one
+        try:
+            f = open(lock_path, "a+" if create else "r+")  # noqa: SIM115 - held open while the lock is
+        except FileNotFoundError:
+            return None
+        except OSError as e:  # a folder named like it, no permission...
+            raise UserError(f"--output {output}: cannot open its lock file {LOCK} ({e.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read(32).strip() or "?"
+            f.close()
+            raise UserError(
+                f"--output {output} is being written by another imdb-lora score job (pid {holder}); "
+                "wait for it to end or stop it, or choose another folder"
+            ) from None
+        if _same_file(f, lock_path):
+            return f
+        f.close()  # another job deleted (replaced) the file we locked: our lock guards nothing
+    raise UserError(f"--output {output}: its lock file keeps changing; is another score job starting?")
+
+
+def _write_pid(f: IO[str]) -> None:
+    """Written only once this job goes on: a job that is refused leaves a lock file as it found it."""
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+
+
+def _same_file(f: IO[str], path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def describe(marker: dict[str, Any] | None, lock_checked: bool = False) -> str:
+    """What a non-empty output folder holds, for the refusal without --overwrite.
+
+    lock_checked: a local output whose lock no job holds, so an unfinished output's job has ended; a
+    remote one has no lock, and its job may still be running.
+    """
     if marker is None:
         return "exists and is not empty"
     if marker.get("status") == "finished":
         return "holds an earlier score output"
-    return (
-        f"holds an unfinished score output (status {marker.get('status')!r}: the job was killed, "
-        "failed or is still running)"
-    )
+    why = "the job was killed or failed" if lock_checked else "the job was killed, failed or is still running"
+    return f"holds an unfinished score output (status {marker.get('status')!r}: {why})"
 
 
 def check_placement(output: str, inputs: list[str]) -> None:

@@ -7,15 +7,18 @@ as `input_<name>` (a labeled file's `label` becomes `input_label`, next to the p
 
 Paths go through pyarrow's filesystems: local paths, or URIs such as s3://, gs://, hdfs://, abfs://
 (credentials as pyarrow reads them). Compressed JSONL/CSV (.gz, .bz2, .zst, .lz4) are decompressed by
-suffix. A JSONL line that is not UTF-8, not JSON (nested too deep too), not a JSON object, whose text
-is not a string, or that holds both a name the output uses and its input_<name> (`label` and
-`input_label`), becomes a row with an `error`, never a failed job. CSV and Parquet are read by pyarrow:
-their columns are checked once before any work (`check_columns`), and a file pyarrow cannot read stops
-the job with one line naming it.
+suffix. A JSONL line that is not in the input encoding (--encoding, default UTF-8), longer than
+jsonl_line_chars(max_chars), not JSON (nested too deep too), not a JSON object, whose text is not a
+string, or that holds both a name the output uses and its input_<name> (`label` and `input_label`),
+becomes a row with an `error`, never a failed job; so does a CSV row with a cell that is not in the
+encoding. CSV and Parquet are read by pyarrow: their columns are checked once before any work
+(`check_columns`), and a file pyarrow cannot read stops the job with one line naming it.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import io
 import json
 import os
@@ -113,12 +116,23 @@ def list_sources(inputs: list[str]) -> list[Source]:
     return out
 
 
-def check_columns(sources: list[Source], text_column: str, max_chars: int) -> None:
+def check_encoding(name: str) -> str:
+    """--encoding as Python's codec name (utf-8, iso8859-1, cp1252...), or one line if there is none."""
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        info = None
+    if info is None or not getattr(info, "_is_text_encoding", True):  # rot13, base64...: not text codecs
+        raise UserError(f"--encoding {name}: not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
+    return info.name
+
+
+def check_columns(sources: list[Source], text_column: str, max_chars: int, encoding: str = "utf-8") -> None:
     """Fail before any work if a CSV or Parquet input lacks the text column (JSONL is checked per row)."""
     for s in sources:
         if s.format == "json":
             continue
-        names = _schema_names(s, max_chars)
+        names = _schema_names(s, max_chars, encoding)
         if text_column not in names:
             raise UserError(
                 f"--text-column: {s.uri} has no column {text_column!r} (it has {', '.join(names) or 'none'})"
@@ -128,7 +142,7 @@ def check_columns(sources: list[Source], text_column: str, max_chars: int) -> No
             raise UserError(f"{s.uri}: columns {sorted(clash)} would collide in the output; rename them")
 
 
-def _schema_names(s: Source, max_chars: int) -> list[str]:
+def _schema_names(s: Source, max_chars: int, encoding: str) -> list[str]:
     import pyarrow.parquet as pq
 
     fsys, path = filesystem(s.uri)
@@ -136,18 +150,68 @@ def _schema_names(s: Source, max_chars: int) -> list[str]:
         if s.format == "parquet":
             with fsys.open_input_file(path) as f:
                 return pq.ParquetFile(f).schema_arrow.names
-        return _csv_names(fsys, path, s.uri, max_chars)
+        return _csv_names(fsys, path, s.uri, max_chars, encoding)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"--input: cannot read {s.uri} ({_cause(e, max_chars)})") from None
 
 
-def _csv_names(fsys, path: str, uri: str, max_chars: int) -> list[str]:
+def _csv_names(fsys, path: str, uri: str, max_chars: int, encoding: str) -> list[str]:
+    """The header's names, decoded here as the cells are (pyarrow would replace bytes it cannot read)."""
+    with fsys.open_input_stream(path) as f:  # how many columns (pyarrow types the first block to tell)
+        columns = len(_csv_reader(f, uri, max_chars, encoding, None).schema)
+    with fsys.open_input_stream(path) as f:
+        header = _csv_reader(f, uri, max_chars, encoding, columns).read_next_batch().slice(0, 1)
+    names = []
+    for raw in header.columns:
+        try:
+            names.append(raw[0].as_py().decode(_cell_codec(encoding)))
+        except UnicodeDecodeError:
+            raise UserError(
+                f"--input: the header of {uri} is not {_label(encoding)}; give its encoding with --encoding"
+            ) from None
+    return names
+
+
+def _csv_reader(f, uri: str, max_chars: int, encoding: str, columns: int | None):
+    """pyarrow's CSV reader over raw cells: the header is the first row (f0, f1... as names) and, once
+    the number of columns is known, every column is binary, so pyarrow neither types nor decodes a cell:
+    one that is not in the encoding becomes that row's error (_decode_cells), not a failed file."""
+    import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    with fsys.open_input_stream(path) as f:
-        return pcsv.open_csv(f, read_options=_csv_read(max_chars), parse_options=_csv_parse(uri)).schema.names
+    read = pcsv.ReadOptions(
+        block_size=csv_block_bytes(max_chars),
+        autogenerate_column_names=True,
+        encoding=_stream_codec(encoding),
+    )
+    convert = pcsv.ConvertOptions(column_types={f"f{i}": pa.binary() for i in range(columns or 0)})
+    return pcsv.open_csv(f, read_options=read, parse_options=_csv_parse(uri), convert_options=convert)
+
+
+@functools.cache
+def _keeps_ascii(encoding: str) -> bool:
+    """Every ASCII byte alone is that character (UTF-8, Latin-1, cp1252, Shift-JIS...): delimiters, quotes
+    and newlines are the same bytes, so pyarrow can split the raw bytes and each cell is decoded alone."""
+    try:
+        return all(bytes([b]).decode(encoding) == chr(b) for b in range(128))
+    except UnicodeDecodeError:  # UTF-16/32, ISO-2022...
+        return False
+
+
+def _stream_codec(encoding: str) -> str:
+    """What pyarrow transcodes the whole file from: nothing ("utf8") where cells are decoded one by one;
+    otherwise (UTF-16...) pyarrow transcodes to UTF-8, and a byte it cannot read fails the file."""
+    return "utf8" if _keeps_ascii(encoding) else encoding
+
+
+def _cell_codec(encoding: str) -> str:
+    return encoding if _keeps_ascii(encoding) else "utf-8"
+
+
+def _label(encoding: str) -> str:
+    return "UTF-8" if encoding == "utf-8" else encoding
 
 
 def _csv_parse(uri: str):
@@ -167,12 +231,6 @@ def csv_block_bytes(max_chars: int) -> int:
     return max(16 << 20, 8 * max_chars)
 
 
-def _csv_read(max_chars: int):
-    import pyarrow.csv as pcsv
-
-    return pcsv.ReadOptions(block_size=csv_block_bytes(max_chars))
-
-
 def _cause(e: Exception, max_chars: int) -> str:
     """An exception from reading a file, in words a user can act on."""
     if "straddl" in str(e):  # pyarrow: one CSV row longer than its block
@@ -184,22 +242,25 @@ def _cause(e: Exception, max_chars: int) -> str:
 # ---------------------------------------------------------------- reading
 
 
-def read_batches(uri: str, fmt: str, rows: int, text_column: str, max_chars: int) -> Iterator[Any]:
+def read_batches(
+    uri: str, fmt: str, rows: int, text_column: str, max_chars: int, encoding: str = "utf-8"
+) -> Iterator[Any]:
     """Arrow tables of up to `rows` rows: the input's columns (renamed where they clash) + provenance.
 
-    JSONL tables come with an `error` column already (lines that could not be read); other formats'
-    own `error` column, like any clashing name, is carried as input_<name>.
+    JSONL and CSV tables come with an `error` column already (lines or cells that could not be read),
+    their own columns renamed already; Parquet's own `error` column, like any clashing name, is carried
+    as input_<name>. `encoding` is that of JSONL and CSV files; Parquet is always UTF-8.
     """
     start = 0
     try:
         if fmt == "json":
-            tables = _jsonl(uri, rows, text_column)
+            tables = _jsonl(uri, rows, text_column, max_chars, encoding)
         elif fmt == "parquet":
             tables = _parquet(uri, rows)
         else:
-            tables = _csv(uri, rows, max_chars)
+            tables = _csv(uri, rows, max_chars, encoding)
         for table in tables:
-            yield _with_provenance(table, uri, start, keep_error=fmt == "json")
+            yield _with_provenance(table, uri, start, keep_error=fmt != "parquet")
             start += table.num_rows
     except UserError:
         raise
@@ -227,19 +288,49 @@ def _parquet(uri: str, rows: int):
             yield pa.Table.from_batches([rb])
 
 
-def _csv(uri: str, rows: int, max_chars: int):
+def _csv(uri: str, rows: int, max_chars: int, encoding: str):
     """Every CSV column as text: a column typed from the first block cannot fail on a later row."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
     fsys, path = filesystem(uri)
-    names = _csv_names(fsys, path, uri, max_chars)
-    convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names})
+    names = [carried_name(n) for n in _csv_names(fsys, path, uri, max_chars, encoding)]
     with fsys.open_input_stream(path) as f:
-        reader = pcsv.open_csv(
-            f, read_options=_csv_read(max_chars), parse_options=_csv_parse(uri), convert_options=convert
+        reader = _csv_reader(f, uri, max_chars, encoding, len(names))
+        decoded = (
+            _decode_cells(rb.slice(1) if i == 0 else rb, names, encoding)  # batch 0 starts with the header
+            for i, rb in enumerate(reader)
         )
-        yield from _rebatch((pa.Table.from_batches([rb]) for rb in reader), rows)
+        yield from _rebatch(decoded, rows)
+
+
+def _decode_cells(batch, names: list[str], encoding: str):
+    """Raw (binary) CSV cells as text, plus an `error` column: a cell that is not in the encoding is
+    null, and its row says which column, so that row alone is not scored (never a changed text)."""
+    import pyarrow as pa
+
+    errors: list[str | None] = [None] * batch.num_rows
+    columns = [_decode_column(raw, name, encoding, errors) for raw, name in zip(batch.columns, names)]
+    return pa.Table.from_arrays([*columns, pa.array(errors, pa.string())], names=[*names, "error"])
+
+
+def _decode_column(raw, name: str, encoding: str, errors: list[str | None]):
+    import pyarrow as pa
+
+    codec = _cell_codec(encoding)
+    if codec == "utf-8":
+        try:
+            return raw.cast(pa.string())  # Arrow checks the UTF-8 of the whole column at C speed
+        except pa.ArrowInvalid:
+            pass  # some cell is not UTF-8: find which, one by one
+    values = []
+    for i, cell in enumerate(raw.to_pylist()):
+        try:
+            values.append(None if cell is None else cell.decode(codec))
+        except UnicodeDecodeError as e:
+            values.append(None)
+            errors[i] = errors[i] or (
+                f"column {name!r} is not {_label(encoding)} (byte 0x{cell[e.start]:02x} at offset {e.start}; "
+                "--encoding)"
+            )
+    return pa.array(values, pa.string())
 
 
 def _rebatch(tables, rows: int):
@@ -258,7 +349,20 @@ def _rebatch(tables, rows: int):
         yield pa.concat_tables(pending)
 
 
-def _jsonl(uri: str, rows: int, text_column: str):
+def jsonl_line_chars(max_chars: int) -> int:
+    """The longest JSONL line read, in characters; a longer one is an error row, never read whole.
+
+    A text of max_chars characters can take 12 line characters each: json.dumps' default (ensure_ascii)
+    writes every non-ASCII character as a 6-character \\uXXXX escape, and one outside the BMP (an emoji)
+    as a pair of them; 1,000,000 more leave room for the other fields. So every line whose text fits
+    --max-chars is read (a longer text is refused later, with its own message), while a line of
+    gigabytes, or a .gz expanding to one, costs at most this many characters in memory (2,200,000 by
+    default; a Python string holds at most 4 bytes per character).
+    """
+    return 12 * max_chars + 1_000_000
+
+
+def _jsonl(uri: str, rows: int, text_column: str, max_chars: int = 100_000, encoding: str = "utf-8"):
     """JSON lines parsed one by one, so a bad line is a row with an error, not an unreadable file.
 
     The `error` column written here (an unreadable line, a text that is not a string) is kept by
@@ -271,12 +375,15 @@ def _jsonl(uri: str, rows: int, text_column: str):
     with fsys.open_input_stream(path) as f:
         # surrogateescape keeps invalid bytes recognisable (a lone surrogate), so that line, and only
         # it, becomes an error row instead of a silently changed text.
-        lines = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape")
+        lines = io.TextIOWrapper(f, encoding=encoding, errors="surrogateescape")
         batch: list[dict] = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
+        for n, line in enumerate(_bounded_lines(lines, jsonl_line_chars(max_chars)), 1):
+            if line is None:
+                batch.append({"error": _too_long(n, max_chars)})
+            elif not line.strip():
                 continue
-            batch.append(_json_row(line, n))
+            else:
+                batch.append(_json_row(line, n, encoding))
             if len(batch) == rows:
                 yield _json_table(batch, text_key)
                 batch = []
@@ -284,11 +391,31 @@ def _jsonl(uri: str, rows: int, text_column: str):
             yield _json_table(batch, text_key)
 
 
-def _json_row(line: str, n: int) -> dict:
+def _bounded_lines(lines: io.TextIOWrapper, limit: int) -> Iterator[str | None]:
+    """Each line (up to `limit` characters, newline aside), or None for a longer one, whose rest is
+    read in small pieces and dropped: memory stays bounded, and the next line keeps its number."""
+    while True:
+        line = lines.readline(limit + 1)  # TextIOWrapper stops at `limit + 1` characters, newline or not
+        if not line:
+            return
+        if len(line) <= limit or line.endswith("\n"):
+            yield line
+            continue
+        while (rest := lines.readline(1 << 16)) and not rest.endswith("\n"):
+            pass
+        yield None
+
+
+def _too_long(n: int, max_chars: int) -> str:
+    limit = jsonl_line_chars(max_chars)
+    return f"line {n} is longer than {limit:,} characters (12 per --max-chars character, plus 1,000,000)"
+
+
+def _json_row(line: str, n: int, encoding: str = "utf-8") -> dict:
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
-        return {"error": f"line {n} is not UTF-8"}
+        return {"error": f"line {n} is not {_label(encoding)}"}
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
