@@ -159,10 +159,13 @@ def _schema_names(s: Source, max_chars: int, encoding: str) -> list[str]:
 
 def _csv_names(fsys, path: str, uri: str, max_chars: int, encoding: str) -> list[str]:
     """The header's names, decoded here as the cells are (pyarrow would replace bytes it cannot read)."""
+    # Both reads are serial: a threaded reader may parse the next block ahead, and that block's error
+    # (a row longer than a block) would then fail this check instead of the read, at its row.
     with fsys.open_input_stream(path) as f:  # how many columns (pyarrow types the first block to tell)
-        columns = len(_csv_reader(f, uri, max_chars, encoding, None).schema)
+        columns = len(_csv_reader(f, uri, max_chars, encoding, None, threads=False).schema)
     with fsys.open_input_stream(path) as f:
-        header = _csv_reader(f, uri, max_chars, encoding, columns).read_next_batch().slice(0, 1)
+        reader = _csv_reader(f, uri, max_chars, encoding, columns, threads=False)
+        header = reader.read_next_batch().slice(0, 1)
     names = []
     for raw in header.columns:
         try:
@@ -174,7 +177,7 @@ def _csv_names(fsys, path: str, uri: str, max_chars: int, encoding: str) -> list
     return names
 
 
-def _csv_reader(f, uri: str, max_chars: int, encoding: str, columns: int | None):
+def _csv_reader(f, uri: str, max_chars: int, encoding: str, columns: int | None, threads: bool = True):
     """pyarrow's CSV reader over raw cells: the header is the first row (f0, f1... as names) and, once
     the number of columns is known, every column is binary, so pyarrow neither types nor decodes a cell:
     one that is not in the encoding becomes that row's error (_decode_cells), not a failed file."""
@@ -185,6 +188,7 @@ def _csv_reader(f, uri: str, max_chars: int, encoding: str, columns: int | None)
         block_size=csv_block_bytes(max_chars),
         autogenerate_column_names=True,
         encoding=_stream_codec(encoding),
+        use_threads=threads,
     )
     convert = pcsv.ConvertOptions(column_types={f"f{i}": pa.binary() for i in range(columns or 0)})
     return pcsv.open_csv(f, read_options=read, parse_options=_csv_parse(uri), convert_options=convert)
