@@ -64,6 +64,38 @@ def test_predict_from_file(trained_run, tmp_path, capsys, fmt):
     assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == texts
 
 
+def test_predict_says_how_many_blank_lines_it_skipped(trained_run, tmp_path, capsys, monkeypatch):
+    # they used to vanish silently, so outputs no longer lined up with input lines unnoticed
+    f = tmp_path / "in.txt"
+    f.write_text("a fine film\n\nawful\n   \nboring\n")
+    code, out, err = run(capsys, "predict", str(trained_run), "--file", str(f), "--json")
+    assert code == 0 and len(out.splitlines()) == 3 and f"skipped 2 blank line(s) of --file {f}" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("great\n\nawful\n"))
+    code, out, err = run(capsys, "predict", str(trained_run), "--json")
+    assert code == 0 and len(out.splitlines()) == 2 and "skipped 1 blank line(s) of stdin" in err
+    code, _, err = run(capsys, "predict", str(trained_run), "great")
+    assert code == 0 and "skipped" not in err
+
+
+def test_predict_text_column(trained_run, tmp_path, capsys):
+    f = tmp_path / "in.csv"
+    f.write_text('id,review\n1,great film\n2,"awful, boring"\n')
+    code, out, _ = run(
+        capsys, "predict", str(trained_run), "--file", str(f), "--text-column", "review", "--json"
+    )
+    assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == [
+        "great film",
+        "awful, boring",
+    ]
+    expect_error(
+        capsys, "has no 'text' column (it has id, review)", "predict", str(trained_run), "--file", str(f)
+    )
+    expect_error(
+        capsys, "--text-column applies to a CSV, TSV or JSONL --file only",
+        "predict", str(trained_run), "x", "--text-column", "review",
+    )  # fmt: skip
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -100,6 +132,20 @@ def test_python_dash_m_behaves_the_same(trained_run):
         text=True,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such run directory" in r.stderr
+
+
+def test_predict_into_a_reader_that_stops_early_is_quiet(trained_run, tmp_path):
+    # `predict ... | head` used to end in a BrokenPipeError traceback (exit 1)
+    texts = tmp_path / "many.txt"
+    texts.write_text("".join(f"great film number {i}\n" for i in range(1000)))  # > a pipe's 64 KiB
+    cmd = [sys.executable, "-m", "imdb_lora", "predict", str(trained_run), "--file", str(texts), "--json"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # the reader leaves, as head does
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    assert first and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code == 141  # 128 + SIGPIPE, as a shell reports a filter cut short
 
 
 HEAVY = ("torch", "transformers", "peft", "numpy", "fastapi", "uvicorn", "onnxruntime", "ray", "matplotlib")
@@ -274,3 +320,34 @@ def test_window_averaging_gives_one_prediction_per_input_in_order(trained_run, c
     assert rows[1]["probabilities"] == pytest.approx(json.loads(plain)["probabilities"], abs=1e-5)
     code, out, _ = run(capsys, "evaluate", str(trained_run), "--window-stride", "32", "--json")
     assert code == 0 and json.loads(out)["window_stride"] == 32
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "score"])
+def test_a_window_stride_too_long_is_refused_before_the_model_loads(
+    trained_run, tmp_path, capsys, monkeypatch, command
+):
+    # score used to exit 0 with a "finished" output whose every row held this error
+    from imdb_lora.inference.classifier import Classifier
+
+    monkeypatch.setattr(Classifier, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "in.csv").write_text("text\ngreat\n")
+    out = tmp_path / "scored"
+    args = {
+        "predict": ["predict", str(trained_run), "x"],
+        "evaluate": ["evaluate", str(trained_run)],
+        "score": ["score", str(trained_run), "--input", str(tmp_path / "in.csv"), "--output", str(out)],
+    }[command]
+    assert main([*args, "--window-stride", "999"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--window-stride must be in (0, " in err and "got 999" in err and len(err.strip().splitlines()) == 1
+    )
+    assert not out.exists()
+
+
+def test_window_stride_zero_is_one_truncated_window_and_negative_is_refused(trained_run, capsys):
+    _, plain, _ = run(capsys, "predict", str(trained_run), "awful film", "--json")
+    code, zero, _ = run(capsys, "predict", str(trained_run), "awful film", "--json", "--window-stride", "0")
+    assert code == 0 and json.loads(zero) == json.loads(plain)
+    assert main(["predict", str(trained_run), "x", "--window-stride", "-1"]) == 2
+    assert "argument --window-stride: expected an integer >= 0, got -1" in capsys.readouterr().err

@@ -171,6 +171,20 @@ def test_labeled_file_bad_label(tmp_path, label):
         load_labeled_file(p)
 
 
+def test_labeled_file_without_a_label_says_so(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine", "label": 1}\n{"text": "meh"}\n')
+    with pytest.raises(UserError, match="row 2 has no 'label' value"):  # it said "has label None"
+        load_labeled_file(p)
+
+
+def test_a_labeled_file_given_as_data_points_to_the_right_flags(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\nfine,1\n")
+    with pytest.raises(UserError, match="--data takes an aclImdb folder or archive: .* --train-file"):
+        load_imdb(p)
+
+
 def test_stratified_split_is_seeded_and_balanced():
     labels = [0] * 60 + [1] * 40
     rest, held = stratified_split(labels, 0.1, seed=3)
@@ -265,4 +279,4 @@ def test_csv_cells_longer_than_csvs_default_limit_are_read(tmp_path):
     f = tmp_path / "long.csv"
     f.write_text(f'text,label\n"{long}",1\nshort,0\n')
     assert load_labeled_file(f).texts == [long, "short"]
-    assert read_texts(str(f), None) == [long, "short"]
+    assert read_texts(str(f), None) == ([long, "short"], 0)

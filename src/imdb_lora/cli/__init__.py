@@ -10,6 +10,9 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import stat
 import sys
 import warnings
 from collections.abc import Callable
@@ -70,3 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # train says what the interruption left behind
         print(f"\nimdb-lora: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not stdout_is_a_pipe():
+            raise
+        return reader_left()
+
+
+def stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured, closed)
+        return False
+
+
+def reader_left() -> int:
+    """`predict ... | head`: the reader closed the pipe, having read all it wanted. Quiet, as other
+    filters are: stdout goes to /dev/null (Python would report the failed flush at exit), and the exit
+    status is a shell's for SIGPIPE (128 + 13), so `set -o pipefail` still sees the output was cut."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + int(signal.SIGPIPE)

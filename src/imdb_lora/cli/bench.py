@@ -66,7 +66,7 @@ def add_serve_bench_parser(sub) -> None:
     p.add_argument(
         "--timeout", type=positive_float, default=300.0, help="seconds a request may take [default: 300]"
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="server: texts per model call")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="server: batching wait")
     p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="server: texts waiting")
@@ -131,7 +131,7 @@ def add_bench_train_parsers(sub) -> None:
         p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup steps)")
         p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocation, kernels)")
         p.add_argument("--samples", type=int, default=25000, help="reviews to draw lengths from")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
         p.add_argument(
             "--peak-tflops",
             type=float,

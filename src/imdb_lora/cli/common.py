@@ -12,11 +12,16 @@ from ..errors import UserError
 def add_window_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--window-stride",
-        type=int,
+        type=window_stride,
         metavar="TOKENS",
         help="read long reviews as overlapping max-length windows starting every TOKENS tokens and "
-        "average their probabilities (default: one truncated window, as in training)",
+        "average their probabilities (default, or 0: one truncated window, as in training)",
     )
+
+
+def window_stride(text: str) -> int | None:
+    """TOKENS >= 0; 0 is no windows (None), as in select's --window-strides."""
+    return argument(text, int, lambda v: v >= 0, "an integer >= 0") or None
 
 
 def add_raw_flag(p: argparse.ArgumentParser) -> None:
@@ -37,34 +42,27 @@ def add_max_batch_tokens_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def non_negative_float(text: str) -> float:
+def argument(text: str, cast, ok, expected: str):
+    """An argparse type's body: `text` as `cast` gives it, if `ok`; else "expected ..., got ..."."""
     try:
-        value = float(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    return argument(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
+    return argument(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return argument(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def batch_sizes(text: str) -> list[int]:

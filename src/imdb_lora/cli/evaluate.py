@@ -39,7 +39,7 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--errors-dir", default=".", help="folder for the --errors files [default: .]")
     p.add_argument("--overwrite", action="store_true", help="replace existing --errors files")
     p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
     p.add_argument("--json", action="store_true", help="print one JSON object (one per --file)")
     add_raw_flag(p)
@@ -57,6 +57,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     elif ns.errors or ns.text_column != "text" or ns.label_column != "label":
         raise UserError("--errors, --text-column and --label-column need --file")
     require_directories(ns.run)
+    from ..inference.classifier import check_window_stride_of
+
+    check_window_stride_of(ns.run, ns.window_stride)
     if ns.files:
         return _evaluate_files(ns)
     return _evaluate_split(ns)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import UserError
 from .common import (
@@ -20,7 +21,10 @@ def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="sentiment of texts given as arguments, in a file, or on stdin")
     p.add_argument("run", help="run directory or export folder")
     p.add_argument("texts", nargs="*", default=[], help="texts to classify (none: --file or stdin)")
-    p.add_argument("--file", help="one text per line, or JSONL/CSV with a 'text' column")
+    p.add_argument("--file", help="one text per line (blank lines skipped), or JSONL/CSV with a text column")
+    p.add_argument(
+        "--text-column", default="text", help="the text column of a JSONL/CSV --file [default: text]"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument(
         "--batch-size",
@@ -28,7 +32,7 @@ def add_predict_parser(sub) -> None:
         default=32,
         help="texts per forward pass at most (--max-batch-tokens also caps it)",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
     add_raw_flag(p)
     add_window_flag(p)
@@ -41,11 +45,16 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         raise UserError("give texts as arguments or --file, not both")
     require_directories(ns.run)
     from ..data.files import read_texts
-    from ..inference.classifier import Classifier, check_texts
+    from ..inference.classifier import Classifier, check_texts, check_window_stride_of
 
-    if not ns.texts and not ns.file and sys.stdin.isatty():  # else a bare `predict RUN` waits silently
-        print("reading texts from the terminal, one per line; end with Ctrl-D", file=sys.stderr, flush=True)
-    texts = ns.texts or read_texts(ns.file, None if ns.file else sys.stdin.read())
+    check_window_stride_of(ns.run, ns.window_stride)
+    tabular = ns.file is not None and Path(ns.file).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
+    if ns.text_column != "text" and not tabular:
+        raise UserError("--text-column applies to a CSV, TSV or JSONL --file only")
+    texts, blank = (ns.texts, 0) if ns.texts else read_texts(ns.file, _stdin(ns), ns.text_column)
+    if blank:  # said, because outputs then no longer line up with input lines
+        source = f"--file {ns.file}" if ns.file else "stdin"
+        print(f"imdb-lora: skipped {blank:,} blank line(s) of {source}", file=sys.stderr)
     if not texts:
         raise UserError("no text to classify: pass texts, --file F, or lines on stdin")
     check_texts(texts)
@@ -62,3 +71,12 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     else:
         print("\n\n".join(p.to_text() for p in preds))
     return 0
+
+
+def _stdin(ns: argparse.Namespace) -> str | None:
+    """stdin's text when neither texts nor --file are given (else None)."""
+    if ns.file:
+        return None
+    if sys.stdin.isatty():  # else a bare `predict RUN` waits silently
+        print("reading texts from the terminal, one per line; end with Ctrl-D", file=sys.stderr, flush=True)
+    return sys.stdin.read()

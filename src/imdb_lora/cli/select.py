@@ -26,7 +26,7 @@ def add_select_parser(sub) -> None:
     p.add_argument("--data", help="IMDB folder/archive (default: the runs' own data setting)")
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of each split (quick checks)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(func=cmd_select)
 
@@ -44,7 +44,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     )
     c = result["chosen"]
     print(
-        f"chosen on validation: {c['run']} window_stride={c['window_stride']} ({100 * c['val_accuracy']:.2f}%)"
+        f"chosen on validation: {c['run']} window_stride={c['window_stride'] or 0} ({100 * c['val_accuracy']:.2f}%)"
     )
     if ns.json:
         print(json.dumps(result))

@@ -87,6 +87,8 @@ def load_labeled_file(
         text, label = row.get(text_column), row.get(label_column)
         if not isinstance(text, str) or not has_content(text):
             raise UserError(f"{flag}: {p} row {n} has an empty or missing text")
+        if label is None:
+            raise UserError(f"{flag}: {p} row {n} has no {label_column!r} value")
         y = parse_label(label)
         if y is None:
             raise UserError(
@@ -98,22 +100,32 @@ def load_labeled_file(
     return LabeledTexts(texts, labels)
 
 
-def read_texts(file: str | None, stdin_text: str | None) -> list[str]:
-    """Texts from --file (one per line, or JSONL/CSV with a `text` column) or from stdin lines."""
+def read_texts(file: str | None, stdin_text: str | None, text_column: str = "text") -> tuple[list[str], int]:
+    """Texts from --file (one per line, or JSONL/CSV with a `text_column` column) or from stdin lines,
+    and how many blank lines were skipped (plain lines only), so the caller can say so: without that
+    note, outputs would silently stop lining up with input lines."""
     if file is None:
-        return [line for line in (stdin_text or "").splitlines() if line.strip()]
+        return non_blank_lines(stdin_text or "")
     p, content = read_utf8(file, "--file")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
         texts = []
         for n, obj in jsonl_objects(content, p, "--file"):
-            if not isinstance(obj.get("text"), str):
-                raise UserError(f"--file: {p} line {n} has no 'text' string")
-            texts.append(obj["text"])
-        return texts
+            if not isinstance(obj.get(text_column), str):
+                raise UserError(f"--file: {p} line {n} has no {text_column!r} string")
+            texts.append(obj[text_column])
+        return texts, 0
     if suffix in (".csv", ".tsv"):
         header, rows = csv_rows(content, p, "--file")
-        if "text" not in header:
-            raise UserError(f"--file: {p} has no 'text' column")
-        return [row["text"] for row in rows]
-    return [line for line in content.splitlines() if line.strip()]
+        if text_column not in header:
+            raise UserError(
+                f"--file: {p} has no {text_column!r} column (it has {', '.join(header) or 'none'})"
+            )
+        return [row[text_column] for row in rows], 0
+    return non_blank_lines(content)
+
+
+def non_blank_lines(content: str) -> tuple[list[str], int]:
+    lines = content.splitlines()
+    texts = [line for line in lines if line.strip()]
+    return texts, len(lines) - len(texts)

@@ -106,9 +106,17 @@ def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
                     yield m.name, f.read() if f else b""
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         why = str(e).splitlines()[0].rstrip(":.") if str(e).strip() else type(e).__name__
+        if _is_labeled_file(path):  # --data confused with the flags that take labeled files
+            why += "; --data takes an aclImdb folder or archive: give labeled CSV/TSV/JSONL files to train "
+            why += "as --train-file (and --test-file), to evaluate as --file"
+            raise UserError(f"cannot read archive {path}: {why}") from None
         raise UserError(
             f"cannot read archive {path}: {why} (corrupt, or not a .tar/.tar.gz/.tar.xz)"
         ) from None
+
+
+def _is_labeled_file(path: Path) -> bool:
+    return path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
 
 
 def _check_archive_bounds(path: Path, entries: int, expanded: int) -> None:

@@ -47,6 +47,15 @@ def encode(
     return out
 
 
+def check_window_stride(tokenizer, max_length: int, stride: int | None) -> None:
+    """A stride (None: no windows) fits the review tokens of one max_length window, or one line."""
+    budget = window_layout(tokenizer, max_length)[2]
+    if stride is not None and not 0 < stride <= budget:
+        raise UserError(
+            f"--window-stride must be in (0, {budget}] for max length {max_length} (0: no windows), got {stride}"
+        )
+
+
 def encode_windows(
     tokenizer, texts: Sequence[str], max_length: int, stride: int
 ) -> tuple[list[list[int]], list[int]]:
@@ -56,8 +65,7 @@ def encode_windows(
     every token is seen. Returns the windows and, for each, the index of the text it came from.
     """
     prefix, suffix, budget = window_layout(tokenizer, max_length)
-    if not 0 < stride <= budget:
-        raise UserError(f"--window-stride must be in (0, {budget}] for max length {max_length}")
+    check_window_stride(tokenizer, max_length, stride)
     bodies = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     windows, owner = [], []
     for i, ids in enumerate(bodies):

@@ -11,7 +11,7 @@ import torch
 from ..config import Config
 from ..data.batches import default_max_batch_tokens
 from ..data.labeled import LABEL_NAMES, has_content
-from ..data.tokenize import encode, encode_windows
+from ..data.tokenize import check_window_stride, encode, encode_windows
 from ..errors import UserError
 from ..modeling.forward import batched_logits
 from ..modeling.load import (
@@ -185,6 +185,21 @@ class Classifier:
             return []
         probs = self.logits(texts, batch_size, window_stride=window_stride).softmax(-1)
         return [to_prediction(t, p) for t, p in zip(texts, probs.tolist())]
+
+
+def check_window_stride_of(path: str, stride: int | None) -> None:
+    """--window-stride against a run's or export's saved max length and tokenizer, before the model
+    loads or any data is read (seconds, not minutes; and `score` would make it every row's error)."""
+    if stride is None:
+        return
+    root = Path(path).expanduser()
+    if is_export(root):
+        config_path, tokenizer_dir = root / "config.yaml", root / "tokenizer"
+    else:
+        run = RunDir(root)
+        config_path, tokenizer_dir = run.config_path, run.tokenizer_dir
+    cfg = Config.load_saved(config_path)
+    check_window_stride(load_tokenizer(str(tokenizer_dir)), cfg.data.max_length, stride)
 
 
 def to_prediction(text: str, probs: list[float]) -> Prediction:

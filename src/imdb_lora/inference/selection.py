@@ -113,7 +113,7 @@ def select(
         )
         s = Score(run, stride, split, acc, loss, n, seconds)
         log(
-            f"{split} {run} window_stride={stride}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {n:,} reviews"
+            f"{split} {run} window_stride={stride or 0}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {n:,} reviews"
         )
         return s
 

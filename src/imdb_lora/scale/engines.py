@@ -73,7 +73,10 @@ class Summary:
 
 def prepare(job: ScoreJob) -> None:
     """Check everything that can be checked before any work: model, inputs, their columns, output."""
+    from ..inference.classifier import check_window_stride_of
+
     check_model(job.model)
+    check_window_stride_of(job.model, job.window_stride)  # a bad one would make every row an error
     job.encoding = check_encoding(job.encoding)
     job.sources = list_sources(job.inputs)
     check_columns(job.sources, job.text_column, job.max_chars, job.encoding)
