@@ -85,3 +85,14 @@ def test_train_can_turn_the_cache_off(tiny_models, imdb_dir, tmp_path, cache):
     assert entries(cache) == []
     assert main([*args, "--overwrite"]) == 0
     assert len(entries(cache)) == 3  # train, validation, test
+
+
+def test_tokenizing_in_chunks_gives_the_same_ids_and_advances_the_bar(tok, monkeypatch):
+    from imdb_lora.data import tokenize
+
+    whole = encode(tok, TEXTS, 64, "head_tail", 16)
+    monkeypatch.setattr(tokenize, "ENCODE_CHUNK", 3)  # 4 texts: chunks of 3 and 1
+    counted = []
+    progress = type("Bar", (), {"update": lambda self, n: counted.append(n)})()
+    assert encode(tok, TEXTS, 64, "head_tail", 16, progress=progress) == whole
+    assert counted == [3, 1]

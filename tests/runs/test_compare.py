@@ -161,12 +161,13 @@ def test_the_table_names_each_device_when_the_runs_differ():
     )
 
 
-def test_ctrl_c_lets_the_run_tidy_up_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("left", ["resumable", "nothing"])
+def test_ctrl_c_lets_the_run_tidy_up_and_says_what_it_left(left, tmp_path, capsys, monkeypatch):
     waits = []
 
     class InterruptedChild:
         def __init__(self, argv, env):
-            pass
+            self.run = Path(argv[argv.index("--output-dir") + 1])
 
         def __enter__(self):
             return self
@@ -178,7 +179,11 @@ def test_ctrl_c_lets_the_run_tidy_up_and_says_how_to_continue(tmp_path, capsys, 
             waits.append(1)
             if len(waits) == 1:
                 raise KeyboardInterrupt  # Ctrl-C while the child trains
-            return 130  # the child got it too and has left its run resumable
+            if left == "resumable":  # the child got it too and has left its run resumable...
+                self.run.mkdir(parents=True)
+                (self.run / "config.yaml").write_text("{}\n")
+                (self.run / "checkpoint.safetensors").write_bytes(b"")
+            return 130  # ...or, before its first checkpoint, removed it
 
         def kill(self) -> None:
             pytest.fail("compare killed a run that was still tidying up after Ctrl-C")
@@ -186,8 +191,65 @@ def test_ctrl_c_lets_the_run_tidy_up_and_says_how_to_continue(tmp_path, capsys, 
     monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=InterruptedChild))
     assert main(["compare", "--output-dir", str(tmp_path / "cmp"), "--epochs", "1"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted; the lora run stopped; the same compare command with --resume continues it" in err
+    resume = "interrupted; the lora run stopped; the same compare command with --resume continues it"
+    again = (
+        "interrupted; the lora run stopped before its first checkpoint, so there is nothing of it to "
+        "resume; run the same compare command again"
+    )
+    assert (resume in err, again in err) == ((True, False) if left == "resumable" else (False, True))
     assert len(waits) == 2
+
+
+def test_ctrl_c_in_full_before_its_checkpoint_keeps_the_finished_lora_run(
+    tiny_models, imdb_dir, tmp_path, capsys, monkeypatch, train_in_this_process
+):
+    class FullInterruptedEarly(TrainInThisProcess):
+        """The full run's child gets Ctrl-C before its first checkpoint: it leaves no folder."""
+
+        waits = 0
+
+        def wait(self) -> int:
+            if self.argv[2] != "full":
+                return super().wait()
+            FullInterruptedEarly.waits += 1
+            if FullInterruptedEarly.waits == 1:
+                raise KeyboardInterrupt
+            return 130
+
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=FullInterruptedEarly))
+    out = tmp_path / "cmp"
+    compare = ["compare", "--output-dir", str(out), *compare_flags(tiny_models, imdb_dir)]
+    assert main(compare) == 130
+    err = capsys.readouterr().err
+    assert (
+        "interrupted; the full run stopped before its first checkpoint, so there is nothing of it to resume; "
+        "the same compare command with --resume keeps the finished lora run and trains full from the start"
+    ) in err
+    assert RunDir(out / "lora").status() == "finished" and not (out / "full").exists()
+
+    # the advice works: --resume keeps lora and trains full from the start
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=TrainInThisProcess))
+    train_in_this_process.clear()
+    assert main([*compare, "--resume"]) == 0
+    assert [args[:2] for args in train_in_this_process] == [["--method", "full"]]
+    assert "--resume" not in train_in_this_process[0]
+
+
+def test_ctrl_c_advice_under_overwrite_names_resume_instead(tmp_path):
+    from imdb_lora.runs.compare import after_interrupt
+
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "run.json").write_text('{"status": "finished"}')
+    assert after_interrupt(tmp_path, "full", overwrite=True).endswith(
+        "the same compare command with --resume instead of --overwrite keeps the finished lora run "
+        "and trains full from the start"
+    )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.yaml").write_text("{}\n")
+    (tmp_path / "full" / "checkpoint.safetensors").write_bytes(b"")
+    assert after_interrupt(tmp_path, "full", overwrite=True) == (
+        "the full run stopped; the same compare command with --resume instead of --overwrite continues it"
+    )
 
 
 @pytest.mark.slow
@@ -229,3 +291,37 @@ def test_real_ctrl_c_then_resume(tiny_models, imdb_dir, tmp_path, train_in_this_
     assert {json.loads((out / m / "run.json").read_text())["status"] for m in ("lora", "full")} == {
         "finished"
     }
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_before_the_first_checkpoint_says_to_run_again(tiny_models, tmp_path):
+    """Ctrl-C as soon as the LoRA run's folder appears (in its setup or first steps, long before a
+    checkpoint): the child removes the folder, and compare does not promise a --resume."""
+    data = write_imdb(tmp_path / "imdb200", per_class=200, seed=1)  # 75 steps an epoch at batch 4
+    out = tmp_path / "cmp"
+    flags = compare_flags(tiny_models, data, "--batch-size", "4", "--checkpoint-every", "0")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "compare.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imdb_lora", "compare", "--output-dir", str(out), *flags],
+            env=env,
+            stdout=f,
+            stderr=f,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (out / "lora").is_dir():
+            time.sleep(0.002)
+        assert proc.poll() is None, f"compare ended before Ctrl-C: {log.read_text()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert "nothing of it to resume; run the same compare command again" in text, text[-2000:]
+    assert "--resume continues it" not in text
+    assert not (out / "lora").exists() and not (out / "full").exists()

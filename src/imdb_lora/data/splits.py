@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .files import load_labeled_file
@@ -37,15 +37,21 @@ def stratified_subset(labels: Sequence[int], n: int | None, seed: int) -> list[i
     return sorted(held)
 
 
-def load_splits(data_cfg, seed: int) -> Splits:
-    """Train/validation/test for a run, from IMDB or labeled files, subsets applied."""
+def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = None) -> Splits:
+    """Train/validation/test for a run, from IMDB or labeled files, subsets applied.
+
+    `announce` is told what is about to be read (reading the full IMDB archive takes tens of seconds).
+    """
+    say = announce or (lambda _line: None)
     if data_cfg.train_file:
+        files = [f for f in (data_cfg.train_file, data_cfg.test_file) if f]
+        say(f"reading {', '.join(files)} ...")
         train = load_labeled_file(data_cfg.train_file, "--train-file")
         test = load_labeled_file(data_cfg.test_file, "--test-file") if data_cfg.test_file else None
-        files = [f for f in (data_cfg.train_file, data_cfg.test_file) if f]
         source = {"kind": "files", "files": {f: file_sha256(Path(f).expanduser()) for f in files}}
     else:
-        path = resolve_imdb_path(data_cfg.path)
+        path = resolve_imdb_path(data_cfg.path)  # a download has its own progress bar
+        say(f"reading IMDB from {path} ...")
         imdb = load_imdb(path)
         train, test = imdb["train"], imdb["test"]
         source = describe_source(path)

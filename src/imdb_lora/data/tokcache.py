@@ -65,18 +65,34 @@ def cached_encode(
     truncation: str = "head",
     head_tokens: int = 128,
     enabled: bool = True,
+    progress: str | None = None,
 ) -> list[list[int]]:
-    """encode() through the cache: the same ids, computed once per texts/tokenizer/settings."""
+    """encode() through the cache: the same ids, computed once per texts/tokenizer/settings.
+
+    With `progress` (a description), texts that are actually tokenized (not read from the cache) show
+    a progress bar on stderr: tokenizing 50,000 reviews takes a minute on a CPU.
+    """
     fingerprint = tokenizer_fingerprint(tokenizer) if enabled and texts else None
     if fingerprint is None:
-        return encode(tokenizer, texts, max_length, truncation, head_tokens)
+        return _encode_with_bar(tokenizer, texts, max_length, truncation, head_tokens, progress)
     settings = {"max_length": max_length, "truncation": truncation, "head_tokens": head_tokens}
     path = cache_root() / f"{cache_key(fingerprint, texts, settings)}.safetensors"
     ids = _read(path, len(texts))
     if ids is None:
-        ids = encode(tokenizer, texts, max_length, truncation, head_tokens)
+        ids = _encode_with_bar(tokenizer, texts, max_length, truncation, head_tokens, progress)
         _write(path, ids)
     return ids
+
+
+def _encode_with_bar(
+    tokenizer, texts: Sequence[str], max_length: int, truncation: str, head_tokens: int, desc: str | None
+) -> list[list[int]]:
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=len(texts), desc=desc, unit="review", dynamic_ncols=True, leave=False, disable=desc is None
+    ) as bar:
+        return encode(tokenizer, texts, max_length, truncation, head_tokens, progress=bar)
 
 
 def _read(path: Path, expected: int) -> list[list[int]] | None:

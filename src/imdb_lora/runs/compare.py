@@ -44,7 +44,10 @@ def run_compare(
         if plans[method] == "keep":
             print(f"== {method}: {run} finished before; kept (--resume)", flush=True)
         else:
-            train_method(method, run, train_args, (lrs or {}).get(method), plans[method])
+            try:
+                train_method(method, run, train_args, (lrs or {}).get(method), plans[method])
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(after_interrupt(out, method, overwrite)) from None
         rows.append(RunDir(run).require_finished())
     table = comparison_markdown(rows)
     atomic_write_text(out / "comparison.md", table)
@@ -102,11 +105,26 @@ def train_method(method: str, run: Path, train_args: list[str], lr: float | None
             # Ctrl-C reached the child too, and it is leaving its run resumable (or removing a run with
             # nothing to resume); killing it now, as subprocess.call would, could cut that short.
             proc.wait()
-            raise KeyboardInterrupt(
-                f"the {method} run stopped; the same compare command with --resume continues it"
-            ) from None
+            raise
     if code != 0:
         raise UserError(f"the {method} run failed (exit code {code}); see its output above")
+
+
+def after_interrupt(out: Path, method: str, overwrite: bool) -> str:
+    """What Ctrl-C during `method`'s train leaves, as the child left it: a run that --resume continues,
+    or (before its first checkpoint) nothing of it, to be trained again from the start."""
+    resume = "--resume instead of --overwrite" if overwrite else "--resume"
+    if RunDir(out / method).is_resumable():
+        return f"the {method} run stopped; the same compare command with {resume} continues it"
+    gone = f"the {method} run stopped before its first checkpoint, so there is nothing of it to resume"
+    before = METHODS[: METHODS.index(method)]
+    finished = [m for m in before if RunDir(out / m).status() == "finished"]
+    if not finished:
+        return f"{gone}; run the same compare command again"
+    return (
+        f"{gone}; the same compare command with {resume} keeps the finished "
+        f"{' and '.join(finished)} run and trains {method} from the start"
+    )
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -156,20 +157,30 @@ class Trainer:
         cfg, d = self.cfg, self.cfg.data
         self.tokenizer = load_tokenizer(cfg.model.name if not self.resumed else str(self.run.tokenizer_dir))
         t0 = time.time()
-        splits = load_splits(d, cfg.train.seed)
+        splits = load_splits(d, cfg.train.seed, announce=self._say)
         self.data_source = splits.source
 
-        def tok(texts: list[str]) -> list[list[int]]:
+        def tok(texts: list[str], split: str) -> list[list[int]]:
+            bar = f"tokenize {split}" if self.dist.main else None  # shown only when not in the cache
             return cached_encode(
-                self.tokenizer, texts, d.max_length, d.truncation, d.head_tokens, d.token_cache
+                self.tokenizer, texts, d.max_length, d.truncation, d.head_tokens, d.token_cache, bar
             )
 
-        self.train_ids, self.val_ids, self.test_ids = map(
-            tok, (splits.train.texts, splits.val.texts, splits.test.texts)
-        )
+        self.train_ids = tok(splits.train.texts, "train")
+        self.val_ids = tok(splits.val.texts, "val")
+        self.test_ids = tok(splits.test.texts, "test")
         self.train_y, self.val_y, self.test_y = splits.train.labels, splits.val.labels, splits.test.labels
         self.eval_files = load_eval_files(d.eval_files)  # reported after training; read now to fail early
         self.data_seconds = time.time() - t0
+        self._say(
+            f"data ready in {self.data_seconds:.0f} s: {len(self.train_ids):,} train, "
+            f"{len(self.val_ids):,} val, {len(self.test_ids):,} test reviews"
+        )
+
+    def _say(self, line: str) -> None:
+        """A startup line on stderr, like the progress bars (stdout carries the results)."""
+        if self.dist.main:
+            print(line, file=sys.stderr, flush=True)
 
     def _open_directory(self) -> None:
         run = self.run
@@ -192,6 +203,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
+        self._say(f"loading model {self.model_source} ...")
         model, self.info = build_model(
             cfg,
             source=self.model_source,
