@@ -9,6 +9,7 @@ import contextlib
 import io
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,16 @@ def tiny_models(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+TRAIN_STARTUP = ("reading ", "tokenize ", "data ready in ", "loading model ")
+
+
+def without_startup(err: str) -> str:
+    """stderr less train's startup progress (what it reads, tokenization bars, model loading), which
+    comes before an error found late in setup but is not part of the error's one line."""
+    lines = re.split(r"[\r\n]", err)
+    return "".join(f"{line}\n" for line in lines if line.strip() and not line.startswith(TRAIN_STARTUP))
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

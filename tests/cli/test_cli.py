@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import build_tiny, train_args
+from conftest import build_tiny, train_args, without_startup
 
 from imdb_lora.cli import main
 
@@ -187,7 +187,7 @@ def expect_error(capsys, needle, *args):
     code, _, err = run(capsys, *args)
     assert code == 2, err
     assert needle in err and "Traceback" not in err
-    assert err.startswith("imdb-lora: error:")
+    assert without_startup(err).startswith("imdb-lora: error:")
 
 
 def test_missing_data_path(tiny_models, tmp_path, capsys):

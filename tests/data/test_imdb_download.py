@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import train_args
+from conftest import train_args, without_startup
 
 import imdb_lora.data.imdb as imdb
 from imdb_lora.cli import main
@@ -23,7 +23,7 @@ def no_data_args(model, out):
 
 
 def only_line(err: str) -> str:
-    lines = err.strip().splitlines()
+    lines = without_startup(err).splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("imdb-lora: error:") and "Traceback" not in err
     return lines[0]

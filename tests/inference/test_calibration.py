@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import train_args, without_startup
 
 from imdb_lora.calibration import (
     brier,
@@ -281,6 +281,7 @@ def test_a_bad_eval_file_fails_before_training(tiny_models, imdb_dir, tmp_path, 
     bad.write_text("text,label\nfine,3\n")
     out = tmp_path / "run"
     code, _, err = run(capsys, *train_args(tiny_models("bert"), imdb_dir, out, "--eval-file", bad))
+    err = without_startup(err)
     assert code == 2 and "--eval-file:" in err and "row 1 has label '3'" in err and err.count("\n") == 1
     assert not out.exists()
 

@@ -5,7 +5,7 @@ refused before the data is read."""
 import shutil
 
 import pytest
-from conftest import train_args
+from conftest import train_args, without_startup
 
 from imdb_lora.cli import main
 from imdb_lora.runs.rundir import RunDir
@@ -13,7 +13,7 @@ from imdb_lora.training.trainer import Trainer
 
 
 def error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = without_startup(capsys.readouterr().err).splitlines()
     assert len(lines) == 1 and lines[0].startswith("imdb-lora: error:"), lines
     return lines[0]
 

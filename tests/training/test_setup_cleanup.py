@@ -1,7 +1,7 @@
 """A failure during setup removes what a fresh run created; a resumed run keeps its files, unlocked."""
 
 import pytest
-from conftest import train_args
+from conftest import train_args, without_startup
 
 from imdb_lora.cli import main
 from imdb_lora.runs.rundir import RunDir
@@ -16,7 +16,7 @@ def test_user_error_after_the_directory_was_made_leaves_nothing(tiny_models, imd
     out = tmp_path / "r"
     # --lora-modules is only checked against the model once the model is built: after the directory exists
     assert main(train_args(tiny_models("bert"), imdb_dir, out, "--lora-modules", "nothing_here")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = without_startup(capsys.readouterr().err).splitlines()
     assert len(err) == 1 and "--lora-modules" in err[0], err
     assert not out.exists()
     # and the same command, corrected, needs no --overwrite
