@@ -252,6 +252,28 @@ def test_ctrl_c_advice_under_overwrite_names_resume_instead(tmp_path):
     )
 
 
+def interrupt_compare(args: list[str], log: Path, ready) -> str:
+    """A real `imdb-lora compare` in its own process group, sent SIGINT (as a terminal's Ctrl-C) once
+    `ready()` holds; it must exit 130. Returns what it printed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imdb_lora", *args], env=env, stdout=f, stderr=f, start_new_session=True
+        )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.002)
+        assert proc.poll() is None, f"compare ended before Ctrl-C: {log.read_text()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return log.read_text()
+
+
 @pytest.mark.slow
 def test_real_ctrl_c_then_resume(tiny_models, imdb_dir, tmp_path, train_in_this_process):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during the LoRA run of a real
@@ -260,26 +282,9 @@ def test_real_ctrl_c_then_resume(tiny_models, imdb_dir, tmp_path, train_in_this_
     out = tmp_path / "cmp"
     flags = compare_flags(tiny_models, data, "--batch-size", "4", "--checkpoint-every", "2", "--epochs", "2")
     compare = ["compare", "--output-dir", str(out), *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "compare.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "imdb_lora", *compare], env=env, stdout=f, stderr=f, start_new_session=True
-        )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "lora" / "checkpoint.safetensors").is_file():
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, f"the LoRA run ended before Ctrl-C: {log.read_text()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    text = log.read_text()
+    text = interrupt_compare(
+        compare, tmp_path / "compare.log", (out / "lora" / "checkpoint.safetensors").is_file
+    )
     assert "the lora run stopped; the same compare command with --resume continues it" in text
     assert json.loads((out / "lora" / "run.json").read_text())["status"] != "finished"
     assert RunDir(out / "lora").is_resumable() and not (out / "full").exists()
@@ -300,28 +305,8 @@ def test_real_ctrl_c_before_the_first_checkpoint_says_to_run_again(tiny_models, 
     data = write_imdb(tmp_path / "imdb200", per_class=200, seed=1)  # 75 steps an epoch at batch 4
     out = tmp_path / "cmp"
     flags = compare_flags(tiny_models, data, "--batch-size", "4", "--checkpoint-every", "0")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "compare.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "imdb_lora", "compare", "--output-dir", str(out), *flags],
-            env=env,
-            stdout=f,
-            stderr=f,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not (out / "lora").is_dir():
-            time.sleep(0.002)
-        assert proc.poll() is None, f"compare ended before Ctrl-C: {log.read_text()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    text = log.read_text()
+    compare = ["compare", "--output-dir", str(out), *flags]
+    text = interrupt_compare(compare, tmp_path / "compare.log", (out / "lora").is_dir)
     assert "nothing of it to resume; run the same compare command again" in text, text[-2000:]
     assert "--resume continues it" not in text
     assert not (out / "lora").exists() and not (out / "full").exists()
