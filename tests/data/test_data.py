@@ -167,15 +167,33 @@ def test_labeled_file_missing_column(tmp_path):
 def test_labeled_file_bad_label(tmp_path, label):
     p = tmp_path / "d.csv"
     p.write_text(f"text,label\nfine,1\nmeh,{label}\n")
-    with pytest.raises(UserError, match="row 2 has label"):
+    with pytest.raises(UserError, match="line 3 has label"):
         load_labeled_file(p)
 
 
 def test_labeled_file_without_a_label_says_so(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "fine", "label": 1}\n{"text": "meh"}\n')
-    with pytest.raises(UserError, match="row 2 has no 'label' value"):  # it said "has label None"
+    with pytest.raises(UserError, match="line 2 has no 'label' value"):  # it said "has label None"
         load_labeled_file(p)
+
+
+def test_labeled_file_messages_name_the_line_an_editor_shows(tmp_path):
+    """A CSV's header is line 1 and a quoted cell may span lines; a JSONL file may have blank lines:
+    each row's line is where it starts, the number an editor (or a spreadsheet) shows."""
+    c = tmp_path / "d.csv"
+    c.write_text('text,label\n"two\nlines",1\n"three\r\nline\ncell",0\nok,1\nbad,7\n')
+    with pytest.raises(UserError, match="d.csv line 8 has label '7'"):
+        load_labeled_file(c)
+    c.write_text('text,label\n"two\nlines",1\n\n"three\r\nline\ncell",0\nok,1\n')
+    assert load_labeled_file(c).lines == [2, 5, 8]  # the blank line 4 is no row
+    j = tmp_path / "d.jsonl"
+    j.write_text('\n{"text": "a", "label": 1}\n\n\n{"text": "b", "label": 1}\n{"text": "c", "label": "x"}\n')
+    with pytest.raises(UserError, match="d.jsonl line 6 has label 'x'"):
+        load_labeled_file(j)
+    j.write_text('\n{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n')
+    data = load_labeled_file(j)
+    assert data.lines == [2, 4] and data.take([1]).lines == [4]
 
 
 def test_a_labeled_file_given_as_data_points_to_the_right_flags(tmp_path):

@@ -103,7 +103,7 @@ def test_label_spellings_and_columns(tmp_path):
     j.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "neg"}\n')
     assert load_labeled_file(j).labels == [1, 0]
     f.write_text("review\tstars\nfine\tmaybe\n")
-    with pytest.raises(UserError, match=r"row 1 has label 'maybe'; labels must be 0 \(negative\)"):
+    with pytest.raises(UserError, match=r"line 2 has label 'maybe'; labels must be 0 \(negative\)"):
         load_labeled_file(f, "--file", text_column="review", label_column="stars")
     with pytest.raises(UserError, match=r"--file: .* lacks column\(s\) \['text', 'label'\]"):
         load_labeled_file(f, "--file")
@@ -136,6 +136,7 @@ def test_evaluate_file_reports_and_writes_the_most_confident_mistakes(trained_ru
     wrong = [0, 3]
     top = max(wrong, key=lambda i: probs[i].max().item())
     assert len(written) == 1 and written[0]["row"] == top + 1 and written[0]["text"] == TEXTS[top]
+    assert written[0]["line"] == top + 2  # the header is line 1; no cell of mine.csv spans lines
     assert written[0]["label"] == ["NEGATIVE", "POSITIVE"][labels[top]] != written[0]["predicted"]
     assert written[0]["confidence"] == pytest.approx(probs[top].max().item(), abs=1e-6)
     # never overwritten silently; --overwrite replaces (with all mistakes this time)
@@ -282,7 +283,7 @@ def test_a_bad_eval_file_fails_before_training(tiny_models, imdb_dir, tmp_path, 
     out = tmp_path / "run"
     code, _, err = run(capsys, *train_args(tiny_models("bert"), imdb_dir, out, "--eval-file", bad))
     err = without_startup(err)
-    assert code == 2 and "--eval-file:" in err and "row 1 has label '3'" in err and err.count("\n") == 1
+    assert code == 2 and "--eval-file:" in err and "line 2 has label '3'" in err and err.count("\n") == 1
     assert not out.exists()
 
 

@@ -207,6 +207,6 @@ def test_a_text_of_only_control_characters_is_empty_everywhere(trained_run, tmp_
     labeled = tmp_path / "nul.csv"
     labeled.write_text("text,label\ngreat film,1\n\x00\x07,0\n")
     assert main(["evaluate", str(trained_run), "--file", str(labeled), "--device", "cpu"]) == 2
-    assert "nul.csv row 2 has an empty or missing text" in capsys.readouterr().err
+    assert "nul.csv line 3 has an empty or missing text" in capsys.readouterr().err
     assert text_problem("\x00 \u200b\x1f", "text") == "empty text"
     assert text_problem("\x00ok", "text") is None

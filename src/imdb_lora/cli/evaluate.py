@@ -166,7 +166,9 @@ def _evaluate_file(clf, ns: argparse.Namespace, path: str, part, errors_path: Pa
 
 
 def _write_errors(path: Path, part, probs, n: int) -> int:
-    """The n most confident mistakes as JSONL (1-based row of the input file), atomically."""
+    """The n most confident mistakes as JSONL, atomically. Each names its place twice: `row`, the
+    1-based row among the file's rows (`score`'s 0-based source_row + 1), and `line`, where it starts
+    in the file (a CSV's header is line 1): the number an editor or a spreadsheet shows."""
     import os
 
     from ..calibration import most_confident_mistakes
@@ -179,6 +181,7 @@ def _write_errors(path: Path, part, probs, n: int) -> int:
         lines.append(
             {
                 "row": i + 1,
+                "line": part.lines[i],
                 "label": LABEL_NAMES[part.labels[i]],
                 "predicted": LABEL_NAMES[pred],
                 "confidence": round(p[pred], 6),

@@ -36,14 +36,29 @@ def read_utf8(path: str | os.PathLike, flag: str) -> tuple[Path, str]:
 
 def csv_rows(content: str, p: Path, flag: str) -> tuple[list[str], list[dict]]:
     """A CSV/TSV file's header and rows; a malformed file is one line naming the flag and the line."""
+    header, records = csv_records(content, p, flag)
+    return header, [row for _, row in records]
+
+
+def csv_records(content: str, p: Path, flag: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """A CSV/TSV file's header and (start line, row) of each row; the header is line 1.
+
+    A quoted cell may hold line breaks, so a row's start is the reader's line count after the row
+    minus the line breaks inside its cells: what an editor shows, and a spreadsheet's row number."""
     # The whole file is in memory already, so no field of it can be too large to hold: lift csv's
     # 128 KB field limit (a long review in one cell is legitimate) up to the file's own size.
     csv.field_size_limit(max(csv.field_size_limit(), len(content) + 1))
     reader = csv.DictReader(io.StringIO(content), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    records = []
     try:
-        return list(reader.fieldnames or []), list(reader)
+        header = list(reader.fieldnames or [])
+        for row in reader:
+            breaks = sum(v.count("\n") for v in row.values() if isinstance(v, str))
+            breaks += sum(v.count("\n") for v in row.get(None) or [])  # cells past the header's columns
+            records.append((reader.line_num - breaks, row))
     except csv.Error as e:
         raise UserError(f"{flag}: {p} line {reader.line_num} is not valid CSV ({e})") from None
+    return header, records
 
 
 def jsonl_objects(content: str, p: Path, flag: str) -> Iterator[tuple[int, dict]]:
@@ -71,33 +86,33 @@ def load_labeled_file(
     """CSV, TSV or JSONL with a text and a label column; labels 0/1, negative/positive or neg/pos."""
     p, content = read_utf8(path, flag)
     if p.suffix.lower() in (".jsonl", ".json"):
-        rows: list[dict] = [obj for _, obj in jsonl_objects(content, p, flag)]
+        records = list(jsonl_objects(content, p, flag))
     else:
-        rows = csv_rows(content, p, flag)[1]
-    if not rows:
+        records = csv_records(content, p, flag)[1]
+    if not records:
         raise UserError(f"{flag}: {p} has no rows")
-    missing = [c for c in (text_column, label_column) if c not in rows[0]]
+    missing = [c for c in (text_column, label_column) if c not in records[0][1]]
     if missing:
         raise UserError(
             f"{flag}: {p} lacks column(s) {missing}; it needs {text_column!r} and {label_column!r}"
-            f" (columns found: {list(rows[0])})"
+            f" (columns found: {list(records[0][1])})"
         )
     texts, labels = [], []
-    for n, row in enumerate(rows, 1):
+    for n, row in records:
         text, label = row.get(text_column), row.get(label_column)
         if not isinstance(text, str) or not has_content(text):
-            raise UserError(f"{flag}: {p} row {n} has an empty or missing text")
+            raise UserError(f"{flag}: {p} line {n} has an empty or missing text")
         if label is None:
-            raise UserError(f"{flag}: {p} row {n} has no {label_column!r} value")
+            raise UserError(f"{flag}: {p} line {n} has no {label_column!r} value")
         y = parse_label(label)
         if y is None:
             raise UserError(
-                f"{flag}: {p} row {n} has label {label!r}; labels must be 0 (negative) or 1 (positive)"
+                f"{flag}: {p} line {n} has label {label!r}; labels must be 0 (negative) or 1 (positive)"
                 " (also accepted: negative/positive, neg/pos, any case)"
             )
         texts.append(text)
         labels.append(y)
-    return LabeledTexts(texts, labels)
+    return LabeledTexts(texts, labels, [n for n, _ in records])
 
 
 def read_texts(file: str | None, stdin_text: str | None, text_column: str = "text") -> tuple[list[str], int]:

@@ -19,12 +19,16 @@ def has_content(text: str) -> bool:
 class LabeledTexts:
     texts: list[str]
     labels: list[int]
+    # The 1-based line each text starts on in the file it was read from (a CSV's header is line 1, so
+    # this is also a spreadsheet's row number), for messages and error reports; None for IMDB itself.
+    lines: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def take(self, idx: Sequence[int]) -> LabeledTexts:
-        return LabeledTexts([self.texts[i] for i in idx], [self.labels[i] for i in idx])
+        lines = None if self.lines is None else [self.lines[i] for i in idx]
+        return LabeledTexts([self.texts[i] for i in idx], [self.labels[i] for i in idx], lines)
 
 
 @dataclass
