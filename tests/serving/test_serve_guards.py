@@ -19,7 +19,7 @@ from imdb_lora.errors import UserError
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.serving import server as server_module
 from imdb_lora.serving.app import MAX_DETAILS, MAX_FIELD_CHARS, ServeSettings, create_app
-from imdb_lora.serving.protocol import HeaderTimeoutProtocol, header_timeout_protocol
+from imdb_lora.serving.protocol import HeaderTimeoutProtocol, serve_protocol
 from imdb_lora.serving.server import LOOPBACK_NAMES, BackgroundServer, allowed_hosts
 
 BIG = ServeSettings(max_body_bytes=2_000_000, max_texts=64, max_chars=200, body_timeout=1)
@@ -199,13 +199,13 @@ def test_slow_but_complete_heads_and_keep_alive_requests_are_answered(clf):
 def test_the_header_deadline_fails_loudly_if_uvicorn_changes(monkeypatch):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    assert header_timeout_protocol(2).header_timeout == 2
+    assert serve_protocol(2).header_timeout == 2
     monkeypatch.setattr(H11Protocol, "__init__", lambda self, *a, **k: None)  # no h11 connection in .conn
-    with pytest.raises(RuntimeError, match=r"\.conn: serving/protocol.py's header timeout needs updating"):
-        header_timeout_protocol(2)()
+    with pytest.raises(RuntimeError, match=r"\.conn: serving/protocol.py needs updating"):
+        serve_protocol(2)()
     monkeypatch.delattr(H11Protocol, "on_response_complete")
     with pytest.raises(RuntimeError, match="has no on_response_complete"):
-        header_timeout_protocol(2)
+        serve_protocol(2)
 
 
 def test_header_timeout_flag_help_and_errors(capsys):
@@ -230,6 +230,48 @@ def test_connections_beyond_the_cap_get_503_until_they_close(clf):
             for s in held:
                 s.close()
             wait_until(lambda: http.get("/health").status_code == 200)
+
+
+def get_health(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return sock.recv(65536)
+
+
+def test_one_address_past_its_cap_gets_503_and_others_are_served(clf):
+    """Two connections from 127.0.0.1 are all it may hold: a third is answered 503 in the service's
+    JSON shape and closed, while 127.0.0.2 (another client) and, once one closes, 127.0.0.1 get in."""
+    with BackgroundServer(create_app(clf, replace(BIG, max_connections_per_client=2))) as server:
+        held = [connect(server.url) for _ in range(2)]
+        assert get_health(held[0]).startswith(b"HTTP/1.1 200")  # under the cap, served (kept alive)
+        third = connect(server.url)
+        answer = get_health(third) + read_all(third)  # then the server closes it
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 503") and b"connection: close" in head.lower()
+        assert json.loads(body)["error"] == "too_many_connections"
+        assert "--max-connections-per-client" in json.loads(body)["message"]
+        host, port = server.url.removeprefix("http://").split(":")
+        other = socket.create_connection((host, int(port)), timeout=10, source_address=("127.0.0.2", 0))
+        assert get_health(other).startswith(b"HTTP/1.1 200")
+        other.close()
+        held.pop().close()
+        wait_until(lambda: healthy_on_a_new_connection(server.url))
+        held[0].close()
+
+
+def healthy_on_a_new_connection(url: str) -> bool:
+    sock = connect(url)
+    try:
+        return get_health(sock).startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()
+
+
+def test_max_connections_per_client_flag(capsys):
+    assert build_parser().parse_args(["serve", "run"]).max_connections_per_client == 0
+    assert main(["serve", "somewhere", "--max-connections-per-client", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "imdb-lora: error: --max-connections-per-client must be a number >= 0 (got -1)\n"
+    assert serve_protocol(10, 3).max_per_client == 3 and serve_protocol(10).max_per_client == 0
 
 
 def test_serve_caps_connections_and_raises_the_open_files_limit(clf, monkeypatch, capsys):

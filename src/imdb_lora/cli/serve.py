@@ -24,6 +24,13 @@ SERVE_LIMITS = [
         "then 408 and the connection closes",
     ),
     ("--max-connections", int, "max_connections", "open connections, idle ones included; beyond: 503"),
+    (
+        "--max-connections-per-client",
+        int,
+        "max_connections_per_client",
+        "open connections from one client address; beyond: 503 (0: no cap; behind a proxy, all "
+        "connections share its address)",
+    ),
 ]
 
 
@@ -88,6 +95,7 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
         body_timeout=ns.body_timeout,
         header_timeout=ns.header_timeout,
         max_connections=ns.max_connections,
+        max_connections_per_client=ns.max_connections_per_client,
     ).validate()
 
 

@@ -69,6 +69,9 @@ class ServeSettings:
     body_timeout: float = 10.0  # seconds to receive a whole request body (a slow sender holds a slot); 408
     header_timeout: float = 10.0  # seconds to receive a request's line and headers (server.py); 408, closed
     max_connections: int = 1000  # open connections, idle ones included (uvicorn's limit_concurrency); 503
+    # open connections from one client address (protocol.py); 503. 0: no cap, the default, because
+    # behind a reverse proxy every connection comes from the proxy's one address
+    max_connections_per_client: int = 0
 
     def validate(self) -> "ServeSettings":
         for name, value in asdict(self).items():
@@ -77,7 +80,7 @@ class ServeSettings:
                 if not (math.isfinite(value) and value > 0):
                     raise UserError(f"{flag} must be a number > 0 (got {value})")
                 continue
-            lowest = 0 if name == "max_wait_ms" else 1
+            lowest = 0 if name in ("max_wait_ms", "max_connections_per_client") else 1
             if not math.isfinite(value) or value < lowest:
                 raise UserError(f"{flag} must be a number >= {lowest} (got {value})")
         if self.max_queue < self.max_texts:  # else a full-size request could never be admitted

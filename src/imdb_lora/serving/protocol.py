@@ -1,4 +1,5 @@
-"""uvicorn's h11 protocol with a deadline for a request's line and headers (`serve --header-timeout`).
+"""uvicorn's h11 protocol with a deadline for a request's line and headers (`serve --header-timeout`),
+and a cap on one client address's open connections (`serve --max-connections-per-client`).
 
 uvicorn has no such setting: its keep-alive timer is cancelled by the first byte that arrives, and a new
 connection has none, so a client that opens connections and sends nothing, or dribbles header bytes
@@ -14,9 +15,16 @@ h11, not httptools: uvicorn's "auto" takes httptools when it is installed (uvico
 timer reads h11's state, so serve always runs h11 (a declared dependency): the same behaviour on every
 machine, and the service's time goes to the model, not to parsing HTTP.
 
-Besides the asyncio Protocol methods, this relies on two uvicorn internals, both present from 0.30 to
-0.54 (our pin: >=0.30,<1): the h11.Connection in `self.conn`, and `on_response_complete`, which a
-request's cycle calls when its response is done. Their presence is checked (header_timeout_protocol and
+The per-client cap counts the connections open from the new one's address (uvicorn's own set of them,
+so nothing here can drift from what is really open). A connection past the cap is answered 503 with
+Connection: close on its first request, in the service's JSON error shape, instead of reaching the app:
+the client reads why rather than a reset. Behind a reverse proxy every connection comes from the
+proxy's address, so the cap is off by default.
+
+Besides the asyncio Protocol methods, this relies on uvicorn internals, all present from 0.30 to 0.54
+(our pin: >=0.30,<1): the h11.Connection in `self.conn`; `on_response_complete`, which a request's
+cycle calls when its response is done; and `connections` (the server's open protocols), `client` (the
+peer's address) and `app` (what a request is handed to). Their presence is checked (serve_protocol and
 __init__ raise RuntimeError, failing every serving test), and tests/serving/test_serve_guards.py fails
 if the hook is no longer called (a keep-alive connection would then idle past the deadline).
 """
@@ -34,21 +42,35 @@ log = logging.getLogger("uvicorn.error")
 
 
 class HeaderTimeoutProtocol(H11Protocol):
-    """H11Protocol that closes a connection whose request head is not in within `header_timeout` s."""
+    """H11Protocol that closes a connection whose request head is not in within `header_timeout` s,
+    and answers 503 to one whose address already has `max_per_client` others open (0: no cap)."""
 
     header_timeout: float = 10.0
+    max_per_client: int = 0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(getattr(self, "conn", None), h11.Connection):
             raise RuntimeError(_changed("no longer keeps its h11.Connection in .conn"))
+        for name in ("connections", "client", "app"):
+            if not hasattr(self, name):
+                raise RuntimeError(_changed(f"has no .{name}"))
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_transport = transport
+        if self.max_per_client and self._same_client_connections() > self.max_per_client:
+            self.app = _too_many_connections(self.max_per_client)
         self._watch_headers()
+
+    def _same_client_connections(self) -> int:
+        """Open connections from this one's address, this one included (0 for a Unix socket)."""
+        if not self.client:
+            return 0
+        host = self.client[0]
+        return sum(1 for c in self.connections if c.client and c.client[0] == host)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -111,16 +133,25 @@ class HeaderTimeoutProtocol(H11Protocol):
         )
 
 
-def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
-    """The protocol class for uvicorn.Config(http=...), with this deadline (uvicorn builds one per
-    connection from the class, so the setting travels as a class attribute)."""
+def serve_protocol(header_timeout: float, max_per_client: int = 0) -> type[HeaderTimeoutProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this deadline and per-client cap (uvicorn
+    builds one per connection from the class, so the settings travel as class attributes)."""
     if not callable(getattr(H11Protocol, "on_response_complete", None)):  # the others are asyncio's own
         raise RuntimeError(_changed("has no on_response_complete"))
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})
+    settings = {"header_timeout": header_timeout, "max_per_client": max_per_client}
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), settings)
+
+
+def _too_many_connections(cap: int):
+    """The ASGI app a connection past the per-client cap gets: 503, JSON, Connection: close."""
+    from .app import closing, error_json
+
+    message = f"this address already has {cap} connections open (--max-connections-per-client)"
+    return closing(error_json(503, "too_many_connections", message))
 
 
 def _changed(what: str) -> str:
     import uvicorn
 
     version = uvicorn.__version__
-    return f"uvicorn {version}'s H11Protocol {what}: serving/protocol.py's header timeout needs updating"
+    return f"uvicorn {version}'s H11Protocol {what}: serving/protocol.py needs updating"

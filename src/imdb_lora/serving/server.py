@@ -8,7 +8,9 @@ meets. A connection must deliver each request's line and headers within `header_
 opening or of its previous response, else it is closed (408 if part of a request had come): uvicorn has
 no such setting, so serve runs its own h11 protocol class (protocol.py), and a client that opens
 connections and dribbles header bytes (slowloris) holds each slot only that long. Bodies are timed by
-the app (BodyLimit).
+the app (BodyLimit). With `max_connections_per_client`, a connection from an address that already has
+that many open is answered 503 on its first request and closed (protocol.py), so one client cannot
+take every slot.
 """
 
 from __future__ import annotations
@@ -118,17 +120,17 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 
 
 def uvicorn_config(app: FastAPI, max_connections: int | None, **kwargs):
-    """uvicorn.Config for serve and BackgroundServer alike: the connection cap (None: none) and the
-    header deadline from the app's settings (the default for an app without them, e.g. a test's own).
+    """uvicorn.Config for serve and BackgroundServer alike: the connection cap (None: none), and the
+    header deadline and per-client cap from the app's settings (the default for an app without them, e.g. a test's own).
     `http` is a protocol class, so h11 even where httptools is installed (uvicorn's "auto" would take
     it): the deadline is built on h11 (protocol.py)."""
     import uvicorn
 
     from .app import ServeSettings
-    from .protocol import header_timeout_protocol
+    from .protocol import serve_protocol
 
     settings = getattr(app.state, "settings", None) or ServeSettings()
-    http = header_timeout_protocol(settings.header_timeout)
+    http = serve_protocol(settings.header_timeout, settings.max_connections_per_client)
     return uvicorn.Config(app, http=http, limit_concurrency=max_connections, **kwargs)
 
 
