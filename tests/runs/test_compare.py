@@ -252,6 +252,28 @@ def test_ctrl_c_advice_under_overwrite_names_resume_instead(tmp_path):
     )
 
 
+def test_ctrl_c_before_overwrite_replaced_the_old_run_says_it_was_put_back(tmp_path):
+    """Ctrl-C while `train --overwrite` sets up puts the old run back; advising --resume would continue
+    the run the user asked to replace."""
+    from imdb_lora.runs.compare import after_interrupt, run_fingerprint
+
+    old = tmp_path / "lora"
+    old.mkdir()
+    for name in ("config.yaml", "checkpoint.safetensors", "run.json"):
+        (old / name).write_text("x")  # an interrupted, resumable run
+    before = run_fingerprint(old)
+    aside = tmp_path / ".lora.aside"
+    old.rename(aside)  # what train --overwrite does first, and undoes when its setup is cut short
+    aside.rename(old)
+    assert after_interrupt(tmp_path, "lora", overwrite=True, before=before) == (
+        "the lora run stopped during its setup and the old lora run was put back as it was; "
+        "run the same compare command again to replace it"
+    )
+    time.sleep(0.01)
+    (old / "run.json").write_text("y")  # the new run got as far as writing its own status
+    assert "continues it" in after_interrupt(tmp_path, "lora", overwrite=True, before=before)
+
+
 def interrupt_compare(args: list[str], log: Path, ready) -> str:
     """A real `imdb-lora compare` in its own process group, sent SIGINT (as a terminal's Ctrl-C) once
     `ready()` holds; it must exit 130. Returns what it printed."""

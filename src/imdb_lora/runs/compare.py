@@ -44,10 +44,11 @@ def run_compare(
         if plans[method] == "keep":
             print(f"== {method}: {run} finished before; kept (--resume)", flush=True)
         else:
+            before = run_fingerprint(run) if plans[method] == "overwrite" else None
             try:
                 train_method(method, run, train_args, (lrs or {}).get(method), plans[method])
             except KeyboardInterrupt:
-                raise KeyboardInterrupt(after_interrupt(out, method, overwrite)) from None
+                raise KeyboardInterrupt(after_interrupt(out, method, overwrite, before)) from None
         rows.append(RunDir(run).require_finished())
     table = comparison_markdown(rows)
     atomic_write_text(out / "comparison.md", table)
@@ -110,10 +111,30 @@ def train_method(method: str, run: Path, train_args: list[str], lr: float | None
         raise UserError(f"the {method} run failed (exit code {code}); see its output above")
 
 
-def after_interrupt(out: Path, method: str, overwrite: bool) -> str:
+def run_fingerprint(run: Path) -> tuple[int, ...] | None:
+    """The run folder's inode and its run.json's and checkpoint's change times: equal before and after
+    an interrupted `train --overwrite` only if the old run was put back untouched (train sets the old
+    run aside by renaming it, which keeps both, and puts it back the same way if setup is cut short)."""
+    try:
+        stats = [run.stat().st_ino]
+        for name in ("run.json", "checkpoint.safetensors", "config.yaml"):
+            f = run / name
+            stats.append(f.stat().st_mtime_ns if f.exists() else -1)
+        return tuple(stats)
+    except OSError:
+        return None
+
+
+def after_interrupt(out: Path, method: str, overwrite: bool, before: tuple[int, ...] | None = None) -> str:
     """What Ctrl-C during `method`'s train leaves, as the child left it: a run that --resume continues,
-    or (before its first checkpoint) nothing of it, to be trained again from the start."""
+    or (before its first checkpoint) nothing of it, to be trained again from the start. `before`: the
+    run_fingerprint of the run --overwrite was replacing; if it is unchanged, that old run was put back."""
     resume = "--resume instead of --overwrite" if overwrite else "--resume"
+    if before is not None and run_fingerprint(out / method) == before:
+        return (
+            f"the {method} run stopped during its setup and the old {method} run was put back as it was; "
+            "run the same compare command again to replace it"
+        )
     if RunDir(out / method).is_resumable():
         return f"the {method} run stopped; the same compare command with {resume} continues it"
     gone = f"the {method} run stopped before its first checkpoint, so there is nothing of it to resume"
