@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import imdb_lora.data.tokenize as tokenize
 import imdb_lora.inference.selection as selection
 from imdb_lora.cli import main
 from imdb_lora.config import Config
@@ -27,7 +28,7 @@ def fake_runs(monkeypatch, val: dict, test: dict, keys: dict | None = None):
 
     monkeypatch.setattr(selection.Classifier, "load", load)
     monkeypatch.setattr(selection, "evaluate_split", evaluate)
-    monkeypatch.setattr(selection, "window_layout", lambda tokenizer, max_length: ([0], [2], max_length - 2))
+    monkeypatch.setattr(tokenize, "window_layout", lambda tokenizer, max_length: ([0], [2], max_length - 2))
     return reads
 
 
@@ -68,7 +69,10 @@ def test_a_run_given_twice_is_refused_before_loading(monkeypatch, tmp_path):
 
 def test_a_stride_too_long_for_a_run_is_refused_before_any_read(monkeypatch):
     reads = fake_runs(monkeypatch, {("a", None): 0.9, ("a", 510): 0.9}, {("a", None): 0.9})
-    with pytest.raises(UserError, match="--window-strides: 511 is over the 510 review tokens of a's windows"):
+    with pytest.raises(
+        UserError,
+        match=r"--window-strides must be in \(0, 510\] for a's max length 512 \(0: no windows\), got 511",
+    ):
         selection.select(["a"], [None, 510, 511], log=lambda *_: None)
     assert reads == []
     selection.select(["a"], [None, 510], log=lambda *_: None)  # the whole window is a valid stride

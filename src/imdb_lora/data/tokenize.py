@@ -68,12 +68,15 @@ def encode(
     return out
 
 
-def check_window_stride(tokenizer, max_length: int, stride: int | None) -> None:
-    """A stride (None: no windows) fits the review tokens of one max_length window, or one line."""
+def check_window_stride(
+    tokenizer, max_length: int, stride: int | None, flag: str = "--window-stride", whose: str = ""
+) -> None:
+    """A stride (None: no windows) fits the review tokens of one max_length window, or one line naming
+    the flag (and `whose` windows, where several runs are checked)."""
     budget = window_layout(tokenizer, max_length)[2]
     if stride is not None and not 0 < stride <= budget:
         raise UserError(
-            f"--window-stride must be in (0, {budget}] for max length {max_length} (0: no windows), got {stride}"
+            f"{flag} must be in (0, {budget}] for {whose}max length {max_length} (0: no windows), got {stride}"
         )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.splits import load_splits, stratified_subset
-from ..data.tokenize import window_layout
+from ..data.tokenize import check_window_stride
 from ..errors import UserError
 from ..metrics import loss_and_accuracy
 from .classifier import Classifier
@@ -133,13 +133,10 @@ def select(
 def check_strides_fit(loaded: dict[str, Classifier], strides: list[int | None]) -> None:
     """Every stride fits every run's windows: refused before anything is scored, not midway."""
     for run, clf in loaded.items():
-        _, _, body = window_layout(clf.tokenizer, clf.config.data.max_length)
         for stride in strides:
-            if stride is not None and stride > body:
-                raise UserError(
-                    f"--window-strides: {stride} is over the {body} review tokens of {run}'s windows "
-                    f"(max length {clf.config.data.max_length})"
-                )
+            check_window_stride(
+                clf.tokenizer, clf.config.data.max_length, stride, "--window-strides", f"{run}'s "
+            )
 
 
 def parse_strides(text: str) -> list[int | None]:
