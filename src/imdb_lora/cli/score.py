@@ -44,31 +44,39 @@ def add_score_parser(sub) -> None:
         "--model-batch-size", type=positive_int, default=32,
         help="reviews per forward pass, as predict's --batch-size [default: 32]",
     )  # fmt: skip
-    p.add_argument("--device", default="auto", help="local engine: auto, cpu or cuda[:N] [default: auto]")
+    p.add_argument("--device", help="local engine: auto, cpu or cuda[:N] [default: auto]")
     g = p.add_argument_group("ray engine")
     g.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: "
                    "$RAY_ADDRESS, else a local Ray started for this command")  # fmt: skip
     g.add_argument("--workers", type=positive_int, help="actors (loaded models) [default: as many as fit]")
-    g.add_argument("--cpus-per-worker", type=non_negative_float, default=1.0, help="[default: 1]")
+    g.add_argument("--cpus-per-worker", type=non_negative_float, help="[default: 1]")
     g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0.0, help="[default: 0, CPU]")
     add_window_flag(p)
     add_raw_flag(p)
     p.set_defaults(func=cmd_score)
 
 
-RAY_ONLY = ("ray_address", "workers")
+RAY_ONLY = ("ray_address", "workers", "cpus_per_worker")
 
 
 def cmd_score(ns: argparse.Namespace) -> int:
-    from ..scale.engines import ScoreJob, prepare, run_local, run_ray
+    from ..scale.engines import ScoreJob, check_ray_address, prepare, run_local, run_ray
 
     if ns.engine == "local":
         given = [f"--{k.replace('_', '-')}" for k in RAY_ONLY if getattr(ns, k) is not None]
         given += ["--num-gpus-per-worker"] if ns.num_gpus_per_worker else []
         if given:
             raise UserError(f"{', '.join(given)} apply to --engine ray only")
-    elif ns.cpus_per_worker <= 0:
-        raise UserError("--cpus-per-worker must be > 0")
+    else:
+        if ns.device is not None:  # Ray workers never read it: a GPU would be silently left unused
+            raise UserError(
+                "--device applies to --engine local only; Ray workers take GPUs with --num-gpus-per-worker"
+            )
+        if ns.cpus_per_worker is None:
+            ns.cpus_per_worker = 1.0
+        elif ns.cpus_per_worker <= 0:
+            raise UserError("--cpus-per-worker must be > 0")
+        check_ray_address(ns.ray_address)  # before the output is prepared: an unreachable one fails here
     job = ScoreJob(
         model=ns.model,
         inputs=ns.input,
@@ -85,7 +93,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
     )
     prepare(job)
     if ns.engine == "local":
-        summary = run_local(job, device=ns.device)
+        summary = run_local(job, device=ns.device or "auto")
     else:
         summary = run_ray(job, ns.ray_address, ns.workers, ns.cpus_per_worker, ns.num_gpus_per_worker)
     print(summary.text(ns.output))

@@ -14,6 +14,7 @@ batch is then scored row by row, so one bad row costs only itself).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from ..data.labeled import has_content
@@ -36,6 +37,9 @@ class ScoreBatch:
         raw: bool = False,
         max_chars: int = MAX_CHARS,
     ):
+        # As the CLI does: transformers' deprecation notices are not the user's to fix (a Ray actor's
+        # process never went through the CLI's filter, and printed them in every job's log).
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
         if threads:  # a Ray actor's share of the machine: its torch and onnxruntime threads
             import torch
 

@@ -219,7 +219,11 @@ def _run_ray(
             "--num-gpus-per-worker: ONNX exports run on CPUs; score a run or a merged export on GPUs"
         )
     if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING")  # None: RAY_ADDRESS, else a local cluster
+        try:
+            ray.init(address=address, logging_level="WARNING")  # None: RAY_ADDRESS, else a local cluster
+        except ConnectionError as e:  # "auto" with no cluster running, or a cluster that went away
+            flag = "--ray-address" if address else "$RAY_ADDRESS"
+            raise UserError(f"{flag}: cannot connect to a Ray cluster ({e})") from None
     start = time.time()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output files in input order
@@ -245,7 +249,7 @@ def _run_ray(
         fn_constructor_kwargs=job.scorer_args(
             "cuda" if gpus_per_worker else "cpu", threads=max(1, int(cpus_per_worker))
         ),
-        concurrency=size,
+        compute=ray.data.ActorPoolStrategy(size=size),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker,
     )
@@ -255,6 +259,29 @@ def _run_ray(
     except Exception as e:
         raise user_error_inside(e) or schema_clash_inside(e) or e from None
     return summarize(job.output, time.time() - start)
+
+
+RAY_PORT_WAIT = 5.0  # seconds: a Ray head answers at once; a wrong address would keep ray.init for minutes
+
+
+def check_ray_address(address: str | None) -> None:
+    """An explicit `host:port` (or `ray://host:port`) address must accept a connection, checked before any
+    work: ray.init retries an unreachable one for minutes, then fails with a traceback. "auto", a local
+    cluster (None and no $RAY_ADDRESS) and anything else are left to Ray."""
+    import os
+    import re
+    import socket
+
+    flag, value = ("--ray-address", address) if address else ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d{1,5})/?", (value or "").strip())
+    if not m:
+        return
+    host, port = m[1], int(m[2])
+    try:
+        socket.create_connection((host, port), timeout=RAY_PORT_WAIT).close()
+    except OSError as e:
+        reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise UserError(f"{flag} {value}: no Ray cluster reachable at {host}:{port} ({reason})") from None
 
 
 def read_files(batch, rows: int, text_column: str, max_chars: int = MAX_CHARS, encoding: str = "utf-8"):

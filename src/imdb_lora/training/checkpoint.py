@@ -75,26 +75,70 @@ def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[Progress, dict[str, torch.Tensor]]:
     """Load weights and optimizer state in place; return the progress and the other saved tensors
-    (RNG states under rng/, and whatever save_checkpoint was given as `extra`)."""
+    (RNG states under rng/, and whatever save_checkpoint was given as `extra`).
+
+    Everything is checked against this run before anything is loaded: a checkpoint of another model or
+    another version of imdb-lora ends in one line, never in a traceback or a silently different run."""
     try:
         with safe_open(path, "pt") as f:
-            meta = f.metadata()
+            meta = f.metadata() or {}
         tensors = load_file(path)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
         raise UserError(f"--resume: cannot read {path} ({e})") from None
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("param/"):
-                params[key[len("param/") :]].copy_(value)
+    progress = _progress(path, meta)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    _check_params(path, tensors, params)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt/"):
             _, i, k = key.split("/", 2)
             state.setdefault(int(i), {})[k] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    # A weight that never had a gradient has no optimizer state, so only none at all (or another
+    # layout) is a mismatch; AdamW would otherwise silently restart its moments.
+    if (progress.global_step > 0 and not state) or any(i >= len(params) for i in state):
+        raise _mismatch(path, f"optimizer state for {len(state)} of {len(params)} trainable tensors")
+    if "rng/cpu" not in tensors:
+        raise _mismatch(path, "no random-number-generator state")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param/{name}"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    except (KeyError, TypeError, ValueError) as e:
+        raise _mismatch(path, f"optimizer settings that do not fit ({type(e).__name__})") from None
     rest = {k: v for k, v in tensors.items() if not k.startswith(("param/", "opt/"))}
-    return Progress(**json.loads(meta["progress"])), rest
+    return progress, rest
+
+
+def _mismatch(path: Path, what: str) -> UserError:
+    return UserError(
+        f"--resume: {path} does not fit this run ({what}); it comes from another model, other settings or "
+        f"another imdb-lora version (this is {__version__})"
+    )
+
+
+def _progress(path: Path, meta: dict[str, str]) -> Progress:
+    """The saved progress; fields a later version added are refused, fields it lacks take their default."""
+    try:
+        saved = json.loads(meta["progress"])
+        unknown = sorted(set(saved) - set(Progress.__dataclass_fields__))
+        if unknown:
+            raise _mismatch(path, f"unknown progress fields {', '.join(unknown)}")
+        return Progress(**saved)
+    except (KeyError, TypeError, ValueError):
+        raise _mismatch(path, "no readable progress record") from None
+
+
+def _check_params(path: Path, tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+    saved = {k[len("param/") :]: v for k, v in tensors.items() if k.startswith("param/")}
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        detail = f"{len(missing)} trainable weights missing" + (f", e.g. {missing[0]}" if missing else "")
+        detail += f", {len(unexpected)} unknown" + (f", e.g. {unexpected[0]}" if unexpected else "")
+        raise _mismatch(path, detail)
+    for name, p in params.items():
+        if saved[name].shape != p.shape:
+            raise _mismatch(path, f"{name} is {tuple(saved[name].shape)} there, {tuple(p.shape)} here")
 
 
 def restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -181,7 +181,12 @@ class Dist:
 
     def check_resume(self, saved: dict[str, Any], path: os.PathLike) -> None:
         """A run resumes only with the world size it was trained with: it decides every step's batch."""
-        was = int(saved.get("world_size", 1))
+        try:
+            was = int(saved.get("world_size", 1))
+        except (TypeError, ValueError):
+            raise UserError(
+                f"--resume: {path}/run.json holds world_size {saved.get('world_size')!r}, not a number of processes"
+            ) from None
         if was != self.world_size:
             raise UserError(
                 f"--resume: {path} was trained by {was} process(es) and this launch has {self.world_size}; "

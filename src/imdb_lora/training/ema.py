@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 PREFIX = "ema/"  # checkpoint keys: ema/<parameter name> and ema/.steps
 
 
@@ -71,7 +73,11 @@ class Ema:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore from checkpoint tensors (other keys are ignored); a checkpoint without EMA state
-        (a run started without --ema-decay) cannot be resumed with it: the config check refuses that."""
+        (a run started without --ema-decay) cannot be resumed with it: the config check refuses that,
+        and a checkpoint that lacks it all the same (another version's) is refused in one line."""
+        missing = [n for n in [*self.names, ".steps"] if PREFIX + n not in tensors]
+        if missing:
+            raise UserError(f"--resume: the checkpoint has no moving average of {missing[0]} (--ema-decay)")
         with torch.no_grad():
             for n, s in zip(self.names, self.shadow):
                 s.copy_(tensors[PREFIX + n])

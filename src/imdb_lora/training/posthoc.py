@@ -95,7 +95,9 @@ def after_training(tr: FinishedTraining) -> PostTraining:
             figs.pop("after")
         record[name] = figs
     out.summary["calibration"] = record
-    if cfg.train.calibration:
+    if not cfg.train.calibration:  # one left by an interrupted attempt would still scale every prediction
+        tr.run.calibration_path.unlink(missing_ok=True)
+    else:
         tr.run.write_calibration(
             {"temperature": temperature, "fitted_on": "validation", "epoch": st.best_epoch, **record}
             | {"reliability": out.bins}

@@ -105,11 +105,14 @@ class Trainer:
         if self.resume and self.overwrite:
             raise UserError("--overwrite and --resume contradict each other; pass one")
         if self.resume:
+            if not run.path.exists():
+                raise UserError(f"--resume: {run.path} does not exist; give the run directory to continue")
             if not run.is_resumable():
                 raise UserError(f"--resume: {run.path} holds no resumable run (no {CHECKPOINT})")
             if run.status() == "finished":
                 raise UserError(f"--resume: {run.path} is already finished; see {run.path / 'results.md'}")
             saved = Config.load(run.config_path, flag=None)
+            self.saved_cfg = saved
             diff = differing_fields(saved, self.cfg)
             if diff:
                 raise UserError(
@@ -188,6 +191,12 @@ class Trainer:
             return  # rank 0 alone writes the run directory
         if self.resumed:
             run.recover()
+            # The settings a resume may change (calibration, --eval-file, device...) are recorded, so
+            # config.yaml stays the recipe of what the run did; written atomically, as it is read on resume.
+            if differing_fields(self.saved_cfg, self.cfg, ignore=frozenset()):
+                tmp = run.config_path.with_name(run.config_path.name + ".tmp")
+                self.cfg.save(tmp)
+                os.replace(tmp, run.config_path)
             return
         if run.path.exists() and any(run.path.iterdir()):  # only reached with --overwrite
             # Set aside, not deleted: a setup that fails later (or Ctrl-C) puts the old run back.

@@ -1,0 +1,89 @@
+"""`score`'s engine flags: a flag the chosen engine would ignore, and a Ray cluster that cannot be
+reached, end in one line before any output is written. Ray itself is never started (nor imported: a
+stand-in module answers as ray.init does when nothing is there)."""
+
+import socket
+import sys
+import types
+import warnings
+
+import pytest
+
+from imdb_lora.cli import main
+from imdb_lora.scale import engines
+from imdb_lora.scale.batch import ScoreBatch
+
+
+@pytest.fixture
+def job(trained_run, tmp_path):
+    reviews = tmp_path / "in.jsonl"
+    reviews.write_text('{"text": "great film"}\n')
+    return ["score", str(trained_run), "--input", str(reviews), "--output", str(tmp_path / "out")]
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """A stand-in `ray` whose init fails as Ray's does when no cluster answers (never a real start)."""
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: False
+    fake.init = init
+    fake.data = types.ModuleType("ray.data")
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_flags_of_the_other_engine_are_refused(job, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engines, "run_ray", lambda *a, **k: pytest.fail("Ray must not start"))
+    assert main([*job, "--engine", "ray", "--device", "cuda"]) == 2
+    assert "--device applies to --engine local only" in one_line(capsys)
+    assert main([*job, "--cpus-per-worker", "2"]) == 2
+    assert "--cpus-per-worker apply to --engine ray only" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_ray_address_is_one_line_before_any_output(job, tmp_path, no_cluster, capsys):
+    port = closed_port()
+    assert main([*job, "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
+    assert f"--ray-address 127.0.0.1:{port}: no Ray cluster reachable" in one_line(capsys)
+    assert main([*job, "--engine", "ray", "--ray-address", f"ray://localhost:{port}"]) == 2
+    assert "no Ray cluster reachable at localhost" in one_line(capsys)
+    assert no_cluster == [] and not (tmp_path / "out").exists()
+
+
+def test_ray_address_from_the_environment_is_checked_too(job, no_cluster, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")
+    assert main([*job, "--engine", "ray"]) == 2
+    assert one_line(capsys).startswith("imdb-lora: error: $RAY_ADDRESS 127.0.0.1:")
+
+
+def test_no_cluster_behind_auto_is_one_line(job, no_cluster, capsys):
+    assert main([*job, "--engine", "ray", "--ray-address", "auto"]) == 2
+    assert "--ray-address: cannot connect to a Ray cluster" in one_line(capsys)
+    assert no_cluster == ["auto"]
+
+
+def test_a_worker_loads_its_model_without_transformers_deprecation_notices(trained_run):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ScoreBatch(str(trained_run), device="cpu").clf.predict(["great film"], 4)
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
