@@ -60,11 +60,12 @@ new_runs=()  # runs this call trained: each leaves OUT/NAME.tar.gz for the next 
 if [ "$quick" = 1 ]; then  # small batches and lengths: a 2-core, 24 GiB CPU must survive it
   ref_steps=(--max-steps 3 --bs 4)
   bench=(--steps 2 --warmup 1 --samples 64 --batch-size 4 --max-length 128)
+  bench_eval=(--samples 64 --batch-size 4 --max-length 128)  # eval has no steps: it times two passes
   small=(--max-train-samples 64 --max-eval-samples 32 --batch-size 4 --max-length 128)
   few=(--max-samples 32)
   limit=900 stride=64 head=32 need=20
 else
-  ref_steps=(--max-steps 60); bench=(--steps 30 --warmup 5); small=(); few=(); limit=${LIMIT:-300}
+  ref_steps=(--max-steps 60); bench=(--steps 30 --warmup 5); bench_eval=(); small=(); few=(); limit=${LIMIT:-300}
   # windows every 256 tokens at 512; head+tail as 128 + 382 tokens; a 3-epoch MPNet run at batch 32
   # needs ~250 s on an H200 (~70 s per epoch, evaluation and loading included): less left, not started
   stride=256 head=128 need=250
@@ -267,7 +268,7 @@ for part in $parts; do
     done
     for batching in padded packed; do
       step "bench-eval-$batching" "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init \
-        --data "$data" --batching "$batching" "${bench[@]}" --json
+        --data "$data" --batching "$batching" "${bench_eval[@]}" --json
     done
     # The whole job: 3 epochs, per-epoch evaluation, data loading and tokenization included.
     step train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \

@@ -82,9 +82,28 @@ def test_bench_serve_reports_zero_errors(trained_run, imdb_dir, capsys):
         (["predict", "/no/such/run"], "no such run directory"),
         (["predict", "RUN", "--samples", "0"], "positive integer"),
         (["predict", "RUN", "--samples", "100000"], "the test split has only"),
+        (["predict", "RUN", "--batch-sizes", "1,1"], "expected distinct positive integers"),
+        (["predict", "RUN", "--batch-sizes", ","], "expected distinct positive integers"),
+        (["predict", "RUN", "RUN/"], "is the same model as"),
+        # the tiny bert reads 128 positions; the tests' short reviews would not show it until real data
+        (["predict", "RUN", "--max-length", "512"], "--max-length 512 exceeds what"),
     ],
 )
 def test_bench_mistakes_exit_2(trained_run, imdb_dir, capsys, args, message):
-    args = [str(trained_run) if a == "RUN" else a for a in args]
+    args = [a.replace("RUN", str(trained_run)) for a in args]
     code, _, err = bench(capsys, *args, "--data", str(imdb_dir))
     assert code == 2 and message in err
+
+
+def test_bench_predict_max_length_keeps_room_for_head_tail(trained_run):
+    from imdb_lora.bench.predict import override_max_length
+    from imdb_lora.errors import UserError
+    from imdb_lora.inference.classifier import Classifier
+
+    clf = Classifier.load(str(trained_run), device="cpu")
+    clf.config.data.truncation, clf.config.data.head_tokens = "head_tail", 40
+    # 40 head tokens leave no room in 24: encode() would keep 42 tokens, more than asked for
+    with pytest.raises(UserError, match="--max-length 24 leaves no room"):
+        override_max_length("RUN", clf, 24)
+    override_max_length("RUN", clf, 48)
+    assert max(map(len, clf.encode(["great " * 200]))) == 48

@@ -22,9 +22,32 @@ def test_bench_eval_reports_throughput(tiny_models, imdb_dir, capsys, batching):
     args = ["bench", "eval", "--model", str(tiny_models("mpnet")), "--data", str(imdb_dir), "--samples", "30",
             "--batch-size", "8", "--max-length", "64", "--device", "cpu", "--batching", batching]  # fmt: skip
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "tokens_per_second" in out and "test_set_seconds_estimate" in out
     assert re.search(rf"^batching\s+{batching}$", out, re.M)
+    # the rates come from the second pass, and the report says so; both passes show a bar on stderr
+    assert re.search(r"^warm_seconds\s+[\d.]+$", out, re.M) and "timed_seconds" not in out
+    assert "reading " in err and "cold pass" in err and "warm pass" in err
+
+
+def test_bench_train_says_what_it_does_on_stderr_and_keeps_stdout_json(tiny_models, imdb_dir, capsys):
+    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--steps", "2",
+            "--warmup", "1", "--batch-size", "4", "--max-length", "64", "--samples", "20", "--device", "cpu",
+            "--json"]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    assert "reading " in err and "warm-up steps" in err and "timed steps" in err
+
+
+def test_small_figures_keep_their_digits():
+    from imdb_lora.bench.train import format_report
+
+    text = format_report(
+        {"model_tflops_per_second": 0.0307, "timed_seconds": 8.43, "tokens_per_second": 3597.3}
+    )
+    assert re.search(r"model_tflops_per_second\s+0\.0307$", text, re.M)
+    assert re.search(r"timed_seconds\s+8\.43$", text, re.M) and "3,597.3" in text
 
 
 def test_bench_train_random_init_on_real_roberta_config(imdb_dir, capsys):
@@ -68,10 +91,32 @@ def test_bench_eval_profile_prints_table(tiny_models, imdb_dir, capsys):
         ("--warmup", "-1", "--warmup must be >= 0"),
         ("--peak-tflops", "-5", "--peak-tflops must be > 0"),
         ("--peak-tflops", "nan", "--peak-tflops must be > 0"),
+        # the tiny bert reads 128 positions: refused before any data is read, as `train` does
+        ("--max-length", "512", "--max-length 512 exceeds what bert can read (128 tokens"),
+        # a step cannot draw 64 of 20 reviews; it used to run 20 and report 64
+        ("--batch-size", "64", "--batch-size 64 is more than the 20 reviews drawn"),
     ],
 )
 def test_bench_rejects_values_out_of_range(tiny_models, imdb_dir, capsys, flag, value, message):
-    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), flag, value,
-            "--device", "cpu"]  # fmt: skip
+    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--samples", "20",
+            "--steps", "1", "--warmup", "0", "--max-length", "64", "--device", "cpu", flag, value]  # fmt: skip
     assert main(args) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "reading " not in err  # found before reading the data
+
+
+def test_bench_train_batch_larger_than_the_data_is_refused(tiny_models, imdb_dir, capsys):
+    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--samples", "200",
+            "--batch-size", "64", "--max-length", "64", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 2  # 200 asked, but the tiny train split has 48
+    assert "--batch-size 64 is more than the 48 reviews drawn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--max-length", "512"], ["--steps", "5"], ["--warmup", "2"]])
+def test_bench_eval_refuses_what_it_cannot_honour(tiny_models, imdb_dir, capsys, args):
+    # eval times two whole passes: --steps/--warmup are train's, not silently ignored
+    argv = ["bench", "eval", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--samples", "8",
+            "--device", "cpu", *args]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("exceeds what bert can read" if args[0] == "--max-length" else "unrecognized arguments") in err

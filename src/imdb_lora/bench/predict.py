@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..data.labeled import LabeledTexts
 from ..errors import UserError
 from ..inference.classifier import Classifier
+from ..modeling.load import position_limit
 from .common import machine, percentile, test_reviews
 
 
@@ -23,12 +25,16 @@ def bench_predict(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Every model on the same real test reviews, per batch size; the first model is the baseline."""
-    if len(set(paths)) != len(paths):
-        raise UserError("bench predict: each model once, please")
+    seen: dict[Path, str] = {}
+    for path in paths:  # runs/x, ./runs/x and runs/x/ are one model
+        where = Path(path).expanduser().resolve()
+        if where in seen:
+            raise UserError(f"bench predict: {path} is the same model as {seen[where]}; give each model once")
+        seen[where] = path
     models = [Classifier.load(m, device=device) for m in paths]
-    for clf in models:
-        if max_length:
-            clf.config.data.max_length = max_length
+    if max_length:
+        for path, clf in zip(paths, models):
+            override_max_length(path, clf, max_length)
     reviews = test_reviews(models[0], data, samples, seed)
     tokens = [len(ids) for ids in models[0].encode(reviews.texts)]
     results = [r for bs in batch_sizes for r in time_paths(paths, models, reviews, bs)]
@@ -39,6 +45,26 @@ def bench_predict(
         "results": [r.row(next(b for b in results if b.batch_size == r.batch_size)) for r in results],
     }
     return report
+
+
+def override_max_length(path: str, clf: Classifier, max_length: int) -> None:
+    """--max-length for one model, if it can read that many tokens as it was trained to read them."""
+    marker = clf.info.get("export") or {}
+    limit = marker.get("max_positions")
+    if limit is None and hasattr(clf.model, "config"):  # a run or merged export (ONNX: the marker's)
+        limit = position_limit(clf.model.config)
+    if isinstance(limit, int) and max_length > limit:
+        raise UserError(
+            f"--max-length {max_length} exceeds what {path} can read ({limit} tokens per sequence)"
+        )
+    d = clf.config.data
+    if d.truncation == "head_tail" and not d.head_tokens < max_length - 2:
+        # encode() would keep the head_tokens first tokens whole: longer sequences than asked for
+        raise UserError(
+            f"--max-length {max_length} leaves no room for the end of a review: {path} keeps its first "
+            f"{d.head_tokens} tokens (head_tail truncation); pass more than {d.head_tokens + 2}"
+        )
+    d.max_length = max_length
 
 
 @dataclass

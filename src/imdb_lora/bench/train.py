@@ -9,6 +9,7 @@ detected device's peak). `random_init` gives speed without weights (speed does n
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ..errors import UserError
 from ..metrics import peak_memory
 from ..modeling.flat import batching_path, flat_options_check
 from ..modeling.forward import batched_logits, compile_encoder
-from ..modeling.load import load_tokenizer, resolve_device
+from ..modeling.load import check_max_length, load_tokenizer, resolve_device
 from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
 from ..modeling.packing import classifier_of
@@ -90,6 +91,23 @@ class ThroughputOptions:
         return self
 
 
+def _progress(desc: str, total: int, unit: str):
+    """A bar on stderr (stdout is the report): reading, tokenizing and timing take minutes on a CPU.
+    Its update costs microseconds, against the milliseconds of a step or batch it counts."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+
+
+def _check_batch(opts: ThroughputOptions, reviews: int) -> None:
+    """A training step draws --batch-size reviews from those drawn; fewer would be reported as more."""
+    if opts.batch_size > reviews:
+        raise UserError(
+            f"--batch-size {opts.batch_size} is more than the {reviews} reviews drawn (--samples "
+            f"{opts.samples}, at most the train split); lower --batch-size or raise --samples"
+        )
+
+
 def _setup(opts: ThroughputOptions, split: str):
     opts.validate()
     cfg = Config()
@@ -97,9 +115,14 @@ def _setup(opts: ThroughputOptions, split: str):
     cfg.train.method, cfg.train.batching, cfg.data.max_length = opts.method, opts.batching, opts.max_length
     cfg.train.cuda_graphs = opts.cuda_graphs
     cfg.validate()
+    check_max_length(opts.model, opts.max_length)  # else a long review fails deep in the forward
+    if split == "train":
+        _check_batch(opts, opts.samples)
     device = resolve_device(opts.device)
     tok = load_tokenizer(opts.model)
-    full = load_imdb(resolve_imdb_path(opts.data))[split]
+    path = resolve_imdb_path(opts.data)
+    print(f"reading {path} ...", file=sys.stderr, flush=True)
+    full = load_imdb(path)[split]
     # The real run sees the train split (train less validation) or the whole test split.
     split_size = (
         len(stratified_split(full.labels, cfg.data.val_size, cfg.train.seed)[0])
@@ -107,7 +130,9 @@ def _setup(opts: ThroughputOptions, split: str):
         else len(full)
     )
     data = full.take(stratified_subset(full.labels, opts.samples, 0))
-    seqs = cached_encode(tok, data.texts, opts.max_length)
+    if split == "train":
+        _check_batch(opts, len(data))
+    seqs = cached_encode(tok, data.texts, opts.max_length, progress="tokenize")
     model, info = build_model(cfg)
     model = model.to(device)
     path = batching_path(opts.batching, model, device, training=split == "train")
@@ -191,13 +216,19 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
         )
         return sum(len(s) for s in batch)
 
-    for _ in range(opts.warmup):
-        one_step()
+    with _progress("warm-up steps (untimed)", opts.warmup, "step") as bar:
+        for _ in range(opts.warmup):
+            one_step()
+            bar.update()
     _sync(device)
-    t0 = time.perf_counter()
-    tokens = sum(one_step() for _ in range(opts.steps))
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    with _progress("timed steps", opts.steps, "step") as bar:
+        t0 = time.perf_counter()
+        tokens = 0
+        for _ in range(opts.steps):
+            tokens += one_step()
+            bar.update()
+        _sync(device)
+        seconds = time.perf_counter() - t0
     epoch_tokens = sum(len(s) for s in seqs) * (split_size / len(seqs))
     report = _report(opts, "train", device, model, info, tokens, seconds, seqs, path)
     report["cuda_graphs"] = captured is not None
@@ -217,14 +248,17 @@ def bench_eval(opts: ThroughputOptions) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     passes = []
-    for _ in range(2):
-        _sync(device)
-        t0 = time.perf_counter()
-        batched_logits(model, seqs, tok.pad_token_id, opts.batch_size, device, packed=path)
-        _sync(device)
-        passes.append(time.perf_counter() - t0)
+    for name in ("cold pass", "warm pass"):
+        with _progress(name, len(seqs), "review") as bar:
+            _sync(device)
+            t0 = time.perf_counter()
+            batched_logits(model, seqs, tok.pad_token_id, opts.batch_size, device, bar, packed=path)
+            _sync(device)
+            passes.append(time.perf_counter() - t0)
     cold, seconds = passes
     report = _report(opts, "eval", device, model, info, sum(len(s) for s in seqs), seconds, seqs, path)
+    # both passes are timed: say which one the rates come from
+    report["warm_seconds"] = report.pop("timed_seconds")
     report["reviews"] = len(seqs)
     report["cold_seconds"] = cold
     report["cold_test_set_seconds_estimate"] = cold * split_size / len(seqs)
@@ -335,8 +369,8 @@ def format_report(report: dict[str, Any]) -> str:
             continue
         if k == "peak_memory_bytes":
             v = fmt_bytes(v)
-        elif isinstance(v, float):
-            v = f"{v:.4f}" if k == "mfu" else f"{v:,.1f}"
+        elif isinstance(v, float):  # small figures keep 3 significant digits (0.031 TFLOP/s, not 0.0)
+            v = f"{v:.4f}" if k == "mfu" else f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
         elif v is None:
             v = "–"
         lines.append(f"{k:<{width}}  {v}")

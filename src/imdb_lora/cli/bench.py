@@ -30,7 +30,9 @@ def add_predict_bench_parser(sub) -> None:
     p.add_argument(
         "--samples", type=positive_int, default=64, help="test reviews per batch size [default: 64]"
     )
-    p.add_argument("--batch-sizes", type=batch_sizes, default=[1, 32], help="comma-separated [default: 1,32]")
+    p.add_argument(
+        "--batch-sizes", type=batch_sizes, default=[1, 32], help="comma-separated, each once [default: 1,32]"
+    )
     p.add_argument("--data", help="IMDB folder/archive (default: the first model's data setting)")
     p.add_argument(
         "--max-length",
@@ -58,7 +60,9 @@ def add_serve_bench_parser(sub) -> None:
     p.add_argument("model", help="run directory or export folder")
     p.add_argument("--clients", type=positive_int, default=32, help="concurrent clients [default: 32]")
     p.add_argument("--requests", type=positive_int, default=256, help="requests in all [default: 256]")
-    p.add_argument("--texts-per-request", type=positive_int, default=1, help="[default: 1]")
+    p.add_argument(
+        "--texts-per-request", type=positive_int, default=1, help="reviews in each request [default: 1]"
+    )
     p.add_argument(
         "--samples", type=positive_int, default=256, help="distinct test reviews to send [default: 256]"
     )
@@ -77,7 +81,7 @@ def add_serve_bench_parser(sub) -> None:
         help="server: seconds per admitted request",
     )
     add_max_batch_tokens_flag(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which reviews, in which order [default: 0]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_serve)
 
@@ -124,13 +128,34 @@ def add_bench_train_parsers(sub) -> None:
         p.add_argument("--model", default="roberta-base", help="model folder or hub id")
         p.add_argument("--random-init", action="store_true", help="random weights (speed only)")
         p.add_argument("--data", help="IMDB folder/archive (default: $IMDB_LORA_DATA)")
-        p.add_argument("--method", choices=["lora", "full"], default="lora")
-        p.add_argument("--batching", choices=["auto", "padded", "packed", "flat"], default="auto")
-        p.add_argument("--batch-size", type=positive_int, default=32 if name == "train" else 256)
-        p.add_argument("--max-length", type=int, default=512)
-        p.add_argument("--steps", type=int, default=30, help="timed steps (after --warmup steps)")
-        p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocation, kernels)")
-        p.add_argument("--samples", type=int, default=25000, help="reviews to draw lengths from")
+        p.add_argument("--method", choices=["lora", "full"], default="lora", help="[default: lora]")
+        p.add_argument(
+            "--batching", choices=["auto", "padded", "packed", "flat"], default="auto", help="[default: auto]"
+        )
+        batch = 32 if name == "train" else 256
+        p.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=batch,
+            help=f"reviews per {'step' if name == 'train' else 'batch'} [default: {batch}]",
+        )
+        p.add_argument("--max-length", type=int, default=512, help="tokens per review [default: 512]")
+        if name == "train":  # eval times two whole passes (cold, warm) over --samples reviews instead
+            p.add_argument("--steps", type=int, default=30, help="timed steps, after --warmup [default: 30]")
+            p.add_argument(
+                "--warmup", type=int, default=3, help="untimed steps first (allocation, kernels) [default: 3]"
+            )
+        p.add_argument(
+            "--samples",
+            type=int,
+            default=25000,
+            help=(
+                "train reviews each step's batch is drawn from"
+                if name == "train"
+                else "test reviews each pass reads"
+            )
+            + " [default: 25000]",
+        )
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
         p.add_argument(
             "--peak-tflops",
@@ -152,7 +177,7 @@ def add_bench_train_parsers(sub) -> None:
             help="after timing, profile N more steps (batches for eval): host ops and device kernels per "
             "step, the device's busy fraction, the costliest ops",
         )
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=cmd_bench_train if name == "train" else cmd_bench_eval)
 
 

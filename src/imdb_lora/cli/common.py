@@ -66,7 +66,13 @@ def positive_int(text: str) -> int:
 
 
 def batch_sizes(text: str) -> list[int]:
-    return [positive_int(part) for part in text.split(",") if part.strip()]
+    """Comma-separated positive sizes, each once (a repeated size would be measured, and compared, twice)."""
+    sizes = [positive_int(part) for part in text.split(",") if part.strip()]
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct positive integers separated by commas, got {text!r}"
+        )
+    return sizes
 
 
 def require_directories(*paths: str) -> None:
