@@ -40,6 +40,15 @@ def test_bench_train_says_what_it_does_on_stderr_and_keeps_stdout_json(tiny_mode
     assert "reading " in err and "warm-up steps" in err and "timed steps" in err
 
 
+def test_cuda_graphs_off_the_gpu_says_it_has_no_effect(tiny_models, imdb_dir, capsys):
+    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--steps", "1",
+            "--warmup", "0", "--batch-size", "4", "--max-length", "64", "--samples", "8", "--device", "cpu",
+            "--batching", "flat", "--cuda-graphs", "--json"]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["cuda_graphs"] is False and "--cuda-graphs: no effect on cpu (CUDA only)" in err
+
+
 def test_small_figures_keep_their_digits():
     from imdb_lora.bench.train import format_report
 

@@ -232,3 +232,8 @@ def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, i
     assert not (tmp_path / "m").exists()
     assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "g", "--cuda-graphs")) == 2
     assert "--cuda-graphs needs --batching flat" in capsys.readouterr().err
+    flat = ("--batching", "flat", "--cuda-graphs", "--epochs", "1", "--no-eval-test-each-epoch")
+    assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "c", *flat)) == 0
+    assert (
+        "--cuda-graphs: no effect on cpu with the flat path (CUDA and flat only)" in capsys.readouterr().err
+    )

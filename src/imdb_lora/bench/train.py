@@ -183,6 +183,8 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
     cfg, device, tok, seqs, labels, model, info, split_size, path = _setup(opts, "train")
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = opts.cuda_graphs and device.type == "cuda"
+    if opts.cuda_graphs and not graphs:  # the report says cuda_graphs false; say why up front too
+        print(f"--cuda-graphs: no effect on {device.type} (CUDA only)", file=sys.stderr, flush=True)
     opt = make_optimizer(params, cfg.train, device, captured=graphs)
     captured = (
         CapturedSteps(

@@ -239,6 +239,10 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Captured steps run the flat forward: only where the path is flat (--pooling mean is padded).
         graphs = t.cuda_graphs and self.device.type == "cuda" and self.path == "flat"
+        if t.cuda_graphs and not graphs:  # asked for, but nothing to capture with here: say so
+            self._say(
+                f"--cuda-graphs: no effect on {self.device.type} with the {self.path} path (CUDA and flat only)"
+            )
         self.optimizer = make_optimizer(self.params, t, self.device, captured=graphs)
         self.global_batch = t.batch_size * self.dist.world_size  # --batch-size is per process
         self.steps_per_epoch = math.ceil(len(self.train_ids) / self.global_batch)
