@@ -42,7 +42,7 @@ from ..modeling.load import (
 from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
 from ..runs.report import write_reports
-from ..runs.rundir import RunDir, require_creatable
+from ..runs.rundir import RunDir, atomic_write_text, require_creatable
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import Dist
 from .ema import Ema
@@ -194,9 +194,7 @@ class Trainer:
             # The settings a resume may change (calibration, --eval-file, device...) are recorded, so
             # config.yaml stays the recipe of what the run did; written atomically, as it is read on resume.
             if differing_fields(self.saved_cfg, self.cfg, ignore=frozenset()):
-                tmp = run.config_path.with_name(run.config_path.name + ".tmp")
-                self.cfg.save(tmp)
-                os.replace(tmp, run.config_path)
+                atomic_write_text(run.config_path, self.cfg.to_yaml())
             return
         if run.path.exists() and any(run.path.iterdir()):  # only reached with --overwrite
             # Set aside, not deleted: a setup that fails later (or Ctrl-C) puts the old run back.
