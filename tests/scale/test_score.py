@@ -138,6 +138,27 @@ def test_score_refuses_what_it_cannot_do(trained_run, tmp_path, capsys):
     assert (tmp_path / "full" / "x.parquet").read_text() == "earlier output"  # nothing replaced
 
 
+def test_batch_flags_mean_what_they_mean_in_predict(trained_run, tmp_path, capsys, monkeypatch):
+    import imdb_lora.scale.engines as engines
+
+    write_inputs(tmp_path / "in")
+    jobs = []
+    monkeypatch.setattr(
+        engines, "run_local", lambda job, device: jobs.append(job) or engines.Summary(0, 0, 1, [])
+    )
+    base = ["score", str(trained_run), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    flags = ["--rows-per-batch", "7", "--batch-size", "3", "--max-batch-tokens", "96"]
+    assert main([*base, *flags]) == 0
+    (job,) = jobs
+    assert (job.rows_per_batch, job.model_batch_size, job.max_batch_tokens) == (7, 3, 96)
+    scorer = ScoreBatch(**job.scorer_args("cpu"))  # what a worker loads: predict's caps, not the rows
+    assert (scorer.batch_size, scorer.clf.max_batch_tokens) == (3, 96)
+    capsys.readouterr()
+    assert main([*base, "--overwrite", "--model-batch-size", "8"]) == 2  # the old name: one line, not ignored
+    err = capsys.readouterr().err
+    assert "--model-batch-size: was renamed: use --batch-size" in err and "Traceback" not in err
+
+
 def test_local_engine_never_imports_ray(trained_run, tmp_path, capsys):
     if "ray" in sys.modules:
         pytest.skip("an earlier test of this session imported ray")
@@ -255,7 +276,7 @@ def test_ray_engine_matches_predict_on_real_reviews(roberta_run, real_reviews, p
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         args = ["score", str(roberta_run), "--input", str(folder), "--output", str(tmp_path / "out"),
-                "--engine", "ray", "--batch-size", "128"]  # fmt: skip
+                "--engine", "ray", "--rows-per-batch", "128"]  # fmt: skip
         assert main(args) == 0
     finally:
         ray.shutdown()

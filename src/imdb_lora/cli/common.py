@@ -42,6 +42,17 @@ def add_max_batch_tokens_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+class Renamed(argparse.Action):
+    """A flag that was renamed: using it is a one-line error naming the new flag (never silently ignored)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, f"was renamed: use {self.new}")
+
+
 def argument(text: str, cast, ok, expected: str):
     """An argparse type's body: `text` as `cast` gives it, if `ok`; else "expected ..., got ..."."""
     try:

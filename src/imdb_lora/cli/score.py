@@ -6,7 +6,14 @@ import argparse
 
 from ..errors import UserError
 from ..scale.batch import MAX_CHARS
-from .common import add_raw_flag, add_window_flag, non_negative_float, positive_int
+from .common import (
+    Renamed,
+    add_max_batch_tokens_flag,
+    add_raw_flag,
+    add_window_flag,
+    non_negative_float,
+    positive_int,
+)
 
 
 def add_score_parser(sub) -> None:
@@ -37,13 +44,15 @@ def add_score_parser(sub) -> None:
         "a row that is not in it becomes a row with an error [default: utf-8]",
     )  # fmt: skip
     p.add_argument(
-        "--batch-size", type=positive_int, default=256,
-        help="rows handed to a worker at a time (Ray Data's batch_size) [default: 256]",
+        "--rows-per-batch", type=positive_int, default=256, metavar="N",
+        help="rows read and handed to a worker at a time (Ray Data's batch_size) [default: 256]",
     )  # fmt: skip
     p.add_argument(
-        "--model-batch-size", type=positive_int, default=32,
-        help="reviews per forward pass, as predict's --batch-size [default: 32]",
+        "--batch-size", type=positive_int, default=32,
+        help="reviews per forward pass at most, as in predict (--max-batch-tokens also caps it) [default: 32]",
     )  # fmt: skip
+    # Renamed so that --batch-size means one thing in every command: said in one line, not "unrecognized".
+    p.add_argument("--model-batch-size", action=Renamed, new="--batch-size", help=argparse.SUPPRESS)
     p.add_argument("--device", help="local engine: auto, cpu or cuda[:N] [default: auto]")
     g = p.add_argument_group("ray engine")
     g.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: "
@@ -53,6 +62,7 @@ def add_score_parser(sub) -> None:
     g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0.0, help="[default: 0, CPU]")
     add_window_flag(p)
     add_raw_flag(p)
+    add_max_batch_tokens_flag(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -82,8 +92,9 @@ def cmd_score(ns: argparse.Namespace) -> int:
         inputs=ns.input,
         output=ns.output,
         text_column=ns.text_column,
-        rows_per_batch=ns.batch_size,
-        model_batch_size=ns.model_batch_size,
+        rows_per_batch=ns.rows_per_batch,
+        model_batch_size=ns.batch_size,
+        max_batch_tokens=ns.max_batch_tokens,
         keep_text=ns.keep_text,
         window_stride=ns.window_stride,
         raw=ns.raw,

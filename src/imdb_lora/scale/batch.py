@@ -36,6 +36,7 @@ class ScoreBatch:
         threads: int | None = None,
         raw: bool = False,
         max_chars: int = MAX_CHARS,
+        max_batch_tokens: int | None = None,
     ):
         # As the CLI does: transformers' deprecation notices are not the user's to fix (a Ray actor's
         # process never went through the CLI's filter, and printed them in every job's log).
@@ -47,7 +48,7 @@ class ScoreBatch:
             os.environ["IMDB_LORA_ORT_THREADS"] = str(threads)
         from ..inference.classifier import Classifier
 
-        self.clf = Classifier.load(model, device=device, raw=raw)
+        self.clf = Classifier.load(model, device=device, raw=raw, max_batch_tokens=max_batch_tokens)
         self.text_key = carried_name(text_column)
         self.batch_size = batch_size
         self.keep_text = keep_text

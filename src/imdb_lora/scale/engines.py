@@ -31,7 +31,8 @@ class ScoreJob:
     output: str
     text_column: str = "text"
     rows_per_batch: int = 256  # rows handed to a worker at a time (Ray Data's batch_size)
-    model_batch_size: int = 32  # reviews per forward pass, as in `predict`
+    model_batch_size: int = 32  # reviews per forward pass at most (score's --batch-size, as in `predict`)
+    max_batch_tokens: int | None = None  # padded tokens per forward pass (None: the device's default)
     keep_text: bool = False
     window_stride: int | None = None
     raw: bool = False  # ignore the run's calibration temperature, as predict --raw
@@ -46,6 +47,7 @@ class ScoreJob:
             model=self.model,
             text_column=self.text_column,
             batch_size=self.model_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
             device=device,
             keep_text=self.keep_text,
             window_stride=self.window_stride,
