@@ -46,7 +46,8 @@ def test_bench_predict_compares_run_and_export_side_by_side(trained_run, imdb_di
     from imdb_lora.inference.classifier import Classifier
 
     clf = Classifier.load(str(trained_run), device="cpu")
-    reviews = test_reviews(clf, str(imdb_dir), 12, 0)
+    reviews, source = test_reviews(clf, str(imdb_dir), 12, 0)
+    assert source == f"IMDB test reviews ({imdb_dir.resolve()})"
     labels = clf.logits(reviews.texts).argmax(-1).tolist()
     want = sum(p == y for p, y in zip(labels, reviews.labels)) / 12
     assert rows[("run", 1)]["accuracy"] == rows[("onnx", 4)]["accuracy"] == want
@@ -107,3 +108,21 @@ def test_bench_predict_max_length_keeps_room_for_head_tail(trained_run):
         override_max_length("RUN", clf, 24)
     override_max_length("RUN", clf, 48)
     assert max(map(len, clf.encode(["great " * 200]))) == 48
+
+
+def test_reports_name_where_the_reviews_came_from(trained_run, tmp_path):
+    from imdb_lora.bench.common import test_reviews
+    from imdb_lora.inference.classifier import Classifier
+
+    rows = "".join(f"{'good fine film' if i % 2 else 'bad dull film'} {i},{i % 2}\n" for i in range(40))
+    for name in ("train.csv", "test.csv"):
+        (tmp_path / name).write_text("text,label\n" + rows)
+    clf = Classifier.load(str(trained_run), device="cpu")
+    data = clf.config.data
+    data.path, data.train_file, data.test_file = None, str(tmp_path / "train.csv"), str(tmp_path / "test.csv")
+    assert test_reviews(clf, None, 4, 0)[1] == f"reviews of the test file {tmp_path / 'test.csv'}"
+    data.test_file = None  # the run's "test" is a held-out slice of its train file: said so, never "IMDB"
+    assert (
+        test_reviews(clf, None, 4, 0)[1]
+        == f"held-out reviews of {tmp_path / 'train.csv'} (the run has no test file)"
+    )

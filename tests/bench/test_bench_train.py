@@ -114,11 +114,22 @@ def test_bench_rejects_values_out_of_range(tiny_models, imdb_dir, capsys, flag, 
     assert message in err and "reading " not in err  # found before reading the data
 
 
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_bench_more_samples_than_the_split_is_refused(tiny_models, imdb_dir, capsys, name):
+    args = ["bench", name, "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--samples", "200",
+            "--batch-size", "4", "--max-length", "64", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 2  # 200 asked, but each tiny split has 48: it used to time 48 and not say so
+    err = capsys.readouterr().err
+    assert f"--samples 200: the {'train' if name == 'train' else 'test'} split has only 48 reviews" in err
+
+
 def test_bench_train_batch_larger_than_the_data_is_refused(tiny_models, imdb_dir, capsys):
-    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--samples", "200",
+    args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir),
             "--batch-size", "64", "--max-length", "64", "--device", "cpu"]  # fmt: skip
-    assert main(args) == 2  # 200 asked, but the tiny train split has 48
-    assert "--batch-size 64 is more than the 48 reviews drawn" in capsys.readouterr().err
+    assert main(args) == 2  # no --samples: the whole tiny train split, 48 reviews
+    assert (
+        "--batch-size 64 is more than the 48 reviews drawn (the whole train split)" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("args", [["--max-length", "512"], ["--steps", "5"], ["--warmup", "2"]])

@@ -25,18 +25,30 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def test_reviews(clf: Classifier, data: str | None, n: int, seed: int) -> LabeledTexts:
-    """n real test reviews (stratified, then shuffled with `seed`): the same ones for every model."""
+def test_reviews(clf: Classifier, data: str | None, n: int, seed: int) -> tuple[LabeledTexts, str]:
+    """n real test reviews (stratified, then shuffled with `seed`): the same ones for every model, and
+    what they are (reports name it: a run trained on labeled files reads their test file, not IMDB)."""
     data_cfg = clf.config.data
     if data:
         data_cfg.path, data_cfg.train_file, data_cfg.test_file = data, None, None
     data_cfg.max_eval_samples = None
-    test = load_splits(data_cfg, seed).test
+    splits = load_splits(data_cfg, seed)
+    test = splits.test
     if n > len(test):
         raise UserError(f"--samples {n}: the test split has only {len(test)} reviews")
     idx = stratified_subset(test.labels, n, seed)
     random.Random(seed).shuffle(idx)  # mixed lengths and labels, as requests would come
-    return test.take(idx)
+    return test.take(idx), describe_reviews(splits.source, data_cfg.test_file)
+
+
+def describe_reviews(source: dict, test_file: str | None) -> str:
+    """Where the reviews came from, for a report's header."""
+    if source.get("kind") == "imdb":
+        return f"IMDB test reviews ({source['path']})"
+    if test_file:
+        return f"reviews of the test file {test_file}"
+    (train_file,) = source["files"]
+    return f"held-out reviews of {train_file} (the run has no test file)"
 
 
 def machine() -> str:

@@ -35,12 +35,13 @@ def bench_predict(
     if max_length:
         for path, clf in zip(paths, models):
             override_max_length(path, clf, max_length)
-    reviews = test_reviews(models[0], data, samples, seed)
+    reviews, source = test_reviews(models[0], data, samples, seed)
     tokens = [len(ids) for ids in models[0].encode(reviews.texts)]
     results = [r for bs in batch_sizes for r in time_paths(paths, models, reviews, bs)]
     report = {
         "machine": machine(),
         "reviews": len(reviews),
+        "data": source,
         "tokens": {"mean": sum(tokens) / len(tokens), "max": max(tokens)},
         "results": [r.row(next(b for b in results if b.batch_size == r.batch_size)) for r in results],
     }
@@ -133,7 +134,7 @@ def time_paths(
 
 def format_predict_report(report: dict[str, Any]) -> str:
     lines = [
-        f"bench predict: {report['reviews']} real IMDB test reviews, "
+        f"bench predict: {report['reviews']} {report['data']}, "
         f"{report['tokens']['mean']:.0f} tokens on average (max {report['tokens']['max']})",
         f"machine: {report['machine']}",
         "",

@@ -28,11 +28,11 @@ def bench_serve(
     """HTTP load: `clients` concurrent loops send `requests` POST /predict to a real uvicorn on loopback."""
     settings = (settings or ServeSettings()).admitting(texts_per_request)
     clf = Classifier.load(model, device=device, max_batch_tokens=max_batch_tokens)
-    reviews = test_reviews(clf, data, samples, seed).texts
+    reviews, source = test_reviews(clf, data, samples, seed)
     app = create_app(clf, settings)
     with BackgroundServer(app) as server:
         cpu0 = time.process_time()
-        load = run_load_in_process(server.url, reviews, clients, requests, texts_per_request, timeout)
+        load = run_load_in_process(server.url, reviews.texts, clients, requests, texts_per_request, timeout)
         load["service_cpu_seconds"] = round(time.process_time() - cpu0, 2)  # model + event loop, all threads
     stats = app.state.batcher.stats
     load.update(
@@ -44,6 +44,7 @@ def bench_serve(
         max_batch_tokens=clf.max_batch_tokens,
     )
     load["machine"] = machine()
+    load["data"], load["distinct_reviews"] = source, len(reviews)
     return load
 
 
@@ -52,7 +53,7 @@ def format_serve_report(r: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"bench serve: {r['requests']} requests of {r['texts_per_request']} review(s) "
-            f"from {r['clients']} concurrent clients on loopback",
+            f"from {r['clients']} concurrent clients on loopback; {r['distinct_reviews']} distinct {r['data']}",
             f"machine: {r['machine']}",
             f"requests/s {r['requests_per_s']:.2f} | reviews/s {r['texts_per_s']:.2f} | "
             f"admitted latency p50 {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms, p99 {lat['p99']:.0f} ms | "

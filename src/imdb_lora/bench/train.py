@@ -68,7 +68,7 @@ class ThroughputOptions:
     max_length: int = 512  # tokens per review after truncation
     steps: int = 30  # timed steps (train), after `warmup` untimed ones
     warmup: int = 3  # untimed steps first: allocation, kernel selection, compilation
-    samples: int = 25000  # reviews to draw lengths from
+    samples: int | None = None  # reviews to draw from (None: the whole split; more is refused)
     device: str = "auto"
     peak_tflops: float | None = None  # device peak for MFU (default: the detected GPU's data sheet)
     compile: bool = False  # torch.compile the encoder (dynamic shapes)
@@ -79,7 +79,7 @@ class ThroughputOptions:
         for flag, v in (
             ("--steps", self.steps),
             ("--batch-size", self.batch_size),
-            ("--samples", self.samples),
+            ("--samples", 1 if self.samples is None else self.samples),
         ):
             if v < 1:
                 raise UserError(f"{flag} must be >= 1")
@@ -102,9 +102,10 @@ def _progress(desc: str, total: int, unit: str):
 def _check_batch(opts: ThroughputOptions, reviews: int) -> None:
     """A training step draws --batch-size reviews from those drawn; fewer would be reported as more."""
     if opts.batch_size > reviews:
+        drawn = "the whole train split" if opts.samples is None else f"--samples {opts.samples}"
         raise UserError(
-            f"--batch-size {opts.batch_size} is more than the {reviews} reviews drawn (--samples "
-            f"{opts.samples}, at most the train split); lower --batch-size or raise --samples"
+            f"--batch-size {opts.batch_size} is more than the {reviews} reviews drawn ({drawn}); "
+            "lower --batch-size" + ("" if opts.samples is None else " or raise --samples")
         )
 
 
@@ -116,7 +117,7 @@ def _setup(opts: ThroughputOptions, split: str):
     cfg.train.cuda_graphs = opts.cuda_graphs
     cfg.validate()
     check_max_length(opts.model, opts.max_length)  # else a long review fails deep in the forward
-    if split == "train":
+    if split == "train" and opts.samples is not None:
         _check_batch(opts, opts.samples)
     device = resolve_device(opts.device)
     tok = load_tokenizer(opts.model)
@@ -129,6 +130,8 @@ def _setup(opts: ThroughputOptions, split: str):
         if split == "train"
         else len(full)
     )
+    if opts.samples is not None and opts.samples > len(full):  # else fewer would be timed than asked
+        raise UserError(f"--samples {opts.samples}: the {split} split has only {len(full):,} reviews")
     data = full.take(stratified_subset(full.labels, opts.samples, 0))
     if split == "train":
         _check_batch(opts, len(data))

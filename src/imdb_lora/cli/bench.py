@@ -148,13 +148,12 @@ def add_bench_train_parsers(sub) -> None:
         p.add_argument(
             "--samples",
             type=int,
-            default=25000,
             help=(
                 "train reviews each step's batch is drawn from"
                 if name == "train"
                 else "test reviews each pass reads"
             )
-            + " [default: 25000]",
+            + " [default: all of the split]",
         )
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
         p.add_argument(
