@@ -188,6 +188,7 @@ class RunDir:
         tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
+        sort_target_modules(tmp / "adapter_config.json")
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -205,3 +206,14 @@ class RunDir:
 
     def weights_bytes(self, method: str) -> int:
         return dir_bytes(self.weights_dir(method))
+
+
+def sort_target_modules(adapter_config: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash order, which changes from one Python
+    process to the next: sorted, the same run writes the same adapter_config.json every time."""
+    if not adapter_config.is_file():  # full fine-tuning saves a model/ folder, no adapter
+        return
+    record = json.loads(adapter_config.read_text())
+    if isinstance(record.get("target_modules"), list):
+        record["target_modules"] = sorted(record["target_modules"])
+        adapter_config.write_text(json.dumps(record, indent=2, sort_keys=True))

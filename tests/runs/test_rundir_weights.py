@@ -1,0 +1,35 @@
+"""RunDir.save_weights: the adapter folder is replaced whole and written the same way every time."""
+
+import json
+
+from imdb_lora.runs.rundir import RunDir
+
+
+class HashOrderModel:
+    """Saves as PEFT does: target_modules in whatever order its set had in this process."""
+
+    def __init__(self, order: list[str]):
+        self.order = order
+
+    def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
+        folder.mkdir(parents=True)
+        record = {"r": 8, "target_modules": self.order, "modules_to_save": ["classifier"]}
+        (folder / "adapter_config.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+
+
+def test_adapter_config_is_the_same_whatever_the_set_order(tmp_path):
+    written = []
+    for order in (["value", "query", "dense", "key"], ["key", "dense", "value", "query"]):
+        run = RunDir(tmp_path / "-".join(order))
+        run.path.mkdir()
+        run.save_weights(HashOrderModel(order), "lora")
+        written.append((run.path / "adapter" / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == ["dense", "key", "query", "value"]
+    assert json.loads(written[0])["modules_to_save"] == ["classifier"]  # other lists keep their order
+
+
+def test_a_trained_runs_adapter_config_lists_target_modules_sorted(trained_run):
+    record = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
+    assert record["target_modules"] == sorted(record["target_modules"]) and len(record["target_modules"]) > 1
