@@ -127,6 +127,7 @@ class Classifier:
         run = RunDir(path)
         info = run.require_finished()
         cfg = Config.load_saved(run.config_path)
+        use_recorded_imdb(cfg, info)
         dev = resolve_device(device)
         if info["method"] == "full":
             model, _ = load_base_model(str(run.weights_dir("full")), NUM_LABELS, False, cfg.train.seed)
@@ -185,6 +186,19 @@ class Classifier:
             return []
         probs = self.logits(texts, batch_size, window_stride=window_stride).softmax(-1)
         return [to_prediction(t, p) for t, p in zip(texts, probs.tolist())]
+
+
+def use_recorded_imdb(cfg: Config, info: dict[str, Any]) -> None:
+    """A run trained on `$IMDB_LORA_DATA` or the download keeps `data.path: null` in config.yaml, and
+    its run.json (`data_source.path`) says which IMDB copy it read. Reading the run again (evaluate,
+    select, bench) defaults to that copy while it is there, as `--data` given to train would, not to
+    whatever `$IMDB_LORA_DATA` says now or a fresh download (which fails offline)."""
+    d, source = cfg.data, info.get("data_source") or {}
+    recorded = source.get("path")
+    if d.path is not None or d.train_file is not None or source.get("kind") != "imdb":
+        return
+    if isinstance(recorded, str) and Path(recorded).is_absolute() and Path(recorded).exists():
+        d.path = recorded
 
 
 def check_window_stride_of(path: str, stride: int | None) -> None:
