@@ -127,7 +127,7 @@ def add_bench_train_parsers(sub) -> None:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", default="roberta-base", help="model folder or hub id")
         p.add_argument("--random-init", action="store_true", help="random weights (speed only)")
-        p.add_argument("--data", help="IMDB folder/archive (default: $IMDB_LORA_DATA)")
+        p.add_argument("--data", help="IMDB folder/archive (default: $IMDB_LORA_DATA, else download)")
         p.add_argument("--method", choices=["lora", "full"], default="lora", help="[default: lora]")
         p.add_argument(
             "--batching", choices=["auto", "padded", "packed", "flat"], default="auto", help="[default: auto]"
