@@ -63,8 +63,11 @@ def test_a_model_with_its_own_code_is_refused_without_running_or_asking(
     merged_export, tiny_models, imdb_dir, tmp_path, capsys
 ):
     witness = tmp_path / "code-ran"
+    from imdb_lora.inference.exported import recorded_files
+
     export = copy(merged_export, tmp_path)
     add_custom_code(export / "model", witness)
+    edit_marker(export, files=recorded_files(export, "merged"))  # crafted: its record matches its files
     out = predict_fails(export, capsys, "needs Python code of its own", "imdb-lora never runs it")
     assert "[y/N]" not in out  # transformers asks on a terminal unless told trust_remote_code=False
 
@@ -210,3 +213,92 @@ def test_a_text_of_only_control_characters_is_empty_everywhere(trained_run, tmp_
     assert "nul.csv line 3 has an empty or missing text" in capsys.readouterr().err
     assert text_problem("\x00 \u200b\x1f", "text") == "empty text"
     assert text_problem("\x00ok", "text") is None
+
+
+# ------------------------------------------------------------ damaged, swapped and incomplete weights
+
+
+def truncate(path: Path, size: int = 500) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_models, imdb_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "bert-full"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--method", "full", "--epochs", "1")) == 0
+    return out
+
+
+def test_truncated_weights_are_one_line_naming_the_folder(trained_run, full_run, tmp_path, capsys):
+    """safetensors' own error (not an OSError) escaped as a traceback, for a run's adapter or model."""
+    run = copy(trained_run, tmp_path)
+    truncate(run / "adapter" / "adapter_model.safetensors")
+    predict_fails(run, capsys, "adapter weights in", "are damaged")
+    full = copy(full_run, tmp_path)
+    truncate(full / "model" / "model.safetensors")
+    err_out = predict_fails(full, capsys, f"{full / 'model'} are damaged")
+    assert "--model" not in err_out
+
+
+def test_missing_weights_or_tokenizer_files_are_one_line(trained_run, merged_export, tmp_path, capsys):
+    """Not "--model: ... use --random-init" (flags of train), nor transformers' message on five lines."""
+    no_weights = copy(merged_export, tmp_path / "a")
+    (no_weights / "model" / "model.safetensors").unlink()
+    predict_fails(no_weights, capsys, "incomplete export (no model/model.safetensors)")
+    no_tokenizer = copy(merged_export, tmp_path / "b")
+    (no_tokenizer / "tokenizer" / "tokenizer.json").unlink()
+    predict_fails(no_tokenizer, capsys, "incomplete export (no tokenizer/tokenizer.json)")
+    run = copy(trained_run, tmp_path / "c")
+    for f in (run / "tokenizer").iterdir():
+        f.unlink()
+    predict_fails(run, capsys, "no usable tokenizer in")
+
+
+def test_a_damaged_or_swapped_export_file_is_named(trained_run, merged_export, tmp_path, capsys):
+    """The marker records each weight, graph and tokenizer file's sha256: a truncated copy, or a
+    model.onnx taken from another export (it loaded and predicted with the other model's weights), is
+    refused before anything loads it; an export made before the record existed still loads."""
+    onnx = tmp_path / "onnx"
+    assert main(["export", str(trained_run), "--to", str(onnx), "--format", "onnx"]) == 0
+    int8 = tmp_path / "int8"
+    assert (
+        main(["export", str(trained_run), "--to", str(int8), "--format", "onnx", "--quantize", "int8"]) == 0
+    )
+    capsys.readouterr()
+    swapped = copy(onnx, tmp_path / "s")
+    shutil.copy(int8 / "model.onnx", swapped / "model.onnx")
+    predict_fails(swapped, capsys, "model.onnx is not the file that was exported", "sha256")
+    damaged = copy(merged_export, tmp_path / "d")
+    truncate(damaged / "model" / "model.safetensors")
+    predict_fails(damaged, capsys, "model.safetensors is not the file that was exported")
+    outside = copy(onnx, tmp_path / "o")
+    edit_marker(outside, files={"../../model.onnx": "0" * 64})
+    predict_fails(outside, capsys, "names a file outside the export")
+    older = copy(onnx, tmp_path / "old")
+    marker = json.loads((older / MARKER).read_text())
+    del marker["files"]
+    (older / MARKER).write_text(json.dumps(marker))
+    assert main(["predict", str(older), "great film", "--device", "cpu"]) == 0
+
+
+def test_an_export_whose_calibration_was_changed_is_refused_unless_raw(merged_export, tmp_path, capsys):
+    """The marker records the temperature the export was made with; another calibration.json (edited,
+    or copied from another run) silently changed every probability."""
+    export = copy(merged_export, tmp_path)
+    (export / "calibration.json").write_text('{"temperature": 0.5}')
+    predict_fails(export, capsys, "calibration.json holds temperature 0.5", "the export was made with")
+    assert main(["predict", str(export), "great film", "--raw", "--device", "cpu"]) == 0
+
+
+def test_base_model_is_refused_where_it_does_not_apply(merged_export, full_run, tiny_models, capsys):
+    """It was silently ignored for a fully fine-tuned run and for an export."""
+    for folder, expected in (
+        (full_run, "LoRA runs only"),
+        (merged_export, "run directories only"),
+    ):
+        args = ["predict", str(folder), "great film", "--base-model", str(tiny_models("mpnet"))]
+        assert main([*args, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--base-model applies to {expected}" in err and "\n" not in err
+    assert main(["export", str(full_run), "--to", str(full_run.parent / "x"), "--base-model", "b"]) == 2
+    assert "--base-model applies to LoRA runs only" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 An export folder is self-contained, so `predict`, `evaluate`, `serve` and `bench` take it like a run:
 
-    imdb_lora_export.json  marker: format, quantization, exporter, the check against the run
+    imdb_lora_export.json  marker: format, quantization, exporter, the check against the run, the
+                           temperature, and the sha256 of each model and tokenizer file (checked on load)
     config.yaml, run.json  the run's recipe and figures (data settings for evaluate, /info)
     calibration.json       the run's temperature, if it has one (applied by Classifier on every backend)
     tokenizer/             the run's tokenizer

@@ -13,7 +13,14 @@ from typing import Any
 from .. import __version__
 from ..errors import UserError
 from ..inference.classifier import Classifier
-from ..inference.exported import FORMATS, MARKER, ONNX_FILE, QUANTIZATIONS, is_export
+from ..inference.exported import (
+    FORMATS,
+    MARKER,
+    ONNX_FILE,
+    QUANTIZATIONS,
+    is_export,
+    recorded_files,
+)
 from ..modeling.load import position_limit
 from ..runs.rundir import CALIBRATION, RunDir, require_creatable
 from .onnx import export_onnx
@@ -134,6 +141,7 @@ def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -
         # the graph's position table is fixed: loading checks config.yaml's max_length against it
         marker["max_positions"] = position_limit(clf.model.config)
         shutil.rmtree(merged)
+    marker["files"] = recorded_files(stage, fmt)  # loading compares them: a damaged copy is named
     marker.update(
         imdb_lora_version=__version__,
         exported_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

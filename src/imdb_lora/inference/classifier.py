@@ -18,6 +18,8 @@ from ..modeling.load import (
     NUM_LABELS,
     base_fingerprint,
     check_saved_max_length,
+    first_line,
+    is_damaged_weights,
     is_local,
     load_base_model,
     load_tokenizer,
@@ -26,7 +28,7 @@ from ..modeling.load import (
 )
 from ..modeling.pooling import set_pooling
 from ..runs.rundir import CALIBRATION, RunDir, read_calibration
-from .exported import is_export, load_export
+from .exported import MARKER, is_export, load_export
 
 
 @dataclass
@@ -94,6 +96,13 @@ class Classifier:
             self.temperature, self.calibration_note = 1.0, "raw probabilities (--raw: temperature 1)"
             return
         record = read_calibration(folder)
+        exported = (self.info.get("export") or {}).get("temperature")  # what the export was made with
+        found = 1.0 if record is None else float(record["temperature"])
+        if isinstance(exported, (int, float)) and exported != found:
+            raise UserError(
+                f"{Path(folder) / CALIBRATION} holds temperature {found!r}, but the export was made with "
+                f"{exported!r} ({MARKER}); export the run again"
+            )
         if record is None:
             self.temperature = 1.0
             self.calibration_note = f"no {CALIBRATION} (uncalibrated run): temperature 1"
@@ -114,6 +123,11 @@ class Classifier:
         """Load a finished run directory or an export folder; `merge` folds the adapter into the base
         weights; `raw` ignores the run's calibration (temperature 1)."""
         if is_export(path):  # self-contained: base model, adapter and --base-model do not apply
+            if base_model is not None:  # said, not ignored: the user meant some other model to be used
+                raise UserError(
+                    f"--base-model applies to run directories only; {path} is an export "
+                    "(the base model is folded into it)"
+                )
             clf = cls(*load_export(path, device), max_batch_tokens=max_batch_tokens)
         else:
             clf = cls._load_run(path, device, base_model, merge, max_batch_tokens)
@@ -130,7 +144,14 @@ class Classifier:
         use_recorded_imdb(cfg, info)
         dev = resolve_device(device)
         if info["method"] == "full":
-            model, _ = load_base_model(str(run.weights_dir("full")), NUM_LABELS, False, cfg.train.seed)
+            if base_model is not None:  # the run holds the whole model: there is no base to point at
+                raise UserError(
+                    f"--base-model applies to LoRA runs only; {run.path} was fully fine-tuned "
+                    "(its model/ folder holds the whole model)"
+                )
+            model, _ = load_base_model(
+                str(run.weights_dir("full")), NUM_LABELS, False, cfg.train.seed, flag=None
+            )
             set_pooling(model, cfg.model.pooling)
         else:
             model = load_adapter_model(run, cfg, info, base_model, merge)
@@ -173,6 +194,15 @@ class Classifier:
                 self.model, seqs, pad_id, batch_size, self.device, progress, max_tokens=budget
             )
         return self.model.batched_logits(seqs, pad_id, batch_size, progress, max_tokens=budget)
+
+    def describe(self) -> str:
+        """What was loaded, in words: "onnx int8 export (onnxruntime), calibrated: temperature 0.7900 ..."."""
+        export = self.info.get("export")
+        if export:
+            kind = f"{export['format']}{' ' + export['quantize'] if export.get('quantize') else ''} export"
+        else:
+            kind = f"{self.info.get('method', 'lora')} run"
+        return f"{kind} ({self.backend}, {self.device.type}), {self.calibration_note}"
 
     @property
     def backend(self) -> str:
@@ -243,5 +273,10 @@ def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_mode
     adapter = run.weights_dir("lora")
     if not (adapter / "adapter_model.safetensors").is_file():  # PEFT would fall back to a pickled .bin
         raise UserError(f"{adapter} has no adapter_model.safetensors (only safetensors weights are loaded)")
-    model = PeftModel.from_pretrained(model, str(adapter))
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    except Exception as e:
+        if is_damaged_weights(e):  # a truncated or garbled copy: one line, not safetensors' traceback
+            raise UserError(f"the adapter weights in {adapter} are damaged ({first_line(e)})") from None
+        raise
     return model.merge_and_unload() if merge else model

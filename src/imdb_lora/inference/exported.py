@@ -33,12 +33,16 @@ def read_marker(path: Path) -> dict[str, Any]:
     if not isinstance(onnx_file, str) or Path(onnx_file).name != onnx_file or onnx_file in ("", ".", ".."):
         # a plain file name inside the export: the marker never points elsewhere on the machine
         raise UserError(f"{path}: {MARKER} names an invalid onnx_file {onnx_file!r}; export the run again")
-    needed = ["config.yaml", "run.json", "tokenizer", "model" if fmt == "merged" else onnx_file]
+    model = ["model", "model/config.json"] if fmt == "merged" else [onnx_file]
+    needed = ["config.yaml", "run.json", "tokenizer", *model]
     if _temperature(marker) != 1.0:  # the export was calibrated: its probabilities need the file
         needed.append(CALIBRATION)
     for name in needed:
         if not (path / name).exists():
             raise UserError(f"{path} is an incomplete export (no {name}); export the run again")
+    weights = ("model/model.safetensors", "model/model.safetensors.index.json")  # one file, or shards
+    if fmt == "merged" and not any((path / name).is_file() for name in weights):
+        raise UserError(f"{path} is an incomplete export (no {weights[0]}); export the run again")
     return marker
 
 
@@ -47,6 +51,41 @@ def _temperature(marker: dict[str, Any]) -> float:
         return float(marker.get("temperature", 1.0))
     except (TypeError, ValueError, OverflowError):
         return float("nan")  # not 1: calibration.json is then required, and read_calibration judges it
+
+
+def recorded_files(root: Path, fmt: str, onnx_file: str = ONNX_FILE) -> dict[str, str]:
+    """sha256 of every file the predictions come from (weights or graph, model config, tokenizer), by
+    path inside the export. config.yaml, run.json and calibration.json are judged by what they hold."""
+    from ..data.imdb import file_sha256
+
+    tops = ["model" if fmt == "merged" else onnx_file, "tokenizer"]
+    files = [f for top in tops for f in ([root / top] if (root / top).is_file() else (root / top).rglob("*"))]
+    return {f.relative_to(root).as_posix(): file_sha256(f) for f in sorted(files) if f.is_file()}
+
+
+def check_files(root: Path, marker: dict[str, Any]) -> None:
+    """Every file the marker records is there, as exported: a truncated copy, or a model.onnx or weights
+    file taken from another export, ends in one line naming the file, before anything loads it."""
+    from ..data.imdb import file_sha256
+
+    recorded = marker.get("files")
+    if recorded is None:  # an export made before the record existed: nothing to compare with
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise UserError(f"{root}: {MARKER} holds an invalid files record; export the run again")
+    for name in recorded:
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # never a file outside the export
+            raise UserError(
+                f"{root}: {MARKER} names a file outside the export ({name!r}); export the run again"
+            )
+    for name, digest in recorded.items():
+        if not (root / name).is_file():
+            raise UserError(f"{root} is an incomplete export (no {name}); export the run again")
+        if file_sha256(root / name) != digest:
+            raise UserError(
+                f"{root / name} is not the file that was exported (sha256 differs: damaged, edited or "
+                "replaced); export the run again"
+            )
 
 
 def load_export(path: str | os.PathLike, device: str = "auto"):
@@ -66,13 +105,14 @@ def load_export(path: str | os.PathLike, device: str = "auto"):
 
     root = Path(path).expanduser()
     marker = read_marker(root)
+    check_files(root, marker)
     cfg = Config.load_saved(root / "config.yaml")
     info = read_json_object(root / "run.json")
     info["export"] = marker
     tokenizer = load_tokenizer(str(root / "tokenizer"))
     if marker["format"] == "merged":
         dev = resolve_device(device)
-        model, _ = load_base_model(str(root / "model"), NUM_LABELS, False, cfg.train.seed)
+        model, _ = load_base_model(str(root / "model"), NUM_LABELS, False, cfg.train.seed, flag=None)
         check_saved_max_length(cfg.data.max_length, position_limit(model.config), root / "config.yaml")
         set_pooling(model, cfg.model.pooling)  # the export's config.yaml decides, as for a run
         return model.to(dev), tokenizer, dev, cfg, info

@@ -30,21 +30,20 @@ def has_weights(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def check_model_source(name: str, random_init: bool, flag: str = "--model") -> None:
+def check_model_source(name: str, random_init: bool, flag: str | None = "--model") -> None:
     """Fail early, naming the flag (--model; --base-model when reading a run), when a local model folder is
-    missing or unusable."""
+    missing or unusable. flag=None: a folder inside a run or an export, which no flag names."""
     if not is_local(name):
         return
     p = Path(name).expanduser()
+    lead = f"{flag}: " if flag else ""
     if not p.is_dir():
-        raise UserError(f"{flag}: no such directory: {p}")
+        raise UserError(f"{lead}no such directory: {p}")
     if not (p / "config.json").is_file():
-        raise UserError(f"{flag}: {p} has no config.json (not a Hugging Face model folder)")
+        raise UserError(f"{lead}{p} has no config.json (not a Hugging Face model folder)")
     if not random_init and not has_weights(p):
-        raise UserError(
-            f"{flag}: {p} has no model.safetensors (only safetensors weights are loaded); "
-            "use --random-init for an untrained architecture"
-        )
+        hint = "; use --random-init for an untrained architecture" if flag == "--model" else ""
+        raise UserError(f"{lead}{p} has no model.safetensors (only safetensors weights are loaded){hint}")
 
 
 # Passed to every from_pretrained: a model or tokenizer whose config maps to its own Python code
@@ -63,6 +62,16 @@ def _remote_code_error(name: str, e: Exception, flag: str) -> UserError | None:
 
 def first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def one_line(e: Exception) -> str:
+    """The whole message on one line (transformers' tokenizer errors list their reasons on several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def is_damaged_weights(e: Exception) -> bool:
+    """safetensors' own error for a truncated or garbled file (not an OSError, not a ValueError)."""
+    return type(e).__name__ == "SafetensorError"
 
 
 def _hub_error(name: str, e: Exception, flag: str = "--model") -> UserError:
@@ -186,11 +195,11 @@ def load_tokenizer(name: str):
         tok = AutoTokenizer.from_pretrained(name, use_fast=True, **hub_options(name), **NO_REMOTE_CODE)
     except OSError as e:
         if is_local(name):
-            raise UserError(f"no usable tokenizer in {name} ({e})") from None
+            raise UserError(f"no usable tokenizer in {name} ({one_line(e)})") from None
         raise _hub_error(name, e) from None
     except ValueError as e:  # custom tokenizer code, an unknown tokenizer class and the like
         raise _remote_code_error(name, e, "tokenizer") or UserError(
-            f"no usable tokenizer in {name} ({e})"
+            f"no usable tokenizer in {name} ({one_line(e)})"
         ) from None
     if not tok.is_fast:
         raise UserError(f"{name}: a fast tokenizer (tokenizer.json) is required")
@@ -198,14 +207,15 @@ def load_tokenizer(name: str):
 
 
 def load_base_model(
-    name: str, num_labels: int, random_init: bool, seed: int, flag: str = "--model"
+    name: str, num_labels: int, random_init: bool, seed: int, flag: str | None = "--model"
 ) -> tuple[nn.Module, list[str]]:
     """A sequence-classification model and the names of weights the checkpoint did not provide; errors
-    name `flag`, the option the user would change."""
+    name `flag`, the option the user would change (None: a run's or an export's own model folder)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     check_model_source(name, random_init, flag)
+    lead = f"{flag}: " if flag else ""
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here, not news
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     torch.manual_seed(seed)  # random init and any newly created head are reproducible
@@ -229,11 +239,15 @@ def load_base_model(
         )
     except OSError as e:
         if is_local(name):
-            raise UserError(f"{flag}: cannot load {name}: {e}") from None
-        raise _hub_error(name, e, flag) from None
+            raise UserError(f"{lead}cannot load {name}: {e}") from None
+        raise _hub_error(name, e, flag or "--model") from None
     except ValueError as e:  # unknown model_type, custom code, and similar
-        remote = _remote_code_error(name, e, flag)
-        raise remote or UserError(f"{flag}: cannot build a classifier from {name}: {first_line(e)}") from None
+        remote = _remote_code_error(name, e, flag or "model")
+        raise remote or UserError(f"{lead}cannot build a classifier from {name}: {first_line(e)}") from None
+    except Exception as e:
+        if is_damaged_weights(e):  # a truncated copy or download: one line, not safetensors' traceback
+            raise UserError(f"{lead}the weights in {name} are damaged ({first_line(e)})") from None
+        raise
     return model, list(info.get("missing_keys", []))
 
 
