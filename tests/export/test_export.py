@@ -172,3 +172,66 @@ def test_onnx_export_refuses_cuda(exports):
 
     with pytest.raises(UserError, match="run on the CPU"):
         Classifier.load(str(exports["onnx"]), device="cuda")
+
+
+def test_overwrite_never_deletes_the_run_it_exports_nor_the_current_directory(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    """An export folder that holds the run being exported (or the shell's directory) is not replaced:
+    the swap would delete the run, and the folder the user stands in."""
+    import shutil
+
+    outer = tmp_path / "outer"
+    assert export(trained_run, outer) == 0
+    inner_run = Path(shutil.copytree(trained_run, outer / "my-run"))
+    capsys.readouterr()
+    assert export(inner_run, outer, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "holds the run directory" in err and err.count("\n") == 1
+    assert (inner_run / "adapter" / "adapter_model.safetensors").is_file()  # the run is intact
+
+    monkeypatch.chdir(outer)
+    for to in (".", "", str(outer)):
+        assert export(trained_run, to, "--overwrite") == 2
+        err = capsys.readouterr().err
+        assert "holds the current directory" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert (outer / MARKER).is_file() and (outer / "my-run").is_dir()
+
+
+def test_a_second_export_into_the_same_folder_is_refused_and_steps_are_shown(trained_run, tmp_path, capsys):
+    """Two exports into one folder would wipe each other's staging folder (both crashed with a
+    traceback) or the later one would silently replace the earlier one's export: the second is refused
+    in one line naming the first one's pid. Each slow step is said on stderr as it starts."""
+    import fcntl
+    import os
+
+    dest = tmp_path / "x"
+    lock = tmp_path / ".x.export-lock"
+    with open(lock, "a+") as held:  # what a running export holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        assert export(trained_run, dest, "--format", "onnx") == 2
+        err = capsys.readouterr().err
+        assert "being written by another imdb-lora export (pid 4242)" in err and err.count("\n") == 1
+        assert not dest.exists() and not (tmp_path / ".x.export-tmp").exists()
+    # a failure once the folders above --to were made (here: no model at --base-model) removes them
+    assert export(trained_run, tmp_path / "new" / "deep" / "x", "--base-model", str(tmp_path)) == 2
+    assert "--base-model" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert export(trained_run, dest, "--format", "onnx", "--quantize", "int8") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("exported to") and out.count("\n") == 1  # stdout: the summary alone
+    steps = ["loading", "writing the merged model", "exporting to ONNX", "fusing", "int8", "checking"]
+    lines = err.splitlines()
+    assert len(lines) == len(steps) and all(s in line for s, line in zip(steps, lines)), err
+    assert sorted(os.listdir(tmp_path)) == ["x"]  # no lock file nor staging folder left beside it
+
+
+def test_overwrite_through_a_symlink_replaces_the_export_it_points_to(trained_run, tmp_path):
+    """The link itself was swapped out: the old export stayed where the link had pointed, a new folder
+    took the link's place, and the link was left behind as a hidden .NAME.export-old."""
+    assert export(trained_run, tmp_path / "real") == 0
+    (tmp_path / "link").symlink_to("real")
+    assert export(trained_run, tmp_path / "link", "--format", "onnx", "--overwrite") == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..inference.exported import FORMATS
 from .common import require_directories
@@ -24,5 +25,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from ..export.exporter import check_options, export_run
 
     check_options(ns.format, ns.quantize)  # before loading anything: a typo fails at once
-    print(export_run(ns.run, ns.to, ns.format, ns.quantize, ns.overwrite, ns.base_model).summary())
+    result = export_run(ns.run, ns.to, ns.format, ns.quantize, ns.overwrite, ns.base_model, progress=_say)
+    print(result.summary())
     return 0
+
+
+def _say(step: str) -> None:
+    """Each slow step as it starts, on stderr (stdout keeps the one summary line)."""
+    print(step, file=sys.stderr, flush=True)

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .. import __version__
 from ..errors import UserError
 from ..inference.classifier import Classifier
-from ..inference.exported import (
-    FORMATS,
-    MARKER,
-    ONNX_FILE,
-    QUANTIZATIONS,
-    is_export,
-    recorded_files,
-)
+from ..inference.exported import FORMATS, MARKER, ONNX_FILE, QUANTIZATIONS, is_export, recorded_files
 from ..modeling.load import position_limit
+from ..runs.filelock import lock_file, write_pid
 from ..runs.rundir import CALIBRATION, RunDir, require_creatable
 from .onnx import export_onnx
 from .portable import write_portable_config, write_portable_record
@@ -61,28 +57,88 @@ def export_run(
     quantize: str | None = None,
     overwrite: bool = False,
     base_model: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Write an export of a finished run into `to`, atomically (a failed export leaves nothing behind)."""
+    """Write an export of a finished run into `to`, atomically (a failed export leaves nothing behind).
+
+    `progress` is told each slow step as it starts (loading, writing, ONNX, int8, the check)."""
+    say = progress or (lambda _: None)
     check_options(fmt, quantize)
     dest = Path(to).expanduser()
+    if dest.is_symlink():  # the export goes where the link points (swapping the link itself out left
+        dest = dest.resolve()  # the old export in place, a new folder instead of the link, and a stray link)
     src = Path(run).expanduser()
     if is_export(src):
         raise UserError(f"{run} is already an export; export from the run directory")
     check_destination(src, dest, overwrite)
-    clf = Classifier.load(run, device="cpu", base_model=base_model, merge=True)
-    stage = dest.with_name(f".{dest.name}.export-tmp")
-    shutil.rmtree(stage, ignore_errors=True)
+    parent = dest.absolute().parent
+    made = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again if the export fails
     try:
-        stage.mkdir(parents=True)
+        parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--to {dest}: cannot create a folder there ({e.strerror})") from None
+    ok, lock = False, None
     try:
-        marker = _write_export(clf, src, stage, fmt, quantize)
-        _replace(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        lock = lock_destination(dest)  # one export into a folder at a time: they would wipe each other's work
+        check_destination(src, dest, overwrite)  # again, under the lock: it may have been written meanwhile
+        say(f"loading {run} ...")
+        clf = Classifier.load(run, device="cpu", base_model=base_model, merge=True)
+        stage = staging_folder(dest)
+        shutil.rmtree(stage, ignore_errors=True)  # a killed export's: no other export holds this folder
+        try:
+            stage.mkdir(parents=True)
+        except OSError as e:
+            raise UserError(f"--to {dest}: cannot create a folder there ({e.strerror})") from None
+        try:
+            marker = _write_export(clf, src, stage, fmt, quantize, say)
+            _replace(stage, dest)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        ok = True
+    finally:
+        if lock is not None:
+            unlock_destination(lock, dest)
+        for folder in [] if ok else made:  # innermost first; only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return ExportResult(dest, marker)
+
+
+def staging_folder(dest: Path) -> Path:
+    """Where an export is written before it is swapped into place: beside `dest`, hidden."""
+    return dest.absolute().with_name(f".{dest.absolute().name}.export-tmp")
+
+
+def lock_path(dest: Path) -> Path:
+    return dest.absolute().with_name(f".{dest.absolute().name}.export-lock")
+
+
+def lock_destination(dest: Path) -> IO[str]:
+    """An exclusive OS lock (flock) on a file beside `dest`, held for the whole export: a second export
+    into the same folder is refused in one line naming the first one's pid, and touches nothing. A killed
+    export's lock goes with its process."""
+    path = lock_path(dest)
+    lock = lock_file(
+        path,
+        create=True,
+        busy=lambda pid: (
+            f"--to {dest} is being written by another imdb-lora export (pid {pid}); "
+            "wait for it to end or choose another folder"
+        ),
+        unusable=lambda why: f"--to {dest}: cannot create its lock file {path.name} ({why})",
+        changing=f"--to {dest}: its lock file keeps changing; is another export starting?",
+    )
+    if lock is None:  # its folder vanished after export_run made it
+        raise UserError(f"--to {dest}: cannot create its lock file {path.name} (its folder is gone)")
+    write_pid(lock)
+    return lock
+
+
+def unlock_destination(lock: IO[str], dest: Path) -> None:
+    """Remove the lock file, then let go of the lock (an export that opened the old file retries)."""
+    lock_path(dest).unlink(missing_ok=True)
+    lock.close()
 
 
 def check_options(fmt: str, quantize: str | None) -> None:
@@ -97,7 +153,8 @@ def check_options(fmt: str, quantize: str | None) -> None:
 
 
 def check_destination(src: Path, dest: Path, overwrite: bool) -> None:
-    if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
+    to, run = dest.resolve(), src.resolve()
+    if to == run or run in to.parents:
         raise UserError(f"--to {dest}: choose a folder outside the run directory")
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--to {dest} exists and is not a directory")
@@ -107,9 +164,15 @@ def check_destination(src: Path, dest: Path, overwrite: bool) -> None:
             raise UserError(f"--to {dest} exists and is not empty; pass --overwrite to replace it")
         if not is_export(dest):  # --overwrite must never wipe a folder this tool did not write
             raise UserError(f"--to {dest} is not an imdb-lora export; refusing to replace it")
+        # replacing the export would delete what lies inside it
+        if to in run.parents:
+            raise UserError(f"--to {dest} holds the run directory {src}; refusing to replace it")
+        if to == Path.cwd().resolve() or to in Path.cwd().resolve().parents:
+            raise UserError(f"--to {dest} holds the current directory; refusing to replace it")
 
 
 def _replace(stage: Path, dest: Path) -> None:
+    dest = dest.absolute()
     old = dest.with_name(f".{dest.name}.export-old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
@@ -118,7 +181,9 @@ def _replace(stage: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -> dict[str, Any]:
+def _write_export(
+    clf, src: Path, stage: Path, fmt: str, quantize: str | None, say: Callable[[str], None]
+) -> dict[str, Any]:
     run = RunDir(src)
     write_portable_config(run.config_path, stage / "config.yaml")  # without this machine's paths
     write_portable_record(run.status_path, stage / "run.json")
@@ -128,6 +193,7 @@ def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -
     t0 = time.time()
     # The merged folder is the ONNX exporter's input as well, so it is written in both formats.
     merged = stage / "model"
+    say("writing the merged model ...")
     clf.model.save_pretrained(merged)
     marker: dict[str, Any] = {
         "format": fmt,
@@ -136,7 +202,7 @@ def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -
         "temperature": clf.temperature,  # from calibration.json (copied above); 1 if the run has none
     }
     if fmt == "onnx":
-        marker.update(export_onnx(merged, stage, quantize, clf.config.model.pooling))
+        marker.update(export_onnx(merged, stage, quantize, clf.config.model.pooling, say))
         marker["onnx_file"] = ONNX_FILE
         # the graph's position table is fixed: loading checks config.yaml's max_length against it
         marker["max_positions"] = position_limit(clf.model.config)
@@ -149,6 +215,7 @@ def _write_export(clf, src: Path, stage: Path, fmt: str, quantize: str | None) -
         size_bytes=sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()),
     )
     (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    say(f"checking the export against the run on {len(PROBE_TEXTS)} texts ...")
     marker["check"] = check_against(clf, stage)
     (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return marker

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,13 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- ONNX
 
 
-def export_onnx(merged: Path, stage: Path, quantize: str | None, pooling: str = "cls") -> dict[str, Any]:
+def export_onnx(
+    merged: Path,
+    stage: Path,
+    quantize: str | None,
+    pooling: str = "cls",
+    say: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
     """model.onnx in `stage` from the merged folder: export, fuse, and optionally quantize.
 
     The traced forward is the project's own (padded_logits), so --pooling mean is part of the graph.
@@ -63,11 +69,14 @@ def export_onnx(merged: Path, stage: Path, quantize: str | None, pooling: str = 
     ).eval()
     set_pooling(model, pooling)
     raw, fused = stage / "raw.onnx", stage / "fused.onnx"
+    say("exporting to ONNX ...")
     exporter = _torch_export(LogitsOnly(model), raw)
+    say("fusing attention, LayerNorm and GELU (onnxruntime transformer optimizer) ...")
     fusions = _fuse(raw, fused, model.config)
     current = fused if fusions is not None else raw
     info: dict[str, Any] = {"exporter": exporter, "opset": OPSET, "fusions": fusions or {}}
     if quantize == "int8":
+        say("quantizing the weight MatMuls to int8 ...")
         info["quantization"] = _quantize_int8(current, stage / ONNX_FILE)
     else:
         os.replace(current, stage / ONNX_FILE)

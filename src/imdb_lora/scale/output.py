@@ -17,7 +17,6 @@ two jobs must not be given the same remote output.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import posixpath
@@ -25,6 +24,7 @@ import time
 from typing import IO, Any
 
 from ..errors import UserError
+from ..runs.filelock import lock_file, write_pid
 from .sources import filesystem
 
 MARKER = "_imdb_lora_score.json"
@@ -63,7 +63,7 @@ def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] |
             if local and held is None:  # an output without a lock file: ours (its marker says so), lock it
                 held = lock_output(output, path, create=True)
             if held is not None:  # a job refused by our lock from here on names us, not a dead holder
-                _write_pid(held)
+                write_pid(held)
             fsys.delete_dir_contents(path)  # the lock file too: `held` keeps its lock on the deleted file
         elif held is not None:  # nothing to delete: the lock file we hold stays this job's lock
             lock, held = held, None
@@ -73,7 +73,7 @@ def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] |
             # slips in between; one that took the new file first (a narrow race) refuses this one here.
             lock = lock_output(output, path, create=True)
         if lock is not None:
-            _write_pid(lock)
+            write_pid(lock)
         write_marker(output, {"status": "running", "started": _now()})
     except BaseException:
         if lock is not None:
@@ -95,45 +95,16 @@ def _contents(fsys, path: str) -> list:
 def lock_output(output: str, path: str, create: bool) -> IO[str] | None:
     """An exclusive flock on the output's lock file; None if there is none to lock (create=False and no
     file). Another holder: one line naming its pid (the file's content), and nothing touched."""
-    lock_path = os.path.join(path, LOCK)
-    for _ in range(10):  # a file replaced between opening and locking it: lock the new one
-        try:
-            f = open(lock_path, "a+" if create else "r+")  # noqa: SIM115 - held open while the lock is
-        except FileNotFoundError:
-            return None
-        except OSError as e:  # a folder named like it, no permission...
-            raise UserError(f"--output {output}: cannot open its lock file {LOCK} ({e.strerror})") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read(32).strip() or "?"
-            f.close()
-            raise UserError(
-                f"--output {output} is being written by another imdb-lora score job (pid {holder}); "
-                "wait for it to end or stop it, or choose another folder"
-            ) from None
-        if _same_file(f, lock_path):
-            return f
-        f.close()  # another job deleted (replaced) the file we locked: our lock guards nothing
-    raise UserError(f"--output {output}: its lock file keeps changing; is another score job starting?")
-
-
-def _write_pid(f: IO[str]) -> None:
-    """Written only once this job goes on: a job that is refused leaves a lock file as it found it."""
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-
-
-def _same_file(f: IO[str], path: str) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(f.fileno())
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+    return lock_file(
+        os.path.join(path, LOCK),
+        create,
+        busy=lambda pid: (
+            f"--output {output} is being written by another imdb-lora score job (pid {pid}); "
+            "wait for it to end or stop it, or choose another folder"
+        ),
+        unusable=lambda why: f"--output {output}: cannot open its lock file {LOCK} ({why})",
+        changing=f"--output {output}: its lock file keeps changing; is another score job starting?",
+    )
 
 
 def describe(marker: dict[str, Any] | None, lock_checked: bool = False) -> str:
