@@ -228,3 +228,15 @@ def test_real_uvicorn_on_a_free_loopback_port(clf):
     assert [r.json()["predictions"][0]["label"] for r in rs[:2]] == [p.label for p in clf.predict(TEXTS)]
     assert too_big.status_code == 413
     assert app.state.batcher.stats.calls < 8  # concurrent requests were batched
+
+
+def test_serve_says_what_it_loaded_and_info_gives_the_temperature(trained_run, clf, client, monkeypatch):
+    """An operator could not tell a run from an export, nor whether probabilities were calibrated."""
+    import imdb_lora.serving.server as server
+
+    assert client.get("/info").json()["temperature"] == clf.temperature
+    said = []
+    monkeypatch.setattr(server, "serve", lambda *a: said.append(a[-1]))  # load, but do not listen
+    assert main(["serve", str(trained_run), "--device", "cpu"]) == 0
+    want = f"loaded {trained_run}: lora run (torch, cpu), calibrated: temperature {clf.temperature:.4f}"
+    assert said[0].startswith(want)

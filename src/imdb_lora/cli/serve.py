@@ -115,5 +115,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     )
     if not is_loopback(ns.host):
         print(f"warning: --host {ns.host} makes the service reachable from other machines", flush=True)
-    serve(create_app(clf, settings, hosts), ns.host, ns.port, ns.log_level)
+    # said after the line with the URL, which stays the first (scripts read it)
+    about = f"loaded {ns.model}: {clf.describe()}"
+    serve(create_app(clf, settings, hosts), ns.host, ns.port, ns.log_level, about)
     return 0

@@ -96,8 +96,9 @@ def raise_fd_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Run the app until SIGTERM or Ctrl-C, then drain (see draining_server) and return."""
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info", about: str | None = None) -> None:
+    """Run the app until SIGTERM or Ctrl-C, then drain (see draining_server) and return. `about`: what is
+    served, printed after the line with the URL."""
     settings = app.state.settings
     fd_limit = raise_fd_limit()
     if fd_limit is not None and fd_limit < settings.max_connections + 64:  # 64: the model, logs, ...
@@ -109,6 +110,8 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     sock = bind(host, port)
     url_host = f"[{host}]" if ":" in host else host
     print(f"serving on http://{url_host}:{sock.getsockname()[1]}  (page: /, API: /openapi.json)", flush=True)
+    if about:
+        print(about, flush=True)
     config = uvicorn_config(
         app,
         settings.max_connections,
