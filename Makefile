@@ -82,7 +82,7 @@ train: setup
 lint: setup
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
 	$(BIN)/lint-imports  # the architecture's import contracts (pyproject.toml [tool.importlinter])
-	for s in scripts/gpu-checks.sh scripts/gpu-stage.sh; do bash -n $$s || exit 1; done  # syntax only: they need the GPU or ../shared
+	for s in scripts/gpu-checks.sh scripts/gpu-stage.sh scripts/gpu-rehearse.sh; do bash -n $$s || exit 1; done  # syntax only: they need the GPU or ../shared
 
 format: setup
 	$(BIN)/ruff format src tests && $(BIN)/ruff check --fix src tests
