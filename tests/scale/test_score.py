@@ -283,3 +283,26 @@ def test_ray_engine_matches_predict_on_real_reviews(roberta_run, real_reviews, p
     out = capsys.readouterr().out
     assert "scored 1,004 rows" in out and "4 rows with an error" in out
     check_against_predict(tmp_path / "out", reviews, predicted)
+
+
+def test_ray_data_tracebacks_stay_off_the_console(capsys):
+    import io
+    import logging
+
+    from imdb_lora.scale.engines import console_without_tracebacks
+
+    logger = logging.getLogger("imdb-lora-test.ray.data")
+    logger.propagate = False
+    session_file = io.StringIO()  # Ray's session log file: keeps the whole traceback
+    logger.handlers = [logging.StreamHandler(session_file), logging.StreamHandler()]  # the console: stderr
+    console_without_tracebacks(logger)
+    console_without_tracebacks(logger)  # once per handler, however many jobs ran
+    assert len(logger.handlers[1].filters) == 1 and not logger.handlers[0].filters
+    try:
+        raise ValueError("inside a Ray task")
+    except ValueError:
+        logger.exception("An exception was raised from a task")
+    logger.warning("no traceback here")
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["An exception was raised from a task", "no traceback here"]
+    assert "Traceback" in session_file.getvalue() and "inside a Ray task" in session_file.getvalue()

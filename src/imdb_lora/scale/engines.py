@@ -12,6 +12,9 @@ driver) process until then.
 
 from __future__ import annotations
 
+import copy
+import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -227,6 +230,7 @@ def _run_ray(
             flag = "--ray-address" if address else "$RAY_ADDRESS"
             raise UserError(f"{flag}: cannot connect to a Ray cluster ({e})") from None
     start = time.time()
+    console_without_tracebacks(logging.getLogger("ray.data"))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output files in input order
     size = workers or pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)
@@ -261,6 +265,33 @@ def _run_ray(
     except Exception as e:
         raise user_error_inside(e) or schema_clash_inside(e) or e from None
     return summarize(job.output, time.time() - start)
+
+
+def console_without_tracebacks(logger: logging.Logger) -> None:
+    """A failed Ray Data task logs its whole traceback on the console (~200 lines) before the exception
+    reaches score, which then ends in one line (user_error_inside, schema_clash_inside): the console
+    keeps Ray's log line, Ray's session log file (its other handler) the traceback."""
+    for handler in logger.handlers:
+        on_console = getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
+        if on_console and not any(isinstance(f, WithoutTraceback) for f in handler.filters):
+            handler.addFilter(WithoutTraceback(handler))
+
+
+class WithoutTraceback(logging.Filter):
+    """Passes a record on to its handler without the traceback, leaving the record itself untouched
+    (the other handlers get it whole)."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info or record.exc_text):
+            return True
+        plain = copy.copy(record)
+        plain.exc_info, plain.exc_text = None, None
+        self.handler.handle(plain)  # passes this filter, then the handler writes it
+        return False
 
 
 RAY_PORT_WAIT = 5.0  # seconds: a Ray head answers at once; a wrong address would keep ray.init for minutes
