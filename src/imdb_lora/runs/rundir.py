@@ -15,7 +15,6 @@ results.md, curves.png, README.md   the report and the model card
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .filelock import lock_file, write_pid
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -105,21 +105,19 @@ class RunDir:
         An OS lock (flock), so a killed process never leaves a stale lock behind; the file holds the
         holder's pid, which the error names.
         """
-        f = open(self.lock_path, "a+")  # noqa: SIM115 - held open for as long as the lock is
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            f.close()
-            raise UserError(
-                f"{self.path} is in use by another imdb-lora process (pid {holder}); "
+        f = lock_file(
+            self.lock_path,
+            create=True,
+            busy=lambda pid: (
+                f"{self.path} is in use by another imdb-lora process (pid {pid}); "
                 "wait for it to finish or stop it first"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+            ),
+            unusable=lambda why: f"{self.path}: cannot open its lock file {self.lock_path.name} ({why})",
+            changing=f"{self.path}: its lock file keeps changing; is another imdb-lora process starting?",
+        )
+        if f is None:  # "a+" creates the file: only a missing folder gets here
+            raise UserError(f"no such run directory: {self.path}")
+        write_pid(f)
         self._lock_file = f
 
     def unlock(self) -> None:
