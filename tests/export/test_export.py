@@ -235,3 +235,29 @@ def test_overwrite_through_a_symlink_replaces_the_export_it_points_to(trained_ru
     assert export(trained_run, tmp_path / "link", "--format", "onnx", "--overwrite") == 0
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_an_export_killed_between_its_two_renames_loses_nothing(trained_run, tmp_path, capsys):
+    """A SIGKILL after the old export was set aside (.x.export-old) and before the new one was moved in
+    left x missing: predict said only "no such run directory", and the next export into x deleted the
+    set-aside export unseen. Now it is named, then put back before anything replaces it."""
+    import os
+    import shutil
+
+    dest, old = tmp_path / "x", tmp_path / ".x.export-old"
+    assert export(trained_run, dest) == 0
+    marker = (dest / MARKER).read_text()
+    os.replace(dest, old)  # what the killed export left: its first rename done, its second not
+    capsys.readouterr()
+    assert main(["predict", str(dest), "great film"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such run directory" in err and ".x.export-old" in err
+
+    assert export(trained_run, dest, "--format", "onnx") == 2  # put back, so it needs --overwrite
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"restored {dest} from .x.export-old") and "pass --overwrite" in err[-1]
+    assert (dest / MARKER).read_text() == marker and not old.exists()
+
+    shutil.copytree(dest, old)  # killed after the swap, before the leftover's removal: both exist
+    assert export(trained_run, dest, "--format", "onnx", "--overwrite") == 0
+    assert (dest / "model.onnx").is_file() and sorted(os.listdir(tmp_path)) == ["x"]

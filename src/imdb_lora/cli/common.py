@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
+from ..inference.exported import missing_folder
 
 
 def add_window_flag(p: argparse.ArgumentParser) -> None:
@@ -90,4 +91,4 @@ def require_directories(*paths: str) -> None:
     """A mistyped run or export path fails at once, before torch & co. are imported (seconds)."""
     for path in paths:
         if not Path(path).is_dir():
-            raise UserError(f"no such run directory: {path}")
+            raise UserError(missing_folder(path))

@@ -15,7 +15,15 @@ from typing import IO, Any
 from .. import __version__
 from ..errors import UserError
 from ..inference.classifier import Classifier
-from ..inference.exported import FORMATS, MARKER, ONNX_FILE, QUANTIZATIONS, is_export, recorded_files
+from ..inference.exported import (
+    FORMATS,
+    MARKER,
+    ONNX_FILE,
+    QUANTIZATIONS,
+    is_export,
+    recorded_files,
+    set_aside_folder,
+)
 from ..modeling.load import position_limit
 from ..runs.filelock import lock_file, write_pid
 from ..runs.rundir import CALIBRATION, RunDir, require_creatable
@@ -80,6 +88,7 @@ def export_run(
     ok, lock = False, None
     try:
         lock = lock_destination(dest)  # one export into a folder at a time: they would wipe each other's work
+        restore_set_aside(dest, say)
         check_destination(src, dest, overwrite)  # again, under the lock: it may have been written meanwhile
         say(f"loading {run} ...")
         clf = Classifier.load(run, device="cpu", base_model=base_model, merge=True)
@@ -108,6 +117,16 @@ def export_run(
 def staging_folder(dest: Path) -> Path:
     """Where an export is written before it is swapped into place: beside `dest`, hidden."""
     return dest.absolute().with_name(f".{dest.absolute().name}.export-tmp")
+
+
+def restore_set_aside(dest: Path, say: Callable[[str], None]) -> None:
+    """An export killed between _replace's two renames left the previous export set aside and nothing at
+    `dest`: it is put back first (then replaced only with --overwrite, as any export). With `dest` in
+    place, the set-aside folder is a finished swap's leftover, removed once the new export is complete."""
+    old = set_aside_folder(dest)
+    if is_export(old) and not os.path.lexists(dest):
+        os.replace(old, dest)
+        say(f"restored {dest} from {old.name}, where an export stopped while swapping folders had left it")
 
 
 def lock_path(dest: Path) -> Path:
@@ -173,8 +192,8 @@ def check_destination(src: Path, dest: Path, overwrite: bool) -> None:
 
 def _replace(stage: Path, dest: Path) -> None:
     dest = dest.absolute()
-    old = dest.with_name(f".{dest.name}.export-old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = set_aside_folder(dest)
+    shutil.rmtree(old, ignore_errors=True)  # a finished swap's leftover: the new export is complete now
     if dest.exists():
         os.replace(dest, old)
     os.replace(stage, dest)

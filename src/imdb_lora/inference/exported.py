@@ -20,6 +20,24 @@ def is_export(path: str | os.PathLike) -> bool:
     return (Path(path).expanduser() / MARKER).is_file()
 
 
+def set_aside_folder(dest: str | os.PathLike) -> Path:
+    """Where an export being replaced waits, hidden beside it, while the new one is moved into its place."""
+    dest = Path(dest).expanduser().absolute()
+    return dest.with_name(f".{dest.name}.export-old")
+
+
+def missing_folder(path: str | os.PathLike) -> str:
+    """The one-line "no such run directory", and where the export is if one into `path` was stopped
+    between its two renames (its previous export set aside, the new one not yet moved in)."""
+    old = set_aside_folder(path)
+    if is_export(old):
+        return (
+            f"no such run directory: {path} (an export into it was stopped while swapping folders; its "
+            f"previous export is in {old.name}: the next `imdb-lora export --to {path}` puts it back)"
+        )
+    return f"no such run directory: {path}"
+
+
 def read_marker(path: Path) -> dict[str, Any]:
     """The export's marker, once the folder is known to hold everything it names."""
     try:

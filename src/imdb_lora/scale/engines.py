@@ -92,11 +92,13 @@ def check_model(path: str) -> None:
     """A finished run directory or an export folder (cheap checks; workers load the model)."""
     from pathlib import Path
 
-    from ..inference.exported import is_export, read_marker
+    from ..inference.exported import is_export, missing_folder, read_marker
     from ..runs.rundir import RunDir
 
     if is_export(path):
         read_marker(Path(path).expanduser())
+    elif not Path(path).expanduser().is_dir():
+        raise UserError(missing_folder(path))
     else:
         RunDir(path).require_finished()
 
