@@ -77,6 +77,17 @@ def test_predict_says_how_many_blank_lines_it_skipped(trained_run, tmp_path, cap
     assert code == 0 and "skipped" not in err
 
 
+def test_predict_says_on_stderr_what_it_loaded(trained_run, capsys):
+    """predict did not say which model it read, nor whether its probabilities were calibrated; said on
+    stderr, stdout stays the predictions alone (--json lines parse, pipes get nothing else)."""
+    base = json.loads((trained_run / "run.json").read_text())["model"]
+    for flags, note in (([], "calibrated: temperature "), (["--raw"], "raw probabilities (--raw")):
+        code, out, err = run(capsys, "predict", str(trained_run), "great", "awful", "--json", *flags)
+        assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == ["great", "awful"]
+        assert err.splitlines() == [line for line in err.splitlines() if line.startswith("loaded ")]
+        assert err.startswith(f"loaded {trained_run}: lora run of {base} (torch, cpu), {note}"), err
+
+
 def test_predict_text_column(trained_run, tmp_path, capsys):
     f = tmp_path / "in.csv"
     f.write_text('id,review\n1,great film\n2,"awful, boring"\n')

@@ -65,8 +65,10 @@ def test_local_engine_scores_files_keeps_ids_and_reports_bad_rows(trained_run, t
     good = write_inputs(tmp_path / "in")
     out = tmp_path / "out"
     assert main(["score", str(trained_run), "--input", str(tmp_path / "in"), "--output", str(out)]) == 0
-    summary = capsys.readouterr().out
-    assert "scored 12 rows" in summary and "7 rows with an error" in summary
+    summary, err = capsys.readouterr()
+    assert "scored 12 rows" in summary and "7 rows with an error" in summary and "loaded" not in summary
+    base = json.loads((trained_run / "run.json").read_text())["model"]
+    assert f"loaded {trained_run}: lora run of {base} (torch, cpu), calibrated: temperature " in err
     rows = read_output(out)
     assert [(Path(r["source_file"]).name, r["source_row"]) for r in rows] == [
         ("a.jsonl", i) for i in range(7)

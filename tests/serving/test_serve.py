@@ -238,5 +238,6 @@ def test_serve_says_what_it_loaded_and_info_gives_the_temperature(trained_run, c
     said = []
     monkeypatch.setattr(server, "serve", lambda *a: said.append(a[-1]))  # load, but do not listen
     assert main(["serve", str(trained_run), "--device", "cpu"]) == 0
-    want = f"loaded {trained_run}: lora run (torch, cpu), calibrated: temperature {clf.temperature:.4f}"
+    base = clf.info["model"]
+    want = f"loaded {trained_run}: lora run of {base} (torch, cpu), calibrated: temperature {clf.temperature:.4f}"
     assert said[0].startswith(want)

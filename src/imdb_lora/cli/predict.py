@@ -65,6 +65,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         raw=ns.raw,
         max_batch_tokens=ns.max_batch_tokens,
     )
+    # on stderr, as serve says it: stdout holds the predictions alone (--json, pipes)
+    print(f"loaded {ns.run}: {clf.describe()}", file=sys.stderr, flush=True)
     preds = clf.predict(texts, ns.batch_size, window_stride=ns.window_stride)
     if ns.json:
         print("\n".join(json.dumps(p.to_dict()) for p in preds))

@@ -196,13 +196,18 @@ class Classifier:
         return self.model.batched_logits(seqs, pad_id, batch_size, progress, max_tokens=budget)
 
     def describe(self) -> str:
-        """What was loaded, in words: "onnx int8 export (onnxruntime), calibrated: temperature 0.7900 ..."."""
+        """What was loaded, in words, for stderr (serve, predict, score): "onnx int8 export of roberta-base
+        (onnxruntime, cpu), calibrated: temperature 0.7900 (fitted on validation)"."""
         export = self.info.get("export")
         if export:
             kind = f"{export['format']}{' ' + export['quantize'] if export.get('quantize') else ''} export"
         else:
             kind = f"{self.info.get('method', 'lora')} run"
-        return f"{kind} ({self.backend}, {self.device.type}), {self.calibration_note}"
+        # run.json's record of the base (an export's: without this machine's paths), not config.yaml's
+        # name, which a relative name in an export would resolve against the current directory
+        base = str(self.info.get("model") or self.config.model.name)
+        base += " (random init)" if self.info.get("random_init") else ""
+        return f"{kind} of {base} ({self.backend}, {self.device.type}), {self.calibration_note}"
 
     @property
     def backend(self) -> str:

@@ -14,6 +14,7 @@ batch is then scored row by row, so one bad row costs only itself).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -49,6 +50,9 @@ class ScoreBatch:
         from ..inference.classifier import Classifier
 
         self.clf = Classifier.load(model, device=device, raw=raw, max_batch_tokens=max_batch_tokens)
+        # where the model loads (score's process, or each Ray worker, whose stderr Ray shows), as serve and
+        # predict say it; on stderr: stdout holds score's summary alone
+        print(f"loaded {model}: {self.clf.describe()}", file=sys.stderr, flush=True)
         self.text_key = carried_name(text_column)
         self.batch_size = batch_size
         self.keep_text = keep_text
