@@ -241,3 +241,29 @@ def test_serve_says_what_it_loaded_and_info_gives_the_temperature(trained_run, c
     base = clf.info["model"]
     want = f"loaded {trained_run}: lora run of {base} (torch, cpu), calibrated: temperature {clf.temperature:.4f}"
     assert said[0].startswith(want)
+
+
+def test_serve_raw_ignores_the_temperature_and_info_says_so(trained_run, client, tmp_path, monkeypatch):
+    """serve had no --raw (predict, evaluate and score have it): a client could not get raw softmax."""
+    import shutil
+
+    import imdb_lora.serving.server as server
+
+    assert client.get("/info").json()["raw"] is False
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    record = json.loads((run / "calibration.json").read_text())
+    (run / "calibration.json").write_text(json.dumps({**record, "temperature": 3.0}))  # a visible one
+    served = []
+    monkeypatch.setattr(server, "serve", lambda *a: served.append(a))  # load, but do not listen
+    assert main(["serve", str(run), "--device", "cpu", "--raw"]) == 0
+    app, about = served[0][0], served[0][-1]
+    assert about.endswith("raw probabilities (--raw: temperature 1)")
+    with TestClient(app, base_url="http://127.0.0.1") as raw_client:  # serve answers loopback names
+        info = raw_client.get("/info").json()
+        got = raw_client.post("/predict", json={"texts": ["great film"]}).json()["predictions"][0]
+    assert (info["raw"], info["temperature"]) == (True, 1.0)
+    raw, calibrated = (
+        Classifier.load(str(run), device="cpu", raw=r).predict(["great film"])[0] for r in (True, False)
+    )
+    assert got["probabilities"]["positive"] == pytest.approx(raw.positive, abs=1e-6)
+    assert abs(raw.positive - calibrated.positive) > 1e-4  # the temperature shows: --raw is not a no-op

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import UserError
 from ..serving.app import ServeSettings
-from .common import add_max_batch_tokens_flag, require_directories
+from .common import add_max_batch_tokens_flag, add_raw_flag, require_directories
 
 # (flag, type, ServeSettings field, help): the service's input and batching limits.
 SERVE_LIMITS = [
@@ -48,6 +48,7 @@ def add_serve_parser(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--base-model", help="base model folder, if it moved since training")
+    add_raw_flag(p)
     for flag, kind, field, what in SERVE_LIMITS:
         default = getattr(d, field)
         shown = f"{default:,}" if isinstance(default, int) else f"{default:g}"
@@ -111,7 +112,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from ..serving.app import create_app
 
     clf = Classifier.load(
-        ns.model, device=ns.device, base_model=ns.base_model, max_batch_tokens=ns.max_batch_tokens
+        ns.model, device=ns.device, base_model=ns.base_model, raw=ns.raw, max_batch_tokens=ns.max_batch_tokens
     )
     if not is_loopback(ns.host):
         print(f"warning: --host {ns.host} makes the service reachable from other machines", flush=True)

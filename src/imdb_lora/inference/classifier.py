@@ -89,9 +89,11 @@ class Classifier:
         # caller - predict, evaluate, serve, score, the benches - gets calibrated probabilities.
         self.temperature = 1.0
         self.calibration_note = "uncalibrated"
+        self.raw = False  # --raw: the temperature is ignored (said apart from a run that has none)
 
     def use_calibration(self, folder: str, raw: bool = False) -> None:
         """Apply the temperature stored in `folder` (a run or an export), or none with raw=True."""
+        self.raw = raw
         if raw:  # the file is not even read: --raw works with a damaged one too
             self.temperature, self.calibration_note = 1.0, "raw probabilities (--raw: temperature 1)"
             return

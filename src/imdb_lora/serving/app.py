@@ -2,7 +2,7 @@
 
     POST /predict  {"texts": [...]} -> per text: label, label_id, confidence, probabilities
     GET  /health   liveness: 200 {"status": "ok"}, or 503 {"status": "draining"} while shutting down
-    GET  /info     base model, method, format, temperature, metrics from the run, limits
+    GET  /info     base model, method, format, temperature (and --raw), metrics from the run, limits
     GET  /metrics  Prometheus text format: requests, latency, model calls, queue depth, shed requests
     GET  /         a small page to try the model; /openapi.json describes the API (no /docs or /redoc:
                    FastAPI's pages load scripts from a CDN, blank offline and foreign code on this origin)
@@ -308,7 +308,8 @@ def model_info(clf: "Classifier", settings: ServeSettings) -> dict[str, Any]:
         "format": export.get("format", "run"),
         "quantize": export.get("quantize"),
         "backend": clf.backend,
-        "temperature": clf.temperature,  # 1: raw probabilities (an uncalibrated run)
+        "temperature": clf.temperature,  # 1: raw probabilities (an uncalibrated run, or raw)
+        "raw": clf.raw,  # serve --raw: the run's fitted temperature is ignored
         "max_length": cfg.data.max_length,
         "truncation": cfg.data.truncation,
         "labels": list(LABEL_NAMES),
