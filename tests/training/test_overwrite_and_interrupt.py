@@ -1,11 +1,18 @@
-"""--overwrite replaces only a run directory, and only once the new run is set up; Ctrl-C during training
-leaves a run to --resume or, before its first checkpoint, nothing at all; an impossible --output-dir is
-refused before the data is read."""
+"""--overwrite replaces only a run directory, and only once the new run is set up; Ctrl-C (or SIGTERM)
+during training leaves a run to --resume or, before its first checkpoint, nothing at all; an impossible
+--output-dir is refused before the data is read."""
 
+import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import train_args, without_startup
+from conftest import train_args, without_startup, write_imdb
 
 from imdb_lora.cli import main
 from imdb_lora.runs.rundir import RunDir
@@ -87,6 +94,48 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tiny_models, imdb_dir, tmp
     assert main(train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "1")) == 130
     assert f"imdb-lora train --output-dir {out} --resume" in capsys.readouterr().err
     monkeypatch.undo()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert RunDir(out).status() == "finished"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume(sig, tiny_models, tmp_path):
+    """SIGTERM (kill, a scheduler) killed a real `imdb-lora train` silently (status -15), though the run
+    could be resumed; now it stops as Ctrl-C does: one line with the last checkpoint and the command,
+    the shell's status (143; Ctrl-C 130), no traceback, and the command resumes it."""
+    from safetensors import safe_open
+
+    data = write_imdb(tmp_path / "data", per_class=48, seed=1)  # 18 steps an epoch: the signal lands inside
+    out = tmp_path / "r"
+    args = train_args(tiny_models("bert"), data, out, "--batch-size", "4", "--max-length", "32",
+                      "--checkpoint-every", "2", "--no-token-cache")  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imdb_lora", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 120
+        while (
+            proc.poll() is None and not (out / "checkpoint.safetensors").exists() and time.time() < deadline
+        ):
+            time.sleep(0.01)
+        assert proc.poll() is None, "training ended before the signal"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
+    last = [line for line in re.split(r"[\r\n]", err) if line.strip()][-1]
+    with safe_open(out / "checkpoint.safetensors", "pt") as f:
+        saved = json.loads(f.metadata()["progress"])["global_step"]
+    what = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted"
+    assert re.fullmatch(
+        rf"imdb-lora: {what}; training was at step \d+ of 36; its last checkpoint is "
+        rf"{re.escape(str(out / 'checkpoint.safetensors'))} \(step {saved}\); "
+        rf"continue it with: imdb-lora train --output-dir {re.escape(str(out))} --resume",
+        last,
+    ), last
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert RunDir(out).status() == "finished"
 

@@ -26,7 +26,7 @@ from .predict import add_predict_parser
 from .score import add_score_parser
 from .select import add_select_parser
 from .serve import add_serve_parser
-from .train import add_train_parser
+from .train import Terminated, add_train_parser
 
 PARSERS: list[Callable] = [
     add_train_parser,
@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imdb-lora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # train says what the interruption left behind
-        print(f"\nimdb-lora: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
-        return 130
+        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nimdb-lora: {what}{f'; {e}' if str(e) else ''}", file=sys.stderr)
+        return e.status if isinstance(e, Terminated) else 128 + int(signal.SIGINT)
     except BrokenPipeError:
         if not stdout_is_a_pipe():
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -75,6 +76,7 @@ class Trainer:
         self.created = False  # whether this process created the run directory (removed if setup fails)
         self.replaced: Path | None = None  # the run --overwrite replaces, kept aside until setup succeeds
         self.dist = Dist.from_env()  # torchrun's data-parallel place; rank 0 of 1 otherwise
+        self.checkpoint_step: int | None = None  # global step of the resume checkpoint on disk, once known
 
     # ------------------------------------------------------------ setup
 
@@ -250,6 +252,7 @@ class Trainer:
         self._rng: dict[str, torch.Tensor] = {}
         if self.resumed:
             self.state, self._rng = load_checkpoint(self.run.path / CHECKPOINT, self.model, self.optimizer)
+            self.checkpoint_step = self.state.global_step
             if self.ema is not None:  # every rank holds the same average (same weights every step)
                 self.ema.load_state_dict(self._rng)
             self._rng = self.dist.own_rng(self._rng)
@@ -302,17 +305,23 @@ class Trainer:
             write_reports(self.run, self.cfg, st.history, summary, reliability=post.bins)
             self.run.write_status("finished", summary)
             return summary
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(self._interrupted()) from None
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the CLI raises it (a subclass: kept)
+            raise type(e)(self._interrupted()) from None
         finally:
             self.run.unlock()
             self.dist.close()
 
     def _interrupted(self) -> str:
-        """What Ctrl-C leaves: a run to --resume or, before the first checkpoint, nothing at all."""
+        """What Ctrl-C or SIGTERM leaves: a run to --resume (where it stood, its last checkpoint, the
+        command) or, before the first checkpoint, nothing at all."""
         run = self.run
         if run.is_resumable():
-            return f"continue it with: imdb-lora train --output-dir {run.path} --resume"
+            saved = "" if self.checkpoint_step is None else f" (step {self.checkpoint_step:,})"
+            return (
+                f"training was at step {self.state.global_step:,} of {self.total_steps:,}; its last "
+                f"checkpoint is {run.path / CHECKPOINT}{saved}; continue it with: "
+                f"imdb-lora train --output-dir {shlex.quote(str(run.path))} --resume"
+            )
         if self.dist.main:  # no checkpoint: the folder could be neither resumed nor used
             shutil.rmtree(run.path, ignore_errors=True)
         return f"no checkpoint had been written yet, so there is nothing to resume; {run.path} was removed"
@@ -342,23 +351,25 @@ class Trainer:
                 bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
 
         t0 = time.time()
-        for idx in batches[st.step_in_epoch :]:
-            pending.append(self._step(idx))
-            st.seen += len(idx)
-            st.step_in_epoch += 1
-            st.global_step += 1
-            bar.update(1)
-            if len(pending) >= POSTFIX_EVERY:
-                flush()
-            mid_epoch = st.step_in_epoch < len(batches)
-            if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
-                flush()
-                st.epoch_train_seconds += time.time() - t0
-                t0 = time.time()
-                self._save_checkpoint()
-            self._after_step()
-        flush()
-        bar.close()
+        try:  # the bar is cleared before an interruption's message, not after it, at exit
+            for idx in batches[st.step_in_epoch :]:
+                pending.append(self._step(idx))
+                st.seen += len(idx)
+                st.step_in_epoch += 1
+                st.global_step += 1
+                bar.update(1)
+                if len(pending) >= POSTFIX_EVERY:
+                    flush()
+                mid_epoch = st.step_in_epoch < len(batches)
+                if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
+                    flush()
+                    st.epoch_train_seconds += time.time() - t0
+                    t0 = time.time()
+                    self._save_checkpoint()
+                self._after_step()
+            flush()
+        finally:
+            bar.close()
         st.epoch_train_seconds += time.time() - t0
 
     def _step(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,6 +503,7 @@ class Trainer:
             save_checkpoint(
                 self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device, extra
             )
+        self.checkpoint_step = self.state.global_step
 
     # ------------------------------------------------------------ the record
 
