@@ -224,6 +224,8 @@ def test_splits_never_overlap(imdb_dir):
     s = load_splits(cfg, seed=1)
     assert not set(s.train.texts) & set(s.val.texts)
     assert len(s.val) == 10 and len(s.test) == 10 and len(s.train) == 36
+    # what the subsets were taken from, for the model card ("10 of the 12 validation reviews")
+    assert s.available == {"train": 36, "val": 12, "test": 48}
 
 
 def test_labeled_train_file_without_test_carves_both(tmp_path):

@@ -71,3 +71,61 @@ def test_random_init_card_names_the_architecture_without_its_path(tmp_path):
     assert str(tmp_path) not in text
     assert "`roberta-base` architecture, random weights (saved in `base_model/`)" in text
     assert 'from_pretrained("base_model", num_labels=2)' in text
+
+
+SUBSET = {
+    **SUMMARY,
+    "examples_available": {"train": 23_750, "val": 1_250, "test": 25_000},
+    "data_source": {"kind": "imdb", "path": "/somewhere/aclImdb_v1.tar.gz"},
+    "device": "cpu",
+    "precision": "fp32",
+    "machine": {"cpu": "AMD EPYC", "cpus": 2, "torch_threads": 2, "os": "Linux"},
+    "train_seconds": 312.0,
+    "finished_at": "2026-11-30T03:10:00Z",
+}
+
+
+def subset_card(summary: dict, **data) -> str:
+    cfg = Config.from_dict({"model": {"name": "FacebookAI/roberta-base"}, "data": data})
+    return model_card(cfg.validate(), [], summary)
+
+
+def test_subset_run_says_it_is_a_subset_of_imdb_and_how_to_evaluate_the_same_reviews():
+    text = subset_card(SUBSET)
+    assert "IMDB movie reviews (Large Movie Review Dataset v1.0" in text and "**a subset**" in text
+    assert "900 of the 23,750 training reviews" in text
+    assert "100 of the 1,250 validation reviews of 5% of IMDB train" in text
+    assert "500 of the 25,000 test reviews of IMDB test" in text
+    assert "/somewhere" not in text
+    # evaluate reads the whole test split unless told: the card gives the subset its figure comes from
+    assert "imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz --max-samples 500" in text
+    assert "87.50% on 500 test reviews (95% interval ±2.9 points)" in text
+    assert "Trained on a subset (900 of 23,750 training reviews)" in text
+
+
+def test_full_data_run_is_not_called_a_subset():
+    full = {**SUBSET, "examples": {"train": 23_750, "val": 1_250, "test": 25_000}}
+    text = subset_card(full)
+    assert "subset" not in text and "--max-samples" not in text
+    assert "23,750 training reviews (all of IMDB train)" in text
+
+
+def test_card_names_the_device_the_training_time_and_the_date():
+    text = subset_card(SUBSET)
+    assert (
+        "- Trained on: CPU (AMD EPYC, 2 threads), fp32; 5.2 min of training, finished 2026-11-30T03:10:00Z"
+        in text
+    )
+
+
+def test_card_of_a_run_on_labeled_files_does_not_claim_imdb(tmp_path):
+    files = {**SUBSET, "data_source": {"kind": "files"}, "examples_available": {}}
+    text = subset_card(files, train_file=str(tmp_path / "tickets.csv"))
+    assert "IMDB" not in text and "imdb" not in text.split("---")[1]
+    assert "labeled file `tickets.csv`" in text and str(tmp_path) not in text
+    assert "a second 5% held out of `tickets.csv`" in text
+
+
+def test_card_says_how_long_a_text_it_reads():
+    text = subset_card(SUBSET, max_length=128, truncation="head_tail", head_tokens=64)
+    assert "first 64 and last 64 tokens" in text

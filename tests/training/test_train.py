@@ -35,6 +35,16 @@ def test_run_directory_layout(trained_run):
     assert Config.load(trained_run / "config.yaml").train.epochs == 2
 
 
+def test_run_json_and_card_say_how_much_data_on_what_machine_and_when(trained_run):
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["examples_available"] == info["examples"]  # no subset flags: every review of each split
+    assert info["finished_at"].endswith("Z") and info["finished_at"][:2] == "20"
+    assert info["machine"]["cpus"] >= 1 and info["machine"]["torch_threads"] >= 1
+    card = (trained_run / "README.md").read_text()
+    assert f"- Trained on: CPU ({info['machine']['cpu']}, " in card and info["finished_at"] in card
+    assert "subset" not in card
+
+
 def test_adapter_is_standard_peft(trained_run, tiny_models):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

@@ -37,3 +37,5 @@ class Splits:
     val: LabeledTexts
     test: LabeledTexts
     source: dict[str, Any] = field(default_factory=dict)  # where the data came from (path/URL, sha256)
+    # Each split's size before --max-train-samples / --max-eval-samples: what a subset was taken from.
+    available: dict[str, int] = field(default_factory=dict)

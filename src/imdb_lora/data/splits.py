@@ -60,7 +60,8 @@ def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = No
     if test is None:  # no test file: report on a second held-out slice, never on validation
         rest, test_idx = stratified_split(train.labels, data_cfg.val_size, seed + 1)
         test, train = train.take(test_idx), train.take(rest)
+    available = {"train": len(train), "val": len(val), "test": len(test)}
     train = train.take(stratified_subset(train.labels, data_cfg.max_train_samples, seed))
     val = val.take(stratified_subset(val.labels, data_cfg.max_eval_samples, seed))
     test = test.take(stratified_subset(test.labels, data_cfg.max_eval_samples, seed))
-    return Splits(train, val, test, source)
+    return Splits(train, val, test, source, available)

@@ -242,36 +242,136 @@ def model_card(cfg: Config, history: list[dict[str, Any]], summary: dict[str, An
     if summary.get("kept_weights") == "ema":
         method += f"; weights saved: their exponential moving average (decay {cfg.train.ema_decay:g})"
     base = card_base_model(cfg)
+    imdb = (summary.get("data_source") or {}).get("kind", "imdb") == "imdb"
     # The hub's metadata wants a hub id; a local folder's path means nothing on another machine.
     base_meta = f"base_model: {cfg.model.name}\n" if base.hub_id else ""
     return f"""---
 library_name: {"peft" if lora else "transformers"}
-{base_meta}tags: [text-classification, sentiment-analysis, imdb, {"lora" if lora else "full-fine-tuning"}]
+{base_meta}tags: [text-classification, sentiment-analysis, {"imdb, " if imdb else ""}{"lora" if lora else "full-fine-tuning"}]
 ---
-# IMDB sentiment classifier ({summary["model_type"]}, {cfg.train.method})
+# {"IMDB sentiment" if imdb else "Sentiment"} classifier ({summary["model_type"]}, {cfg.train.method})
 {warn}
-Binary sentiment classifier for movie reviews: label 0 = NEGATIVE, 1 = POSITIVE.
+Binary sentiment classifier{" for movie reviews" if imdb else ""}: label 0 = NEGATIVE, 1 = POSITIVE.
 
 - Base model: {base.described}
 - Method: {method}
 - Trainable parameters: {summary["trainable_parameters"]:,} of {summary["total_parameters"]:,} ({summary["trainable_percent"]:.2f}%)
-- Data: {summary["examples"]["train"]:,} training reviews, {summary["examples"]["val"]:,} validation (carved from train), {summary["examples"]["test"]:,} test
-- Max length {cfg.data.max_length} tokens ({cfg.data.truncation} truncation); {cfg.train.epochs} epoch{"s" if cfg.train.epochs != 1 else ""}, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
-- Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}%)
-- Test accuracy of that checkpoint: {f"{100 * test:.2f}%" if test is not None else "not measured"}
+- Data: {card_data(cfg, summary)}
+- Max length {cfg.data.max_length} tokens ({card_truncation(cfg)}); {cfg.train.epochs} epoch{"s" if cfg.train.epochs != 1 else ""}, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
+- Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}% on {summary["examples"]["val"]:,} reviews)
+- Test accuracy of that checkpoint: {card_test(test, summary["examples"]["test"])}
+- Trained on: {card_machine(summary)}
 {card_calibration(summary.get("calibration"))}
 ## Use
 ```
 imdb-lora predict THIS_DIR "A wonderful film."
-imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz
+imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz{card_eval_flags(cfg, summary)}
 ```
 {card_plain_use(cfg, base.snippet)}
 
 ## Limitations
-Trained on English IMDB movie reviews only; expect lower accuracy on other domains, sarcasm and very short texts.
+{card_limitations(cfg, summary, imdb)}
 
 See `results.md` for per-epoch figures and `config.yaml` for the exact recipe.
 """
+
+
+IMDB_NAME = "IMDB movie reviews (Large Movie Review Dataset v1.0, Maas et al., ACL 2011)"
+
+
+def card_data(cfg: Config, summary: dict[str, Any]) -> str:
+    """What the run read, and how much of it: a subset run must not read as a full-data one."""
+    used, avail = summary["examples"], summary.get("examples_available") or {}
+    source = summary.get("data_source") or {}
+    val_pct = f"{100 * cfg.data.val_size:g}%"
+    if source.get("kind") == "files":
+        train_name = Path(cfg.data.train_file or "train").name
+        test_name = Path(cfg.data.test_file).name if cfg.data.test_file else None
+        where = f"labeled file `{train_name}`" + (f" (test: `{test_name}`)" if test_name else "")
+        test_from = f"`{test_name}`" if test_name else f"a second {val_pct} held out of `{train_name}`"
+        val_from, train_from = f"{val_pct} held out of `{train_name}`", f"`{train_name}`"
+    else:
+        where, val_from, train_from, test_from = (
+            IMDB_NAME,
+            f"{val_pct} of IMDB train",
+            "IMDB train",
+            "IMDB test",
+        )
+
+    def part(split: str, what: str, origin: str) -> str:
+        n, of = used[split], avail.get(split)
+        if of is None or of == n:
+            return f"{n:,} {what} ({'all of ' if of else ''}{origin})"
+        return f"{n:,} of the {of:,} {what} of {origin} (stratified, seeded subset)"
+
+    subset = any(avail.get(k, used[k]) != used[k] for k in used)
+    return (
+        f"{where}{'; **a subset**' if subset else ''}: {part('train', 'training reviews', train_from)}, "
+        f"{part('val', 'validation reviews', val_from)}, {part('test', 'test reviews', test_from)}"
+    )
+
+
+def card_truncation(cfg: Config) -> str:
+    d = cfg.data
+    if d.truncation == "head_tail":
+        return (
+            f"longer reviews keep their first {d.head_tokens} and last {d.max_length - d.head_tokens} tokens"
+        )
+    return "longer reviews keep their first tokens"
+
+
+def card_test(test: float | None, n: int) -> str:
+    """The test accuracy with its sample size and a 95% normal-approximation interval."""
+    if test is None:
+        return "not measured"
+    half = 196 * (test * (1 - test) / max(1, n)) ** 0.5
+    return f"{100 * test:.2f}% on {n:,} test reviews (95% interval ±{half:.1f} points)"
+
+
+def card_machine(summary: dict[str, Any]) -> str:
+    m = summary.get("machine") or {}
+    device = summary.get("device", "?")
+    if device == "cpu" and m:
+        device = f"CPU ({m.get('cpu')}, {m.get('torch_threads')} threads)"
+    line = f"{device}, {summary.get('precision', '?')}"
+    if summary.get("train_seconds") is not None:
+        line += f"; {fmt_seconds(summary['train_seconds'])} of training"
+    if summary.get("finished_at"):
+        line += f", finished {summary['finished_at']}"
+    return line
+
+
+def card_eval_flags(cfg: Config, summary: dict[str, Any]) -> str:
+    """evaluate reads the whole test split unless told: give the subset the card's figure comes from."""
+    avail = (summary.get("examples_available") or {}).get("test")
+    n = summary["examples"]["test"]
+    return f" --max-samples {n}" if avail and n < avail else ""
+
+
+def card_limitations(cfg: Config, summary: dict[str, Any], imdb: bool) -> str:
+    lines = [
+        "Trained on English IMDB movie reviews only; expect lower accuracy on other domains, sarcasm and "
+        "very short texts."
+        if imdb
+        else "Trained on the labeled file named above only; expect lower accuracy on other domains."
+    ]
+    avail = summary.get("examples_available") or {}
+    used = summary["examples"]
+    if avail.get("train", used["train"]) != used["train"]:
+        lines.append(
+            f"Trained on a subset ({used['train']:,} of {avail['train']:,} training reviews): not what the "
+            "recipe reaches on the full data."
+        )
+    lines.append(
+        f"Reads at most {cfg.data.max_length} tokens per text ({card_truncation(cfg)}); the rest is not seen."
+    )
+    lines.append(
+        "Outside imdb-lora, use the same truncation, and divide the logits by the temperature "
+        "(`calibration.json`) for calibrated probabilities."
+        if (summary.get("calibration") or {}).get("enabled")
+        else "Outside imdb-lora, use the same truncation."
+    )
+    return "\n".join(f"- {line}" for line in lines)
 
 
 class CardBase(NamedTuple):

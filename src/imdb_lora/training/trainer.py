@@ -30,7 +30,7 @@ from ..config import Config, differing_fields
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
 from ..errors import UserError
-from ..metrics import peak_memory
+from ..metrics import machine, peak_memory
 from ..modeling.flat import batching_path, flat_note, flat_options_check
 from ..modeling.forward import batched_logits, compile_encoder
 from ..modeling.load import (
@@ -164,6 +164,7 @@ class Trainer:
         t0 = time.time()
         splits = load_splits(d, cfg.train.seed, announce=self._say)
         self.data_source = splits.source
+        self.examples_available = splits.available
 
         def tok(texts: list[str], split: str) -> list[list[int]]:
             bar = f"tokenize {split}" if self.dist.main else None  # shown only when not in the cache
@@ -532,6 +533,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "global_batch_size": cfg.train.batch_size * self.dist.world_size,
             "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
+            "examples_available": self.examples_available,
             "epochs_done": len(st.history),
             "best_epoch": st.best_epoch,
             "kept_weights": st.best_weights,
@@ -549,4 +551,6 @@ class Trainer:
         }
         if wall_seconds is not None:
             out["wall_seconds"] = wall_seconds
+            out["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            out["machine"] = machine()
         return out
