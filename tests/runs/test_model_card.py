@@ -129,3 +129,28 @@ def test_card_of_a_run_on_labeled_files_does_not_claim_imdb(tmp_path):
 def test_card_says_how_long_a_text_it_reads():
     text = subset_card(SUBSET, max_length=128, truncation="head_tail", head_tokens=64)
     assert "first 64 and last 64 tokens" in text
+
+
+def test_results_md_names_a_local_base_model_without_its_path(tmp_path):
+    from imdb_lora.runs.report import results_markdown
+
+    local = str(tmp_path / "models" / "all-MiniLM-L6-v2")
+    summary = {
+        **SUBSET,
+        "model": local,
+        "method": "lora",
+        "random_init": False,
+        "train_path": "padded",
+        "eval_path": "padded",
+        "weights_bytes": 1_000,
+        "peak_memory_bytes": 1_000,
+        "peak_memory_kind": "CPU (process peak RSS)",
+    }
+    cfg = Config.from_dict({"model": {"name": local}}).validate()
+    history = [
+        {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.88,
+         "train_seconds": 312.0}
+    ]  # fmt: skip
+    text = results_markdown(cfg, history, summary)
+    assert str(tmp_path) not in text
+    assert "# Results: all-MiniLM-L6-v2 (lora)" in text and "| Model | all-MiniLM-L6-v2 |" in text

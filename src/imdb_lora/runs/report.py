@@ -54,6 +54,13 @@ def _pct(x: float | None) -> str:
     return f"{100 * x:.2f}%" if x is not None else "–"
 
 
+def shown_model_name(name: str) -> str:
+    """A hub id as is; a local folder by its name only: results.md and the model card are shared, and a
+    path means nothing on another machine (run.json and config.yaml keep it, for evaluate and predict)."""
+    # config.py stores local folders as absolute paths; hub ids are never absolute.
+    return Path(name).name if os.path.isabs(name) else name
+
+
 def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
     n = len(history)
     train_s = summary["train_seconds"]
@@ -61,7 +68,7 @@ def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
     rows = [
         (
             "Model",
-            summary["model"]
+            shown_model_name(summary["model"])
             + (" (RANDOM INIT - speed/test only, accuracy meaningless)" if summary["random_init"] else ""),
         ),
         ("Method", "LoRA" if summary["method"] == "lora" else "Full fine-tuning"),
@@ -100,7 +107,7 @@ def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
 
 def results_markdown(cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return (
-        f"# Results: {summary['model']} ({summary['method']})\n\n"
+        f"# Results: {shown_model_name(summary['model'])} ({summary['method']})\n\n"
         "## Per-epoch results\n\n"
         f"{epoch_table(history, summary['best_epoch'])}\n\n"
         "`*` = checkpoint kept (best validation accuracy; `(EMA)`: the weights' moving average won and was "
@@ -385,9 +392,7 @@ class CardBase(NamedTuple):
 def card_base_model(cfg: Config) -> CardBase:
     """A hub id as is; a local folder by its name only (its path means nothing on another machine)."""
     name = cfg.model.name
-    # config.py stores local folders as absolute paths; hub ids are never absolute.
-    local = os.path.isabs(name)
-    shown = Path(name).name if local else name
+    local, shown = os.path.isabs(name), shown_model_name(name)
     if cfg.model.random_init:
         saved = " (saved in `base_model/`)" if cfg.train.method == "lora" else ""
         return CardBase(False, f"`{shown}` architecture, random weights{saved}", "base_model")
