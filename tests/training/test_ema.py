@@ -23,20 +23,20 @@ def rows(run) -> list[dict]:
 
 def test_average_is_bias_corrected_and_swapped_in_and_out():
     model = torch.nn.Linear(2, 1, bias=False)
-    ema = Ema(model, decay=0.5)
+    ema = Ema(model, decay=0.75)  # not 0.5, where decay and 1 - decay (the weight of the new value) agree
     seen = []
     for value in (1.0, 3.0):
         with torch.no_grad():
             model.weight.fill_(value)
         seen.append(value)
         ema.update()
-    # weights 0.5 * 1 + 1 * 3 over 1.5 (decay 0.5, bias-corrected): 2.333...
-    expected = (0.5 * seen[0] + seen[1]) / 1.5
+    # weights 0.75 * 1 + 1 * 3 over 1.75 (decay 0.75, bias-corrected): 2.142857...
+    expected = (0.75 * seen[0] + seen[1]) / 1.75
     with ema.applied():
         assert torch.allclose(model.weight, torch.full_like(model.weight, expected))
     assert torch.equal(model.weight, torch.full_like(model.weight, 3.0))  # raw weights back
     state = ema.state_dict()
-    other = Ema(model, decay=0.5)
+    other = Ema(model, decay=0.75)
     other.load_state_dict(state)
     assert other.steps == 2 and torch.equal(other.averaged()[0], ema.averaged()[0])
 

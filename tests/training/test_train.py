@@ -145,6 +145,32 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
     assert torch.equal(pa, pb)
 
 
+def test_a_tie_on_validation_keeps_the_earlier_epoch(tiny_models, imdb_dir, tmp_path, monkeypatch):
+    real = Trainer.evaluate
+
+    def same_every_epoch(self, seqs, labels, name):
+        loss, acc = real(self, seqs, labels, name)
+        return (loss, 0.5) if name == "validation" else (loss, acc)
+
+    saved = []
+    real_save = Trainer._save_weights
+    monkeypatch.setattr(Trainer, "evaluate", same_every_epoch)
+    monkeypatch.setattr(
+        Trainer, "_save_weights", lambda self, *a: saved.append(self.state.epoch) or real_save(self, *a)
+    )
+    out = tmp_path / "tie"
+    args = (
+        "--no-calibration",
+        "--no-eval-test-each-epoch",
+        "--max-train-samples",
+        "8",
+        "--max-eval-samples",
+        "4",
+    )
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, *args)) == 0
+    assert saved == [1] and json.loads((out / "run.json").read_text())["best_epoch"] == 1
+
+
 def test_resume_refuses_changed_settings(tiny_models, imdb_dir, tmp_path, monkeypatch, capsys):
     def crash(self):
         raise Crash
