@@ -1,8 +1,9 @@
 import json
+import random
 import tarfile
 
 import pytest
-from conftest import ROBERTA_BASE, needs_shared, write_imdb
+from conftest import FILLER, NEG_WORDS, POS_WORDS, ROBERTA_BASE, needs_shared, write_imdb
 
 from imdb_lora.config import DataConfig
 from imdb_lora.data.files import load_labeled_file, read_texts
@@ -10,6 +11,8 @@ from imdb_lora.data.imdb import load_imdb, resolve_imdb_path
 from imdb_lora.data.splits import load_splits, stratified_split, stratified_subset
 from imdb_lora.data.tokenize import encode
 from imdb_lora.errors import UserError
+
+WORDS = sorted(set(POS_WORDS + NEG_WORDS + FILLER))
 
 
 def make_tar(src_root, dest, mode):
@@ -228,6 +231,22 @@ def test_splits_never_overlap(imdb_dir):
     assert s.available == {"train": 36, "val": 12, "test": 48}
 
 
+def test_validation_comes_from_train_and_test_is_imdbs_own_test_split(imdb_dir):
+    """No leakage: validation is carved from IMDB's train split only, test is IMDB's test split (never
+    train reviews), and every text keeps its own label."""
+    imdb = load_imdb(imdb_dir)
+    label_of = {t: y for part in imdb.values() for t, y in zip(part.texts, part.labels)}
+    assert len(label_of) == len(imdb["train"]) + len(imdb["test"])  # no review in both splits
+    s = load_splits(DataConfig(path=str(imdb_dir), val_size=0.25), seed=1)
+    assert sorted(s.train.texts + s.val.texts) == sorted(imdb["train"].texts)  # a partition of train
+    assert s.test.texts == imdb["test"].texts and s.test.labels == imdb["test"].labels
+    for part in (s.train, s.val, s.test):
+        assert part.labels == [label_of[t] for t in part.texts]
+    assert s.val.labels.count(0) == s.val.labels.count(1) == 6  # stratified: a quarter of each class
+    sub = load_splits(DataConfig(path=str(imdb_dir), val_size=0.25, max_eval_samples=10), seed=1)
+    assert set(sub.test.texts) < set(imdb["test"].texts) and set(sub.val.texts) < set(s.val.texts)
+
+
 def test_labeled_train_file_without_test_carves_both(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(40)))
@@ -236,41 +255,51 @@ def test_labeled_train_file_without_test_carves_both(tmp_path):
     assert not set(s.test.texts) & (set(s.train.texts) | set(s.val.texts))
 
 
-@pytest.fixture(scope="module")
-def roberta_tok():
-    needs_shared()
+@pytest.fixture(scope="module", params=["roberta", "bert"])
+def tok(request, tiny_models):
+    """roberta-base's real BPE tokenizer (from ../shared) and the tiny WordPiece one (always there), so
+    truncation and windows are checked on a machine without ../shared too."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(ROBERTA_BASE)
+    if request.param == "roberta":
+        needs_shared()
+        return AutoTokenizer.from_pretrained(ROBERTA_BASE)
+    return AutoTokenizer.from_pretrained(tiny_models("bert"))
 
 
-def test_head_truncation_equals_the_tokenizers_own(roberta_tok):
+def long_text(n_words: int) -> str:
+    """Words both tokenizers know, in an order that never repeats a slice (a shifted slice differs)."""
+    rng = random.Random(n_words)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def test_head_truncation_equals_the_tokenizers_own(tok):
     texts = ["short one", "word " * 300, "Great movie! " * 40]
-    ours = encode(roberta_tok, texts, max_length=64)
-    theirs = roberta_tok(texts, truncation=True, max_length=64)["input_ids"]
+    ours = encode(tok, texts, max_length=64)
+    theirs = tok(texts, truncation=True, max_length=64)["input_ids"]
     assert ours == theirs
 
 
-def test_head_tail_keeps_exactly_the_first_and_last_tokens(roberta_tok):
-    text = " ".join(f"w{i}" for i in range(400))
-    body = roberta_tok(text, add_special_tokens=False)["input_ids"]
-    (ids,) = encode(roberta_tok, [text], max_length=64, truncation="head_tail", head_tokens=20)
+def test_head_tail_keeps_exactly_the_first_and_last_tokens(tok):
+    text = long_text(400)
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    (ids,) = encode(tok, [text], max_length=64, truncation="head_tail", head_tokens=20)
     assert len(ids) == 64
-    assert ids[0] == roberta_tok.cls_token_id and ids[-1] == roberta_tok.sep_token_id
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert ids[1:21] == body[:20]
     assert ids[21:-1] == body[-42:]
-    short = encode(roberta_tok, ["tiny review"], 64, "head_tail", 20)
-    assert short == roberta_tok(["tiny review"])["input_ids"]
+    short = encode(tok, ["tiny review"], 64, "head_tail", 20)
+    assert short == tok(["tiny review"])["input_ids"]
 
 
-def test_windows_cover_every_token_and_end_at_the_end(roberta_tok):
+def test_windows_cover_every_token_and_end_at_the_end(tok):
     from imdb_lora.data.tokenize import encode_windows
 
-    long = " ".join(f"w{i}" for i in range(300))
-    body = roberta_tok(long, add_special_tokens=False)["input_ids"]
-    windows, owner = encode_windows(roberta_tok, ["short review", long], max_length=64, stride=40)
+    long = long_text(300)
+    body = tok(long, add_special_tokens=False)["input_ids"]
+    windows, owner = encode_windows(tok, ["short review", long], max_length=64, stride=40)
     assert owner[0] == 0 and owner.count(0) == 1 and owner[1:] == [1] * (len(owner) - 1)
-    assert windows[0] == roberta_tok("short review")["input_ids"]
+    assert windows[0] == tok("short review")["input_ids"]
     bodies = [w[1:-1] for w in windows[1:]]
     assert all(len(w) == 64 for w in windows[1:])
     assert bodies[0] == body[:62] and bodies[-1] == body[-62:]
@@ -280,7 +309,7 @@ def test_windows_cover_every_token_and_end_at_the_end(roberta_tok):
     covered |= set(range(len(body) - 62, len(body)))
     assert covered == set(range(len(body)))
     with pytest.raises(UserError, match="--window-stride"):
-        encode_windows(roberta_tok, [long], 64, 0)
+        encode_windows(tok, [long], 64, 0)
 
 
 def test_token_budget_batches_cap_padding_and_keep_every_index():

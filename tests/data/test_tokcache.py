@@ -10,10 +10,13 @@ from imdb_lora.modeling.load import load_tokenizer
 TEXTS = ["A wonderful film, moving and funny. " * 30, "Dull.", "", "Not bad, not great. " * 10]
 
 
-@pytest.fixture
-def tok():
-    needs_shared()
-    return load_tokenizer(str(ROBERTA_BASE))
+@pytest.fixture(params=["roberta", "bert"])
+def tok(request, tiny_models):
+    """roberta-base's real tokenizer (from ../shared) and the tiny bert one, which every machine has."""
+    if request.param == "roberta":
+        needs_shared()
+        return load_tokenizer(str(ROBERTA_BASE))
+    return load_tokenizer(str(tiny_models("bert")))
 
 
 @pytest.fixture
@@ -51,7 +54,7 @@ def test_any_change_of_settings_or_texts_is_a_new_entry(tok, cache, change):
 
 
 def test_a_different_tokenizer_is_a_different_entry(tok, cache, tiny_models):
-    other = load_tokenizer(str(tiny_models("bert")))
+    other = load_tokenizer(str(tiny_models("mpnet")))
     assert tokcache.tokenizer_fingerprint(other) != tokcache.tokenizer_fingerprint(tok)
     tokcache.cached_encode(tok, TEXTS, 64)
     assert tokcache.cached_encode(other, TEXTS, 64) == encode(other, TEXTS, 64)
