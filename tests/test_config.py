@@ -55,21 +55,62 @@ def test_saved_config_round_trips(tmp_path):
     assert Config.load(tmp_path / "config.yaml").to_dict() == c.to_dict()
 
 
-@pytest.mark.parametrize(
-    "flags, named",
-    [
-        (["--lora-r", "0"], "--lora-r"),
-        (["--val-size", "1.5"], "--val-size"),
-        (["--method", "prefix"], "--method"),
-        (["--epochs", "0"], "--epochs"),
-        (["--lora-targets", "attention_qkv,heads"], "--lora-targets"),
-        (["--truncation", "middle"], "--truncation"),
-    ],
-)
+# One invalid value for every check Config.validate makes: each must fail on its own, naming its flag,
+# in one line that shows the value given.
+INVALID = [
+    (["--model", ""], "--model"),
+    (["--pooling", "max"], "--pooling"),
+    (["--lora-r", "0"], "--lora-r"),
+    (["--lora-alpha", "0"], "--lora-alpha"),
+    (["--lora-dropout", "1"], "--lora-dropout"),
+    (["--lora-targets", ""], "--lora-targets"),
+    (["--lora-targets", "attention_qkv,heads"], "--lora-targets"),
+    (["--val-size", "1.5"], "--val-size"),
+    (["--val-size", "0"], "--val-size"),
+    (["--max-train-samples", "1"], "--max-train-samples"),
+    (["--max-eval-samples", "1"], "--max-eval-samples"),
+    (["--max-length", "7"], "--max-length"),
+    (["--max-length", "8193"], "--max-length"),
+    (["--truncation", "middle"], "--truncation"),
+    (["--truncation", "head_tail", "--max-length", "64", "--head-tokens", "62"], "--head-tokens"),
+    (["--truncation", "head_tail", "--head-tokens", "0"], "--head-tokens"),
+    (["--test-file", "t.csv"], "--test-file"),
+    (["--method", "prefix"], "--method"),
+    (["--epochs", "0"], "--epochs"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--batching", "dense"], "--batching"),
+    (["--cuda-graphs"], "--cuda-graphs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--warmup-ratio", "1"], "--warmup-ratio"),
+    (["--warmup-ratio", "-0.1"], "--warmup-ratio"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"),
+    (["--ema-decay", "1"], "--ema-decay"),
+    (["--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("flags, named", INVALID, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_invalid_values_name_their_flag(flags, named):
     ns = build_parser().parse_args(["train", *flags])
-    with pytest.raises(UserError, match=named):
+    with pytest.raises(UserError) as e:
         config_from_args(ns, Config()).validate()
+    msg = str(e.value)
+    assert msg.startswith(named + " ") or msg.startswith(named + ":"), msg
+    assert "\n" not in msg
+
+
+def test_the_edges_of_each_range_are_accepted():
+    ok = ["--lora-dropout", "0", "--val-size", "0.99", "--max-train-samples", "2", "--max-eval-samples", "2",
+          "--max-length", "8", "--seed", str(2**32 - 1), "--weight-decay", "0", "--warmup-ratio", "0",
+          "--max-grad-norm", "0", "--label-smoothing", "0", "--checkpoint-every", "0", "--ema-decay", "0",
+          "--device", "cuda:1", "--batching", "flat", "--cuda-graphs"]  # fmt: skip
+    config_from_args(build_parser().parse_args(["train", *ok]), Config()).validate()
 
 
 def test_wrong_type_names_the_flag():

@@ -277,6 +277,39 @@ def test_training_calibrates_the_kept_checkpoint_and_reports_eval_files(
     assert Classifier.load(str(out), device="cpu").temperature == 1.0
 
 
+def test_the_temperature_is_fitted_on_validation_and_test_is_only_reported(tmp_path):
+    """after_training on a stand-in trainer whose validation logits are 6x too confident and whose test
+    logits are not confident enough: the temperature is validation's fit, whatever test would want."""
+    from types import SimpleNamespace
+
+    from imdb_lora.config import Config
+    from imdb_lora.runs.rundir import RunDir
+    from imdb_lora.training.posthoc import after_training
+
+    val, val_y = overconfident_logits(seed=1)
+    test, test_y = overconfident_logits(seed=2)
+    test = test / 40
+    val_ids, test_ids = [[0]] * len(val), [[1]] * len(test)
+    logits_of = {id(val_ids): val, id(test_ids): test}
+    tr = SimpleNamespace(
+        cfg=Config().validate(),
+        state=SimpleNamespace(history=[{"epoch": 1}], best_epoch=1, best_weights="raw"),
+        run=RunDir(tmp_path), val_ids=val_ids, val_y=val_y, test_ids=test_ids, test_y=test_y,
+        eval_files=[], eval_logits=lambda seqs, name: logits_of[id(seqs)],
+    )  # fmt: skip
+    post = after_training(tr)
+    want = fit_temperature(val, val_y)
+    assert want > 3 and fit_temperature(test, test_y) < 1
+    record = json.loads((tmp_path / "calibration.json").read_text())
+    assert (
+        record["temperature"] == post.summary["calibration"]["temperature"] == pytest.approx(want, rel=1e-6)
+    )
+    assert record["fitted_on"] == "validation" and record["epoch"] == 1
+    for split, (logits, labels) in {"val": (val, val_y), "test": (test, test_y)}.items():
+        assert record[split]["before"] == pytest.approx(figures(logits, labels))
+        assert record[split]["after"] == pytest.approx(figures(logits, labels, want))
+
+
 def test_a_bad_eval_file_fails_before_training(tiny_models, imdb_dir, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nfine,3\n")

@@ -64,7 +64,21 @@ def test_head_trains_in_full_and_base_stays_frozen(tiny_models, kind):
     }
     rest = {n for n in trainable if "lora_" not in n and "modules_to_save" not in n}
     assert wrapped_biases and rest == wrapped_biases
-    assert info["trainable_parameters"] < info["total_parameters"]
+    # the record's counts: what trains, and the base counted once plus the LoRA matrices
+    base, _ = load_base_model(str(tiny_models(kind)), 2, False, 0)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert info["base_parameters"] == sum(p.numel() for p in base.parameters())
+    assert info["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert info["total_parameters"] == info["base_parameters"] + lora > info["trainable_parameters"]
+
+
+@pytest.mark.parametrize("rslora, scale", [(True, 8 / 4**0.5), (False, 8 / 4)])
+def test_lora_scale_is_alpha_over_sqrt_r_with_rslora(tiny_models, rslora, scale):
+    model, _ = build_model(cfg_for(tiny_models("bert"), r=4, alpha=8.0, rslora=rslora))
+    scales = {
+        m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and "default" in m.scaling
+    }
+    assert len(scales) == 1 and scales.pop() == pytest.approx(scale)
 
 
 def test_no_bias_trains_without_lora_train_biases(tiny_models):
