@@ -10,6 +10,7 @@ import io
 import os
 import random
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,21 @@ def without_startup(err: str) -> str:
     comes before an error found late in setup but is not part of the error's one line."""
     lines = re.split(r"[\r\n]", err)
     return "".join(f"{line}\n" for line in lines if line.strip() and not line.startswith(TRAIN_STARTUP))
+
+
+@contextlib.contextmanager
+def sigterm_fails_the_test():
+    """Tests that send this process SIGTERM: if the code under test does not take it, the test fails
+    (with its default, SIGTERM would end pytest itself). Yields the handler the code must put back."""
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the test: the command under test did not take it")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        yield unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

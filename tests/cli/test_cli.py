@@ -2,14 +2,17 @@
 
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import yaml
-from conftest import build_tiny, train_args, without_startup
+from conftest import build_tiny, sigterm_fails_the_test, train_args, without_startup
 
 from imdb_lora.cli import main
 
@@ -362,3 +365,28 @@ def test_window_stride_zero_is_one_truncated_window_and_negative_is_refused(trai
     assert code == 0 and json.loads(zero) == json.loads(plain)
     assert main(["predict", str(trained_run), "x", "--window-stride", "-1"]) == 2
     assert "argument --window-stride: expected an integer >= 0, got -1" in capsys.readouterr().err
+
+
+def test_sigterm_runs_any_command_s_clean_up_and_exits_143(monkeypatch, capsys):
+    """SIGTERM's default ended a command at once, skipping its `finally` (an export's temporary folder,
+    a lock, score's record of an interrupted output); now every command takes it as Ctrl-C, a second
+    SIGTERM does not cut the clean-up short, and the handler from before is back afterwards."""
+    import imdb_lora.cli.evaluate
+
+    cleaned = []
+
+    def command(ns) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at once: never slept through
+            return 0
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # a process group's second signal, during clean-up
+            cleaned.append(True)
+
+    monkeypatch.setattr(imdb_lora.cli.evaluate, "cmd_evaluate", command)
+    with sigterm_fails_the_test() as before:
+        assert main(["evaluate", "any-run"]) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is before
+    assert cleaned == [True]
+    assert capsys.readouterr().err.strip() == "imdb-lora: stopped by SIGTERM"

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import train_args, write_imdb
+from conftest import sigterm_fails_the_test, train_args, write_imdb
 
 import imdb_lora.runs.compare
 from imdb_lora.cli import main
@@ -272,6 +272,51 @@ def test_ctrl_c_before_overwrite_replaced_the_old_run_says_it_was_put_back(tmp_p
     time.sleep(0.01)
     (old / "run.json").write_text("y")  # the new run got as far as writing its own status
     assert "continues it" in after_interrupt(tmp_path, "lora", overwrite=True, before=before)
+
+
+def test_sigterm_to_compare_alone_is_passed_on_to_the_training_child(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM to compare's own process (not its group, as Ctrl-C reaches) killed compare
+    at once and left the child training on, unseen; now compare passes it on, waits for the child to
+    leave its run resumable, says so and exits 143."""
+    events = []
+
+    class TrainingChild:
+        def __init__(self, argv, env):
+            self.run = Path(argv[argv.index("--output-dir") + 1])
+            self.stopped = False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def poll(self) -> int | None:
+            return 143 if self.stopped else None
+
+        def terminate(self) -> None:
+            events.append("terminate")
+            self.stopped = True
+
+        def wait(self) -> int:
+            events.append("wait")
+            if len(events) == 1:  # SIGTERM to compare while the child trains
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises at once: never slept through
+            assert self.stopped, "compare waited on a child it had not passed SIGTERM on to"
+            self.run.mkdir(parents=True)  # the child leaves its run resumable
+            (self.run / "config.yaml").write_text("{}\n")
+            (self.run / "checkpoint.safetensors").write_bytes(b"")
+            return 143
+
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=TrainingChild))
+    with sigterm_fails_the_test():
+        assert main(["compare", "--output-dir", str(tmp_path / "cmp"), "--epochs", "1"]) == 143
+    assert events == ["wait", "terminate", "wait"]
+    assert (
+        "imdb-lora: stopped by SIGTERM; the lora run stopped; the same compare command with --resume "
+        "continues it" in capsys.readouterr().err
+    )
 
 
 def interrupt_compare(args: list[str], log: Path, ready) -> str:

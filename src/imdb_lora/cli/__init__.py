@@ -14,10 +14,12 @@ import os
 import signal
 import stat
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from .bench import add_bench_parser
 from .compare import add_compare_parser
 from .evaluate import add_evaluate_parser
@@ -26,7 +28,7 @@ from .predict import add_predict_parser
 from .score import add_score_parser
 from .select import add_select_parser
 from .serve import add_serve_parser
-from .train import Terminated, add_train_parser
+from .train import add_train_parser
 
 PARSERS: list[Callable] = [
     add_train_parser,
@@ -64,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             ns.texts += extra  # texts after options: `predict RUN --json "text"`
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return ns.func(ns)
+        with sigterm_as_interrupt():
+            return ns.func(ns)
     except SystemExit as e:  # argparse usage errors (code 2) and --help (code 0)
         return int(e.code or 0)
     except UserError as e:
         print(f"imdb-lora: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # train says what the interruption left behind
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; train and compare say what it left behind
         what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
         print(f"\nimdb-lora: {what}{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return e.status if isinstance(e, Terminated) else 128 + int(signal.SIGINT)
@@ -78,6 +81,27 @@ def main(argv: list[str] | None = None) -> int:
         if not stdout_is_a_pipe():
             raise
         return reader_left()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises Terminated, once: a second SIGTERM (a process group's
+    members each get one, and compare passes its own on to its training child) must not cut short the
+    clean-up the first began; SIGKILL still ends it. The previous handler is back afterwards. (`serve`
+    is uvicorn's while it serves: uvicorn takes the signals then, and drains on the first.)"""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # only it may set signal handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stdout_is_a_pipe() -> bool:

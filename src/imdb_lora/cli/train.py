@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import Config, coerce, flag_of, section_fields
@@ -72,8 +68,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = config_from_args(ns, base).validate()
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
     trainer = Trainer(cfg, out, overwrite=ns.overwrite, resume=ns.resume)
-    with sigterm_as_interrupt():
-        summary = trainer.setup().train()
+    summary = trainer.setup().train()
     if not trainer.dist.main:
         return 0  # under torchrun, rank 0 reports for all
     test = summary.get("test_accuracy")
@@ -83,28 +78,3 @@ def cmd_train(ns: argparse.Namespace) -> int:
         + f" | trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,}"
     )
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler, a container stopping), raised where training is, as Ctrl-C
-    raises KeyboardInterrupt: the same clean-up and resume hint, where SIGTERM's default killed the
-    process silently. The CLI exits with a shell's status for it."""
-
-    status = 128 + int(signal.SIGTERM)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises Terminated while training runs; the previous handler is back afterwards."""
-
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated
-
-    if threading.current_thread() is not threading.main_thread():  # only it may set signal handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, differing_fields
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from .report import fmt_bytes, fmt_seconds
 from .rundir import RunDir, atomic_write_text
 
@@ -47,8 +47,8 @@ def run_compare(
             before = run_fingerprint(run) if plans[method] == "overwrite" else None
             try:
                 train_method(method, run, train_args, (lrs or {}).get(method), plans[method])
-            except KeyboardInterrupt:
-                raise KeyboardInterrupt(after_interrupt(out, method, overwrite, before)) from None
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, a subclass: kept)
+                raise type(e)(after_interrupt(out, method, overwrite, before)) from None
         rows.append(RunDir(run).require_finished())
     table = comparison_markdown(rows)
     atomic_write_text(out / "comparison.md", table)
@@ -102,9 +102,13 @@ def train_method(method: str, run: Path, train_args: list[str], lr: float | None
     with subprocess.Popen([sys.executable, "-m", "imdb_lora", *args], env=os.environ.copy()) as proc:
         try:
             code = proc.wait()
-        except KeyboardInterrupt:
-            # Ctrl-C reached the child too, and it is leaving its run resumable (or removing a run with
-            # nothing to resume); killing it now, as subprocess.call would, could cut that short.
+        except KeyboardInterrupt as e:
+            # Ctrl-C reached the child too (the terminal sends it to the whole process group); SIGTERM
+            # may have come to compare alone, so it is passed on. The child is leaving its run resumable
+            # (or removing a run with nothing to resume): killing it now, as subprocess.call would,
+            # could cut that short.
+            if isinstance(e, Terminated) and proc.poll() is None:
+                proc.terminate()
             proc.wait()
             raise
     if code != 0:
