@@ -1,4 +1,4 @@
-"""Classifier.load: which data a finished run is read against by default."""
+"""Classifier: which data a finished run is read against by default; long texts read as windows."""
 
 import json
 
@@ -36,3 +36,19 @@ def test_a_recorded_copy_that_is_gone_or_not_absolute_is_not_used(tmp_path):
     cfg.data.path = "/my/imdb"  # given to train: config.yaml has it, run.json is not consulted
     use_recorded_imdb(cfg, {"data_source": {"kind": "imdb", "path": str(tmp_path)}})
     assert cfg.data.path == "/my/imdb"
+
+
+def test_window_averaging_is_the_mean_of_the_windows_probabilities(trained_run):
+    import torch
+
+    from imdb_lora.data.tokenize import encode_windows
+    from imdb_lora.inference.classifier import Classifier
+
+    clf = Classifier.load(str(trained_run), device="cpu")
+    texts = ["great film and boring plot " * 30, "awful"]
+    windows, owner = encode_windows(clf.tokenizer, texts, clf.config.data.max_length, 20)
+    assert owner.count(0) > 2 and owner.count(1) == 1  # the long text is read as several windows
+    each = (clf.batched_logits(windows) / clf.temperature).softmax(-1)
+    want = torch.stack([each[[i for i, o in enumerate(owner) if o == t]].mean(0) for t in range(len(texts))])
+    got = clf.logits(texts, window_stride=20).exp()
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got.sum(-1), torch.ones(2), atol=1e-6)
