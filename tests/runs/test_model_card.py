@@ -56,6 +56,7 @@ def test_lora_card_on_a_local_model_points_the_snippet_at_a_placeholder_folder(t
     text = card(str(tmp_path / "models" / "all-MiniLM-L6-v2"), "lora")
     assert str(tmp_path) not in text
     assert 'from_pretrained("path/to/all-MiniLM-L6-v2", num_labels=2), "adapter")' in text
+    assert "the adapter holds the trained one" in text  # transformers' warning is expected
 
 
 def test_card_reports_ece_brier_and_nll_before_and_after_on_both_splits():
@@ -93,9 +94,9 @@ def subset_card(summary: dict, **data) -> str:
 def test_subset_run_says_it_is_a_subset_of_imdb_and_how_to_evaluate_the_same_reviews():
     text = subset_card(SUBSET)
     assert "IMDB movie reviews (Large Movie Review Dataset v1.0" in text and "**a subset**" in text
-    assert "900 of the 23,750 training reviews" in text
-    assert "100 of the 1,250 validation reviews of 5% of IMDB train" in text
-    assert "500 of the 25,000 test reviews of IMDB test" in text
+    assert "900 of 23,750 training reviews (IMDB train, less validation; stratified" in text
+    assert "100 of 1,250 validation reviews (5% held out of IMDB train; stratified" in text
+    assert "500 of 25,000 test reviews (IMDB test; stratified" in text
     assert "/somewhere" not in text
     # evaluate reads the whole test split unless told: the card gives the subset its figure comes from
     assert "imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz --max-samples 500" in text
@@ -107,7 +108,7 @@ def test_full_data_run_is_not_called_a_subset():
     full = {**SUBSET, "examples": {"train": 23_750, "val": 1_250, "test": 25_000}}
     text = subset_card(full)
     assert "subset" not in text and "--max-samples" not in text
-    assert "23,750 training reviews (all of IMDB train)" in text
+    assert "23,750 training reviews (IMDB train, less validation)" in text
 
 
 def test_card_names_the_device_the_training_time_and_the_date():

@@ -296,20 +296,16 @@ def card_data(cfg: Config, summary: dict[str, Any]) -> str:
         test_name = Path(cfg.data.test_file).name if cfg.data.test_file else None
         where = f"labeled file `{train_name}`" + (f" (test: `{test_name}`)" if test_name else "")
         test_from = f"`{test_name}`" if test_name else f"a second {val_pct} held out of `{train_name}`"
-        val_from, train_from = f"{val_pct} held out of `{train_name}`", f"`{train_name}`"
+        val_from, train_from = f"{val_pct} held out of `{train_name}`", f"`{train_name}`, less validation"
     else:
-        where, val_from, train_from, test_from = (
-            IMDB_NAME,
-            f"{val_pct} of IMDB train",
-            "IMDB train",
-            "IMDB test",
-        )
+        where, val_from = IMDB_NAME, f"{val_pct} held out of IMDB train"
+        train_from, test_from = "IMDB train, less validation", "IMDB test"
 
     def part(split: str, what: str, origin: str) -> str:
         n, of = used[split], avail.get(split)
         if of is None or of == n:
-            return f"{n:,} {what} ({'all of ' if of else ''}{origin})"
-        return f"{n:,} of the {of:,} {what} of {origin} (stratified, seeded subset)"
+            return f"{n:,} {what} ({origin})"
+        return f"{n:,} of {of:,} {what} ({origin}; stratified, seeded subset)"
 
     subset = any(avail.get(k, used[k]) != used[k] for k in used)
     return (
@@ -406,7 +402,9 @@ def card_plain_use(cfg: Config, base: str) -> str:
     if cfg.train.method == "lora":
         use = (
             "The adapter in `adapter/` is standard PEFT: `PeftModel.from_pretrained(AutoModelForSequenceClassification."
-            f'from_pretrained("{base}", num_labels=2), "adapter")`, with the tokenizer in `tokenizer/`.'
+            f'from_pretrained("{base}", num_labels=2), "adapter")`, with the tokenizer in `tokenizer/` '
+            "(transformers then warns that the classifier is newly initialised: the adapter holds the trained "
+            "one and replaces it)."
         )
         mean_fix = "on the base model before PEFT"
     else:
