@@ -155,3 +155,17 @@ def test_results_md_names_a_local_base_model_without_its_path(tmp_path):
     text = results_markdown(cfg, history, summary)
     assert str(tmp_path) not in text
     assert "# Results: all-MiniLM-L6-v2 (lora)" in text and "| Model | all-MiniLM-L6-v2 |" in text
+
+
+def test_reliability_legend_gives_the_ece_results_md_reports():
+    from imdb_lora.runs.report import calibration_rows, reliability_label
+
+    table = [
+        {"lo": 0.5, "hi": 0.6, "count": 3, "confidence": 0.55, "accuracy": 1 / 3},
+        {"lo": 0.9, "hi": 1.0, "count": 1, "confidence": 0.95, "accuracy": 1.0},
+    ]
+    ece = (3 * abs(1 / 3 - 0.55) + 1 * 0.05) / 4  # 17.50%
+    assert reliability_label("before", table) == "raw (ECE 17.50%)"
+    assert reliability_label("after", table) == "calibrated (ECE 17.50%)"
+    figures = {"ece": ece, "brier": 0.1, "nll": 0.2, "accuracy": 0.5}
+    assert "| 17.50% |" in calibration_rows({"val": {"before": figures}})[2]

@@ -87,9 +87,13 @@ def test_reliability_diagram_plots_the_used_bins_raw_and_calibrated(tmp_path, dr
     plot_reliability(tables, tmp_path / "reliability.png")
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     (fig,) = drawn
-    assert fig["Reliability (validation)"] == {
+    # titles give the split's reviews, legends each curve's ECE (the figure results.md reports)
+    assert fig["Reliability (validation, 3 reviews)"] == {
         "perfect calibration": ([0, 1], [0, 1]),
-        "raw": ([0.95], [0.6]),  # the empty bin is not drawn
-        "calibrated": ([0.75], [0.7]),
+        "raw (ECE 35.00%)": ([0.95], [0.6]),  # the empty bin is not drawn
+        "calibrated (ECE 5.00%)": ([0.75], [0.7]),
     }
-    assert fig["Reliability (test)"] == {"perfect calibration": ([0, 1], [0, 1]), "raw": ([0.85], [0.5])}
+    assert fig["Reliability (test, 4 reviews)"] == {
+        "perfect calibration": ([0, 1], [0, 1]),
+        "raw (ECE 35.00%)": ([0.85], [0.5]),
+    }

@@ -209,23 +209,44 @@ def plot_reliability(bins: dict[str, Any], path) -> None:
     fig, axes = plt.subplots(1, len(bins), figsize=(5 * len(bins), 4.5), squeeze=False)
     for ax, (split, tables) in zip(axes[0], bins.items()):
         ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
-        for when, style in (("before", "o-"), ("after", "s-")):
+        for when, style, offset in (("before", "o-", (4, 4)), ("after", "s-", (4, -10))):
             used = [b for b in tables.get(when, []) if b["count"]]
             if used:
-                label = "raw" if when == "before" else "calibrated"
-                ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], style, label=label)
+                line = ax.plot(
+                    [b["confidence"] for b in used],
+                    [b["accuracy"] for b in used],
+                    style,
+                    label=reliability_label(when, tables[when]),
+                )[0]
+                for b in used:  # a bin of 2 reviews is not one of 200: each point says how many it holds
+                    ax.annotate(
+                        str(b["count"]),
+                        (b["confidence"], b["accuracy"]),
+                        xytext=offset,
+                        textcoords="offset points",
+                        fontsize=7,
+                        color=line.get_color(),
+                    )
+        total = sum(b["count"] for b in next(iter(tables.values()), []))
         ax.set(
-            title=f"Reliability ({'validation' if split == 'val' else split})",
+            title=f"Reliability ({'validation' if split == 'val' else split}, {total:,} reviews)",
             xlabel="confidence of the predicted label",
             ylabel="accuracy",
             xlim=(0.45, 1.02),
-            ylim=(0, 1.02),
+            ylim=(0, 1.06),
         )
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower right", title="numbers: reviews per bin", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def reliability_label(when: str, table: list[dict[str, Any]]) -> str:
+    """A reliability curve's legend entry, with the ECE that results.md reports for it."""
+    from ..calibration import ece_from_bins
+
+    return f"{'raw' if when == 'before' else 'calibrated'} (ECE {100 * ece_from_bins(table):.2f}%)"
 
 
 def model_card(cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> str:
