@@ -87,3 +87,42 @@ def test_a_run_written_before_num_labels_was_retired_still_loads(trained_run, tm
 def test_num_labels_flag_is_gone(capsys):
     assert main(["train", "--num-labels", "2"]) == 2
     assert "unrecognized arguments: --num-labels" in capsys.readouterr().err
+
+
+def test_software_versions_name_the_commit_and_whether_the_checkout_differs_from_it(tmp_path):
+    import subprocess
+
+    from imdb_lora.modeling.load import software_versions
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert (software_versions(tmp_path)["git_commit"], software_versions(tmp_path)["git_dirty"]) == (
+        None,
+        None,
+    )
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    clean = software_versions(tmp_path)
+    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")  # the code that runs is no longer the commit's
+    assert software_versions(tmp_path) == {**clean, "git_dirty": True}
+
+
+def test_run_json_names_the_code_that_started_the_run_not_the_checkout_at_its_end(
+    tiny_models, imdb_dir, tmp_path, monkeypatch
+):
+    import imdb_lora.training.trainer as trainer
+
+    calls = []
+
+    def versions() -> dict:  # a checkout that moves on (commit, rebase) while the run trains
+        calls.append(1)
+        return {"git_commit": f"commit-{len(calls)}", "git_dirty": False}
+
+    monkeypatch.setattr(trainer, "software_versions", versions)
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--no-calibration")) == 0
+    assert json.loads((out / "run.json").read_text())["software"]["git_commit"] == "commit-1"

@@ -160,8 +160,10 @@ def hub_revision(name: str) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def software_versions() -> dict[str, str | None]:
-    """Versions that decide what a run computes, and the project's git commit when run from a checkout."""
+def software_versions(src: Path | None = None) -> dict[str, str | bool | None]:
+    """Versions that decide what a run computes, and the project's git commit when run from a checkout
+    (`src`: the checkout's folder, by default this package's), with `git_dirty`: whether tracked files
+    differ from that commit (the commit alone would then not say what ran)."""
     import subprocess
 
     import peft
@@ -169,19 +171,22 @@ def software_versions() -> dict[str, str | None]:
 
     from .. import __version__
 
-    try:
-        src = Path(__file__).resolve().parents[2]
-        commit = (
-            subprocess.run(
-                ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    def git(*args: str) -> str | None:
+        folder = src if src is not None else Path(__file__).resolve().parents[2]
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "imdb_lora": __version__,
         "git_commit": commit,
+        "git_dirty": None if status is None else bool(status.strip()),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,

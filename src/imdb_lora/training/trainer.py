@@ -84,6 +84,9 @@ class Trainer:
         self.dist.check(self.cfg)
         self.device = self.dist.start(resolve_device(self.cfg.train.device))
         self._check_directory()
+        # Read now, not when run.json is written: the checkout may change (a commit, a rebase) while
+        # the run trains, and the record must name the code that ran.
+        self.software = software_versions()
         self.dist.barrier()  # every rank has checked the directory before rank 0 creates it
         self._check_model_source()  # fail before the slow data loading
         self._setup_data()
@@ -547,7 +550,7 @@ class Trainer:
             "peak_memory_kind": mem_kind,
             "weights_bytes": self.run.weights_bytes(cfg.train.method),
             "data_source": self.data_source,
-            "software": software_versions(),
+            "software": self.software,
         }
         if wall_seconds is not None:
             out["wall_seconds"] = wall_seconds
