@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import random
 import re
@@ -70,12 +71,30 @@ def write_imdb(root: Path, per_class: int = 24, seed: int = 0) -> Path:
     return root / "aclImdb"
 
 
+def tiny_byte_level_bpe(words: list[str]):
+    """roberta-base's kind of tokenizer (byte-level BPE, <s> <pad> </s> <unk> <mask> as ids 0-4) with a
+    vocabulary learned from the test reviews' words: any text encodes (unknown words byte by byte), and
+    no tokenizer files from ../shared are needed."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        [" ".join(words)] * 4,
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
+    model = json.loads(bpe.to_str())["model"]
+    return RobertaTokenizerFast(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+
+
 def build_tiny(kind: str, dest: Path) -> Path:
     """A tiny random model folder (config, safetensors weights, tokenizer) of the given architecture."""
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
-        AutoTokenizer,
         BertConfig,
         BertTokenizerFast,
         MPNetConfig,
@@ -86,9 +105,8 @@ def build_tiny(kind: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     words = sorted(set(POS_WORDS + NEG_WORDS + FILLER + list("abcdefghijklmnopqrstuvwxyz.,!?'")))
     if kind == "roberta":
-        needs_shared()
-        tok = AutoTokenizer.from_pretrained(ROBERTA_BASE)
-        cfg = RobertaConfig(vocab_size=tok.vocab_size, max_position_embeddings=130, pad_token_id=1, **TINY)
+        tok = tiny_byte_level_bpe(words)
+        cfg = RobertaConfig(vocab_size=len(tok), max_position_embeddings=130, pad_token_id=1, **TINY)
     elif kind == "bert":
         vocab = {w: i for i, w in enumerate(SPECIALS_BERT + words)}
         tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
