@@ -188,11 +188,16 @@ def test_compiled_flat_step_equals_the_eager_step(tiny_models):
     model = models(tiny_models, "roberta", "sdpa")
     other = copy.deepcopy(model)
     batches, labels = _step_data(model, sizes=(4, 5, 3))
-    eager, _, _ = _steps(model, batches, labels)
+    eager, eager_losses, _ = _steps(model, batches, labels)
     compile_encoder(other, backend="aot_eager")
-    compiled, _, _ = _steps(other, batches, labels)
-    for a, b in zip(eager, compiled):  # traced attention uses a block mask, eager a loop: float rounding
+    compiled, compiled_losses, _ = _steps(other, batches, labels)
+    for a, b in zip(eager_losses, compiled_losses):  # traced attention: a block mask, eager a loop
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # AdamW divides each update by the gradient's own scale, so where a gradient is still ~0 (lora_A
+    # while lora_B is near its zero start) float rounding becomes a visible update difference (3.8e-5
+    # here on 8 of 512 elements); a different computation moves parameters by ~lr (1e-2) per step.
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel needs a CUDA device")
