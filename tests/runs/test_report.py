@@ -63,14 +63,21 @@ def drawn(monkeypatch):
 
 
 def test_curves_plot_loss_and_accuracy_of_every_split_per_epoch(tmp_path, drawn):
-    plot_curves(HISTORY, tmp_path / "curves.png")
+    plot_curves(HISTORY, tmp_path / "curves.png", kept_epoch=2)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     (fig,) = drawn
     epochs = [1, 2, 3]
-    assert fig["Loss"] == {s: (epochs, [r[f"{s}_loss"] for r in HISTORY]) for s in ("train", "val", "test")}
+    kept = {"kept: epoch 2": ([2, 2], [0, 1])}  # a vertical line at the kept checkpoint's epoch
+    assert fig["Loss"] == {
+        **{s: (epochs, [r[f"{s}_loss"] for r in HISTORY]) for s in ("train", "val", "test")},
+        **kept,
+    }
     assert fig["Accuracy"] == {
-        s: (epochs, [pytest.approx(100 * r[f"{s}_accuracy"]) for r in HISTORY])
-        for s in ("train", "val", "test")
+        **{
+            s: (epochs, [pytest.approx(100 * r[f"{s}_accuracy"]) for r in HISTORY])
+            for s in ("train", "val", "test")
+        },
+        **kept,
     }
 
 

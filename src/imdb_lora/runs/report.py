@@ -176,7 +176,9 @@ def eval_files_section(files: list[dict[str, Any]] | None) -> str:
     )
 
 
-def plot_curves(history: list[dict[str, Any]], path) -> None:
+def plot_curves(history: list[dict[str, Any]], path, kept_epoch: int | None = None) -> None:
+    """Loss and accuracy per epoch for each split, and the epoch whose checkpoint was kept (as results.md
+    marks it with `*`): the curves alone do not say which point the saved model is."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +193,8 @@ def plot_curves(history: list[dict[str, Any]], path) -> None:
     ax1.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax2.set(title="Accuracy", xlabel="epoch", ylabel="%")
     for ax in (ax1, ax2):
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch, color="gray", linestyle=":", label=f"kept: epoch {kept_epoch}")
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_xticks(epochs)
@@ -467,6 +471,6 @@ def write_reports(
 ) -> None:
     atomic_write_text(run.path / "results.md", results_markdown(cfg, history, summary))
     atomic_write_text(run.path / "README.md", model_card(cfg, history, summary))
-    plot_curves(history, run.path / "curves.png")
+    plot_curves(history, run.path / "curves.png", kept_epoch=summary.get("best_epoch"))
     if reliability:
         plot_reliability(reliability, run.path / "reliability.png")
