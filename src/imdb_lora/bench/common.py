@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -52,14 +50,10 @@ def describe_reviews(source: dict, test_file: str | None) -> str:
 
 
 def machine() -> str:
+    """The machine, for a bench report's header: run.json's record of it (metrics.machine), in words."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads"
+    from ..metrics import machine as recorded
+
+    m = recorded()
+    return f"{m['cpus']} CPUs ({m['cpu']}), torch {torch.__version__} with {m['torch_threads']} threads"
