@@ -15,6 +15,7 @@ import yaml
 from conftest import build_tiny, sigterm_fails_the_test, train_args, without_startup
 
 from imdb_lora.cli import main
+from imdb_lora.errors import Terminated
 
 FANTASTIC = "This movie was absolutely fantastic! I loved every minute of it."
 
@@ -390,3 +391,17 @@ def test_sigterm_runs_any_command_s_clean_up_and_exits_143(monkeypatch, capsys):
         assert signal.getsignal(signal.SIGTERM) is before
     assert cleaned == [True]
     assert capsys.readouterr().err.strip() == "imdb-lora: stopped by SIGTERM"
+
+
+def test_a_quiet_interruption_keeps_its_exit_status_and_prints_nothing(monkeypatch, capsys):
+    """train marks the stop of a data-parallel rank other than 0 quiet: rank 0 alone prints the line."""
+    import imdb_lora.cli.evaluate
+
+    def command(ns) -> int:
+        stop = Terminated("training was at step 3 of 9")
+        stop.quiet = True
+        raise stop
+
+    monkeypatch.setattr(imdb_lora.cli.evaluate, "cmd_evaluate", command)
+    assert main(["evaluate", "any-run"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ""

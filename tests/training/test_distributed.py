@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 TEXTS = ["great wonderful film", "awful boring waste", "the plot was dull and poor", "loved it. brilliant"]
 TOL = 1e-5
 TIMINGS = ("train_seconds", "eval_seconds")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +54,7 @@ def recipe(model: Path, data: Path, out: Path, per_device_batch: int) -> list[st
 def torchrun(*args: str, env: dict | None = None, log_dir: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS` (a free port each time)."""
     logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        *logs,
-        *args,
-    ]
+    cmd = [*TORCHRUN, *logs, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
@@ -120,6 +115,17 @@ def test_environment_and_resume_checks(tmp_path):
         d.check(cfg)
 
 
+def test_the_resume_hint_names_the_launch_a_run_needs(monkeypatch):
+    run = Path("runs/my run")
+    assert Dist().resume_command(run) == "imdb-lora train --output-dir 'runs/my run' --resume"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun on one machine: every process is local
+    want = "torchrun --nproc-per-node 4 -m imdb_lora train --output-dir 'runs/my run' --resume"
+    assert Dist(rank=0, world_size=4).resume_command(run) == want
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines: the per-node count is the user's
+    hint = Dist(rank=0, world_size=4).resume_command(run)
+    assert hint.startswith("torchrun -m imdb_lora train") and "4 processes in all" in hint
+
+
 def test_write_probe_sees_a_runs_writes(tmp_path):
     """The audit hook the torchrun tests rely on does see writes to the run directory."""
     run, log = tmp_path / "run", tmp_path / "log"
@@ -176,3 +182,33 @@ def test_torchrun_killed_mid_epoch_resumes_to_the_same_result(
     assert "epoch" not in rank1 and "eval" not in rank1 and "done" not in rank1  # no prints, no bars
     assert_same_run(one_process, out)
     assert Path(f"{log}.rank1").read_text() == ""  # rank 1 was watched (both launches) and never wrote
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_stops_every_rank_and_rank_0_alone_prints_the_resume_command(
+    no_dropout_bert, imdb_dir, tmp_path
+):
+    """A scheduler stopping the job signals the whole process group (torchrun passes it on as well):
+    one line, from rank 0, whose torchrun command then continues the run to the end."""
+    out = tmp_path / "ddp"
+    args = [*recipe(no_dropout_bert, imdb_dir, out, 4), "--epochs", "30"]  # far from done when stopped
+    job = subprocess.Popen(
+        [*TORCHRUN, "-m", "imdb_lora", *args], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoint.safetensors").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate(timeout=120)[1]
+    stops = [line for line in err.splitlines() if line.startswith("imdb-lora: stopped by SIGTERM")]
+    assert len(stops) == 1, err[-3000:]
+    hint = stops[0].split("continue it with: ")[1]
+    assert (
+        hint
+        == f"torchrun --nproc-per-node 2 -m imdb_lora train --output-dir {shlex.quote(str(out))} --resume"
+    )
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+
+    resumed = torchrun(*shlex.split(hint)[3:])  # the same launch: this test's torchrun, 2 processes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; train and compare say what it left behind
         what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
-        print(f"\nimdb-lora: {what}{f'; {e}' if str(e) else ''}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # a data-parallel rank other than 0 (train sets it)
+            print(f"\nimdb-lora: {what}{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return e.status if isinstance(e, Terminated) else 128 + int(signal.SIGINT)
     except BrokenPipeError:
         if not stdout_is_a_pipe():

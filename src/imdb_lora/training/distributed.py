@@ -20,7 +20,9 @@ How a data-parallel run computes exactly what one process computes with the same
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +70,16 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the only process that writes files and shows progress."""
         return self.rank == 0
+
+    def resume_command(self, run_dir: Path) -> str:
+        """The command that continues run_dir. A data-parallel run needs a launch with as many processes
+        (its checkpoint holds each rank's RNG state): on one machine, the torchrun line that does it."""
+        train = f"train --output-dir {shlex.quote(str(run_dir))} --resume"
+        if not self.enabled:
+            return f"imdb-lora {train}"
+        if os.environ.get("LOCAL_WORLD_SIZE") == str(self.world_size):  # one node: torchrun's own count
+            return f"torchrun --nproc-per-node {self.world_size} -m imdb_lora {train}"
+        return f"torchrun -m imdb_lora {train}, launched as before ({self.world_size} processes in all)"
 
     def check(self, cfg) -> None:
         """Settings that cannot run data-parallel, refused before anything starts."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -310,7 +309,9 @@ class Trainer:
             self.run.write_status("finished", summary)
             return summary
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the CLI raises it (a subclass: kept)
-            raise type(e)(self._interrupted()) from None
+            stop = type(e)(self._interrupted())
+            stop.quiet = not self.dist.main  # torchrun signals every rank; rank 0 alone says where it stood
+            raise stop from None
         finally:
             self.run.unlock()
             self.dist.close()
@@ -323,8 +324,7 @@ class Trainer:
             saved = "" if self.checkpoint_step is None else f" (step {self.checkpoint_step:,})"
             return (
                 f"training was at step {self.state.global_step:,} of {self.total_steps:,}; its last "
-                f"checkpoint is {run.path / CHECKPOINT}{saved}; continue it with: "
-                f"imdb-lora train --output-dir {shlex.quote(str(run.path))} --resume"
+                f"checkpoint is {run.path / CHECKPOINT}{saved}; continue it with: {self.dist.resume_command(run.path)}"
             )
         if self.dist.main:  # no checkpoint: the folder could be neither resumed nor used
             shutil.rmtree(run.path, ignore_errors=True)
