@@ -11,11 +11,13 @@ import textwrap
 import time
 
 import pytest
+import torch
 import yaml
 from conftest import build_tiny, sigterm_fails_the_test, train_args, without_startup
 
 from imdb_lora.cli import main
-from imdb_lora.errors import Terminated
+from imdb_lora.errors import Terminated, UserError
+from imdb_lora.modeling.load import resolve_device
 
 FANTASTIC = "This movie was absolutely fantastic! I loved every minute of it."
 
@@ -296,6 +298,24 @@ def test_a_moved_base_model_points_to_base_model(trained_run, tmp_path, capsys):
 def test_a_device_typo_is_one_line(trained_run, capsys, command):
     text = ["x"] if command == "predict" else ["--max-samples", "4"]
     expect_error(capsys, "--device 'gpu': not a device", command, str(trained_run), *text, "--device", "gpu")
+    for other in ("mps", "xla", "meta"):  # real torch devices, but nothing here runs on them (tracebacks)
+        expect_error(
+            capsys,
+            f"--device {other}: imdb-lora runs on cpu or cuda",
+            command,
+            str(trained_run),
+            *text,
+            "--device",
+            other,
+        )
+
+
+def test_a_gpu_index_beyond_the_machine_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match=r"--device cuda:2: this machine has 2 GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
 
 
 @pytest.mark.parametrize("texts", [["good", "   "], [""]])

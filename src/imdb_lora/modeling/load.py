@@ -276,11 +276,20 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device: auto (a GPU when there is one), cpu, cuda or cuda:N. Other torch devices (mps, xla...)
+    are refused here, in one line: nothing of imdb-lora is built or tested for them."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: imdb-lora runs on cpu or cuda (cuda:N) only")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    return device
