@@ -16,7 +16,7 @@ def fake_runs(monkeypatch, val: dict, test: dict, keys: dict | None = None):
     """Runs whose validation and test accuracies are given per (run, stride); records every read."""
     reads = []
 
-    def load(run, device="auto"):
+    def load(run, device="auto", **options):
         cfg = Config()
         cfg.train.seed = (keys or {}).get(run, 42)
         return SimpleNamespace(name=run, config=cfg, tokenizer=None)

@@ -31,7 +31,7 @@ def bench_predict(
         if where in seen:
             raise UserError(f"bench predict: {path} is the same model as {seen[where]}; give each model once")
         seen[where] = path
-    models = [Classifier.load(m, device=device) for m in paths]
+    models = [Classifier.load(m, device=device, base_flag=False) for m in paths]
     if max_length:
         for path, clf in zip(paths, models):
             override_max_length(path, clf, max_length)

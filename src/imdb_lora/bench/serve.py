@@ -27,7 +27,7 @@ def bench_serve(
 ) -> dict[str, Any]:
     """HTTP load: `clients` concurrent loops send `requests` POST /predict to a real uvicorn on loopback."""
     settings = (settings or ServeSettings()).admitting(texts_per_request)
-    clf = Classifier.load(model, device=device, max_batch_tokens=max_batch_tokens)
+    clf = Classifier.load(model, device=device, max_batch_tokens=max_batch_tokens, base_flag=False)
     reviews, source = test_reviews(clf, data, samples, seed)
     app = create_app(clf, settings)
     with BackgroundServer(app) as server:

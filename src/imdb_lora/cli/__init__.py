@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"imdb-lora: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a file of another user's, a read-only copy: which file, not a traceback
+        print(f"imdb-lora: error: {permission_denied(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; train and compare say what it left behind
         what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
         if not getattr(e, "quiet", False):  # a data-parallel rank other than 0 (train sets it)
@@ -82,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         if not stdout_is_a_pipe():
             raise
         return reader_left()
+
+
+def permission_denied(e: PermissionError) -> str:
+    """One line naming what could not be read or written (a rename names both ends)."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
+    return (
+        f"permission denied: {where}; this user may not read or write it (owned by another user, or a "
+        "read-only copy): ask its owner for access, or work on a copy of your own"
+    )
 
 
 @contextmanager

@@ -60,6 +60,7 @@ def add_score_parser(sub) -> None:
     g.add_argument("--workers", type=positive_int, help="actors (loaded models) [default: as many as fit]")
     g.add_argument("--cpus-per-worker", type=non_negative_float, help="[default: 1]")
     g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0.0, help="[default: 0, CPU]")
+    p.add_argument("--base-model", help="base model folder of a LoRA run, if it moved since training")
     add_window_flag(p)
     add_raw_flag(p)
     add_max_batch_tokens_flag(p)
@@ -98,6 +99,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
         keep_text=ns.keep_text,
         window_stride=ns.window_stride,
         raw=ns.raw,
+        base_model=ns.base_model,
         max_chars=ns.max_chars,
         encoding=ns.encoding,
         overwrite=ns.overwrite,

@@ -24,7 +24,7 @@ from ..inference.exported import (
     recorded_files,
     set_aside_folder,
 )
-from ..modeling.load import position_limit
+from ..modeling.load import open_to_readers, position_limit
 from ..runs.filelock import lock_file, write_pid
 from ..runs.rundir import CALIBRATION, RunDir, require_creatable
 from .onnx import export_onnx
@@ -226,6 +226,7 @@ def _write_export(
         # the graph's position table is fixed: loading checks config.yaml's max_length against it
         marker["max_positions"] = position_limit(clf.model.config)
         shutil.rmtree(merged)
+    open_to_readers(stage)  # safetensors writes its weights 0600: an export is made to be shared
     marker["files"] = recorded_files(stage, fmt)  # loading compares them: a damaged copy is named
     marker.update(
         imdb_lora_version=__version__,

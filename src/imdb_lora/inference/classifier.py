@@ -121,24 +121,29 @@ class Classifier:
         merge: bool = False,
         raw: bool = False,
         max_batch_tokens: int | None = None,
+        base_flag: bool = True,
     ) -> Classifier:
         """Load a finished run directory or an export folder; `merge` folds the adapter into the base
-        weights; `raw` ignores the run's calibration (temperature 1)."""
+        weights; `raw` ignores the run's calibration (temperature 1); base_flag=False: the command has no
+        --base-model to suggest when the base has moved."""
         if is_export(path):  # self-contained: base model, adapter and --base-model do not apply
             if base_model is not None:  # said, not ignored: the user meant some other model to be used
-                raise UserError(
-                    f"--base-model applies to run directories only; {path} is an export "
-                    "(the base model is folded into it)"
-                )
+                raise base_model_of_an_export(path)
             clf = cls(*load_export(path, device), max_batch_tokens=max_batch_tokens)
         else:
-            clf = cls._load_run(path, device, base_model, merge, max_batch_tokens)
+            clf = cls._load_run(path, device, base_model, merge, max_batch_tokens, base_flag)
         clf.use_calibration(path, raw)
         return clf
 
     @classmethod
     def _load_run(
-        cls, path: str, device: str, base_model: str | None, merge: bool, max_batch_tokens: int | None
+        cls,
+        path: str,
+        device: str,
+        base_model: str | None,
+        merge: bool,
+        max_batch_tokens: int | None,
+        base_flag: bool = True,
     ) -> Classifier:
         run = RunDir(path)
         info = run.require_finished()
@@ -147,16 +152,13 @@ class Classifier:
         dev = resolve_device(device)
         if info["method"] == "full":
             if base_model is not None:  # the run holds the whole model: there is no base to point at
-                raise UserError(
-                    f"--base-model applies to LoRA runs only; {run.path} was fully fine-tuned "
-                    "(its model/ folder holds the whole model)"
-                )
+                raise base_model_of_a_full_run(run.path)
             model, _ = load_base_model(
                 str(run.weights_dir("full")), NUM_LABELS, False, cfg.train.seed, flag=None
             )
             set_pooling(model, cfg.model.pooling)
         else:
-            model = load_adapter_model(run, cfg, info, base_model, merge)
+            model = load_adapter_model(run, cfg, info, base_model, merge, base_flag)
         check_saved_max_length(cfg.data.max_length, position_limit(model.config), run.config_path)
         tokenizer = load_tokenizer(str(run.tokenizer_dir))
         return cls(model.to(dev), tokenizer, dev, cfg, info, max_batch_tokens)
@@ -258,16 +260,48 @@ def to_prediction(text: str, probs: list[float]) -> Prediction:
     return Prediction(text, LABEL_NAMES[label_id], label_id, probs[label_id], probs[0], probs[1])
 
 
-def load_adapter_model(run: RunDir, cfg: Config, info: dict[str, Any], base_model: str | None, merge: bool):
-    from peft import PeftModel
+def base_model_of_an_export(path: str | Path) -> UserError:
+    return UserError(
+        f"--base-model applies to run directories only; {path} is an export (the base model is folded into it)"
+    )
 
+
+def base_model_of_a_full_run(path: str | Path) -> UserError:
+    return UserError(
+        f"--base-model applies to LoRA runs only; {path} was fully fine-tuned "
+        "(its model/ folder holds the whole model)"
+    )
+
+
+def adapter_base(run: RunDir, cfg: Config, base_model: str | None, base_flag: bool = True) -> str:
+    """Where a LoRA run's base model loads from: --base-model, else the random base saved in the run,
+    else config.yaml's model (a hub id, or a local folder's absolute path, which a move breaks: said in
+    one line). base_flag=False: the command has no --base-model (select, bench), so the line says where
+    the flag is and the other way out."""
     saved_base = run.path / "base_model"
     base = base_model or (str(saved_base) if saved_base.is_dir() else cfg.model.name)
     if base_model is None and is_local(base) and not Path(base).is_dir():
-        raise UserError(
-            f"the base model {run.path} was trained on, {base}, is no longer there; "
+        how = (
             "pass --base-model with where it is now"
+            if base_flag
+            else "put it back there (a symlink will do); predict, evaluate, serve, score and export take "
+            "--base-model with where it is now"
         )
+        raise UserError(f"the base model {run.path} was trained on, {base}, is no longer there; {how}")
+    return base
+
+
+def load_adapter_model(
+    run: RunDir,
+    cfg: Config,
+    info: dict[str, Any],
+    base_model: str | None,
+    merge: bool,
+    base_flag: bool = True,
+):
+    from peft import PeftModel
+
+    base = adapter_base(run, cfg, base_model, base_flag)
     model, _ = load_base_model(base, NUM_LABELS, False, cfg.train.seed, flag="--base-model")
     set_pooling(model, cfg.model.pooling)  # before PEFT wraps it: merge_and_unload keeps the config
     fp = base_fingerprint(model)

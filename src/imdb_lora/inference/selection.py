@@ -97,7 +97,7 @@ def select(
             )
     loaded: dict[str, Classifier] = {}
     for run in runs:
-        loaded[run] = Classifier.load(run, device=device)
+        loaded[run] = Classifier.load(run, device=device, base_flag=False)
     check_strides_fit(loaded, strides)
     keys = {validation_key(c) for c in loaded.values()}
     cache: dict = {}

@@ -26,6 +26,32 @@ def is_local(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
 
 
+def new_file_mode() -> int:
+    """The permission bits a file created now gets (0o666 less the umask: 0o644 by default)."""
+    try:  # Linux says it without changing it; os.umask can only be read by setting it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def open_to_readers(path: Path) -> None:
+    """Give the files at `path` (a file, or every file under a folder) the mode any other new file gets.
+
+    safetensors writes through a private temporary file renamed into place, so its files come out 0600
+    where config.json, run.json and the rest follow the umask: a run or export shared with a group,
+    copied by another user or served from a container as non-root had readable configs but unreadable
+    weights (a PermissionError, which transformers reports as "No such file or directory")."""
+    mode = new_file_mode()
+    for f in [path] if path.is_file() else sorted(path.rglob("*")):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            os.chmod(f, mode)
+
+
 def has_weights(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
 

@@ -15,7 +15,14 @@ from torch import nn
 
 from ..config import Config
 from ..errors import UserError
-from .load import NUM_LABELS, base_fingerprint, head_module_names, hub_revision, load_base_model
+from .load import (
+    NUM_LABELS,
+    base_fingerprint,
+    head_module_names,
+    hub_revision,
+    load_base_model,
+    open_to_readers,
+)
 from .pooling import set_pooling
 
 # Per architecture: role -> regex over full module names (re.search). A layer index is always present
@@ -134,6 +141,7 @@ def build_model(
     }
     if save_base_to is not None:
         model.save_pretrained(save_base_to)
+        open_to_readers(save_base_to)
     if cfg.train.method == "lora":
         model = apply_lora(model, cfg, missing)
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,15 @@ class RunDir:
         if not info or not self.config_path.is_file():
             raise UserError(f"{self.path} is not an imdb-lora run directory (no run.json/config.yaml)")
         if info.get("status") != "finished":
+            # "running" is also what a copy taken while training went on says: no final weights yet
+            how = (
+                f"finish it with `imdb-lora train --output-dir {shlex.quote(str(self.path))} --resume`"
+                if self.is_resumable()
+                else "it holds no checkpoint to resume from yet"
+            )
             raise UserError(
-                f"{self.path} is not a finished run (status: {info.get('status')}); "
-                "finish it with `imdb-lora train --output-dir DIR --resume`"
+                f"{self.path} is not a finished run (status: {info.get('status')}: still training, or "
+                f"stopped or copied before it finished); {how}"
             )
         if not self.weights_dir(info.get("method", "lora")).is_dir():
             raise UserError(f"{self.path} has no {self.weights_dir(info.get('method', 'lora')).name}/ folder")
@@ -182,11 +189,15 @@ class RunDir:
 
     def save_weights(self, model, method: str) -> None:
         """Replace adapter/ (or model/) as a whole: a crash leaves the old or the new copy, never half."""
+        from ..modeling.load import open_to_readers  # here: it imports torch, this module does not
+
         final = self.weights_dir(method)
         tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         sort_target_modules(tmp / "adapter_config.json")
+        portable_adapter(tmp)
+        open_to_readers(tmp)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -204,6 +215,31 @@ class RunDir:
 
     def weights_bytes(self, method: str) -> int:
         return dir_bytes(self.weights_dir(method))
+
+
+def portable_adapter(folder: Path) -> None:
+    """PEFT records the base model as the process loaded it: for a local folder, an absolute path of this
+    machine, in adapter_config.json (`base_model_name_or_path`) and in its README.md's hub metadata, which
+    travel wherever the adapter is shared or uploaded. A local base is recorded by its folder's name (as
+    results.md and the model card name it) and left out of the README's metadata, which the hub reads
+    as a hub id; a hub id stays as it is. imdb-lora finds the base through config.yaml, not this file."""
+    config = folder / "adapter_config.json"
+    if not config.is_file():  # full fine-tuning saves a model/ folder, no adapter
+        return
+    record = json.loads(config.read_text())
+    base = record.get("base_model_name_or_path")
+    # local: an absolute path (config.yaml keeps local folders so), or a relative one that exists here
+    # (a resumed random-init run reloads its base from the run's own base_model/)
+    if not isinstance(base, str) or not (os.path.isabs(base) or os.path.exists(base)):
+        return
+    name = Path(base).name
+    record["base_model_name_or_path"] = name
+    config.write_text(json.dumps(record, indent=2, sort_keys=True))
+    card = folder / "README.md"
+    if card.is_file():
+        dropped = {f"base_model: {base}", f"- base_model:adapter:{base}"}
+        lines = [line for line in card.read_text().split("\n") if line.strip() not in dropped]
+        card.write_text("\n".join(lines).replace(base, name))
 
 
 def sort_target_modules(adapter_config: Path) -> None:

@@ -38,6 +38,7 @@ class ScoreBatch:
         raw: bool = False,
         max_chars: int = MAX_CHARS,
         max_batch_tokens: int | None = None,
+        base_model: str | None = None,
     ):
         # As the CLI does: transformers' deprecation notices are not the user's to fix (a Ray actor's
         # process never went through the CLI's filter, and printed them in every job's log).
@@ -49,7 +50,9 @@ class ScoreBatch:
             os.environ["IMDB_LORA_ORT_THREADS"] = str(threads)
         from ..inference.classifier import Classifier
 
-        self.clf = Classifier.load(model, device=device, raw=raw, max_batch_tokens=max_batch_tokens)
+        self.clf = Classifier.load(
+            model, device=device, raw=raw, max_batch_tokens=max_batch_tokens, base_model=base_model
+        )
         # where the model loads (score's process, or each Ray worker, whose stderr Ray shows), as serve and
         # predict say it; on stderr: stdout holds score's summary alone
         print(f"loaded {model}: {self.clf.describe()}", file=sys.stderr, flush=True)

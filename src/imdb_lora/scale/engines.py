@@ -39,6 +39,7 @@ class ScoreJob:
     keep_text: bool = False
     window_stride: int | None = None
     raw: bool = False  # ignore the run's calibration temperature, as predict --raw
+    base_model: str | None = None  # a LoRA run's base, if it moved since training (--base-model)
     max_chars: int = MAX_CHARS  # a longer text is an error row, never cut
     encoding: str = "utf-8"  # of JSONL and CSV inputs (--encoding)
     overwrite: bool = False
@@ -56,6 +57,7 @@ class ScoreJob:
             window_stride=self.window_stride,
             threads=threads,
             raw=self.raw,
+            base_model=self.base_model,
             max_chars=self.max_chars,
         )
 
@@ -80,7 +82,7 @@ def prepare(job: ScoreJob) -> None:
     """Check everything that can be checked before any work: model, inputs, their columns, output."""
     from ..inference.classifier import check_window_stride_of
 
-    check_model(job.model)
+    check_model(job.model, job.base_model)
     check_window_stride_of(job.model, job.window_stride)  # a bad one would make every row an error
     job.encoding = check_encoding(job.encoding)
     job.sources = list_sources(job.inputs)
@@ -88,19 +90,32 @@ def prepare(job: ScoreJob) -> None:
     job.lock = prepare_output(job.output, job.inputs, job.overwrite)  # last: nothing else can refuse now
 
 
-def check_model(path: str) -> None:
-    """A finished run directory or an export folder (cheap checks; workers load the model)."""
+def check_model(path: str, base_model: str | None = None) -> None:
+    """A finished run directory or an export folder, and a LoRA run's base model (cheap checks, before
+    the output is touched; workers load the model)."""
     from pathlib import Path
 
+    from ..config import Config
+    from ..inference.classifier import adapter_base, base_model_of_a_full_run, base_model_of_an_export
     from ..inference.exported import is_export, missing_folder, read_marker
+    from ..modeling.load import check_model_source
     from ..runs.rundir import RunDir
 
     if is_export(path):
         read_marker(Path(path).expanduser())
+        if base_model is not None:
+            raise base_model_of_an_export(path)
     elif not Path(path).expanduser().is_dir():
         raise UserError(missing_folder(path))
     else:
-        RunDir(path).require_finished()
+        run = RunDir(path)
+        info = run.require_finished()
+        if info.get("method", "lora") != "lora":
+            if base_model is not None:
+                raise base_model_of_a_full_run(run.path)
+            return
+        base = adapter_base(run, Config.load_saved(run.config_path), base_model)
+        check_model_source(base, False, "--base-model" if base_model is not None else None)
 
 
 def is_onnx(path: str) -> bool:

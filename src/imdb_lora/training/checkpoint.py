@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
+from ..modeling.load import open_to_readers
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -68,6 +69,7 @@ def save_checkpoint(
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=meta)
+    open_to_readers(tmp)  # safetensors writes 0600: a shared or copied run's checkpoint stays readable
     os.replace(tmp, path)  # atomic: the old checkpoint stays valid until here
 
 
