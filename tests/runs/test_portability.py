@@ -164,6 +164,8 @@ def test_a_moved_base_is_one_line_naming_a_way_out_in_score_and_select(
     assert not out.exists()
     assert main([*score, "--base-model", str(tiny_models("bert"))]) == 0
     assert list(out.glob("*.parquet"))
+    loaded = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loaded ")]
+    assert f"(from --base-model {tiny_models('bert')}) (torch, cpu)" in loaded[0]  # said where it loaded
     capsys.readouterr()
     for command in (["select", str(run)], ["bench", "predict", str(run), "--samples", "2"]):
         assert main(command) == 2

@@ -159,6 +159,8 @@ class Classifier:
             set_pooling(model, cfg.model.pooling)
         else:
             model = load_adapter_model(run, cfg, info, base_model, merge, base_flag)
+            if base_model is not None:  # the same base (fingerprint-checked) from another place: said
+                info = {**info, "base_model_from": base_model}
         check_saved_max_length(cfg.data.max_length, position_limit(model.config), run.config_path)
         tokenizer = load_tokenizer(str(run.tokenizer_dir))
         return cls(model.to(dev), tokenizer, dev, cfg, info, max_batch_tokens)
@@ -211,6 +213,9 @@ class Classifier:
         # name, which a relative name in an export would resolve against the current directory
         base = str(self.info.get("model") or self.config.model.name)
         base += " (random init)" if self.info.get("random_init") else ""
+        base += (
+            f" (from --base-model {self.info['base_model_from']})" if self.info.get("base_model_from") else ""
+        )
         return f"{kind} of {base} ({self.backend}, {self.device.type}), {self.calibration_note}"
 
     @property
