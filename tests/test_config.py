@@ -140,3 +140,22 @@ def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
     with pytest.raises(UserError) as e:
         Config.load(y)
     assert "\n" not in str(e.value) and "is not valid YAML at line 3, column 1" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "path", ["x" * 300, "a/" * 2100, "a\0b", "\ud800"], ids=["name", "total", "nul", "surrogate"]
+)
+@pytest.mark.parametrize(
+    "field, flag", [("path", "--data"), ("train_file", "--train-file"), ("eval_files", "--eval-file")]
+)
+def test_a_path_no_file_system_can_hold_is_one_line_naming_its_flag(path, field, flag):
+    """From a YAML file or a flag: os.stat raised (File name too long, embedded null byte) as a traceback."""
+    c = Config()
+    setattr(c.data, field, [path] if field == "eval_files" else path)
+    with pytest.raises(UserError, match=f"^{flag}: not a usable path: "):
+        c.validate()
+
+
+def test_a_config_path_no_file_system_can_hold_is_one_line():
+    with pytest.raises(UserError, match="^--config: not a usable path: a name of 300 bytes"):
+        Config.load("x" * 300)

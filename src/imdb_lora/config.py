@@ -198,6 +198,12 @@ class Config:
         for ok, flag, msg in checks:
             if not ok:
                 raise UserError(f"{flag} {msg} (got {_value_of(self, flag)!r})")
+        paths = [("--model", m.name), ("--data", d.path), ("--train-file", d.train_file)]
+        paths += [("--test-file", d.test_file), *(("--eval-file", f) for f in d.eval_files)]
+        for flag, path in paths:
+            problem = path and path_problem(path)
+            if problem:
+                raise UserError(f"{flag}: not a usable path: {problem}")
         # Local paths become absolute, so a run directory works from any working directory.
         m.name = _absolute_if_local(m.name)
         d.path, d.train_file, d.test_file = map(_absolute_if_local, (d.path, d.train_file, d.test_file))
@@ -241,6 +247,9 @@ class Config:
         """A YAML config; errors start with `flag` (None: a file the user did not name, e.g. a run's)."""
         p = Path(path)
         at = f"{flag}: " if flag else ""
+        problem = path_problem(str(path))
+        if problem:
+            raise UserError(f"{at}not a usable path: {problem}")
         if not p.is_file():
             raise UserError(f"{at}no such file: {p}")
         try:
@@ -265,6 +274,29 @@ class Config:
             return cfg.validate()
         except UserError as e:
             raise UserError(f"{path}: a saved setting is invalid: {e}") from None
+
+
+# Bytes a file system allows in one name and in a whole path (Linux's; macOS allows 255 and 1,024): a
+# longer one makes os.stat raise "File name too long" (pathlib's exists() and is_dir() pass it on).
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def path_problem(path: str) -> str | None:
+    """Why no file system could hold `path`, in a few words; None if one could. Checked where a path
+    enters (flags, YAML), so that it fails in one line naming its flag, not as a traceback wherever
+    it is first looked at."""
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate (YAML "\ud800"): no file name encodes it
+        return f"{reprlib.repr(path)} cannot be encoded as a file name"
+    if b"\0" in raw:
+        return f"{reprlib.repr(path)} holds a NUL byte"
+    longest = max(Path(path).parts, key=lambda part: len(os.fsencode(part)), default="")
+    if len(os.fsencode(longest)) > NAME_MAX:
+        return f"a name of {len(os.fsencode(longest)):,} bytes ({reprlib.repr(longest)}); file systems allow {NAME_MAX}"
+    if len(raw) >= PATH_MAX:
+        return f"{len(raw):,} bytes long; file systems allow {PATH_MAX - 1}"
+    return None
 
 
 def _absolute_if_local(path: str | None) -> str | None:

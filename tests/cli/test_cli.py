@@ -343,6 +343,54 @@ def test_batch_size_must_be_positive(command, value, capsys):
     assert "argument --batch-size: expected a positive integer" in err and "Traceback" not in err
 
 
+LONG_NAME = "x" * 300  # longer than any file system's 255-byte name: os.stat raised "File name too long"
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["predict", LONG_NAME, "good"], "argument run"),
+        (["predict", "RUN", "--file", LONG_NAME], "argument --file"),
+        (["evaluate", "RUN", "--data", LONG_NAME], "argument --data"),
+        (["evaluate", "RUN", "--base-model", LONG_NAME], "argument --base-model"),
+        (["evaluate", "RUN", "--file", "f.csv", "--errors", "1", "--errors-dir", LONG_NAME], "--errors-dir"),
+        (["select", LONG_NAME], "argument runs"),
+        (["export", "RUN", "--to", LONG_NAME], "argument --to"),
+        (["serve", LONG_NAME], "argument model"),
+        (["score", "MODEL", "--input", LONG_NAME, "--output", "o"], "argument --input"),
+        (["score", "MODEL", "--input", "i.jsonl", "--output", LONG_NAME], "argument --output"),
+        (["train", "--config", LONG_NAME], "argument --config"),
+        (["train", "--output-dir", LONG_NAME], "argument --output-dir"),
+        (["train", "--data", LONG_NAME], "--data: "),  # config fields: Config.validate, YAML too
+        (["train", "--model", f"/tmp/{LONG_NAME}"], "--model: "),
+        (["train", "--eval-file", LONG_NAME], "--eval-file: "),
+        (["compare", "--output-dir", LONG_NAME], "argument --output-dir"),
+        (["bench", "train", "--model", LONG_NAME], "argument --model"),
+        (["bench", "predict", LONG_NAME], "argument models"),
+        (["bench", "serve", "MODEL", "--data", LONG_NAME], "argument --data"),
+    ],
+)
+def test_a_path_no_file_system_can_hold_is_one_line_naming_its_flag(capsys, args, flag):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("imdb-lora") and flag in line and "not a usable path: a name of 300 bytes" in line
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["train", "--config", ""], "--config"),  # was ignored: the defaults trained
+        (["train", "--output-dir", ""], "--output-dir"),  # was ignored: runs/<model>-<method>
+        (["compare", "--output-dir", ""], "--output-dir"),
+        (["score", "MODEL", "--input", "", "--output", "o"], "--input"),  # read the whole current folder
+    ],
+)
+def test_an_empty_path_is_refused_where_it_meant_something_else(capsys, args, flag):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and f"argument {flag}: expected a path, got ''" in err and "Traceback" not in err
+
+
 def test_window_averaging_gives_one_prediction_per_input_in_order(trained_run, capsys):
     texts = ["great film " * 60, "awful", "boring plot and poor acting " * 25]
     code, out, _ = run(

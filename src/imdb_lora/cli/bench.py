@@ -16,7 +16,14 @@ from collections.abc import Callable
 
 from ..errors import UserError
 from ..serving.app import ServeSettings
-from .common import add_max_batch_tokens_flag, batch_sizes, positive_float, positive_int, require_directories
+from .common import (
+    add_max_batch_tokens_flag,
+    batch_sizes,
+    path_arg,
+    positive_float,
+    positive_int,
+    require_directories,
+)
 
 
 def add_predict_bench_parser(sub) -> None:
@@ -25,7 +32,10 @@ def add_predict_bench_parser(sub) -> None:
         help="reviews/s and latency of runs and exports on the same real test reviews, side by side",
     )
     p.add_argument(
-        "models", nargs="+", help="run directories and/or export folders; the first is the baseline"
+        "models",
+        nargs="+",
+        type=path_arg,
+        help="run directories and/or export folders; the first is the baseline",
     )
     p.add_argument(
         "--samples", type=positive_int, default=64, help="test reviews per batch size [default: 64]"
@@ -33,7 +43,9 @@ def add_predict_bench_parser(sub) -> None:
     p.add_argument(
         "--batch-sizes", type=batch_sizes, default=[1, 32], help="comma-separated, each once [default: 1,32]"
     )
-    p.add_argument("--data", help="IMDB folder/archive (default: the first model's data setting)")
+    p.add_argument(
+        "--data", type=path_arg, help="IMDB folder/archive (default: the first model's data setting)"
+    )
     p.add_argument(
         "--max-length",
         type=positive_int,
@@ -57,7 +69,7 @@ def cmd_bench_predict(ns: argparse.Namespace) -> int:
 def add_serve_bench_parser(sub) -> None:
     d = ServeSettings()
     p = sub.add_parser("serve", help="HTTP load check: concurrent clients against a real server on loopback")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", type=path_arg, help="run directory or export folder")
     p.add_argument("--clients", type=positive_int, default=32, help="concurrent clients [default: 32]")
     p.add_argument("--requests", type=positive_int, default=256, help="requests in all [default: 256]")
     p.add_argument(
@@ -66,7 +78,7 @@ def add_serve_bench_parser(sub) -> None:
     p.add_argument(
         "--samples", type=positive_int, default=256, help="distinct test reviews to send [default: 256]"
     )
-    p.add_argument("--data", help="IMDB folder/archive (default: the model's data setting)")
+    p.add_argument("--data", type=path_arg, help="IMDB folder/archive (default: the model's data setting)")
     p.add_argument(
         "--timeout", type=positive_float, default=300.0, help="seconds a request may take [default: 300]"
     )
@@ -125,9 +137,11 @@ def add_bench_train_parsers(sub) -> None:
         ("eval", "evaluation throughput: tokens/s, test-set seconds, peak memory, MFU"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", default="roberta-base", help="model folder or hub id")
+        p.add_argument("--model", type=path_arg, default="roberta-base", help="model folder or hub id")
         p.add_argument("--random-init", action="store_true", help="random weights (speed only)")
-        p.add_argument("--data", help="IMDB folder/archive (default: $IMDB_LORA_DATA, else download)")
+        p.add_argument(
+            "--data", type=path_arg, help="IMDB folder/archive (default: $IMDB_LORA_DATA, else download)"
+        )
         p.add_argument("--method", choices=["lora", "full"], default="lora", help="[default: lora]")
         p.add_argument(
             "--batching", choices=["auto", "padded", "packed", "flat"], default="auto", help="[default: auto]"

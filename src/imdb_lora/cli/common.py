@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from ..config import path_problem
 from ..errors import UserError
 from ..inference.exported import missing_folder
 
@@ -75,6 +76,23 @@ def positive_float(text: str) -> float:
 
 def positive_int(text: str) -> int:
     return argument(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def path_arg(text: str) -> str:
+    """A file or folder (or hub id, URI) argument, refused here, naming its flag, if no file system could
+    hold it: a name over 255 bytes made os.stat raise "File name too long" as a traceback."""
+    problem = path_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"not a usable path: {problem}")
+    return text
+
+
+def nonempty_path(text: str) -> str:
+    """path_arg for a flag whose empty value was silently taken as not given (train --config and
+    --output-dir) or as the current folder (score --input read everything under it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return path_arg(text)
 
 
 def batch_sizes(text: str) -> list[int]:

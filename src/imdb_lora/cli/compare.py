@@ -7,6 +7,7 @@ from typing import NoReturn
 
 from ..config import Config
 from ..errors import UserError
+from .common import nonempty_path
 from .train import add_config_flags, config_from_args
 
 
@@ -17,7 +18,9 @@ def add_compare_parser(sub) -> None:
         description="Any `train` flag after the options below applies to both runs "
         "(e.g. --model, --data, --epochs, --max-length); --lora-lr/--full-lr set each method's rate.",
     )
-    p.add_argument("--output-dir", required=True, help="folder for lora/, full/ and comparison.md")
+    p.add_argument(
+        "--output-dir", required=True, type=nonempty_path, help="folder for lora/, full/ and comparison.md"
+    )
     p.add_argument("--lora-lr", type=float, help="LoRA learning rate (default: the method's default)")
     p.add_argument(
         "--full-lr", type=float, help="full fine-tuning learning rate (default: the method's default)"

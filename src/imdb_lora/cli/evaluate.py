@@ -9,21 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .common import add_raw_flag, add_window_flag, positive_int, require_directories
+from .common import (
+    add_raw_flag,
+    add_window_flag,
+    path_arg,
+    positive_int,
+    require_directories,
+)
 
 
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="accuracy, loss and calibration of a finished run on a split or on labeled files"
     )
-    p.add_argument("run", help="run directory or export folder")
-    p.add_argument("--data", help="IMDB folder/archive (default: the run's own data setting)")
+    p.add_argument("run", type=path_arg, help="run directory or export folder")
+    p.add_argument("--data", type=path_arg, help="IMDB folder/archive (default: the run's own data setting)")
     p.add_argument("--split", choices=["test", "val"], help="split of the run's data [default: test]")
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of the split")
     p.add_argument(
         "--file",
         action="append",
         dest="files",
+        type=path_arg,
         metavar="F",
         help="labeled CSV/TSV/JSONL to evaluate instead of a split (repeatable); labels 0/1, "
         "negative/positive or neg/pos, any case",
@@ -36,11 +43,13 @@ def add_evaluate_parser(sub) -> None:
         metavar="N",
         help="--file: write the N most confident mistakes of each file to <errors-dir>/<file name>.errors.jsonl",
     )
-    p.add_argument("--errors-dir", default=".", help="folder for the --errors files [default: .]")
+    p.add_argument(
+        "--errors-dir", type=path_arg, default=".", help="folder for the --errors files [default: .]"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing --errors files")
     p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
-    p.add_argument("--base-model", help="base model folder, if it moved since training")
+    p.add_argument("--base-model", type=path_arg, help="base model folder, if it moved since training")
     p.add_argument("--json", action="store_true", help="print one JSON object (one per --file)")
     add_raw_flag(p)
     add_window_flag(p)

@@ -12,6 +12,7 @@ from .common import (
     add_max_batch_tokens_flag,
     add_raw_flag,
     add_window_flag,
+    path_arg,
     positive_int,
     require_directories,
 )
@@ -19,9 +20,13 @@ from .common import (
 
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="sentiment of texts given as arguments, in a file, or on stdin")
-    p.add_argument("run", help="run directory or export folder")
+    p.add_argument("run", type=path_arg, help="run directory or export folder")
     p.add_argument("texts", nargs="*", default=[], help="texts to classify (none: --file or stdin)")
-    p.add_argument("--file", help="one text per line (blank lines skipped), or JSONL/CSV with a text column")
+    p.add_argument(
+        "--file",
+        type=path_arg,
+        help="one text per line (blank lines skipped), or JSONL/CSV with a text column",
+    )
     p.add_argument(
         "--text-column", default="text", help="the text column of a JSONL/CSV --file [default: text]"
     )
@@ -33,7 +38,7 @@ def add_predict_parser(sub) -> None:
         help="texts per forward pass at most (--max-batch-tokens also caps it)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
-    p.add_argument("--base-model", help="base model folder, if it moved since training")
+    p.add_argument("--base-model", type=path_arg, help="base model folder, if it moved since training")
     add_raw_flag(p)
     add_window_flag(p)
     add_max_batch_tokens_flag(p)

@@ -12,6 +12,8 @@ from .common import (
     add_raw_flag,
     add_window_flag,
     non_negative_float,
+    nonempty_path,
+    path_arg,
     positive_int,
 )
 
@@ -21,12 +23,16 @@ def add_score_parser(sub) -> None:
         "score",
         help="score review files (JSONL, CSV, Parquet; folders; cloud URIs) into Parquet, locally or on Ray",
     )
-    p.add_argument("model", help="finished run directory or export folder (int8 ONNX suits CPU workers)")
     p.add_argument(
-        "--input", nargs="+", action="extend", required=True, metavar="PATH",
+        "model", type=path_arg, help="finished run directory or export folder (int8 ONNX suits CPU workers)"
+    )
+    p.add_argument(
+        "--input", nargs="+", action="extend", required=True, type=nonempty_path, metavar="PATH",
         help="files or folders of .jsonl/.csv/.tsv/.parquet (local paths or URIs such as s3://...)",
     )  # fmt: skip
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the Parquet output")
+    p.add_argument(
+        "--output", required=True, type=path_arg, metavar="DIR", help="folder for the Parquet output"
+    )
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="[default: local]")
     p.add_argument("--text-column", default="text", help="column holding the review [default: text]")
     p.add_argument("--keep-text", action="store_true", help="copy the text column to the output too")

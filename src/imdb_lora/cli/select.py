@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import positive_int, require_directories
+from .common import path_arg, positive_int, require_directories
 
 
 def add_select_parser(sub) -> None:
@@ -16,14 +16,16 @@ def add_select_parser(sub) -> None:
         "the best validation accuracy wins (ties: the earlier run, then the earlier stride). Only then is "
         "test read: once for the winner and once for the first run as trained (the control).",
     )
-    p.add_argument("runs", nargs="+", help="finished run directories (the first is the control)")
+    p.add_argument(
+        "runs", nargs="+", type=path_arg, help="finished run directories (the first is the control)"
+    )
     p.add_argument(
         "--window-strides",
         default="0",
         metavar="TOKENS,...",
         help="window strides to try (0: one truncated window, as in training) [default: 0]",
     )
-    p.add_argument("--data", help="IMDB folder/archive (default: the runs' own data setting)")
+    p.add_argument("--data", type=path_arg, help="IMDB folder/archive (default: the runs' own data setting)")
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of each split (quick checks)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")

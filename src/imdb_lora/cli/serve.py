@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import UserError
 from ..serving.app import ServeSettings
-from .common import add_max_batch_tokens_flag, add_raw_flag, require_directories
+from .common import add_max_batch_tokens_flag, add_raw_flag, path_arg, require_directories
 
 # (flag, type, ServeSettings field, help): the service's input and batching limits.
 SERVE_LIMITS = [
@@ -37,7 +37,7 @@ SERVE_LIMITS = [
 def add_serve_parser(sub) -> None:
     d = ServeSettings()
     p = sub.add_parser("serve", help="HTTP service with request batching, a web page and an OpenAPI schema")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", type=path_arg, help="run directory or export folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
     p.add_argument(
@@ -47,7 +47,7 @@ def add_serve_parser(sub) -> None:
         "localhost,127.0.0.1,[::1] (against DNS rebinding), else any]",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
-    p.add_argument("--base-model", help="base model folder, if it moved since training")
+    p.add_argument("--base-model", type=path_arg, help="base model folder, if it moved since training")
     add_raw_flag(p)
     for flag, kind, field, what in SERVE_LIMITS:
         default = getattr(d, field)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import Config, coerce, flag_of, section_fields
 from ..errors import UserError
+from .common import nonempty_path
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -45,8 +46,14 @@ def config_from_args(ns: argparse.Namespace, base: Config) -> Config:
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model on IMDB (or labeled files) into a run directory")
-    p.add_argument("--config", help="YAML file with model/lora/data/train sections; flags override it")
-    p.add_argument("--output-dir", help="run directory to create (default: runs/<model>-<method>)")
+    p.add_argument(
+        "--config",
+        type=nonempty_path,
+        help="YAML file with model/lora/data/train sections; flags override it",
+    )
+    p.add_argument(
+        "--output-dir", type=nonempty_path, help="run directory to create (default: runs/<model>-<method>)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     add_config_flags(p)
