@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,28 @@ def test_output_may_not_hold_the_current_directory(trained_run, tmp_path, capsys
         assert score(trained_run, "--input", str(src), "--output", out, "--overwrite") == 2
         one_line_error(capsys, f"--output {out} holds the current directory")
     assert (here / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "under_a_file"])
+def test_an_output_that_cannot_be_a_folder_is_one_line(trained_run, tmp_path, capsys, kind):
+    """pyarrow's create_dir raised FileExistsError or NotADirectoryError as a traceback."""
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "notes.txt").write_text("precious")
+    out = {
+        "device": os.devnull,
+        "fifo": str(tmp_path / "pipe"),
+        "under_a_file": str(tmp_path / "notes.txt" / "o"),
+    }[kind]
+    assert score(trained_run, "--input", str(src), "--output", out) == 2
+    why = (
+        ": cannot create the folder (Not a directory)"
+        if kind == "under_a_file"
+        else " exists and is not a folder"
+    )
+    one_line_error(capsys, f"--output {out}{why}")
+    assert (tmp_path / "notes.txt").read_text() == "precious"
 
 
 def test_marker_records_the_job_and_overwrite_replaces_only_a_score_output(trained_run, tmp_path, capsys):

@@ -46,6 +46,8 @@ def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] |
     info = fsys.get_file_info(path)
     if info.type == fs.FileType.File:
         raise UserError(f"--output {output} is a file; give a folder")
+    if info.type not in (fs.FileType.Directory, fs.FileType.NotFound):  # /dev/null, a FIFO, a socket
+        raise UserError(f"--output {output} exists and is not a folder; give a folder")
     # The lock of an earlier job, before anything else: a running job's folder is never read as
     # "unfinished" nor emptied. Only an existing lock file is opened: a folder this tool may refuse
     # (not a score output, no --overwrite) gets nothing written into it.
@@ -67,7 +69,11 @@ def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] |
             fsys.delete_dir_contents(path)  # the lock file too: `held` keeps its lock on the deleted file
         elif held is not None:  # nothing to delete: the lock file we hold stays this job's lock
             lock, held = held, None
-        fsys.create_dir(path, recursive=True)
+        try:
+            fsys.create_dir(path, recursive=True)
+        except OSError as e:  # under a file, a read-only or unwritable place: pyarrow's own traceback
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise UserError(f"--output {output}: cannot create the folder ({reason})") from None
         if local and lock is None:
             # A new lock file, locked before the deleted one's lock is let go (finally), so no other job
             # slips in between; one that took the new file first (a narrow race) refuses this one here.
