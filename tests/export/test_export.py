@@ -1,6 +1,7 @@
 """export: merged and ONNX exports predict what the run predicts; int8 stays close; user mistakes exit 2."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,19 @@ def test_overwrite_never_deletes_the_run_it_exports_nor_the_current_directory(
         err = capsys.readouterr().err
         assert "holds the current directory" in err and err.count("\n") == 1 and "Traceback" not in err
     assert (outer / MARKER).is_file() and (outer / "my-run").is_dir()
+
+
+def test_an_export_into_the_empty_current_directory_is_refused(trained_run, tmp_path, monkeypatch, capsys):
+    """The swap moved the (empty) current folder away: the export landed, then os.getcwd() raised
+    FileNotFoundError as a traceback, and the shell was left in a deleted folder."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for to in (".", "", str(here)):
+        assert export(trained_run, to) == 2
+        err = capsys.readouterr().err
+        assert "holds the current directory" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert os.getcwd() == str(here) and not any(here.iterdir())
 
 
 def test_a_second_export_into_the_same_folder_is_refused_and_steps_are_shown(trained_run, tmp_path, capsys):

@@ -178,6 +178,9 @@ def check_destination(src: Path, dest: Path, overwrite: bool) -> None:
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--to {dest} exists and is not a directory")
     require_creatable(dest, "--to")
+    cwd = Path.cwd().resolve()
+    if to == cwd or to in cwd.parents:  # empty too: the export's swap would move the current folder away
+        raise UserError(f"--to {dest} holds the current directory; refusing to replace it")
     if dest.is_dir() and any(dest.iterdir()):
         if not overwrite:
             raise UserError(f"--to {dest} exists and is not empty; pass --overwrite to replace it")
@@ -186,8 +189,6 @@ def check_destination(src: Path, dest: Path, overwrite: bool) -> None:
         # replacing the export would delete what lies inside it
         if to in run.parents:
             raise UserError(f"--to {dest} holds the run directory {src}; refusing to replace it")
-        if to == Path.cwd().resolve() or to in Path.cwd().resolve().parents:
-            raise UserError(f"--to {dest} holds the current directory; refusing to replace it")
 
 
 def _replace(stage: Path, dest: Path) -> None:
