@@ -92,6 +92,16 @@ INVALID = [
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
     (["--ema-decay", "1"], "--ema-decay"),
     (["--device", "tpu"], "--device"),
+    # infinities passed the >= checks: --lr inf trained to NaN losses, then calibration's LBFGS raised
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lora-alpha", "inf"], "--lora-alpha"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm"),
+    *(
+        (["--" + flag, "nan"], "--" + flag)
+        for flag in ("lora-dropout", "val-size", "warmup-ratio", "ema-decay")
+    ),
 ]
 
 

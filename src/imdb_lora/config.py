@@ -8,6 +8,7 @@ flag (its name with dashes, or the `flag` given in its metadata). The resolved c
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import reprlib
 import types
@@ -157,7 +158,7 @@ class Config:
             (bool(m.name), "--model", "must not be empty"),
             (m.pooling in ("cls", "mean"), "--pooling", "must be cls or mean"),
             (lo.r >= 1, "--lora-r", "must be a positive integer"),
-            (lo.alpha > 0, "--lora-alpha", "must be positive"),
+            (0 < lo.alpha < math.inf, "--lora-alpha", "must be a positive number"),
             (0 <= lo.dropout < 1, "--lora-dropout", "must be in [0, 1)"),
             (bool(lo.targets) or bool(lo.target_modules), "--lora-targets", "needs at least one role"),
             (0 < d.val_size < 1, "--val-size", "must be a fraction in (0, 1)"),
@@ -182,10 +183,10 @@ class Config:
             (not t.cuda_graphs or t.batching == "flat", "--cuda-graphs", "needs --batching flat"),
             (t.batch_size >= 1, "--batch-size", "must be >= 1"),
             (t.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
-            (t.lr is None or t.lr > 0, "--lr", "must be positive"),
-            (t.weight_decay >= 0, "--weight-decay", "must be >= 0"),
+            (t.lr is None or 0 < t.lr < math.inf, "--lr", "must be a positive number"),
+            (0 <= t.weight_decay < math.inf, "--weight-decay", "must be a number >= 0"),
             (0 <= t.warmup_ratio < 1, "--warmup-ratio", "must be in [0, 1)"),
-            (t.max_grad_norm >= 0, "--max-grad-norm", "must be >= 0"),
+            (0 <= t.max_grad_norm < math.inf, "--max-grad-norm", "must be a number >= 0"),
             (0 <= t.label_smoothing < 1, "--label-smoothing", "must be in [0, 1)"),
             (t.checkpoint_every >= 0, "--checkpoint-every", "must be >= 0"),
             (0 <= t.ema_decay < 1, "--ema-decay", "must be in [0, 1) (0: off)"),

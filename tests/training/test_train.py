@@ -273,3 +273,17 @@ def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, i
     assert (
         "--cuda-graphs: no effect on cpu with the flat path (CUDA and flat only)" in capsys.readouterr().err
     )
+
+
+def test_a_diverging_training_is_one_line_naming_lr(tiny_models, imdb_dir, tmp_path, capsys):
+    """A finite but far too large --lr made the loss NaN: the epochs went on silently, and then
+    calibration's LBFGS raised 'value cannot be converted to type float without overflow'."""
+    out = tmp_path / "r"
+    args = train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--max-train-samples", "16")
+    args[args.index("--lr") + 1] = "1e30"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("imdb-lora: error: training diverged: the loss became nan")
+    assert "try a lower --lr (it is 1e+30)" in lines[0]

@@ -349,6 +349,11 @@ class Trainer:
         def flush() -> None:
             if pending:
                 totals = self.dist.all_sum(torch.stack([torch.stack(p) for p in pending]).sum(0)).tolist()
+                if not math.isfinite(totals[0]):  # every rank sees the same sum: all stop together
+                    raise UserError(
+                        f"training diverged: the loss became {totals[0]} by step {st.global_step:,} "
+                        f"(epoch {st.epoch}); try a lower --lr (it is {cfg.lr:g})"
+                    )
                 st.loss_sum += totals[0]
                 st.correct += round(totals[1])
                 pending.clear()
