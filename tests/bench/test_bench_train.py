@@ -98,8 +98,9 @@ def test_bench_eval_profile_prints_table(tiny_models, imdb_dir, capsys):
     [
         ("--profile", "-1", "--profile must be >= 0"),
         ("--warmup", "-1", "--warmup must be >= 0"),
-        ("--peak-tflops", "-5", "--peak-tflops must be > 0"),
-        ("--peak-tflops", "nan", "--peak-tflops must be > 0"),
+        ("--peak-tflops", "-5", "argument --peak-tflops: expected a number > 0"),
+        ("--peak-tflops", "nan", "argument --peak-tflops: expected a number > 0"),
+        ("--peak-tflops", "inf", "argument --peak-tflops: expected a number > 0"),  # was MFU 0.00%
         # the tiny bert reads 128 positions: refused before any data is read, as `train` does
         ("--max-length", "512", "--max-length 512 exceeds what bert can read (128 tokens"),
         # a step cannot draw 64 of 20 reviews; it used to run 20 and report 64

@@ -8,6 +8,7 @@ detected device's peak). `random_init` gives speed without weights (speed does n
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -86,7 +87,7 @@ class ThroughputOptions:
         for flag, v in (("--warmup", self.warmup), ("--profile", self.profile)):
             if v < 0:
                 raise UserError(f"{flag} must be >= 0")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:  # also refuses NaN
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf:  # also refuses NaN
             raise UserError(f"--peak-tflops must be > 0 (got {self.peak_tflops})")
         return self
 

@@ -172,7 +172,7 @@ def add_bench_train_parsers(sub) -> None:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
         p.add_argument(
             "--peak-tflops",
-            type=float,
+            type=positive_float,
             help="device peak for MFU (default: the detected GPU's data sheet / CPU measured)",
         )
         p.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")

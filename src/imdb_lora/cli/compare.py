@@ -7,7 +7,7 @@ from typing import NoReturn
 
 from ..config import Config
 from ..errors import UserError
-from .common import nonempty_path
+from .common import nonempty_path, positive_float
 from .train import add_config_flags, config_from_args
 
 
@@ -21,9 +21,13 @@ def add_compare_parser(sub) -> None:
     p.add_argument(
         "--output-dir", required=True, type=nonempty_path, help="folder for lora/, full/ and comparison.md"
     )
-    p.add_argument("--lora-lr", type=float, help="LoRA learning rate (default: the method's default)")
     p.add_argument(
-        "--full-lr", type=float, help="full fine-tuning learning rate (default: the method's default)"
+        "--lora-lr", type=positive_float, help="LoRA learning rate (default: the method's default)"
+    )
+    p.add_argument(
+        "--full-lr",
+        type=positive_float,
+        help="full fine-tuning learning rate (default: the method's default)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing runs in --output-dir")
     p.add_argument(
