@@ -85,6 +85,11 @@ def test_bench_serve_reports_zero_errors(trained_run, imdb_dir, capsys):
         (["predict", "RUN", "--samples", "100000"], "the test split has only"),
         (["predict", "RUN", "--batch-sizes", "1,1"], "expected distinct positive integers"),
         (["predict", "RUN", "--batch-sizes", ","], "expected distinct positive integers"),
+        # it timed one batch of the 4 reviews and reported it as batch size 8
+        (
+            ["predict", "RUN", "--samples", "4", "--batch-sizes", "1,8"],
+            "--batch-sizes 8 is more than the 4 reviews",
+        ),
         (["predict", "RUN", "RUN/"], "is the same model as"),
         # the tiny bert reads 128 positions; the tests' short reviews would not show it until real data
         (["predict", "RUN", "--max-length", "512"], "--max-length 512 exceeds what"),

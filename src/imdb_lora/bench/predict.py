@@ -25,6 +25,11 @@ def bench_predict(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Every model on the same real test reviews, per batch size; the first model is the baseline."""
+    for size in batch_sizes:  # a larger batch ran all `samples` reviews at once, reported as `size`
+        if size > samples:
+            raise UserError(
+                f"--batch-sizes {size} is more than the {samples} reviews of --samples; lower it or raise --samples"
+            )
     seen: dict[Path, str] = {}
     for path in paths:  # runs/x, ./runs/x and runs/x/ are one model
         where = Path(path).expanduser().resolve()
