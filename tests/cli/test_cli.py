@@ -266,6 +266,12 @@ def test_overwrite_replaces(tiny_models, imdb_dir, tmp_path, capsys):
     assert code == 0 and not (out / "old.txt").exists() and (out / "run.json").is_file()
 
 
+def test_a_line_break_in_a_path_keeps_the_error_on_one_line(tmp_path, capsys):
+    run_dir = str(tmp_path / "my\nrun")  # the message quoted it raw: two lines on stderr
+    code, _, err = run(capsys, "predict", run_dir, "x")
+    assert code == 2 and err == f"imdb-lora: error: no such run directory: {tmp_path}/my\\nrun\n"
+
+
 def test_predict_or_evaluate_on_something_that_is_not_a_run(tmp_path, capsys):
     expect_error(capsys, "no such run directory", "predict", str(tmp_path / "nope"), "x")
     expect_error(capsys, "not an imdb-lora run directory", "evaluate", str(tmp_path))

@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             return ns.func(ns)
     except SystemExit as e:  # argparse usage errors (code 2) and --help (code 0)
         return int(e.code or 0)
-    except UserError as e:
-        print(f"imdb-lora: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line, even when it quotes a path or a library's message with line breaks
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"imdb-lora: error: {message}", file=sys.stderr)
         return 2
     except PermissionError as e:  # a file of another user's, a read-only copy: which file, not a traceback
         print(f"imdb-lora: error: {permission_denied(e)}", file=sys.stderr)
