@@ -157,6 +157,9 @@ def test_evaluate_file_reports_and_writes_the_most_confident_mistakes(trained_ru
         (["--file", "x.csv", "--split", "val"], "--split selects a split"),
         (["--errors", "3"], "need --file"),
         (["--file", "x.csv", "--errors", "0"], "expected a positive integer"),
+        # without --errors it was ignored: no mistakes file was written, and nothing said so
+        (["--file", "x.csv", "--errors-dir", "out"], "--errors-dir needs --errors"),
+        (["--errors-dir", "out"], "--errors-dir needs --errors"),
     ],
 )
 def test_evaluate_file_mistakes_are_one_line(trained_run, tmp_path, capsys, monkeypatch, extra, message):

@@ -65,6 +65,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
                 raise UserError(f"{flag} selects a split of the run's data; it does not apply to --file")
     elif ns.errors or ns.text_column != "text" or ns.label_column != "label":
         raise UserError("--errors, --text-column and --label-column need --file")
+    if ns.errors_dir != "." and not ns.errors:  # else ignored: no errors file was written anywhere
+        raise UserError("--errors-dir needs --errors N (the mistakes to write there)")
     require_directories(ns.run)
     from ..inference.classifier import check_window_stride_of
 
