@@ -91,6 +91,8 @@ def test_bench_serve_reports_zero_errors(trained_run, imdb_dir, capsys):
             "--batch-sizes 8 is more than the 4 reviews",
         ),
         (["predict", "RUN", "RUN/"], "is the same model as"),
+        # every client opened a connection first (10**12 of them hung); the report named idle clients
+        (["serve", "RUN", "--clients", "9", "--requests", "8"], "--clients 9 is more than --requests 8"),
         # the tiny bert reads 128 positions; the tests' short reviews would not show it until real data
         (["predict", "RUN", "--max-length", "512"], "--max-length 512 exceeds what"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..errors import UserError
 from ..inference.classifier import Classifier
 from ..serving.app import ServeSettings, create_app
 from ..serving.server import BackgroundServer
@@ -26,6 +27,8 @@ def bench_serve(
     max_batch_tokens: int | None = None,
 ) -> dict[str, Any]:
     """HTTP load: `clients` concurrent loops send `requests` POST /predict to a real uvicorn on loopback."""
+    if clients > requests:  # the surplus would send nothing, yet each opened a connection (10**12: a hang)
+        raise UserError(f"--clients {clients:,} is more than --requests {requests:,}; lower --clients")
     settings = (settings or ServeSettings()).admitting(texts_per_request)
     clf = Classifier.load(model, device=device, max_batch_tokens=max_batch_tokens, base_flag=False)
     reviews, source = test_reviews(clf, data, samples, seed)
