@@ -272,5 +272,9 @@ def test_queue_smaller_than_a_request_and_bad_token_budget_are_flag_errors(capsy
     assert "--max-queue (10) must be at least --max-texts (64)" in capsys.readouterr().err
     assert main(["serve", "somewhere", "--request-timeout", "0"]) == 2
     assert "--request-timeout must be a number >= 1" in capsys.readouterr().err
+    # a batch's first request waited for company past its own timeout: every request got 504
+    for command in (["serve", "somewhere"], ["bench", "serve", "somewhere"]):
+        assert main([*command, "--max-wait-ms", "1e308"]) == 2
+        assert "--max-wait-ms (1e+308) must be below --request-timeout (30 s)" in capsys.readouterr().err
     assert main(["predict", "somewhere", "text", "--max-batch-tokens", "0"]) == 2
     assert "--max-batch-tokens" in capsys.readouterr().err

@@ -85,6 +85,11 @@ class ServeSettings:
                 raise UserError(f"{flag} must be a number >= {lowest} (got {value})")
         if self.max_queue < self.max_texts:  # else a full-size request could never be admitted
             raise UserError(f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts})")
+        if self.max_wait_ms >= 1000 * self.request_timeout:  # else a request without company gets 504
+            raise UserError(
+                f"--max-wait-ms ({self.max_wait_ms:g}) must be below --request-timeout "
+                f"({self.request_timeout:g} s): a request waiting that long for company times out"
+            )
         return self
 
     def admitting(self, texts_per_request: int) -> "ServeSettings":
