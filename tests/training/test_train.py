@@ -286,4 +286,14 @@ def test_a_diverging_training_is_one_line_naming_lr(tiny_models, imdb_dir, tmp_p
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and lines[0].startswith("imdb-lora: error: training diverged: the loss became nan")
-    assert "try a lower --lr (it is 1e+30)" in lines[0]
+    assert "try a lower --lr (it is 1e+30) or --lora-alpha (it is 8)" in lines[0]
+
+
+def test_a_lora_rank_above_the_wrapped_layers_dimension_is_one_line(tiny_models, imdb_dir, tmp_path, capsys):
+    """--lora-r 10**12 failed allocating the matrices (a RuntimeError traceback); any rank above the
+    tiny bert's hidden size (32) adds nothing."""
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--lora-r", "33")) == 2
+    err = capsys.readouterr().err
+    assert "imdb-lora: error: --lora-r 33 is more than 32, the smallest dimension of the layers" in err
+    assert "Traceback" not in err and not out.exists()  # a failed setup leaves nothing behind

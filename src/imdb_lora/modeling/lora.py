@@ -11,6 +11,7 @@ import logging
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..config import Config
@@ -92,6 +93,21 @@ def named_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
+def check_rank(model: nn.Module, targets: list[str], r: int) -> None:
+    """A rank above a wrapped layer's smallest dimension adds nothing a product A @ B could express, and
+    a huge one failed allocating its matrices (a RuntimeError traceback for --lora-r 10**12)."""
+    modules = dict(model.named_modules())
+    weights = [getattr(modules[t], "weight", None) for t in targets]
+    smallest = min(
+        (min(w.shape) for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2), default=None
+    )
+    if smallest is not None and r > smallest:
+        raise UserError(
+            f"--lora-r {r:,} is more than {smallest:,}, the smallest dimension of the layers LoRA wraps "
+            "(a rank cannot exceed it); lower --lora-r"
+        )
+
+
 def apply_lora(model: nn.Module, cfg: Config, missing_keys: list[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -106,6 +122,7 @@ def apply_lora(model: nn.Module, cfg: Config, missing_keys: list[str]) -> nn.Mod
     head = head_module_names(model)
     fresh = [m for m in fresh if not m.startswith(tuple(head)) and m not in ("", "position_ids")]
     targets = [t for t in targets if t not in fresh]
+    check_rank(model, targets, lo.r)
     peft_cfg = LoraConfig(
         task_type="SEQ_CLS",
         r=lo.r,

@@ -350,9 +350,11 @@ class Trainer:
             if pending:
                 totals = self.dist.all_sum(torch.stack([torch.stack(p) for p in pending]).sum(0)).tolist()
                 if not math.isfinite(totals[0]):  # every rank sees the same sum: all stop together
+                    alpha = self.cfg.lora.alpha if cfg.method == "lora" else None
                     raise UserError(
                         f"training diverged: the loss became {totals[0]} by step {st.global_step:,} "
                         f"(epoch {st.epoch}); try a lower --lr (it is {cfg.lr:g})"
+                        + (f" or --lora-alpha (it is {alpha:g})" if alpha is not None else "")
                     )
                 st.loss_sum += totals[0]
                 st.correct += round(totals[1])
