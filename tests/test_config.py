@@ -1,14 +1,10 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
 from imdb_lora.cli import build_parser
 from imdb_lora.cli.train import config_from_args
-from imdb_lora.config import LORA_ROLES, Config
+from imdb_lora.config import LORA_ROLES, SHIPPED_CONFIGS, Config
 from imdb_lora.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_reference_recipe():
@@ -26,7 +22,7 @@ def test_full_method_gets_its_own_default_lr():
     assert c.validate().train.lr == 2e-5
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(SHIPPED_CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses_and_validates(path):
     Config.load(path).validate()
 
@@ -137,7 +133,7 @@ def test_unknown_yaml_field_is_an_error(tmp_path):
 
 
 def test_mpnet_default_config_is_the_default_recipe_with_a_larger_validation_split():
-    shipped = Config.load(REPO / "configs" / "mpnet-default.yaml").validate().to_dict()
+    shipped = Config.load("mpnet-default").validate().to_dict()
     defaults = Config().validate().to_dict()
     changed = {(s, k) for s in defaults for k in defaults[s] if shipped[s][k] != defaults[s][k]}
     assert changed == {("model", "name"), ("data", "val_size")}

@@ -21,6 +21,29 @@ import yaml
 
 from .errors import UserError
 
+# The YAML recipes shipped inside the package (a wheel too): `--config NAME` picks one by its name.
+SHIPPED_CONFIGS = Path(__file__).with_name("configs")
+
+
+def shipped_configs() -> list[str]:
+    """The names `--config` accepts besides a file: the shipped YAML files' names without `.yaml`."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(value: str | os.PathLike) -> Path:
+    """`--config`'s value: a YAML file if one is there, else a shipped config's name (`reference` or
+    `reference.yaml`), so the recipes work from an installed package, outside any checkout."""
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    name = p.name.removesuffix(".yaml")
+    shipped = shipped_configs()
+    if name in shipped and p.name == str(value):
+        return SHIPPED_CONFIGS / f"{name}.yaml"
+    hint = f"; the shipped one is --config {name}" if name in shipped else ""
+    raise UserError(f"--config: no such file: {value}{hint} (shipped configs: {', '.join(shipped)})")
+
+
 # Roles LoRA can target; model.py maps each to module names per architecture.
 LORA_ROLES = ("attention_qkv", "attention_output", "ffn", "pooler", "word_embeddings")
 
@@ -246,11 +269,11 @@ class Config:
     @classmethod
     def load(cls, path: str | os.PathLike, flag: str | None = "--config") -> Config:
         """A YAML config; errors start with `flag` (None: a file the user did not name, e.g. a run's)."""
-        p = Path(path)
         at = f"{flag}: " if flag else ""
         problem = path_problem(str(path))
         if problem:
             raise UserError(f"{at}not a usable path: {problem}")
+        p = config_file(path) if flag == "--config" else Path(path)
         if not p.is_file():
             raise UserError(f"{at}no such file: {p}")
         try:

@@ -479,3 +479,22 @@ def test_a_quiet_interruption_keeps_its_exit_status_and_prints_nothing(monkeypat
     monkeypatch.setattr(imdb_lora.cli.evaluate, "cmd_evaluate", command)
     assert main(["evaluate", "any-run"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == ""
+
+
+def test_version_names_the_libraries_that_decide_what_runs(capsys):
+    # a bug report's first line: imdb-lora's version alone did not say which torch/transformers/peft ran
+    from importlib.metadata import version
+
+    import imdb_lora
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    libs = ", ".join(f"{d} {version(d)}" for d in ("torch", "transformers", "peft"))
+    assert out == f"imdb-lora {imdb_lora.__version__} (Python {sys.version.split()[0]}, {libs})\n"
+
+
+def test_python_dash_m_is_the_same_command():
+    r = subprocess.run(
+        [sys.executable, "-m", "imdb_lora", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and r.stdout.startswith("imdb-lora ") and "torch " in r.stdout, r.stderr

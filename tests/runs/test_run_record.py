@@ -102,13 +102,36 @@ def test_software_versions_name_the_commit_and_whether_the_checkout_differs_from
         None,
     )
     git("init", "-q")
-    (tmp_path / "code.py").write_text("x = 1\n")
-    git("add", "code.py")
+    (tmp_path / "__init__.py").write_text("x = 1\n")
+    git("add", "__init__.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     clean = software_versions(tmp_path)
     assert len(clean["git_commit"]) == 40 and clean["git_dirty"] is False
-    (tmp_path / "code.py").write_text("x = 2\n")  # the code that runs is no longer the commit's
+    (tmp_path / "__init__.py").write_text("x = 2\n")  # the code that runs is no longer the commit's
     assert software_versions(tmp_path) == {**clean, "git_dirty": True}
+
+
+def test_an_installed_copy_inside_another_repository_names_no_commit(tmp_path):
+    # `pip install imdb-lora` into myproject/.venv: git finds myproject's repository from site-packages,
+    # and run.json named myproject's commit (and its dirtiness) as the code that trained
+    import subprocess
+
+    from imdb_lora.modeling.load import software_versions
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    (tmp_path / "app.py").write_text("x = 1\n")
+    git("add", ".gitignore", "app.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    (tmp_path / "app.py").write_text("x = 2\n")
+    package = tmp_path / ".venv" / "lib" / "site-packages" / "imdb_lora"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    versions = software_versions(package)
+    assert (versions["git_commit"], versions["git_dirty"]) == (None, None)
 
 
 def test_run_json_names_the_code_that_started_the_run_not_the_checkout_at_its_end(

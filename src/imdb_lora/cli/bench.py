@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 
 from ..errors import UserError
+from ..extras import require
 from ..serving.app import ServeSettings
 from .common import (
     add_max_batch_tokens_flag,
@@ -99,6 +100,7 @@ def add_serve_bench_parser(sub) -> None:
 
 
 def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    require("serve", "bench serve")
     settings = (
         ServeSettings(
             max_batch=ns.max_batch,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..extras import require
 from ..inference.exported import FORMATS
 from .common import path_arg, require_directories
 
@@ -21,6 +22,8 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    if ns.format == "onnx":
+        require("onnx", "export --format onnx")
     require_directories(ns.run)
     from ..export.exporter import check_options, export_run
 

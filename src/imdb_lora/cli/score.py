@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..extras import require
 from ..scale.batch import MAX_CHARS
 from .common import (
     Renamed,
@@ -77,6 +78,8 @@ RAY_ONLY = ("ray_address", "workers", "cpus_per_worker")
 
 
 def cmd_score(ns: argparse.Namespace) -> int:
+    local = ns.engine == "local"  # Ray besides pyarrow for --engine ray
+    require("scale", "score" if local else "score --engine ray", ("pyarrow",) if local else None)
     from ..scale.engines import ScoreJob, check_ray_address, prepare, run_local, run_ray
 
     if ns.engine == "local":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..extras import require
 from ..serving.app import ServeSettings
 from .common import add_max_batch_tokens_flag, add_raw_flag, path_arg, require_directories
 
@@ -101,6 +102,7 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    require("serve", "serve")
     settings = settings_from_args(ns)
     if not 0 <= ns.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (got {ns.port})")

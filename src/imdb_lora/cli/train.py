@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..config import Config, coerce, flag_of, section_fields
+from ..config import Config, coerce, flag_of, section_fields, shipped_configs
 from ..errors import UserError
 from .common import nonempty_path
 
@@ -49,7 +49,8 @@ def add_train_parser(sub) -> None:
     p.add_argument(
         "--config",
         type=nonempty_path,
-        help="YAML file with model/lora/data/train sections; flags override it",
+        help="YAML file with model/lora/data/train sections, or the name of a shipped one "
+        f"({', '.join(shipped_configs())}); flags override it",
     )
     p.add_argument(
         "--output-dir", type=nonempty_path, help="run directory to create (default: runs/<model>-<method>)"

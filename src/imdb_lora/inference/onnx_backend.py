@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..data.batches import default_max_batch_tokens, pad_batch, token_budget_batches
 from ..errors import UserError
+from ..extras import require
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +23,7 @@ class OnnxModel:
     backend = "onnxruntime"
 
     def __init__(self, path: Path, threads: int | None = None):
+        require("onnx", f"the ONNX export {path.parent}", ("onnxruntime",))
         import onnxruntime as ort
 
         opts = ort.SessionOptions()

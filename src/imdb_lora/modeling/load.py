@@ -186,10 +186,12 @@ def hub_revision(name: str) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def software_versions(src: Path | None = None) -> dict[str, str | bool | None]:
+def software_versions(package: Path | None = None) -> dict[str, str | bool | None]:
     """Versions that decide what a run computes, and the project's git commit when run from a checkout
-    (`src`: the checkout's folder, by default this package's), with `git_dirty`: whether tracked files
-    differ from that commit (the commit alone would then not say what ran)."""
+    (`package`: the folder of the package's code, by default this one), with `git_dirty`: whether tracked
+    files differ from that commit (the commit alone would then not say what ran). Only a repository
+    that tracks the package's own `__init__.py` counts: an installed copy in a virtualenv inside some
+    other repository (`myproject/.venv/...`) would otherwise be recorded as that repository's commit."""
     import subprocess
 
     import peft
@@ -198,7 +200,7 @@ def software_versions(src: Path | None = None) -> dict[str, str | bool | None]:
     from .. import __version__
 
     def git(*args: str) -> str | None:
-        folder = src if src is not None else Path(__file__).resolve().parents[2]
+        folder = package if package is not None else Path(__file__).resolve().parents[1]
         try:
             done = subprocess.run(
                 ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=5
@@ -207,7 +209,9 @@ def software_versions(src: Path | None = None) -> dict[str, str | bool | None]:
             return None
         return done.stdout if done.returncode == 0 else None
 
-    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    commit = None
+    if git("ls-files", "--error-unmatch", "--", "__init__.py") is not None:  # a checkout of this code
+        commit = (git("rev-parse", "HEAD") or "").strip() or None
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "imdb_lora": __version__,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..errors import UserError
+from ..extras import require
 from .batch import MAX_CHARS, ScoreBatch
 from .output import fail_marker, finish_marker, prepare_output
 from .sources import Source, check_columns, check_encoding, filesystem, list_sources, read_batches
@@ -231,11 +232,10 @@ def run_ray(
 def _run_ray(
     job: ScoreJob, address: str | None, workers: int | None, cpus_per_worker: float, gpus_per_worker: float
 ) -> Summary:
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise UserError("--engine ray needs Ray Data: pip install 'imdb-lora[scale]'") from None
+    require("scale", "score --engine ray", ("ray.data",))
+    import ray
+    import ray.data
+
     if gpus_per_worker and is_onnx(job.model):
         raise UserError(
             "--num-gpus-per-worker: ONNX exports run on CPUs; score a run or a merged export on GPUs"
