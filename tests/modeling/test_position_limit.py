@@ -1,4 +1,5 @@
-"""--max-length is checked against the model's position embeddings before anything is written."""
+"""--max-length and the tokenizer are checked against the model (its position embeddings, its vocabulary)
+before anything is written."""
 
 import pytest
 from conftest import build_tiny, train_args
@@ -38,3 +39,19 @@ def test_roberta_and_mpnet_positions_lose_the_padding_offset(tiny_models):
     check_max_length(str(tiny_models("mpnet")), 128)
     with pytest.raises(UserError, match="129 exceeds .*128 tokens"):
         check_max_length(str(tiny_models("mpnet")), 129)
+
+
+def test_a_tokenizer_from_another_model_fails_with_one_line_before_any_directory(imdb_dir, tmp_path, capsys):
+    """A folder whose tokenizer emits ids past the model's embeddings trained into torch's IndexError."""
+    from transformers import AutoConfig
+
+    folder = build_tiny("bert", tmp_path / "bert")
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.vocab_size = 50  # the tiny bert's tokenizer has more tokens than this
+    cfg.save_pretrained(folder)
+    out = tmp_path / "runs" / "r"
+    assert main(train_args(folder, imdb_dir, out, "--random-init")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert "its tokenizer has" in err[0] and "more than the 50 rows" in err[0]
+    assert not (tmp_path / "runs").exists()

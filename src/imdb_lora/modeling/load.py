@@ -172,6 +172,23 @@ def check_max_length(name: str, max_length: int) -> None:
         )
 
 
+def check_vocabulary(name: str, tokenizer) -> None:
+    """The tokenizer's ids must all have a row in the model's embeddings (config vocab_size): a folder
+    whose tokenizer is another model's otherwise fails mid-epoch with torch's index error."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, **hub_options(name), **NO_REMOTE_CODE)
+    except (OSError, ValueError):
+        return  # loading the model itself reports the problem, with its own message
+    rows = getattr(config, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UserError(
+            f"--model {name}: its tokenizer has {len(tokenizer):,} tokens, more than the {rows:,} rows of "
+            "the model's embeddings (vocab_size in config.json); the tokenizer belongs to another model"
+        )
+
+
 def hub_revision(name: str) -> str | None:
     """The commit a hub model was loaded from, read from the local hub cache (where the load just put
     it); None for local folders. transformers 5 no longer keeps it on the config (`_commit_hash`)."""

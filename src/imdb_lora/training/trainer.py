@@ -35,6 +35,7 @@ from ..modeling.forward import batched_logits, compile_encoder
 from ..modeling.load import (
     check_max_length,
     check_model_source,
+    check_vocabulary,
     load_tokenizer,
     resolve_device,
     software_versions,
@@ -163,6 +164,7 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         self.tokenizer = load_tokenizer(cfg.model.name if not self.resumed else str(self.run.tokenizer_dir))
+        check_vocabulary(self.model_source, self.tokenizer)
         t0 = time.time()
         splits = load_splits(d, cfg.train.seed, announce=self._say)
         self.data_source = splits.source
