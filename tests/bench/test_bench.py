@@ -55,6 +55,15 @@ def test_bench_predict_compares_run_and_export_side_by_side(trained_run, imdb_di
     assert code == 0 and "reviews/s" in out and "speed-up" in out
 
 
+def test_bench_predict_default_batch_sizes_fit_a_small_samples(trained_run, imdb_dir, capsys):
+    """1,32 by default; under 32 samples the larger is the samples (it was refused, naming a flag not given)."""
+    code, out, err = bench(
+        capsys, "predict", str(trained_run), "--data", str(imdb_dir), "--samples", "3", "--json"
+    )
+    assert code == 0, err
+    assert [r["batch_size"] for r in json.loads(out)["results"]] == [1, 3]
+
+
 def test_bench_serve_reports_zero_errors(trained_run, imdb_dir, capsys):
     code, out, err = bench(
         capsys, "serve", str(trained_run), "--data", str(imdb_dir), "--clients", "8", "--requests", "24",

@@ -42,7 +42,9 @@ def add_predict_bench_parser(sub) -> None:
         "--samples", type=positive_int, default=64, help="test reviews per batch size [default: 64]"
     )
     p.add_argument(
-        "--batch-sizes", type=batch_sizes, default=[1, 32], help="comma-separated, each once [default: 1,32]"
+        "--batch-sizes",
+        type=batch_sizes,
+        help="comma-separated, each once, none above --samples [default: 1,32, or 1,SAMPLES under 32 samples]",
     )
     p.add_argument(
         "--data", type=path_arg, help="IMDB folder/archive (default: the first model's data setting)"
@@ -62,7 +64,8 @@ def cmd_bench_predict(ns: argparse.Namespace) -> int:
     require_directories(*ns.models)
     from ..bench.predict import bench_predict, format_predict_report
 
-    report = bench_predict(ns.models, ns.samples, ns.batch_sizes, ns.data, ns.max_length, ns.device, ns.seed)
+    sizes = ns.batch_sizes or sorted({1, min(32, ns.samples)})  # the default fits a small --samples
+    report = bench_predict(ns.models, ns.samples, sizes, ns.data, ns.max_length, ns.device, ns.seed)
     print(json.dumps(report, indent=2) if ns.json else format_predict_report(report))
     return 0
 
