@@ -275,17 +275,23 @@ def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, i
     )
 
 
-def test_a_diverging_training_is_one_line_naming_lr(tiny_models, imdb_dir, tmp_path, capsys):
+@pytest.mark.parametrize("samples, what", [(16, "training"), (8, "validation")])
+def test_a_diverging_training_is_one_line_naming_lr(tiny_models, imdb_dir, tmp_path, capsys, samples, what):
     """A finite but far too large --lr made the loss NaN: the epochs went on silently, and then
-    calibration's LBFGS raised 'value cannot be converted to type float without overflow'."""
+    calibration's LBFGS raised 'value cannot be converted to type float without overflow'. With one
+    step (8 reviews) the training loss, computed before the update, stays finite: validation's shows it."""
     out = tmp_path / "r"
-    args = train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--max-train-samples", "16")
+    args = train_args(
+        tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--max-train-samples", str(samples)
+    )
     args[args.index("--lr") + 1] = "1e30"
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("imdb-lora: error: training diverged: the loss became nan")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"imdb-lora: error: training diverged: the {what} loss became nan"
+    )
     assert "try a lower --lr (it is 1e+30) or --lora-alpha (it is 8)" in lines[0]
 
 

@@ -351,13 +351,7 @@ class Trainer:
         def flush() -> None:
             if pending:
                 totals = self.dist.all_sum(torch.stack([torch.stack(p) for p in pending]).sum(0)).tolist()
-                if not math.isfinite(totals[0]):  # every rank sees the same sum: all stop together
-                    alpha = self.cfg.lora.alpha if cfg.method == "lora" else None
-                    raise UserError(
-                        f"training diverged: the loss became {totals[0]} by step {st.global_step:,} "
-                        f"(epoch {st.epoch}); try a lower --lr (it is {cfg.lr:g})"
-                        + (f" or --lora-alpha (it is {alpha:g})" if alpha is not None else "")
-                    )
+                self._check_diverged("training", totals[0])  # the same sum on every rank: all stop
                 st.loss_sum += totals[0]
                 st.correct += round(totals[1])
                 pending.clear()
@@ -384,6 +378,17 @@ class Trainer:
         finally:
             bar.close()
         st.epoch_train_seconds += time.time() - t0
+
+    def _check_diverged(self, what: str, loss: float) -> None:
+        """A NaN or infinite loss: the weights are lost (calibration's LBFGS then raised a traceback)."""
+        if math.isfinite(loss):
+            return
+        cfg, st = self.cfg.train, self.state
+        alpha = f" or --lora-alpha (it is {self.cfg.lora.alpha:g})" if cfg.method == "lora" else ""
+        raise UserError(
+            f"training diverged: the {what} loss became {loss} by step {st.global_step:,} (epoch "
+            f"{st.epoch}); try a lower --lr (it is {cfg.lr:g}){alpha}"
+        )
 
     def _step(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg.train
@@ -418,6 +423,7 @@ class Trainer:
         st, cfg = self.state, self.cfg.train
         t0 = time.time()
         val_loss, val_acc = self.evaluate(self.val_ids, self.val_y, "validation")
+        self._check_diverged("validation", val_loss)  # a last step's update can ruin the weights alone
         row = {
             "epoch": st.epoch,
             "train_loss": st.loss_sum / max(1, st.seen),
