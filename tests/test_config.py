@@ -90,6 +90,9 @@ INVALID = [
     (["--device", "tpu"], "--device"),
     # infinities passed the >= checks: --lr inf trained to NaN losses, then calibration's LBFGS raised
     (["--lr", "inf"], "--lr"),
+    (["--lr", "1"], "--lr"),  # 1e12 and 1e308 overflowed float32 inside AdamW's step: a traceback
+    (["--weight-decay", "2500"], "--weight-decay"),  # x 4e-4 = 1: every weight zeroed, then sign-flipped
+    (["--weight-decay", "1e308"], "--weight-decay"),
     (["--lr", "nan"], "--lr"),
     (["--lora-alpha", "inf"], "--lora-alpha"),
     (["--weight-decay", "inf"], "--weight-decay"),

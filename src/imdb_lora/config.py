@@ -206,7 +206,11 @@ class Config:
             (not t.cuda_graphs or t.batching == "flat", "--cuda-graphs", "needs --batching flat"),
             (t.batch_size >= 1, "--batch-size", "must be >= 1"),
             (t.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
-            (t.lr is None or 0 < t.lr < math.inf, "--lr", "must be a positive number"),
+            (
+                t.lr is None or 0 < t.lr < 1,
+                "--lr",
+                "must be a number in (0, 1): AdamW moves each weight by about lr a step",
+            ),
             (0 <= t.weight_decay < math.inf, "--weight-decay", "must be a number >= 0"),
             (0 <= t.warmup_ratio < 1, "--warmup-ratio", "must be in [0, 1)"),
             (0 <= t.max_grad_norm < math.inf, "--max-grad-norm", "must be a number >= 0"),
@@ -234,6 +238,11 @@ class Config:
         d.eval_files = [_absolute_if_local(f) for f in d.eval_files]
         if t.lr is None:  # LoRA matrices start at zero and need a far larger step than full weights
             t.lr = 4e-4 if t.method == "lora" else 2e-5
+        if t.lr * t.weight_decay >= 1:  # AdamW scales each weight by 1 - lr * weight_decay a step
+            raise UserError(
+                f"--weight-decay {t.weight_decay:g} times --lr {t.lr:g} must be below 1: AdamW multiplies every "
+                "weight by 1 - lr * weight_decay each step"
+            )
         bad = [r for r in lo.targets if r not in LORA_ROLES]
         if bad:
             raise UserError(f"--lora-targets: unknown role(s) {bad}; choose from {', '.join(LORA_ROLES)}")

@@ -277,14 +277,15 @@ def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, i
 
 @pytest.mark.parametrize("samples, what", [(16, "training"), (8, "validation")])
 def test_a_diverging_training_is_one_line_naming_lr(tiny_models, imdb_dir, tmp_path, capsys, samples, what):
-    """A finite but far too large --lr made the loss NaN: the epochs went on silently, and then
+    """A far too large LoRA scale (or --lr) made the loss NaN: the epochs went on silently, and then
     calibration's LBFGS raised 'value cannot be converted to type float without overflow'. With one
     step (8 reviews) the training loss, computed before the update, stays finite: validation's shows it."""
     out = tmp_path / "r"
     args = train_args(
         tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--max-train-samples", str(samples)
     )
-    args[args.index("--lr") + 1] = "1e30"
+    args[args.index("--lr") + 1] = "0.9"
+    args += ["--lora-alpha", "1e20"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -292,7 +293,7 @@ def test_a_diverging_training_is_one_line_naming_lr(tiny_models, imdb_dir, tmp_p
     assert len(lines) == 1 and lines[0].startswith(
         f"imdb-lora: error: training diverged: the {what} loss became nan"
     )
-    assert "try a lower --lr (it is 1e+30) or --lora-alpha (it is 8)" in lines[0]
+    assert "try a lower --lr (it is 0.9) or --lora-alpha (it is 1e+20)" in lines[0]
 
 
 def test_a_lora_rank_above_the_wrapped_layers_dimension_is_one_line(tiny_models, imdb_dir, tmp_path, capsys):

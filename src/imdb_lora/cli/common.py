@@ -74,6 +74,11 @@ def positive_float(text: str) -> float:
     return argument(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
+def learning_rate(text: str) -> float:
+    """As train's --lr: AdamW moves each weight by about lr a step, so 1 or more only diverges."""
+    return argument(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
 def positive_int(text: str) -> int:
     return argument(text, int, lambda v: v >= 1, "a positive integer")
 

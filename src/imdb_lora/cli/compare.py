@@ -7,7 +7,7 @@ from typing import NoReturn
 
 from ..config import Config
 from ..errors import UserError
-from .common import nonempty_path, positive_float
+from .common import learning_rate, nonempty_path
 from .train import add_config_flags, config_from_args
 
 
@@ -21,12 +21,10 @@ def add_compare_parser(sub) -> None:
     p.add_argument(
         "--output-dir", required=True, type=nonempty_path, help="folder for lora/, full/ and comparison.md"
     )
-    p.add_argument(
-        "--lora-lr", type=positive_float, help="LoRA learning rate (default: the method's default)"
-    )
+    p.add_argument("--lora-lr", type=learning_rate, help="LoRA learning rate (default: the method's default)")
     p.add_argument(
         "--full-lr",
-        type=positive_float,
+        type=learning_rate,
         help="full fine-tuning learning rate (default: the method's default)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing runs in --output-dir")
