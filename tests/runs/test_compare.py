@@ -80,6 +80,20 @@ def test_compare_learning_rates_are_numbers_between_0_and_1(tmp_path, capsys, fl
     assert f"argument {flag}: expected a number in (0, 1)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["file", "device", "under_a_file"])
+def test_compare_output_dir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, kind):
+    # each method's train refused it, and compare then added "the lora run failed": two error lines
+    (tmp_path / "notes.txt").write_text("x")
+    out = {
+        "file": tmp_path / "notes.txt",
+        "device": Path(os.devnull),
+        "under_a_file": tmp_path / "notes.txt" / "o",
+    }
+    assert main(["compare", "--output-dir", str(out[kind])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"--output-dir {out[kind]}" in err and "lora run failed" not in err
+
+
 def test_compare_refuses_method_flag(tmp_path, capsys):
     assert main(["compare", "--output-dir", str(tmp_path), "--method", "full"]) == 2
     assert "compare sets --method" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from typing import Any
 from ..config import Config, differing_fields
 from ..errors import Terminated, UserError
 from .report import fmt_bytes, fmt_seconds
-from .rundir import RunDir, atomic_write_text
+from .rundir import RunDir, atomic_write_text, require_creatable
 
 METHODS = ("lora", "full")
 
@@ -37,6 +37,9 @@ def run_compare(
     check_train_args(train_args)
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other; pass one")
+    if out.exists() and not out.is_dir():  # else each method's train failed on it, a second line after
+        raise UserError(f"--output-dir {out} exists and is not a folder")
+    require_creatable(out, "--output-dir")
     plans = {m: plan_method(out / m, overwrite, resume, (configs or {}).get(m)) for m in METHODS}
     rows = []
     for method in METHODS:
