@@ -102,6 +102,10 @@ def test_bench_serve_reports_zero_errors(trained_run, imdb_dir, capsys):
         (["predict", "RUN", "RUN/"], "is the same model as"),
         # every client opened a connection first (10**12 of them hung); the report named idle clients
         (["serve", "RUN", "--clients", "9", "--requests", "8"], "--clients 9 is more than --requests 8"),
+        (
+            ["serve", "RUN", "--texts-per-request", str(10**12)],
+            "--texts-per-request 1000000000000 is more than the 256 reviews",
+        ),
         # the tiny bert reads 128 positions; the tests' short reviews would not show it until real data
         (["predict", "RUN", "--max-length", "512"], "--max-length 512 exceeds what"),
     ],

@@ -104,6 +104,11 @@ def add_serve_bench_parser(sub) -> None:
 
 def cmd_bench_serve(ns: argparse.Namespace) -> int:
     require("serve", "bench serve")
+    if ns.texts_per_request > ns.samples:  # 10**12 texts per request hung building the first request
+        raise UserError(
+            f"--texts-per-request {ns.texts_per_request} is more than the {ns.samples} reviews of --samples; "
+            "lower it or raise --samples"
+        )
     settings = (
         ServeSettings(
             max_batch=ns.max_batch,
