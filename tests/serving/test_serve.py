@@ -187,7 +187,8 @@ def test_serve_defaults_to_loopback_and_rejects_bad_limits(capsys):
     assert main(["bench", "serve", "somewhere", "--max-wait-ms", "-3"]) == 2
     assert "--max-wait-ms must be a number >= 0 (got -3.0)" in capsys.readouterr().err
     # bench serve raises the queue to its requests' size, as it always did: only the path is wrong here
-    assert main(["bench", "serve", "somewhere", "--max-queue", "10", "--texts-per-request", "300"]) == 2
+    big = ["--max-queue", "10", "--texts-per-request", "300", "--samples", "300"]
+    assert main(["bench", "serve", "somewhere", *big]) == 2
     assert "no such run directory: somewhere" in capsys.readouterr().err
     for timeout in ("0", "-1", "nan"):
         assert main(["bench", "serve", "somewhere", "--timeout", timeout]) == 2
