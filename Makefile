@@ -73,6 +73,7 @@ GPU_CONSTRAINTS := requirements/gpu-machine.txt
 GPU_TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(GPU_CONSTRAINTS))
 GPU_PY ?= $(shell python3.12 -c "" >/dev/null 2>&1 && echo python3.12 || echo $(PY))
 test-gpu-versions:
+	$(if $(filter python3.12,$(GPU_PY)),,@echo "test-gpu-versions: no python3.12 here; testing with $(GPU_PY), not the GPU machine's Python 3.12" >&2)
 	$(MAKE) test-fast VENV=$(GPU_VENV) PY=$(GPU_PY) CONSTRAINTS=$(GPU_CONSTRAINTS) TORCH_VERSION=$(GPU_TORCH_VERSION)
 	$(GPU_VENV)/bin/python -c "import sys, torch, transformers, peft; print('tested with Python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
