@@ -86,7 +86,7 @@ def test_the_adapter_names_a_local_base_by_its_folder_name(trained_run, tiny_mod
 def test_portable_adapter_keeps_hub_ids_and_drops_only_the_path(tmp_path):
     folder = tmp_path / "adapter"
     folder.mkdir()
-    path = "/home/someone/models/all-MiniLM-L6-v2"
+    path = str(tmp_path / "models" / "all-MiniLM-L6-v2")  # a local base folder, wherever it sits
     card = f"---\nbase_model: {path}\nlibrary_name: peft\ntags:\n- base_model:adapter:{path}\n- lora\n---\n\n# Card\n"
     (folder / "README.md").write_text(card + f"Trained from {path}.\n")
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": path, "r": 8}))
