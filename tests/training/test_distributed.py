@@ -115,15 +115,16 @@ def test_environment_and_resume_checks(tmp_path):
         d.check(cfg)
 
 
-def test_the_resume_hint_names_the_launch_a_run_needs(monkeypatch):
+def test_the_resume_hint_names_the_launch_a_run_needs():
     run = Path("runs/my run")
     assert Dist().resume_command(run) == "imdb-lora train --output-dir 'runs/my run' --resume"
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun on one machine: every process is local
+    env = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"}
+    one_machine = Dist.from_env({**env, "LOCAL_WORLD_SIZE": "4"})  # torchrun: every process is local
     want = "torchrun --nproc-per-node 4 -m imdb_lora train --output-dir 'runs/my run' --resume"
-    assert Dist(rank=0, world_size=4).resume_command(run) == want
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines: the per-node count is the user's
-    hint = Dist(rank=0, world_size=4).resume_command(run)
-    assert hint.startswith("torchrun -m imdb_lora train") and "4 processes in all" in hint
+    assert one_machine.resume_command(run) == want
+    for other in ({**env, "LOCAL_WORLD_SIZE": "2"}, env):  # two machines, or a launcher that does not say
+        hint = Dist.from_env(other).resume_command(run)
+        assert hint.startswith("torchrun -m imdb_lora train") and "4 processes in all" in hint
 
 
 def test_write_probe_sees_a_runs_writes(tmp_path):

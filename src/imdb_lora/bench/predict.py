@@ -18,13 +18,16 @@ from .common import machine, percentile, test_reviews
 def bench_predict(
     paths: list[str],
     samples: int = 64,
-    batch_sizes: Sequence[int] = (1, 32),
+    batch_sizes: Sequence[int] | None = None,
     data: str | None = None,
     max_length: int | None = None,
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every model on the same real test reviews, per batch size; the first model is the baseline."""
+    """Every model on the same real test reviews, per batch size; the first model is the baseline.
+    The default batch sizes are 1 and 32, or 1 and `samples` when fewer reviews are timed."""
+    if batch_sizes is None:
+        batch_sizes = sorted({1, min(32, samples)})
     for size in batch_sizes:  # a larger batch ran all `samples` reviews at once, reported as `size`
         if size > samples:
             raise UserError(

@@ -64,8 +64,7 @@ def cmd_bench_predict(ns: argparse.Namespace) -> int:
     require_directories(*ns.models)
     from ..bench.predict import bench_predict, format_predict_report
 
-    sizes = ns.batch_sizes or sorted({1, min(32, ns.samples)})  # the default fits a small --samples
-    report = bench_predict(ns.models, ns.samples, sizes, ns.data, ns.max_length, ns.device, ns.seed)
+    report = bench_predict(ns.models, ns.samples, ns.batch_sizes, ns.data, ns.max_length, ns.device, ns.seed)
     print(json.dumps(report, indent=2) if ns.json else format_predict_report(report))
     return 0
 

@@ -156,14 +156,22 @@ def check_saved_max_length(max_length: int, limit: int | None, config_path: os.P
         )
 
 
-def check_max_length(name: str, max_length: int) -> None:
-    """--max-length must fit the model's position embeddings; checked before anything is written."""
+def _config_if_readable(name: str):
+    """The model's config for the early checks below, or None when it cannot be read: loading the model
+    itself then reports the problem, with its own message."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name, **hub_options(name), **NO_REMOTE_CODE)
+        return AutoConfig.from_pretrained(name, **hub_options(name), **NO_REMOTE_CODE)
     except (OSError, ValueError):
-        return  # loading the model itself reports the problem, with its own message
+        return None
+
+
+def check_max_length(name: str, max_length: int) -> None:
+    """--max-length must fit the model's position embeddings; checked before anything is written."""
+    config = _config_if_readable(name)
+    if config is None:
+        return
     limit = position_limit(config)
     if limit is not None and max_length > limit:
         raise UserError(
@@ -175,12 +183,7 @@ def check_max_length(name: str, max_length: int) -> None:
 def check_vocabulary(name: str, tokenizer) -> None:
     """The tokenizer's ids must all have a row in the model's embeddings (config vocab_size): a folder
     whose tokenizer is another model's otherwise fails mid-epoch with torch's index error."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name, **hub_options(name), **NO_REMOTE_CODE)
-    except (OSError, ValueError):
-        return  # loading the model itself reports the problem, with its own message
+    config = _config_if_readable(name)
     rows = getattr(config, "vocab_size", None)
     if isinstance(rows, int) and len(tokenizer) > rows:
         raise UserError(

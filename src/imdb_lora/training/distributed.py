@@ -45,6 +45,7 @@ class Dist:
     local_rank: int = 0
     started: bool = False  # whether this object initialised the process group (and must destroy it)
     device: torch.device | None = None  # this process's device, once start() has run
+    local_world_size: int | None = None  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Dist:
@@ -60,7 +61,8 @@ class Dist:
             ) from None
         if world < 1 or not 0 <= rank < world or local < 0:
             raise UserError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-        return cls(rank, world, local)
+        local_world = env.get("LOCAL_WORLD_SIZE", "")  # not set by every launcher; only for the resume hint
+        return cls(rank, world, local, local_world_size=int(local_world) if local_world.isdigit() else None)
 
     @property
     def enabled(self) -> bool:
@@ -77,7 +79,7 @@ class Dist:
         train = f"train --output-dir {shlex.quote(str(run_dir))} --resume"
         if not self.enabled:
             return f"imdb-lora {train}"
-        if os.environ.get("LOCAL_WORLD_SIZE") == str(self.world_size):  # one node: torchrun's own count
+        if self.local_world_size == self.world_size:  # all processes on one machine
             return f"torchrun --nproc-per-node {self.world_size} -m imdb_lora {train}"
         return f"torchrun -m imdb_lora {train}, launched as before ({self.world_size} processes in all)"
 
