@@ -98,7 +98,10 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tiny_models, imdb_dir, tmp
     assert RunDir(out).status() == "finished"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGINT's path differs only in its name and status (Ctrl-C is tested in-process above): a slow test
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume(sig, tiny_models, tmp_path):
     """SIGTERM (kill, a scheduler) killed a real `imdb-lora train` silently (status -15), though the run
     could be resumed; now it stops as Ctrl-C does: one line with the last checkpoint and the command,
