@@ -95,6 +95,10 @@ INVALID = [
     (["--weight-decay", "1e308"], "--weight-decay"),
     (["--lr", "nan"], "--lr"),
     (["--lora-alpha", "inf"], "--lora-alpha"),
+    # finite but absurd: 1e36 trained to chance accuracy with finite losses, so nothing stopped it
+    (["--lora-alpha", "1e36"], "--lora-alpha"),
+    (["--lora-alpha", "725"], "--lora-alpha"),  # scale 725/sqrt(8) = 256.3, over MAX_LORA_SCALE
+    (["--no-rslora", "--lora-alpha", "2049"], "--lora-alpha"),  # 2049/8, without rsLoRA's sqrt
     (["--weight-decay", "inf"], "--weight-decay"),
     (["--max-grad-norm", "inf"], "--max-grad-norm"),
     *(
@@ -118,7 +122,8 @@ def test_the_edges_of_each_range_are_accepted():
     ok = ["--lora-dropout", "0", "--val-size", "0.99", "--max-train-samples", "2", "--max-eval-samples", "2",
           "--max-length", "8", "--seed", str(2**32 - 1), "--weight-decay", "0", "--warmup-ratio", "0",
           "--max-grad-norm", "0", "--label-smoothing", "0", "--checkpoint-every", "0", "--ema-decay", "0",
-          "--device", "cuda:1", "--batching", "flat", "--cuda-graphs"]  # fmt: skip
+          "--device", "cuda:1", "--batching", "flat", "--cuda-graphs",
+          "--lora-alpha", "724"]  # fmt: skip
     config_from_args(build_parser().parse_args(["train", *ok]), Config()).validate()
 
 
