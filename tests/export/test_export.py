@@ -275,3 +275,32 @@ def test_an_export_killed_between_its_two_renames_loses_nothing(trained_run, tmp
     shutil.copytree(dest, old)  # killed after the swap, before the leftover's removal: both exist
     assert export(trained_run, dest, "--format", "onnx", "--overwrite") == 0
     assert (dest / "model.onnx").is_file() and sorted(os.listdir(tmp_path)) == ["x"]
+
+
+# ---------------------------------------------------------------- without imdb-lora: transformers, onnxruntime
+
+LONG_REVIEW = "the movie was great and the acting was wonderful " * 40  # ~400 tokens: past 64 and past 128
+
+
+@pytest.mark.parametrize("name", ["onnx", "int8"])
+def test_onnx_export_runs_in_plain_onnxruntime_on_a_long_review(exports, name):
+    """The graph takes int64 input_ids and attention_mask with dynamic batch and sequence axes; a long
+    review cut by the export's own tokenizer (truncation=True) fits its positions (onnxruntime's
+    GatherElements failed on it before) and gives the run's raw logits."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    folder = exports[name]
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [
+        ("input_ids", "tensor(int64)"),
+        ("attention_mask", "tensor(int64)"),
+    ]
+    tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    enc = tok([TEXTS[0], LONG_REVIEW], truncation=True, padding=True, return_tensors="np")
+    assert enc["input_ids"].shape[1] == 64  # the run's --max-length
+    (logits,) = session.run(["logits"], {k: enc[k] for k in ("input_ids", "attention_mask")})
+    want = Classifier.load(str(folder), raw=True).logits([TEXTS[0], LONG_REVIEW])
+    tolerance = 1e-4 if name == "onnx" else 0.05
+    assert np.abs(logits - want.numpy()).max() < tolerance

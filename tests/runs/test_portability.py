@@ -106,6 +106,19 @@ def test_portable_adapter_keeps_hub_ids_and_drops_only_the_path(tmp_path):
     assert (folder / "README.md").read_text() == "---\nbase_model: FacebookAI/roberta-base\n---\n"
 
 
+def test_the_runs_tokenizer_truncates_where_the_run_does(trained_run):
+    """The saved tokenizer kept its base's model_max_length (1e30 for the tiny models, 512 for MiniLM's
+    while the run reads 128): truncation=True outside imdb-lora cut nothing, or cut elsewhere than the
+    run. It is the run's max_length now, so the ids are the run's own (--truncation head)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained_run / "tokenizer")
+    assert tok.model_max_length == 64  # train_args' --max-length
+    long = "the movie was great and the acting was wonderful " * 40
+    clf = Classifier.load(str(trained_run), device="cpu")
+    assert tok(long, truncation=True)["input_ids"] == clf.encode([long])[0]
+
+
 def test_a_moved_run_predicts_from_any_path(trained_run, tmp_path, monkeypatch, capsys):
     """Spaces and non-ASCII characters in the path, a symlink to its folder, a relative path."""
     assert main(["predict", str(trained_run), "--json", *TEXTS]) == 0

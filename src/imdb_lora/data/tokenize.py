@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import UserError
 
@@ -27,6 +29,21 @@ def window_layout(tokenizer, max_length: int) -> tuple[list[int], list[int], int
     tokens fit between them."""
     prefix, suffix = special_tokens_around(tokenizer)
     return prefix, suffix, max_length - len(prefix) - len(suffix)
+
+
+def record_max_length(folder: Path, max_length: int) -> None:
+    """Write the run's max_length as the saved tokenizer's model_max_length.
+
+    imdb-lora cuts texts itself (encode), but transformers' pipeline() and a plain
+    `tokenizer(text, truncation=True)` cut at model_max_length: left as the base model's (1e30 when it
+    had none, 512 for MiniLM's), a long review went past the model's positions (an IndexError in
+    pipeline(), onnxruntime's GatherElements error) or read more tokens than the run was trained on.
+    With it, truncation=True gives the ids of --truncation head; head_tail cannot be said in this file.
+    """
+    path = folder / "tokenizer_config.json"
+    record = json.loads(path.read_text())
+    record["model_max_length"] = max_length
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def token_bodies(tokenizer, texts: Sequence[str], progress=None) -> list[list[int]]:

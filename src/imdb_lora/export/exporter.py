@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import __version__
+from ..data.tokenize import record_max_length
 from ..errors import UserError
 from ..inference.classifier import Classifier
 from ..inference.exported import (
@@ -208,6 +209,8 @@ def _write_export(
     write_portable_config(run.config_path, stage / "config.yaml")  # without this machine's paths
     write_portable_record(run.status_path, stage / "run.json")
     shutil.copytree(run.tokenizer_dir, stage / "tokenizer")
+    # again here: runs trained before the run's tokenizer recorded it still export a usable one
+    record_max_length(stage / "tokenizer", clf.config.data.max_length)
     if run.calibration_path.is_file():  # the temperature travels with the weights; Classifier applies it
         shutil.copy2(run.calibration_path, stage / CALIBRATION)
     t0 = time.time()

@@ -28,6 +28,7 @@ from .. import __version__
 from ..config import Config, differing_fields
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
+from ..data.tokenize import record_max_length
 from ..errors import UserError
 from ..metrics import machine, peak_memory
 from ..modeling.flat import batching_path, flat_note, flat_options_check
@@ -226,6 +227,7 @@ class Trainer:
         )
         if not self.resumed and self.dist.main:
             self.tokenizer.save_pretrained(self.run.tokenizer_dir)
+            record_max_length(self.run.tokenizer_dir, cfg.data.max_length)
         self.model = model.to(self.device)
         self.path = batching_path(cfg.train.batching, self.model, self.device, training=True)
         self.eval_path = batching_path(cfg.train.batching, self.model, self.device, training=False)
