@@ -282,6 +282,27 @@ def test_an_export_killed_between_its_two_renames_loses_nothing(trained_run, tmp
 LONG_REVIEW = "the movie was great and the acting was wonderful " * 40  # ~400 tokens: past 64 and past 128
 
 
+def test_merged_export_in_a_plain_pipeline_names_its_labels_and_gives_predict_raw(exports):
+    """pipeline("text-classification") on the merged export answered LABEL_0/LABEL_1 (config.json had
+    no id2label) and failed on a long review even with truncation=True (the tokenizer's model_max_length
+    was its base's, 1e30 here: an IndexError past the model's positions). Its probabilities are the
+    run's raw ones (predict --raw); imdb-lora's calibrated ones divide the logits by the temperature."""
+    from transformers import AutoConfig, pipeline
+
+    folder = exports["merged"]
+    config = AutoConfig.from_pretrained(folder / "model")
+    assert config.id2label == {0: "NEGATIVE", 1: "POSITIVE"}
+    assert config.label2id == {"NEGATIVE": 0, "POSITIVE": 1}
+    pipe = pipeline("text-classification", model=str(folder / "model"), tokenizer=str(folder / "tokenizer"))
+    texts = [*TEXTS, LONG_REVIEW]
+    got = pipe(texts, top_k=None, truncation=True)
+    probs = torch.tensor(
+        [[{d["label"]: d["score"] for d in row}[k] for k in ("NEGATIVE", "POSITIVE")] for row in got]
+    )
+    raw = Classifier.load(str(folder), raw=True).logits(texts).softmax(-1)
+    assert torch.allclose(probs, raw, atol=1e-5), (probs - raw).abs().max()
+
+
 @pytest.mark.parametrize("name", ["onnx", "int8"])
 def test_onnx_export_runs_in_plain_onnxruntime_on_a_long_review(exports, name):
     """The graph takes int64 input_ids and attention_mask with dynamic batch and sequence axes; a long

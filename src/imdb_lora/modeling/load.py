@@ -278,7 +278,7 @@ def load_base_model(
     try:
         if random_init:
             config = AutoConfig.from_pretrained(name, num_labels=num_labels, **hub, **NO_REMOTE_CODE)
-            return AutoModelForSequenceClassification.from_config(config), []
+            return name_labels(AutoModelForSequenceClassification.from_config(config)), []
         # float32 always: transformers 5 otherwise keeps a checkpoint's own dtype (fp16/bf16 copies,
         # as staged for the GPU machine), and training needs fp32 master weights under bf16 autocast.
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -303,7 +303,19 @@ def load_base_model(
         if is_damaged_weights(e):  # a truncated copy or download: one line, not safetensors' traceback
             raise UserError(f"{lead}the weights in {name} are damaged ({first_line(e)})") from None
         raise
-    return model, list(info.get("missing_keys", []))
+    return name_labels(model), list(info.get("missing_keys", []))
+
+
+def name_labels(model: nn.Module) -> nn.Module:
+    """Give the config our label names (0 = NEGATIVE, 1 = POSITIVE), as predict prints them.
+
+    Every config.json written from this model (a full run's model/, a merged export, a random-init
+    run's base_model/) then carries them: transformers' pipeline() answered LABEL_0/LABEL_1 and
+    AutoConfig's label2id said nothing of which one is positive."""
+    if model.config.num_labels == len(LABEL_NAMES):
+        model.config.id2label = dict(enumerate(LABEL_NAMES))
+        model.config.label2id = {name: i for i, name in enumerate(LABEL_NAMES)}
+    return model
 
 
 def head_module_names(model: nn.Module) -> list[str]:
