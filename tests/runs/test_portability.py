@@ -60,7 +60,7 @@ def test_the_adapter_names_a_local_base_by_its_folder_name(trained_run, tiny_mod
     hub metadata; both travel (and get uploaded) with the adapter. The run still finds its base."""
     adapter = trained_run / "adapter"
     record = json.loads((adapter / "adapter_config.json").read_text())
-    assert record["base_model_name_or_path"] == "bert"  # the tiny model's folder
+    assert record["base_model_name_or_path"] == "./bert"  # the tiny model's folder, as a relative path
     assert record["target_modules"] == sorted(record["target_modules"])  # still byte-stable
     base = str(tmp_path_factory.getbasetemp())
     for f in adapter.iterdir():
@@ -92,11 +92,11 @@ def test_portable_adapter_keeps_hub_ids_and_drops_only_the_path(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": path, "r": 8}))
     portable_adapter(folder)
     assert json.loads((folder / "adapter_config.json").read_text()) == {
-        "base_model_name_or_path": "all-MiniLM-L6-v2",
+        "base_model_name_or_path": "./all-MiniLM-L6-v2",
         "r": 8,
     }
     assert (folder / "README.md").read_text() == (
-        "---\nlibrary_name: peft\ntags:\n- lora\n---\n\n# Card\nTrained from all-MiniLM-L6-v2.\n"
+        "---\nlibrary_name: peft\ntags:\n- lora\n---\n\n# Card\nTrained from ./all-MiniLM-L6-v2.\n"
     )
     hub = {"base_model_name_or_path": "FacebookAI/roberta-base", "r": 8}
     (folder / "adapter_config.json").write_text(json.dumps(hub))
@@ -104,6 +104,29 @@ def test_portable_adapter_keeps_hub_ids_and_drops_only_the_path(tmp_path):
     portable_adapter(folder)
     assert json.loads((folder / "adapter_config.json").read_text()) == hub
     assert (folder / "README.md").read_text() == "---\nbase_model: FacebookAI/roberta-base\n---\n"
+
+
+def test_auto_peft_loads_the_adapter_beside_its_base_and_names_the_folder_elsewhere(
+    trained_run, tiny_models, tmp_path, monkeypatch
+):
+    """peft's AutoPeftModelForSequenceClassification loads the base that adapter_config.json names.
+    Recorded as the bare folder name, a missing base was asked of the hub (offline: "couldn't connect to
+    huggingface.co"; online: whatever model bears that name). As ./NAME it loads the folder beside
+    which the user runs, and elsewhere fails naming './bert', with no hub request."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    adapter = (trained_run / "adapter").resolve()
+    monkeypatch.chdir(tiny_models("bert").parent)
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(adapter)).eval()
+    tok = AutoTokenizer.from_pretrained(trained_run / "tokenizer")
+    with torch.no_grad():
+        got = model(**tok(TEXTS, return_tensors="pt", padding=True)).logits
+    raw = Classifier.load(str(trained_run), device="cpu", raw=True).logits(TEXTS)
+    assert torch.allclose(got, raw, atol=1e-5)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match=r"'\./bert'"):
+        AutoPeftModelForSequenceClassification.from_pretrained(str(adapter))
 
 
 def test_the_runs_tokenizer_truncates_where_the_run_does(trained_run):

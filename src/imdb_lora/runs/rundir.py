@@ -220,9 +220,14 @@ class RunDir:
 def portable_adapter(folder: Path) -> None:
     """PEFT records the base model as the process loaded it: for a local folder, an absolute path of this
     machine, in adapter_config.json (`base_model_name_or_path`) and in its README.md's hub metadata, which
-    travel wherever the adapter is shared or uploaded. A local base is recorded by its folder's name (as
-    results.md and the model card name it) and left out of the README's metadata, which the hub reads
-    as a hub id; a hub id stays as it is. imdb-lora finds the base through config.yaml, not this file."""
+    travel wherever the adapter is shared or uploaded. A local base is recorded as `./NAME`, its folder's
+    name as a relative path, and left out of the README's metadata, which the hub reads as a hub id; a
+    hub id stays as it is. imdb-lora finds the base through config.yaml, not this file.
+
+    Why `./NAME` and not NAME: peft's AutoPeftModel* hands the value to transformers, which loads a local
+    folder of that name when there is one (run beside the base, it works) and otherwise asks the hub for
+    a model of that name: a missing base became a hub download error, or another model that happens to
+    bear the name. `./NAME` is never a hub id: elsewhere it fails at once, quoting './NAME'."""
     config = folder / "adapter_config.json"
     if not config.is_file():  # full fine-tuning saves a model/ folder, no adapter
         return
@@ -232,7 +237,7 @@ def portable_adapter(folder: Path) -> None:
     # (a resumed random-init run reloads its base from the run's own base_model/)
     if not isinstance(base, str) or not (os.path.isabs(base) or os.path.exists(base)):
         return
-    name = Path(base).name
+    name = local_base_name(base)
     record["base_model_name_or_path"] = name
     config.write_text(json.dumps(record, indent=2, sort_keys=True))
     card = folder / "README.md"
@@ -240,6 +245,11 @@ def portable_adapter(folder: Path) -> None:
         dropped = {f"base_model: {base}", f"- base_model:adapter:{base}"}
         lines = [line for line in card.read_text().split("\n") if line.strip() not in dropped]
         card.write_text("\n".join(lines).replace(base, name))
+
+
+def local_base_name(path: str) -> str:
+    """How an adapter names a local base model: its folder, relative to where the user loads from."""
+    return f"./{Path(path).name}"
 
 
 def sort_target_modules(adapter_config: Path) -> None:
