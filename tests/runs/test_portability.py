@@ -61,6 +61,7 @@ def test_the_adapter_names_a_local_base_by_its_folder_name(trained_run, tiny_mod
     adapter = trained_run / "adapter"
     record = json.loads((adapter / "adapter_config.json").read_text())
     assert record["base_model_name_or_path"] == "./bert"  # the tiny model's folder, as a relative path
+    assert record["revision"] is None  # a local folder has no hub commit
     assert record["target_modules"] == sorted(record["target_modules"])  # still byte-stable
     base = str(tmp_path_factory.getbasetemp())
     for f in adapter.iterdir():
@@ -127,6 +128,23 @@ def test_auto_peft_loads_the_adapter_beside_its_base_and_names_the_folder_elsewh
     monkeypatch.chdir(tmp_path)
     with pytest.raises(OSError, match=r"'\./bert'"):
         AutoPeftModelForSequenceClassification.from_pretrained(str(adapter))
+
+
+def test_the_adapter_records_the_hub_revision_its_base_was_loaded_from(tiny_models, monkeypatch):
+    """run.json had the base's hub commit (model_revision) but adapter_config.json did not, so peft's
+    AutoPeftModel* loaded the hub's latest base, not the one the adapter was trained on. peft keeps the
+    base's revision in the adapter config's `revision`; a random-init base has none to give."""
+    from imdb_lora.config import Config
+    from imdb_lora.modeling import lora
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(lora, "hub_revision", lambda name: commit)  # as if loaded from the hub cache
+    cfg = Config.from_dict({"model": {"name": str(tiny_models("bert"))}}).validate()
+    model, info = lora.build_model(cfg)
+    assert info["model_revision"] == commit
+    assert model.peft_config["default"].revision == commit
+    model, _ = lora.build_model(cfg, random_init=True)
+    assert model.peft_config["default"].revision is None
 
 
 def test_the_runs_tokenizer_truncates_where_the_run_does(trained_run):

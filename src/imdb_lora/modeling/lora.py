@@ -108,7 +108,13 @@ def check_rank(model: nn.Module, targets: list[str], r: int) -> None:
         )
 
 
-def apply_lora(model: nn.Module, cfg: Config, missing_keys: list[str]) -> nn.Module:
+def apply_lora(
+    model: nn.Module, cfg: Config, missing_keys: list[str], revision: str | None = None
+) -> nn.Module:
+    """Wrap `model` in LoRA adapters as the config says. `revision`: the hub commit the base was loaded
+    from (None for a local folder), saved in adapter_config.json where peft keeps it (`revision`), so
+    that peft's AutoPeftModel* loads the very base weights the adapter was trained on, not the hub's
+    latest."""
     from peft import LoraConfig, get_peft_model
 
     lo = cfg.lora
@@ -133,7 +139,7 @@ def apply_lora(model: nn.Module, cfg: Config, missing_keys: list[str]) -> nn.Mod
         target_modules=targets,
         modules_to_save=head + fresh,
     )
-    return get_peft_model(model, peft_cfg)
+    return get_peft_model(model, peft_cfg, revision=revision)
 
 
 def build_model(
@@ -160,7 +166,9 @@ def build_model(
         model.save_pretrained(save_base_to)
         open_to_readers(save_base_to)
     if cfg.train.method == "lora":
-        model = apply_lora(model, cfg, missing)
+        # a random-init base exists only in the run's base_model/: no hub commit holds its weights
+        revision = None if random_init else info["model_revision"]
+        model = apply_lora(model, cfg, missing, revision=revision)
     else:
         model.requires_grad_(True)
     info["trainable_parameters"], info["total_parameters"] = count_parameters(model, info["base_parameters"])
