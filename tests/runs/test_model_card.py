@@ -111,6 +111,36 @@ def test_full_data_run_is_not_called_a_subset():
     assert "23,750 training reviews (IMDB train, less validation)" in text
 
 
+def test_card_metadata_parses_on_the_hub_and_claims_only_what_is_true(tmp_path):
+    """huggingface_hub.ModelCard reads the front matter. It lacked pipeline_tag, datasets, language and
+    metrics; model-index (the hub's results table) is there only for pretrained weights read on the
+    whole IMDB test split: not for a subset, a random-init run or a run on labeled files."""
+    from huggingface_hub import ModelCard
+
+    full = {**SUBSET, "examples": {"train": 23_750, "val": 1_250, "test": 25_000}}
+    data = ModelCard(subset_card(full)).data
+    assert (data.library_name, data.base_model) == ("peft", "FacebookAI/roberta-base")
+    assert data.pipeline_tag == "text-classification" and data.metrics == ["accuracy"]
+    assert data.datasets == ["stanfordnlp/imdb"] and data.language == ["en"]
+    (result,) = data.eval_results
+    assert (result.task_type, result.dataset_type, result.dataset_split) == (
+        "text-classification",
+        "stanfordnlp/imdb",
+        "test",
+    )
+    assert (result.metric_type, result.metric_value) == ("accuracy", 0.875)
+    assert data.model_name == "roberta-base-lora-imdb"
+
+    subset = ModelCard(subset_card(SUBSET)).data  # 500 of 25,000 test reviews
+    assert subset.eval_results is None and subset.datasets == ["stanfordnlp/imdb"]
+    cfg = Config.from_dict({"model": {"name": "FacebookAI/roberta-base", "random_init": True}}).validate()
+    assert ModelCard(model_card(cfg, [], full)).data.eval_results is None
+    files = {**full, "data_source": {"kind": "files"}, "examples_available": {}}
+    data = ModelCard(subset_card(files, train_file=str(tmp_path / "tickets.csv"))).data
+    assert data.eval_results is None and data.datasets is None and data.language is None
+    assert data.pipeline_tag == "text-classification"
+
+
 def test_card_names_the_device_the_training_time_and_the_date():
     text = subset_card(SUBSET)
     assert (

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
+
 from ..config import Config
 from .rundir import RunDir, atomic_write_text
 
@@ -275,12 +277,8 @@ def model_card(cfg: Config, history: list[dict[str, Any]], summary: dict[str, An
         method += f"; weights saved: their exponential moving average (decay {cfg.train.ema_decay:g})"
     base = card_base_model(cfg)
     imdb = (summary.get("data_source") or {}).get("kind", "imdb") == "imdb"
-    # The hub's metadata wants a hub id; a local folder's path means nothing on another machine.
-    base_meta = f"base_model: {cfg.model.name}\n" if base.hub_id else ""
     return f"""---
-library_name: {"peft" if lora else "transformers"}
-{base_meta}tags: [text-classification, sentiment-analysis, {"imdb, " if imdb else ""}{"lora" if lora else "full-fine-tuning"}]
----
+{card_metadata(cfg, summary, base.hub_id, imdb)}---
 # {"IMDB sentiment" if imdb else "Sentiment"} classifier ({summary["model_type"]}, {cfg.train.method})
 {warn}
 Binary sentiment classifier{" for movie reviews" if imdb else ""}: label 0 = NEGATIVE, 1 = POSITIVE.
@@ -306,6 +304,40 @@ imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz{card_eval_flags(cfg, summar
 
 See `results.md` for per-epoch figures and `config.yaml` for the exact recipe.
 """
+
+
+IMDB_HUB_ID = "stanfordnlp/imdb"  # the hub's copy of the Large Movie Review Dataset (same 25k/25k split)
+
+
+def card_metadata(cfg: Config, summary: dict[str, Any], hub_base: bool, imdb: bool) -> str:
+    """The card's YAML front matter, as huggingface_hub.ModelCard reads it: only what is true of the run.
+
+    base_model only for a hub id (the hub takes it as one; a local folder's path means nothing
+    elsewhere); the dataset and language only for IMDB; model-index (the hub's results table) only for
+    a figure that is what it claims: pretrained weights, read on the whole IMDB test split."""
+    lora = cfg.train.method == "lora"
+    meta: dict[str, Any] = {"library_name": "peft" if lora else "transformers"}
+    if hub_base:
+        meta["base_model"] = cfg.model.name
+    meta["pipeline_tag"] = "text-classification"
+    meta["tags"] = ["text-classification", "sentiment-analysis", *(["imdb"] if imdb else [])]
+    meta["tags"].append("lora" if lora else "full-fine-tuning")
+    if imdb:
+        meta["language"] = ["en"]
+        meta["datasets"] = [IMDB_HUB_ID]
+    test = summary.get("test_accuracy")
+    if test is not None:
+        meta["metrics"] = ["accuracy"]
+    n, of = summary["examples"]["test"], (summary.get("examples_available") or {}).get("test")
+    if imdb and test is not None and not cfg.model.random_init and of is not None and n == of:
+        result = {
+            "task": {"type": "text-classification", "name": "Sentiment analysis"},
+            "dataset": {"type": IMDB_HUB_ID, "name": "IMDB", "split": "test"},
+            "metrics": [{"type": "accuracy", "value": round(float(test), 4), "name": "Test accuracy"}],
+        }
+        name = f"{shown_model_name(cfg.model.name).rsplit('/', 1)[-1]}-{cfg.train.method}-imdb"
+        meta["model-index"] = [{"name": name, "results": [result]}]
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
 
 IMDB_NAME = "IMDB movie reviews (Large Movie Review Dataset v1.0, Maas et al., ACL 2011)"
