@@ -122,6 +122,93 @@ def test_oversized_or_special_review_file_in_a_folder_is_refused(tmp_path, monke
         load_imdb(root)
 
 
+def _tar_with(root, dest, extra: tarfile.TarInfo, data: bytes = b"") -> str:
+    import io
+
+    with tarfile.open(dest, "w") as tf:
+        tf.add(root, arcname="aclImdb")
+        extra.size = len(data)
+        tf.addfile(extra, io.BytesIO(data) if data else None)
+    return str(dest)
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type, m.linkname = kind, link
+    return m
+
+
+@pytest.mark.parametrize(
+    "member, data, error",
+    [
+        # skipped without a word: the split silently had one review fewer
+        (_member("aclImdb/train/pos/9_9.txt", tarfile.SYMTYPE, "/etc/hostname"), b"", "is a symbolic link"),
+        (
+            _member("aclImdb/train/neg/9_1.txt", tarfile.LNKTYPE, "aclImdb/train/pos/0_8.txt"),
+            b"",
+            "hard link",
+        ),
+        # read twice: the review counted twice (tar keeps only the last copy when it extracts)
+        (_member("aclImdb/train/pos/0_8.txt"), b"a second copy", "holds aclImdb/train/pos/0_8.txt twice"),
+    ],
+)
+def test_archive_review_members_that_are_links_or_repeated_are_refused(tmp_path, member, data, error):
+    archive = _tar_with(write_imdb(tmp_path, per_class=3), tmp_path / "x.tar", member, data)
+    with pytest.raises(UserError, match=f"^--data: archive .*x.tar.* {error}"):
+        load_imdb(archive)
+
+
+def test_review_errors_name_the_flag_and_the_archive(tmp_path):
+    root = write_imdb(tmp_path, per_class=3)
+    archive = _tar_with(root, tmp_path / "x.tar", _member("aclImdb/test/pos/9_9.txt"), b"caf\xe9")
+    # the member's name alone did not say which file, nor which flag gave it
+    with pytest.raises(
+        UserError, match=r"^--data: review file is not UTF-8: aclImdb/test/pos/9_9.txt in .*x\.tar "
+    ):
+        load_imdb(archive)
+    (root / "train" / "pos" / "0_8.txt").write_text("")
+    with pytest.raises(UserError, match="^--data: review file is empty: "):
+        load_imdb(root)
+
+
+def test_a_review_file_with_a_byte_order_mark_reads_without_it(tmp_path):
+    root = write_imdb(tmp_path, per_class=3)
+    (root / "train" / "pos" / "0_8.txt").write_bytes(b"\xef\xbb\xbfgreat film")
+    assert "great film" in load_imdb(root)["train"].texts
+
+
+def test_a_fifo_as_data_is_refused_instead_of_blocking(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "imdb.tar"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_imdb(fifo)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(e)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # blocked opening the FIFO (the old behaviour): a writer's open releases it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("load_imdb blocked on a FIFO")
+    assert isinstance(outcome[0], UserError) and "not a regular file or a folder" in str(outcome[0])
+
+
+def test_data_errors_name_the_environment_variable_when_it_gave_the_path(monkeypatch, tmp_path):
+    bad = tmp_path / "imdb.tar.gz"
+    bad.write_bytes(b"not an archive")
+    monkeypatch.setenv("IMDB_LORA_DATA", str(bad))
+    with pytest.raises(UserError, match=r"^\$IMDB_LORA_DATA: cannot read archive "):
+        load_splits(DataConfig(), seed=0)
+
+
 def test_data_env_default(monkeypatch, imdb_dir):
     monkeypatch.setenv("IMDB_LORA_DATA", str(imdb_dir))
     assert resolve_imdb_path(None) == str(imdb_dir)

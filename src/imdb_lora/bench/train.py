@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..data.imdb import load_imdb, resolve_imdb_path
+from ..data.imdb import load_imdb, resolve_imdb_source
 from ..data.splits import stratified_split, stratified_subset
 from ..data.tokcache import cached_encode
 from ..errors import UserError
@@ -122,9 +122,9 @@ def _setup(opts: ThroughputOptions, split: str):
         _check_batch(opts, opts.samples)
     device = resolve_device(opts.device)
     tok = load_tokenizer(opts.model)
-    path = resolve_imdb_path(opts.data)
+    path, origin = resolve_imdb_source(opts.data)
     print(f"reading {path} ...", file=sys.stderr, flush=True)
-    full = load_imdb(path)[split]
+    full = load_imdb(path, origin)[split]
     # The real run sees the train split (train less validation) or the whole test split.
     split_size = (
         len(stratified_split(full.labels, cfg.data.val_size, cfg.train.seed)[0])

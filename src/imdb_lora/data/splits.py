@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .files import load_labeled_file
-from .imdb import describe_source, file_sha256, load_imdb, resolve_imdb_path
+from .imdb import describe_source, file_sha256, load_imdb, resolve_imdb_source
 from .labeled import Splits
 
 
@@ -50,9 +50,9 @@ def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = No
         test = load_labeled_file(data_cfg.test_file, "--test-file") if data_cfg.test_file else None
         source = {"kind": "files", "files": {f: file_sha256(Path(f).expanduser()) for f in files}}
     else:
-        path = resolve_imdb_path(data_cfg.path)  # a download has its own progress bar
+        path, origin = resolve_imdb_source(data_cfg.path)  # a download has its own progress bar
         say(f"reading IMDB from {path} ...")
-        imdb = load_imdb(path)
+        imdb = load_imdb(path, origin)
         train, test = imdb["train"], imdb["test"]
         source = describe_source(path)
     rest, val_idx = stratified_split(train.labels, data_cfg.val_size, seed)
