@@ -127,6 +127,24 @@ def test_predict_from_stdin(trained_run, capsys, monkeypatch, stdin):
     assert ("end with Ctrl-D" in err) == (stdin is Terminal)
 
 
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        (b"great \xff film\n", "stdin is not UTF-8 (byte 0xff on line 1)"),  # was a tokenizer traceback
+        (b"\x1f\x8b\x08\x00\x00", "stdin is gzip-compressed, not text"),
+    ],
+)
+def test_predict_from_stdin_that_is_not_utf8_is_one_line(tmp_path, capsys, monkeypatch, raw, error):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
+    expect_error(capsys, error, "predict", str(tmp_path))  # refused before any run is read
+
+
+def test_predict_from_stdin_drops_a_byte_order_mark(trained_run, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfgreat film\n")))
+    code, out, _ = run(capsys, "predict", str(trained_run), "--json")
+    assert code == 0 and json.loads(out)["text"] == "great film"
+
+
 def test_evaluate_json(trained_run, capsys):
     code, out, _ = run(capsys, "evaluate", str(trained_run), "--split", "val", "--json")
     r = json.loads(out)

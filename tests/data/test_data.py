@@ -293,6 +293,81 @@ def test_a_labeled_file_given_as_data_points_to_the_right_flags(tmp_path):
         load_imdb(p)
 
 
+@pytest.mark.parametrize(
+    "name, content, texts",
+    [
+        # a byte order mark (Excel's "CSV UTF-8", Notepad) was read into the first column's name or text
+        ("bom.csv", b"\xef\xbb\xbftext,label\ngreat,1\nawful,0\n", ["great", "awful"]),
+        ("bom.jsonl", b'\xef\xbb\xbf{"text": "great", "label": 1}\n', ["great"]),
+        ("crlf.csv", b"text,label\r\ngreat,1\r\nawful,0\r\n", ["great", "awful"]),
+        ("crlf.jsonl", b'{"text": "great", "label": 1}\r\n', ["great"]),
+        ("trailing.csv", b"text,label\ngreat,1,\n", ["great"]),  # an empty cell past the header loses nothing
+        ("bom.txt", b"\xef\xbb\xbfgreat\nawful\n", ["great", "awful"]),
+    ],
+)
+def test_labeled_and_text_files_read_alike_whatever_their_line_ends_or_byte_order_mark(
+    tmp_path, name, content, texts
+):
+    p = tmp_path / name
+    p.write_bytes(content)
+    if p.suffix != ".txt":  # one text per line: predict's only
+        assert load_labeled_file(p, "--file").texts == texts
+    assert read_texts(str(p), None)[0] == texts
+
+
+@pytest.mark.parametrize(
+    "name, content, error",
+    [
+        # the last 'text' column was read without a word
+        ("dup.csv", b"text,label,text\ngreat,1,awful\n", r"names column\(s\) \['text'\] more than once"),
+        # json keeps the last of two keys without a word
+        ("dup.jsonl", b'{"text": "great", "label": 1, "text": "awful"}\n', "line 1 has the key 'text' more"),
+        # an unquoted comma cut the text there, the rest dropped without a word
+        ("cut.csv", b"label,text\n1,great, really great\n", "line 2 has 3 cells and the header 2; quote"),
+        ("array.json", b'[{"text": "great", "label": 1}]\n', "not a JSON object; JSON Lines is one object"),
+        ("gz.jsonl", b"\x1f\x8b\x08\x00rest of a gzip stream", "is gzip-compressed, not text"),
+        ("p.csv", b"PAR1\x15\x04 rest of a Parquet file", "is a Parquet file, not text"),
+        ("bad.csv", b"text,label\ngreat,1\ncaf\xe9,0\n", r"is not UTF-8 \(byte 0xe9 on line 3\)"),
+    ],
+)
+def test_labeled_and_text_files_that_would_be_misread_are_refused_in_one_line(tmp_path, name, content, error):
+    p = tmp_path / name
+    p.write_bytes(content)
+    for read in (lambda: load_labeled_file(p, "--file"), lambda: read_texts(str(p), None)):
+        with pytest.raises(UserError, match=f"^--file: .*{name} .*{error}"):
+            read()
+
+
+def test_a_labeled_text_that_is_no_string_is_named_as_such(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": 5, "label": 1}\n')
+    with pytest.raises(
+        UserError, match="line 1 has a JSON int as its text, not a string"
+    ):  # "empty or missing"
+        load_labeled_file(p)
+    c = tmp_path / "d.csv"
+    c.write_text("label,text\n1\n")
+    with pytest.raises(UserError, match="line 2 has no 'text' value"):  # was "text 1 is empty"
+        read_texts(str(c), None)
+
+
+def test_a_pipe_is_read_as_a_file(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "in.csv"  # what `--file <(zcat in.csv.gz)` hands over: it was "no such file"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "wb") as f:
+            f.write(b"text,label\ngreat,1\n")
+
+    threading.Thread(target=write, daemon=True).start()
+    assert load_labeled_file(fifo).texts == ["great"]
+    with pytest.raises(UserError, match="is not a file"):
+        load_labeled_file(tmp_path)
+
+
 def test_stratified_split_is_seeded_and_balanced():
     labels = [0] * 60 + [1] * 40
     rest, held = stratified_split(labels, 0.1, seed=3)

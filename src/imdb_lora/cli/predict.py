@@ -86,4 +86,10 @@ def _stdin(ns: argparse.Namespace) -> str | None:
         return None
     if sys.stdin.isatty():  # else a bare `predict RUN` waits silently
         print("reading texts from the terminal, one per line; end with Ctrl-D", file=sys.stderr, flush=True)
-    return sys.stdin.read()
+    if not hasattr(sys.stdin, "buffer"):  # already text (a StringIO standing in for it)
+        return sys.stdin.read()
+    # Bytes, decoded here: Python's own decoding of stdin depends on the locale (under C/POSIX it turned
+    # a byte that is not UTF-8 into a lone surrogate, and the tokenizer failed on it with a traceback).
+    from ..data.files import decode_text
+
+    return decode_text(sys.stdin.buffer.read(), "stdin")

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,21 +24,40 @@ def parse_label(value: object) -> int | None:
     return LABEL_SPELLINGS.get(str(value).strip().lower())
 
 
+# What a file that is no text at all starts with, so its error says what it is rather than "not UTF-8".
+MAGIC = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"PAR1": "a Parquet file",
+}
+
+
 def read_utf8(path: str | os.PathLike, flag: str) -> tuple[Path, str]:
-    """A text file's path and content, or one line naming the flag: missing, or not UTF-8."""
+    """A text file's path and content, or one line naming the flag: missing, not text, or not UTF-8.
+    A pipe is read too (`--file <(zcat reviews.csv.gz)`); a folder or a device is not."""
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"{flag}: no such file: {p}")
+    if not (p.is_file() or stat.S_ISFIFO(p.stat().st_mode)):
+        raise UserError(f"{flag}: {p} is not a file (a folder or a device?)")
+    return p, decode_text(p.read_bytes(), f"{flag}: {p}")
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    """UTF-8 bytes as text, less a byte order mark (Excel and Notepad write one: it was read into the
+    first column's name or the first text); anything else is one line saying what it is, or where the
+    first byte that is not UTF-8 is."""
+    kind = next((k for magic, k in MAGIC.items() if raw.startswith(magic)), None)
+    if kind:
+        raise UserError(f"{what} is {kind}, not text: decompress or convert it first")
     try:
-        return p, p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{flag}: {p} is not UTF-8") from None
-
-
-def csv_rows(content: str, p: Path, flag: str) -> tuple[list[str], list[dict]]:
-    """A CSV/TSV file's header and rows; a malformed file is one line naming the flag and the line."""
-    header, records = csv_records(content, p, flag)
-    return header, [row for _, row in records]
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{what} is not UTF-8 (byte 0x{raw[e.start]:02x} on line {line})") from None
 
 
 def csv_records(content: str, p: Path, flag: str) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -52,13 +72,28 @@ def csv_records(content: str, p: Path, flag: str) -> tuple[list[str], list[tuple
     records = []
     try:
         header = list(reader.fieldnames or [])
+        _check_header(header, p, flag)
         for row in reader:
+            extra = row.get(None) or []  # cells past the header's columns
             breaks = sum(v.count("\n") for v in row.values() if isinstance(v, str))
-            breaks += sum(v.count("\n") for v in row.get(None) or [])  # cells past the header's columns
-            records.append((reader.line_num - breaks, row))
+            breaks += sum(v.count("\n") for v in extra)
+            line = reader.line_num - breaks
+            if any(v.strip() for v in extra):  # e.g. an unquoted comma in a text: it was cut there
+                raise UserError(
+                    f"{flag}: {p} line {line} has {len(header) + len(extra)} cells and the header "
+                    f"{len(header)}; quote a cell that holds the delimiter"
+                )
+            records.append((line, row))
     except csv.Error as e:
         raise UserError(f"{flag}: {p} line {reader.line_num} is not valid CSV ({e})") from None
     return header, records
+
+
+def _check_header(header: list[str], p: Path, flag: str) -> None:
+    """A column named twice: csv's DictReader kept the last one's cells without a word."""
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise UserError(f"{flag}: {p} names column(s) {twice} more than once in its header")
 
 
 def jsonl_objects(content: str, p: Path, flag: str) -> Iterator[tuple[int, dict]]:
@@ -67,14 +102,33 @@ def jsonl_objects(content: str, p: Path, flag: str) -> Iterator[tuple[int, dict]
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=unique_keys)
+        except RepeatedKey as e:
+            raise UserError(f"{flag}: {p} line {n} has the key {e.key!r} more than once") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{flag}: {p} line {n} is not JSON ({e.msg})") from None
         except (ValueError, RecursionError) as e:  # e.g. an integer past Python's digit limit, or nesting
             raise UserError(f"{flag}: {p} line {n} is not usable JSON ({type(e).__name__})") from None
         if not isinstance(obj, dict):
-            raise UserError(f"{flag}: {p} line {n} is not a JSON object")
+            hint = "; JSON Lines is one object per line, not a JSON array" if isinstance(obj, list) else ""
+            raise UserError(f"{flag}: {p} line {n} is not a JSON object{hint}")
         yield n, obj
+
+
+class RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: a key given twice is an error (json keeps the last without a word)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
 
 
 def load_labeled_file(
@@ -100,7 +154,11 @@ def load_labeled_file(
     texts, labels = [], []
     for n, row in records:
         text, label = row.get(text_column), row.get(label_column)
-        if not isinstance(text, str) or not has_content(text):
+        if text is not None and not isinstance(text, str):
+            raise UserError(
+                f"{flag}: {p} line {n} has a JSON {type(text).__name__} as its text, not a string"
+            )
+        if text is None or not has_content(text):
             raise UserError(f"{flag}: {p} line {n} has an empty or missing text")
         if label is None:
             raise UserError(f"{flag}: {p} line {n} has no {label_column!r} value")
@@ -131,12 +189,15 @@ def read_texts(file: str | None, stdin_text: str | None, text_column: str = "tex
             texts.append(obj[text_column])
         return texts, 0
     if suffix in (".csv", ".tsv"):
-        header, rows = csv_rows(content, p, "--file")
+        header, records = csv_records(content, p, "--file")
         if text_column not in header:
             raise UserError(
                 f"--file: {p} has no {text_column!r} column (it has {', '.join(header) or 'none'})"
             )
-        return [row[text_column] for row in rows], 0
+        for n, row in records:
+            if row[text_column] is None:  # a row with fewer cells than the header
+                raise UserError(f"--file: {p} line {n} has no {text_column!r} value")
+        return [row[text_column] for _, row in records], 0
     return non_blank_lines(content)
 
 
