@@ -195,6 +195,11 @@ BAD_LINES = {
     ),
     "lone_surrogate": (b'{"id": "s", "text": "great \\udc80 film"}', "line 2 is not valid Unicode"),
     "too_long": (b'{"id": "l", "text": "' + b"great film " * 20 + b'"}', "text longer than 100 characters"),
+    # json keeps the last of two keys without a word: the text scored could be either
+    "repeated_key": (
+        b'{"id": "r", "text": "great", "text": "awful"}',
+        "line 2 has the key 'text' more than once",
+    ),
 }
 
 
@@ -210,6 +215,54 @@ def test_a_hostile_jsonl_line_is_an_error_row_not_a_failed_job(trained_run, tmp_
     assert rows[0]["error"] is None and rows[2]["error"] is None and rows[2]["label"]
     assert rows[1]["error"].startswith(error) and rows[1]["label"] is None
     assert "text" not in rows[1] or rows[1]["text"] is None  # never scored as a changed text
+
+
+def _inputs_that_give_no_text(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Inputs whose every row was an error row (exit status 0), or a KeyError traceback."""
+    jsonl = write_jsonl(tmp / "Text.jsonl", [b'{"Text": "great film"}', b'{"Text": "awful", "id": 2}'])
+    twice_csv = tmp / "twice.csv"
+    twice_csv.write_text("text,text\ngreat,awful\n")
+    twice_pq, ints, gz = tmp / "twice.parquet", tmp / "ints.parquet", tmp / "gz.jsonl"
+    pq.write_table(pa.table([pa.array(["great"]), pa.array(["awful"])], names=["text", "text"]), twice_pq)
+    pq.write_table(pa.table({"text": [1, 2]}), ints)
+    import gzip
+
+    gz.write_bytes(gzip.compress(GOOD + b"\n"))
+    return {
+        "jsonl_without_the_key": (jsonl, "has no key 'text' in its first 2 JSON object(s) (keys: Text, id)"),
+        "csv_column_twice": (twice_csv, "names column(s) ['text'] more than once"),
+        "parquet_column_twice": (twice_pq, "names column(s) ['text'] more than once"),
+        "parquet_text_of_ints": (ints, "column 'text' holds int64, not strings"),
+        "gzip_named_jsonl": (gz, "is gzip-compressed, not text"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "jsonl_without_the_key",
+        "csv_column_twice",
+        "parquet_column_twice",
+        "parquet_text_of_ints",
+        "gzip_named_jsonl",
+    ],
+)
+def test_an_input_that_gives_no_text_is_one_line_before_any_work(trained_run, tmp_path, capsys, case):
+    src, error = _inputs_that_give_no_text(tmp_path)[case]
+    out = tmp_path / "out"
+    assert score(trained_run, "--input", str(src), "--output", str(out)) == 2
+    assert str(src) in one_line_error(capsys, error)
+    assert not out.exists()  # refused before the output was touched
+
+
+def test_a_jsonl_byte_order_mark_is_read_as_a_csvs_is(trained_run, tmp_path):
+    """pyarrow skips a CSV's byte order mark; a JSONL file's made line 1 an error row."""
+    j, c = tmp_path / "in.jsonl", tmp_path / "in.csv"
+    j.write_bytes(b'\xef\xbb\xbf{"text": "great film"}\n')
+    c.write_bytes(b"\xef\xbb\xbftext\ngreat film\n")
+    assert score(trained_run, "--input", str(j), str(c), "--output", str(tmp_path / "out")) == 0
+    rows = output_rows(tmp_path / "out")
+    assert [r["error"] for r in rows] == [None, None] and rows[0]["prob_positive"] == rows[1]["prob_positive"]
 
 
 def test_label_and_input_label_on_different_lines_never_collide(trained_run, tmp_path):

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.files import MAGIC, RepeatedKey, unique_keys
 from ..errors import UserError
 
 FORMATS = {
@@ -127,34 +128,116 @@ def check_encoding(name: str) -> str:
     return info.name
 
 
+# JSON objects of a JSONL input looked at before any work for the text column (their keys vary by line).
+PEEK_OBJECTS = 1000
+
+
 def check_columns(sources: list[Source], text_column: str, max_chars: int, encoding: str = "utf-8") -> None:
-    """Fail before any work if a CSV or Parquet input lacks the text column (JSONL is checked per row)."""
+    """Fail before any work where an input cannot give texts: bytes that are no text at all, a CSV or
+    Parquet file without the text column (or naming a column twice, or whose text column holds no
+    strings), a JSONL file none of whose first PEEK_OBJECTS objects has it. Each of these made every
+    row an error row (or a traceback), and the job still ended with exit status 0."""
     for s in sources:
-        if s.format == "json":
-            continue
-        names = _schema_names(s, max_chars, encoding)
+        _check_not_binary(s)
+        try:
+            if s.format == "json":
+                _check_jsonl_column(s, text_column, max_chars, encoding)
+                continue
+            schema = _schema(s, max_chars, encoding)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"--input: cannot read {s.uri} ({_cause(e, max_chars)})") from None
+        names = schema.names
         if text_column not in names:
             raise UserError(
                 f"--text-column: {s.uri} has no column {text_column!r} (it has {', '.join(names) or 'none'})"
             )
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # pyarrow cannot pick one of them: a KeyError traceback while scoring
+            raise UserError(f"--input: {s.uri} names column(s) {twice} more than once")
+        _check_text_type(s, schema.field(text_column).type, text_column)
         clash = {carried_name(n) for n in names if carried_name(n) != n} & set(names)
         if clash:
             raise UserError(f"{s.uri}: columns {sorted(clash)} would collide in the output; rename them")
 
 
-def _schema_names(s: Source, max_chars: int, encoding: str) -> list[str]:
+def _check_not_binary(s: Source) -> None:
+    """A JSONL or CSV file that is compressed (or Parquet) without saying so in its name: each of its
+    'lines' became an error row (JSONL), or pyarrow's parse error quoted the raw bytes (CSV)."""
+    if s.format == "parquet" or format_of(s.uri) is None or s.uri.lower().endswith(COMPRESSIONS):
+        return
+    fsys, path = filesystem(s.uri)
+    with fsys.open_input_stream(path, compression=None) as f:
+        head = f.read(8)
+    kind = next((k for magic, k in MAGIC.items() if head.startswith(magic)), None)
+    if kind:
+        raise UserError(
+            f"--input: {s.uri} is {kind}, not text; name it by its format ({', '.join(COMPRESSIONS)} are "
+            "decompressed) or convert it"
+        )
+
+
+def _check_text_type(s: Source, tp, text_column: str) -> None:
+    """A Parquet text column must hold strings (a CSV's columns always do)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(tp):
+        tp = tp.value_type
+    if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_null(tp)):
+        if not (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(tp)):
+            raise UserError(f"--text-column: {s.uri}'s column {text_column!r} holds {tp}, not strings")
+
+
+def _check_jsonl_column(s: Source, text_column: str, max_chars: int, encoding: str) -> None:
+    """Some of the first PEEK_OBJECTS JSON objects must have the text column: a mistyped or absent
+    column (`Text`, `review`) made every row of the file an error row. A file with no readable object
+    there is left to the per-row errors."""
+    fsys, path = filesystem(s.uri)
+    seen: dict[str, None] = {}
+    objects = 0
+    with fsys.open_input_stream(path) as f:
+        lines = io.TextIOWrapper(f, encoding=_jsonl_codec(encoding), errors="replace")
+        for line in _bounded_lines(lines, jsonl_line_chars(max_chars)):
+            if line is None or not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except Exception:  # noqa: BLE001 - a bad line is its own row's error, read later
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if text_column in obj:
+                return
+            seen.update(dict.fromkeys(obj))
+            objects += 1
+            if objects >= PEEK_OBJECTS:
+                break
+    if objects:
+        keys = ", ".join(list(seen)[:20]) or "none"
+        raise UserError(
+            f"--text-column: {s.uri} has no key {text_column!r} in its first {objects:,} JSON object(s) "
+            f"(keys: {keys})"
+        )
+
+
+def _jsonl_codec(encoding: str) -> str:
+    """UTF-8 read as utf-8-sig: a byte order mark made line 1 an error row in JSONL, while pyarrow
+    skips it in a CSV."""
+    return "utf-8-sig" if encoding == "utf-8" else encoding
+
+
+def _schema(s: Source, max_chars: int, encoding: str):
+    """The Arrow schema of a Parquet file, or a CSV's header as a schema of strings."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fsys, path = filesystem(s.uri)
-    try:
-        if s.format == "parquet":
-            with fsys.open_input_file(path) as f:
-                return pq.ParquetFile(f).schema_arrow.names
-        return _csv_names(fsys, path, s.uri, max_chars, encoding)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"--input: cannot read {s.uri} ({_cause(e, max_chars)})") from None
+    if s.format == "parquet":
+        with fsys.open_input_file(path) as f:
+            return pq.ParquetFile(f).schema_arrow
+    names = _csv_names(fsys, path, s.uri, max_chars, encoding)
+    return pa.schema([pa.field(n, pa.string()) for n in names])  # a schema may name a column twice
 
 
 def _csv_names(fsys, path: str, uri: str, max_chars: int, encoding: str) -> list[str]:
@@ -379,7 +462,7 @@ def _jsonl(uri: str, rows: int, text_column: str, max_chars: int = 100_000, enco
     with fsys.open_input_stream(path) as f:
         # surrogateescape keeps invalid bytes recognisable (a lone surrogate), so that line, and only
         # it, becomes an error row instead of a silently changed text.
-        lines = io.TextIOWrapper(f, encoding=encoding, errors="surrogateescape")
+        lines = io.TextIOWrapper(f, encoding=_jsonl_codec(encoding), errors="surrogateescape")
         batch: list[dict] = []
         for n, line in enumerate(_bounded_lines(lines, jsonl_line_chars(max_chars)), 1):
             if line is None:
@@ -421,7 +504,9 @@ def _json_row(line: str, n: int, encoding: str = "utf-8") -> dict:
     except UnicodeEncodeError:
         return {"error": f"line {n} is not {_label(encoding)}"}
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=unique_keys)
+    except RepeatedKey as e:  # json keeps the last of the two without a word
+        return {"error": f"line {n} has the key {e.key!r} more than once"}
     except json.JSONDecodeError as e:
         return {"error": f"line {n} is not JSON ({e.msg})"}
     except Exception as e:  # noqa: BLE001 - RecursionError (nested too deep), huge numbers...
