@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -138,6 +140,33 @@ def test_unknown_yaml_field_is_an_error(tmp_path):
     y.write_text("train:\n  epochz: 3\n")
     with pytest.raises(UserError, match="unknown field train.epochz"):
         Config.load(y)
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        # PyYAML keeps the last of two keys: the first section's settings were dropped without a word
+        ("train:\n  epochs: 1\ntrain:\n  lr: 0.001\n", "at line 3, column 1 (found the key 'train' twice"),
+        ("train:\n  epochs: 1\n  epochs: 5\n", "at line 3, column 3 (found the key 'epochs' twice"),
+        ("train:\n  epochs: true\n", "train.epochs: expected int, got True"),  # trained 1 epoch
+        ("train:\n  lr: true\n", "train.lr: expected float, got True"),
+        ("model:\n  name: [a, b]\n", "model.name: expected str, got ['a', 'b']"),  # the model "['a', 'b']"
+        ("data:\n  path: {a: 1}\n", "data.path: expected str, got {'a': 1}"),
+        ("train:\n  epochz: 3\n", "unknown field train.epochz"),  # named the file, not the flag
+    ],
+)
+def test_a_yaml_recipe_read_wrong_is_one_line_naming_the_flag(tmp_path, text, error):
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    with pytest.raises(UserError, match=f"^--config: {re.escape(str(y))}.*{re.escape(error)}"):
+        Config.load(y)
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  <<: {epochs: 2, lr: 0.001}\n  epochs: 5\n")
+    cfg = Config.load(y)
+    assert (cfg.train.epochs, cfg.train.lr) == (5, 0.001)
 
 
 def test_mpnet_default_config_is_the_default_recipe_with_a_larger_validation_split():

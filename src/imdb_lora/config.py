@@ -304,7 +304,7 @@ class Config:
         if not p.is_file():
             raise UserError(f"{at}no such file: {p}")
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
         except yaml.YAMLError as e:  # one line: where, and PyYAML's short reason
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -314,7 +314,7 @@ class Config:
             raise UserError(f"{at}{p} is unreadable ({type(e).__name__})") from None
         if raw is not None and not isinstance(raw, dict):
             raise UserError(f"{at}{p} must hold a mapping of sections")
-        return cls.from_dict(raw or {}, source=str(p))
+        return cls.from_dict(raw or {}, source=f"{at}{p}")  # its errors name the flag too
 
     @classmethod
     def load_saved(cls, path: str | os.PathLike) -> Config:
@@ -325,6 +325,32 @@ class Config:
             return cfg.validate()
         except UserError as e:
             raise UserError(f"{path}: a saved setting is invalid: {e}") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, but a key given twice in one mapping is an error: PyYAML keeps the last
+    silently, so a second `train:` section dropped every setting of the first."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden: that is its use
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            repeated = key in seen
+        except TypeError:  # an unhashable key: construct_mapping says so itself
+            break
+        if repeated:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"found the key {key!r} twice in one mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 # Bytes a file system allows in one name and in a whole path (Linux's; macOS allows 255 and 1,024): a
@@ -427,6 +453,10 @@ def coerce(value: Any, owner: type, f: dataclasses.Field, where: str) -> Any:
             return None
         raise UserError(f"{where}: a value is required")
     try:
+        # YAML's true is an int to Python (epochs: true trained 1 epoch), and a list or mapping is no
+        # name or number (model: {name: [a]} became the model "['a']")
+        if isinstance(value, bool) and tp is not bool or isinstance(value, dict | list) and tp is str:
+            raise ValueError(value)
         if tp is bool:
             if isinstance(value, bool):
                 return value
