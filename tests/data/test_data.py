@@ -324,6 +324,12 @@ def test_labeled_and_text_files_read_alike_whatever_their_line_ends_or_byte_orde
         ("dup.jsonl", b'{"text": "great", "label": 1, "text": "awful"}\n', "line 1 has the key 'text' more"),
         # an unquoted comma cut the text there, the rest dropped without a word
         ("cut.csv", b"label,text\n1,great, really great\n", "line 2 has 3 cells and the header 2; quote"),
+        # csv closed the stray quote's cell at the end of the file: three rows read as one text
+        (
+            "open.csv",
+            b'label,text\n1,great\n1,"bad\n0,good\n1,fine\n',
+            "line 3 opens a quoted cell that is never",
+        ),
         ("array.json", b'[{"text": "great", "label": 1}]\n', "not a JSON object; JSON Lines is one object"),
         ("gz.jsonl", b"\x1f\x8b\x08\x00rest of a gzip stream", "is gzip-compressed, not text"),
         ("p.csv", b"PAR1\x15\x04 rest of a Parquet file", "is a Parquet file, not text"),

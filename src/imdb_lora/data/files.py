@@ -68,7 +68,8 @@ def csv_records(content: str, p: Path, flag: str) -> tuple[list[str], list[tuple
     # The whole file is in memory already, so no field of it can be too large to hold: lift csv's
     # 128 KB field limit (a long review in one cell is legitimate) up to the file's own size.
     csv.field_size_limit(max(csv.field_size_limit(), len(content) + 1))
-    reader = csv.DictReader(io.StringIO(content), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(content), delimiter=delimiter)
     records = []
     try:
         header = list(reader.fieldnames or [])
@@ -86,7 +87,27 @@ def csv_records(content: str, p: Path, flag: str) -> tuple[list[str], list[tuple
             records.append((line, row))
     except csv.Error as e:
         raise UserError(f"{flag}: {p} line {reader.line_num} is not valid CSV ({e})") from None
+    _check_quotes_close(content, delimiter, records, p, flag)
     return header, records
+
+
+def _check_quotes_close(
+    content: str, delimiter: str, records: list[tuple[int, dict]], p: Path, flag: str
+) -> None:
+    """csv ends a quoted cell still open at the end of the file without a word: every line after a
+    stray quote became part of that one cell (rows merged into one text). Its strict mode says so."""
+    try:
+        for _ in csv.reader(io.StringIO(content), delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        if "unexpected end of data" not in str(e):  # strict's other complaints ('"a" b') read fine
+            return
+        # the open cell holds the file's last line break too, which the start-line count took off
+        start = records[-1][0] + content.endswith("\n") if records else 1
+        raise UserError(
+            f'{flag}: {p} line {start} opens a quoted cell that is never closed (a stray "?): every '
+            "line after it was read into that cell"
+        ) from None
 
 
 def _check_header(header: list[str], p: Path, flag: str) -> None:
