@@ -279,6 +279,14 @@ def test_overwrite_replaces(tiny_models, imdb_dir, tmp_path, capsys):
     assert code == 0 and not (out / "old.txt").exists() and (out / "run.json").is_file()
 
 
+@pytest.mark.parametrize("char, shown", [("\x1b", "\\x1b"), ("\x7f", "\\x7f"), ("\t", "\\t")])
+def test_a_control_character_in_an_error_is_shown_escaped(tmp_path, capsys, char, shown):
+    # printed raw: a terminal escape sequence from a path, or from a binary file's bytes that pyarrow's
+    # parse error quotes, acted on the user's terminal
+    code, _, err = run(capsys, "predict", str(tmp_path / f"my{char}[31mrun"), "x")
+    assert code == 2 and err == f"imdb-lora: error: no such run directory: {tmp_path}/my{shown}[31mrun\n"
+
+
 def test_a_line_break_in_a_path_keeps_the_error_on_one_line(tmp_path, capsys):
     run_dir = str(tmp_path / "my\nrun")  # the message quoted it raw: two lines on stderr
     code, _, err = run(capsys, "predict", run_dir, "x")

@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse usage errors (code 2) and --help (code 0)
         return int(e.code or 0)
     except UserError as e:  # one line, even when it quotes a path or a library's message with line breaks
-        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
-        print(f"imdb-lora: error: {message}", file=sys.stderr)
+        print(f"imdb-lora: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except PermissionError as e:  # a file of another user's, a read-only copy: which file, not a traceback
         print(f"imdb-lora: error: {permission_denied(e)}", file=sys.stderr)
@@ -117,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         if not stdout_is_a_pipe():
             raise
         return reader_left()
+
+
+def printable(message: str) -> str:
+    """A message as one line of plain text: a line break is shown as \\n, and any other control
+    character as an escape (pyarrow's parse errors quote the raw row, and a binary file's bytes put
+    NULs and terminal escape sequences on the user's terminal)."""
+    escapes = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+    return "".join(
+        c if c.isprintable() else escapes.get(c) or c.encode("unicode_escape").decode("ascii")
+        for c in message
+    )
 
 
 def permission_denied(e: PermissionError) -> str:

@@ -323,7 +323,8 @@ def _cause(e: Exception, max_chars: int) -> str:
     if "straddl" in str(e):  # pyarrow: one CSV row longer than its block
         mib = csv_block_bytes(max_chars) >> 20
         return f"a CSV row is longer than {mib} MiB, the most read with --max-chars {max_chars:,}"
-    return f"{type(e).__name__}: {e}"
+    text = str(e)  # pyarrow's parse error quotes the whole offending row: a few hundred characters do
+    return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
 # ---------------------------------------------------------------- reading
