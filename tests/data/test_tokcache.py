@@ -78,6 +78,21 @@ def test_disabled_or_unwritable_cache_still_tokenizes(tok, cache):
     assert os.listdir(cache.parent) == ["tokens"]
 
 
+def test_a_full_cache_disk_still_tokenizes(tiny_models, cache, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, which stopped training with a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, path, *args, **kw):
+        open(path, "wb").write(b"half")  # what the writer had managed before the disk filled
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    tok = load_tokenizer(str(tiny_models("bert")))  # built before the disk "fills"
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert tokcache.cached_encode(tok, TEXTS, 64) == encode(tok, TEXTS, 64)
+    assert os.listdir(cache) == []  # no entry, and no half-written one left behind
+
+
 def test_train_can_turn_the_cache_off(tiny_models, imdb_dir, tmp_path, cache):
     from conftest import train_args
 

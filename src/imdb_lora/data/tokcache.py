@@ -112,6 +112,7 @@ def _read(path: Path, expected: int) -> list[list[int]] | None:
 
 
 def _write(path: Path, ids: list[list[int]]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     lengths = torch.tensor([0] + [len(s) for s in ids], dtype=torch.int64)
@@ -124,7 +125,8 @@ def _write(path: Path, ids: list[list[int]]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, tmp)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only or full cache disk must not stop training
+    except (OSError, SafetensorError) as e:  # a read-only or full cache disk must not stop training
+        # (safetensors reports a full disk as a SafetensorError, "... (os error 28)", not an OSError)
         log.warning("cannot write token cache %s: %s", path, e)
         try:
             tmp.unlink(missing_ok=True)
