@@ -1,5 +1,11 @@
-"""The exceptions the CLI turns into one line: user mistakes (exit code 2) and SIGTERM (exit 143)."""
+"""The exceptions the CLI turns into one line: user mistakes (exit code 2) and SIGTERM (exit 143), and
+what a full disk or a read-only file system makes a write raise (also one line, exit code 2)."""
 
+from __future__ import annotations
+
+import errno
+import os
+import re
 import signal
 
 
@@ -14,3 +20,39 @@ class Terminated(KeyboardInterrupt):
     status for it."""
 
     status = 128 + int(signal.SIGTERM)
+
+
+# A full disk, a quota, a file past the file system's size limit, a read-only mount: the user's to fix
+# (free space, write elsewhere), never a bug of ours, so one line rather than a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def write_failure(e: BaseException) -> OSError | None:
+    """The OSError behind `e` if it is a write that failed for lack of space or a read-only file system.
+
+    safetensors' writer (checkpoints, adapters, merged models) raises its own SafetensorError, "I/O error:
+    No space left on device (os error 28)", not an OSError: its errno is read from that text (by the
+    class's name: this bottom layer imports no library)."""
+    if isinstance(e, OSError):
+        return e if e.errno in WRITE_ERRNOS else None
+    if type(e).__name__ == "SafetensorError":
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m and int(m[1]) in WRITE_ERRNOS:
+            return OSError(int(m[1]), os.strerror(int(m[1])))
+    return None
+
+
+def cannot_write(e: OSError, where: str | None = None) -> str:
+    """`cannot write FILE (No space left on device)`: how a message about a failed write starts. `where`
+    names the file when the error does not (safetensors' does not)."""
+    name = e.filename if e.filename is not None else where
+    return f"cannot write{'' if name is None else f' {name}'} ({e.strerror or os.strerror(e.errno or 0)})"
+
+
+def make_room(e: OSError) -> str:
+    """What the user does about a failed write before trying again."""
+    if e.errno == errno.EROFS:
+        return "make it writable"
+    if e.errno == errno.EFBIG:
+        return "use a file system that takes larger files"
+    return "free some space"

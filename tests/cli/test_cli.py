@@ -178,6 +178,35 @@ def test_python_dash_m_predicts_and_a_reader_that_stops_early_is_quiet(trained_r
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such run directory" in r.stderr
 
 
+def test_a_full_disk_under_standard_output_is_one_line(trained_run, monkeypatch, capsys):
+    """`predict RUN ... > file` on a full disk ended in an OSError traceback (exit 1), or for a short
+    output, once main had returned, in Python's own "Exception ignored" report (exit 120)."""
+    import errno
+
+    class FullDisk(io.RawIOBase):
+        full = True
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return len(b)
+
+    disk = FullDisk()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(disk)))
+    try:
+        assert main(["predict", str(trained_run), "great film"]) == 2
+    finally:
+        disk.full = False  # what is left in the buffer may go now: nothing to report at garbage collection
+    lines = without_startup(capsys.readouterr().err).splitlines()
+    assert lines[1:] == [  # after predict's "loaded RUN: ..."
+        "imdb-lora: error: cannot write standard output (No space left on device); free some space or write "
+        "elsewhere, and run the command again"
+    ]
+
+
 HEAVY = ("torch", "transformers", "peft", "numpy", "fastapi", "uvicorn", "onnxruntime", "ray", "matplotlib")
 
 

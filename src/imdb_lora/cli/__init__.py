@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ..errors import Terminated, UserError
+from ..errors import Terminated, UserError, cannot_write, make_room, write_failure
 from .bench import add_bench_parser
 from .compare import add_compare_parser
 from .evaluate import add_evaluate_parser
@@ -88,19 +88,10 @@ class VersionAction(argparse.Action):
 def main(argv: list[str] | None = None) -> int:
     # transformers' own deprecation notices (e.g. is_gradient_checkpointing) are not the user's to fix
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-    parser = build_parser()
     try:
-        ns, extra = parser.parse_known_args(argv)
-        if getattr(ns, "passthrough", False):  # compare hands the remaining flags to train
-            ns.extra = extra
-        elif extra and getattr(ns, "texts", None) is not None and not any(e.startswith("-") for e in extra):
-            ns.texts += extra  # texts after options: `predict RUN --json "text"`
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        with sigterm_as_interrupt():
-            return ns.func(ns)
-    except SystemExit as e:  # argparse usage errors (code 2) and --help (code 0)
-        return int(e.code or 0)
+        code = run_command(build_parser(), argv)
+        sys.stdout.flush()  # here, not at exit: `> file` on a full disk is then one line, as any write
+        return code
     except UserError as e:  # one line, even when it quotes a path or a library's message with line breaks
         print(f"imdb-lora: error: {printable(str(e))}", file=sys.stderr)
         return 2
@@ -116,6 +107,28 @@ def main(argv: list[str] | None = None) -> int:
         if not stdout_is_a_pipe():
             raise
         return reader_left()
+    except Exception as e:  # a full disk or a read-only file system, under a write no command words itself
+        failure = write_failure(e)
+        if failure is None:
+            raise
+        print(f"imdb-lora: error: {unwritable(failure)}", file=sys.stderr)
+        return 2
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse the command line and run its command; its exit code."""
+    try:
+        ns, extra = parser.parse_known_args(argv)
+        if getattr(ns, "passthrough", False):  # compare hands the remaining flags to train
+            ns.extra = extra
+        elif extra and getattr(ns, "texts", None) is not None and not any(e.startswith("-") for e in extra):
+            ns.texts += extra  # texts after options: `predict RUN --json "text"`
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        with sigterm_as_interrupt():
+            return ns.func(ns)
+    except SystemExit as e:  # argparse usage errors (code 2), --help and --version (code 0)
+        return int(e.code or 0)
 
 
 def printable(message: str) -> str:
@@ -170,7 +183,43 @@ def reader_left() -> int:
     """`predict ... | head`: the reader closed the pipe, having read all it wanted. Quiet, as other
     filters are: stdout goes to /dev/null (Python would report the failed flush at exit), and the exit
     status is a shell's for SIGPIPE (128 + 13), so `set -o pipefail` still sees the output was cut."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    stdout_to_devnull()
     return 128 + int(signal.SIGPIPE)
+
+
+def unwritable(e: OSError) -> str:
+    """The line for a failed write. One that names no file may be standard output's (`predict > file` on a
+    full disk); what is left in its buffer is then dropped, or Python would report it failing at exit."""
+    what = cannot_write(e)
+    if e.filename is None and (not stdout_flushes() or stdout_disk_is_full()):
+        stdout_to_devnull()
+        what = cannot_write(e, "standard output")
+    return f"{what}; {make_room(e)} or write elsewhere, and run the command again"
+
+
+def stdout_flushes() -> bool:
+    """False while standard output holds what it failed to write (a buffered print)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):  # a full or read-only target; a closed stream
+        return False
+    return True
+
+
+def stdout_disk_is_full() -> bool:
+    """Whether standard output's file system is full (an unbuffered or large print keeps nothing back)."""
+    try:
+        return os.fstatvfs(sys.stdout.fileno()).f_bavail == 0
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured, closed)
+        return False
+
+
+def stdout_to_devnull() -> None:
+    """Standard output goes nowhere from now on (what Python would flush at exit included)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured): nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
