@@ -1,8 +1,14 @@
-"""RunDir.save_weights: the adapter folder is replaced whole and written the same way every time."""
+"""RunDir.save_weights: the adapter folder is replaced whole and written the same way every time; a
+failed atomic write keeps the file it was replacing."""
 
+import errno
 import json
+import os
+from pathlib import Path
 
-from imdb_lora.runs.rundir import RunDir
+import pytest
+
+from imdb_lora.runs.rundir import RunDir, atomic_write_text
 
 
 class HashOrderModel:
@@ -33,3 +39,19 @@ def test_adapter_config_is_the_same_whatever_the_set_order(tmp_path):
 def test_a_trained_runs_adapter_config_lists_target_modules_sorted(trained_run):
     record = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
     assert record["target_modules"] == sorted(record["target_modules"]) and len(record["target_modules"]) > 1
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_half_copy(tmp_path, monkeypatch):
+    """A full disk under run.json's rewrite left a half-written run.json.tmp beside the run."""
+    path = tmp_path / "run.json"
+    path.write_text("old")
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kw):
+        write_text(self, text[:3])  # what fitted before the disk was full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new and longer")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["run.json"]

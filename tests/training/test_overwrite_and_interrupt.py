@@ -25,6 +25,14 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
+def last_error_line(capsys) -> str:
+    """The error that ends a command which had trained (its progress bars come first on stderr)."""
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith("imdb-lora: error:"), err[-2000:]
+    return lines[-1]
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_models, imdb_dir, tmp_path, capsys):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
@@ -94,6 +102,35 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tiny_models, imdb_dir, tmp
     assert main(train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "1")) == 130
     assert f"imdb-lora train --output-dir {out} --resume" in capsys.readouterr().err
     monkeypatch.undo()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert RunDir(out).status() == "finished"
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_the_run_as_ctrl_c_does(
+    tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    """A full disk under a checkpoint ended train in safetensors' traceback (SafetensorError, not even an
+    OSError), leaving a run that said "running" and a half-written run.json.tmp beside it; now one line
+    names the run and what to do: resume from the last checkpoint (before the first one, the run is
+    removed, as Ctrl-C removes it: the same code)."""
+    from safetensors import SafetensorError
+
+    from imdb_lora.training import trainer
+
+    save_checkpoint, saves = trainer.save_checkpoint, []
+
+    def full_disk(*args, **kw):  # the second checkpoint (epoch 2's end) finds the disk full
+        saves.append(1)
+        if len(saves) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_checkpoint(*args, **kw)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", full_disk)
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "0")) == 2
+    line = last_error_line(capsys)
+    assert f"--output-dir {out}: cannot write (No space left on device); free some space first" in line
+    assert line.endswith(f"continue it with: imdb-lora train --output-dir {out} --resume")
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert RunDir(out).status() == "finished"
 

@@ -15,6 +15,7 @@ results.md, curves.png, README.md   the report and the model card
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -28,8 +29,13 @@ from .filelock import lock_file, write_pid
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C mid-write: no half-written copy is left beside the file
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 CALIBRATION = "calibration.json"

@@ -29,7 +29,7 @@ from ..config import Config, differing_fields
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
 from ..data.tokenize import record_max_length
-from ..errors import UserError
+from ..errors import UserError, cannot_write, make_room, write_failure
 from ..metrics import machine, peak_memory
 from ..modeling.flat import batching_path, flat_note, flat_options_check
 from ..modeling.forward import batched_logits, compile_encoder
@@ -97,8 +97,11 @@ class Trainer:
             self._setup_optimizer()
             if self.dist.main:
                 self.run.write_status("running", self._summary())
-        except BaseException:
+        except BaseException as e:
             self._abandon()
+            failure = write_failure(e)
+            if failure is not None:  # a full disk: what to do, in one line
+                raise UserError(self._setup_write_failed(failure)) from None
             raise
         if self.replaced is not None:  # the new run is set up: only now is the old one dropped
             shutil.rmtree(self.replaced, ignore_errors=True)
@@ -283,6 +286,19 @@ class Trainer:
             else None
         )
 
+    def _setup_write_failed(self, e: OSError) -> str:
+        """A full disk (or a read-only one) while setting the run up, after _abandon has cleaned up."""
+        run = self.run.path
+        if self.resumed:
+            left = (
+                f"its files are kept; {make_room(e)}, then continue it with: {self.dist.resume_command(run)}"
+            )
+        elif self.replaced is not None:
+            left = f"the run that was there is back as it was; {make_room(e)} or train elsewhere"
+        else:
+            left = f"nothing was left there; {make_room(e)} or train elsewhere"
+        return f"--output-dir {run}: {cannot_write(e)} while setting the run up; {left}"
+
     def _abandon(self) -> None:
         """Setup failed: a fresh run leaves nothing behind; a resumed one keeps its files, unlocked."""
         if self.created:
@@ -316,6 +332,14 @@ class Trainer:
             stop = type(e)(self._interrupted())
             stop.quiet = not self.dist.main  # torchrun signals every rank; rank 0 alone says where it stood
             raise stop from None
+        except Exception as e:
+            failure = write_failure(e)
+            if failure is None:
+                raise
+            # A full disk: the run is left as Ctrl-C leaves it (resumable from its last checkpoint, or
+            # removed, which also gives the space back), and the line says so.
+            stopped = f"--output-dir {self.run.path}: {cannot_write(failure)}; {make_room(failure)} first: "
+            raise UserError(stopped + self._interrupted()) from None
         finally:
             self.run.unlock()
             self.dist.close()
