@@ -2,6 +2,7 @@
 labeled-file evaluation (label spellings, confusion matrix, the most confident mistakes)."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -148,6 +149,36 @@ def test_evaluate_file_reports_and_writes_the_most_confident_mistakes(trained_ru
                        "--errors-dir", tmp_path / "errs", "--overwrite")  # fmt: skip
     assert code == 0 and "2 most confident mistakes written to" in out and "NEGATIVE" in out
     assert len((tmp_path / "errs" / "mine.csv.errors.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluate_file_on_a_full_disk_is_one_line_and_keeps_the_old_errors_file(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    """A full disk under the mistakes file ended in an OSError traceback and left a half-written
+    mine.csv.errors.jsonl.tmp beside it."""
+    import errno
+    from pathlib import Path
+
+    f, errs = tmp_path / "mine.csv", tmp_path / "errs"
+    mislabeled_csv(f, Classifier.load(str(trained_run), device="cpu"))
+    errs.mkdir()
+    (errs / "mine.csv.errors.jsonl").write_text("the earlier mistakes\n")
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kw):
+        write_text(self, text[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    code, _, err = run(
+        capsys, "evaluate", trained_run, "--file", f, "--errors", "5", "--errors-dir", errs, "--overwrite"
+    )
+    assert code == 2 and err.splitlines()[-1] == (
+        f"imdb-lora: error: --errors: cannot write {errs / 'mine.csv.errors.jsonl'} (No space left on device); "
+        "free some space or choose another --errors-dir"
+    )
+    assert os.listdir(errs) == ["mine.csv.errors.jsonl"]
+    assert (errs / "mine.csv.errors.jsonl").read_text() == "the earlier mistakes\n"
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, cannot_write, make_room, write_failure
+from ..runs.rundir import atomic_write_text, require_creatable
 from .common import (
     add_raw_flag,
     add_window_flag,
@@ -150,6 +151,7 @@ def _errors_paths(ns: argparse.Namespace) -> list[Path]:
     folder = Path(ns.errors_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--errors-dir {folder} exists and is not a folder")
+    require_creatable(folder, "--errors-dir")  # a read-only place fails now, not after the evaluation
     paths = [folder / f"{Path(f).name}.errors.jsonl" for f in ns.files]
     if len(set(paths)) < len(paths):
         raise UserError("--errors: two --file inputs share a file name; evaluate them in separate calls")
@@ -180,8 +182,6 @@ def _write_errors(path: Path, part, probs, n: int) -> int:
     """The n most confident mistakes as JSONL, atomically. Each names its place twice: `row`, the
     1-based row among the file's rows (`score`'s 0-based source_row + 1), and `line`, where it starts
     in the file (a CSV's header is line 1): the number an editor or a spreadsheet shows."""
-    import os
-
     from ..calibration import most_confident_mistakes
     from ..data.labeled import LABEL_NAMES
 
@@ -200,10 +200,17 @@ def _write_errors(path: Path, part, probs, n: int) -> int:
                 "text": part.texts[i],
             }
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
+    except OSError as e:
+        failure = write_failure(e)
+        if failure is None:
+            raise
+        failure.filename = None  # the temporary file's name: the one to report is the errors file's
+        raise UserError(
+            f"--errors: {cannot_write(failure, str(path))}; {make_room(failure)} or choose another --errors-dir"
+        ) from None
     return len(lines)
 
 
