@@ -46,7 +46,8 @@ def cannot_write(e: OSError, where: str | None = None) -> str:
     """`cannot write FILE (No space left on device)`: how a message about a failed write starts. `where`
     names the file when the error does not (safetensors' does not)."""
     name = e.filename if e.filename is not None else where
-    return f"cannot write{'' if name is None else f' {name}'} ({e.strerror or os.strerror(e.errno or 0)})"
+    # the errno's own words: pyarrow's strerror is "Error writing bytes to file. Detail: [errno 28] ..."
+    return f"cannot write{'' if name is None else f' {name}'} ({os.strerror(e.errno) if e.errno else e})"
 
 
 def make_room(e: OSError) -> str:

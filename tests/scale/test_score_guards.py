@@ -156,6 +156,40 @@ def test_a_failed_or_killed_job_leaves_its_marker_unfinished(trained_run, tmp_pa
     one_line_error(capsys, "holds an unfinished score output (status 'running': the job was killed")
 
 
+def test_a_full_disk_under_the_first_marker_is_one_line_and_leaves_an_output_to_reuse(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    """The marker was rewritten in place: a full disk left it empty, and the folder then was "not an
+    imdb-lora score output", refused even with --overwrite (and the job ended in pyarrow's traceback)."""
+    import errno
+
+    from imdb_lora.scale import output as score_output
+
+    class FullDisk:  # the output's filesystem, where every write finds the disk full
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        @contextlib.contextmanager
+        def open_output_stream(self, path):
+            with self.real.open_output_stream(path):  # created (empty), as a full disk still allows
+                yield self
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = score_output.filesystem
+    monkeypatch.setattr(score_output, "filesystem", lambda uri: (FullDisk(real(uri)[0]), real(uri)[1]))
+    src, out = write_jsonl(tmp_path / "in.jsonl", [GOOD]), tmp_path / "out"
+    assert score(trained_run, "--input", str(src), "--output", str(out)) == 2
+    one_line_error(capsys, f"--output {out}: cannot write (No space left on device); free some space")
+    monkeypatch.undo()
+    assert score(trained_run, "--input", str(src), "--output", str(out)) == 0  # no --overwrite needed
+    assert marker(out)["status"] == "finished"
+
+
 def test_marker_and_refusals_go_through_the_outputs_pyarrow_filesystem(monkeypatch):
     """A remote output (here pyarrow's in-memory mock filesystem) is guarded as a local one is."""
     from imdb_lora.scale import output as score_output

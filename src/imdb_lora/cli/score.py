@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UserError
+from ..errors import UserError, cannot_write, make_room, write_failure
 from ..extras import require
 from ..scale.batch import MAX_CHARS
 from .common import (
@@ -113,10 +113,19 @@ def cmd_score(ns: argparse.Namespace) -> int:
         encoding=ns.encoding,
         overwrite=ns.overwrite,
     )
-    prepare(job)
-    if ns.engine == "local":
-        summary = run_local(job, device=ns.device or "auto")
-    else:
-        summary = run_ray(job, ns.ray_address, ns.workers, ns.cpus_per_worker, ns.num_gpus_per_worker)
+    try:
+        prepare(job)
+        if ns.engine == "local":
+            summary = run_local(job, device=ns.device or "auto")
+        else:
+            summary = run_ray(job, ns.ray_address, ns.workers, ns.cpus_per_worker, ns.num_gpus_per_worker)
+    except Exception as e:
+        failure = write_failure(e)
+        if failure is None:
+            raise
+        # its marker says "failed" (or, when even the first marker could not be written, there is none)
+        raise UserError(
+            f"--output {ns.output}: {cannot_write(failure)}; {make_room(failure)}, then score again with --overwrite"
+        ) from None
     print(summary.text(ns.output))
     return 0

@@ -158,18 +158,18 @@ def run_local(job: ScoreJob, device: str = "auto", progress: bool = True) -> Sum
     with recorded(job):
         scorer = ScoreBatch(**job.scorer_args(device))
         fsys, out = filesystem(job.output)
-        bar = tqdm(
+        # closed on an error too, before its one line: else the bar is drawn again below it, at exit
+        with tqdm(
             total=known_rows(job.sources), unit="row", desc="score", disable=not progress, dynamic_ncols=True
-        )
-        for i, src in enumerate(job.sources):
-            parts = PartWriter(fsys, f"{out}/part-{i:05d}", pq)
-            for table in read_batches(
-                src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars, job.encoding
-            ):
-                parts.write(scorer(table))
-                bar.update(table.num_rows)
-            parts.close()
-        bar.close()
+        ) as bar:
+            for i, src in enumerate(job.sources):
+                parts = PartWriter(fsys, f"{out}/part-{i:05d}", pq)
+                for table in read_batches(
+                    src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars, job.encoding
+                ):
+                    parts.write(scorer(table))
+                    bar.update(table.num_rows)
+                parts.close()
         return finished(job, summarize(job.output, time.time() - start))
 
 

@@ -17,6 +17,7 @@ two jobs must not be given the same remote output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -179,9 +180,19 @@ def read_marker(output: str) -> dict[str, Any] | None:
 
 
 def write_marker(output: str, record: dict[str, Any]) -> None:
+    """Whole or not at all: written beside the marker, then renamed over it. A full disk under a rewrite in
+    place left an empty marker, which made the output "not an imdb-lora score output" that even
+    --overwrite refused; now the previous marker stays (or, for the first, none: an empty folder)."""
     fsys, path = marker_path(output)
-    with fsys.open_output_stream(path) as f:
-        f.write(json.dumps({"kind": KIND, **record}, indent=2).encode() + b"\n")
+    tmp = path + ".tmp"  # a leading underscore too: readers of the parts skip it
+    try:
+        with fsys.open_output_stream(tmp) as f:
+            f.write(json.dumps({"kind": KIND, **record}, indent=2).encode() + b"\n")
+        fsys.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep the write's own error, not this one
+            fsys.delete_file(tmp)
+        raise
 
 
 def finish_marker(output: str, rows: int, errors: int, seconds: float) -> None:
