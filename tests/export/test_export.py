@@ -277,6 +277,30 @@ def test_an_export_killed_between_its_two_renames_loses_nothing(trained_run, tmp
     assert (dest / "model.onnx").is_file() and sorted(os.listdir(tmp_path)) == ["x"]
 
 
+def test_a_full_disk_is_one_line_naming_to_and_keeps_the_earlier_export(
+    exports, trained_run, tmp_path, capsys, monkeypatch
+):
+    """A full disk under the export was safetensors' or onnx's traceback naming the hidden staging folder
+    (or, for int8, a "corrupt model" from a copy onnx had written truncated)."""
+    import shutil
+
+    from safetensors import SafetensorError
+
+    from imdb_lora.export import exporter
+
+    def full_disk(*args, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    dest = Path(shutil.copytree(exports["merged"], tmp_path / "ex"))
+    monkeypatch.setattr(exporter, "write_portable_record", full_disk)
+    assert export(trained_run, dest, "--overwrite") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"imdb-lora: error: --to {dest}: cannot write (No space left on device); the export there is kept; "
+        "free some space and export again"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["ex"] and (dest / MARKER).is_file()
+
+
 # ---------------------------------------------------------------- without imdb-lora: transformers, onnxruntime
 
 LONG_REVIEW = "the movie was great and the acting was wonderful " * 40  # ~400 tokens: past 64 and past 128

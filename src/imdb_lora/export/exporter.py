@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from .. import __version__
 from ..data.tokenize import record_max_length
-from ..errors import UserError
+from ..errors import UserError, cannot_write, make_room, write_failure
 from ..inference.classifier import Classifier
 from ..inference.exported import (
     FORMATS,
@@ -102,8 +102,14 @@ def export_run(
         try:
             marker = _write_export(clf, src, stage, fmt, quantize, say)
             _replace(stage, dest)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(stage, ignore_errors=True)
+            failure = write_failure(e)
+            if failure is not None:  # a full disk: said in one line, naming --to rather than the stage
+                kept = "the export there is kept" if is_export(dest) else "nothing was written there"
+                raise UserError(
+                    f"--to {dest}: {cannot_write(failure)}; {kept}; {make_room(failure)} and export again"
+                ) from None
             raise
         ok = True
     finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -153,7 +155,7 @@ def _quantize_int8(src: Path, dest: Path) -> dict[str, Any]:
 
     graph = onnx.load(str(src), load_external_data=False).graph
     head = [n.name for n in graph.node if "classifier" in n.name]
-    with _quiet():
+    with _quiet(), _full_disk_as_oserror(src):
         quantize_dynamic(
             str(src),
             str(dest),
@@ -168,6 +170,19 @@ def _quantize_int8(src: Path, dest: Path) -> dict[str, Any]:
             },
         )
     return {"method": "dynamic", "weights": "int8 per channel", "ops": ["MatMul"], "excluded": head}
+
+
+@contextmanager
+def _full_disk_as_oserror(src: Path) -> Iterator[None]:
+    """onnx's shape inference writes a copy of `src` beside it and, on a full disk, writes it truncated
+    without a word; reading it back then fails as a corrupt model (protobuf's DecodeError, or a ValueError).
+    Where there is no longer room for such a copy, that is the full disk's ENOSPC, said as such."""
+    try:
+        yield
+    except Exception:
+        if shutil.disk_usage(src.parent).free < src.stat().st_size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise
 
 
 @contextmanager
