@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         failure = write_failure(e)
         if failure is None:
             raise
-        print(f"imdb-lora: error: {unwritable(failure)}", file=sys.stderr)
+        print(f"imdb-lora: error: {printable(unwritable(failure))}", file=sys.stderr)
         return 2
 
 
