@@ -193,6 +193,8 @@ def test_metrics_parse_and_count_the_requests_sent(clf):
     assert m[("imdb_lora_draining", ())] == 0
 
 
+# a real server process signalled under load (~13 s): slow, run by `make test` and CI after the fast suite
+@pytest.mark.slow
 def test_sigterm_answers_every_admitted_request_reports_draining_and_exits_0(trained_run):
     # batching waits 2 s for company, so the admitted requests are still queued when SIGTERM arrives
     cmd = [sys.executable, "-m", "imdb_lora", "serve", str(trained_run), "--port", "0", "--device", "cpu",

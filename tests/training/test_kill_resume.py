@@ -40,6 +40,8 @@ def longer_imdb(tmp_path_factory):
     return write_imdb(tmp_path_factory.mktemp("imdb48"), per_class=48, seed=1)
 
 
+# a real process killed and resumed (~15 s): slow, run by `make test` and CI after the fast suite
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_models, longer_imdb, tmp_path):
     def args(out):
         return train_args(tiny_models("bert"), longer_imdb, out, "--batch-size", "4", "--max-length", "32",
