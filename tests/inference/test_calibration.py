@@ -101,8 +101,14 @@ def test_label_spellings_and_columns(tmp_path):
     data = load_labeled_file(f, "--file", text_column="review", label_column="stars")
     assert data.labels == [0, 1, 0, 1, 0, 1, 0, 1] and data.texts[2] == "text 2"
     j = tmp_path / "mine.jsonl"
-    j.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "neg"}\n')
-    assert load_labeled_file(j).labels == [1, 0]
+    j.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "neg"}\n{"text": "c", "label": 0.0}\n')
+    assert load_labeled_file(j).labels == [1, 0, 0]
+    f.write_text("review\tstars\nfine\t1.0\nbad\t0.0\n")  # pandas writes a label column with a gap as floats
+    assert load_labeled_file(f, "--file", text_column="review", label_column="stars").labels == [1, 0]
+    for odd in ("0.5", "2.0", "true"):  # still refused: no label, or no agreed one
+        f.write_text(f"review\tstars\nfine\t{odd}\n")
+        with pytest.raises(UserError, match=f"line 2 has label '{odd}'"):
+            load_labeled_file(f, "--file", text_column="review", label_column="stars")
     f.write_text("review\tstars\nfine\tmaybe\n")
     with pytest.raises(UserError, match=r"line 2 has label 'maybe'; labels must be 0 \(negative\)"):
         load_labeled_file(f, "--file", text_column="review", label_column="stars")

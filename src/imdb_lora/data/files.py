@@ -13,12 +13,13 @@ from pathlib import Path
 from ..errors import UserError
 from .labeled import LabeledTexts, has_content
 
-# Label spellings accepted in labeled files (case-insensitive, surrounding spaces ignored).
-LABEL_SPELLINGS = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1}
+# Label spellings accepted in labeled files (case-insensitive, surrounding spaces ignored). 0.0 and 1.0
+# too: pandas stores a label column that has a gap as floats and writes them so (CSV "1.0", JSON 1.0).
+LABEL_SPELLINGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1}
 
 
 def parse_label(value: object) -> int | None:
-    """0/1 from 0, 1, negative/positive or neg/pos (any case); None for anything else."""
+    """0/1 from 0, 1, 0.0, 1.0, negative/positive or neg/pos (any case); None for anything else."""
     if isinstance(value, bool):  # JSON true/false is not a label spelling anyone agreed on
         return None
     return LABEL_SPELLINGS.get(str(value).strip().lower())
@@ -187,7 +188,7 @@ def load_labeled_file(
         if y is None:
             raise UserError(
                 f"{flag}: {p} line {n} has label {label!r}; labels must be 0 (negative) or 1 (positive)"
-                " (also accepted: negative/positive, neg/pos, any case)"
+                " (also accepted: 0.0/1.0, negative/positive, neg/pos, any case)"
             )
         texts.append(text)
         labels.append(y)
