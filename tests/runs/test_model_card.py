@@ -133,6 +133,10 @@ def test_card_metadata_parses_on_the_hub_and_claims_only_what_is_true(tmp_path):
 
     subset = ModelCard(subset_card(SUBSET)).data  # 500 of 25,000 test reviews
     assert subset.eval_results is None and subset.datasets == ["stanfordnlp/imdb"]
+    small = {**full, "examples": {**full["examples"], "test": 48}, "examples_available": {"test": 48}}
+    assert (
+        ModelCard(subset_card(small)).data.eval_results is None
+    )  # all of a 48-review folder: not IMDB's test
     cfg = Config.from_dict({"model": {"name": "FacebookAI/roberta-base", "random_init": True}}).validate()
     assert ModelCard(model_card(cfg, [], full)).data.eval_results is None
     files = {**full, "data_source": {"kind": "files"}, "examples_available": {}}

@@ -307,6 +307,9 @@ See `results.md` for per-epoch figures and `config.yaml` for the exact recipe.
 
 
 IMDB_HUB_ID = "stanfordnlp/imdb"  # the hub's copy of the Large Movie Review Dataset (same 25k/25k split)
+IMDB_TEST_REVIEWS = (
+    25_000  # its test split: a figure on fewer reviews (a sample, a copy cut down) is no claim
+)
 
 
 def card_metadata(cfg: Config, summary: dict[str, Any], hub_base: bool, imdb: bool) -> str:
@@ -314,7 +317,8 @@ def card_metadata(cfg: Config, summary: dict[str, Any], hub_base: bool, imdb: bo
 
     base_model only for a hub id (the hub takes it as one; a local folder's path means nothing
     elsewhere); the dataset and language only for IMDB; model-index (the hub's results table) only for
-    a figure that is what it claims: pretrained weights, read on the whole IMDB test split."""
+    a figure that is what it claims: pretrained weights, read on the whole IMDB test split (all of its
+    25,000 reviews: a folder of fewer, as the tests write, is not that split)."""
     lora = cfg.train.method == "lora"
     meta: dict[str, Any] = {"library_name": "peft" if lora else "transformers"}
     if hub_base:
@@ -329,7 +333,7 @@ def card_metadata(cfg: Config, summary: dict[str, Any], hub_base: bool, imdb: bo
     if test is not None:
         meta["metrics"] = ["accuracy"]
     n, of = summary["examples"]["test"], (summary.get("examples_available") or {}).get("test")
-    if imdb and test is not None and not cfg.model.random_init and of is not None and n == of:
+    if imdb and test is not None and not cfg.model.random_init and n == of == IMDB_TEST_REVIEWS:
         result = {
             "task": {"type": "text-classification", "name": "Sentiment analysis"},
             "dataset": {"type": IMDB_HUB_ID, "name": "IMDB", "split": "test"},
