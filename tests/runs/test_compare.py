@@ -257,6 +257,26 @@ def test_ctrl_c_in_full_before_its_checkpoint_keeps_the_finished_lora_run(
     assert "--resume" not in train_in_this_process[0]
 
 
+def test_a_failed_full_run_says_resume_keeps_the_finished_lora_run(
+    tiny_models, imdb_dir, tmp_path, capsys, monkeypatch, train_in_this_process
+):
+    """A full run that fails (its own error above) said only that it failed: rerun without --resume,
+    compare would train the finished LoRA run again, or refuse its folder."""
+
+    class FullFails(TrainInThisProcess):
+        def wait(self) -> int:
+            return super().wait() if self.argv[2] != "full" else 2
+
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=FullFails))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--output-dir", str(out), *compare_flags(tiny_models, imdb_dir)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "the full run failed (exit code 2); see its output above; "
+        "the same compare command with --resume keeps the finished lora run\n"
+    )
+    assert RunDir(out / "lora").status() == "finished"
+
+
 def test_ctrl_c_advice_under_overwrite_names_resume_instead(tmp_path):
     from imdb_lora.runs.compare import after_interrupt
 

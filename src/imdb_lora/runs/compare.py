@@ -52,6 +52,8 @@ def run_compare(
                 train_method(method, run, train_args, (lrs or {}).get(method), plans[method])
             except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, a subclass: kept)
                 raise type(e)(after_interrupt(out, method, overwrite, before)) from None
+            except UserError as e:  # the child failed and said why; what it means for the runs before it
+                raise UserError(f"{e}{kept_on_resume(out, method, overwrite)}") from None
         rows.append(RunDir(run).require_finished())
     table = comparison_markdown(rows)
     atomic_write_text(out / "comparison.md", table)
@@ -145,14 +147,22 @@ def after_interrupt(out: Path, method: str, overwrite: bool, before: tuple[int, 
     if RunDir(out / method).is_resumable():
         return f"the {method} run stopped; the same compare command with {resume} continues it"
     gone = f"the {method} run stopped before its first checkpoint, so there is nothing of it to resume"
-    before = METHODS[: METHODS.index(method)]
-    finished = [m for m in before if RunDir(out / m).status() == "finished"]
-    if not finished:
-        return f"{gone}; run the same compare command again"
+    kept = kept_on_resume(out, method, overwrite)
     return (
-        f"{gone}; the same compare command with {resume} keeps the finished "
-        f"{' and '.join(finished)} run and trains {method} from the start"
+        f"{gone}{kept} and trains {method} from the start"
+        if kept
+        else f"{gone}; run the same compare command again"
     )
+
+
+def kept_on_resume(out: Path, method: str, overwrite: bool) -> str:
+    """'; the same compare command with --resume keeps the finished lora run' when a run before `method`
+    finished (a rerun without --resume would train it again, or refuse its folder); else ''."""
+    finished = [m for m in METHODS[: METHODS.index(method)] if RunDir(out / m).status() == "finished"]
+    if not finished:
+        return ""
+    resume = "--resume instead of --overwrite" if overwrite else "--resume"
+    return f"; the same compare command with {resume} keeps the finished {' and '.join(finished)} run"
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
