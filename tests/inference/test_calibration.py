@@ -185,6 +185,11 @@ def test_evaluate_file_on_a_full_disk_is_one_line_and_keeps_the_old_errors_file(
     )
     assert os.listdir(errs) == ["mine.csv.errors.jsonl"]
     assert (errs / "mine.csv.errors.jsonl").read_text() == "the earlier mistakes\n"
+    # an --errors-dir the failed write created is not left behind, empty
+    code, _, _ = run(
+        capsys, "evaluate", trained_run, "--file", f, "--errors", "5", "--errors-dir", tmp_path / "a/b"
+    )
+    assert code == 2 and not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ its data, or on labeled files of your own (`--file`, repeatable)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,7 @@ def _write_errors(path: Path, part, probs, n: int) -> int:
                 "text": part.texts[i],
             }
         )
+    new_folders = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
@@ -207,6 +209,9 @@ def _write_errors(path: Path, part, probs, n: int) -> int:
         failure = write_failure(e)
         if failure is None:
             raise
+        for folder in new_folders:  # the failed write leaves no empty --errors-dir of its own making
+            with contextlib.suppress(OSError):  # not empty, or already gone: left as it is
+                folder.rmdir()
         failure.filename = None  # the temporary file's name: the one to report is the errors file's
         raise UserError(
             f"--errors: {cannot_write(failure, str(path))}; {make_room(failure)} or choose another --errors-dir"
