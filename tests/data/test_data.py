@@ -7,7 +7,7 @@ from conftest import FILLER, NEG_WORDS, POS_WORDS, ROBERTA_BASE, needs_shared, w
 
 from imdb_lora.config import DataConfig
 from imdb_lora.data.files import load_labeled_file, read_texts
-from imdb_lora.data.imdb import load_imdb, resolve_imdb_path
+from imdb_lora.data.imdb import load_imdb, resolve_imdb_source
 from imdb_lora.data.splits import load_splits, stratified_split, stratified_subset
 from imdb_lora.data.tokenize import encode
 from imdb_lora.errors import UserError
@@ -211,8 +211,8 @@ def test_data_errors_name_the_environment_variable_when_it_gave_the_path(monkeyp
 
 def test_data_env_default(monkeypatch, imdb_dir):
     monkeypatch.setenv("IMDB_LORA_DATA", str(imdb_dir))
-    assert resolve_imdb_path(None) == str(imdb_dir)
-    assert resolve_imdb_path("given") == "given"
+    assert resolve_imdb_source(None) == (str(imdb_dir), "$IMDB_LORA_DATA")
+    assert resolve_imdb_source("given") == ("given", "--data")
 
 
 def test_download_fails_cleanly_without_network(monkeypatch, tmp_path):
@@ -225,7 +225,7 @@ def test_download_fails_cleanly_without_network(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     with pytest.raises(UserError, match="could not be downloaded.*--data PATH"):
-        resolve_imdb_path(None)
+        resolve_imdb_source(None)
     assert not list(tmp_path.rglob("*.part"))
 
 

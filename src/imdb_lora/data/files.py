@@ -36,6 +36,16 @@ MAGIC = {
 }
 
 
+def binary_kind(head: bytes) -> str | None:
+    """What bytes that start so are (MAGIC: "gzip-compressed", "a Parquet file", ...), or None: text."""
+    return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
+
+
+def repeated_names(names: list[str]) -> list[str]:
+    """The column names given more than once, sorted (csv and pyarrow keep one of them without a word)."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def read_utf8(path: str | os.PathLike, flag: str) -> tuple[Path, str]:
     """A text file's path and content, or one line naming the flag: missing, not text, or not UTF-8.
     A pipe is read too (`--file <(zcat reviews.csv.gz)`); a folder or a device is not."""
@@ -51,7 +61,7 @@ def decode_text(raw: bytes, what: str) -> str:
     """UTF-8 bytes as text, less a byte order mark (Excel and Notepad write one: it was read into the
     first column's name or the first text); anything else is one line saying what it is, or where the
     first byte that is not UTF-8 is."""
-    kind = next((k for magic, k in MAGIC.items() if raw.startswith(magic)), None)
+    kind = binary_kind(raw)
     if kind:
         raise UserError(f"{what} is {kind}, not text: decompress or convert it first")
     try:
@@ -113,7 +123,7 @@ def _check_quotes_close(
 
 def _check_header(header: list[str], p: Path, flag: str) -> None:
     """A column named twice: csv's DictReader kept the last one's cells without a word."""
-    twice = sorted({c for c in header if header.count(c) > 1})
+    twice = repeated_names(header)
     if twice:
         raise UserError(f"{flag}: {p} names column(s) {twice} more than once in its header")
 

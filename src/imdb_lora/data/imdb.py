@@ -207,14 +207,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imdb-lora"
 
 
-def resolve_imdb_path(path: str | None) -> str:
-    """--data, else $IMDB_LORA_DATA, else the official archive, downloaded once into the user cache."""
-    return resolve_imdb_source(path)[0]
-
-
 def resolve_imdb_source(path: str | None) -> tuple[str, str]:
-    """(path, where it came from) as resolve_imdb_path finds it; the second names it in errors:
-    --data, $IMDB_LORA_DATA, or the download."""
+    """--data, else $IMDB_LORA_DATA, else the official archive, downloaded once into the user cache; with
+    where it came from, which names it in errors: --data, $IMDB_LORA_DATA, or the download."""
     if path:
         return path, "--data"
     if os.environ.get(DATA_ENV):

@@ -138,7 +138,7 @@ def after_interrupt(out: Path, method: str, overwrite: bool, before: tuple[int, 
     """What Ctrl-C during `method`'s train leaves, as the child left it: a run that --resume continues,
     or (before its first checkpoint) nothing of it, to be trained again from the start. `before`: the
     run_fingerprint of the run --overwrite was replacing; if it is unchanged, that old run was put back."""
-    resume = "--resume instead of --overwrite" if overwrite else "--resume"
+    resume = resume_flags(overwrite)
     if before is not None and run_fingerprint(out / method) == before:
         return (
             f"the {method} run stopped during its setup and the old {method} run was put back as it was; "
@@ -155,13 +155,18 @@ def after_interrupt(out: Path, method: str, overwrite: bool, before: tuple[int, 
     )
 
 
+def resume_flags(overwrite: bool) -> str:
+    """What to pass on the rerun: --resume, in place of --overwrite where that was given."""
+    return "--resume instead of --overwrite" if overwrite else "--resume"
+
+
 def kept_on_resume(out: Path, method: str, overwrite: bool) -> str:
     """'; the same compare command with --resume keeps the finished lora run' when a run before `method`
     finished (a rerun without --resume would train it again, or refuse its folder); else ''."""
     finished = [m for m in METHODS[: METHODS.index(method)] if RunDir(out / m).status() == "finished"]
     if not finished:
         return ""
-    resume = "--resume instead of --overwrite" if overwrite else "--resume"
+    resume = resume_flags(overwrite)
     return f"; the same compare command with {resume} keeps the finished {' and '.join(finished)} run"
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.files import MAGIC, RepeatedKey, unique_keys
+from ..data.files import RepeatedKey, binary_kind, repeated_names, unique_keys
 from ..errors import UserError
 
 FORMATS = {
@@ -153,7 +153,7 @@ def check_columns(sources: list[Source], text_column: str, max_chars: int, encod
             raise UserError(
                 f"--text-column: {s.uri} has no column {text_column!r} (it has {', '.join(names) or 'none'})"
             )
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = repeated_names(names)
         if twice:  # pyarrow cannot pick one of them: a KeyError traceback while scoring
             raise UserError(f"--input: {s.uri} names column(s) {twice} more than once")
         _check_text_type(s, schema.field(text_column).type, text_column)
@@ -170,7 +170,7 @@ def _check_not_binary(s: Source) -> None:
     fsys, path = filesystem(s.uri)
     with fsys.open_input_stream(path, compression=None) as f:
         head = f.read(8)
-    kind = next((k for magic, k in MAGIC.items() if head.startswith(magic)), None)
+    kind = binary_kind(head)
     if kind:
         raise UserError(
             f"--input: {s.uri} is {kind}, not text; name it by its format ({', '.join(COMPRESSIONS)} are "
