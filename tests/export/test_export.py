@@ -349,3 +349,38 @@ def test_onnx_export_runs_in_plain_onnxruntime_on_a_long_review(exports, name):
     want = Classifier.load(str(folder), raw=True).logits([TEXTS[0], LONG_REVIEW])
     tolerance = 1e-4 if name == "onnx" else 0.05
     assert np.abs(logits - want.numpy()).max() < tolerance
+    # what onnxruntime cannot know from the graph rides in its metadata: labels, the cut, the temperature
+    meta = session.get_modelmeta().custom_metadata_map
+    clf = Classifier.load(str(folder))
+    assert json.loads(meta["id2label"]) == {"0": "NEGATIVE", "1": "POSITIVE"}
+    assert (meta["max_length"], meta["truncation"]) == ("64", "head")
+    assert float(meta["temperature"]) == clf.temperature != 1.0
+    calibrated = torch.from_numpy(logits / float(meta["temperature"])).softmax(-1)
+    assert torch.allclose(calibrated, clf.logits([TEXTS[0], LONG_REVIEW]).softmax(-1), atol=tolerance)
+
+
+def test_int8_quantizing_on_a_full_disk_says_enospc_and_other_failures_stay_theirs(tmp_path, monkeypatch):
+    """onnx's shape inference writes a truncated copy on a full disk and then fails reading it as a corrupt
+    model: with no room left for a copy of the graph, that failure is the full disk's ENOSPC (which the
+    CLI says in one line); with room, the original error is kept."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from imdb_lora.export import onnx as onnx_export
+
+    graph = tmp_path / "fused.onnx"
+    graph.write_bytes(b"x" * 1000)
+    usage = namedtuple("usage", "total used free")
+
+    def corrupt():
+        with onnx_export._full_disk_as_oserror(graph):
+            raise ValueError("Error parsing message with type 'onnx.ModelProto'")
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10_000, 9_500, 500))
+    with pytest.raises(OSError) as e:
+        corrupt()
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10_000, 5_000, 5_000))
+    with pytest.raises(ValueError, match="onnx.ModelProto"):
+        corrupt()

@@ -28,7 +28,7 @@ from ..inference.exported import (
 from ..modeling.load import open_to_readers, position_limit
 from ..runs.filelock import lock_file, write_pid
 from ..runs.rundir import CALIBRATION, RunDir, require_creatable
-from .onnx import export_onnx
+from .onnx import annotate, export_onnx
 from .portable import write_portable_config, write_portable_record
 
 # Texts the export is checked on: short and long, clear and mixed, so that both labels and padding occur.
@@ -233,6 +233,7 @@ def _write_export(
     if fmt == "onnx":
         marker.update(export_onnx(merged, stage, quantize, clf.config.model.pooling, say))
         marker["onnx_file"] = ONNX_FILE
+        annotate(stage / ONNX_FILE, onnx_metadata(clf))
         # the graph's position table is fixed: loading checks config.yaml's max_length against it
         marker["max_positions"] = position_limit(clf.model.config)
         shutil.rmtree(merged)
@@ -249,6 +250,20 @@ def _write_export(
     marker["check"] = check_against(clf, stage)
     (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return marker
+
+
+def onnx_metadata(clf) -> dict[str, str]:
+    """What a plain onnxruntime user needs beside the graph, as strings (ONNX metadata holds strings)."""
+    data = clf.config.data
+    return {
+        "id2label": json.dumps({str(i): name for i, name in clf.model.config.id2label.items()}),
+        "max_length": str(data.max_length),  # tokens per review, special tokens included
+        "truncation": data.truncation,  # head, or head_tail (the first head_tokens and the last ones)
+        "head_tokens": str(data.head_tokens),
+        "pooling": clf.config.model.pooling,  # already inside the graph; said for the record
+        "temperature": repr(float(clf.temperature)),  # probabilities = softmax(logits / temperature)
+        "imdb_lora_version": __version__,
+    }
 
 
 def check_against(reference, stage: Path) -> dict[str, Any]:

@@ -172,6 +172,23 @@ def _quantize_int8(src: Path, dest: Path) -> dict[str, Any]:
     return {"method": "dynamic", "weights": "int8 per channel", "ops": ["MatMul"], "excluded": head}
 
 
+def annotate(path: Path, metadata: dict[str, str]) -> None:
+    """Write `metadata` into the graph's metadata_props, where onnxruntime users read it
+    (`session.get_modelmeta().custom_metadata_map`): the labels, the cut and the temperature that plain
+    onnxruntime cannot otherwise know. The file is rewritten in place, atomically."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in model.metadata_props if p.key not in metadata]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
 @contextmanager
 def _full_disk_as_oserror(src: Path) -> Iterator[None]:
     """onnx's shape inference writes a copy of `src` beside it and, on a full disk, writes it truncated
