@@ -207,6 +207,17 @@ def test_a_full_disk_under_standard_output_is_one_line(trained_run, monkeypatch,
     ]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_standard_output_on_dev_full_is_named(trained_run, monkeypatch, capsys):
+    """`predict ... > /dev/full`: the failed write names no file and /dev's file system has room, so the
+    line named nothing; a device that is /dev/full is a full standard output. Unbuffered, as with
+    PYTHONUNBUFFERED=1 (container images set it): nothing is kept back for a second flush to fail on."""
+    with io.TextIOWrapper(io.FileIO("/dev/full", "w"), write_through=True) as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        assert main(["predict", str(trained_run), "great film"]) == 2
+    assert "cannot write standard output (No space left on device)" in capsys.readouterr().err
+
+
 HEAVY = ("torch", "transformers", "peft", "numpy", "fastapi", "uvicorn", "onnxruntime", "ray", "matplotlib")
 
 

@@ -207,10 +207,15 @@ def stdout_flushes() -> bool:
 
 
 def stdout_disk_is_full() -> bool:
-    """Whether standard output's file system is full (an unbuffered or large print keeps nothing back)."""
+    """Whether standard output's file system is full (an unbuffered or large print keeps nothing back),
+    or standard output is /dev/full (a device: its file system, /dev, has room)."""
     try:
-        return os.fstatvfs(sys.stdout.fileno()).f_bavail == 0
-    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured, closed)
+        fd = sys.stdout.fileno()
+        mode = os.fstat(fd)
+        if stat.S_ISCHR(mode.st_mode):
+            return mode.st_rdev == os.stat("/dev/full").st_rdev
+        return os.fstatvfs(fd).f_bavail == 0
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured, closed); no /dev/full
         return False
 
 
