@@ -273,7 +273,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_yaml())
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:

@@ -26,7 +26,7 @@ def machine() -> dict[str, object]:
     logical CPUs, torch's threads and, on CUDA, the GPU's name."""
     cpu = platform.processor()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass

@@ -41,9 +41,9 @@ def record_max_length(folder: Path, max_length: int) -> None:
     With it, truncation=True gives the ids of --truncation head; head_tail cannot be said in this file.
     """
     path = folder / "tokenizer_config.json"
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text(encoding="utf-8"))
     record["model_max_length"] = max_length
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def token_bodies(tokenizer, texts: Sequence[str], progress=None) -> list[list[int]]:

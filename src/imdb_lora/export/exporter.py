@@ -245,10 +245,10 @@ def _write_export(
         export_seconds=round(time.time() - t0, 1),
         size_bytes=sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()),
     )
-    (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     say(f"checking the export against the run on {len(PROBE_TEXTS)} texts ...")
     marker["check"] = check_against(clf, stage)
-    (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return marker
 
 

@@ -31,11 +31,11 @@ def write_portable_config(src: Path, dest: Path) -> None:
 
 
 def write_portable_record(src: Path, dest: Path) -> None:
-    info: dict[str, Any] = json.loads(src.read_text())
+    info: dict[str, Any] = json.loads(src.read_text(encoding="utf-8"))
     info["model"] = portable_name(info.get("model"))
     source = info.get("data_source") or {}
     if "path" in source:
         source["path"] = portable_name(source["path"])
     if "files" in source:
         source["files"] = {portable_name(k): v for k, v in source["files"].items()}
-    dest.write_text(json.dumps(info, indent=2) + "\n")
+    dest.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -29,7 +29,7 @@ def is_local(name: str) -> bool:
 def new_file_mode() -> int:
     """The permission bits a file created now gets (0o666 less the umask: 0o644 by default)."""
     try:  # Linux says it without changing it; os.umask can only be read by setting it
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("Umask:"):
                 return 0o666 & ~int(line.split()[1], 8)
     except (OSError, ValueError):
@@ -223,7 +223,12 @@ def software_versions(package: Path | None = None) -> dict[str, str | bool | Non
         folder = package if package is not None else Path(__file__).resolve().parents[1]
         try:
             done = subprocess.run(
-                ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=5
+                ["git", "-C", str(folder), *args],
+                capture_output=True,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                timeout=5,
             )
         except (OSError, subprocess.SubprocessError):
             return None

@@ -24,7 +24,7 @@ def lock_file(
     the holder), unusable(why the file cannot be opened), changing (it kept being replaced)."""
     for _ in range(10):  # a file replaced between opening and locking it: lock the new one
         try:
-            f = open(path, "a+" if create else "r+")  # noqa: SIM115 - held open while the lock is
+            f = open(path, "a+" if create else "r+", encoding="utf-8")  # noqa: SIM115 - held open while the lock is
         except FileNotFoundError:
             return None
         except OSError as e:  # a folder named like it, no permission...

@@ -30,7 +30,7 @@ from .filelock import lock_file, write_pid
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:  # a full disk or Ctrl-C mid-write: no half-written copy is left beside the file
         with contextlib.suppress(OSError):
@@ -45,7 +45,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object, as a run or export writes it; one UserError naming the file
     for anything else (unreadable, not JSON, not an object, nested past the parser's recursion limit)."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__})") from None
     if not isinstance(value, dict):
@@ -237,7 +237,7 @@ def portable_adapter(folder: Path) -> None:
     config = folder / "adapter_config.json"
     if not config.is_file():  # full fine-tuning saves a model/ folder, no adapter
         return
-    record = json.loads(config.read_text())
+    record = json.loads(config.read_text(encoding="utf-8"))
     base = record.get("base_model_name_or_path")
     # local: an absolute path (config.yaml keeps local folders so), or a relative one that exists here
     # (a resumed random-init run reloads its base from the run's own base_model/)
@@ -245,12 +245,12 @@ def portable_adapter(folder: Path) -> None:
         return
     name = local_base_name(base)
     record["base_model_name_or_path"] = name
-    config.write_text(json.dumps(record, indent=2, sort_keys=True))
+    config.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     card = folder / "README.md"
     if card.is_file():
         dropped = {f"base_model: {base}", f"- base_model:adapter:{base}"}
-        lines = [line for line in card.read_text().split("\n") if line.strip() not in dropped]
-        card.write_text("\n".join(lines).replace(base, name))
+        lines = [line for line in card.read_text(encoding="utf-8").split("\n") if line.strip() not in dropped]
+        card.write_text("\n".join(lines).replace(base, name), encoding="utf-8")
 
 
 def local_base_name(path: str) -> str:
@@ -263,7 +263,7 @@ def sort_target_modules(adapter_config: Path) -> None:
     process to the next: sorted, the same run writes the same adapter_config.json every time."""
     if not adapter_config.is_file():  # full fine-tuning saves a model/ folder, no adapter
         return
-    record = json.loads(adapter_config.read_text())
+    record = json.loads(adapter_config.read_text(encoding="utf-8"))
     if isinstance(record.get("target_modules"), list):
         record["target_modules"] = sorted(record["target_modules"])
-        adapter_config.write_text(json.dumps(record, indent=2, sort_keys=True))
+        adapter_config.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
