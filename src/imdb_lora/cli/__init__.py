@@ -10,6 +10,8 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import os
 import signal
 import stat
@@ -88,6 +90,7 @@ class VersionAction(argparse.Action):
 def main(argv: list[str] | None = None) -> int:
     # transformers' own deprecation notices (e.g. is_gradient_checkpointing) are not the user's to fix
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    escape_unencodable_output()
     try:
         code = run_command(build_parser(), argv)
         sys.stdout.flush()  # here, not at exit: `> file` on a full disk is then one line, as any write
@@ -113,6 +116,33 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imdb-lora: error: {printable(unwritable(failure))}", file=sys.stderr)
         return 2
+
+
+OUTPUT_ERRORS = "imdb-lora-escape"
+
+
+def _escape_unencodable(e: UnicodeError) -> tuple[str | bytes, int]:
+    """A character standard output's encoding cannot hold, as a Python escape (\\xe9, \\U0001f600);
+    bytes the OS handed over undecoded (PEP 383's lone surrogates: a file name under LC_ALL=C) go back
+    out as those bytes, as Python's surrogateescape writes them."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    chunk = e.object[e.start : e.end]
+    if all("\udc80" <= c <= "\udcff" for c in chunk):
+        return bytes(ord(c) - 0xDC00 for c in chunk), e.end
+    return codecs.backslashreplace_errors(e)
+
+
+codecs.register_error(OUTPUT_ERRORS, _escape_unencodable)
+
+
+def escape_unencodable_output() -> None:
+    """Standard output in an encoding narrower than the text (PYTHONIOENCODING=ascii or latin-1, LC_ALL=C
+    with PYTHONUTF8=0) shows what it cannot encode as an escape instead of ending in a traceback after
+    the work is done (standard error does so already: Python's backslashreplace). --json is ASCII."""
+    out = sys.stdout
+    if isinstance(out, io.TextIOWrapper) and out.errors in ("strict", "surrogateescape"):
+        out.reconfigure(errors=OUTPUT_ERRORS)
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
