@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     tabular = ns.file is not None and Path(ns.file).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
     if ns.text_column != "text" and not tabular:
         raise UserError("--text-column applies to a CSV, TSV or JSONL --file only")
-    texts, blank = (ns.texts, 0) if ns.texts else read_texts(ns.file, _stdin(ns), ns.text_column)
+    texts, blank = (
+        (_argument_texts(ns.texts), 0) if ns.texts else read_texts(ns.file, _stdin(ns), ns.text_column)
+    )
     if blank:  # said, because outputs then no longer line up with input lines
         source = f"--file {ns.file}" if ns.file else "stdin"
         print(f"imdb-lora: skipped {blank:,} blank line(s) of {source}", file=sys.stderr)
@@ -93,3 +96,17 @@ def _stdin(ns: argparse.Namespace) -> str | None:
     from ..data.files import decode_text
 
     return decode_text(sys.stdin.buffer.read(), "stdin")
+
+
+def _argument_texts(texts: list[str]) -> list[str]:
+    """Texts as given on the command line, read as UTF-8 as files and stdin are. Bytes Python could not
+    decode in the locale's encoding arrive as lone surrogates (PEP 383): any non-ASCII text under LC_ALL=C
+    with PYTHONUTF8=0, or bytes that are not UTF-8 at all; the tokenizer failed on them in a traceback."""
+    from ..data.files import decode_text
+
+    out = []
+    for i, text in enumerate(texts, 1):
+        if any("\udc80" <= c <= "\udcff" for c in text):
+            text = decode_text(os.fsencode(text), f"text {i}")
+        out.append(text)
+    return out
