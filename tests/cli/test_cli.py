@@ -250,6 +250,13 @@ def test_help_usage_errors_and_a_mistyped_run_import_no_heavy_library():
     assert r.stderr.count("no such run directory: /no/such/run") == len(MISTYPED_RUN), r.stderr
 
 
+def test_a_quoted_tilde_in_a_run_path_is_the_home_folder(trained_run, monkeypatch):
+    # "~/runs/x" in quotes reaches us unexpanded; the rest of the code expands it, and the early
+    # "no such run directory" check refused it before
+    monkeypatch.setenv("HOME", str(trained_run.parent))
+    assert main(["predict", f"~/{trained_run.name}", "great film", "--device", "cpu"]) == 0
+
+
 # ---------------------------------------------------------------- bad input: exit 2, one clear line
 
 

@@ -111,7 +111,8 @@ def batch_sizes(text: str) -> list[int]:
 
 
 def require_directories(*paths: str) -> None:
-    """A mistyped run or export path fails at once, before torch & co. are imported (seconds)."""
+    """A mistyped run or export path fails at once, before torch & co. are imported (seconds). A `~` the
+    shell did not expand (a quoted "~/runs/x") is the home folder, as everywhere else."""
     for path in paths:
-        if not Path(path).is_dir():
+        if not Path(path).expanduser().is_dir():
             raise UserError(missing_folder(path))
