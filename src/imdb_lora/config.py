@@ -41,6 +41,10 @@ def config_file(value: str | os.PathLike) -> Path:
     if name in shipped and p.name == str(value):
         return SHIPPED_CONFIGS / f"{name}.yaml"
     hint = f"; the shipped one is --config {name}" if name in shipped else ""
+    if p.is_dir():
+        raise UserError(
+            f"--config: {value} is a folder, not a YAML file{hint} (shipped configs: {', '.join(shipped)})"
+        )
     raise UserError(f"--config: no such file: {value}{hint} (shipped configs: {', '.join(shipped)})")
 
 

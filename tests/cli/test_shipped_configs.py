@@ -61,3 +61,8 @@ def test_a_missing_config_says_what_is_shipped(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.startswith(
         "imdb-lora: error: --config: no such file: nope (shipped configs: "
     )
+    (tmp_path / "configs").mkdir()  # a folder is not a missing file
+    assert main(["train", "--config", "configs"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "imdb-lora: error: --config: configs is a folder, not a YAML file (shipped configs: "
+    )

@@ -122,6 +122,9 @@ def test_explicit_module_names_that_match_nothing(tiny_models):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(UserError, match="--model: no such directory"):
         build_model(cfg_for(tmp_path / "absent"))
+    (tmp_path / "model.txt").write_text("not a folder")
+    with pytest.raises(UserError, match=r"--model: \S+model.txt is a file, not a model folder"):
+        build_model(cfg_for(tmp_path / "model.txt"))  # it said "no such directory" of a file that exists
 
 
 def test_model_folder_without_weights(tmp_path, tiny_models):

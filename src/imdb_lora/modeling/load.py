@@ -63,6 +63,8 @@ def check_model_source(name: str, random_init: bool, flag: str | None = "--model
         return
     p = Path(name).expanduser()
     lead = f"{flag}: " if flag else ""
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{lead}{p} is a file, not a model folder (config.json, weights and tokenizer files)")
     if not p.is_dir():
         raise UserError(f"{lead}no such directory: {p}")
     if not (p / "config.json").is_file():
