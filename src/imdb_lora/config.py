@@ -52,10 +52,20 @@ def config_file(value: str | os.PathLike) -> Path:
 LORA_ROLES = ("attention_qkv", "attention_output", "ffn", "pooler", "word_embeddings")
 
 
-def _f(default: Any, help: str, flag: str | None = None, repeatable: bool = False, **kw: Any) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    repeatable: bool = False,
+    shown: str | None = None,
+    metavar: str | None = None,
+    **kw: Any,
+) -> Any:
     """A dataclass field with its CLI help (and optional flag name) attached; a repeatable list flag
-    takes one value per use (`--eval-file a.csv --eval-file b.csv`) instead of a comma list."""
-    meta = {"help": help, "flag": flag, "repeatable": repeatable}
+    takes one value per use (`--eval-file a.csv --eval-file b.csv`) instead of a comma list. `shown`:
+    the default in the help's words where the value alone does not say it (None: worked out later);
+    `metavar`: the value's name in the help (default: the field's name)."""
+    meta = {"help": help, "flag": flag, "repeatable": repeatable, "shown": shown, "metavar": metavar}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -106,6 +116,7 @@ class LoraSettings:
         [],
         "explicit module names (suffixes) to wrap instead of roles, for architectures without a role map",
         flag="--lora-modules",
+        metavar="MODULES",
     )
     train_biases: bool = _f(
         True,
@@ -118,14 +129,17 @@ class LoraSettings:
 class DataConfig:
     path: str | None = _f(
         None,
-        "aclImdb folder or .tar/.tar.gz/.tar.xz of it (default: $IMDB_LORA_DATA, else download)",
+        "aclImdb folder or .tar/.tar.gz/.tar.xz of it",
         flag="--data",
+        shown="$IMDB_LORA_DATA, else download",
     )
-    train_file: str | None = _f(None, "labeled CSV/TSV/JSONL with text,label columns instead of IMDB")
-    test_file: str | None = _f(None, "labeled CSV/TSV/JSONL test file (with --train-file)")
+    train_file: str | None = _f(
+        None, "labeled CSV/TSV/JSONL with text,label columns instead of IMDB", metavar="FILE"
+    )
+    test_file: str | None = _f(None, "labeled CSV/TSV/JSONL test file (with --train-file)", metavar="FILE")
     val_size: float = _f(0.05, "fraction of train held out (stratified) as the validation split")
-    max_train_samples: int | None = _f(None, "stratified, seeded subset of train for quick runs")
-    max_eval_samples: int | None = _f(None, "stratified, seeded subset of validation and test")
+    max_train_samples: int | None = _f(None, "stratified, seeded subset of train for quick runs", shown="all")
+    max_eval_samples: int | None = _f(None, "stratified, seeded subset of validation and test", shown="all")
     max_length: int = _f(512, "tokens per review after truncation (special tokens included)")
     truncation: str = _f("head", "how long reviews are cut: head (keep the start) or head_tail")
     head_tokens: int = _f(128, "with head_tail: tokens kept from the start; the rest come from the end")
@@ -147,7 +161,7 @@ class TrainConfig:
     epochs: int = _f(3, "passes over the training split")
     batch_size: int = _f(32, "reviews per optimizer step")
     eval_batch_size: int = _f(64, "reviews per batch at evaluation (sorted by length)")
-    lr: float | None = _f(None, "peak learning rate (AdamW); default 4e-4 for lora, 2e-5 for full")
+    lr: float | None = _f(None, "peak learning rate (AdamW)", shown="4e-4 for lora, 2e-5 for full")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "fraction of steps with linear warm-up, then linear decay to 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
@@ -160,7 +174,7 @@ class TrainConfig:
         "attention dropout) or auto (padded training; packed "
         "evaluation on CUDA where the architecture supports it: faster as measured)",
     )
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     compile: bool = _f(
         False, "torch.compile the encoder (dynamic shapes); the first steps are slower while it compiles"
     )

@@ -212,7 +212,7 @@ def test_header_timeout_flag_help_and_errors(capsys):
     assert build_parser().parse_args(["serve", "run"]).header_timeout == 10
     assert main(["serve", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--header-timeout HEADER_TIMEOUT seconds to receive a request's line and headers" in help_text
+    assert "--header-timeout SECONDS seconds to receive a request's line and headers" in help_text
     assert "then 408 and the connection closes [default: 10]" in help_text
     for bad in ("0", "-1", "nan", "inf"):
         assert main(["serve", "somewhere", "--header-timeout", bad]) == 2

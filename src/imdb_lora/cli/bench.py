@@ -18,6 +18,8 @@ from ..errors import UserError
 from ..extras import require
 from ..serving.app import ServeSettings
 from .common import (
+    add_data_flag,
+    add_device_flag,
     add_max_batch_tokens_flag,
     batch_sizes,
     path_arg,
@@ -25,6 +27,7 @@ from .common import (
     positive_int,
     require_directories,
 )
+from .serve import add_limit_flag, add_load_flags
 
 
 def add_predict_bench_parser(sub) -> None:
@@ -46,16 +49,14 @@ def add_predict_bench_parser(sub) -> None:
         type=batch_sizes,
         help="comma-separated, each once, none above --samples [default: 1,32, or 1,SAMPLES under 32 samples]",
     )
-    p.add_argument(
-        "--data", type=path_arg, help="IMDB folder/archive (default: the first model's data setting)"
-    )
+    add_data_flag(p, "the first model's data setting")
     p.add_argument(
         "--max-length",
         type=positive_int,
-        help="tokens per review for every model (default: each model's own)",
+        help="tokens per review for every model [default: each model's own]",
     )
-    p.add_argument("--device", default="cpu", help="device for torch models [default: cpu]")
-    p.add_argument("--seed", type=int, default=0, help="which reviews, in which order")
+    add_device_flag(p, "cpu", scope="torch models: ")
+    p.add_argument("--seed", type=int, default=0, help="which reviews, in which order [default: 0]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_predict)
 
@@ -81,21 +82,16 @@ def add_serve_bench_parser(sub) -> None:
     p.add_argument(
         "--samples", type=positive_int, default=256, help="distinct test reviews to send [default: 256]"
     )
-    p.add_argument("--data", type=path_arg, help="IMDB folder/archive (default: the model's data setting)")
+    add_data_flag(p, "the model's data setting")
     p.add_argument(
         "--timeout", type=positive_float, default=300.0, help="seconds a request may take [default: 300]"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
-    p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="server: texts per model call")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="server: batching wait")
-    p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="server: texts waiting")
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=d.request_timeout,
-        help="server: seconds per admitted request",
-    )
-    add_max_batch_tokens_flag(p)
+    add_device_flag(p)
+    server = p.add_argument_group("the server's settings, as serve's")
+    add_limit_flag(server, d, "--max-batch")
+    add_limit_flag(server, d, "--max-wait-ms")
+    add_load_flags(server, d, shutdown=False)
+    add_max_batch_tokens_flag(server)
     p.add_argument("--seed", type=int, default=0, help="which reviews, in which order [default: 0]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_serve)
@@ -146,14 +142,26 @@ def add_bench_train_parsers(sub) -> None:
         ("eval", "evaluation throughput: tokens/s, test-set seconds, peak memory, MFU"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", type=path_arg, default="roberta-base", help="model folder or hub id")
-        p.add_argument("--random-init", action="store_true", help="random weights (speed only)")
         p.add_argument(
-            "--data", type=path_arg, help="IMDB folder/archive (default: $IMDB_LORA_DATA, else download)"
+            "--model",
+            type=path_arg,
+            default="roberta-base",
+            metavar="NAME",
+            help="base model: a local Hugging Face folder or a hub id [default: roberta-base]",
         )
-        p.add_argument("--method", choices=["lora", "full"], default="lora", help="[default: lora]")
+        p.add_argument("--random-init", action="store_true", help="random weights (speed only)")
+        add_data_flag(p, "$IMDB_LORA_DATA, else download")
         p.add_argument(
-            "--batching", choices=["auto", "padded", "packed", "flat"], default="auto", help="[default: auto]"
+            "--method",
+            choices=["lora", "full"],
+            default="lora",
+            help="lora (adapters + classifier) or full (every weight trains) [default: lora]",
+        )
+        p.add_argument(
+            "--batching",
+            choices=["auto", "padded", "packed", "flat"],
+            default="auto",
+            help="as train's --batching [default: auto]",
         )
         batch = 32 if name == "train" else 256
         p.add_argument(
@@ -178,11 +186,11 @@ def add_bench_train_parsers(sub) -> None:
             )
             + " [default: all of the split]",
         )
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
+        add_device_flag(p)
         p.add_argument(
             "--peak-tflops",
             type=positive_float,
-            help="device peak for MFU (default: the detected GPU's data sheet / CPU measured)",
+            help="device peak for MFU [default: the detected GPU's data sheet; on CPU, measured]",
         )
         p.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
         if name == "train":

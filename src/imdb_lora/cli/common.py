@@ -17,7 +17,7 @@ def add_window_flag(p: argparse.ArgumentParser) -> None:
         type=window_stride,
         metavar="TOKENS",
         help="read long reviews as overlapping max-length windows starting every TOKENS tokens and "
-        "average their probabilities (default, or 0: one truncated window, as in training)",
+        "average their probabilities (0: one truncated window, as in training) [default: 0]",
     )
 
 
@@ -40,7 +40,51 @@ def add_max_batch_tokens_flag(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="TOKENS",
         help="padded tokens per forward pass: texts run as length-sorted micro-batches of at most this "
-        "size, so a large batch costs no more per text than a small one (default: 2048 on CPU, 32768 on CUDA)",
+        "size, so a large batch costs no more per text than a small one [default: 2048 on CPU, 32768 on CUDA]",
+    )
+
+
+# The flags below mean the same in every command that has them, in the same words.
+
+
+def add_device_flag(p: argparse.ArgumentParser, default: str | None = "auto", scope: str = "") -> None:
+    """--device; `scope` says what it applies to where that is not everything (score's local engine)."""
+    p.add_argument(
+        "--device",
+        default=default,
+        metavar="DEVICE",
+        help=f"{scope}auto (CUDA if available, else CPU), cpu, cuda or cuda:N [default: {default or 'auto'}]",
+    )
+
+
+def add_base_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base-model",
+        type=path_arg,
+        metavar="DIR",
+        help="base model folder of a LoRA run, if it moved since training",
+    )
+
+
+def add_data_flag(p: argparse.ArgumentParser, default: str) -> None:
+    """--data as train's (the same words), with what it defaults to in this command."""
+    p.add_argument(
+        "--data",
+        type=path_arg,
+        metavar="PATH",
+        help=f"aclImdb folder or .tar/.tar.gz/.tar.xz of it [default: {default}]",
+    )
+
+
+def add_batch_size_flag(p: argparse.ArgumentParser, default: int, token_capped: bool) -> None:
+    """--batch-size of the commands that run a model on texts (train's is reviews per optimizer step)."""
+    capped = " (--max-batch-tokens also caps it)" if token_capped else ""
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=default,
+        metavar="BATCH_SIZE",
+        help=f"texts per forward pass at most{capped} [default: {default}]",
     )
 
 

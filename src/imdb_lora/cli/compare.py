@@ -14,18 +14,26 @@ from .train import add_config_flags, config_from_args
 def add_compare_parser(sub) -> None:
     p = sub.add_parser(
         "compare",
+        usage="%(prog)s --output-dir DIR [--lora-lr LR] [--full-lr LR] [--overwrite] [--resume] [train flags ...]",
         help="train LoRA and full fine-tuning with the same settings and write a comparison table",
         description="Any `train` flag after the options below applies to both runs "
         "(e.g. --model, --data, --epochs, --max-length); --lora-lr/--full-lr set each method's rate.",
     )
     p.add_argument(
-        "--output-dir", required=True, type=nonempty_path, help="folder for lora/, full/ and comparison.md"
+        "--output-dir",
+        required=True,
+        type=nonempty_path,
+        metavar="DIR",
+        help="folder for lora/, full/ and comparison.md",
     )
-    p.add_argument("--lora-lr", type=learning_rate, help="LoRA learning rate (default: the method's default)")
+    p.add_argument(
+        "--lora-lr", type=learning_rate, metavar="LR", help="LoRA learning rate [default: 4e-4, as train's]"
+    )
     p.add_argument(
         "--full-lr",
         type=learning_rate,
-        help="full fine-tuning learning rate (default: the method's default)",
+        metavar="LR",
+        help="full fine-tuning learning rate [default: 2e-5, as train's]",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing runs in --output-dir")
     p.add_argument(

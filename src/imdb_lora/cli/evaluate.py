@@ -12,6 +12,10 @@ from typing import Any
 from ..errors import UserError, cannot_write, make_room, write_failure
 from ..runs.rundir import atomic_write_text, require_creatable
 from .common import (
+    add_base_model_flag,
+    add_batch_size_flag,
+    add_data_flag,
+    add_device_flag,
     add_raw_flag,
     add_window_flag,
     path_arg,
@@ -25,7 +29,7 @@ def add_evaluate_parser(sub) -> None:
         "evaluate", help="accuracy, loss and calibration of a finished run on a split or on labeled files"
     )
     p.add_argument("run", type=path_arg, help="run directory or export folder")
-    p.add_argument("--data", type=path_arg, help="IMDB folder/archive (default: the run's own data setting)")
+    add_data_flag(p, "the run's own data setting")
     p.add_argument("--split", choices=["test", "val"], help="split of the run's data [default: test]")
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of the split")
     p.add_argument(
@@ -33,7 +37,7 @@ def add_evaluate_parser(sub) -> None:
         action="append",
         dest="files",
         type=path_arg,
-        metavar="F",
+        metavar="FILE",
         help="labeled CSV/TSV/JSONL to evaluate instead of a split (repeatable); labels 0/1, "
         "negative/positive or neg/pos, any case",
     )
@@ -49,9 +53,9 @@ def add_evaluate_parser(sub) -> None:
         "--errors-dir", type=path_arg, default=".", help="folder for the --errors files [default: .]"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing --errors files")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
-    p.add_argument("--base-model", type=path_arg, help="base model folder, if it moved since training")
+    add_batch_size_flag(p, 64, token_capped=False)
+    add_device_flag(p)
+    add_base_model_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (one per --file)")
     add_raw_flag(p)
     add_window_flag(p)

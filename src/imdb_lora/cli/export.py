@@ -7,17 +7,17 @@ import sys
 
 from ..extras import require
 from ..inference.exported import FORMATS
-from .common import path_arg, require_directories
+from .common import add_base_model_flag, path_arg, require_directories
 
 
 def add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="fold LoRA into the base (merged) or export to ONNX (optionally int8)")
     p.add_argument("run", type=path_arg, help="finished run directory")
-    p.add_argument("--to", required=True, type=path_arg, help="export folder to create")
+    p.add_argument("--to", required=True, type=path_arg, metavar="DIR", help="export folder to create")
     p.add_argument("--format", default="merged", help=f"{' or '.join(FORMATS)} [default: merged]")
     p.add_argument("--quantize", help="int8: dynamic int8 quantization of the ONNX model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    p.add_argument("--base-model", type=path_arg, help="base model folder, if it moved since training")
+    add_base_model_flag(p)
     p.set_defaults(func=cmd_export)
 
 

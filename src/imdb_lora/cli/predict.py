@@ -10,11 +10,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from .common import (
+    add_base_model_flag,
+    add_batch_size_flag,
+    add_device_flag,
     add_max_batch_tokens_flag,
     add_raw_flag,
     add_window_flag,
     path_arg,
-    positive_int,
     require_directories,
 )
 
@@ -32,14 +34,9 @@ def add_predict_parser(sub) -> None:
         "--text-column", default="text", help="the text column of a JSONL/CSV --file [default: text]"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=32,
-        help="texts per forward pass at most (--max-batch-tokens also caps it)",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
-    p.add_argument("--base-model", type=path_arg, help="base model folder, if it moved since training")
+    add_batch_size_flag(p, 32, token_capped=True)
+    add_device_flag(p)
+    add_base_model_flag(p)
     add_raw_flag(p)
     add_window_flag(p)
     add_max_batch_tokens_flag(p)

@@ -9,6 +9,9 @@ from ..extras import require
 from ..scale.batch import MAX_CHARS
 from .common import (
     Renamed,
+    add_base_model_flag,
+    add_batch_size_flag,
+    add_device_flag,
     add_max_batch_tokens_flag,
     add_raw_flag,
     add_window_flag,
@@ -34,7 +37,12 @@ def add_score_parser(sub) -> None:
     p.add_argument(
         "--output", required=True, type=path_arg, metavar="DIR", help="folder for the Parquet output"
     )
-    p.add_argument("--engine", choices=("local", "ray"), default="local", help="[default: local]")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where the model runs: local (this process) or ray (Ray Data actors; see below) [default: local]",
+    )
     p.add_argument("--text-column", default="text", help="column holding the review [default: text]")
     p.add_argument("--keep-text", action="store_true", help="copy the text column to the output too")
     p.add_argument(
@@ -54,20 +62,20 @@ def add_score_parser(sub) -> None:
         "--rows-per-batch", type=positive_int, default=256, metavar="N",
         help="rows read and handed to a worker at a time (Ray Data's batch_size) [default: 256]",
     )  # fmt: skip
-    p.add_argument(
-        "--batch-size", type=positive_int, default=32,
-        help="reviews per forward pass at most, as in predict (--max-batch-tokens also caps it) [default: 32]",
-    )  # fmt: skip
     # Renamed so that --batch-size means one thing in every command: said in one line, not "unrecognized".
     p.add_argument("--model-batch-size", action=Renamed, new="--batch-size", help=argparse.SUPPRESS)
-    p.add_argument("--device", help="local engine: auto, cpu or cuda[:N] [default: auto]")
+    add_batch_size_flag(p, 32, token_capped=True)
+    add_device_flag(p, None, scope="local engine: ")
     g = p.add_argument_group("ray engine")
-    g.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: "
-                   "$RAY_ADDRESS, else a local Ray started for this command")  # fmt: skip
+    g.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto) [default: "
+                   "$RAY_ADDRESS, else a local Ray started for this command]")  # fmt: skip
     g.add_argument("--workers", type=positive_int, help="actors (loaded models) [default: as many as fit]")
-    g.add_argument("--cpus-per-worker", type=non_negative_float, help="[default: 1]")
-    g.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0.0, help="[default: 0, CPU]")
-    p.add_argument("--base-model", help="base model folder of a LoRA run, if it moved since training")
+    g.add_argument("--cpus-per-worker", type=non_negative_float, help="CPUs each actor reserves [default: 1]")
+    g.add_argument(
+        "--num-gpus-per-worker", type=non_negative_float, default=0.0,
+        help="GPUs each actor reserves (a fraction shares one) [default: 0, CPU only]",
+    )  # fmt: skip
+    add_base_model_flag(p)
     add_window_flag(p)
     add_raw_flag(p)
     add_max_batch_tokens_flag(p)

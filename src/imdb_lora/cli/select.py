@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import path_arg, positive_int, require_directories
+from .common import add_batch_size_flag, add_data_flag, add_device_flag, path_arg, require_directories
 
 
 def add_select_parser(sub) -> None:
@@ -25,10 +25,10 @@ def add_select_parser(sub) -> None:
         metavar="TOKENS,...",
         help="window strides to try (0: one truncated window, as in training) [default: 0]",
     )
-    p.add_argument("--data", type=path_arg, help="IMDB folder/archive (default: the runs' own data setting)")
+    add_data_flag(p, "the runs' own data setting")
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of each split (quick checks)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass at most")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
+    add_batch_size_flag(p, 64, token_capped=False)
+    add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(func=cmd_select)
 

@@ -7,7 +7,14 @@ import argparse
 from ..errors import UserError
 from ..extras import require
 from ..serving.app import ServeSettings
-from .common import add_max_batch_tokens_flag, add_raw_flag, path_arg, require_directories
+from .common import (
+    add_base_model_flag,
+    add_device_flag,
+    add_max_batch_tokens_flag,
+    add_raw_flag,
+    path_arg,
+    require_directories,
+)
 
 # (flag, type, ServeSettings field, help): the service's input and batching limits.
 SERVE_LIMITS = [
@@ -39,33 +46,50 @@ def add_serve_parser(sub) -> None:
     d = ServeSettings()
     p = sub.add_parser("serve", help="HTTP service with request batching, a web page and an OpenAPI schema")
     p.add_argument("model", type=path_arg, help="run directory or export folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="[default: 8000]")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (127.0.0.1: this machine only) [default: 127.0.0.1]",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port to listen on [default: 8000]")
     p.add_argument(
         "--allowed-hosts",
         metavar="NAMES",
-        help="Host header names to answer, comma separated, any port ('*': any) [default: on loopback "
-        "localhost,127.0.0.1,[::1] (against DNS rebinding), else any]",
+        help="Host header names to answer, comma separated, any port ('*': any) [default: localhost, "
+        "127.0.0.1 and ::1 on a loopback --host (against DNS rebinding), else any]",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
-    p.add_argument("--base-model", type=path_arg, help="base model folder, if it moved since training")
+    add_device_flag(p)
+    add_base_model_flag(p)
     add_raw_flag(p)
-    for flag, kind, field, what in SERVE_LIMITS:
-        default = getattr(d, field)
-        shown = f"{default:,}" if isinstance(default, int) else f"{default:g}"
-        p.add_argument(flag, type=kind, default=default, help=f"{what} [default: {shown}]")
+    for flag, *_ in SERVE_LIMITS:
+        add_limit_flag(p, d, flag)
     add_max_batch_tokens_flag(p)
     add_load_flags(p, d)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level [default: info]",
+    )
     p.set_defaults(func=cmd_serve)
 
 
-def add_load_flags(p: argparse.ArgumentParser, d: ServeSettings) -> None:
-    """Overload and shutdown behaviour (shared with `bench serve`)."""
+def add_limit_flag(p: argparse.ArgumentParser, d: ServeSettings, flag: str) -> None:
+    """One of SERVE_LIMITS (`bench serve` passes some on to its server, in the same words)."""
+    _, kind, field, what = next(limit for limit in SERVE_LIMITS if limit[0] == flag)
+    default = getattr(d, field)
+    shown = f"{default:,}" if isinstance(default, int) else f"{default:g}"
+    metavar = "N" if kind is int else "MS" if flag.endswith("-ms") else "SECONDS"
+    p.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{what} [default: {shown}]")
+
+
+def add_load_flags(p: argparse.ArgumentParser, d: ServeSettings, shutdown: bool = True) -> None:
+    """Overload and shutdown behaviour (shared with `bench serve`, which stops its server itself)."""
     p.add_argument(
         "--max-queue",
         type=int,
         default=d.max_queue,
+        metavar="N",
         help=f"texts waiting for the model; beyond it /predict answers 503 + Retry-After [default: {d.max_queue}]",
     )
     p.add_argument(
@@ -75,6 +99,8 @@ def add_load_flags(p: argparse.ArgumentParser, d: ServeSettings) -> None:
         metavar="SECONDS",
         help=f"an admitted request unanswered after this long gets 504 [default: {d.request_timeout:g}]",
     )
+    if not shutdown:
+        return
     p.add_argument(
         "--shutdown-timeout",
         type=float,

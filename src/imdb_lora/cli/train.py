@@ -27,13 +27,20 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         elif f.metadata.get("repeatable"):
             g.add_argument(flag_of(f), action="append", metavar="FILE", **kw)
         else:
-            g.add_argument(flag_of(f), metavar=f.name.upper(), **kw)
+            g.add_argument(flag_of(f), metavar=f.metadata.get("metavar") or f.name.upper(), **kw)
 
 
 def _default_text(f) -> str:
-    if f.default_factory is not dataclasses.MISSING:  # lists
-        return ",".join(f.default_factory())
-    return str(f.default).replace("%", "%%")
+    """The default as the help shows it: on/off, none, a list with commas (never Python's None/True)."""
+    if f.metadata.get("shown"):
+        text = f.metadata["shown"]
+    elif f.default_factory is not dataclasses.MISSING:  # lists
+        text = ",".join(f.default_factory()) or "none"
+    elif isinstance(f.default, bool):
+        text = "on" if f.default else "off"
+    else:
+        text = "none" if f.default is None else str(f.default)
+    return text.replace("%", "%%")
 
 
 def config_from_args(ns: argparse.Namespace, base: Config) -> Config:
@@ -53,7 +60,10 @@ def add_train_parser(sub) -> None:
         f"({', '.join(shipped_configs())}); flags override it",
     )
     p.add_argument(
-        "--output-dir", type=nonempty_path, help="run directory to create (default: runs/<model>-<method>)"
+        "--output-dir",
+        type=nonempty_path,
+        metavar="DIR",
+        help="run directory to create [default: runs/<model>-<method>]",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
