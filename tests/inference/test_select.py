@@ -90,7 +90,9 @@ def test_select_end_to_end(trained_run, capsys):
     assert selection.parse_strides("0,16,16") == [None, 16]
     args = ["select", str(trained_run), "--window-strides", "0,16", "--device", "cpu", "--json"]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out, err = capsys.readouterr()
+    result = json.loads(out)  # standard output is the JSON alone; each split's line and the winner's: stderr
+    assert err.splitlines()[-1].startswith(f"chosen on validation: {trained_run} window_stride=")
     assert [(v["split"], v["window_stride"]) for v in result["validation"]] == [("val", None), ("val", 16)]
     assert all(t["split"] == "test" for t in result["test"]) and len(result["test"]) in (1, 2)
     info = json.loads((trained_run / "run.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .common import add_batch_size_flag, add_data_flag, add_device_flag, path_arg, require_directories
 
@@ -29,7 +30,11 @@ def add_select_parser(sub) -> None:
     p.add_argument("--max-samples", type=int, help="stratified, seeded subset of each split (quick checks)")
     add_batch_size_flag(p, 64, token_capped=False)
     add_device_flag(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (the lines of each split read and of the winner go to stderr)",
+    )
     p.set_defaults(func=cmd_select)
 
 
@@ -41,11 +46,16 @@ def cmd_select(ns: argparse.Namespace) -> int:
     require_directories(*ns.runs)
     from ..inference.selection import parse_strides, select
 
+    out = sys.stderr if ns.json else sys.stdout  # --json: standard output is the JSON alone (`| jq`)
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
     result = select(
-        ns.runs, parse_strides(ns.window_strides), ns.data, ns.max_samples, ns.batch_size, ns.device
+        ns.runs, parse_strides(ns.window_strides), ns.data, ns.max_samples, ns.batch_size, ns.device, log=say
     )
     c = result["chosen"]
-    print(
+    say(
         f"chosen on validation: {c['run']} window_stride={c['window_stride'] or 0} ({100 * c['val_accuracy']:.2f}%)"
     )
     if ns.json:
