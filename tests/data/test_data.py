@@ -150,9 +150,15 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
         ),
         # read twice: the review counted twice (tar keeps only the last copy when it extracts)
         (_member("aclImdb/train/pos/0_8.txt"), b"a second copy", "holds aclImdb/train/pos/0_8.txt twice"),
+        # read as reviews though outside any aclImdb folder (tar refuses to extract them)
+        (_member("../x/train/pos/9_9.txt"), b"great", r"member \.\./x/train/pos/9_9.txt has a '\.\.'"),
+        (_member("aclImdb/../test/neg/9_1.txt"), b"awful", "has a '..' in its name"),
+        (_member("/srv/train/neg/9_1.txt"), b"awful", "member /srv/train/neg/9_1.txt has an absolute name"),
     ],
 )
-def test_archive_review_members_that_are_links_or_repeated_are_refused(tmp_path, member, data, error):
+def test_archive_review_members_that_are_links_repeated_or_outside_the_archive_are_refused(
+    tmp_path, member, data, error
+):
     archive = _tar_with(write_imdb(tmp_path, per_class=3), tmp_path / "x.tar", member, data)
     with pytest.raises(UserError, match=f"^--data: archive .*x.tar.* {error}"):
         load_imdb(archive)

@@ -124,8 +124,17 @@ def _iter_tar(path: Path, flag: str) -> Iterator[tuple[str, bytes]]:
 
 
 def _check_review_member(m: tarfile.TarInfo, path: Path, seen: set[str], flag: str) -> None:
-    """A review member must be a regular file, once: a link or a second copy of a name was skipped
-    or read twice without a word (tar itself would keep only the last copy when extracting)."""
+    """A review member must be a regular file, once, under a relative name: a link or a second copy of
+    a name was skipped or read twice without a word (tar itself would keep only the last copy when
+    extracting), and a name that is absolute or climbs out with `..` (which tar refuses to extract) was
+    read as a review although it lies outside any aclImdb folder."""
+    parts = m.name.split("/")
+    if m.name.startswith("/") or ".." in parts:
+        kind = "an absolute name" if m.name.startswith("/") else "a '..' in its name"
+        raise UserError(
+            f"{flag}: archive {path}: review member {m.name} has {kind}; aclImdb archives hold relative "
+            "names inside the archive"
+        )
     if not m.isfile():
         kind = "a symbolic link" if m.issym() else "a hard link" if m.islnk() else "not a regular file"
         raise UserError(
