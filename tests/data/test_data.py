@@ -466,6 +466,30 @@ def test_head_tail_keeps_exactly_the_first_and_last_tokens(tok):
     assert short == tok(["tiny review"])["input_ids"]
 
 
+def test_a_huge_text_reaches_the_tokenizer_as_its_start_and_end_only(tok):
+    from imdb_lora.data.tokenize import MAX_TEXT_CHARS
+
+    class Spy:  # the tokenizer, recording the length of every text it is given
+        def __init__(self):
+            self.longest = 0
+
+        def __call__(self, texts, **kw):
+            self.longest = max(
+                [self.longest] + [len(t) for t in ([texts] if isinstance(texts, str) else texts)]
+            )
+            return tok(texts, **kw)
+
+    text = long_text(MAX_TEXT_CHARS // 3)  # about 2.5 times the bound
+    assert len(text) > 2 * MAX_TEXT_CHARS
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    spy = Spy()
+    (head,) = encode(spy, [text], max_length=64)
+    (head_tail,) = encode(spy, [text], max_length=64, truncation="head_tail", head_tokens=20)
+    assert spy.longest <= MAX_TEXT_CHARS + 1  # a 47 MB line went whole into the tokenizer (6.9 GB)
+    assert head[1:-1] == body[:62]  # the same ids as from the whole text
+    assert head_tail[1:21] == body[:20] and head_tail[21:-1] == body[-42:]  # the end is read too
+
+
 def test_windows_cover_every_token_and_end_at_the_end(tok):
     from imdb_lora.data.tokenize import encode_windows
 
