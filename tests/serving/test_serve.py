@@ -95,17 +95,47 @@ def test_malformed_json_is_422(client):
 
 def test_a_body_that_is_not_json_is_415(client):
     body = json.dumps({"texts": ["good"]})
-    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         r = client.post("/predict", content=body, headers={"content-type": kind})
         assert_clean_error(r, 415, "unsupported_media_type")
-    ok = client.post("/predict", content=body, headers={"content-type": "application/json; charset=utf-8"})
-    assert ok.status_code == 200
+    for kind in ("application/json; charset=utf-8", "application/json; charset=UTF8", "application/JSON"):
+        assert client.post("/predict", content=body, headers={"content-type": kind}).status_code == 200
 
 
-@pytest.mark.parametrize("body", ["[" * 1500 + "]" * 1500, b'{"texts": ["\xff"]}'])
-def test_bodies_json_cannot_parse_are_422_invalid_json(client, body):
+@pytest.mark.parametrize(
+    "headers, why",
+    [
+        # read as bytes and answered "not valid JSON" (a gzip body), or decompressed by no one (br)
+        ({"content-encoding": "gzip"}, "Content-Encoding gzip is not supported"),
+        ({"content-encoding": "br"}, "Content-Encoding br is not supported"),
+        # another charset than UTF-8 declared: ASCII passed, the first accent was a 422
+        ({"content-type": "application/json; charset=latin-1"}, "JSON in UTF-8"),
+    ],
+)
+def test_a_compressed_body_or_another_charset_is_415(client, headers, why):
+    body = json.dumps({"texts": ["good"]}).encode()
+    r = client.post("/predict", content=body, headers={"content-type": "application/json", **headers})
+    assert why in assert_clean_error(r, 415, "unsupported_media_type")["message"]
+    assert r.headers["connection"] == "close"
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ("[" * 1500 + "]" * 1500, "nested too deeply"),
+        (b'{"texts": ["\xff"]}', "not UTF-8"),
+        (json.dumps({"texts": ["good"]}).encode("utf-16"), "not UTF-8"),  # was read: JSON is UTF-8
+        ('{"texts": ["awful"], "texts": ["great"]}', 'key "texts" given twice'),  # the last one won
+        ('{"texts": [NaN]}', "NaN is not JSON"),
+        ('{"texts": ["a"], "n": -Infinity}', "-Infinity is not JSON"),
+        ('{"texts": ["a"]} {}', "Extra data"),
+    ],
+)
+def test_bodies_json_cannot_parse_are_422_invalid_json_saying_why(client, body, why):
     r = client.post("/predict", content=body, headers={"content-type": "application/json"})
-    assert_clean_error(r, 422, "invalid_json")
+    assert (
+        assert_clean_error(r, 422, "invalid_json")["message"] == f"the request body is not valid JSON: {why}"
+    )
 
 
 def test_a_text_of_control_characters_is_refused(client):
@@ -127,8 +157,24 @@ def test_body_too_large_is_413_with_or_without_content_length(client):
 
 
 def test_unknown_path_and_method_are_json(client):
-    assert_clean_error(client.get("/nowhere"), 404, "not_found")
-    assert_clean_error(client.get("/predict"), 405, "method_not_allowed")
+    assert "POST /predict" in assert_clean_error(client.get("/nowhere"), 404, "not_found")["message"]
+    for method, path, allow in [
+        ("GET", "/predict", "POST"),
+        ("PUT", "/predict", "POST"),
+        ("DELETE", "/info", "GET, HEAD"),
+        ("OPTIONS", "/health", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
+    ]:
+        r = client.request(method, path)
+        assert_clean_error(r, 405, "method_not_allowed")
+        assert r.headers.get("allow") == allow  # was missing: 405 must say what is allowed
+    # a trailing slash was a 307 to a Location built from the Host header
+    r = client.post("/predict/", json={"texts": TEXTS}, follow_redirects=False)
+    assert_clean_error(r, 404, "not_found")
+    # a query string was ignored: a misspelt option must not pass silently, as a body field does not
+    data = assert_clean_error(client.post("/predict?raw=1", json={"texts": TEXTS}), 422, "invalid_request")
+    assert data["details"][0]["field"] == "query"
+    assert client.get("/health?nocache=1").status_code == 200  # GET endpoints ignore them (cache busting)
 
 
 def test_model_failure_is_a_generic_500(clf, monkeypatch):

@@ -196,6 +196,57 @@ def test_slow_but_complete_heads_and_keep_alive_requests_are_answered(clf):
         sock.close()
 
 
+def json_error(answer: bytes) -> tuple[bytes, str]:
+    """(status line, "error") of a JSON error answer that closed its connection."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert b"content-type: application/json" in lines and b"connection: close" in lines, answer
+    return head.split(b"\r\n")[0], json.loads(body)["error"]
+
+
+def test_odd_http_gets_json_errors_and_head_is_get_without_a_body(clf):
+    host = b"Host: 127.0.0.1\r\n"
+    long_head = b"GET /health HTTP/1.1\r\n" + host + b"X-Pad: " + b"a" * 20_000 + b"\r\n\r\n"
+    with BackgroundServer(create_app(clf, BIG)) as server:
+        sock = connect(server.url)  # HEAD (a load balancer's health check) was 405
+        sock.sendall(b"HEAD /health HTTP/1.1\r\n" + host + b"\r\n")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\n" + host + b"\r\n"
+        )  # a body after HEAD's head would come first
+        assert read_response(sock) == (b"HTTP/1.1 200 OK", b'{"status":"ok"}')
+        sock.close()
+        for request, status, error in [
+            # plain text from uvicorn, not the service's JSON error shape
+            (b"GARBAGE\r\n\r\n", b"400 Bad Request", "bad_request"),
+            # went through when it arrived in one read (h11 bounds only a head that comes in pieces)
+            (long_head, b"431 Request Header Fields Too Large", "headers_too_large"),
+            # two framings of one body: h11 read the chunked one, a proxy may read the other
+            (
+                b"POST /predict HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n"
+                b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                b"400 Bad Request",
+                "bad_request",
+            ),
+        ]:
+            sock = connect(server.url)
+            sock.sendall(request)
+            assert json_error(read_all(sock)) == (b"HTTP/1.1 " + status, error)
+            sock.close()
+        sock = connect(server.url)  # the same head in pieces: h11's own refusal, in the same shape
+        for i in range(0, len(long_head), 4096):
+            sock.sendall(long_head[i : i + 4096])
+            time.sleep(0.01)
+        assert json_error(read_all(sock)) == (
+            b"HTTP/1.1 431 Request Header Fields Too Large",
+            "headers_too_large",
+        )
+        sock.close()
+
+
 def test_the_header_deadline_fails_loudly_if_uvicorn_changes(monkeypatch):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -205,6 +256,10 @@ def test_the_header_deadline_fails_loudly_if_uvicorn_changes(monkeypatch):
         serve_protocol(2)()
     monkeypatch.delattr(H11Protocol, "on_response_complete")
     with pytest.raises(RuntimeError, match="has no on_response_complete"):
+        serve_protocol(2)
+    monkeypatch.undo()
+    monkeypatch.delattr(H11Protocol, "send_400_response")  # else plain-text 400s again, without a word
+    with pytest.raises(RuntimeError, match="has no send_400_response"):
         serve_protocol(2)
 
 

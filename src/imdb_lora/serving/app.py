@@ -26,6 +26,7 @@ inside functions, so the CLI (which registers `serve` from here) starts fast and
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -53,6 +54,10 @@ log = logging.getLogger("imdb_lora.serve")
 MAX_DETAILS = 10  # validation errors listed in one response; the rest are only counted
 MAX_FIELD_CHARS = 64  # a client's field name is cut to this in errors (never echoed whole)
 MAX_UNKNOWN_FIELDS = 4  # unknown body fields named one by one; a body with more is refused as a whole
+# a request's line and headers, in bytes: h11 refuses a longer head only when it arrives in pieces (one
+# that comes in a single read, up to 256 KiB, went through), so RequestChecks refuses it whatever way
+MAX_HEAD_BYTES = 16 * 1024
+PATHS = "the service answers POST /predict and GET /, /health, /info, /metrics and /openapi.json"
 
 
 @dataclass
@@ -252,6 +257,112 @@ class _TooLarge(Exception):
     pass
 
 
+class RequestChecks:
+    """Refuse from its head alone (once BodyLimit has bounded the body) a request that cannot be answered
+    well: a head over MAX_HEAD_BYTES (431); both Content-Length and Transfer-Encoding (400: two framings
+    of one body, which a proxy in front and this server could read as different requests); a POST
+    /predict body that is not JSON, compressed (Content-Encoding) or declared in a charset other than
+    UTF-8 (415: a gzip body was read as bytes and answered "not valid JSON"). HEAD is routed as GET
+    (uvicorn sends the headers alone), as Starlette's own routes do: a HEAD health check got 405."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        problem = head_problem(scope)
+        if problem is not None:
+            return await closing(error_json(*problem))(scope, receive, send)
+        if scope["method"] == "HEAD":  # a copy: uvicorn keeps its own scope's HEAD and sends no body
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
+def head_problem(scope) -> tuple[int, str, str] | None:
+    """(status, error, message) for a request RequestChecks refuses, None for one it lets through."""
+    headers = scope["headers"]
+    size = len(scope.get("raw_path") or b"") + len(scope["query_string"])
+    if size + sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEAD_BYTES:
+        return 431, "headers_too_large", f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+    first: dict[bytes, bytes] = {}
+    for name, value in headers:
+        first.setdefault(name, value)
+    if b"content-length" in first and b"transfer-encoding" in first:
+        return 400, "bad_request", "the request has both Content-Length and Transfer-Encoding; send one"
+    if scope["method"] != "POST" or scope["path"] != "/predict":
+        return None
+    encoding = first.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+    if encoding not in ("", "identity"):
+        message = f"Content-Encoding {_cut(encoding)} is not supported: send the body uncompressed"
+        return 415, "unsupported_media_type", message
+    kind, *params = first.get(b"content-type", b"").decode("latin-1").split(";")
+    if not _is_json(kind):
+        return 415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)"
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            message = "send the body as JSON in UTF-8 (charset=utf-8, or no charset)"
+            return 415, "unsupported_media_type", message
+    return None
+
+
+def parse_json(body: bytes) -> Any:
+    """The body's JSON, read more strictly than json.loads: UTF-8 only (a byte order mark is skipped;
+    UTF-16 was read), and a key given twice (the last one won), NaN or Infinity (not JSON) refused;
+    nesting too deep or a number too long for Python are said as such. Every refusal is a
+    JSONDecodeError, which FastAPI turns into 422 invalid_json carrying its message."""
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise json.JSONDecodeError("not UTF-8", "", 0) from e
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # int() of a number of more than 4,300 digits
+        raise json.JSONDecodeError("a number with too many digits", "", 0) from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise json.JSONDecodeError(f'key "{_cut(key)}" given twice', "", 0)
+        out[key] = value
+    return out
+
+
+def _not_json(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", "", 0)
+
+
+def strict_json_route():
+    """FastAPI's route class, with the request's JSON read by parse_json (FastAPI reads it with
+    `await request.json()`: a Request subclass is its documented way to change that)."""
+    from fastapi.routing import APIRoute
+    from starlette.requests import Request
+
+    class StrictJSONRequest(Request):
+        async def json(self) -> Any:
+            if not hasattr(self, "_json"):
+                self._json = parse_json(await self.body())
+            return self._json
+
+    class StrictJSONRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def strict(request: Request):
+                return await handler(StrictJSONRequest(request.scope, request.receive))
+
+            return strict
+
+    return StrictJSONRoute
+
+
 class HostCheck:
     """Answer only requests whose Host header names one of `allowed` (any port), else 400. A service on
     loopback allows only loopback names: a web page that rebinds its own DNS name to 127.0.0.1 sends
@@ -368,9 +479,13 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,  # FastAPI's /docs and /redoc pull scripts and styles from a CDN; /openapi.json stays
         redoc_url=None,
+        # /predict/ was a 307 to a Location built from the Host header: one path per route, else 404
+        redirect_slashes=False,
     )
+    app.router.route_class = strict_json_route()
     app.state.batcher, app.state.service, app.state.metrics = batcher, service, metrics
     app.state.settings = settings
+    app.add_middleware(RequestChecks)  # inside the body limit: a body is bounded before anything else
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     if allowed_hosts is not None:  # outside the body limit: a foreign Host's body is never read
         app.add_middleware(HostCheck, allowed=allowed_hosts)
@@ -384,6 +499,9 @@ def create_app(
     async def predict(body: PredictRequest, request: Request):  # type: ignore[valid-type]
         """Label, confidence and both probabilities per text, in the order given. 503 with Retry-After
         when the service is full or shutting down; 504 when no answer came within the request timeout."""
+        if request.scope["query_string"]:  # a misspelt option is an error, as an unknown body field is
+            message = "query: /predict takes no query parameters; send its input as the JSON body"
+            return error_json(422, "invalid_request", message, [{"field": "query", "message": message}])
         texts = body.texts  # type: ignore[attr-defined]
         refusal = _refusal(batcher, service, settings, len(texts))
         if refusal is not None:
@@ -501,13 +619,13 @@ def _add_error_handlers(app: "FastAPI") -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        if request.method == "POST" and not _is_json(request.headers.get("content-type", "")):
-            return error_json(
-                415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)"
-            )
         errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_json(422, "invalid_json", "the request body is not valid JSON")
+        for e in errors:
+            if e.get("type") == "json_invalid":  # parse_json's reason, or Python's ("Expecting value")
+                why = ((e.get("ctx") or {}).get("error") or "").removesuffix(" at")  # "...character at"
+                return error_json(
+                    422, "invalid_json", "the request body is not valid JSON" + (f": {why}" if why else "")
+                )
         details = [_detail(e) for e in errors[:MAX_DETAILS]]
         message = details[0]["message"] if details else "invalid request"
         if len(errors) > len(details):
@@ -516,10 +634,17 @@ def _add_error_handlers(app: "FastAPI") -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400:  # FastAPI's "error parsing the body": nested too deep, not UTF-8
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (parse_json says why instead)
             return error_json(422, "invalid_json", "the request body is not valid JSON in UTF-8")
-        names = {404: "not_found", 405: "method_not_allowed"}
-        return error_json(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+        if exc.status_code == 404:
+            return error_json(404, "not_found", f"no such path; {PATHS}")
+        if exc.status_code == 405:  # Starlette names the route's methods in Allow; HEAD goes as GET
+            allowed = [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
+            allowed += ["HEAD"] if "GET" in allowed and "HEAD" not in allowed else []
+            response = error_json(405, "method_not_allowed", f"this path takes {', '.join(allowed)}")
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        return error_json(exc.status_code, "http_error", str(exc.detail))
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception):
@@ -528,7 +653,7 @@ def _add_error_handlers(app: "FastAPI") -> None:
 
 
 def _is_json(content_type: str) -> bool:
-    """application/json or a +json type; FastAPI reads any other body as no JSON at all."""
+    """application/json or a +json type (parameters aside); FastAPI reads any other body as no JSON."""
     kind = content_type.split(";")[0].strip().lower()
     return kind == "application/json" or kind.endswith("+json")
 

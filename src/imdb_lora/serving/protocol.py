@@ -21,9 +21,13 @@ Connection: close on its first request, in the service's JSON error shape, inste
 the client reads why rather than a reset. Behind a reverse proxy every connection comes from the
 proxy's address, so the cap is off by default.
 
+Bytes h11 cannot read as HTTP/1.1 get the same JSON error shape (400, or 431 for a head too long),
+not uvicorn's plain-text 400.
+
 Besides the asyncio Protocol methods, this relies on uvicorn internals, all present from 0.30 to 0.54
 (our pin: >=0.30,<1): the h11.Connection in `self.conn`; `on_response_complete`, which a request's
-cycle calls when its response is done; and `connections` (the server's open protocols), `client` (the
+cycle calls when its response is done; `send_400_response`, called inside its `except
+h11.RemoteProtocolError`; `transport`; and `connections` (the server's open protocols), `client` (the
 peer's address) and `app` (what a request is handed to). Their presence is checked (serve_protocol and
 __init__ raise RuntimeError, failing every serving test), and tests/serving/test_serve_guards.py fails
 if the hook is no longer called (a keep-alive connection would then idle past the deadline).
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -52,7 +57,7 @@ class HeaderTimeoutProtocol(H11Protocol):
         super().__init__(*args, **kwargs)
         if not isinstance(getattr(self, "conn", None), h11.Connection):
             raise RuntimeError(_changed("no longer keeps its h11.Connection in .conn"))
-        for name in ("connections", "client", "app"):
+        for name in ("connections", "client", "app", "transport"):
             if not hasattr(self, name):
                 raise RuntimeError(_changed(f"has no .{name}"))
         self._header_timer: asyncio.TimerHandle | None = None
@@ -119,13 +124,36 @@ class HeaderTimeoutProtocol(H11Protocol):
     def _timeout_response(self) -> bytes:
         """408 in the service's JSON error shape (app.error_json), ending the connection."""
         message = f"the request headers did not arrive within {self.header_timeout:g} s"
-        body = json.dumps({"error": "request_timeout", "message": message, "details": []}).encode()
+        return self._error_response(408, b"Request Timeout", "request_timeout", message)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes h11 cannot read as HTTP/1.1 (a bad request line, a header without a
+        colon, two Content-Lengths, a head over h11's 16 KiB...), in the service's JSON error shape
+        instead of plain text; 431 where h11 says the head is too long. uvicorn calls this from inside
+        its `except h11.RemoteProtocolError`, so the error is the one being handled."""
+        error = sys.exc_info()[1]
+        if getattr(error, "error_status_hint", 400) == 431:
+            status, reason, name = 431, b"Request Header Fields Too Large", "headers_too_large"
+            message = "the request line and headers are too long"
+        else:
+            status, reason, name = 400, b"Bad Request", "bad_request"
+            message = "the request is not valid HTTP/1.1"
+        try:
+            self.transport.write(self._error_response(status, reason, name, message))
+        except h11.LocalProtocolError:  # a response had already begun: nothing more can be said
+            pass
+        self.transport.close()
+
+    def _error_response(self, status: int, reason: bytes, error: str, message: str) -> bytes:
+        """A response in the service's JSON error shape (app.error_json), ending the connection."""
+        text = json.dumps({"error": error, "message": message, "details": []}, separators=(",", ":"))
+        body = text.encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]
-        response = h11.Response(status_code=408, headers=headers, reason=b"Request Timeout")
+        response = h11.Response(status_code=status, headers=headers, reason=reason)
         return (
             self.conn.send(response)
             + self.conn.send(h11.Data(data=body))
@@ -136,8 +164,9 @@ class HeaderTimeoutProtocol(H11Protocol):
 def serve_protocol(header_timeout: float, max_per_client: int = 0) -> type[HeaderTimeoutProtocol]:
     """The protocol class for uvicorn.Config(http=...), with this deadline and per-client cap (uvicorn
     builds one per connection from the class, so the settings travel as class attributes)."""
-    if not callable(getattr(H11Protocol, "on_response_complete", None)):  # the others are asyncio's own
-        raise RuntimeError(_changed("has no on_response_complete"))
+    for hook in ("on_response_complete", "send_400_response"):  # the others are asyncio's own
+        if not callable(getattr(H11Protocol, hook, None)):
+            raise RuntimeError(_changed(f"has no {hook}"))
     settings = {"header_timeout": header_timeout, "max_per_client": max_per_client}
     return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), settings)
 
