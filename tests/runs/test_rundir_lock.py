@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import train_args
+from conftest import train_args, without_startup
 
 from imdb_lora.cli import main
 from imdb_lora.errors import UserError
@@ -103,3 +103,51 @@ def test_overwrite_refuses_a_directory_locked_by_another_process(
 def test_finished_and_crashed_runs_leave_no_lock_held(trained_run, interrupted_run):
     for path in (trained_run, interrupted_run):
         RunDir(path).check_unlocked()
+
+
+def test_a_run_started_meanwhile_is_never_taken_over(tiny_models, imdb_dir, tmp_path, monkeypatch, capsys):
+    """Two `train --output-dir SAME` started at once both found no directory; the one whose data loaded
+    last set the other's fresh run aside as if --overwrite had been given (and deleted it once set up),
+    the first then writing into the second's folder. Now the later one is refused, naming the holder."""
+    out = tmp_path / "run"
+    holder = RunDir(out)
+    load = Trainer._setup_data
+
+    def other_train_starts_meanwhile(self):
+        load(self)
+        out.mkdir()  # the other process created the folder, locked it, and wrote its config
+        holder.lock()
+        holder.config_path.write_text("other run\n")
+
+    monkeypatch.setattr(Trainer, "_setup_data", other_train_starts_meanwhile)
+    try:
+        capsys.readouterr()
+        assert main(train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1")) == 2
+        line = one_error_line(without_startup(capsys.readouterr().err))
+        assert f"pid {os.getpid()}" in line and str(out) in line
+        assert holder.config_path.read_text() == "other run\n"  # the other run's files, untouched
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing set aside
+    finally:
+        holder.unlock()
+
+
+def test_overwrite_holds_the_old_run_until_the_new_one_is_set_up(
+    interrupted_run, tiny_models, imdb_dir, monkeypatch, capsys
+):
+    """`train --overwrite` checked the old run's lock, then loaded its data without holding it: a
+    `train --resume` (or a second --overwrite) starting meanwhile had its directory moved away and
+    deleted under it. Now the lock is held from the check on, and the second process is refused."""
+    load = Trainer._setup_data
+    refused = []
+
+    def second_process_starts_meanwhile(self):
+        load(self)
+        with pytest.raises(UserError, match=rf"in use by another imdb-lora process \(pid {os.getpid()}\)"):
+            RunDir(interrupted_run).lock()
+        refused.append(True)
+
+    monkeypatch.setattr(Trainer, "_setup_data", second_process_starts_meanwhile)
+    args = train_args(tiny_models("bert"), imdb_dir, interrupted_run, "--epochs", "1", "--overwrite")
+    assert main(args) == 0 and refused
+    RunDir(interrupted_run).check_unlocked()
+

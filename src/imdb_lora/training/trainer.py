@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -76,6 +76,9 @@ class Trainer:
         self.resume = resume
         self.created = False  # whether this process created the run directory (removed if setup fails)
         self.replaced: Path | None = None  # the run --overwrite replaces, kept aside until setup succeeds
+        # --overwrite: the old run's lock, held from the check until the new run holds its own, so that
+        # no `train --resume` (or second --overwrite) starts on the old run while this one loads its data
+        self.old_lock: IO[str] | None = None
         self.dist = Dist.from_env()  # torchrun's data-parallel place; rank 0 of 1 otherwise
         self.checkpoint_step: int | None = None  # global step of the resume checkpoint on disk, once known
 
@@ -84,13 +87,18 @@ class Trainer:
     def setup(self) -> Trainer:
         self.dist.check(self.cfg)
         self.device = self.dist.start(resolve_device(self.cfg.train.device))
-        self._check_directory()
-        # Read now, not when run.json is written: the checkout may change (a commit, a rebase) while
-        # the run trains, and the record must name the code that ran.
-        self.software = software_versions()
-        self.dist.barrier()  # every rank has checked the directory before rank 0 creates it
-        self._check_model_source()  # fail before the slow data loading
-        self._setup_data()
+        try:
+            self._check_directory()
+            # Read now, not when run.json is written: the checkout may change (a commit, a rebase) while
+            # the run trains, and the record must name the code that ran.
+            self.software = software_versions()
+            self.dist.barrier()  # every rank has checked the directory before rank 0 creates it
+            self._check_model_source()  # fail before the slow data loading
+            self._setup_data()
+        except BaseException:
+            self._release_old_run()
+            self.run.unlock()  # a resume's, taken by the check
+            raise
         try:
             self._open_directory()
             self._setup_model()
@@ -116,43 +124,63 @@ class Trainer:
         if self.resume:
             if not run.path.exists():
                 raise UserError(f"--resume: {run.path} does not exist; give the run directory to continue")
-            if not run.is_resumable():
-                raise UserError(f"--resume: {run.path} holds no resumable run (no {CHECKPOINT})")
-            if run.status() == "finished":
-                raise UserError(f"--resume: {run.path} is already finished; see {run.path / 'results.md'}")
-            saved = Config.load(run.config_path, flag=None)
-            self.saved_cfg = saved
-            diff = differing_fields(saved, self.cfg)
-            if diff:
-                raise UserError(
-                    f"--resume continues {run.path} with its saved config.yaml; these settings differ: "
-                    + ", ".join(diff)
-                )
-            self.dist.check_resume(run.read_status(), run.path)
             if self.dist.main:
                 run.lock()  # before anything is read or written: a second process must not train here too
+            try:
+                self._check_resumable()
+            except BaseException:
+                run.unlock()
+                raise
             self.resumed = True
         elif run.path.exists() and not run.path.is_dir():
             raise UserError(f"--output-dir {run.path} exists and is a file")
         elif run.path.exists() and any(run.path.iterdir()):
-            if not self.overwrite:
-                hint = " or --resume to continue it" if run.is_resumable() else ""
-                raise UserError(
-                    f"--output-dir {run.path} exists and is not empty; pass --overwrite to replace it{hint}"
-                )
-            if not run.is_run():
-                raise UserError(
-                    f"--overwrite: {run.path} is not an imdb-lora run directory (no config.yaml or run.json); "
-                    "refusing to replace it"
-                )
-            if Path.cwd().resolve().is_relative_to(run.path.resolve()):
-                raise UserError(
-                    f"--overwrite: {run.path} holds the current directory; refusing to replace it"
-                )
+            self._check_replaceable()
             if self.dist.main:
-                run.check_unlocked()  # --overwrite never pulls a directory from under a running process
+                # --overwrite never pulls a directory from under a running process, nor lets one start
+                # on it while this one loads its data: its lock is held until the new run has its own
+                run.lock()
+                self.old_lock, run._lock_file = run._lock_file, None
         if not self.resume:
             require_creatable(run.path, "--output-dir")  # before the slow data loading
+
+    def _check_resumable(self) -> None:
+        """--resume: a run to continue, with the same settings (read under its lock, when rank 0)."""
+        run = self.run
+        if not run.is_resumable():
+            raise UserError(f"--resume: {run.path} holds no resumable run (no {CHECKPOINT})")
+        if run.status() == "finished":
+            raise UserError(f"--resume: {run.path} is already finished; see {run.path / 'results.md'}")
+        saved = Config.load(run.config_path, flag=None)
+        self.saved_cfg = saved
+        diff = differing_fields(saved, self.cfg)
+        if diff:
+            raise UserError(
+                f"--resume continues {run.path} with its saved config.yaml; these settings differ: "
+                + ", ".join(diff)
+            )
+        self.dist.check_resume(run.read_status(), run.path)
+
+    def _check_replaceable(self) -> None:
+        """A non-empty --output-dir: only --overwrite of a run directory may replace it."""
+        run = self.run
+        if not self.overwrite:
+            hint = " or --resume to continue it" if run.is_resumable() else ""
+            raise UserError(
+                f"--output-dir {run.path} exists and is not empty; pass --overwrite to replace it{hint}"
+            )
+        if not run.is_run():
+            raise UserError(
+                f"--overwrite: {run.path} is not an imdb-lora run directory (no config.yaml or run.json); "
+                "refusing to replace it"
+            )
+        if Path.cwd().resolve().is_relative_to(run.path.resolve()):
+            raise UserError(f"--overwrite: {run.path} holds the current directory; refusing to replace it")
+
+    def _release_old_run(self) -> None:
+        if self.old_lock is not None:
+            self.old_lock.close()  # closing releases the flock
+            self.old_lock = None
 
     def _check_model_source(self) -> None:
         cfg, run = self.cfg, self.run
@@ -207,16 +235,25 @@ class Trainer:
             if differing_fields(self.saved_cfg, self.cfg, ignore=frozenset()):
                 atomic_write_text(run.config_path, self.cfg.to_yaml())
             return
-        if run.path.exists() and any(run.path.iterdir()):  # only reached with --overwrite
+        if self.old_lock is not None:  # --overwrite, the old run's lock held since the check
             # Set aside, not deleted: a setup that fails later (or Ctrl-C) puts the old run back.
             self.replaced = run.path.with_name(f"{run.path.name}.replaced-{os.getpid()}")
             os.replace(run.path, self.replaced)
         try:
-            run.path.mkdir(parents=True, exist_ok=True)  # an empty folder is used as it is
+            run.path.parent.mkdir(parents=True, exist_ok=True)
+            run.path.mkdir()
+        except FileExistsError:
+            pass  # an empty folder is used as it is; another process's run is found under the lock below
         except OSError as e:
             raise UserError(f"--output-dir {run.path}: cannot create it ({e.strerror})") from None
+        run.lock()  # another process that started on this folder meanwhile holds it: refused, naming it
+        if any(p != run.lock_path for p in run.path.iterdir()):  # one that ran and ended meanwhile
+            raise UserError(
+                f"--output-dir {run.path} was written by another imdb-lora process while this one "
+                "loaded its data; pass --overwrite to replace it"
+            )
         self.created = True
-        run.lock()
+        self._release_old_run()
         self.cfg.save(run.config_path)
 
     def _setup_model(self) -> None:
@@ -304,7 +341,11 @@ class Trainer:
         if self.created:
             shutil.rmtree(self.run.path, ignore_errors=True)
         if self.replaced is not None:
-            os.replace(self.replaced, self.run.path)
+            try:
+                os.replace(self.replaced, self.run.path)
+            except OSError:  # another process made a run there in the instant the old one was aside
+                print(f"imdb-lora: the replaced run is kept as {self.replaced}", file=sys.stderr)
+        self._release_old_run()
         self.run.unlock()
         self.dist.close()
 
