@@ -151,3 +151,32 @@ def test_overwrite_holds_the_old_run_until_the_new_one_is_set_up(
     assert main(args) == 0 and refused
     RunDir(interrupted_run).check_unlocked()
 
+
+def test_a_run_replaced_while_it_is_read_is_refused_not_mixed(trained_run, tmp_path, monkeypatch):
+    """A `train --overwrite` (or an export --overwrite) that swapped the folder while `predict` was
+    loading it gave a model put together from both: the old run's config and weights, the new one's
+    tokenizer. Now the reader sees the folder changed and says so in one line."""
+    import shutil
+
+    from imdb_lora.inference import classifier
+    from imdb_lora.inference.classifier import Classifier
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    load_tokenizer = classifier.load_tokenizer
+
+    def overwritten_meanwhile(path):
+        os.replace(run, tmp_path / "old")  # as train --overwrite sets the old run aside...
+        shutil.copytree(tmp_path / "old", run)  # ...and makes a new one in its place
+        return load_tokenizer(path)
+
+    monkeypatch.setattr(classifier, "load_tokenizer", overwritten_meanwhile)
+    with pytest.raises(UserError, match=r"changed while it was read .*run the command again"):
+        Classifier.load(str(run), device="cpu")
+
+    def refused_writer_meanwhile(path):
+        (run / ".lock").write_text("123\n")  # a writer refused by the lock leaves its pid: no change
+        return load_tokenizer(path)
+
+    monkeypatch.setattr(classifier, "load_tokenizer", refused_writer_meanwhile)
+    Classifier.load(str(run), device="cpu")

@@ -27,7 +27,7 @@ from ..modeling.load import (
     resolve_device,
 )
 from ..modeling.pooling import set_pooling
-from ..runs.rundir import CALIBRATION, RunDir, read_calibration
+from ..runs.rundir import CALIBRATION, RunDir, folder_state, read_calibration
 from .exported import MARKER, is_export, load_export
 
 
@@ -125,7 +125,30 @@ class Classifier:
     ) -> Classifier:
         """Load a finished run directory or an export folder; `merge` folds the adapter into the base
         weights; `raw` ignores the run's calibration (temperature 1); base_flag=False: the command has no
-        --base-model to suggest when the base has moved."""
+        --base-model to suggest when the base has moved.
+
+        A folder that another process replaces or rewrites while it is read (a `train --overwrite`, an
+        `export --overwrite`) is refused in one line rather than loaded as a mix of the old and the new."""
+        before = folder_state(path)
+        clf = cls._load(path, device, base_model, merge, raw, max_batch_tokens, base_flag)
+        if folder_state(path) != before:
+            raise UserError(
+                f"{path} changed while it was read (another imdb-lora process is writing it: a train "
+                "--overwrite or --resume, an export?); run the command again once that has finished"
+            )
+        return clf
+
+    @classmethod
+    def _load(
+        cls,
+        path: str,
+        device: str,
+        base_model: str | None,
+        merge: bool,
+        raw: bool,
+        max_batch_tokens: int | None,
+        base_flag: bool,
+    ) -> Classifier:
         if is_export(path):  # self-contained: base model, adapter and --base-model do not apply
             if base_model is not None:  # said, not ignored: the user meant some other model to be used
                 raise base_model_of_an_export(path)

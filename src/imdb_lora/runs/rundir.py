@@ -39,6 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 CALIBRATION = "calibration.json"
+LOCK = ".lock"  # a run directory's: held by the one process that trains it
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -86,6 +87,25 @@ def require_creatable(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: {probe} is not writable")
 
 
+def folder_state(path: str | os.PathLike) -> tuple[Any, ...] | None:
+    """What a writer changes when it replaces a run or an export under a reader: the folder itself (train
+    --overwrite and export --overwrite put a new one in its place by renaming) and each entry in it (files
+    rewritten atomically get a new inode, adapter/ is swapped whole). The lock file is left out: a writer
+    it refuses still writes its pid there. None if the folder cannot be listed."""
+    folder = Path(path).expanduser()
+    try:
+        with os.scandir(folder) as entries:
+            inside = sorted(
+                (e.name, e.inode(), e.stat(follow_symlinks=False).st_mtime_ns)
+                for e in entries
+                if e.name != LOCK
+            )
+        st = folder.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, tuple(inside))
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
@@ -100,7 +120,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     calibration_path = property(lambda self: self.path / CALIBRATION)
 
-    lock_path = property(lambda self: self.path / ".lock")
+    lock_path = property(lambda self: self.path / LOCK)
 
     # ------------------------------------------------------------ one writer at a time
 
