@@ -55,3 +55,20 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_half_copy(tmp_pa
     with pytest.raises(OSError):
         atomic_write_text(path, "new and longer")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["run.json"]
+
+
+def test_two_writers_of_one_file_at_once_leave_one_whole_copy_and_no_error(tmp_path, monkeypatch):
+    """Two processes writing the same file at once (two `evaluate --errors-dir D` of one --file, two
+    `compare` into one folder) shared its one temporary name: the later truncated the earlier's copy
+    mid-write, and the earlier's rename then found no file (a FileNotFoundError traceback)."""
+    path = tmp_path / "mine.csv.errors.jsonl"
+    replace = os.replace
+
+    def other_writer_finishes_first(src, dst):
+        monkeypatch.setattr(os, "replace", replace)
+        atomic_write_text(path, "the other process's\n")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_writer_finishes_first)
+    atomic_write_text(path, "this process's\n")
+    assert path.read_text() == "this process's\n" and os.listdir(tmp_path) == [path.name]

@@ -19,7 +19,7 @@ def test_run_directory_layout(trained_run):
     names = {p.name for p in trained_run.iterdir()}
     assert {"config.yaml", "run.json", "adapter", "tokenizer", "metrics.jsonl", "results.md", "curves.png",
             "README.md", "checkpoint.safetensors"} <= names  # fmt: skip
-    assert not any(n.endswith((".tmp", ".old")) for n in names)
+    assert not any(n.endswith(".old") or ".tmp" in n for n in names)
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"} <= set(

@@ -16,6 +16,7 @@ results.md, curves.png, README.md   the report and the model card
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shlex
@@ -26,9 +27,14 @@ from typing import Any
 from ..errors import UserError
 from .filelock import lock_file, write_pid
 
+_WRITES = itertools.count()
+
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Replace `path` whole: a reader sees the old text or the new, never part of it. The temporary copy's
+    name is this write's own, so two processes writing one file at once (two `evaluate --errors-dir`)
+    leave one whole copy, the later's, rather than the earlier's renaming the later's half-written one."""
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{next(_WRITES)}")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
