@@ -56,6 +56,30 @@ def test_predict_json_keeps_input_order_across_length_sorted_batches(trained_run
     assert json.loads(single)["probabilities"] == pytest.approx(rows[3]["probabilities"], abs=1e-5)
 
 
+def test_predict_prints_a_long_stream_chunk_by_chunk(trained_run, capsys, monkeypatch):
+    """predict held every text's token ids, predictions and output until the last text was computed: a
+    stream of 50,000 reviews grew its memory with every review (and printed nothing until the end). Now
+    it computes and prints a chunk at a time, with the same output as one pass."""
+    from imdb_lora.cli import predict
+    from imdb_lora.inference.classifier import Classifier
+
+    texts = ["great " * n + "film" for n in (1, 30, 3, 12, 7)]
+    for flag in ("--json", "--raw"):  # --raw: any flag that keeps the text format
+        _, whole, _ = run(capsys, "predict", str(trained_run), *texts, flag)
+        calls: list[tuple[int, str]] = []
+
+        def one_chunk(self, chunk, *args, calls=calls, classify=Classifier.predict, **kw):
+            calls.append((len(chunk), capsys.readouterr().out))  # what was printed before this chunk
+            return classify(self, chunk, *args, **kw)
+
+        monkeypatch.setattr(predict, "CHUNK", 2)
+        monkeypatch.setattr(Classifier, "predict", one_chunk)
+        code, rest, _ = run(capsys, "predict", str(trained_run), *texts, flag)
+        monkeypatch.undo()
+        assert code == 0 and [n for n, _ in calls] == [2, 2, 1]
+        assert calls[1][1] and "".join(out for _, out in calls) + rest == whole
+
+
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
 def test_predict_from_file(trained_run, tmp_path, capsys, fmt):
     texts = ["great film", "awful, boring waste"]

@@ -20,6 +20,10 @@ from .common import (
     require_directories,
 )
 
+# Texts computed and printed at a time: enough for length-sorted micro-batches to pad little, few enough
+# that their token ids and results stay a few MB.
+CHUNK = 2048
+
 
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="sentiment of texts given as arguments, in a file, or on stdin")
@@ -72,11 +76,14 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     )
     # on stderr, as serve says it: stdout holds the predictions alone (--json, pipes)
     print(f"loaded {ns.run}: {clf.describe()}", file=sys.stderr, flush=True)
-    preds = clf.predict(texts, ns.batch_size, window_stride=ns.window_stride)
-    if ns.json:
-        print("\n".join(json.dumps(p.to_dict()) for p in preds))
-    else:
-        print("\n\n".join(p.to_text() for p in preds))
+    # A chunk at a time, each printed once computed: a long stream's token ids, predictions and output
+    # never all live at once (memory stays that of the texts read), and the first results come early.
+    for start in range(0, len(texts), CHUNK):
+        preds = clf.predict(texts[start : start + CHUNK], ns.batch_size, window_stride=ns.window_stride)
+        if ns.json:
+            print("\n".join(json.dumps(p.to_dict()) for p in preds), flush=True)
+        else:
+            print(("\n" if start else "") + "\n\n".join(p.to_text() for p in preds), flush=True)
     return 0
 
 
