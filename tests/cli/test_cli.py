@@ -431,6 +431,34 @@ def test_bad_flag_value_names_the_flag(capsys):
 
 
 @pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["predict", "RUN", "--batch-size", "abc"],
+            "imdb-lora predict: error: argument --batch-size: expected a positive integer, got 'abc' "
+            "(see imdb-lora predict --help)",
+        ),
+        (
+            ["predict", "RUN", "--bogus"],
+            "imdb-lora predict: error: unrecognized arguments: --bogus (see imdb-lora predict --help)",
+        ),
+        (["predcit", "RUN"], "did you mean predict? (see imdb-lora --help)"),
+        (["bench", "trian"], "did you mean train? (see imdb-lora bench --help)"),
+        (
+            ["serve"],
+            "imdb-lora serve: error: the following arguments are required: model (see imdb-lora serve --help)",
+        ),
+    ],
+)
+def test_a_usage_mistake_is_one_line_pointing_at_help(args, line, capsys):
+    """argparse printed the command's whole usage block (five lines for predict) above its error, and a
+    mistyped command listed every command without naming the one meant."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and line in err, err
+
+
+@pytest.mark.parametrize(
     "command", [["predict", "RUN", "x"], ["evaluate", "RUN"], ["select", "RUN"], ["bench", "eval"]]
 )
 @pytest.mark.parametrize("value", ["0", "-3"])

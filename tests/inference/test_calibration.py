@@ -208,7 +208,7 @@ def test_evaluate_file_mistakes_are_one_line(trained_run, tmp_path, capsys, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "x.csv").write_text("text,label\nfine,pos\n")
     code, _, err = run(capsys, "evaluate", trained_run, *extra)
-    assert code == 2 and message in err.splitlines()[-1]  # argparse prints its usage above
+    assert code == 2 and message in err.splitlines()[-1]
 
 
 # ---------------------------------------------------------------- one temperature everywhere

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import difflib
 import io
 import os
 import signal
@@ -20,6 +21,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from ..errors import Terminated, UserError, cannot_write, make_room, write_failure
 from .bench import add_bench_parser
@@ -45,8 +47,29 @@ PARSERS: list[Callable] = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a usage mistake said in one line, as every other mistake is (argparse
+    prints the command's whole usage block above it), pointing at --help; a mistyped command or choice
+    names the closest one. Subcommands' parsers are of this class too (add_subparsers takes the class
+    of the parser it is called on)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}{closest_choice(message)} (see {self.prog} --help)\n")
+
+
+def closest_choice(message: str) -> str:
+    """`; did you mean predict?` for argparse's "invalid choice: 'predcit' (choose from 'train', ...)"."""
+    head, found, choices = message.partition("invalid choice: ")
+    if not found or " (choose from " not in choices:
+        return ""
+    given, _, listed = choices.partition(" (choose from ")
+    names = [c.strip().strip("'") for c in listed.removesuffix(")").split(",")]
+    close = difflib.get_close_matches(given.strip("'"), names, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imdb-lora", description="IMDB sentiment analysis by LoRA fine-tuning")
+    p = Parser(prog="imdb-lora", description="IMDB sentiment analysis by LoRA fine-tuning")
     p.add_argument(
         "--version",
         action=VersionAction,
@@ -153,8 +176,11 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
             ns.extra = extra
         elif extra and getattr(ns, "texts", None) is not None and not any(e.startswith("-") for e in extra):
             ns.texts += extra  # texts after options: `predict RUN --json "text"`
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        elif extra:  # said by the command's own parser: its --help lists what it takes
+            command = f"{parser.prog} {ns.command}"
+            parser.exit(
+                2, f"{command}: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)\n"
+            )
         with sigterm_as_interrupt():
             return ns.func(ns)
     except SystemExit as e:  # argparse usage errors (code 2), --help and --version (code 0)
