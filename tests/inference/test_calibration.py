@@ -157,6 +157,37 @@ def test_evaluate_file_reports_and_writes_the_most_confident_mistakes(trained_ru
     assert len((tmp_path / "errs" / "mine.csv.errors.jsonl").read_text().splitlines()) == 2
 
 
+def test_an_errors_file_written_meanwhile_by_another_process_is_kept(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    """Two `evaluate --errors-dir D` of one file name at once both passed the "exists" check before
+    evaluating, and the later replaced the earlier's mistakes without a word."""
+    import imdb_lora.calibration as calibration
+
+    f, errs = tmp_path / "mine.csv", tmp_path / "errs"
+    mislabeled_csv(f, Classifier.load(str(trained_run), device="cpu"))
+    errs.mkdir()
+    mistakes = calibration.most_confident_mistakes
+
+    def another_evaluate_wrote_first(*args, **kw):
+        (errs / "mine.csv.errors.jsonl").write_text("the other process's mistakes\n")
+        return mistakes(*args, **kw)
+
+    monkeypatch.setattr(calibration, "most_confident_mistakes", another_evaluate_wrote_first)
+    code, _, err = run(capsys, "evaluate", trained_run, "--file", f, "--errors", "5", "--errors-dir", errs)
+    assert code == 2 and err.splitlines()[-1] == (
+        f"imdb-lora: error: --errors: {errs / 'mine.csv.errors.jsonl'} was written by another process during "
+        "this evaluation; it is kept: pass --overwrite to replace it or choose another --errors-dir"
+    )
+    assert os.listdir(errs) == ["mine.csv.errors.jsonl"]  # no temporary copy left beside it
+    assert (errs / "mine.csv.errors.jsonl").read_text() == "the other process's mistakes\n"
+    # with --overwrite, the later evaluation's file replaces it, as asked
+    code, _, _ = run(
+        capsys, "evaluate", trained_run, "--file", f, "--errors", "5", "--errors-dir", errs, "--overwrite"
+    )
+    assert code == 0 and "the other" not in (errs / "mine.csv.errors.jsonl").read_text()
+
+
 def test_evaluate_file_on_a_full_disk_is_one_line_and_keeps_the_old_errors_file(
     trained_run, tmp_path, capsys, monkeypatch
 ):

@@ -72,3 +72,22 @@ def test_two_writers_of_one_file_at_once_leave_one_whole_copy_and_no_error(tmp_p
     monkeypatch.setattr(os, "replace", other_writer_finishes_first)
     atomic_write_text(path, "this process's\n")
     assert path.read_text() == "this process's\n" and os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_write_that_must_not_replace_keeps_a_file_that_appeared_and_leaves_no_copy(
+    tmp_path, monkeypatch, hard_links
+):
+    """replace=False: a hard link puts the whole copy in place only if no file is there; a file system
+    without hard links checks again just before the rename."""
+    if not hard_links:
+
+        def no_links(src, dst):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+        monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "mine.csv.errors.jsonl"
+    atomic_write_text(path, "first\n", replace=False)
+    with pytest.raises(FileExistsError):
+        atomic_write_text(path, "second\n", replace=False)
+    assert path.read_text() == "first\n" and os.listdir(tmp_path) == [path.name]

@@ -179,14 +179,17 @@ def _evaluate_file(clf, ns: argparse.Namespace, path: str, part, errors_path: Pa
     }
     if errors_path is not None:
         result["errors_file"] = str(errors_path)
-        result["errors_written"] = _write_errors(errors_path, part, logits.softmax(-1), ns.errors)
+        result["errors_written"] = _write_errors(
+            errors_path, part, logits.softmax(-1), ns.errors, ns.overwrite
+        )
     return result
 
 
-def _write_errors(path: Path, part, probs, n: int) -> int:
+def _write_errors(path: Path, part, probs, n: int, overwrite: bool) -> int:
     """The n most confident mistakes as JSONL, atomically. Each names its place twice: `row`, the
     1-based row among the file's rows (`score`'s 0-based source_row + 1), and `line`, where it starts
-    in the file (a CSV's header is line 1): the number an editor or a spreadsheet shows."""
+    in the file (a CSV's header is line 1): the number an editor or a spreadsheet shows. Without
+    --overwrite, a file another process wrote there during the evaluation is kept."""
     from ..calibration import most_confident_mistakes
     from ..data.labeled import LABEL_NAMES
 
@@ -208,7 +211,12 @@ def _write_errors(path: Path, part, probs, n: int) -> int:
     new_folders = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
+        atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines), replace=overwrite)
+    except FileExistsError:
+        raise UserError(
+            f"--errors: {path} was written by another process during this evaluation; it is kept: pass "
+            "--overwrite to replace it or choose another --errors-dir"
+        ) from None
     except OSError as e:
         failure = write_failure(e)
         if failure is None:

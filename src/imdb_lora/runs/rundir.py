@@ -16,6 +16,7 @@ results.md, curves.png, README.md   the report and the model card
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -30,18 +31,35 @@ from .filelock import lock_file, write_pid
 _WRITES = itertools.count()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, replace: bool = True) -> None:
     """Replace `path` whole: a reader sees the old text or the new, never part of it. The temporary copy's
     name is this write's own, so two processes writing one file at once (two `evaluate --errors-dir`)
-    leave one whole copy, the later's, rather than the earlier's renaming the later's half-written one."""
+    leave one whole copy, the later's, rather than the earlier's renaming the later's half-written one.
+    replace=False: a file that appeared at `path` since the caller checked (another process's) is kept,
+    and FileExistsError raised (a hard link is the atomic no-clobber rename; where the file system has
+    none, the check is made again just before the rename)."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{next(_WRITES)}")
     try:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or Ctrl-C mid-write: no half-written copy is left beside the file
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_or_rename(tmp, path)
+    finally:  # a full disk or Ctrl-C mid-write: no half-written copy is left beside the file
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _link_or_rename(tmp: Path, path: Path) -> None:
+    """`tmp` to `path` unless `path` exists (FileExistsError); `tmp` is left for the caller to remove."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
         raise
+    except OSError:  # no hard links here (some FUSE, SMB and FAT file systems)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
 
 
 CALIBRATION = "calibration.json"
