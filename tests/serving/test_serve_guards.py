@@ -43,9 +43,15 @@ def connect(url: str) -> socket.socket:
 
 
 def read_all(sock: socket.socket) -> bytes:
+    """What comes back until the server closes. A server that answers and closes while bytes it never
+    read are still arriving (a trickling client's) closes with a reset, which can end the read after
+    its answer: that is a close too (seen once in a loaded fast-suite run: ConnectionResetError here)."""
     out = b""
-    while chunk := sock.recv(65536):
-        out += chunk
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
     return out
 
 
