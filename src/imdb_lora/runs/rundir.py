@@ -23,7 +23,7 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..errors import UserError
 from .filelock import lock_file, write_pid
@@ -175,6 +175,12 @@ class RunDir:
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the flock
             self._lock_file = None
+
+    def hand_over_lock(self) -> IO[str] | None:
+        """The held lock's open file, now the caller's (closing it releases the lock): `--overwrite` keeps
+        the old run locked while the new run, at the same path, takes a lock of its own."""
+        f, self._lock_file = self._lock_file, None
+        return f
 
     def check_unlocked(self) -> None:
         """Raise UserError if another process holds the lock (without taking it)."""

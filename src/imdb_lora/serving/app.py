@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from .. import __version__
+from ..data.files import RepeatedKey, unique_keys
 from ..data.labeled import LABEL_NAMES, has_content
 from ..errors import UserError
 from .batcher import Batcher, Job, ModelError
@@ -317,22 +318,15 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise json.JSONDecodeError("not UTF-8", "", 0) from e
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=_not_json)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", "", 0) from None
     except json.JSONDecodeError:
         raise
+    except RepeatedKey as e:  # a ValueError too: before the next clause
+        raise json.JSONDecodeError(f'key "{_cut(e.key)}" given twice', "", 0) from None
     except ValueError:  # int() of a number of more than 4,300 digits
         raise json.JSONDecodeError("a number with too many digits", "", 0) from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise json.JSONDecodeError(f'key "{_cut(key)}" given twice', "", 0)
-        out[key] = value
-    return out
 
 
 def _not_json(name: str) -> Any:

@@ -140,7 +140,7 @@ class Trainer:
                 # --overwrite never pulls a directory from under a running process, nor lets one start
                 # on it while this one loads its data: its lock is held until the new run has its own
                 run.lock()
-                self.old_lock, run._lock_file = run._lock_file, None
+                self.old_lock = run.hand_over_lock()
         if not self.resume:
             require_creatable(run.path, "--output-dir")  # before the slow data loading
 
