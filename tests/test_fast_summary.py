@@ -28,12 +28,17 @@ peak_mem_GiB 9.0
 {"bench": "eval", "cold_test_set_seconds_estimate": 6.0, "test_set_seconds_estimate": 3.5}
 === fast-train-3-epochs: /usr/bin/time python3 -m imdb_lora train --epochs 3
 epoch 1: train loss 0.69 acc 0.50 | val loss 0.69 acc 0.50 | test acc 0.5012 | 14.0s train, 4.0s eval *best*
+done: runs/roberta-random | best epoch 1 | val acc 50.00% | test acc 50.12% | trainable 2,410,442 of 126,382,538
 wall 55.0 s
 """
 
 
 def test_fast_summary_table_json_and_targets(tmp_path, monkeypatch, capsys):
-    (tmp_path / "log.txt").write_text(LOG)
+    home = tmp_path / "home"  # the device machine's home folder: written as ~/ in the record
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "log.txt").write_text(
+        LOG.replace("python3 reference_lora.py", f"python3 {home}/stage/reference_lora.py")
+    )
     (tmp_path / "summary.txt").write_text(
         "fast-ref                     rc=0    61s\nfast-bench-train-flat-compiled skipped (DEADLINE)\n"
     )
@@ -44,12 +49,13 @@ def test_fast_summary_table_json_and_targets(tmp_path, monkeypatch, capsys):
     r = json.loads(out.read_text())
     assert "| python 3.12.1 |" in r["versions"]
     assert r["gpu"] == "NVIDIA H200" and r["steps"]["fast-ref"] == {
-        "command": "python3 reference_lora.py --max-steps 60", "rc": 0, "seconds": 61,
+        "command": "python3 ~/stage/reference_lora.py --max-steps 60", "rc": 0, "seconds": 61,
         "tokens_per_second": 70000.0, "epoch_seconds_estimate": 95.1, "peak_memory_bytes": 9.0 * 2**30,
         "ratio_to_reference": 1.0,
     }  # fmt: skip
     assert r["steps"]["fast-bench-train-flat-compiled"]["skipped"] is True
     assert r["steps"]["fast-train-3-epochs"]["epochs"] == [{"epoch": 1, "train_s": 14.0, "eval_s": 4.0}]
+    assert r["steps"]["fast-train-3-epochs"]["test_accuracy"] == [0.5012]  # not the done: line's 50.12
     met = {k: v["met"] for k, v in r["targets"].items()}
     assert met == {"ratio >= 6x": True, "epoch <= 10 s": True, "test-set evaluation warm <= 3 s": False,
                    "3 epochs with evaluations <= 60 s wall": True}  # fmt: skip
@@ -83,3 +89,20 @@ def test_fast_summary_mpnet_part_alone(tmp_path, monkeypatch, capsys):
     r = json.loads(out.read_text())
     assert r["mpnet_accuracy"]["flat"] == {"test_accuracy": 95.21, "wall_seconds": 90.0}
     assert r["steps"]["fast-mpnet-bench-train-flat"]["ratio_to_padded"] == 1.5
+
+
+def test_faster_compiled_compares_the_two_captured_steps_of_the_same_log(tmp_path, monkeypatch, capsys):
+    """gpu-checks.sh trains its 3-epoch run compiled only when the compiled captured step was faster."""
+    compiled = (
+        "=== fast-bench-train-flat-compiled-graphs: python3 -m imdb_lora bench train --compile --cuda-graphs\n"
+        '{"bench": "train", "tokens_per_second": RATE}\n'
+    )
+    for rate, want in (("520000.0", "yes"), ("410000.0", "no"), (None, "no")):
+        log = tmp_path / f"log-{rate}.txt"
+        log.write_text(LOG + (compiled.replace("RATE", rate) if rate else ""))
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--faster-compiled", str(log)])
+        try:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+        except SystemExit as e:
+            assert e.code == 0
+        assert capsys.readouterr().out.strip() == want, rate
