@@ -63,12 +63,15 @@ if [ "$quick" = 1 ]; then  # small batches and lengths: a 2-core, 24 GiB CPU mus
   bench_eval=(--samples 64 --batch-size 4 --max-length 128)  # eval has no steps: it times two passes
   small=(--max-train-samples 64 --max-eval-samples 32 --batch-size 4 --max-length 128)
   few=(--max-samples 32)
-  limit=900 stride=64 head=32 need=20
+  limit=900 stride=64 head=32 need_default=20 need_lever=20 need_compare=20
 else
   ref_steps=(--max-steps 60); bench=(--steps 30 --warmup 5); bench_eval=(); small=(); few=(); limit=${LIMIT:-300}
-  # windows every 256 tokens at 512; head+tail as 128 + 382 tokens; a 3-epoch MPNet run at batch 32
-  # needs ~250 s on an H200 (~70 s per epoch, evaluation and loading included): less left, not started
-  stride=256 head=128 need=250
+  # windows every 256 tokens at 512; head+tail as 128 + 382 tokens. Seconds a run needs on an H200,
+  # from the 2026-11-30 `default` call (MPNet-base, batch 32: 82-91 s of training and 21-24 s of
+  # validation + test evaluation per epoch, ~25 s of data and loading): the default recipe's 3 epochs
+  # with test each epoch ~370 s; a lever's 3 epochs without test ~300 s; compare's 1 epoch each of LoRA
+  # and full fine-tuning ~300 s (estimated: full fine-tuning was not timed). Less left: not started.
+  stride=256 head=128 need_default=370 need_lever=300 need_compare=300
 fi
 
 # step NAME SECONDS CMD...: run with a time limit, keep all output, note status, wall seconds and the
@@ -104,9 +107,9 @@ step() {
 # fast           one call of at most ~7 minutes (DEADLINE defaults to 400 s for it): the CUDA
 #                equivalence tests, reference_lora.py and the project's benches on random-init
 #                roberta-base (real IMDB lengths, max length 512, seed LoRA settings, batch 32): flat
-#                eager, flat with CUDA graphs, padded (today's default), flat evaluation cold and warm,
-#                a real 3-epoch `train` (flat + CUDA graphs, validation and test each epoch), then the
-#                compiled flat step if time is left. scripts/fast_summary.py prints one table and writes
+#                with CUDA graphs, then compiled with and without graphs, a real 3-epoch `train` (flat +
+#                CUDA graphs, compiled if that was faster; validation and test each epoch), flat
+#                evaluation cold and warm, padded (today's default), packed evaluation, flat eager. scripts/fast_summary.py prints one table and writes
 #                OUT/fast-summary.json (date, GPU, versions, commands, every figure) for docs/measurements/.
 # fast-accuracy  all-MiniLM-L6-v2 (real weights, bert architecture: it takes the flat path; staged as
 #                all-MiniLM-L6-v2-fp16/) 1 epoch, default recipe, padded and flat + CUDA graphs in the
@@ -133,21 +136,29 @@ fast_part() {
       tests/modeling/test_flat.py -m "not slow" -k "cuda or flash or flat_logits or flat_loss or static_buffer" -rs
   fi
   step fast-ref "$limit" $py "$ref" --model "$roberta" --random-init --data "$data" "${rs[@]}"
-  step fast-bench-train-flat "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
-    --data "$data" --batching flat "${fb[@]}" --json
+  # Order: what the last call (2026-11-30) did not measure comes right after the baseline and the
+  # captured step it is set against: torch.compile (capped at 200 s each: compile time is the least
+  # predictable), with and without CUDA graphs.
   step fast-bench-train-flat-graphs "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
     --data "$data" --batching flat --cuda-graphs "${gb[@]}" --json
+  step fast-bench-train-flat-compiled-graphs 200 $py -m imdb_lora bench train --model "$roberta" \
+    --random-init --data "$data" --batching flat --compile --cuda-graphs "${gb[@]}" --json
+  step fast-bench-train-flat-compiled 200 $py -m imdb_lora bench train --model "$roberta" \
+    --random-init --data "$data" --batching flat --compile "${fb[@]}" --json
+  # the whole job with the fastest captured step the benches above measured (compiled or not)
+  local best=()
+  [ "$($py scripts/fast_summary.py --faster-compiled "$log")" = yes ] && best=(--compile)
+  step fast-train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \
+    --random-init --data "$data" "${ep[@]}" --batching flat --cuda-graphs "${best[@]}" \
+    --output-dir "$runs/roberta-random-flat-3ep" --overwrite
   step fast-bench-eval-flat "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init \
     --data "$data" --batching flat "${eb[@]}" --json
-  step fast-train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \
-    --random-init --data "$data" "${ep[@]}" --batching flat --cuda-graphs \
-    --output-dir "$runs/roberta-random-flat-3ep" --overwrite
   step fast-bench-train-padded "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
     --data "$data" --batching padded "${fb[@]}" --json
   step fast-bench-eval-packed "$limit" $py -m imdb_lora bench eval --model "$roberta" --random-init \
     --data "$data" --batching packed "${eb[@]}" --json
-  step fast-bench-train-flat-compiled "$limit" $py -m imdb_lora bench train --model "$roberta" \
-    --random-init --data "$data" --batching flat --compile "${fb[@]}" --json
+  step fast-bench-train-flat "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
+    --data "$data" --batching flat "${fb[@]}" --json
   $py scripts/fast_summary.py "$log" "$out/fast-summary.json" | tee -a "$summary"
 }
 
@@ -314,7 +325,7 @@ for part in $parts; do
         --truncation head_tail --head-tokens "$head" "${small[@]}" --output-dir "$runs/mpnet-fast" --overwrite
     elif [ "$part" = default ]; then
       # The default recipe as it is (no flag but the larger validation split): the README's table.
-      train_run mpnet-default "$need"
+      train_run mpnet-default "$need_default"
       # Whole reviews at inference (windows every $stride tokens) vs one truncated window, chosen on
       # validation; test read once for the choice (and for the default as trained, if that lost).
       if [ -n "$(finished_runs mpnet-default)" ]; then
@@ -334,7 +345,7 @@ for part in $parts; do
       levers=${LEVERS:-mean headtail lr2e-4 2ep}
       for name in $levers; do
         # shellcheck disable=SC2086  # the flags are words
-        train_run "mpnet-lever-$name" "$need" ${lever_flags[$name]} --no-eval-test-each-epoch --ema-decay 0.999
+        train_run "mpnet-lever-$name" "$need_lever" ${lever_flags[$name]} --no-eval-test-each-epoch --ema-decay 0.999
       done
       # Levers whose raw weights beat the default's on validation (best epoch); two or more: combined.
       winners=$($py - "$runs" $levers <<'PY'
@@ -361,7 +372,7 @@ PY
       done
       if [ "$(wc -w <<<"$winners")" -ge 2 ]; then
         echo "    combined: ${combined[*]}" >>"$summary"
-        train_run mpnet-lever-combined "$need" "${combined[@]}" --no-eval-test-each-epoch --ema-decay 0.999
+        train_run mpnet-lever-combined "$need_lever" "${combined[@]}" --no-eval-test-each-epoch --ema-decay 0.999
       fi
       # The choice: every finished run x (one window, windows every $stride tokens) on validation;
       # test once for the winner and for the default as trained (the control, listed first).
@@ -374,11 +385,11 @@ PY
         echo "    select-levers skipped: the default run (the control) has not finished" >>"$summary"
       fi
     else
-      # LoRA and full fine-tuning, 1 epoch each (~240 s on an H200 with loading and evaluation).
+      # LoRA and full fine-tuning, 1 epoch each (~300 s on an H200 with loading and evaluation).
       if [ -f "$runs/compare-mpnet/comparison.md" ]; then
         printf '%-28s finished before: kept\n' compare-mpnet >>"$summary"
-      elif [ $((deadline - SECONDS)) -lt "$need" ]; then
-        printf '%-28s skipped (DEADLINE: needs ~%ss, %ss left)\n' compare-mpnet "$need" "$((deadline - SECONDS))" >>"$summary"
+      elif [ $((deadline - SECONDS)) -lt "$need_compare" ]; then
+        printf '%-28s skipped (DEADLINE: needs ~%ss, %ss left)\n' compare-mpnet "$need_compare" "$((deadline - SECONDS))" >>"$summary"
       else
         step compare-mpnet 600 $py -m imdb_lora compare --model "$mpnet" --data "$data" --epochs 1 \
           --val-size 0.1 "${small[@]}" --output-dir "$runs/compare-mpnet" --overwrite

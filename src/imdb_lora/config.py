@@ -171,8 +171,8 @@ class TrainConfig:
         "auto",
         "padded (dynamic padding), packed (several reviews per row, no padding), flat (a batch's "
         "reviews as one row, per-review attention; roberta/bert, and mpnet through FlexAttention without "
-        "attention dropout) or auto (padded training; packed "
-        "evaluation on CUDA where the architecture supports it: faster as measured)",
+        "attention dropout) or auto (padded training; on CUDA, evaluation flat with LoRA merged for "
+        "roberta/bert and packed for the other architectures that pack: the fastest measured)",
     )
     device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     compile: bool = _f(

@@ -241,6 +241,7 @@ def test_mpnet_flat_is_chosen_only_when_asked(tiny_models):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert batching_path("flat", model, cpu, training=True) == "flat"
     assert batching_path("auto", model, cuda, training=True) == "padded"  # auto unchanged
+    assert batching_path("auto", model, cuda, training=False) == "packed"  # its flat path: not measured
     flat_options_check(model, "flat", compile=False, cuda_graphs=False)
     flat_options_check(model, "padded", compile=True, cuda_graphs=True)
     with pytest.raises(UserError, match="--cuda-graphs is not built for mpnet's flat path"):

@@ -138,3 +138,6 @@ def test_flat_batching_falls_back_to_padded_with_mean_pooling(tiny_models):
         assert batching_path("flat", lora_model(tiny_models, "bert", "mean"), cpu, training) == "padded"
         assert batching_path("packed", lora_model(tiny_models, "bert", "mean"), cpu, training) == "packed"
         assert batching_path("flat", lora_model(tiny_models, "mpnet", "mean"), cpu, training) == "padded"
+    cuda = torch.device("cuda")  # auto's flat evaluation on CUDA falls back too: packing computes the mean
+    assert batching_path("auto", lora_model(tiny_models, "bert", "cls"), cuda, training=False) == "flat"
+    assert batching_path("auto", lora_model(tiny_models, "bert", "mean"), cuda, training=False) == "packed"

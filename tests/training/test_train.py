@@ -244,6 +244,32 @@ def test_auto_batching_is_padded_on_cpu(trained_run):
     assert "training padded (dynamic padding); evaluation padded" in (trained_run / "results.md").read_text()
 
 
+def test_auto_on_cuda_trains_padded_and_evaluates_flat_with_the_same_metrics(
+    tiny_models, imdb_dir, tmp_path, monkeypatch
+):
+    """auto's CUDA choice (padded training, flat evaluation with LoRA merged), run on the CPU: the
+    same training and the same evaluation figures as an all-padded run."""
+    import imdb_lora.training.trainer as trainer_module
+
+    assert main(train_args(tiny_models("roberta"), imdb_dir, tmp_path / "padded", "--epochs", "1")) == 0
+    real = trainer_module.batching_path
+    monkeypatch.setattr(
+        trainer_module,
+        "batching_path",
+        lambda mode, model, _, training: real(mode, model, torch.device("cuda"), training),
+    )
+    assert main(train_args(tiny_models("roberta"), imdb_dir, tmp_path / "auto", "--epochs", "1")) == 0
+    info = json.loads((tmp_path / "auto" / "run.json").read_text())
+    assert info["train_path"].startswith("padded") and info["eval_path"].startswith("flat")
+    a, b = (
+        json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("padded", "auto")
+    )
+    assert a["train_loss"] == b["train_loss"]  # training itself is untouched
+    for key in ("val_loss", "test_loss"):
+        assert abs(a[key] - b[key]) < 1e-4, key
+    assert (a["val_accuracy"], a["test_accuracy"]) == (b["val_accuracy"], b["test_accuracy"])
+
+
 @pytest.mark.parametrize("kind", ["roberta", "bert", "mpnet"])
 def test_flat_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, kind, monkeypatch):
     import imdb_lora.modeling.forward as forward_module

@@ -154,13 +154,17 @@ def enable_flat(model: nn.Module) -> None:
 def batching_path(mode: str, model: nn.Module, device: torch.device, training: bool) -> str:
     """The --batching decision: padded, packed or flat.
 
-    auto: padded training and packed evaluation on CUDA where supported, padded on the CPU. That is the
-    fastest measured so far on an H200 (docs/performance.md); flat is selectable and measured by
-    `scripts/gpu-checks.sh ... fast` before auto may choose it. With --pooling mean, flat falls back to
-    padded (the flat forward reads each review's first token; padded and packed compute the mean).
+    auto, as measured on an H200 (docs/performance.md, docs/measurements/2026-11-30-fast-h200.json):
+    padded training (eager flat trained slower than padded; flat is faster only with --cuda-graphs,
+    which asks for --batching flat itself); evaluation on CUDA flat with LoRA merged for RoBERTa/BERT
+    (the test set warm in 4.0 s against packed's 7.9 s, cold 4.3 s against 10.8 s), packed for the
+    other architectures that pack (MPNet's flat path is not measured yet); padded on the CPU. With
+    --pooling mean, flat falls back to padded (the flat forward reads each review's first token;
+    padded and packed compute the mean).
     """
     model_type = classifier_of(model).config.model_type
-    if mode == "flat" and pooling_of(classifier_of(model)) == "mean":
+    mean_pooled = pooling_of(classifier_of(model)) == "mean"
+    if mode == "flat" and mean_pooled:
         return "padded"
     if mode == "flat":
         if not supports_flat(model):
@@ -171,10 +175,13 @@ def batching_path(mode: str, model: nn.Module, device: torch.device, training: b
         return "flat"
     if mode == "packed" and not supports_packing(model):
         raise UserError(f"--batching packed is not supported for model type {model_type!r}")
-    if mode == "packed" or (
-        mode == "auto" and supports_packing(model) and device.type == "cuda" and not training
-    ):
+    if mode == "packed":
         return "packed"
+    if mode == "auto" and device.type == "cuda" and not training:
+        if supports_flat(model) and model_type not in FLEX_MODELS and not mean_pooled:
+            return "flat"
+        if supports_packing(model):
+            return "packed"
     return "padded"
 
 
