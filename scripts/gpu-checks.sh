@@ -121,11 +121,12 @@ step() {
 #                set against the plain recipe's 95.34%), and padded in the same call if time is left.
 fast_part() {
   local fb=(--steps 30 --warmup 5) gb=(--steps 60 --warmup 30 --profile 3) eb=() ep=(--epochs 3)
-  local rs=("${ref_steps[@]}")
+  local rs=("${ref_steps[@]}") cl=200  # cl: a compiled bench's cap (on the CPU, compiling takes minutes)
   if [ "$quick" = 1 ]; then  # smaller still than QUICK's usual settings: roberta-base on 2 shared cores
     fb=(--steps 1 --warmup 1 --samples 16 --batch-size 4 --max-length 64) gb=("${fb[@]}")
     eb=(--samples 16 --batch-size 4 --max-length 64) rs=(--max-steps 1 --bs 1)
     ep=(--epochs 1 --max-train-samples 16 --max-eval-samples 8 --batch-size 4 --max-length 64 --val-size 0.25)
+    cl=$limit
   fi
   [ -z "${DEADLINE:-}" ] && [ "$quick" != 1 ] && deadline=$((SECONDS + 400))  # one call of <= 7 minutes
   # The captured step against the eager one on this GPU (tiny models; skipped where pytest is missing).
@@ -141,9 +142,9 @@ fast_part() {
   # predictable), with and without CUDA graphs.
   step fast-bench-train-flat-graphs "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
     --data "$data" --batching flat --cuda-graphs "${gb[@]}" --json
-  step fast-bench-train-flat-compiled-graphs 200 $py -m imdb_lora bench train --model "$roberta" \
+  step fast-bench-train-flat-compiled-graphs "$cl" $py -m imdb_lora bench train --model "$roberta" \
     --random-init --data "$data" --batching flat --compile --cuda-graphs "${gb[@]}" --json
-  step fast-bench-train-flat-compiled 200 $py -m imdb_lora bench train --model "$roberta" \
+  step fast-bench-train-flat-compiled "$cl" $py -m imdb_lora bench train --model "$roberta" \
     --random-init --data "$data" --batching flat --compile "${fb[@]}" --json
   # the whole job with the fastest captured step the benches above measured (compiled or not)
   local best=()

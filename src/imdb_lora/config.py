@@ -160,7 +160,10 @@ class TrainConfig:
     method: str = _f("lora", "lora (adapters + classifier) or full (every weight trains)")
     epochs: int = _f(3, "passes over the training split")
     batch_size: int = _f(32, "reviews per optimizer step")
-    eval_batch_size: int = _f(64, "reviews per batch at evaluation (sorted by length)")
+    eval_batch_size: int = _f(
+        64,
+        "reviews per batch at evaluation (sorted by length; on CUDA flat evaluation fills rows of 65,536 tokens)",
+    )
     lr: float | None = _f(None, "peak learning rate (AdamW)", shown="4e-4 for lora, 2e-5 for full")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "fraction of steps with linear warm-up, then linear decay to 0")

@@ -287,3 +287,11 @@ def test_flat_cuda_branch_runs_on_fake_cuda_tensors(tiny_models, kind, monkeypat
     assert logits.shape == (9, 2) and logits.dtype == torch.float32
     assert calls and set(calls) == {torch.bfloat16}  # the kernel ran, in half precision
     assert len(calls) % cfg.num_hidden_layers == 0  # once per layer for each flat row
+
+
+def test_flat_evaluation_rows_are_the_measured_65536_tokens_on_cuda_only():
+    from imdb_lora.modeling.forward import flat_eval_row_tokens
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert flat_eval_row_tokens(64, cuda) == flat_eval_row_tokens(8, cuda) == 65_536
+    assert flat_eval_row_tokens(64, cpu) == 64 * 256  # the CPU's compiled reference builds a row x row mask

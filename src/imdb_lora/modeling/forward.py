@@ -20,7 +20,18 @@ from .merge import merged_lora
 from .packing import classifier_of, packed_logits, position_start
 from .pooling import mean_pooled_logits, pooling_of
 
-FLAT_EVAL_TOKENS_PER_REVIEW = 256  # flat evaluation: rows of up to eval batch size x this many tokens
+# Flat evaluation on CUDA: rows of up to this many tokens, whatever the eval batch size. The row size
+# measured on an H200 (2026-11-30, `bench eval --batch-size 256` at 256 tokens per review): the test set
+# in 4.0 s, 30% MFU; `train`, then at eval batch 64 x 256 = 16,384 tokens per row, took ~7 s for the same
+# reviews. Elsewhere rows stay at eval batch size x FLAT_EVAL_TOKENS_PER_REVIEW: the CPU's reference
+# attention under torch.compile builds a dense row x row mask.
+FLAT_EVAL_ROW_TOKENS = 65_536
+FLAT_EVAL_TOKENS_PER_REVIEW = 256
+
+
+def flat_eval_row_tokens(batch_size: int, device: torch.device) -> int:
+    """Tokens per flat evaluation row: FLAT_EVAL_ROW_TOKENS on CUDA, batch_size x 256 elsewhere."""
+    return FLAT_EVAL_ROW_TOKENS if device.type == "cuda" else batch_size * FLAT_EVAL_TOKENS_PER_REVIEW
 
 
 def path_name(path: bool | str) -> str:
@@ -96,8 +107,9 @@ def batched_logits(
     many padded tokens per forward pass (inference: a large call costs no more per text than a small
     one). Packed: batch_size reviews at a time packed into rows as long as the longest of them, no
     padding but block-diagonal attention.
-    Flat: consecutive reviews up to batch_size x FLAT_EVAL_TOKENS_PER_REVIEW tokens per row, with the
-    LoRA adapters merged into the base weights for the pass (merge.merged_lora, restored after).
+    Flat: consecutive reviews up to FLAT_EVAL_ROW_TOKENS tokens per row on CUDA (batch_size x
+    FLAT_EVAL_TOKENS_PER_REVIEW elsewhere), with the LoRA adapters merged into the base weights for the
+    pass (merge.merged_lora, restored after).
     """
     path = path_name(packed)
     was_training = model.training
@@ -105,7 +117,7 @@ def batched_logits(
     out = torch.empty((len(seqs), model.config.num_labels), dtype=torch.float32)
     lengths = [len(s) for s in seqs]
     if path == "flat":
-        batches = flat_token_batches(lengths, batch_size * FLAT_EVAL_TOKENS_PER_REVIEW)
+        batches = flat_token_batches(lengths, flat_eval_row_tokens(batch_size, device))
     elif path == "packed":
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
     elif max_tokens:
