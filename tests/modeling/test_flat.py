@@ -295,3 +295,78 @@ def test_flat_evaluation_rows_are_the_measured_65536_tokens_on_cuda_only():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert flat_eval_row_tokens(64, cuda) == flat_eval_row_tokens(8, cuda) == 65_536
     assert flat_eval_row_tokens(64, cpu) == 64 * 256  # the CPU's compiled reference builds a row x row mask
+
+
+def _fake_cuda_copies(monkeypatch):
+    """Tensor.to(cuda) and pin_memory() stand-ins on a CPU-only build: a "pinned" tensor is marked, a
+    copy to CUDA records (source pinned?, non_blocking) and returns the tensor itself."""
+    real_to = torch.Tensor.to
+    sent: list[tuple[bool, bool]] = []
+
+    def fake_pin(self):
+        out = self.clone()
+        out._test_pinned = True
+        return out
+
+    def fake_to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            sent.append((getattr(self, "_test_pinned", False), kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: getattr(self, "_test_pinned", False))
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    return sent
+
+
+def test_batches_reach_cuda_from_pinned_memory_without_a_sync(monkeypatch, tiny_models):
+    """A copy from pageable host memory makes the host wait for the device's queued work (the last
+    step); flat, packed and padded batches and the labels go through pinned memory, non-blocking."""
+    from imdb_lora.data.batches import to_device
+    from imdb_lora.modeling.forward import forward_logits
+
+    cpu_source = torch.arange(6)
+    assert to_device(cpu_source, torch.device("cpu")) is cpu_source  # the CPU: no pinning, no copy
+    sent = _fake_cuda_copies(monkeypatch)
+    to_device(torch.tensor([0, 1]), torch.device("cuda"))
+    assert sent == [(True, True)]
+    model = models(tiny_models, "roberta", "sdpa")
+    seqs = random_reviews(model.get_base_model().config.vocab_size, 3, seed=5)
+    for path, copies in (("flat", 4), ("packed", 5), ("padded", 2)):
+        sent.clear()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # autocast for "cuda" without CUDA: disabled, with a warning
+            forward_logits(model, seqs, 1, torch.device("cuda"), path)
+        assert sent == [(True, True)] * copies, path
+
+
+def test_captured_step_copies_its_batch_from_pinned_memory(monkeypatch, tiny_models):
+    """CapturedSteps on CUDA copies each batch into its static buffers from pinned memory (the
+    uncaptured static step run on the CPU under a CUDA device name: only the copies are checked)."""
+    from imdb_lora.config import TrainConfig
+    from imdb_lora.training import graphs
+
+    sent = _fake_cuda_copies(monkeypatch)
+    staged: list[torch.Tensor] = []
+    real_pinned = graphs.pinned
+
+    def spy(t):
+        staged.append(t)
+        return real_pinned(t)
+
+    monkeypatch.setattr(graphs, "pinned", spy)
+    model = models(tiny_models, "roberta", "sdpa")
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = TrainConfig(lr=1e-2)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    steps = graphs.CapturedSteps(model, opt, params, cfg, torch.device("cuda"), 1, 2, 128, capture=False)
+    vocab = model.get_base_model().config.vocab_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in (1, 2):  # two batches of one bucket: the first allocates, the second copies in
+            seqs = [s[:20] for s in random_reviews(vocab, 2, seed=seed)]
+            steps.step(seqs, torch.tensor([0, 1]), 1e-2)
+    assert len(steps.buckets) == 1
+    assert sent == [(True, True)] * 4  # the first batch's buffers
+    assert len(staged) == 4  # the second's copies: input ids, positions, cu_seqlens, starts

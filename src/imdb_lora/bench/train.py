@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from ..data.batches import to_device
 from ..data.imdb import load_imdb, resolve_imdb_source
 from ..data.splits import stratified_split, stratified_subset
 from ..data.tokcache import cached_encode
@@ -205,7 +206,7 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
     def one_step() -> int:
         idx = rng.sample(range(len(seqs)), min(opts.batch_size, len(seqs)))
         batch = [seqs[i] for i in idx]
-        y = torch.tensor([labels[i] for i in idx], device=device)
+        y = to_device(torch.tensor([labels[i] for i in idx]), device)  # no sync, as in train
         train_step(
             model,
             opt,

@@ -1,4 +1,8 @@
-"""Batches of token ids: dynamic padding, length-sorted and token-budget batches, packed rows."""
+"""Batches of token ids: dynamic padding, length-sorted and token-budget batches, packed rows.
+
+Batches are built on the host and sent to the device with `to_device`: from pinned memory on CUDA, so
+the copy is queued behind the device's work instead of making the host wait for it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host-device sync: on CUDA the tensor is staged in pinned
+    memory first. A copy from pageable memory makes the host wait until the stream has finished all
+    work queued before it (the previous training step), so batch preparation never overlapped the
+    device; from pinned memory the copy is queued like a kernel. PyTorch's caching host allocator keeps
+    the pinned block alive until the copy is done (it records an event on the copy's stream), so the
+    staging tensor may be dropped at once. Elsewhere: `t.to(device)` (the tensor itself on the CPU)."""
+    if device.type == "cuda":
+        return pinned(t).to(device, non_blocking=True)
+    return t.to(device)
+
+
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """`t` in pinned (page-locked) host memory: the source of an asynchronous copy to a CUDA device."""
+    return t if t.is_pinned() else t.pin_memory()
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +82,7 @@ class PackedBatch:
     offsets: torch.Tensor  # [n]: column of each review's first token
 
     def to(self, device: torch.device) -> PackedBatch:
-        return PackedBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+        return PackedBatch(*(to_device(t, device) for t in vars(self).values()))
 
     @property
     def real_tokens(self) -> int:
@@ -124,7 +145,7 @@ class FlatBatch:
 
     def to(self, device: torch.device) -> FlatBatch:
         t = (self.input_ids, self.position_ids, self.cu_seqlens, self.starts)
-        return FlatBatch(*(x.to(device, non_blocking=True) for x in t), self.max_len, self.real_tokens)
+        return FlatBatch(*(to_device(x, device) for x in t), self.max_len, self.real_tokens)
 
     @property
     def width(self) -> int:

@@ -13,6 +13,7 @@ from ..data.batches import (
     length_sorted_batches,
     pack,
     pad_batch,
+    to_device,
     token_budget_batches,
 )
 from .flat import flat_logits
@@ -79,7 +80,7 @@ def forward_logits(
             rows = pack(seqs, row_tokens or max(map(len, seqs)), pad_id, position_start(model))
             return packed_logits(model, rows.to(device))
         ids, mask = pad_batch(seqs, pad_id)
-        return padded_logits(model, ids.to(device), mask.to(device))
+        return padded_logits(model, to_device(ids, device), to_device(mask, device))
 
 
 def padded_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

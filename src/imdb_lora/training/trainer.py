@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import Config, differing_fields
+from ..data.batches import to_device
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
 from ..data.tokenize import record_max_length
@@ -460,7 +461,8 @@ class Trainer:
     def _step(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg.train
         idx, loss_scale = self.dist.shard_batch(idx)  # this rank's share; (idx, 1.0) in one process
-        y = torch.tensor([self.train_y[i] for i in idx], device=self.device)
+        # built on the host, sent without a sync: the host queues this step while the device runs the last
+        y = to_device(torch.tensor([self.train_y[i] for i in idx]), self.device)
         lr = lr_at(self.state.global_step, self.total_steps, cfg.lr, cfg.warmup_ratio)
         seqs = [self.train_ids[i] for i in idx]
         pad_id = self.tokenizer.pad_token_id
