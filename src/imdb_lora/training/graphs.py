@@ -3,13 +3,16 @@
 An eager step dispatches ~3,500 ops from the host (docs/performance.md), ~41 ms of fixed cost per step
 on an H200 at batch 32. A CUDA graph replays the whole step (forward, loss, backward, clipping, fused
 AdamW) with one launch, but still runs every kernel: the H200 profile counted 2,957 per step, most of
-them tiny casts and adds. A CPU count of the same step (roberta-base, random init, LoRA, bf16 autocast
-as on CUDA, frozen weights in bf16, the flash kernel counted as one op) gives 2,905 non-view ops:
-870 dtype casts (~440 of them the ~220 fp32 trainable tensors (LoRA A/B, the wrapped layers' biases,
-the head) cast to bf16 at each use and their bf16 gradients cast back; ~170 activation casts around
-the LoRA branches: peft casts a branch's input to its fp32 weight dtype, autocast casts it back after
-the dropout), 222 gradient accumulations (`add_` into the gradients kept at fixed addresses) and ~100
-fp32 adds summing the gradients of a LayerNorm output that several projections read.
+them tiny casts and adds. A CPU count of the same step (a TorchDispatchMode counter; roberta-base,
+random init, the seed LoRA recipe, bf16 autocast as on CUDA, frozen weights in bf16, attention as one
+op like the flash kernel) gives 2,629 non-view ops, of which 762 dtype casts (the profile's
+direct_copy + bfloat16_copy kernels: 762). 442 of them are the ~220 fp32 trainable tensors (LoRA A/B,
+the wrapped layers' biases, the head) cast to bf16 at each use and their bf16 gradients cast back;
+most of the rest are activations: peft casts a LoRA branch's input to its fp32 weight dtype and
+autocast casts it back after the dropout, and each of q/k/v/intermediate casts the same fp32
+LayerNorm output. Add to that 222 gradient accumulations (`add_` into the gradients kept at fixed
+addresses) and ~100 fp32 adds summing the gradients of a LayerNorm output that several projections
+read (the profile's 319 fp32 adds).
 What a graph needs, and how this module provides it:
 - Fixed shapes: flat rows are rounded up to a bucket (data.batches.FLAT_BUCKET), so a graph per
   bucket width covers every full batch; the kernel's max sequence length is a fixed bound. Batches of
