@@ -4,10 +4,14 @@ its data, or on labeled files of your own (`--file`, repeatable)."""
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
+import itertools
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError, cannot_write, make_room, write_failure
 from ..runs.rundir import atomic_write_text, require_creatable
@@ -22,6 +26,9 @@ from .common import (
     positive_int,
     require_directories,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_evaluate_parser(sub) -> None:
@@ -139,16 +146,92 @@ def _evaluate_split(ns: argparse.Namespace) -> int:
 
 
 def _evaluate_files(ns: argparse.Namespace) -> int:
-    from ..data.files import load_labeled_file
-
-    # Every file is read and every errors path checked before the model loads: mistakes fail at once.
-    data = [load_labeled_file(f, "--file", ns.text_column, ns.label_column) for f in ns.files]
+    # Every file is read and checked, and every errors path checked, before the model loads: mistakes
+    # fail at once. Only labels and line numbers are kept: the texts are read again, CHUNK at a time.
+    data = [LabeledFile.read(f, ns.text_column, ns.label_column) for f in ns.files]
     errors_paths = _errors_paths(ns) if ns.errors else [None] * len(ns.files)
     clf = _load(ns)
     for path, part, errors_path in zip(ns.files, data, errors_paths):
         result = _evaluate_file(clf, ns, path, part, errors_path)
         print(json.dumps(result) if ns.json else _file_text(result))
     return 0
+
+
+# Texts tokenized and computed at a time: a file's token ids never all live at once (a 1 GB file's
+# took gigabytes), as predict's.
+CHUNK = 2048
+
+
+@dataclass
+class LabeledFile:
+    """A labeled --file as evaluate holds it: its rows' labels and start lines, not their texts, which
+    `texts()` reads again (held only for a pipe, which cannot be read twice)."""
+
+    path: str
+    text_column: str
+    label_column: str
+    labels: array.array = field(default_factory=lambda: array.array("b"))
+    lines: array.array = field(default_factory=lambda: array.array("q"))
+    held: list[str] | None = None
+
+    @classmethod
+    def read(cls, path: str, text_column: str, label_column: str) -> LabeledFile:
+        part = cls(path, text_column, label_column)
+        if not Path(path).expanduser().is_file():
+            part.held = []
+        for n, text, y in part._rows():
+            part.labels.append(y)
+            part.lines.append(n)
+            if part.held is not None:
+                part.held.append(text)
+        return part
+
+    def _rows(self) -> Iterator[tuple[int, str, int]]:
+        from ..data.files import labeled_rows
+
+        return labeled_rows(self.path, "--file", self.text_column, self.label_column)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def texts(self) -> Iterator[tuple[int, str]]:
+        """(row index, text) of every row, read again from the file: one that changed since is an error."""
+        if self.held is not None:
+            yield from enumerate(self.held)
+            return
+        i = -1
+        for i, (n, text, y) in enumerate(self._rows()):
+            if i >= len(self) or (n, y) != (self.lines[i], self.labels[i]):
+                break
+            yield i, text
+        else:
+            if i + 1 == len(self):
+                return
+        raise UserError(
+            f"--file {self.path} changed while it was evaluated (another process is writing it?); "
+            "evaluate again once it is complete"
+        )
+
+
+def _file_logits(clf, ns: argparse.Namespace, part: LabeledFile, desc: str) -> torch.Tensor:
+    """Calibrated logits of every row of a file, computed CHUNK texts at a time."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out = torch.empty((len(part), 2), dtype=torch.float32)
+    with tqdm(total=len(part), desc=desc, unit="review", leave=False) as bar:
+        start = 0
+        for chunk in _batched((text for _, text in part.texts()), CHUNK):
+            logits = clf.logits(chunk, ns.batch_size, bar, window_stride=ns.window_stride)
+            out[start : start + len(chunk)] = logits
+            start += len(chunk)
+    return out
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
 
 
 def _errors_paths(ns: argparse.Namespace) -> list[Path]:
@@ -166,13 +249,18 @@ def _errors_paths(ns: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def _evaluate_file(clf, ns: argparse.Namespace, path: str, part, errors_path: Path | None) -> dict[str, Any]:
+def _evaluate_file(
+    clf, ns: argparse.Namespace, path: str, part: LabeledFile, errors_path: Path | None
+) -> dict[str, Any]:
+    import torch
+
     from ..calibration import labeled_report
 
-    logits = _logits(clf, part.texts, ns, f"evaluate {Path(path).name}")
+    logits = _file_logits(clf, ns, part, f"evaluate {Path(path).name}")
+    labels = torch.frombuffer(part.labels, dtype=torch.int8).long() if len(part) else torch.zeros(0).long()
     result: dict[str, Any] = {
         "file": path,
-        **labeled_report(logits, part.labels),
+        **labeled_report(logits, labels),
         "temperature": clf.temperature,
         "calibration": clf.calibration_note,
         "window_stride": ns.window_stride,
@@ -180,12 +268,12 @@ def _evaluate_file(clf, ns: argparse.Namespace, path: str, part, errors_path: Pa
     if errors_path is not None:
         result["errors_file"] = str(errors_path)
         result["errors_written"] = _write_errors(
-            errors_path, part, logits.softmax(-1), ns.errors, ns.overwrite
+            errors_path, part, labels, logits.softmax(-1), ns.errors, ns.overwrite
         )
     return result
 
 
-def _write_errors(path: Path, part, probs, n: int, overwrite: bool) -> int:
+def _write_errors(path: Path, part: LabeledFile, labels, probs, n: int, overwrite: bool) -> int:
     """The n most confident mistakes as JSONL, atomically. Each names its place twice: `row`, the
     1-based row among the file's rows (`score`'s 0-based source_row + 1), and `line`, where it starts
     in the file (a CSV's header is line 1): the number an editor or a spreadsheet shows. Without
@@ -193,8 +281,11 @@ def _write_errors(path: Path, part, probs, n: int, overwrite: bool) -> int:
     from ..calibration import most_confident_mistakes
     from ..data.labeled import LABEL_NAMES
 
+    chosen = most_confident_mistakes(probs, labels, n)
+    wanted = set(chosen)
+    texts = {i: text for i, text in part.texts() if i in wanted}  # the file read again for these alone
     lines = []
-    for i in most_confident_mistakes(probs, part.labels, n):
+    for i in chosen:
         p = probs[i].tolist()
         pred = int(p[1] > p[0])
         lines.append(
@@ -205,7 +296,7 @@ def _write_errors(path: Path, part, probs, n: int, overwrite: bool) -> int:
                 "predicted": LABEL_NAMES[pred],
                 "confidence": round(p[pred], 6),
                 "probabilities": {"negative": round(p[0], 6), "positive": round(p[1], 6)},
-                "text": part.texts[i],
+                "text": texts[i],
             }
         )
     new_folders = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import UserError
@@ -51,22 +53,24 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if ns.texts and ns.file:
         raise UserError("give texts as arguments or --file, not both")
     require_directories(ns.run)
-    from ..data.files import read_texts
+    from ..data.files import TextLines
     from ..inference.classifier import Classifier, check_texts, check_window_stride_of
 
     check_window_stride_of(ns.run, ns.window_stride)
     tabular = ns.file is not None and Path(ns.file).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
     if ns.text_column != "text" and not tabular:
         raise UserError("--text-column applies to a CSV, TSV or JSONL --file only")
-    texts, blank = (
-        (_argument_texts(ns.texts), 0) if ns.texts else read_texts(ns.file, _stdin(ns), ns.text_column)
-    )
-    if blank:  # said, because outputs then no longer line up with input lines
-        source = f"--file {ns.file}" if ns.file else "stdin"
-        print(f"imdb-lora: skipped {blank:,} blank line(s) of {source}", file=sys.stderr)
-    if not texts:
+    reader = None if ns.texts else TextLines(ns.file, _stdin(ns), ns.text_column)
+    # A chunk at a time, read, computed and printed before the next is read: a long stream's texts,
+    # token ids, predictions and output never all live at once, and the first results come early. The
+    # first chunk is read before the model loads, so a short input's mistakes fail at once.
+    chunks = _chunks(_argument_texts(ns.texts) if ns.texts else reader)
+    first, done = next(chunks, ([], True))
+    if done:  # all of it read: said before the predictions, as it always was
+        _note_blank(reader, ns)
+    if not first:
         raise UserError("no text to classify: pass texts, --file F, or lines on stdin")
-    check_texts(texts)
+    check_texts(first)
     clf = Classifier.load(
         ns.run,
         device=ns.device,
@@ -76,30 +80,52 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     )
     # on stderr, as serve says it: stdout holds the predictions alone (--json, pipes)
     print(f"loaded {ns.run}: {clf.describe()}", file=sys.stderr, flush=True)
-    # A chunk at a time, each printed once computed: a long stream's token ids, predictions and output
-    # never all live at once (memory stays that of the texts read), and the first results come early.
-    for start in range(0, len(texts), CHUNK):
-        preds = clf.predict(texts[start : start + CHUNK], ns.batch_size, window_stride=ns.window_stride)
+    start = 0
+    for texts, last in itertools.chain([(first, done)], chunks):
+        check_texts(texts, start)  # each text named by its place in the whole input
+        preds = clf.predict(texts, ns.batch_size, window_stride=ns.window_stride)
         if ns.json:
             print("\n".join(json.dumps(p.to_dict()) for p in preds), flush=True)
         else:
             print(("\n" if start else "") + "\n\n".join(p.to_text() for p in preds), flush=True)
+        start += len(texts)
+        if last and not done:  # a long input: its skipped blank lines are known at its end only
+            _note_blank(reader, ns)
     return 0
 
 
-def _stdin(ns: argparse.Namespace) -> str | None:
-    """stdin's text when neither texts nor --file are given (else None)."""
+def _chunks(texts: Iterable[str]) -> Iterator[tuple[list[str], bool]]:
+    """(up to CHUNK texts, whether they are the last), read as they are asked for."""
+    it = iter(texts)
+    chunk = list(itertools.islice(it, CHUNK))
+    while chunk:
+        peek = next(it, None)  # one text ahead: whether this chunk is the last
+        yield chunk, peek is None
+        if peek is None:
+            return
+        chunk = [peek, *itertools.islice(it, CHUNK - 1)]
+
+
+def _note_blank(reader, ns: argparse.Namespace) -> None:
+    """Said, because outputs then no longer line up with input lines."""
+    if reader is not None and reader.blank:
+        source = f"--file {ns.file}" if ns.file else "stdin"
+        print(f"imdb-lora: skipped {reader.blank:,} blank line(s) of {source}", file=sys.stderr)
+
+
+def _stdin(ns: argparse.Namespace) -> Iterable[str] | None:
+    """stdin's lines, read as they are asked for, when neither texts nor --file are given (else None)."""
     if ns.file:
         return None
     if sys.stdin.isatty():  # else a bare `predict RUN` waits silently
         print("reading texts from the terminal, one per line; end with Ctrl-D", file=sys.stderr, flush=True)
     if not hasattr(sys.stdin, "buffer"):  # already text (a StringIO standing in for it)
-        return sys.stdin.read()
+        return sys.stdin
     # Bytes, decoded here: Python's own decoding of stdin depends on the locale (under C/POSIX it turned
     # a byte that is not UTF-8 into a lone surrogate, and the tokenizer failed on it with a traceback).
-    from ..data.files import decode_text
+    from ..data.files import utf8_pieces
 
-    return decode_text(sys.stdin.buffer.read(), "stdin")
+    return utf8_pieces(sys.stdin.buffer, "stdin")
 
 
 def _argument_texts(texts: list[str]) -> list[str]:

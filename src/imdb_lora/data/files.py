@@ -7,7 +7,8 @@ import io
 import json
 import os
 import stat
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import UserError
@@ -46,15 +47,39 @@ def repeated_names(names: list[str]) -> list[str]:
     return sorted({n for n in names if names.count(n) > 1})
 
 
-def read_utf8(path: str | os.PathLike, flag: str) -> tuple[Path, str]:
-    """A text file's path and content, or one line naming the flag: missing, not text, or not UTF-8.
-    A pipe is read too (`--file <(zcat reviews.csv.gz)`); a folder or a device is not."""
+def readable_file(path: str | os.PathLike, flag: str) -> Path:
+    """A file (or a pipe) to read, or one line naming the flag: missing, or a folder or a device."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{flag}: no such file: {p}")
     if not (p.is_file() or stat.S_ISFIFO(p.stat().st_mode)):
         raise UserError(f"{flag}: {p} is not a file (a folder or a device?)")
-    return p, decode_text(p.read_bytes(), f"{flag}: {p}")
+    return p
+
+
+def utf8_pieces(stream: Iterable[bytes], what: str) -> Iterator[str]:
+    """A byte stream's b"\\n"-ended pieces decoded one at a time: the text decode_text gives for the
+    whole (a byte order mark dropped) and its one-line errors, never holding more than one line."""
+    for n, raw in enumerate(stream, 1):
+        if n == 1 and binary_kind(raw):  # no magic number holds a line break: all of it is in line 1
+            raise UserError(f"{what} is {binary_kind(raw)}, not text: decompress or convert it first")
+        try:
+            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{what} is not UTF-8 (byte 0x{raw[e.start]:02x} on line {n})") from None
+
+
+def file_pieces(p: Path, flag: str) -> Iterator[str]:
+    """A file's lines (each with its b"\\n"), decoded as decode_text decodes the whole."""
+    with open(p, "rb") as f:
+        yield from utf8_pieces(f, f"{flag}: {p}")
+
+
+def split_lines(pieces: Iterable[str]) -> Iterator[str]:
+    """str.splitlines() of the pieces' concatenation, piece by piece: a piece ends with its "\\n", which
+    always ends a line, so no line break ("\\r\\n" included) spans two pieces."""
+    for piece in pieces:
+        yield from piece.splitlines()
 
 
 def decode_text(raw: bytes, what: str) -> str:
@@ -72,53 +97,98 @@ def decode_text(raw: bytes, what: str) -> str:
 
 
 def csv_records(content: str, p: Path, flag: str) -> tuple[list[str], list[tuple[int, dict]]]:
-    """A CSV/TSV file's header and (start line, row) of each row; the header is line 1.
+    """A CSV/TSV file's header and (start line, row) of each row (CsvRows over a whole content)."""
+    rows = CsvRows(io.StringIO(content), p, flag, len(content))
+    return rows.header, list(rows)
+
+
+class CsvRows:
+    """A CSV/TSV file's header, and (start line, row) of each row read a row at a time; the header is
+    line 1. `lines` are the file's lines, each with its "\\n" (a file or io.StringIO iterated): only the
+    row being read is held.
 
     A quoted cell may hold line breaks, so a row's start is the reader's line count after the row
     minus the line breaks inside its cells: what an editor shows, and a spreadsheet's row number."""
-    # The whole file is in memory already, so no field of it can be too large to hold: lift csv's
-    # 128 KB field limit (a long review in one cell is legitimate) up to the file's own size.
-    csv.field_size_limit(max(csv.field_size_limit(), len(content) + 1))
-    delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(content), delimiter=delimiter)
-    records = []
-    try:
-        header = list(reader.fieldnames or [])
-        _check_header(header, p, flag)
-        for row in reader:
-            extra = row.get(None) or []  # cells past the header's columns
-            breaks = sum(v.count("\n") for v in row.values() if isinstance(v, str))
-            breaks += sum(v.count("\n") for v in extra)
-            line = reader.line_num - breaks
-            if any(v.strip() for v in extra):  # e.g. an unquoted comma in a text: it was cut there
-                raise UserError(
-                    f"{flag}: {p} line {line} has {len(header) + len(extra)} cells and the header "
-                    f"{len(header)}; quote a cell that holds the delimiter"
-                )
-            records.append((line, row))
-    except csv.Error as e:
-        raise UserError(f"{flag}: {p} line {reader.line_num} is not valid CSV ({e})") from None
-    _check_quotes_close(content, delimiter, records, p, flag)
-    return header, records
+
+    def __init__(self, lines: Iterable[str], p: Path, flag: str, size: int | None = None):
+        # No field can be larger than the file (`size`: its characters or bytes; None: a pipe, unknown),
+        # so csv's 128 KB field limit is lifted that far: a long review in one cell is legitimate.
+        limit = sys.maxsize if size is None else size + 1
+        csv.field_size_limit(max(csv.field_size_limit(), limit))
+        self.p, self.flag = p, flag
+        self.delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
+        self._tap = _Tap(lines)
+        self.reader = csv.DictReader(self._tap, delimiter=self.delimiter)
+        try:
+            self.header = list(self.reader.fieldnames or [])
+        except csv.Error as e:
+            raise UserError(f"{flag}: {p} line {self.reader.line_num} is not valid CSV ({e})") from None
+        _check_header(self.header, p, flag)
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        p, flag, reader = self.p, self.flag, self.reader
+        last_lines = self._tap.take()  # those of the last record read: the header's, to begin with
+        pending: tuple[int, dict] | None = None  # a row is handed on once the next one (or the end) is read
+        try:
+            for row in reader:
+                last_lines = self._tap.take()
+                extra = row.get(None) or []  # cells past the header's columns
+                breaks = sum(v.count("\n") for v in row.values() if isinstance(v, str))
+                breaks += sum(v.count("\n") for v in extra)
+                line = reader.line_num - breaks
+                if any(v.strip() for v in extra):  # e.g. an unquoted comma in a text: it was cut there
+                    raise UserError(
+                        f"{flag}: {p} line {line} has {len(self.header) + len(extra)} cells and the header "
+                        f"{len(self.header)}; quote a cell that holds the delimiter"
+                    )
+                if pending is not None:
+                    yield pending
+                pending = (line, row)
+        except csv.Error as e:
+            raise UserError(f"{flag}: {p} line {reader.line_num} is not valid CSV ({e})") from None
+        self._check_quotes_close(last_lines, pending)
+        if pending is not None:
+            yield pending
+
+    def _check_quotes_close(self, last_lines: list[str], last: tuple[int, dict] | None) -> None:
+        """csv ends a quoted cell still open at the end of the file without a word: every line after a
+        stray quote became part of that one cell (rows merged into one text), the last record read. Its
+        strict mode, over that record's lines, says so; the record is never handed on."""
+        try:
+            for _ in csv.reader(last_lines, delimiter=self.delimiter, strict=True):
+                pass
+        except csv.Error as e:
+            if "unexpected end of data" not in str(e):  # strict's other complaints ('"a" b') read fine
+                return
+            # the open cell holds the file's last line break too, which the start-line count took off
+            start = last[0] + self._tap.ends_with_newline if last is not None else 1
+            raise UserError(
+                f'{self.flag}: {self.p} line {start} opens a quoted cell that is never closed (a stray "?): '
+                "every line after it was read into that cell"
+            ) from None
 
 
-def _check_quotes_close(
-    content: str, delimiter: str, records: list[tuple[int, dict]], p: Path, flag: str
-) -> None:
-    """csv ends a quoted cell still open at the end of the file without a word: every line after a
-    stray quote became part of that one cell (rows merged into one text). Its strict mode says so."""
-    try:
-        for _ in csv.reader(io.StringIO(content), delimiter=delimiter, strict=True):
-            pass
-    except csv.Error as e:
-        if "unexpected end of data" not in str(e):  # strict's other complaints ('"a" b') read fine
-            return
-        # the open cell holds the file's last line break too, which the start-line count took off
-        start = records[-1][0] + content.endswith("\n") if records else 1
-        raise UserError(
-            f'{flag}: {p} line {start} opens a quoted cell that is never closed (a stray "?): every '
-            "line after it was read into that cell"
-        ) from None
+class _Tap:
+    """An iterator of lines that keeps those taken since the last take(), and whether the last ended
+    with a line break."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._lines = iter(lines)
+        self._taken: list[str] = []
+        self.ends_with_newline = False
+
+    def __iter__(self) -> _Tap:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self._taken.append(line)
+        self.ends_with_newline = line.endswith("\n")
+        return line
+
+    def take(self) -> list[str]:
+        taken, self._taken = self._taken, []
+        return taken
 
 
 def _check_header(header: list[str], p: Path, flag: str) -> None:
@@ -128,9 +198,11 @@ def _check_header(header: list[str], p: Path, flag: str) -> None:
         raise UserError(f"{flag}: {p} names column(s) {twice} more than once in its header")
 
 
-def jsonl_objects(content: str, p: Path, flag: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank JSONL line; a line that is not a JSON object is an error."""
-    for n, line in enumerate(content.splitlines(), 1):
+def jsonl_objects(content: str | Iterable[str], p: Path, flag: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank JSONL line; a line that is not a JSON object is an error.
+    `content`: the whole text, or its lines (split_lines), read one at a time."""
+    lines = content.splitlines() if isinstance(content, str) else content
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -170,21 +242,38 @@ def load_labeled_file(
     label_column: str = "label",
 ) -> LabeledTexts:
     """CSV, TSV or JSONL with a text and a label column; labels 0/1, negative/positive or neg/pos."""
-    p, content = read_utf8(path, flag)
+    texts, labels, lines = [], [], []
+    for n, text, y in labeled_rows(path, flag, text_column, label_column):
+        texts.append(text)
+        labels.append(y)
+        lines.append(n)
+    return LabeledTexts(texts, labels, lines)
+
+
+def labeled_rows(
+    path: str | os.PathLike,
+    flag: str = "--train-file",
+    text_column: str = "text",
+    label_column: str = "label",
+) -> Iterator[tuple[int, str, int]]:
+    """(start line, text, 0/1 label) of each row of a labeled CSV, TSV or JSONL file, checked and read a
+    row at a time (load_labeled_file holds them all; evaluate only the labels)."""
+    p = readable_file(path, flag)
+    pieces = file_pieces(p, flag)
     if p.suffix.lower() in (".jsonl", ".json"):
-        records = list(jsonl_objects(content, p, flag))
+        records: Iterable[tuple[int, dict]] = jsonl_objects(split_lines(pieces), p, flag)
     else:
-        records = csv_records(content, p, flag)[1]
-    if not records:
-        raise UserError(f"{flag}: {p} has no rows")
-    missing = [c for c in (text_column, label_column) if c not in records[0][1]]
-    if missing:
-        raise UserError(
-            f"{flag}: {p} lacks column(s) {missing}; it needs {text_column!r} and {label_column!r}"
-            f" (columns found: {list(records[0][1])})"
-        )
-    texts, labels = [], []
+        records = CsvRows(pieces, p, flag, _size(p))
+    first = True
     for n, row in records:
+        if first:
+            missing = [c for c in (text_column, label_column) if c not in row]
+            if missing:
+                raise UserError(
+                    f"{flag}: {p} lacks column(s) {missing}; it needs {text_column!r} and {label_column!r}"
+                    f" (columns found: {list(row)})"
+                )
+            first = False
         text, label = row.get(text_column), row.get(label_column)
         if text is not None and not isinstance(text, str):
             raise UserError(
@@ -200,40 +289,72 @@ def load_labeled_file(
                 f"{flag}: {p} line {n} has label {label!r}; labels must be 0 (negative) or 1 (positive)"
                 " (also accepted: 0.0/1.0, negative/positive, neg/pos, any case)"
             )
-        texts.append(text)
-        labels.append(y)
-    return LabeledTexts(texts, labels, [n for n, _ in records])
+        yield n, text, y
+    if first:
+        raise UserError(f"{flag}: {p} has no rows")
+
+
+def _size(p: Path) -> int | None:
+    """A regular file's size in bytes; None for a pipe."""
+    return p.stat().st_size if p.is_file() else None
 
 
 def read_texts(file: str | None, stdin_text: str | None, text_column: str = "text") -> tuple[list[str], int]:
     """Texts from --file (one per line, or JSONL/CSV with a `text_column` column) or from stdin lines,
-    and how many blank lines were skipped (plain lines only), so the caller can say so: without that
-    note, outputs would silently stop lining up with input lines."""
-    if file is None:
-        return non_blank_lines(stdin_text or "")
-    p, content = read_utf8(file, "--file")
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        texts = []
-        for n, obj in jsonl_objects(content, p, "--file"):
-            if not isinstance(obj.get(text_column), str):
-                raise UserError(f"--file: {p} line {n} has no {text_column!r} string")
-            texts.append(obj[text_column])
-        return texts, 0
-    if suffix in (".csv", ".tsv"):
-        header, records = csv_records(content, p, "--file")
-        if text_column not in header:
+    and how many blank lines were skipped (plain lines only): TextLines, all held."""
+    reader = TextLines(file, None if stdin_text is None else [stdin_text], text_column)
+    texts = list(reader)
+    return texts, reader.blank
+
+
+class TextLines:
+    """Texts from --file (one per line, or JSONL/CSV with a `text_column` column) or from stdin's lines,
+    read as they are asked for: never the whole input at once. `blank` counts the blank lines skipped so
+    far (plain lines only), so the caller can say so: without that note, outputs would silently stop
+    lining up with input lines. The file is checked (exists, is a file or a pipe) when this is made.
+
+    `stdin`: stdin's text in pieces that each end with a line break (a stream of lines, utf8_pieces of
+    its bytes), the last perhaps without; None with a --file, or for no text at all."""
+
+    def __init__(self, file: str | None, stdin: Iterable[str] | None, text_column: str = "text"):
+        self.blank = 0
+        self.path = None if file is None else readable_file(file, "--file")
+        self.stdin = stdin
+        self.text_column = text_column
+
+    def __iter__(self) -> Iterator[str]:
+        p = self.path
+        if p is None:
+            return self._plain(split_lines(self.stdin or ()))
+        suffix = p.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            return self._jsonl(p)
+        if suffix in (".csv", ".tsv"):
+            return self._csv(p)
+        return self._plain(split_lines(file_pieces(p, "--file")))
+
+    def _plain(self, lines: Iterable[str]) -> Iterator[str]:
+        for line in lines:
+            if line.strip():
+                yield line
+            else:
+                self.blank += 1
+
+    def _jsonl(self, p: Path) -> Iterator[str]:
+        column = self.text_column
+        for n, obj in jsonl_objects(split_lines(file_pieces(p, "--file")), p, "--file"):
+            if not isinstance(obj.get(column), str):
+                raise UserError(f"--file: {p} line {n} has no {column!r} string")
+            yield obj[column]
+
+    def _csv(self, p: Path) -> Iterator[str]:
+        column = self.text_column
+        rows = CsvRows(file_pieces(p, "--file"), p, "--file", _size(p))
+        if column not in rows.header:
             raise UserError(
-                f"--file: {p} has no {text_column!r} column (it has {', '.join(header) or 'none'})"
+                f"--file: {p} has no {column!r} column (it has {', '.join(rows.header) or 'none'})"
             )
-        for n, row in records:
-            if row[text_column] is None:  # a row with fewer cells than the header
-                raise UserError(f"--file: {p} line {n} has no {text_column!r} value")
-        return [row[text_column] for _, row in records], 0
-    return non_blank_lines(content)
-
-
-def non_blank_lines(content: str) -> tuple[list[str], int]:
-    lines = content.splitlines()
-    texts = [line for line in lines if line.strip()]
-    return texts, len(lines) - len(texts)
+        for n, row in rows:
+            if row[column] is None:  # a row with fewer cells than the header
+                raise UserError(f"--file: {p} line {n} has no {column!r} value")
+            yield row[column]

@@ -58,8 +58,9 @@ class Prediction:
         )
 
 
-def check_texts(texts: list[str]) -> None:
-    for i, t in enumerate(texts, 1):
+def check_texts(texts: list[str], start: int = 0) -> None:
+    """Every text has content; `start`: how many texts came before these (a chunk of a longer input)."""
+    for i, t in enumerate(texts, start + 1):
         if not isinstance(t, str) or not has_content(t):
             raise UserError(f"text {i} is empty (or only whitespace or control characters); give a review")
 
