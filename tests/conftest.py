@@ -159,6 +159,13 @@ def without_startup(err: str) -> str:
     return "".join(f"{line}\n" for line in lines if line.strip() and not line.startswith(TRAIN_STARTUP))
 
 
+def sigint_as_in_a_terminal() -> None:
+    """preexec_fn of a child that a test sends SIGINT (Ctrl-C): as a terminal's foreground job has it.
+    A job a non-interactive shell starts in the background (`cmd &`, as CI runners and nohup scripts do)
+    ignores SIGINT, its children inherit that, and imdb-lora then rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def sigterm_fails_the_test():
     """Tests that send this process SIGTERM: if the code under test does not take it, the test fails

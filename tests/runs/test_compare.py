@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import sigterm_fails_the_test, train_args, write_imdb
+from conftest import sigint_as_in_a_terminal, sigterm_fails_the_test, train_args, write_imdb
 
 import imdb_lora.runs.compare
 from imdb_lora.cli import main
@@ -367,7 +367,12 @@ def interrupt_compare(args: list[str], log: Path, ready) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imdb_lora", *args], env=env, stdout=f, stderr=f, start_new_session=True
+            [sys.executable, "-m", "imdb_lora", *args],
+            env=env,
+            stdout=f,
+            stderr=f,
+            start_new_session=True,
+            preexec_fn=sigint_as_in_a_terminal,
         )
     try:
         deadline = time.time() + 120

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import train_args, without_startup, write_imdb
+from conftest import sigint_as_in_a_terminal, train_args, without_startup, write_imdb
 
 from imdb_lora.cli import main
 from imdb_lora.runs.rundir import RunDir
@@ -151,7 +151,11 @@ def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume
                       "--checkpoint-every", "2", "--no-token-cache")  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imdb_lora", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "imdb_lora", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         deadline = time.time() + 120
