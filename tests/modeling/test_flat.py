@@ -254,6 +254,12 @@ def test_flat_cuda_branch_runs_on_fake_cuda_tensors(tiny_models, kind, monkeypat
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from imdb_lora.data import batches
+
+    monkeypatch.setattr(
+        batches, "can_pin", lambda: False
+    )  # fake tensors cannot be pinned (a GPU machine can pin)
+
     from imdb_lora.modeling import forward
     from imdb_lora.modeling.merge import frozen_weights_to_bf16
 
@@ -300,6 +306,8 @@ def test_flat_evaluation_rows_are_the_measured_65536_tokens_on_cuda_only():
 def _fake_cuda_copies(monkeypatch):
     """Tensor.to(cuda) and pin_memory() stand-ins on a CPU-only build: a "pinned" tensor is marked, a
     copy to CUDA records (source pinned?, non_blocking) and returns the tensor itself."""
+    from imdb_lora.data import batches
+
     real_to = torch.Tensor.to
     sent: list[tuple[bool, bool]] = []
 
@@ -316,6 +324,7 @@ def _fake_cuda_copies(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: getattr(self, "_test_pinned", False))
+    monkeypatch.setattr(batches, "can_pin", lambda: True)  # pinning needs a CUDA runtime
     monkeypatch.setattr(torch.Tensor, "to", fake_to)
     return sent
 

@@ -279,6 +279,12 @@ def test_mpnet_flat_cuda_branch_runs_on_fake_cuda_tensors(monkeypatch):
     Fake tensors cannot be compiled, so the eager FlexAttention stands in for the compiled one (the
     same call); the compiled kernel itself is checked on a GPU (test_mpnet_flex_on_cuda_matches_padded)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from imdb_lora.data import batches
+
+    monkeypatch.setattr(
+        batches, "can_pin", lambda: False
+    )  # fake tensors cannot be pinned (a GPU machine can pin)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     from imdb_lora.modeling import flat_mpnet

@@ -25,8 +25,17 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def pinned(t: torch.Tensor) -> torch.Tensor:
-    """`t` in pinned (page-locked) host memory: the source of an asynchronous copy to a CUDA device."""
-    return t if t.is_pinned() else t.pin_memory()
+    """`t` in pinned (page-locked) host memory: the source of an asynchronous copy to a CUDA device.
+    Without a CUDA runtime (a CUDA build on a machine without a GPU, whose tests run the CUDA branches
+    on fake tensors) there is nothing to pin with: `t` itself."""
+    if t.is_pinned() or not can_pin():
+        return t
+    return t.pin_memory()
+
+
+def can_pin() -> bool:
+    """Whether page-locked memory can be had here: a CUDA runtime with a device."""
+    return torch.cuda.is_available()
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
