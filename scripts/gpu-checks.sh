@@ -19,6 +19,8 @@
 #
 # Runs live in $RUNS (default ~/runs): a training step that a time limit cut short is resumed by the
 # next call (`train --resume`) while the machine is kept, and a finished one is not trained again.
+# Across sessions, a cut run's resume state comes back as OUT/NAME.resume.tgz.NN (scripts/gpu_resume.py);
+# staged in STAGE for a later call, the run is put back in $RUNS and resumed there.
 #
 # STAGE holds what ../shared/docs/GPU.md stages (put together under ~/stage there: root's home):
 #   aclImdb-labeled.tar.xz, roberta-base/ (config + tokenizer from ../shared/models), reference_lora.py
@@ -27,7 +29,8 @@
 # Everything goes to OUT/log.txt (full output), OUT/summary.txt (one line per step: status, seconds
 # and the figures the docs need) and OUT/summary.json (date, machine, versions, every step's command
 # and figures, every run's run.json/metrics/config: for docs/measurements/). Each step has its own time
-# limit, so one slow step cannot eat the call.
+# limit, so one slow step cannot eat the call. A training run a limit cut also leaves its resume state,
+# OUT/NAME.resume.tgz.00, .01, ... (at most 16 MiB each), if the device's 8 files allow.
 # QUICK=1 runs every step with tiny settings: a CPU rehearsal of the command lines, not a measurement.
 # MPNET=DIR replaces the staged MPNet folder (QUICK rehearsals on a CPU use MiniLM).
 # PYTHON=EXE is the interpreter (default python3). Rehearse as the GPU machine runs it with
@@ -90,14 +93,22 @@ step() {
   fi
   [ "$secs" -gt "$left" ] && secs=$left
   echo "=== $name: $*" >>"$log"
-  timeout "$secs" "$@" >"$part" 2>&1
+  # The time limit goes inside /usr/bin/time: its SIGTERM reaches the whole group, and GNU time dies of
+  # it at once, so the step ended while the training it timed was still stopping (its last lines lost,
+  # its run directory packed while it was being written). KILL 15 s after TERM: nothing hangs the call.
+  local wrap=() cmd=("$@")
+  if [ "$1" = /usr/bin/time ] && [ "${2:-}" = -f ]; then
+    wrap=("$1" "$2" "$3")
+    shift 3
+  fi
+  ${wrap[@]+"${wrap[@]}"} timeout -k 15 "$secs" "$@" >"$part" 2>&1
   local rc=$?
   cat "$part" >>"$log"
   printf '%-28s rc=%-3s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" >>"$summary"
-  $py "$here/gpu_summary.py" record "$steps" "$name" "$rc" "$((SECONDS - t0))" "$part" -- "$@"
+  $py "$here/gpu_summary.py" record "$steps" "$name" "$rc" "$((SECONDS - t0))" "$part" -- "${cmd[@]}"
   # progress bars end in a carriage return, not a newline: the line after one (a bench's --json
   # report) starts with the bar's remains, so split at carriage returns before matching
-  tr '\r' '\n' <"$part" | grep -E '^\{|^epoch [0-9]+:|^epoch [0-9]+ steps|tok/s|peak_mem|total_s|^wall|^done:|^chosen|^(val|test) |^\| |error' \
+  tr '\r' '\n' <"$part" | grep -E '^\{|^epoch [0-9]+:|^epoch [0-9]+ steps|tok/s|peak_mem|total_s|^wall|^done:|^chosen|^(val|test) |^\| |error|^resuming|stopped by SIGTERM' \
     | cut -c1-600 | sed 's/^/    /' >>"$summary"
   rm -f "$part"
   return $rc
@@ -234,10 +245,17 @@ fast_mpnet_part() {
 train_run() {
   local name=$1 need=$2 dir=$runs/$1
   shift 2
+  # A run an earlier session's DEADLINE cut came back as OUT/NAME.resume.tgz.NN and is staged in STAGE
+  # (docs/development.md): put back here, its config.yaml pointed at this machine's paths.
+  if [ ! -e "$dir" ] && compgen -G "$stage/$name.resume.tgz.[0-9][0-9]" >/dev/null; then
+    $py "$here/gpu_resume.py" restore "$stage" "$runs" "$name" "$mpnet" "$data" >>"$summary" 2>&1
+  fi
   if [ "$($py -c 'import json,sys; print(json.load(open(sys.argv[1])).get("status"))' "$dir/run.json" 2>/dev/null)" = finished ]; then
     printf '%-28s finished before: kept\n' "$name" >>"$summary"
     return 0
   fi
+  # a run to resume needs the time of the epochs it has left (and the loading again)
+  [ -f "$dir/checkpoint.safetensors" ] && need=$($py "$here/gpu_resume.py" need "$dir" "$need" || echo "$need")
   if [ $((deadline - SECONDS)) -lt "$need" ]; then
     printf '%-28s skipped (DEADLINE: needs ~%ss, %ss left)\n' "$name" "$need" "$((deadline - SECONDS))" >>"$summary"
     $py "$here/gpu_summary.py" record "$steps" "$name" skipped 0 /dev/null -- train "$@"
@@ -407,9 +425,16 @@ done
 for r in "$runs"/*/results.md "$runs"/*/*/results.md; do
   [ -f "$r" ] && { echo "=== $r"; cat "$r"; } >>"$out/results.txt"
 done
-for name in ${new_runs[@]+"${new_runs[@]}"}; do  # everything but the resume state (~10 MB per MPNet LoRA run)
+for name in ${new_runs[@]+"${new_runs[@]}"}; do  # everything but the resume state (27 MB per MPNet LoRA run)
   grep -qs '"status": "finished"' "$runs/$name/run.json" &&
     tar -C "$runs" --exclude checkpoint.safetensors -czf "$out/$name.tar.gz" "$name"
+done
+# A run a time limit cut: its resume state (checkpoint, best adapter so far, tokenizer, config; 30 MB in
+# 2 files for MPNet-base, 38 MB in 3 with --ema-decay) comes back as OUT/NAME.resume.tgz.NN if the 8
+# files allow, after the finished runs and before summary.json (one file kept for it).
+for name in ${new_runs[@]+"${new_runs[@]}"}; do
+  grep -qs '"status": "finished"' "$runs/$name/run.json" ||
+    $py "$here/gpu_resume.py" pack "$runs/$name" "$out" >>"$summary" 2>&1
 done
 $py "$here/gpu_summary.py" write "$steps" "$runs" "$out/summary.json" "$parts" "$quick"
 rm -f "$steps"

@@ -6,13 +6,16 @@
 
 A step's figures are the JSON objects it printed (bench reports, evaluate/select results) and its
 figure lines (epoch lines, `done:`, wall time); a run's figures are its run.json, metrics.jsonl and
-config.yaml, read from the run directory itself. Paths under the home folder are written as ~/...
+config.yaml, read from the run directory itself; a run a time limit cut is listed with its status
+(running), and the resume state that came back for it in OUT (gpu_resume.py pack) with its parts'
+names, size and sha256. Paths under the home folder are written as ~/...
 Standard library only (plus torch and friends, for their versions): it runs on the GPU machine as is.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import platform
 import re
@@ -20,7 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-FIGURE_LINE = re.compile(r"^(epoch \d+[: ]|done:|wall |chosen on validation|.*tok/s)")
+# ... and the lines that say a run was resumed, or cut by the step's time limit (and where it can go on)
+FIGURE_LINE = re.compile(
+    r"^(epoch \d+[: ]|done:|wall |chosen on validation|.*tok/s|resuming |imdb-lora: stopped)"
+)
 
 
 def record(steps: Path, name: str, rc: str, seconds: str, output: Path, cmd: list[str]) -> None:
@@ -90,6 +96,25 @@ def runs_in(root: Path) -> list[dict]:
     return out
 
 
+def resume_states(out: Path) -> dict[str, dict]:
+    """The cut runs' resume states in OUT (gpu_resume.py pack): their parts, size and the whole's sha256,
+    which the next session checks what it stages against."""
+    found: dict[str, list[Path]] = {}
+    for part in sorted(out.glob("*.resume.tgz.[0-9][0-9]")):
+        found.setdefault(part.name.split(".resume.tgz.")[0], []).append(part)
+    out_states = {}
+    for name, parts in found.items():
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part.read_bytes())
+        out_states[name] = {
+            "parts": [p.name for p in parts],
+            "bytes": sum(p.stat().st_size for p in parts),
+            "sha256": digest.hexdigest(),
+        }
+    return out_states
+
+
 def write(steps: Path, runs: Path, dest: Path, parts: str, quick: str) -> None:
     rows = [json.loads(line) for line in steps.read_text().splitlines()] if steps.is_file() else []
     doc = {
@@ -99,6 +124,7 @@ def write(steps: Path, runs: Path, dest: Path, parts: str, quick: str) -> None:
         "machine": machine(),
         "steps": rows,
         "runs": runs_in(runs) if runs.is_dir() else [],
+        "resume_states": resume_states(dest.parent),
     }
     # Paths under the home folder are written as ~/...: no machine paths in committed files.
     dest.write_text(json.dumps(doc, indent=1).replace(str(Path.home()) + "/", "~/") + "\n")
