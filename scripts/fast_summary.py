@@ -6,9 +6,9 @@
 
 Reads the log that gpu-checks.sh wrote (each step's command after `=== NAME:`, then its output) and
 its summary.txt (exit status and seconds per step), prints one markdown table (tokens/s, epoch seconds,
-cold and warm test-set evaluation seconds, peak memory, MFU, ratio to reference_lora.py) and the
-3-epoch `train` wall time, and writes every figure with the date, GPU, versions and commands to JSON
-(commit it under docs/measurements/). Standard library only: it runs on the GPU machine as is.
+cold and warm test-set evaluation seconds, peak memory, MFU, ratio to reference_lora.py), each
+compiled bench's first step (what compiling cost) and the 3-epoch `train` wall time, and writes
+every figure with the date, GPU, versions and commands to JSON (commit it under docs/measurements/). Standard library only: it runs on the GPU machine as is.
 """
 
 from __future__ import annotations
@@ -203,6 +203,13 @@ def main(log_path: str, json_path: str) -> int:
         "epoch s: estimated from tokens/s (the reference over its 25,000 train reviews, the project over "
         "the train split less validation); MFU against the detected GPU's data-sheet bf16 peak"
     )
+    for name, label in TRAIN_ROWS:  # what compiling cost: the compiled benches' first (untimed) step
+        f = got.get(name, {})
+        if "compiled" in name and f.get("first_step_seconds") is not None:
+            print(
+                f"{label}: first step {f['first_step_seconds']:.1f} s (compiling), "
+                f"{num(f.get('warmup_seconds'))} s for all warm-up steps"
+            )
     print("\n| evaluation of the test set | tokens/s (warm) | cold s | warm s | peak memory |")
     print("|---|---:|---:|---:|---:|")
     for name, label in EVAL_ROWS:

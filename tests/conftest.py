@@ -90,7 +90,7 @@ def tiny_byte_level_bpe(words: list[str]):
     return RobertaTokenizerFast(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
 
 
-def build_tiny(kind: str, dest: Path) -> Path:
+def build_tiny(kind: str, dest: Path, layers: int = TINY["num_hidden_layers"]) -> Path:
     """A tiny random model folder (config, safetensors weights, tokenizer) of the given architecture."""
     import torch
     from transformers import (
@@ -104,18 +104,19 @@ def build_tiny(kind: str, dest: Path) -> Path:
 
     dest.mkdir(parents=True, exist_ok=True)
     words = sorted(set(POS_WORDS + NEG_WORDS + FILLER + list("abcdefghijklmnopqrstuvwxyz.,!?'")))
+    sizes = dict(TINY, num_hidden_layers=layers)
     if kind == "roberta":
         tok = tiny_byte_level_bpe(words)
-        cfg = RobertaConfig(vocab_size=len(tok), max_position_embeddings=130, pad_token_id=1, **TINY)
+        cfg = RobertaConfig(vocab_size=len(tok), max_position_embeddings=130, pad_token_id=1, **sizes)
     elif kind == "bert":
         vocab = {w: i for i, w in enumerate(SPECIALS_BERT + words)}
         tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
-        cfg = BertConfig(vocab_size=len(SPECIALS_BERT) + len(words), max_position_embeddings=128, **TINY)
+        cfg = BertConfig(vocab_size=len(SPECIALS_BERT) + len(words), max_position_embeddings=128, **sizes)
     elif kind == "mpnet":
         vocab = {w: i for i, w in enumerate(SPECIALS_MPNET + words)}
         tok = MPNetTokenizerFast(vocab=vocab, do_lower_case=True)
         cfg = MPNetConfig(
-            vocab_size=len(SPECIALS_MPNET) + len(words), max_position_embeddings=130, pad_token_id=1, **TINY
+            vocab_size=len(SPECIALS_MPNET) + len(words), max_position_embeddings=130, pad_token_id=1, **sizes
         )
     else:
         raise ValueError(kind)

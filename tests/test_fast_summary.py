@@ -17,6 +17,13 @@ def run_summary(monkeypatch, log: Path, out: Path) -> None:
         assert e.code == 0
 
 
+def summarise(tmp_path: Path, monkeypatch, capsys, log: str, name: str) -> tuple[str, dict]:
+    """(printed text, JSON record) of fast_summary.py over a log with no summary.txt beside it."""
+    (tmp_path / "log.txt").write_text(log)
+    run_summary(monkeypatch, tmp_path / "log.txt", tmp_path / name)
+    return capsys.readouterr().out, json.loads((tmp_path / name).read_text())
+
+
 LOG = """gpu-checks 2026-11-29T00:00:00Z parts: fast quick=0
 torch 2.11.0+cu130 | transformers 5.17.0 | peft 0.21.0 | python 3.12.1 | gpu NVIDIA H200
 === fast-ref: python3 reference_lora.py --max-steps 60
@@ -76,17 +83,13 @@ wall 90.0 s
 
 def test_fast_summary_mpnet_part_alone(tmp_path, monkeypatch, capsys):
     """A fast-mpnet call: the MPNet table (flat vs padded) and the accuracy line, no roberta table."""
-    (tmp_path / "log.txt").write_text(MPNET_LOG)
-    out = tmp_path / "fast-mpnet-summary.json"
-    run_summary(monkeypatch, tmp_path / "log.txt", out)
-    text = capsys.readouterr().out
+    text, r = summarise(tmp_path, monkeypatch, capsys, MPNET_LOG, "fast-mpnet-summary.json")
     assert (
         "| MPNet-base (random init), flat (FlexAttention, no attention dropout) | 150,000 | 44.0 | 1.50x |"
         in text
     )
     assert "flat: test 95.21% (plain recipe 95.34%), 50.0 s train, 9.0 s eval, wall 90.0 s" in text
     assert "padded: test –" in text and "reference_lora" not in text
-    r = json.loads(out.read_text())
     assert r["mpnet_accuracy"]["flat"] == {"test_accuracy": 95.21, "wall_seconds": 90.0}
     assert r["steps"]["fast-mpnet-bench-train-flat"]["ratio_to_padded"] == 1.5
 
@@ -106,3 +109,18 @@ def test_faster_compiled_compares_the_two_captured_steps_of_the_same_log(tmp_pat
         except SystemExit as e:
             assert e.code == 0
         assert capsys.readouterr().out.strip() == want, rate
+
+
+def test_fast_summary_says_what_compiling_cost(tmp_path, monkeypatch, capsys):
+    """The compiled benches' first (untimed) step pays for compiling: the summary says it."""
+    compiled = (
+        "=== fast-bench-train-flat-compiled-graphs: python3 -m imdb_lora bench train --compile --cuda-graphs\n"
+        '{"bench": "train", "tokens_per_second": 520000.0, "first_step_seconds": 41.25, "warmup_seconds": 44.0}\n'
+    )
+    text, r = summarise(tmp_path, monkeypatch, capsys, LOG + compiled, "fast-summary.json")
+    assert (
+        "project, flat + torch.compile + CUDA graphs: first step 41.2 s (compiling), 44.0 s for all warm-up steps"
+        in text
+    )
+    assert "flat + torch.compile: first" not in text  # the uncompiled rows and the missing one say nothing
+    assert r["steps"]["fast-bench-train-flat-compiled-graphs"]["first_step_seconds"] == 41.25

@@ -179,7 +179,9 @@ class TrainConfig:
     )
     device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     compile: bool = _f(
-        False, "torch.compile the encoder (dynamic shapes); the first steps are slower while it compiles"
+        False,
+        "torch.compile each encoder layer in place (regional: one compiled graph serves every layer; "
+        "dynamic shapes); the first step is slower while it compiles",
     )
     cuda_graphs: bool = _f(
         False,

@@ -15,6 +15,7 @@ def test_bench_train_reports_throughput(tiny_models, imdb_dir, capsys, kind, bat
     r = json.loads(capsys.readouterr().out)
     assert r["batching"] == batching and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1
     assert r["epoch_seconds_estimate"] > 0 and r["peak_memory_bytes"] > 0
+    assert 0 < r["first_step_seconds"] == r["warmup_seconds"]  # one warm-up step: what --compile pays first
 
 
 @pytest.mark.parametrize("batching", ["padded", "packed"])
@@ -47,6 +48,7 @@ def test_cuda_graphs_off_the_gpu_says_it_has_no_effect(tiny_models, imdb_dir, ca
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["cuda_graphs"] is False and "--cuda-graphs: no effect on cpu (CUDA only)" in err
+    assert json.loads(out)["first_step_seconds"] is None  # --warmup 0: no untimed step
 
 
 def test_small_figures_keep_their_digits():

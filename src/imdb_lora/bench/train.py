@@ -73,7 +73,7 @@ class ThroughputOptions:
     samples: int | None = None  # reviews to draw from (None: the whole split; more is refused)
     device: str = "auto"
     peak_tflops: float | None = None  # device peak for MFU (default: the detected GPU's data sheet)
-    compile: bool = False  # torch.compile the encoder (dynamic shapes)
+    compile: bool = False  # torch.compile each encoder layer (regional, dynamic shapes)
     cuda_graphs: bool = False  # flat training steps captured as CUDA graphs per bucket (CUDA)
     profile: int = 0  # after timing, profile this many more steps/batches
 
@@ -223,9 +223,13 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
         )
         return sum(len(s) for s in batch)
 
+    warmup_seconds = []  # each warm-up step's own time: the first pays compilation (--compile)
     with _progress("warm-up steps (untimed)", opts.warmup, "step") as bar:
         for _ in range(opts.warmup):
+            t0 = time.perf_counter()
             one_step()
+            _sync(device)
+            warmup_seconds.append(time.perf_counter() - t0)
             bar.update()
     _sync(device)
     with _progress("timed steps", opts.steps, "step") as bar:
@@ -239,6 +243,8 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
     epoch_tokens = sum(len(s) for s in seqs) * (split_size / len(seqs))
     report = _report(opts, "train", device, model, info, tokens, seconds, seqs, path)
     report["cuda_graphs"] = captured is not None
+    report["first_step_seconds"] = warmup_seconds[0] if warmup_seconds else None
+    report["warmup_seconds"] = sum(warmup_seconds)
     report["epoch_reviews"] = split_size
     report["epoch_seconds_estimate"] = epoch_tokens / report["tokens_per_second"]
     report["epoch_tokens"] = int(epoch_tokens)

@@ -192,7 +192,11 @@ def add_bench_train_parsers(sub) -> None:
             type=positive_float,
             help="device peak for MFU [default: the detected GPU's data sheet; on CPU, measured]",
         )
-        p.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            help="as train's --compile: torch.compile each encoder layer (one graph serves every layer)",
+        )
         if name == "train":
             p.add_argument(
                 "--cuda-graphs",
