@@ -34,6 +34,28 @@ def private_token_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def quick_plots(request):
+    """A training run draws curves.png and reliability.png with matplotlib: ~1.3 s of its ~2.3 s on a tiny
+    model, paid by every test that trains (and the plots are not what those tests check). Here the run's
+    plotting code still builds every figure, axis, line and label from its history; only the layout and
+    the rasterising are skipped, and the file says so (not a PNG, so a test reading it as an image fails).
+    The plots themselves are drawn for real by tests marked `real_plots` (tests/runs/test_report.py), by
+    the session's trained_run (built before this fixture applies), in subprocesses and in the slow suite."""
+    if request.node.get_closest_marker("real_plots"):
+        yield
+        return
+    from matplotlib.figure import Figure
+
+    def unrendered(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"not rendered: tests/conftest.py quick_plots\n")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Figure, "savefig", unrendered)
+        mp.setattr(Figure, "tight_layout", lambda self, *args, **kwargs: None)
+        yield
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMDB_LORA_SHARED", REPO.parent / "shared"))
 ROBERTA_BASE = SHARED / "models" / "roberta-base"

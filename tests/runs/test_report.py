@@ -7,6 +7,8 @@ from matplotlib.figure import Figure
 from imdb_lora.config import Config
 from imdb_lora.runs.report import epoch_table, plot_curves, plot_reliability, results_markdown
 
+pytestmark = pytest.mark.real_plots  # the figures drawn and saved for real (conftest.quick_plots)
+
 # epoch 2 is the best on validation; epoch 3 is the last, and the best on test (never used to choose)
 HISTORY = [
     {"epoch": 1, "train_loss": 0.61, "train_accuracy": 0.70, "val_loss": 0.50, "val_accuracy": 0.75,
