@@ -42,7 +42,7 @@ def quick_plots(request):
     the rasterising are skipped, and the file says so (not a PNG, so a test reading it as an image fails).
     The plots themselves are drawn for real by tests marked `real_plots` (tests/runs/test_report.py), by
     the session's trained_run (built before this fixture applies), in subprocesses and in the slow suite."""
-    if request.node.get_closest_marker("real_plots"):
+    if request.node.get_closest_marker("real_plots") or request.node.get_closest_marker("slow"):
         yield
         return
     from matplotlib.figure import Figure
