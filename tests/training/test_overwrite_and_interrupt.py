@@ -142,13 +142,15 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_the_run_as_ctrl_c_do
 def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume(sig, tiny_models, tmp_path):
     """SIGTERM (kill, a scheduler) killed a real `imdb-lora train` silently (status -15), though the run
     could be resumed; now it stops as Ctrl-C does: one line with the last checkpoint and the command,
-    the shell's status (143; Ctrl-C 130), no traceback, and the command resumes it."""
+    the shell's status (143; Ctrl-C 130), no traceback, and the command resumes it. The checkpoint is
+    written where the signal found the loop (the step it was at), not only every --checkpoint-every
+    steps: training was at the checkpoint's step."""
     from safetensors import safe_open
 
     data = write_imdb(tmp_path / "data", per_class=48, seed=1)  # 18 steps an epoch: the signal lands inside
     out = tmp_path / "r"
     args = train_args(tiny_models("bert"), data, out, "--batch-size", "4", "--max-length", "32",
-                      "--checkpoint-every", "2", "--no-token-cache")  # fmt: skip
+                      "--checkpoint-every", "5", "--no-token-cache")  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "imdb_lora", *args],
@@ -174,8 +176,10 @@ def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume
     with safe_open(out / "checkpoint.safetensors", "pt") as f:
         saved = json.loads(f.metadata()["progress"])["global_step"]
     what = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted"
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    assert f"imdb-lora: {name}: finishing the step in flight and saving a checkpoint there" in err
     assert re.fullmatch(
-        rf"imdb-lora: {what}; training was at step \d+ of 36; its last checkpoint is "
+        rf"imdb-lora: {what}; training was at step {saved} of 36; its last checkpoint is "
         rf"{re.escape(str(out / 'checkpoint.safetensors'))} \(step {saved}\); "
         rf"continue it with: imdb-lora train --output-dir {re.escape(str(out))} --resume",
         last,

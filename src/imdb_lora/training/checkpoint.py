@@ -68,9 +68,22 @@ def save_checkpoint(
         "version": __version__,
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=meta)
-    open_to_readers(tmp)  # safetensors writes 0600: a shared or copied run's checkpoint stays readable
-    os.replace(tmp, path)  # atomic: the old checkpoint stays valid until here
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        open_to_readers(tmp)  # safetensors writes 0600: a shared or copied run's checkpoint stays readable
+        os.replace(tmp, path)  # atomic: the old checkpoint stays valid until here
+    except BaseException:  # a full disk, or a second Ctrl-C during a stop's save: no half-written file left
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def saved_step(path: Path) -> int | None:
+    """The global step of the checkpoint at `path` (its header alone is read), or None if unreadable."""
+    try:
+        with safe_open(path, "pt") as f:
+            return int(json.loads((f.metadata() or {})["progress"])["global_step"])
+    except Exception:  # noqa: BLE001 - missing, or not a checkpoint: the caller says what it knows
+        return None
 
 
 def load_checkpoint(

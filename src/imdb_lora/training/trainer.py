@@ -7,8 +7,9 @@ fresh run removes what it created. train() is the loop: steps, evaluation at eac
 checkpoint kept by validation accuracy, and the reports.
 
 Resumable by construction: everything the loop's future depends on is in checkpoint.safetensors,
-written every `checkpoint_every` steps and at each epoch's end, and the data order of an epoch is a
-function of (seed, epoch) alone, so a resumed run takes exactly the steps an uninterrupted one takes.
+written every `checkpoint_every` steps, at each epoch's end and at the step where Ctrl-C or SIGTERM
+stopped the loop (stopping.py), and the data order of an epoch is a function of (seed, epoch) alone,
+so a resumed run takes exactly the steps an uninterrupted one takes.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
 from ..runs.report import write_reports
 from ..runs.rundir import RunDir, atomic_write_text, require_creatable
-from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint, saved_step
 from .distributed import Dist
 from .ema import Ema
 from .graphs import CapturedSteps, make_optimizer
 from .posthoc import after_training, load_eval_files
 from .schedule import epoch_order, lr_at
 from .step import train_step
+from .stopping import StopAtStepBoundary
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
 
@@ -391,7 +393,10 @@ class Trainer:
         command) or, before the first checkpoint, nothing at all."""
         run = self.run
         if run.is_resumable():
-            saved = "" if self.checkpoint_step is None else f" (step {self.checkpoint_step:,})"
+            # read back: a second Ctrl-C may have cut the stop's save short just before or after its rename
+            step = saved_step(run.path / CHECKPOINT)
+            step = self.checkpoint_step if step is None else step
+            saved = "" if step is None else f" (step {step:,})"
             return (
                 f"training was at step {self.state.global_step:,} of {self.total_steps:,}; its last "
                 f"checkpoint is {run.path / CHECKPOINT}{saved}; continue it with: {self.dist.resume_command(run.path)}"
@@ -418,31 +423,44 @@ class Trainer:
 
         def flush() -> None:
             if pending:
-                totals = self.dist.all_sum(torch.stack([torch.stack(p) for p in pending]).sum(0)).tolist()
-                self._check_diverged("training", totals[0])  # the same sum on every rank: all stop
-                st.loss_sum += totals[0]
-                st.correct += round(totals[1])
+                rows = self.dist.all_sum(torch.stack([torch.stack(p) for p in pending])).tolist()
+                self._check_diverged("training", sum(r[0] for r in rows))  # the same on every rank: all stop
+                for loss, correct in rows:  # step by step: the sums do not depend on where flushes fall
+                    st.loss_sum += loss
+                    st.correct += round(correct)
                 pending.clear()
                 bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
 
         t0 = time.time()
+        # The first Ctrl-C or SIGTERM lets the step in flight finish and saves there (one process only:
+        # under torchrun the ranks could see it at different steps; see stopping.py)
+        stop = StopAtStepBoundary(enabled=not self.dist.enabled)
         try:  # the bar is cleared before an interruption's message, not after it, at exit
-            for idx in batches[st.step_in_epoch :]:
-                pending.append(self._step(idx))
-                st.seen += len(idx)
-                st.step_in_epoch += 1
-                st.global_step += 1
-                bar.update(1)
-                if len(pending) >= POSTFIX_EVERY:
-                    flush()
-                mid_epoch = st.step_in_epoch < len(batches)
-                if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
-                    flush()
+            with stop:
+                for idx in batches[st.step_in_epoch :]:
+                    pending.append(self._step(idx))
+                    st.seen += len(idx)
+                    st.step_in_epoch += 1
+                    st.global_step += 1
+                    bar.update(1)
+                    if len(pending) >= POSTFIX_EVERY:
+                        flush()
+                    mid_epoch = st.step_in_epoch < len(batches)
+                    if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
+                        flush()
+                        st.epoch_train_seconds += time.time() - t0
+                        t0 = time.time()
+                        self._save_checkpoint()
+                    self._after_step()
+                    if stop.requested:
+                        break
+                flush()
+                if stop.requested:  # at a step boundary: the resume checkpoint of the step reached
                     st.epoch_train_seconds += time.time() - t0
                     t0 = time.time()
-                    self._save_checkpoint()
-                self._after_step()
-            flush()
+                    if self.checkpoint_step != st.global_step:
+                        self._save_checkpoint()
+                    raise stop.exception()
         finally:
             bar.close()
         st.epoch_train_seconds += time.time() - t0

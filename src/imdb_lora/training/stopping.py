@@ -1,0 +1,83 @@
+"""Ctrl-C or SIGTERM during the training loop: the step in flight finishes, a checkpoint is written at
+that step boundary, and only then does the run stop (with the exception the signal raised before).
+
+Before, the signal raised where the loop stood and the run kept its last periodic checkpoint, losing
+up to `checkpoint_every` steps (scripts/gpu-checks.sh stops a cut training by SIGTERM: those steps were
+GPU time). A second Ctrl-C while the step finishes or the checkpoint is written stops at once, as the
+first did before (the last checkpoint stays: checkpoint writes are atomic). A second SIGTERM is ignored,
+as the CLI ignores it (a process group's members each get one; compare passes its own on to its
+training child); SIGKILL still ends it.
+
+Only one process decides here: under torchrun the ranks would see the signal at different step
+boundaries and one would wait in a collective the others never reach, so a data-parallel run keeps the
+old behaviour (the trainer does not use this there). A signal the process does not take (SIGINT ignored
+by a background job, SIGTERM at its default outside the CLI) is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import TracebackType
+
+from ..errors import Terminated
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopAtStepBoundary:
+    """A context around the step loop: the first SIGINT or SIGTERM only sets `requested`; the loop
+    saves and then raises `exception()`. A request the loop has not acted on when the context ends
+    (one that came after its last check) is raised on leaving, as the signal would have raised it."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.signum: int | None = None
+        self.acted = False
+        self.previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def exception(self) -> KeyboardInterrupt:
+        """What the signal raised before (the CLI turns it into the stop line and the exit status)."""
+        self.acted = True
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def __enter__(self) -> StopAtStepBoundary:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in SIGNALS:
+            if callable(signal.getsignal(sig)):  # taken by Python (KeyboardInterrupt, the CLI's SIGTERM)
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            # os.write, not print: a handler runs between any two bytecodes, a progress bar's write too
+            os.write(
+                2,
+                f"\nimdb-lora: {name}: finishing the step in flight and saving a checkpoint there, then "
+                "stopping (Ctrl-C again stops at once)\n".encode(),
+            )
+            return
+        if signum == signal.SIGINT:  # a second Ctrl-C: at once, the last checkpoint kept
+            raise KeyboardInterrupt
+        # a second SIGTERM: ignored, as the CLI ignores it once stopping
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self.previous.items():
+            stopping_by_sigterm = sig == signal.SIGTERM and self.signum == signal.SIGTERM
+            signal.signal(sig, signal.SIG_IGN if stopping_by_sigterm else handler)  # type: ignore[arg-type]
+        self.previous.clear()
+        if exc_type is None and self.requested and not self.acted:
+            raise self.exception()
