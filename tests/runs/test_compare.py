@@ -414,8 +414,9 @@ def test_real_ctrl_c_then_resume(tiny_models, imdb_dir, tmp_path, train_in_this_
 
 @pytest.mark.slow
 def test_real_ctrl_c_before_the_first_checkpoint_says_to_run_again(tiny_models, tmp_path):
-    """Ctrl-C as soon as the LoRA run's folder appears (in its setup or first steps, long before a
-    checkpoint): the child removes the folder, and compare does not promise a --resume."""
+    """Ctrl-C as soon as the LoRA run's folder appears (in its setup, before any step: a Ctrl-C in the
+    steps would write a checkpoint at the step reached): the child removes the folder, and compare does
+    not promise a --resume."""
     data = write_imdb(tmp_path / "imdb200", per_class=200, seed=1)  # 75 steps an epoch at batch 4
     out = tmp_path / "cmp"
     flags = compare_flags(tiny_models, data, "--batch-size", "4", "--checkpoint-every", "0")
