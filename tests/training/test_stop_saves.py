@@ -176,3 +176,26 @@ def test_a_stop_with_no_checkpoint_yet_leaves_a_run_to_resume(
     monkeypatch.undo()
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert RunDir(out).status() == "finished"
+
+
+def test_a_stop_in_an_epochs_last_step_saves_before_its_evaluation_and_resumes_exactly(
+    uncut, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM in step 5, epoch 1's last: the loop ends with the step, the checkpoint records the
+    epoch's steps all done and its evaluation not, and --resume evaluates it and goes on as uncut."""
+    signals_in_step(monkeypatch, LAST_PERIODIC, signal.SIGTERM)
+    out = tmp_path / "r"
+    with sigterm_fails_the_test():
+        assert main(args(tiny_models, imdb_dir, out, "auto")) == 143
+    assert stop_line(capsys).endswith(
+        f"(step {LAST_PERIODIC}); continue it with: imdb-lora train --output-dir {out} --resume"
+    )
+    assert saved_step(out / "checkpoint.safetensors") == LAST_PERIODIC
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+    monkeypatch.undo()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert RunDir(out).status() == "finished"
+    assert metrics(out) == metrics(uncut("auto"))
+    assert torch.equal(
+        Classifier.load(str(uncut("auto"))).logits(TEXTS), Classifier.load(str(out)).logits(TEXTS)
+    )
