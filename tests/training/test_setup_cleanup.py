@@ -41,6 +41,46 @@ def test_any_setup_failure_of_a_fresh_run_removes_its_directory(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("when", ["taking the lock", "after the lock"])
+def test_ctrl_c_just_after_the_directory_is_made_removes_it(
+    tiny_models, imdb_dir, tmp_path, monkeypatch, capsys, when
+):
+    """Ctrl-C between the folder's mkdir and the point where the run counts it as its own (a real
+    compare's Ctrl-C, sent as soon as the folder appears, landed there): the empty folder, lock file
+    and all, is removed as a later setup failure's would be, and the same command runs again."""
+    real_lock = RunDir.lock
+
+    def lock(self):
+        if when == "after the lock":
+            real_lock(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "lock", lock)
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out)) == 130
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1")) == 0
+
+
+def test_an_interrupted_setup_keeps_a_folder_another_process_holds(tmp_path):
+    """remove_if_empty leaves a folder whose lock another holder has, and one with anything else in it."""
+    held, other = RunDir(tmp_path / "held"), RunDir(tmp_path / "other")
+    held.path.mkdir()
+    held.lock()
+    try:
+        RunDir(held.path).remove_if_empty()
+        assert held.lock_path.is_file()
+    finally:
+        held.unlock()
+    other.path.mkdir()
+    (other.path / "config.yaml").write_text("x")
+    other.remove_if_empty()
+    assert (other.path / "config.yaml").is_file()
+    RunDir(held.path).remove_if_empty()  # no holder now: removed
+    assert not held.path.exists()
+
+
 def test_setup_failure_of_a_resumed_run_keeps_its_files_and_releases_the_lock(
     tiny_models, imdb_dir, tmp_path, monkeypatch
 ):

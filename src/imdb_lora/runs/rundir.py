@@ -176,6 +176,20 @@ class RunDir:
             self._lock_file.close()  # closing releases the flock
             self._lock_file = None
 
+    def remove_if_empty(self) -> None:
+        """Remove the folder if it holds nothing but its lock file, which no other process holds (a setup
+        stopped just after creating it); anything else in it, or another holder, keeps it."""
+        try:
+            if any(p != self.lock_path for p in self.path.iterdir()):
+                return
+            if self._lock_file is None and self.lock_path.exists():
+                self.lock()  # UserError when another process holds it: then it is theirs
+            self.lock_path.unlink(missing_ok=True)
+            self.unlock()
+            self.path.rmdir()
+        except (OSError, UserError):
+            self.unlock()
+
     def hand_over_lock(self) -> IO[str] | None:
         """The held lock's open file, now the caller's (closing it releases the lock): `--overwrite` keeps
         the old run locked while the new run, at the same path, takes a lock of its own."""

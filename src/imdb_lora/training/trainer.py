@@ -78,6 +78,7 @@ class Trainer:
         self.overwrite = overwrite
         self.resume = resume
         self.created = False  # whether this process created the run directory (removed if setup fails)
+        self.made_dir = False  # whether this process's mkdir made it (an empty one is removed too)
         self.replaced: Path | None = None  # the run --overwrite replaces, kept aside until setup succeeds
         # --overwrite: the old run's lock, held from the check until the new run holds its own, so that
         # no `train --resume` (or second --overwrite) starts on the old run while this one loads its data
@@ -245,6 +246,7 @@ class Trainer:
         try:
             run.path.parent.mkdir(parents=True, exist_ok=True)
             run.path.mkdir()
+            self.made_dir = True  # a stop before `created` below still removes it, if left empty
         except FileExistsError:
             pass  # an empty folder is used as it is; another process's run is found under the lock below
         except OSError as e:
@@ -343,6 +345,8 @@ class Trainer:
         """Setup failed: a fresh run leaves nothing behind; a resumed one keeps its files, unlocked."""
         if self.created:
             shutil.rmtree(self.run.path, ignore_errors=True)
+        elif self.made_dir:  # stopped between mkdir and `created` (Ctrl-C there): the folder, if still empty
+            self.run.remove_if_empty()
         if self.replaced is not None:
             try:
                 os.replace(self.replaced, self.run.path)
