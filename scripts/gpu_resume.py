@@ -21,15 +21,17 @@ the folder or file name is the same (another model is refused).
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import shutil
-import struct
 import sys
 import tarfile
 import zlib
 from pathlib import Path
+
+# the package's torch-free reader (gpu-checks.sh runs this with the checkout's src/ on PYTHONPATH): a
+# fresh `import torch` costs ~10 s on the GPU machine, right after a deadline
+from imdb_lora.training.progress import UnreadableProgress, read_progress
 
 PART_BYTES = 16 * 1024 * 1024  # the device's limit per file back from $OUT
 MAX_FILES = 8  # ... and per call
@@ -79,14 +81,6 @@ class Parts(io.RawIOBase):
         super().close()
 
 
-def checkpoint_progress(run: Path) -> dict:
-    """The progress record in checkpoint.safetensors's header (read without torch or safetensors)."""
-    with (run / "checkpoint.safetensors").open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return json.loads(header.get("__metadata__", {}).get("progress", "{}"))
-
-
 def place(progress: dict) -> str:
     """Where a checkpoint stands, in words."""
     epoch, step = progress.get("epoch"), progress.get("step_in_epoch")
@@ -105,7 +99,10 @@ def pack(run: Path, out: Path) -> tuple[int, str]:
     name = run.name
     if not (run / "checkpoint.safetensors").is_file() or not (run / "config.yaml").is_file():
         return 1, f"{name}: no resume state (no checkpoint.safetensors yet): nothing to bring back"
-    where = place(checkpoint_progress(run))
+    try:
+        where = place(read_progress(run / "checkpoint.safetensors"))
+    except UnreadableProgress as e:  # train --resume could not read it either
+        return 1, f"{name}: checkpoint unreadable ({e}): nothing to bring back"
     before = files_back(out)
     parts = Parts(out / f"{name}{SUFFIX}", PART_BYTES)
     with tarfile.open(fileobj=parts, mode="w|gz") as tar:
@@ -146,8 +143,12 @@ def restore(stage: Path, runs: Path, name: str, model: str, data: str) -> tuple[
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # a part missing or damaged
         shutil.rmtree(runs / name, ignore_errors=True)
         return 1, f"{name}: {len(paths)} staged part(s) unreadable ({type(e).__name__}: {e}): not used"
+    try:
+        where = place(read_progress(runs / name / "checkpoint.safetensors"))
+    except UnreadableProgress as e:  # trained afresh rather than failing at --resume
+        shutil.rmtree(runs / name, ignore_errors=True)
+        return 1, f"{name}: staged checkpoint unreadable ({e}): not used"
     moved = repath(runs / name / "config.yaml", model, data)
-    where = place(checkpoint_progress(runs / name))
     return 0, f"{name}: restored from {len(paths)} staged part(s) at {where}{moved}"
 
 
@@ -175,7 +176,7 @@ def repath(config: Path, model: str, data: str) -> str:
 def need(run: Path, seconds: int) -> int:
     """A whole run's seconds scaled to the epochs left (loading, ~30 s, is paid again in full)."""
     try:
-        done = len(checkpoint_progress(run).get("history", []))
+        done = len(read_progress(run / "checkpoint.safetensors").get("history", []))
         from imdb_lora.config import Config
 
         epochs = Config.load(run / "config.yaml", flag=None).train.epochs

@@ -6,6 +6,9 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -179,3 +182,57 @@ def test_a_run_cut_on_one_machine_finishes_on_another_as_if_never_cut(
         return [{k: v for k, v in json.loads(r).items() if not k.endswith("_seconds")} for r in lines]
 
     assert rows(new / "runs" / "cut") == rows(tmp_path / "straight")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[:5],  # cut inside the header's length
+        lambda b: (10**15).to_bytes(8, "little") + b[8:],  # a garbled length: not read as asked
+        lambda b: b[:8] + b"{not json" + b[17:],
+    ],
+)
+def test_a_damaged_checkpoint_is_said_in_one_line_and_not_carried(tmp_path, capsys, damage):
+    """The old reader ended pack and restore in a traceback (struct.error, a JSON error, or an attempt
+    to read a garbled length's petabytes), restore's after the run was put back."""
+    run = cut_run(tmp_path / "old", "/m/mpnet-fp32", "/d/aclImdb-labeled.tar.xz")
+    checkpoint = run / "checkpoint.safetensors"
+    checkpoint.write_bytes(damage(checkpoint.read_bytes()))
+    out = tmp_path / "OUT"
+    out.mkdir()
+    assert gpu_resume.main(["pack", str(run), str(out)]) == 1
+    line = capsys.readouterr().out
+    assert "checkpoint unreadable" in line and len(line.splitlines()) == 1 and not any(out.iterdir())
+
+    # staged as an earlier version packed it: not restored, so the run is trained afresh
+    with tarfile.open(out / "mpnet-default.resume.tgz.00", "w:gz") as tar:
+        for path in (p for p in run.rglob("*") if p.is_file()):
+            tar.add(path, arcname=f"mpnet-default/{path.relative_to(run)}")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert gpu_resume.main(["restore", str(out), str(runs), "mpnet-default", "/m/mpnet-fp32", "/d/x"]) == 1
+    line = capsys.readouterr().out
+    assert "staged checkpoint unreadable" in line and len(line.splitlines()) == 1 and not any(runs.iterdir())
+    assert gpu_resume.need(run, 370) == 370  # the whole run's time, as before
+
+
+def test_pack_and_need_run_without_torch(tmp_path):
+    """As gpu-checks.sh runs the script (from the checkout's root, its src/ on PYTHONPATH): torch is never
+    imported (~10 s on the GPU machine, right after a deadline), nor safetensors."""
+    root = SCRIPT.parents[1]
+    run = cut_run(tmp_path / "runs", "/m/mpnet-fp32", "/d/aclImdb-labeled.tar.xz", epochs_done=2)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    for args, said in (
+        (["pack", str(run), str(out)], "resume state back as"),
+        (["need", str(run), "370"], "144"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", str(SCRIPT), *args],
+            cwd=root, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0 and said in done.stdout, done.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert "imdb_lora.training.progress" in imported
+        assert not {m for m in imported if m.split(".")[0] in ("torch", "safetensors", "numpy")}

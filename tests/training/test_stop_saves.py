@@ -17,7 +17,7 @@ from imdb_lora.cli import main
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.runs.rundir import RunDir
 from imdb_lora.training import checkpoint
-from imdb_lora.training.checkpoint import saved_step
+from imdb_lora.training.progress import saved_step
 from imdb_lora.training.trainer import Trainer
 
 TEXTS = ["great wonderful film", "awful boring waste", "the plot was dull and poor", "loved it. brilliant"]

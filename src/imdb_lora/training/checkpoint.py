@@ -77,15 +77,6 @@ def save_checkpoint(
         raise
 
 
-def saved_step(path: Path) -> int | None:
-    """The global step of the checkpoint at `path` (its header alone is read), or None if unreadable."""
-    try:
-        with safe_open(path, "pt") as f:
-            return int(json.loads((f.metadata() or {})["progress"])["global_step"])
-    except Exception:  # noqa: BLE001 - missing, or not a checkpoint: the caller says what it knows
-        return None
-
-
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[Progress, dict[str, torch.Tensor]]:

@@ -47,11 +47,12 @@ from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
 from ..runs.report import write_reports
 from ..runs.rundir import RunDir, atomic_write_text, require_creatable
-from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint, saved_step
+from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import Dist
 from .ema import Ema
 from .graphs import CapturedSteps, make_optimizer
 from .posthoc import after_training, load_eval_files
+from .progress import saved_step
 from .schedule import epoch_order, lr_at
 from .step import train_step
 from .stopping import StopAtStepBoundary
