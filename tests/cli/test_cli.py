@@ -60,7 +60,7 @@ def test_predict_prints_a_long_stream_chunk_by_chunk(trained_run, capsys, monkey
     """predict held every text's token ids, predictions and output until the last text was computed: a
     stream of 50,000 reviews grew its memory with every review (and printed nothing until the end). Now
     it computes and prints a chunk at a time, with the same output as one pass."""
-    from imdb_lora.cli import predict
+    from imdb_lora.cli import chunks
     from imdb_lora.inference.classifier import Classifier
 
     texts = ["great " * n + "film" for n in (1, 30, 3, 12, 7)]
@@ -72,7 +72,7 @@ def test_predict_prints_a_long_stream_chunk_by_chunk(trained_run, capsys, monkey
             calls.append((len(chunk), capsys.readouterr().out))  # what was printed before this chunk
             return classify(self, chunk, *args, **kw)
 
-        monkeypatch.setattr(predict, "CHUNK", 2)
+        monkeypatch.setattr(chunks, "CHUNK", 2)
         monkeypatch.setattr(Classifier, "predict", one_chunk)
         code, rest, _ = run(capsys, "predict", str(trained_run), *texts, flag)
         monkeypatch.undo()

@@ -45,7 +45,7 @@ def inputs(tmp_path):
 def test_predict_output_is_the_same_whatever_the_chunk(trained_run, tmp_path, capsys, monkeypatch):
     """Chunks of 3 texts give byte for byte what one chunk gives, in both formats, for every kind of
     --file and for stdin; and the texts are the lines the old whole-file reading gave."""
-    from imdb_lora.cli import predict
+    from imdb_lora.cli import chunks
 
     plain, jsonl, csv = inputs(tmp_path)
     expected = [t for t in PLAIN.removeprefix("\ufeff").splitlines() if t.strip()]
@@ -55,7 +55,7 @@ def test_predict_output_is_the_same_whatever_the_chunk(trained_run, tmp_path, ca
         for flags in (["--json"], []):
             outs = []
             for chunk in (10_000, 3):
-                monkeypatch.setattr(predict, "CHUNK", chunk)
+                monkeypatch.setattr(chunks, "CHUNK", chunk)
                 if source == "stdin":
                     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PLAIN.encode()), "utf-8"))
                     args = []
@@ -93,9 +93,9 @@ class FailingStdin:
 
 
 def test_predict_prints_a_chunk_before_reading_the_next(trained_run, capsys, monkeypatch):
-    from imdb_lora.cli import predict
+    from imdb_lora.cli import chunks
 
-    monkeypatch.setattr(predict, "CHUNK", 2)
+    monkeypatch.setattr(chunks, "CHUNK", 2)
     monkeypatch.setattr(sys, "stdin", FailingStdin(4))
     with pytest.raises(Boom):
         main(["predict", str(trained_run), "--json"])
@@ -106,7 +106,7 @@ def test_predict_prints_a_chunk_before_reading_the_next(trained_run, capsys, mon
 def test_predict_from_a_pipe_answers_before_the_pipe_ends(trained_run, tmp_path, capsys, monkeypatch):
     """A --file pipe: the first chunk is predicted while the writer still holds the pipe open (the old
     predict waited for its end, so a producer that waits for answers never got one)."""
-    from imdb_lora.cli import predict
+    from imdb_lora.cli import chunks
     from imdb_lora.inference.classifier import Classifier
 
     fifo = tmp_path / "texts.fifo"
@@ -125,7 +125,7 @@ def test_predict_from_a_pipe_answers_before_the_pipe_ends(trained_run, tmp_path,
         predicted.set()
         return classify(self, *args, **kw)
 
-    monkeypatch.setattr(predict, "CHUNK", 2)
+    monkeypatch.setattr(chunks, "CHUNK", 2)
     monkeypatch.setattr(Classifier, "predict", noting)
     t = threading.Thread(target=writer)
     t.start()
@@ -142,9 +142,9 @@ def test_predict_from_a_pipe_answers_before_the_pipe_ends(trained_run, tmp_path,
 def test_predict_names_a_bad_line_of_a_later_chunk(trained_run, tmp_path, capsys, monkeypatch):
     """An error past the first chunk still names its line (or its text's place); the chunks before it
     were printed (the one that holds it is read whole, and one text more, before it is computed)."""
-    from imdb_lora.cli import predict
+    from imdb_lora.cli import chunks
 
-    monkeypatch.setattr(predict, "CHUNK", 2)
+    monkeypatch.setattr(chunks, "CHUNK", 2)
     cases = [
         ("in.jsonl", "".join(json.dumps({"text": f"film {i}"}) + "\n" for i in range(4)).encode() + b"{oops\n",
          "in.jsonl line 5 is not JSON"),
@@ -199,12 +199,12 @@ def labeled(tmp_path, n: int = 11):
 
 
 def test_evaluate_file_is_the_same_whatever_the_chunk(trained_run, tmp_path, capsys, monkeypatch):
-    from imdb_lora.cli import evaluate
+    from imdb_lora.cli import chunks
 
     f = labeled(tmp_path)
     results, errors = [], []
     for chunk in (10_000, 3):
-        monkeypatch.setattr(evaluate, "CHUNK", chunk)
+        monkeypatch.setattr(chunks, "CHUNK", chunk)
         out_dir = tmp_path / f"errors-{chunk}"
         code, out, err = run(
             capsys, "evaluate", str(trained_run), "--file", str(f), "--json", "--errors", "4",

@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError, cannot_write, make_room, write_failure
 from ..runs.rundir import atomic_write_text, require_creatable
+from .chunks import chunks
 from .common import (
     add_base_model_flag,
     add_batch_size_flag,
@@ -147,7 +147,7 @@ def _evaluate_split(ns: argparse.Namespace) -> int:
 
 def _evaluate_files(ns: argparse.Namespace) -> int:
     # Every file is read and checked, and every errors path checked, before the model loads: mistakes
-    # fail at once. Only labels and line numbers are kept: the texts are read again, CHUNK at a time.
+    # fail at once. Only labels and line numbers are kept: the texts are read again, a chunk at a time.
     data = [LabeledFile.read(f, ns.text_column, ns.label_column) for f in ns.files]
     errors_paths = _errors_paths(ns) if ns.errors else [None] * len(ns.files)
     clf = _load(ns)
@@ -155,11 +155,6 @@ def _evaluate_files(ns: argparse.Namespace) -> int:
         result = _evaluate_file(clf, ns, path, part, errors_path)
         print(json.dumps(result) if ns.json else _file_text(result))
     return 0
-
-
-# Texts tokenized and computed at a time: a file's token ids never all live at once (a 1 GB file's
-# took gigabytes), as predict's.
-CHUNK = 2048
 
 
 @dataclass
@@ -214,24 +209,18 @@ class LabeledFile:
 
 
 def _file_logits(clf, ns: argparse.Namespace, part: LabeledFile, desc: str) -> torch.Tensor:
-    """Calibrated logits of every row of a file, computed CHUNK texts at a time."""
+    """Calibrated logits of every row of a file, computed a chunk of texts at a time."""
     import torch
     from tqdm.auto import tqdm
 
     out = torch.empty((len(part), 2), dtype=torch.float32)
     with tqdm(total=len(part), desc=desc, unit="review", leave=False) as bar:
         start = 0
-        for chunk in _batched((text for _, text in part.texts()), CHUNK):
+        for chunk, _ in chunks(text for _, text in part.texts()):
             logits = clf.logits(chunk, ns.batch_size, bar, window_stride=ns.window_stride)
             out[start : start + len(chunk)] = logits
             start += len(chunk)
     return out
-
-
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
 
 
 def _errors_paths(ns: argparse.Namespace) -> list[Path]:

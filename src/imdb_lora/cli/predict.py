@@ -7,10 +7,11 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import UserError
+from .chunks import chunks
 from .common import (
     add_base_model_flag,
     add_batch_size_flag,
@@ -21,10 +22,6 @@ from .common import (
     path_arg,
     require_directories,
 )
-
-# Texts computed and printed at a time: enough for length-sorted micro-batches to pad little, few enough
-# that their token ids and results stay a few MB.
-CHUNK = 2048
 
 
 def add_predict_parser(sub) -> None:
@@ -64,8 +61,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     # A chunk at a time, read, computed and printed before the next is read: a long stream's texts,
     # token ids, predictions and output never all live at once, and the first results come early. The
     # first chunk is read before the model loads, so a short input's mistakes fail at once.
-    chunks = _chunks(_argument_texts(ns.texts) if ns.texts else reader)
-    first, done = next(chunks, ([], True))
+    rest = chunks(_argument_texts(ns.texts) if ns.texts else reader)
+    first, done = next(rest, ([], True))
     if done:  # all of it read: said before the predictions, as it always was
         _note_blank(reader, ns)
     if not first:
@@ -81,7 +78,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     # on stderr, as serve says it: stdout holds the predictions alone (--json, pipes)
     print(f"loaded {ns.run}: {clf.describe()}", file=sys.stderr, flush=True)
     start = 0
-    for texts, last in itertools.chain([(first, done)], chunks):
+    for texts, last in itertools.chain([(first, done)], rest):
         check_texts(texts, start)  # each text named by its place in the whole input
         preds = clf.predict(texts, ns.batch_size, window_stride=ns.window_stride)
         if ns.json:
@@ -92,18 +89,6 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         if last and not done:  # a long input: its skipped blank lines are known at its end only
             _note_blank(reader, ns)
     return 0
-
-
-def _chunks(texts: Iterable[str]) -> Iterator[tuple[list[str], bool]]:
-    """(up to CHUNK texts, whether they are the last), read as they are asked for."""
-    it = iter(texts)
-    chunk = list(itertools.islice(it, CHUNK))
-    while chunk:
-        peek = next(it, None)  # one text ahead: whether this chunk is the last
-        yield chunk, peek is None
-        if peek is None:
-            return
-        chunk = [peek, *itertools.islice(it, CHUNK - 1)]
 
 
 def _note_blank(reader, ns: argparse.Namespace) -> None:
