@@ -250,3 +250,13 @@ def test_evaluate_holds_the_labels_of_a_file_not_its_texts(tmp_path):
     part = LabeledFile.read(str(fifo), "text", "label")
     t.join()
     assert part.held == ["great"] and list(part.texts()) == [(0, "great")]
+
+
+def test_evaluate_file_shows_its_checking_pass(trained_run, tmp_path, capsys):
+    """The pass that checks every row before the model loads had no bar: a big file was silent there
+    (~2 s per 100,000 reviews); it now draws one on stderr, named by the file, gone when done."""
+    f = labeled(tmp_path, 7)
+    code, out, err = run(capsys, "evaluate", str(trained_run), "--file", str(f), "--json")
+    assert code == 0 and json.loads(out)["rows"] == 7
+    assert "check labeled.jsonl: 0review" in err  # drawn at once, then every 0.1 s as the scoring bar
+    assert err.index("check labeled.jsonl") < err.index("evaluate labeled.jsonl")

@@ -148,7 +148,7 @@ def _evaluate_split(ns: argparse.Namespace) -> int:
 def _evaluate_files(ns: argparse.Namespace) -> int:
     # Every file is read and checked, and every errors path checked, before the model loads: mistakes
     # fail at once. Only labels and line numbers are kept: the texts are read again, a chunk at a time.
-    data = [LabeledFile.read(f, ns.text_column, ns.label_column) for f in ns.files]
+    data = [LabeledFile.read(f, ns.text_column, ns.label_column, f"check {Path(f).name}") for f in ns.files]
     errors_paths = _errors_paths(ns) if ns.errors else [None] * len(ns.files)
     clf = _load(ns)
     for path, part, errors_path in zip(ns.files, data, errors_paths):
@@ -170,15 +170,21 @@ class LabeledFile:
     held: list[str] | None = None
 
     @classmethod
-    def read(cls, path: str, text_column: str, label_column: str) -> LabeledFile:
+    def read(cls, path: str, text_column: str, label_column: str, desc: str | None = None) -> LabeledFile:
+        """`desc`: a progress bar's, on stderr as the scoring pass's: this pass, before the model loads,
+        was silent (1.5-2.5 s per 100,000 IMDB reviews on 2 cores; a 1 GB file or several, far more)."""
+        from tqdm.auto import tqdm
+
         part = cls(path, text_column, label_column)
         if not Path(path).expanduser().is_file():
             part.held = []
-        for n, text, y in part._rows():
-            part.labels.append(y)
-            part.lines.append(n)
-            if part.held is not None:
-                part.held.append(text)
+        # closed on an error too, before its one line (else drawn again below it at exit)
+        with tqdm(part._rows(), desc=desc, unit="review", leave=False, disable=desc is None) as rows:
+            for n, text, y in rows:
+                part.labels.append(y)
+                part.lines.append(n)
+                if part.held is not None:
+                    part.held.append(text)
         return part
 
     def _rows(self) -> Iterator[tuple[int, str, int]]:
