@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -120,6 +121,7 @@ def batched_logits(
     progress=None,
     packed: bool | str = False,
     max_tokens: int | None = None,
+    after_batch: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """fp32 logits for token-id sequences, in input order.
 
@@ -130,6 +132,8 @@ def batched_logits(
     Flat: consecutive reviews up to FLAT_EVAL_ROW_TOKENS tokens per row on CUDA (batch_size x
     FLAT_EVAL_TOKENS_PER_REVIEW elsewhere), with the LoRA adapters merged into the base weights for the
     pass (merge.merged_lora, restored after).
+    after_batch: called after each batch; what it raises ends the pass (the trainer's stop on Ctrl-C or
+    SIGTERM), the merged LoRA restored and the model back in its mode.
     """
     path = path_name(packed)
     was_training = model.training
@@ -144,13 +148,17 @@ def batched_logits(
         batches = token_budget_batches(lengths, batch_size, max_tokens)
     else:
         batches = length_sorted_batches(lengths, batch_size)
-    with merged_lora(model) if path == "flat" else nullcontext():
-        parts = []  # kept on the device until the end: one copy back instead of a sync per batch
-        for idx in batches:
-            parts.append(forward_logits(model, [seqs[i] for i in idx], pad_id, device, path).float())
-            if progress is not None:
-                progress.update(len(idx))
+    try:
+        with merged_lora(model) if path == "flat" else nullcontext():
+            parts = []  # kept on the device until the end: one copy back instead of a sync per batch
+            for idx in batches:
+                parts.append(forward_logits(model, [seqs[i] for i in idx], pad_id, device, path).float())
+                if progress is not None:
+                    progress.update(len(idx))
+                if after_batch is not None:
+                    after_batch()
+    finally:
+        model.train(was_training)
     if parts:
         out[torch.tensor([i for idx in batches for i in idx])] = torch.cat(parts).cpu()
-    model.train(was_training)
     return out

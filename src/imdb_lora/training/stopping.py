@@ -1,17 +1,29 @@
-"""Ctrl-C or SIGTERM during the training loop: the step in flight finishes, a checkpoint is written at
-that step boundary, and only then does the run stop (with the exception the signal raised before).
+"""Ctrl-C or SIGTERM during an epoch (its steps, its evaluation, its end-of-epoch checkpoint): the work
+reaches a boundary where a resume checkpoint can be written, it is written, and only then does the run
+stop (with the exception the signal raised before).
+
+- During the steps: the step in flight finishes and the checkpoint is written at that step.
+- During the epoch's evaluation (validation, test, the moving average's passes): the pass stops after
+  its batch in flight (`check()` raises `StopRequested` there, so the LoRA merge and the moving average
+  swapped in for the pass are undone by their own `finally` before anything is saved) and the
+  checkpoint of the epoch's steps is written: all steps done, the epoch's row not yet recorded, the raw
+  trained weights; `--resume` redoes the evaluation.
+- Once the evaluation is over (the best adapter, the epoch's row, the end-of-epoch checkpoint): that
+  work finishes (it is short) and the run stops with the end-of-epoch checkpoint.
 
 Before, the signal raised where the loop stood and the run kept its last periodic checkpoint, losing
-up to `checkpoint_every` steps (scripts/gpu-checks.sh stops a cut training by SIGTERM: those steps were
-GPU time). A second Ctrl-C while the step finishes or the checkpoint is written stops at once, as the
-first did before (the last checkpoint stays: checkpoint writes are atomic). A second SIGTERM is ignored,
-as the CLI ignores it (a process group's members each get one; compare passes its own on to its
-training child); SIGKILL still ends it.
+up to `checkpoint_every` steps, and a signal during the evaluation lost the whole epoch's steps
+(scripts/gpu-checks.sh stops a cut training by SIGTERM: those steps were GPU time). A second Ctrl-C
+while the work finishes or the checkpoint is written stops at once, as the first did before (the last
+checkpoint stays: checkpoint writes are atomic). A second SIGTERM is ignored, as the CLI ignores it (a
+process group's members each get one; compare passes its own on to its training child); SIGKILL still
+ends it.
 
-Only one process decides here: under torchrun the ranks would see the signal at different step
-boundaries and one would wait in a collective the others never reach, so a data-parallel run keeps the
-old behaviour (the trainer does not use this there). A signal the process does not take (SIGINT ignored
-by a background job, SIGTERM at its default outside the CLI) is left as it is.
+Only one process decides here: under torchrun the ranks would see the signal at different step (or
+evaluation batch) boundaries and one would wait in a collective the others never reach, so a
+data-parallel run keeps the old behaviour (the trainer does not use this there). A signal the process
+does not take (SIGINT ignored by a background job, SIGTERM at its default outside the CLI) is left as
+it is.
 """
 
 from __future__ import annotations
@@ -24,15 +36,24 @@ from types import TracebackType
 from ..errors import Terminated
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STEPS = "finishing the step in flight and saving a checkpoint there"  # what the first signal's line says
+
+
+class StopRequested(BaseException):
+    """Raised by `check()` at a boundary inside the work (an evaluation batch) once a stop is requested:
+    the caller catches it, saves, and raises `exception()`. A BaseException, so that no `except
+    Exception` on the way mistakes it for a failure."""
 
 
 class StopAtStepBoundary:
-    """A context around the step loop: the first SIGINT or SIGTERM only sets `requested`; the loop
+    """A context around the training loop: the first SIGINT or SIGTERM only sets `requested`; the loop
     saves and then raises `exception()`. A request the loop has not acted on when the context ends
-    (one that came after its last check) is raised on leaving, as the signal would have raised it."""
+    (one that came after its last check) is raised on leaving, as the signal would have raised it.
+    `doing` is what the first signal's line says will happen (the loop sets it as it moves on)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
+        self.doing = STEPS
         self.signum: int | None = None
         self.acted = False
         self.previous: dict[int, object] = {}
@@ -45,6 +66,11 @@ class StopAtStepBoundary:
         """What the signal raised before (the CLI turns it into the stop line and the exit status)."""
         self.acted = True
         return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def check(self) -> None:
+        """A boundary inside the work: raise StopRequested if a stop is waiting there."""
+        if self.requested and not self.acted:
+            raise StopRequested
 
     def __enter__(self) -> StopAtStepBoundary:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
@@ -61,8 +87,7 @@ class StopAtStepBoundary:
             # os.write, not print: a handler runs between any two bytecodes, a progress bar's write too
             os.write(
                 2,
-                f"\nimdb-lora: {name}: finishing the step in flight and saving a checkpoint there, then "
-                "stopping (Ctrl-C again stops at once)\n".encode(),
+                f"\nimdb-lora: {name}: {self.doing}, then stopping (Ctrl-C again stops at once)\n".encode(),
             )
             return
         if signum == signal.SIGINT:  # a second Ctrl-C: at once, the last checkpoint kept
@@ -79,5 +104,7 @@ class StopAtStepBoundary:
             stopping_by_sigterm = sig == signal.SIGTERM and self.signum == signal.SIGTERM
             signal.signal(sig, signal.SIG_IGN if stopping_by_sigterm else handler)  # type: ignore[arg-type]
         self.previous.clear()
+        if exc_type is StopRequested:  # a check no caller acted on: the stop all the same, without a save
+            raise self.exception() from None
         if exc_type is None and self.requested and not self.acted:
             raise self.exception()

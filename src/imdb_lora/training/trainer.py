@@ -7,9 +7,10 @@ fresh run removes what it created. train() is the loop: steps, evaluation at eac
 checkpoint kept by validation accuracy, and the reports.
 
 Resumable by construction: everything the loop's future depends on is in checkpoint.safetensors,
-written every `checkpoint_every` steps, at each epoch's end and at the step where Ctrl-C or SIGTERM
-stopped the loop (stopping.py), and the data order of an epoch is a function of (seed, epoch) alone,
-so a resumed run takes exactly the steps an uninterrupted one takes.
+written every `checkpoint_every` steps, at each epoch's end and where Ctrl-C or SIGTERM stopped the
+loop (stopping.py: at the step reached, or with the epoch's steps done when the stop came during its
+evaluation), and the data order of an epoch is a function of (seed, epoch) alone, so a resumed run
+takes exactly the steps an uninterrupted one takes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,7 +57,7 @@ from .posthoc import after_training, load_eval_files
 from .progress import saved_step
 from .schedule import epoch_order, lr_at
 from .step import train_step
-from .stopping import StopAtStepBoundary
+from .stopping import STEPS, StopAtStepBoundary, StopRequested
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
 
@@ -367,9 +369,15 @@ class Trainer:
                 restore_rng(self._rng, self.device)
             self.model.train()
             start = time.time()
-            while st.epoch <= cfg.epochs:
-                self._train_epoch()
-                self._end_epoch()
+            # The first Ctrl-C or SIGTERM in an epoch lets the work reach a point where a checkpoint
+            # can be written, writes it, then stops (stopping.py). One process only: under torchrun the
+            # ranks could see the signal at different steps or evaluation batches, and one would wait
+            # in a collective (the gradients' all-reduce, the evaluation's sums, the checkpoint's RNG
+            # gather) that the others never reach; a data-parallel run stops at once, as before.
+            with StopAtStepBoundary(enabled=not self.dist.enabled) as stop:
+                while st.epoch <= cfg.epochs:
+                    self._train_epoch(stop)
+                    self._end_epoch(stop)
             if not self.dist.main:  # data-parallel: rank 0 calibrates and reports alone
                 return self._summary(wall_seconds=time.time() - start)
             post = after_training(self)  # calibration and --eval-file report, on the kept checkpoint
@@ -410,7 +418,7 @@ class Trainer:
             shutil.rmtree(run.path, ignore_errors=True)
         return f"no checkpoint had been written yet, so there is nothing to resume; {run.path} was removed"
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self, stop: StopAtStepBoundary) -> None:
         cfg, st = self.cfg.train, self.state
         order = epoch_order(len(self.train_ids), cfg.seed, st.epoch)
         size = self.global_batch  # each rank trains on its shard of every batch (_step)
@@ -437,35 +445,31 @@ class Trainer:
                 bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
 
         t0 = time.time()
-        # The first Ctrl-C or SIGTERM lets the step in flight finish and saves there (one process only:
-        # under torchrun the ranks could see it at different steps; see stopping.py)
-        stop = StopAtStepBoundary(enabled=not self.dist.enabled)
+        stop.doing = STEPS  # the first Ctrl-C or SIGTERM lets the step in flight finish and saves there
         try:  # the bar is cleared before an interruption's message, not after it, at exit
-            with stop:
-                for idx in batches[st.step_in_epoch :]:
-                    pending.append(self._step(idx))
-                    st.seen += len(idx)
-                    st.step_in_epoch += 1
-                    st.global_step += 1
-                    bar.update(1)
-                    if len(pending) >= POSTFIX_EVERY:
-                        flush()
-                    mid_epoch = st.step_in_epoch < len(batches)
-                    if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
-                        flush()
-                        st.epoch_train_seconds += time.time() - t0
-                        t0 = time.time()
-                        self._save_checkpoint()
-                    self._after_step()
-                    if stop.requested:
-                        break
-                flush()
-                if stop.requested:  # at a step boundary: the resume checkpoint of the step reached
+            for idx in batches[st.step_in_epoch :]:
+                pending.append(self._step(idx))
+                st.seen += len(idx)
+                st.step_in_epoch += 1
+                st.global_step += 1
+                bar.update(1)
+                if len(pending) >= POSTFIX_EVERY:
+                    flush()
+                mid_epoch = st.step_in_epoch < len(batches)
+                if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
+                    flush()
                     st.epoch_train_seconds += time.time() - t0
                     t0 = time.time()
-                    if self.checkpoint_step != st.global_step:
-                        self._save_checkpoint()
-                    raise stop.exception()
+                    self._save_checkpoint()
+                self._after_step()
+                if stop.requested:
+                    break
+            flush()
+            if stop.requested:  # at a step boundary: the resume checkpoint of the step reached
+                st.epoch_train_seconds += time.time() - t0
+                t0 = time.time()
+                self._save_checkpoint_once()
+                raise stop.exception()
         finally:
             bar.close()
         st.epoch_train_seconds += time.time() - t0
@@ -511,10 +515,43 @@ class Trainer:
     def _after_step(self) -> None:
         """Hook after each optimizer step and its checkpoint (tests use it to simulate a crash)."""
 
-    def _end_epoch(self) -> None:
-        st, cfg = self.state, self.cfg.train
+    def _end_epoch(self, stop: StopAtStepBoundary) -> None:
+        """The epoch's evaluation, then its record (best adapter, row, end-of-epoch checkpoint).
+
+        A stop is taken in two ways, so that the checkpoint left always matches a state the loop was
+        in: during the evaluation, which changes nothing, the pass stops after its batch in flight and
+        the checkpoint of the epoch's steps is written (the evaluation is redone on --resume); once the
+        record has begun (the adapter replaced, the row appended: the state has moved on), the record
+        is finished up to the end-of-epoch checkpoint (a few writes) and the run stops there, so no
+        epoch is evaluated or appended twice."""
         t0 = time.time()
-        val_loss, val_acc = self.evaluate(self.val_ids, self.val_y, "validation")
+        stop.doing = (
+            "ending the evaluation after its batch in flight and keeping a checkpoint of the epoch's steps"
+        )
+        try:
+            row, weights, score = self._evaluate_epoch(stop.check)
+        except StopRequested:
+            self._save_checkpoint_once()
+            raise stop.exception() from None
+        stop.doing = "finishing the epoch's record and its checkpoint"
+        self._record_epoch(row, weights, score, t0)
+        if stop.requested:
+            raise stop.exception()
+
+    def _save_checkpoint_once(self) -> None:
+        """The resume checkpoint of where the loop stands, unless the last one is already there (a stop
+        in an epoch's last step, or a resume from one, then a stop in its evaluation)."""
+        if self.checkpoint_step != self.state.global_step:
+            self._save_checkpoint()
+
+    def _evaluate_epoch(self, check: Callable[[], None]) -> tuple[dict[str, Any], str, float]:
+        """The epoch's row of figures, the weights that won (raw or ema) and their score. Changes no
+        state, so a stop here (`check` raising after a batch) loses nothing but the evaluation: the
+        LoRA merged for a flat pass (merge.merged_lora) and the average swapped in (Ema.applied) are
+        undone by their `finally` as the stop leaves them, and since the first signal only sets a flag,
+        nothing can raise in the middle of those swaps; the checkpoint then holds the raw weights."""
+        st, cfg = self.state, self.cfg.train
+        val_loss, val_acc = self.evaluate(self.val_ids, self.val_y, "validation", check)
         self._check_diverged("validation", val_loss)  # a last step's update can ruin the weights alone
         row = {
             "epoch": st.epoch,
@@ -524,19 +561,32 @@ class Trainer:
             "val_accuracy": val_acc,
         }
         if cfg.eval_test_each_epoch:
-            row["test_loss"], row["test_accuracy"] = self.evaluate(self.test_ids, self.test_y, "test")
+            row["test_loss"], row["test_accuracy"] = self.evaluate(self.test_ids, self.test_y, "test", check)
         weights, score = "raw", val_acc
         if self.ema is not None:  # the average beside the raw weights; kept only if strictly better
             with self.ema.applied():
                 row["ema_val_loss"], row["ema_val_accuracy"] = self.evaluate(
-                    self.val_ids, self.val_y, "validation (EMA)"
+                    self.val_ids, self.val_y, "validation (EMA)", check
                 )
-            if row["ema_val_accuracy"] > val_acc:
-                weights, score = "ema", row["ema_val_accuracy"]
-            row["weights"] = weights
+                if row["ema_val_accuracy"] > val_acc:
+                    weights, score = "ema", row["ema_val_accuracy"]
+                row["weights"] = weights
+                # the test split is read for the average only when it is what will be saved (the raw
+                # weights' test figures are in every row already)
+                if weights == "ema" and score > st.best_val_accuracy and cfg.eval_test_each_epoch:
+                    row["ema_test_loss"], row["ema_test_accuracy"] = self.evaluate(
+                        self.test_ids, self.test_y, "test (EMA)", check
+                    )
+        check()  # a stop after the last batch (during the sums) is still one during the evaluation
+        return row, weights, score
+
+    def _record_epoch(self, row: dict[str, Any], weights: str, score: float, t0: float) -> None:
+        """The best adapter, the epoch's row, the end-of-epoch checkpoint: a stop meanwhile waits for
+        the checkpoint (a resume from any earlier one would evaluate this epoch again)."""
+        st = self.state
         if score > st.best_val_accuracy:  # strictly better: ties keep the earlier, cheaper epoch
             st.best_val_accuracy, st.best_epoch, st.best_weights = score, st.epoch, weights
-            self._save_weights(row, weights)
+            self._save_weights(weights)
         row["train_seconds"] = st.epoch_train_seconds
         row["eval_seconds"] = time.time() - t0
         row["lr_end"] = float(self.optimizer.param_groups[0]["lr"])  # a tensor for captured steps
@@ -565,28 +615,31 @@ class Trainer:
             flush=True,
         )
 
-    def _save_weights(self, row: dict[str, Any], weights: str) -> None:
-        """Save the epoch's winning weights; the test split is read for the average only when it is
-        what is saved (the raw weights' test figures are in every row already). Evaluation is collective
-        when data-parallel (every rank takes part); writing is rank 0's."""
+    def _save_weights(self, weights: str) -> None:
+        """Save the epoch's winning weights (rank 0's: nothing is evaluated here)."""
+        if not self.dist.main:
+            return
         if weights == "raw":
-            if self.dist.main:
-                self.run.save_weights(self.model, self.cfg.train.method)
+            self.run.save_weights(self.model, self.cfg.train.method)
             return
         with self.ema.applied():
-            if self.cfg.train.eval_test_each_epoch:
-                row["ema_test_loss"], row["ema_test_accuracy"] = self.evaluate(
-                    self.test_ids, self.test_y, "test (EMA)"
-                )
-            if self.dist.main:
-                self.run.save_weights(self.model, self.cfg.train.method)
+            self.run.save_weights(self.model, self.cfg.train.method)
 
-    def evaluate(self, seqs: list[list[int]], labels: list[int], name: str) -> tuple[float, float]:
+    def evaluate(
+        self,
+        seqs: list[list[int]],
+        labels: list[int],
+        name: str,
+        after_batch: Callable[[], None] | None = None,
+    ) -> tuple[float, float]:
         """Loss and accuracy over the whole split (each rank evaluates its shard when data-parallel)."""
         seqs, labels = self.dist.shard(seqs), self.dist.shard(labels)
-        return self.dist.loss_and_accuracy(self.eval_logits(seqs, name), labels)
+        return self.dist.loss_and_accuracy(self.eval_logits(seqs, name, after_batch), labels)
 
-    def eval_logits(self, seqs: list[list[int]], name: str) -> torch.Tensor:
+    def eval_logits(
+        self, seqs: list[list[int]], name: str, after_batch: Callable[[], None] | None = None
+    ) -> torch.Tensor:
+        """`after_batch`: called after each batch; what it raises ends the pass (a stop, see _end_epoch)."""
         bar = tqdm(
             total=len(seqs),
             desc=f"eval {name}",
@@ -595,17 +648,19 @@ class Trainer:
             dynamic_ncols=True,
             disable=not self.dist.main,
         )
-        logits = batched_logits(
-            self.model,
-            seqs,
-            self.tokenizer.pad_token_id,
-            self.cfg.train.eval_batch_size,
-            self.device,
-            bar,
-            packed=self.eval_path,
-        )
-        bar.close()
-        return logits
+        try:  # cleared before a stop's message, not after it, at exit
+            return batched_logits(
+                self.model,
+                seqs,
+                self.tokenizer.pad_token_id,
+                self.cfg.train.eval_batch_size,
+                self.device,
+                bar,
+                packed=self.eval_path,
+                after_batch=after_batch,
+            )
+        finally:
+            bar.close()
 
     def _save_checkpoint(self) -> None:
         others = self.dist.gather_rng(self.device)  # collective: every rank takes part
