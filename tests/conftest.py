@@ -11,7 +11,10 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +24,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # pytest-xdist's controller runs no test: importing torch here (~4 s) delays the workers
     import torch
 
     torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core machine
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A pytest-xdist worker has sent every report by now; what is left is the interpreter's teardown of
+    torch, transformers, peft and the session's objects (2-5 s, while the controller waits). Skipped,
+    unless coverage is measuring (it writes its data at exit)."""
+    if "PYTEST_XDIST_WORKER" in os.environ and "coverage" not in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -153,20 +169,42 @@ def build_tiny(kind: str, dest: Path, layers: int = TINY["num_hidden_layers"]) -
     return dest
 
 
+def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder built once per test session and read by every pytest-xdist worker: under the workers'
+    common temporary root, built by the first worker to ask, behind a file lock (pytest-xdist's
+    documented pattern for session fixtures). Without xdist, a folder of the session's own. What it
+    holds is shared: a test that changes it must work on a copy (trained_run checks this)."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    dest = root / "shared" / name
+    done = dest.parent / f"{dest.name}.done"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{dest.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # closing the file releases it
+        if not done.exists():
+            if dest.exists():  # a worker failed half-way through building it
+                shutil.rmtree(dest)
+            build(dest)
+            done.touch()
+    return dest
+
+
 @pytest.fixture(scope="session")
 def imdb_dir(tmp_path_factory) -> Path:
-    return write_imdb(tmp_path_factory.mktemp("data"))
+    return shared_folder(tmp_path_factory, "data", write_imdb) / "aclImdb"
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """kind -> folder, built once per session."""
-    root = tmp_path_factory.mktemp("models")
+    """kind -> folder, built once per session (shared by the xdist workers)."""
     cache: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
         if kind not in cache:
-            cache[kind] = build_tiny(kind, root / kind)
+            cache[kind] = shared_folder(tmp_path_factory, f"models/{kind}", lambda d: build_tiny(kind, d))
         return cache[kind]
 
     return get
@@ -213,11 +251,27 @@ def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """relative path -> (mtime, size, mode) of a folder and everything in it."""
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size, p.stat().st_mode)
+        for p in [folder, *folder.rglob("*")]
+    }
+
+
 @pytest.fixture(scope="session")
-def trained_run(tiny_models, imdb_dir, tmp_path_factory) -> Path:
-    """A finished LoRA run on the tiny bert model, shared by read-only tests."""
+def trained_run(tiny_models, imdb_dir, tmp_path_factory) -> Iterator[Path]:
+    """A finished LoRA run on the tiny bert model, trained once per session and shared by read-only
+    tests (in every xdist worker at the same time): a test that writes into it, or takes its lock, must
+    use a copy. At the end of the session the run must be as it was built, or its last test errors."""
     from imdb_lora.cli import main
 
-    out = tmp_path_factory.mktemp("runs") / "bert-lora"
-    assert main(train_args(tiny_models("bert"), imdb_dir, out)) == 0
-    return out
+    def train(runs: Path) -> None:
+        assert main(train_args(tiny_models("bert"), imdb_dir, runs / "bert-lora")) == 0
+
+    out = shared_folder(tmp_path_factory, "runs", train) / "bert-lora"
+    built = snapshot(out)
+    yield out
+    after = snapshot(out)
+    changed = {k for k in built.keys() | after.keys() if built.get(k) != after.get(k)}
+    assert not changed, f"a test changed the shared trained_run (use a copy): {sorted(changed)}"

@@ -338,7 +338,8 @@ def test_existing_output_dir_is_never_silently_replaced(trained_run, tiny_models
     expect_error(capsys, "pass --overwrite", *train_args(tiny_models("bert"), imdb_dir, keep))
     assert (keep / "notes.txt").read_text() == "precious"
     expect_error(capsys, "--resume: ", "train", "--output-dir", str(keep), "--resume")
-    expect_error(capsys, "already finished", "train", "--output-dir", str(trained_run), "--resume")
+    done = shutil.copytree(trained_run, tmp_path / "done")  # a copy: --resume takes the run's lock
+    expect_error(capsys, "already finished", "train", "--output-dir", str(done), "--resume")
 
 
 def test_overwrite_replaces(tiny_models, imdb_dir, tmp_path, capsys):

@@ -77,11 +77,12 @@ def test_export_folder_is_self_contained_and_safe(exports, trained_run):
 def test_no_file_of_an_export_holds_a_machine_path(exports, tmp_path_factory):
     """Every file an export writes (config, record, marker, tokenizer, weights, ONNX graph) is free of
     the paths of this machine: the run's, the base model's and the data's folders all live under the
-    session's base temp folder; the home, repository and Python installation folders are checked too."""
+    session's temporary root; the home, repository and Python installation folders are checked too."""
     from conftest import REPO
 
     site_packages = str(Path(torch.__file__).parents[1])  # where a graph's stack traces would point
-    machine = [str(tmp_path_factory.getbasetemp()), str(Path.home()), str(REPO), site_packages]
+    temp = str(tmp_path_factory.getbasetemp().parent)  # every xdist worker's and the shared folders
+    machine = [temp, str(Path.home()), str(REPO), site_packages]
     for folder in exports.values():
         files = [p for p in folder.rglob("*") if p.is_file()]
         assert {p.name for p in files} >= {"config.yaml", "run.json", MARKER}

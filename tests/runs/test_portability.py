@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import snapshot, train_args
 
 from imdb_lora.cli import main
 from imdb_lora.inference.classifier import Classifier
@@ -63,7 +63,7 @@ def test_the_adapter_names_a_local_base_by_its_folder_name(trained_run, tiny_mod
     assert record["base_model_name_or_path"] == "./bert"  # the tiny model's folder, as a relative path
     assert record["revision"] is None  # a local folder has no hub commit
     assert record["target_modules"] == sorted(record["target_modules"])  # still byte-stable
-    base = str(tmp_path_factory.getbasetemp())
+    base = str(tmp_path_factory.getbasetemp().parent)  # every xdist worker's and the shared folders
     for f in adapter.iterdir():
         if f.suffix in (".json", ".md"):
             assert base not in f.read_text(), f.name
@@ -247,12 +247,6 @@ def test_a_copy_taken_while_training_went_on_says_it_is_not_finished(trained_run
 def test_reading_a_run_or_export_writes_nothing_into_it(trained_run, imdb_dir, tmp_path, capsys):
     """A read-only copy (a mount, an archive unpacked by another user) works because reading never
     writes: no lock file, no cache, no report is made or touched in the folder read."""
-
-    def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
-        return {
-            p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size, p.stat().st_mode)
-            for p in [folder, *folder.rglob("*")]
-        }
 
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     (run / ".lock").unlink(missing_ok=True)  # a copy made without it must not get one by being read
