@@ -58,7 +58,7 @@ def make_test(fake_venv, shared, pretrained) -> str:
 def test_make_test_without_shared_runs_the_fast_suite_and_says_why(fake_venv, tmp_path):
     out = make_test(fake_venv, tmp_path / "nonexistent", tmp_path / "none")
     assert "the real check (tests/test_real.py) needs" in out
-    assert "pytest called with: -q -m not slow -n 2" in out
+    assert "pytest called with: -q -m not slow -n 2 --dist=worksteal" in out
     assert "-m slow" not in out.replace("not slow", "")
 
 
@@ -70,7 +70,10 @@ def test_make_test_with_weights_and_data_runs_everything(fake_venv, tmp_path):
     out = make_test(fake_venv, tmp_path, tmp_path / "pre")
     # the fast suite over two workers, then the slow checks alone
     calls = [line for line in out.strip().splitlines() if line.startswith("pytest called with:")]
-    assert calls == ["pytest called with: -q -m not slow -n 2", "pytest called with: -q -m slow"]
+    assert calls == [
+        "pytest called with: -q -m not slow -n 2 --dist=worksteal",
+        "pytest called with: -q -m slow",
+    ]
 
 
 def test_gpu_versions_venv_installs_the_gpu_machines_torch_first(tmp_path):
@@ -85,3 +88,14 @@ def test_gpu_versions_venv_installs_the_gpu_machines_torch_first(tmp_path):
     torch_installs = [line for line in r.stdout.splitlines() if "pip install" in line and "torch==" in line]
     assert torch_installs and all(f"torch=={pinned['torch']} " in line for line in torch_installs)
     assert "-c requirements/gpu-machine.txt" in r.stdout
+
+
+def test_pytest_options_that_need_xdist_stay_out_of_pyproject():
+    # scripts/gpu-checks.sh runs `python -m pytest` on the GPU machine, whose pytest may lack pytest-xdist:
+    # an xdist option in addopts would make it refuse to start, and the CUDA checks would not run there.
+    import tomllib
+
+    options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    addopts = options.get("addopts", [])
+    addopts = addopts.split() if isinstance(addopts, str) else addopts
+    assert not [o for o in addopts if o.startswith(("-n", "--numprocesses", "--dist", "-d", "--tx"))], addopts
