@@ -172,7 +172,7 @@ class LabeledFile:
     @classmethod
     def read(cls, path: str, text_column: str, label_column: str, desc: str | None = None) -> LabeledFile:
         """`desc`: a progress bar's, on stderr as the scoring pass's: this pass, before the model loads,
-        was silent (1.5-2.5 s per 100,000 IMDB reviews on 2 cores; a 1 GB file or several, far more)."""
+        was silent (1.4-2.7 s per 100,000 IMDB reviews on 2 cores, four runs; a 1 GB file or several, far more)."""
         from tqdm.auto import tqdm
 
         part = cls(path, text_column, label_column)
