@@ -2,7 +2,7 @@
 """Issue 10's table from one `scripts/gpu-checks.sh STAGE OUT fast` call, and its JSON record.
 
     python3 scripts/fast_summary.py OUT/log.txt OUT/fast-summary.json
-    python3 scripts/fast_summary.py --faster-compiled OUT/log.txt   # yes/no: the compiled step won
+    python3 scripts/fast_summary.py --fastest-captured OUT/log.txt   # train flags of the fastest captured step
 
 Reads the log that gpu-checks.sh wrote (each step's command after `=== NAME:`, then its output) and
 its summary.txt (exit status and seconds per step), prints one markdown table (tokens/s, epoch seconds,
@@ -24,6 +24,7 @@ TRAIN_ROWS = [  # (step name, label)
     ("fast-bench-train-padded", "project, padded (today's default)"),
     ("fast-bench-train-flat", "project, flat"),
     ("fast-bench-train-flat-graphs", "project, flat + CUDA graphs"),
+    ("fast-bench-train-flat-graphs-working", "project, flat + CUDA graphs + bf16 working copies"),
     ("fast-bench-train-flat-compiled", "project, flat + torch.compile"),
     ("fast-bench-train-flat-compiled-graphs", "project, flat + torch.compile + CUDA graphs"),
 ]
@@ -130,21 +131,32 @@ def mpnet_tables(got: dict, record: dict) -> None:
 
 def train_how(train: dict) -> str:
     """How the 3-epoch run trained, from its command."""
-    return (
-        "flat + torch.compile + CUDA graphs"
-        if "--compile" in train.get("command", "")
-        else "flat + CUDA graphs"
-    )
+    command = train.get("command", "")
+    if "--compile" in command:
+        return "flat + torch.compile + CUDA graphs"
+    if "--bf16-working-copies" in command:
+        return "flat + CUDA graphs + bf16 working copies"
+    return "flat + CUDA graphs"
 
 
-def faster_compiled(log_path: str) -> bool:
-    """Did the compiled captured step beat the plain captured step (both measured in this log)?"""
+# The captured-step benches, and the `train` flags (besides --batching flat --cuda-graphs) of each one's step
+CAPTURED = {
+    "fast-bench-train-flat-graphs": "",
+    "fast-bench-train-flat-compiled-graphs": "--compile",
+    "fast-bench-train-flat-graphs-working": "--bf16-working-copies",
+}
+
+
+def fastest_captured(log_path: str) -> str:
+    """The train flags of the fastest captured step this log measured ("" for the plain one, also when
+    none ran): a bench that failed or was skipped has no rate and is never chosen."""
     steps = parse_steps(Path(log_path).read_text())
 
     def rate(name: str) -> float:
         return figures(name, steps.get(name, {}).get("lines", [])).get("tokens_per_second") or 0.0
 
-    return rate("fast-bench-train-flat-compiled-graphs") > rate("fast-bench-train-flat-graphs") > 0
+    best = max(CAPTURED, key=rate)
+    return CAPTURED[best] if rate(best) > 0 else ""
 
 
 def write_record(record: dict, json_path: str) -> None:
@@ -203,6 +215,13 @@ def main(log_path: str, json_path: str) -> int:
         "epoch s: estimated from tokens/s (the reference over its 25,000 train reviews, the project over "
         "the train split less validation); MFU against the detected GPU's data-sheet bf16 peak"
     )
+    for name, label in TRAIN_ROWS:  # the profiled benches: kernels a step replays, the GPU's busy time
+        prof = got.get(name, {}).get("profile") or {}
+        if prof.get("device_kernels_per_step") is not None:
+            print(
+                f"{label}: {prof['device_kernels_per_step']:,.0f} device kernels per step, GPU busy "
+                f"{num(prof.get('device_busy_ms_per_step'))} ms per step (profiled)"
+            )
     for name, label in TRAIN_ROWS:  # what compiling cost: the compiled benches' first (untimed) step
         f = got.get(name, {})
         if "compiled" in name and f.get("first_step_seconds") is not None:
@@ -256,7 +275,7 @@ def main(log_path: str, json_path: str) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--faster-compiled"]:  # gpu-checks.sh: train the 3-epoch run compiled?
-        print("yes" if faster_compiled(sys.argv[2]) else "no")
+    if sys.argv[1:2] == ["--fastest-captured"]:  # gpu-checks.sh: the 3-epoch run's extra flags
+        print(fastest_captured(sys.argv[2]))
         sys.exit(0)
     sys.exit(main(*sys.argv[1:3]))

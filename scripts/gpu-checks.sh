@@ -118,9 +118,12 @@ step() {
 # fast           one call of at most ~7 minutes (DEADLINE defaults to 400 s for it): the CUDA
 #                equivalence tests, reference_lora.py and the project's benches on random-init
 #                roberta-base (real IMDB lengths, max length 512, seed LoRA settings, batch 32): flat
-#                with CUDA graphs, then compiled with and without graphs, a real 3-epoch `train` (flat +
-#                CUDA graphs, compiled if that was faster; validation and test each epoch), flat
-#                evaluation cold and warm, padded (today's default), packed evaluation, flat eager. scripts/fast_summary.py prints one table and writes
+#                with CUDA graphs, the same with bf16 working copies of the trainable weights, then
+#                compiled with and without graphs, a real 3-epoch `train` (flat + CUDA graphs, with
+#                the fastest captured step's flags: compiled or working copies; validation and test
+#                each epoch), flat evaluation cold and warm, padded (today's default), packed
+#                evaluation, flat eager (the deadline cuts from the end: the last three were measured
+#                on 2026-11-30 and are the least needed). scripts/fast_summary.py prints one table and writes
 #                OUT/fast-summary.json (date, GPU, versions, commands, every figure) for docs/measurements/.
 # fast-accuracy  all-MiniLM-L6-v2 (real weights, bert architecture: it takes the flat path; staged as
 #                all-MiniLM-L6-v2-fp16/) 1 epoch, default recipe, padded and flat + CUDA graphs in the
@@ -145,7 +148,8 @@ fast_part() {
   mkdir -p "$shared/models" && ln -sfn "$roberta" "$shared/models/roberta-base"
   if $py -c "import pytest" 2>/dev/null; then
     step fast-cuda-tests 120 env IMDB_LORA_SHARED="$shared" $py -m pytest -q -p no:cacheprovider \
-      tests/modeling/test_flat.py -m "not slow" -k "cuda or flash or flat_logits or flat_loss or static_buffer" -rs
+      tests/modeling/test_flat.py tests/modeling/test_working_copies.py -m "not slow" \
+      -k "cuda or flash or flat_logits or flat_loss or static_buffer" -rs
   fi
   step fast-ref "$limit" $py "$ref" --model "$roberta" --random-init --data "$data" "${rs[@]}"
   # Order: what the last call (2026-11-30) did not measure comes right after the baseline and the
@@ -153,13 +157,18 @@ fast_part() {
   # predictable), with and without CUDA graphs.
   step fast-bench-train-flat-graphs "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
     --data "$data" --batching flat --cuda-graphs "${gb[@]}" --json
+  # the same captured step with bf16 working copies of the trainable weights (training/working.py):
+  # the CPU count says ~30% fewer ops per step; tokens/s and kernels per step (--profile) against the line above
+  step fast-bench-train-flat-graphs-working "$limit" $py -m imdb_lora bench train --model "$roberta" \
+    --random-init --data "$data" --batching flat --cuda-graphs --bf16-working-copies "${gb[@]}" --json
   step fast-bench-train-flat-compiled-graphs "$cl" $py -m imdb_lora bench train --model "$roberta" \
     --random-init --data "$data" --batching flat --compile --cuda-graphs "${gb[@]}" --json
   step fast-bench-train-flat-compiled "$cl" $py -m imdb_lora bench train --model "$roberta" \
     --random-init --data "$data" --batching flat --compile "${fb[@]}" --json
-  # the whole job with the fastest captured step the benches above measured (compiled or not)
+  # the whole job with the fastest captured step the benches above measured (plain, compiled or with
+  # the bf16 working copies; one that failed is never chosen)
   local best=()
-  [ "$($py scripts/fast_summary.py --faster-compiled "$log")" = yes ] && best=(--compile)
+  read -r -a best <<<"$($py scripts/fast_summary.py --fastest-captured "$log")"
   step fast-train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \
     --random-init --data "$data" "${ep[@]}" --batching flat --cuda-graphs "${best[@]}" \
     --output-dir "$runs/roberta-random-flat-3ep" --overwrite

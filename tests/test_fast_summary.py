@@ -94,21 +94,34 @@ def test_fast_summary_mpnet_part_alone(tmp_path, monkeypatch, capsys):
     assert r["steps"]["fast-mpnet-bench-train-flat"]["ratio_to_padded"] == 1.5
 
 
-def test_faster_compiled_compares_the_two_captured_steps_of_the_same_log(tmp_path, monkeypatch, capsys):
-    """gpu-checks.sh trains its 3-epoch run compiled only when the compiled captured step was faster."""
-    compiled = (
-        "=== fast-bench-train-flat-compiled-graphs: python3 -m imdb_lora bench train --compile --cuda-graphs\n"
-        '{"bench": "train", "tokens_per_second": RATE}\n'
-    )
-    for rate, want in (("520000.0", "yes"), ("410000.0", "no"), (None, "no")):
-        log = tmp_path / f"log-{rate}.txt"
-        log.write_text(LOG + (compiled.replace("RATE", rate) if rate else ""))
-        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--faster-compiled", str(log)])
+def test_fastest_captured_gives_the_train_flags_of_the_fastest_captured_step(tmp_path, monkeypatch, capsys):
+    """gpu-checks.sh trains its 3-epoch run with the captured step that was fastest in the same call:
+    compiled, with the bf16 working copies, or plain (LOG's flat + CUDA graphs: 490,000 tokens/s); a
+    bench that failed or was skipped (no rate) is never chosen."""
+
+    def bench(name: str, rate: str | None) -> str:
+        if rate is None:
+            return ""
+        return f'=== {name}: python3 -m imdb_lora bench train\n{{"bench": "train", "tokens_per_second": {rate}}}\n'
+
+    compiled, working = "fast-bench-train-flat-compiled-graphs", "fast-bench-train-flat-graphs-working"
+    cases = [
+        (("520000.0", None), "--compile"),
+        (("410000.0", None), ""),
+        ((None, None), ""),
+        (("520000.0", "560000.0"), "--bf16-working-copies"),
+        (("580000.0", "560000.0"), "--compile"),
+        ((None, "480000.0"), ""),
+    ]
+    for i, ((c, w), want) in enumerate(cases):
+        log = tmp_path / f"log-{i}.txt"
+        log.write_text(LOG + bench(compiled, c) + bench(working, w))
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--fastest-captured", str(log)])
         try:
             runpy.run_path(str(SCRIPT), run_name="__main__")
         except SystemExit as e:
             assert e.code == 0
-        assert capsys.readouterr().out.strip() == want, rate
+        assert capsys.readouterr().out.strip() == want, (c, w)
 
 
 def test_fast_summary_says_what_compiling_cost(tmp_path, monkeypatch, capsys):
@@ -124,3 +137,22 @@ def test_fast_summary_says_what_compiling_cost(tmp_path, monkeypatch, capsys):
     )
     assert "flat + torch.compile: first" not in text  # the uncompiled rows and the missing one say nothing
     assert r["steps"]["fast-bench-train-flat-compiled-graphs"]["first_step_seconds"] == 41.25
+
+
+def test_fast_summary_sets_the_working_copies_step_beside_the_captured_step(tmp_path, monkeypatch, capsys):
+    """The flat + CUDA graphs + bf16 working copies bench (gpu-checks.sh runs it right after flat +
+    CUDA graphs) gets its row, and each profiled bench its kernels per step, for the two to compare."""
+    working = (
+        "=== fast-bench-train-flat-graphs-working: python3 -m imdb_lora bench train --batching flat "
+        "--cuda-graphs --bf16-working-copies\n"
+        '{"bench": "train", "tokens_per_second": 560000.0, "epoch_seconds_estimate": 8.3, "mfu": 0.34, '
+        '"profile": {"steps": 3, "device_kernels_per_step": 2050.0, "device_busy_ms_per_step": 24.5}}\n'
+    )
+    text, r = summarise(tmp_path, monkeypatch, capsys, LOG + working, "fast-summary.json")
+    assert "| project, flat + CUDA graphs + bf16 working copies | 560,000 | 8.3 | 8.00x | 34.0% |" in text
+    line = (
+        "project, flat + CUDA graphs + bf16 working copies: 2,050 device kernels per step, GPU busy 24.5 ms"
+    )
+    assert line in text
+    assert "project, flat + CUDA graphs: " not in text  # its log line has no profile here
+    assert r["steps"]["fast-bench-train-flat-graphs-working"]["profile"]["device_kernels_per_step"] == 2050.0

@@ -188,6 +188,12 @@ class TrainConfig:
         "capture each --batching flat training step as a CUDA graph per length bucket (CUDA only; "
         "the last partial batch runs eagerly)",
     )
+    bf16_working_copies: bool = _f(
+        False,
+        "--batching flat, LoRA: the step's forward and backward use bf16 working copies of the trainable "
+        "weights (fp32 masters in the optimizer and checkpoints, copied over once per step) and cast each "
+        "shared input to bf16 once, a third fewer ops per step (no change on the CPU: fp32 copies)",
+    )
     checkpoint_every: int = _f(200, "also checkpoint every N steps inside an epoch (0: epoch ends only)")
     eval_test_each_epoch: bool = _f(True, "report test loss/acc after every epoch (never used to choose)")
     calibration: bool = _f(
@@ -245,6 +251,11 @@ class Config:
                 "must be auto, padded, packed or flat",
             ),
             (not t.cuda_graphs or t.batching == "flat", "--cuda-graphs", "needs --batching flat"),
+            (
+                not t.bf16_working_copies or (t.batching == "flat" and t.method == "lora"),
+                "--bf16-working-copies",
+                "needs --batching flat and --method lora",
+            ),
             (t.batch_size >= 1, "--batch-size", "must be >= 1"),
             (t.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
             (
@@ -414,6 +425,7 @@ RESUME_MAY_CHANGE = frozenset(
         "train.device",
         "train.compile",
         "train.cuda_graphs",
+        "train.bf16_working_copies",
         "data.token_cache",
         "train.calibration",
         "data.eval_files",

@@ -113,6 +113,10 @@ def test_environment_and_resume_checks(tmp_path):
     Dist().check(cfg)  # one process: fine
     with pytest.raises(UserError, match="--cuda-graphs does not run under torchrun"):
         d.check(cfg)
+    cfg.train.cuda_graphs, cfg.train.bf16_working_copies = False, True
+    Dist().check(cfg)
+    with pytest.raises(UserError, match="--bf16-working-copies does not run under torchrun"):
+        d.check(cfg)
 
 
 def test_the_resume_hint_names_the_launch_a_run_needs():

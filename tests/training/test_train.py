@@ -98,11 +98,15 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("batching", ["auto", "flat"])
+@pytest.mark.parametrize("batching", ["auto", "flat", "flat-working-copies"])
 def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
     tiny_models, imdb_dir, tmp_path, monkeypatch, capsys, batching
 ):
-    def args(out):
+    """flat-working-copies: --bf16-working-copies (fp32 copies on the CPU) saves and resumes its fp32
+    masters, and the run's figures equal those of the same run without it (the same computation)."""
+    working = batching == "flat-working-copies"
+
+    def args(out, working=working):
         return train_args(
             tiny_models("bert"),
             imdb_dir,
@@ -112,7 +116,8 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
             "--epochs",
             "2",
             "--batching",
-            batching,
+            "flat" if batching.startswith("flat") else batching,
+            *(["--bf16-working-copies"] if working else []),
         )
 
     assert main(args(tmp_path / "straight")) == 0
@@ -135,13 +140,17 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
     capsys.readouterr()
     assert main(["train", "--output-dir", str(tmp_path / "crashed"), "--resume"]) == 0
     train_path = json.loads((tmp_path / "crashed" / "run.json").read_text())["train_path"]
-    assert train_path.startswith("flat" if batching == "flat" else "padded")
+    assert train_path.startswith("padded" if batching == "auto" else "flat")
+    assert ("fp32 working copies" in train_path) == working
     assert "at epoch 2, step 2" in capsys.readouterr().out  # resumed mid-epoch, not at the epoch's start
     a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
     drop = ("train_seconds", "eval_seconds")
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
+    if working:  # without the working copies: the same figures
+        assert main(args(tmp_path / "plain", working=False)) == 0
+        assert strip((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()) == strip(a)
     pa = Classifier.load(str(tmp_path / "straight")).logits(TEXTS)
     pb = Classifier.load(str(tmp_path / "crashed")).logits(TEXTS)
     assert torch.equal(pa, pb)
@@ -287,6 +296,22 @@ def test_flat_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, k
     assert sum(calls) == 5  # every step of the epoch (36 reviews, batch 8) ran the flat forward
     assert False in calls  # and evaluation too
     assert "training flat" in (out / "results.md").read_text()
+
+
+def test_bf16_working_copies_need_flat_lora_and_are_not_built_for_mpnet(
+    tiny_models, imdb_dir, tmp_path, capsys
+):
+    assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "a", "--bf16-working-copies")) == 2
+    assert "--bf16-working-copies needs --batching flat and --method lora" in capsys.readouterr().err
+    full = ("--batching", "flat", "--method", "full", "--bf16-working-copies")
+    assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "f", *full)) == 2
+    assert "--bf16-working-copies needs --batching flat and --method lora" in capsys.readouterr().err
+    args = train_args(
+        tiny_models("mpnet"), imdb_dir, tmp_path / "m", "--batching", "flat", "--bf16-working-copies"
+    )
+    assert main(args) == 2
+    assert "--bf16-working-copies is not built for mpnet's flat path" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, imdb_dir, tmp_path, capsys):

@@ -203,6 +203,12 @@ def add_bench_train_parsers(sub) -> None:
                 action="store_true",
                 help="with --batching flat on CUDA: capture each step as a CUDA graph per length bucket",
             )
+            p.add_argument(
+                "--bf16-working-copies",
+                action="store_true",
+                help="as train's --bf16-working-copies (--batching flat, LoRA): bf16 working copies of "
+                "the trainable weights and one bf16 cast of each shared input",
+            )
         p.add_argument(
             "--profile",
             type=int,

@@ -120,11 +120,14 @@ def supports_flat(model: nn.Module) -> bool:
     return classifier_of(model).config.model_type in FLAT_MODELS
 
 
-def flat_options_check(model: nn.Module, path: str, compile: bool, cuda_graphs: bool) -> None:
-    """Refuse what the flat path does not build for a model: MPNet's has no --compile/--cuda-graphs."""
+def flat_options_check(
+    model: nn.Module, path: str, compile: bool, cuda_graphs: bool, working_copies: bool = False
+) -> None:
+    """Refuse what the flat path does not build for a model: MPNet's has no --compile, --cuda-graphs
+    or --bf16-working-copies."""
     model_type = classifier_of(model).config.model_type
-    if path == "flat" and model_type in FLEX_MODELS and (compile or cuda_graphs):
-        flag = "--compile" if compile else "--cuda-graphs"
+    if path == "flat" and model_type in FLEX_MODELS and (compile or cuda_graphs or working_copies):
+        flag = "--compile" if compile else "--cuda-graphs" if cuda_graphs else "--bf16-working-copies"
         raise UserError(
             f"{flag} is not built for {model_type}'s flat path (FlexAttention, compiled on its own); "
             f"drop {flag} or use --batching padded"

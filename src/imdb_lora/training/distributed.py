@@ -90,6 +90,11 @@ class Dist:
                 "--cuda-graphs does not run under torchrun: DDP's gradient all-reduce happens outside "
                 "the captured graph; drop the flag (--batching flat itself works)"
             )
+        if self.enabled and cfg.train.bf16_working_copies:
+            raise UserError(
+                "--bf16-working-copies does not run under torchrun: DDP's gradient all-reduce watches the "
+                "fp32 parameters, and the step's gradients reach their working copies; drop the flag"
+            )
 
     # ------------------------------------------------------------ process group
 

@@ -28,12 +28,18 @@ What a graph needs, and how this module provides it:
   the run computes; the step is then captured and replayed for that batch.
 Dropout keeps working: PyTorch's CUDA generator advances per replay.
 
+With `--bf16-working-copies` (working.py) the step reads bf16 working copies of the trainable weights,
+copies their gradients to the fp32 masters before clipping and refreshes them from the masters after
+the update, both in place, so the graph's addresses hold; the weight and gradient casts, the LoRA
+inputs' round trips through fp32, the repeated casts of a shared input and the gradient accumulations
+above go (the CPU count before and after: docs/performance.md, scripts/step_ops.py).
 On the CPU the same object runs the same static-buffer step eagerly (`capture=False`): the tests check
 it against the plain eager step. The capture itself needs CUDA (scripts/gpu-checks.sh, part `fast`).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +50,7 @@ from ..config import TrainConfig
 from ..data.batches import FLAT_BUCKET, FlatBatch, flatten, pinned
 from ..modeling.flat import flat_logits
 from ..modeling.packing import position_start
+from .working import WorkingCopies
 
 
 def make_optimizer(
@@ -94,8 +101,11 @@ class CapturedSteps:
         batch_size: int,
         max_length: int,
         capture: bool | None = None,
+        working: WorkingCopies | None = None,
     ):
         self.model, self.optimizer, self.params, self.cfg = model, optimizer, params, cfg
+        self.working = working  # bf16 working copies of the trainable weights (working.py), or None
+        self.autocast = device.type == "cuda"  # bf16 autocast as the eager step has it (tests: CPU too)
         self.device, self.pad_id, self.batch_size = device, pad_id, batch_size
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
@@ -113,6 +123,8 @@ class CapturedSteps:
         for p in params:  # gradients live at fixed addresses, zeroed in place by the step
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        # the masters of working copies get their gradients copied over whole: no zeroing needed
+        self.copied = {id(m) for m in working.masters} if working is not None else set()
 
     def handles(self, n_reviews: int) -> bool:
         return n_reviews == self.batch_size
@@ -150,16 +162,24 @@ class CapturedSteps:
     def _static_step(self, b: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
         """The step on the static buffers: only in-place updates, no host sync, no new parameters."""
         # autocast's weight cache must be off while capturing (its cached casts would be freed)
+        w = self.working
         with torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda", cache_enabled=False
+            self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False
         ):
-            logits = flat_logits(self.model, b.batch, static_max_len=self.max_len).float()
+            with w.swapped() if w is not None else nullcontext():
+                logits = flat_logits(self.model, b.batch, static_max_len=self.max_len).float()
         loss = F.cross_entropy(logits, b.labels, label_smoothing=self.cfg.label_smoothing)
         loss.backward()
+        if w is not None:
+            w.grads_to_masters()
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
-        torch._foreach_zero_([p.grad for p in self.params])
+        if w is not None:
+            w.refresh()  # in place: the graph keeps the working copies' addresses
+        zeroed = [p.grad for p in self.params if id(p) not in self.copied]
+        if zeroed:
+            torch._foreach_zero_(zeroed)
         return loss.detach() * b.labels.numel(), (logits.argmax(-1) == b.labels).sum().float()
 
     def _warm_up_and_capture(self, b: _Bucket) -> None:
@@ -179,6 +199,8 @@ class CapturedSteps:
                         v.copy_(state[p][k])
                     else:
                         v.zero_()  # AdamW's state before its first step: step 0, zero moments
+            if self.working is not None:
+                self.working.refresh()
         b.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(b.graph, pool=self.pool):
             b.loss, b.correct = self._static_step(b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from ..config import TrainConfig
 from .distributed import step_logits
 from .graphs import CapturedSteps, set_lr
+from .working import WorkingCopies
 
 
 def train_step(
@@ -25,6 +28,7 @@ def train_step(
     row_tokens: int | None = None,
     captured: CapturedSteps | None = None,
     loss_scale: float = 1.0,
+    working: WorkingCopies | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, clipping and the optimizer update for one batch at learning rate `lr`.
 
@@ -36,16 +40,24 @@ def train_step(
     would make the host wait for the device every step instead of queueing the next one.
     `loss_scale` multiplies the loss before backward (data-parallel: this rank's share of the global
     batch, see distributed.py); 0 makes the step a stand-in that adds no gradient and no statistics.
+    `working`: bf16 working copies of the trainable weights (working.py) for the forward and backward;
+    their gradients go to the fp32 masters before clipping, the updated masters back after the step.
     """
     if captured is not None and captured.handles(len(seqs)):
         return captured.step(seqs, labels, lr)
     set_lr(optimizer, lr)
-    logits = step_logits(model, seqs, pad_id, device, packed, row_tokens=row_tokens).float()
+    with working.swapped() if working is not None else nullcontext():
+        logits = step_logits(model, seqs, pad_id, device, packed, row_tokens=row_tokens).float()
     loss = F.cross_entropy(logits, labels, label_smoothing=train_cfg.label_smoothing)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    if working is not None:
+        working.grads_to_masters()
     if train_cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=captured is None)
+    if working is not None:
+        working.refresh()
+    # gradients kept where graphs or working copies write them (zeroed, not freed)
+    optimizer.zero_grad(set_to_none=captured is None and working is None)
     weight = 1.0 if loss_scale else 0.0
     return loss.detach().float() * (len(seqs) * weight), (logits.argmax(-1) == labels).sum().float() * weight

@@ -58,6 +58,7 @@ from .progress import saved_step
 from .schedule import epoch_order, lr_at
 from .step import train_step
 from .stopping import STEPS, StopAtStepBoundary, StopRequested
+from .working import WorkingCopies, working_dtype, working_note
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
 
@@ -279,7 +280,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.path = batching_path(cfg.train.batching, self.model, self.device, training=True)
         self.eval_path = batching_path(cfg.train.batching, self.model, self.device, training=False)
-        flat_options_check(self.model, self.path, cfg.train.compile, cfg.train.cuda_graphs)
+        t = cfg.train
+        flat_options_check(self.model, self.path, t.compile, t.cuda_graphs, t.bf16_working_copies)
         # The fast path on CUDA stores the frozen weights in bf16 once (autocast computes with bf16
         # copies of them anyway); LoRA, the head and the optimizer state stay fp32.
         self.bf16_base = self.path == "flat" and self.device.type == "cuda" and cfg.train.method == "lora"
@@ -316,6 +318,14 @@ class Trainer:
                     f"resuming {self.run.path} at epoch {self.state.epoch}, step {self.state.step_in_epoch}",
                     flush=True,
                 )
+        # built after the checkpoint is loaded: the working copies start from the loaded weights
+        self.working = (
+            WorkingCopies(self.model, working_dtype(self.device)) if t.bf16_working_copies else None
+        )
+        if self.working is not None and self.path != "flat":  # --pooling mean trains padded
+            self.working.close()
+            self.working = None
+            self._say(f"--bf16-working-copies: no effect with the {self.path} path (flat only)")
         self.captured = (
             CapturedSteps(
                 self.model,
@@ -326,6 +336,7 @@ class Trainer:
                 self.tokenizer.pad_token_id,
                 t.batch_size,
                 self.cfg.data.max_length,
+                working=self.working,
             )
             if graphs
             else None
@@ -507,6 +518,7 @@ class Trainer:
             row_tokens=self.cfg.data.max_length,
             captured=self.captured,
             loss_scale=loss_scale,
+            working=self.working,
         )
         if self.ema is not None:
             self.ema.update()
@@ -692,6 +704,7 @@ class Trainer:
             + (flat_note(self.model) if self.path == "flat" else "")
             + (", CUDA graphs" if self.captured is not None else "")
             + (", bf16 frozen weights" if self.bf16_base else "")
+            + (f", {working_note(self.working)}" if self.working is not None else "")
             + (", torch.compile" if self.cfg.train.compile else ""),
             "eval_path": EVAL_PATHS[self.eval_path],
             "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",
