@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import sigint_as_in_a_terminal, sigterm_fails_the_test, train_args, write_imdb
+from conftest import hold_train_at, sigint_as_in_a_terminal, sigterm_fails_the_test, train_args, write_imdb
 
 import imdb_lora.runs.compare
 from imdb_lora.cli import main
@@ -361,10 +361,13 @@ def test_sigterm_to_compare_alone_is_passed_on_to_the_training_child(tmp_path, c
     )
 
 
-def interrupt_compare(args: list[str], log: Path, ready) -> str:
+def interrupt_compare(args: list[str], log: Path, ready, hold: tuple[str, Path] | None = None) -> str:
     """A real `imdb-lora compare` in its own process group, sent SIGINT (as a terminal's Ctrl-C) once
-    `ready()` holds; it must exit 130. Returns what it printed."""
+    `ready()` holds; it must exit 130. `hold`: (method, file) for conftest.hold_train_at, the train
+    children waiting there for the signal. Returns what it printed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if hold is not None:
+        env = hold_train_at(*hold, env)
     with open(log, "w") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "imdb_lora", *args],
@@ -375,10 +378,11 @@ def interrupt_compare(args: list[str], log: Path, ready) -> str:
             preexec_fn=sigint_as_in_a_terminal,
         )
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # two starts of Python with torch, on a loaded machine
         while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.002)
         assert proc.poll() is None, f"compare ended before Ctrl-C: {log.read_text()[-2000:]}"
+        assert ready(), f"compare was not ready for Ctrl-C in 300 s: {log.read_text()[-2000:]}"
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
     finally:
@@ -396,9 +400,8 @@ def test_real_ctrl_c_then_resume(tiny_models, imdb_dir, tmp_path, train_in_this_
     out = tmp_path / "cmp"
     flags = compare_flags(tiny_models, data, "--batch-size", "4", "--checkpoint-every", "2", "--epochs", "2")
     compare = ["compare", "--output-dir", str(out), *flags]
-    text = interrupt_compare(
-        compare, tmp_path / "compare.log", (out / "lora" / "checkpoint.safetensors").is_file
-    )
+    held = tmp_path / "held"  # the LoRA child waits after its 3rd step (a checkpoint at step 2) for Ctrl-C
+    text = interrupt_compare(compare, tmp_path / "compare.log", held.exists, ("_after_step:3", held))
     assert "the lora run stopped; the same compare command with --resume continues it" in text
     assert json.loads((out / "lora" / "run.json").read_text())["status"] != "finished"
     assert RunDir(out / "lora").is_resumable() and not (out / "full").exists()
@@ -414,14 +417,21 @@ def test_real_ctrl_c_then_resume(tiny_models, imdb_dir, tmp_path, train_in_this_
 
 @pytest.mark.slow
 def test_real_ctrl_c_before_the_first_checkpoint_says_to_run_again(tiny_models, tmp_path):
-    """Ctrl-C as soon as the LoRA run's folder appears (in its setup, before any step: a Ctrl-C in the
-    steps would write a checkpoint at the step reached): the child removes the folder, and compare does
-    not promise a --resume."""
-    data = write_imdb(tmp_path / "imdb200", per_class=200, seed=1)  # 75 steps an epoch at batch 4
+    """Ctrl-C during the LoRA run's setup, its folder made (before any step: a Ctrl-C in the steps
+    would write a checkpoint at the step reached): the child removes the folder, and compare does not
+    promise a --resume. The child is held in its model loading until the signal comes: setup lasts
+    ~0.08 s from the folder's appearing, and this test, sending Ctrl-C when it saw the folder, failed
+    under load, its signal landing in the steps."""
+    data = write_imdb(tmp_path / "imdb48", per_class=48, seed=1)
     out = tmp_path / "cmp"
     flags = compare_flags(tiny_models, data, "--batch-size", "4", "--checkpoint-every", "0")
     compare = ["compare", "--output-dir", str(out), *flags]
-    text = interrupt_compare(compare, tmp_path / "compare.log", (out / "lora").is_dir)
+    held = tmp_path / "held"
+
+    def in_setup() -> bool:  # held in the model loading, the folder made and its settings written
+        return held.exists() and (out / "lora" / "config.yaml").is_file()
+
+    text = interrupt_compare(compare, tmp_path / "compare.log", in_setup, ("_setup_model", held))
     assert "nothing of it to resume; run the same compare command again" in text, text[-2000:]
     assert "--resume continues it" not in text
     assert not (out / "lora").exists() and not (out / "full").exists()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import train_args, write_imdb
+from conftest import hold_train_at, train_args, write_imdb
 from safetensors import safe_open
 
 from imdb_lora.cli import main
@@ -50,27 +50,30 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_models, 
     killed = tmp_path / "killed"
     # one thread, as in this process (conftest), so both halves compute with the same reductions
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # killed after step 4 of epoch 2 (its checkpoint written), so the resume starts inside an epoch with
+    # history: the process waits there for the kill (a test that killed it on seeing a checkpoint of
+    # epoch 2 could, on a loaded machine, kill it once epoch 2 was over)
+    held = tmp_path / "held"
+    env = hold_train_at("_after_step:22", held, env)
     log = tmp_path / "killed.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "imdb_lora", *args(killed)], env=env, stdout=f, stderr=f
         )
     try:
-        deadline = time.time() + 120
-        # wait for a mid-epoch checkpoint of epoch 2, so the resume starts inside an epoch with history
-        while time.time() < deadline and proc.poll() is None:
-            p = progress(killed)
-            if p and p["epoch"] == 2 and p["step_in_epoch"] > 0:
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, f"training ended before it could be killed: {log.read_text()[-2000:]}"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not held.exists():
+            time.sleep(0.01)
+        assert proc.poll() is None and held.exists(), (
+            f"training never reached step 22: {log.read_text()[-2000:]}"
+        )
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     at = progress(killed)
-    assert at["epoch"] == 2 and 0 < at["step_in_epoch"] < 18 and len(at["history"]) == 1
+    assert at["epoch"] == 2 and at["step_in_epoch"] == 4 and len(at["history"]) == 1
     assert json.loads((killed / "run.json").read_text())["status"] == "running"
 
     # the killed process's flock is gone with it: the resume takes the lock without complaint

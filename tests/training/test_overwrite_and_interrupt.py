@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import sigint_as_in_a_terminal, train_args, without_startup, write_imdb
+from conftest import hold_train_at, sigint_as_in_a_terminal, train_args, without_startup, write_imdb
 
 from imdb_lora.cli import main
 from imdb_lora.runs.rundir import RunDir
@@ -144,14 +144,18 @@ def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume
     could be resumed; now it stops as Ctrl-C does: one line with the last checkpoint and the command,
     the shell's status (143; Ctrl-C 130), no traceback, and the command resumes it. The checkpoint is
     written where the signal found the loop (the step it was at), not only every --checkpoint-every
-    steps: training was at the checkpoint's step."""
+    steps: the signal comes after step 7 and training stops there with a checkpoint of step 7. The
+    process waits at step 7 until the signal comes: sent when step 5's checkpoint appeared, it had to
+    reach the process within the epoch's 13 remaining steps (a fraction of a second), or on a loaded
+    machine it landed in the evaluation (another stop, with another line) or after the run."""
     from safetensors import safe_open
 
-    data = write_imdb(tmp_path / "data", per_class=48, seed=1)  # 18 steps an epoch: the signal lands inside
+    data = write_imdb(tmp_path / "data", per_class=48, seed=1)  # 18 steps an epoch
     out = tmp_path / "r"
     args = train_args(tiny_models("bert"), data, out, "--batch-size", "4", "--max-length", "32",
                       "--checkpoint-every", "5", "--no-token-cache")  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    held = tmp_path / "held"
+    env = hold_train_at("_after_step:7", held, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "imdb_lora", *args],
         env=env,
@@ -160,12 +164,10 @@ def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume
         preexec_fn=sigint_as_in_a_terminal,
     )
     try:
-        deadline = time.time() + 120
-        while (
-            proc.poll() is None and not (out / "checkpoint.safetensors").exists() and time.time() < deadline
-        ):
+        deadline = time.time() + 300
+        while proc.poll() is None and not held.exists() and time.time() < deadline:
             time.sleep(0.01)
-        assert proc.poll() is None, "training ended before the signal"
+        assert proc.poll() is None and held.exists(), "training never reached step 7"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -175,6 +177,7 @@ def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume
     last = [line for line in re.split(r"[\r\n]", err) if line.strip()][-1]
     with safe_open(out / "checkpoint.safetensors", "pt") as f:
         saved = json.loads(f.metadata()["progress"])["global_step"]
+    assert saved == 7
     what = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted"
     name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
     assert f"imdb-lora: {name}: finishing the step in flight and saving a checkpoint there" in err
