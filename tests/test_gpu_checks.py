@@ -27,7 +27,7 @@ def test_a_timed_step_cut_by_its_limit_ends_after_the_command_has_stopped(tmp_pa
     # GNU time dies of the limit's SIGTERM at once: with the limit outside it, the step returned while
     # the training it timed was still stopping (the run then packed half-stopped, its last lines lost)
     done = tmp_path / "stopped"
-    child = f"trap 'sleep 2; echo stopped; touch {done}; exit 143' TERM; sleep 30 & wait"
+    child = f"trap 'sleep 1; echo stopped; touch {done}; exit 143' TERM; sleep 30 & wait"
     code = (
         f"set -uo pipefail; out={tmp_path}; log=$out/log.txt; summary=$out/summary.txt; steps=$out/steps\n"
         f"deadline=100000; py=true; here=.\n{shell_function('step')}\n"
