@@ -227,17 +227,16 @@ def sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def hold_train_at(method: str, ready: Path, env: dict[str, str]) -> dict[str, str]:
-    """`env` for a real `imdb-lora` command whose `train` processes wait in `Trainer.<method>` (its n-th
-    call with "method:n") until a signal comes, having created `ready` (tests/held/sitecustomize.py): a
-    test sends its signal once `ready` exists, at that point whatever the machine's load."""
+def hold_train_at(method: str, ready: Path, env: dict[str, str], rank: int | None = None) -> dict[str, str]:
+    """`env` for a real `imdb-lora` command whose `train` processes (under torchrun: `rank` alone, if
+    given) wait in `Trainer.<method>` (its n-th call with "method:n") until a signal comes, having
+    created `ready` (tests/held/sitecustomize.py): a test sends its signal once `ready` exists, at that
+    point whatever the machine's load."""
     path = os.pathsep.join(p for p in (str(Path(__file__).parent / "held"), env.get("PYTHONPATH")) if p)
-    return {
-        **env,
-        "PYTHONPATH": path,
-        "IMDB_LORA_TEST_HOLD_AT": method,
-        "IMDB_LORA_TEST_HOLD_READY": str(ready),
-    }
+    held = {"IMDB_LORA_TEST_HOLD_AT": method, "IMDB_LORA_TEST_HOLD_READY": str(ready)}
+    if rank is not None:
+        held["IMDB_LORA_TEST_HOLD_RANK"] = str(rank)
+    return {**env, "PYTHONPATH": path, **held}
 
 
 @contextlib.contextmanager

@@ -6,8 +6,9 @@ takes ~0.08 s, and a test process that the machine's load keeps off the CPU for 
 the signal into the steps instead (a different stop, with a checkpoint: the flake this replaces).
 
 Put this folder first on PYTHONPATH (`conftest.hold_train_at`) and Python imports it at start-up, as
-`sitecustomize`, in every process of the command (`imdb-lora compare`'s children too). In a process that
-runs `imdb-lora train` it wraps `Trainer.<method>` (IMDB_LORA_TEST_HOLD_AT="method" or "method:n"): the
+`sitecustomize`, in every process of the command (`imdb-lora compare`'s children, torchrun's ranks
+too). In a process that runs `imdb-lora train` (under torchrun, the rank IMDB_LORA_TEST_HOLD_RANK
+alone, if set) it wraps `Trainer.<method>` (IMDB_LORA_TEST_HOLD_AT="method" or "method:n"): the
 n-th call (the first by default) creates the file IMDB_LORA_TEST_HOLD_READY and waits there. The test
 sends its signal once that file exists, so the process is in that call whatever the load, and the
 product's own handling decides what follows: a handler that raises (KeyboardInterrupt, the CLI's SIGTERM)
@@ -55,5 +56,12 @@ def hold(spec: str, ready: Path) -> None:
     setattr(Trainer, method, held)
 
 
-if sys.argv[1:2] == ["train"] and os.environ.get("IMDB_LORA_TEST_HOLD_AT"):
+def chosen() -> bool:
+    """An `imdb-lora train` process the test holds: every one, or under torchrun the rank named in
+    IMDB_LORA_TEST_HOLD_RANK only."""
+    rank = os.environ.get("RANK", "0")
+    return sys.argv[1:2] == ["train"] and os.environ.get("IMDB_LORA_TEST_HOLD_RANK", rank) == rank
+
+
+if os.environ.get("IMDB_LORA_TEST_HOLD_AT") and chosen():
     hold(os.environ["IMDB_LORA_TEST_HOLD_AT"], Path(os.environ["IMDB_LORA_TEST_HOLD_READY"]))

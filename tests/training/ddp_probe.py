@@ -4,7 +4,8 @@ It runs the same `imdb_lora.cli.main` as `python -m imdb_lora`, and adds two pro
 - PROBE_RUN_DIR + PROBE_LOG: on every rank but 0, an audit hook logs (one line each, to PROBE_LOG.rank<r>)
   every file creation, write, rename or removal under the run directory: only rank 0 may write there;
 - PROBE_KILL_AT_STEP=k: rank 0 kills itself with SIGKILL after its k-th optimizer step (a real crash:
-  no cleanup, no exception handler), which brings the whole torchrun job down mid-epoch.
+  no cleanup, no exception handler), which brings the whole torchrun job down mid-epoch;
+- PROBE_STATUS: every rank writes the exit status `imdb-lora` returned to PROBE_STATUS.rank<r>.
 
 `python ddp_probe.py --self-test DIR LOG` checks that the audit hook sees the writes a run makes.
 """
@@ -83,7 +84,11 @@ def main() -> int:
         kill_after(int(os.environ["PROBE_KILL_AT_STEP"]))
     from imdb_lora.cli import main as cli_main
 
-    return cli_main(sys.argv[1:])
+    code = cli_main(sys.argv[1:])
+    if os.environ.get("PROBE_STATUS"):
+        with open(f"{os.environ['PROBE_STATUS']}.rank{rank}", "w") as f:
+            f.write(str(code))
+    return code
 
 
 if __name__ == "__main__":

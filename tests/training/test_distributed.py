@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import hold_train_at, sigint_as_in_a_terminal, train_args
 
 from imdb_lora.cli import main
 from imdb_lora.config import Config
@@ -218,3 +218,57 @@ def test_sigterm_to_a_torchrun_job_stops_every_rank_and_rank_0_alone_prints_the_
     resumed = torchrun(*shlex.split(hint)[3:])  # the same launch: this test's torchrun, 2 processes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_torchrun_job_stops_every_rank_after_the_same_step_and_resume_ends_as_uncut(
+    sig, one_process, no_dropout_bert, imdb_dir, tmp_path
+):
+    """torchrun passes a signal on to every rank, and the ranks can be a step apart when it comes: they
+    agree on the step to stop after. Here rank 1 waits after step 7 (of 8) for its signal while rank 0,
+    which gets it too but is held at that step's boundary in the agreement, decides nothing alone. Both
+    stop after step 7 with the signal's status, rank 0 writes a checkpoint of step 7 (none was due:
+    --checkpoint-every 0; before, a data-parallel run stopped at once and kept the end of epoch 1's,
+    step 4) and alone prints, and the torchrun --resume it prints ends with the uncut run's figures."""
+    from safetensors import safe_open
+
+    out, status, held = tmp_path / "ddp", tmp_path / "status", tmp_path / "held"
+    env = hold_train_at("_after_step:7", held, {**os.environ, "PROBE_STATUS": str(status)}, rank=1)
+    args = [str(HERE / "ddp_probe.py"), *recipe(no_dropout_bert, imdb_dir, out, 4), "--checkpoint-every", "0"]
+    job = subprocess.Popen(
+        [*TORCHRUN, *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal,
+    )
+    try:
+        deadline = time.time() + 300  # three starts of Python with torch, on a loaded machine
+        while job.poll() is None and not held.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert job.poll() is None and held.exists(), "rank 1 never reached step 7"
+        os.killpg(job.pid, sig)  # torchrun's own group, as a terminal or a scheduler signals it
+        err = job.communicate(timeout=120)[1]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    what, name = ("stopped by SIGTERM", "SIGTERM") if sig == signal.SIGTERM else ("interrupted", "Ctrl-C")
+    assert [Path(f"{status}.rank{r}").read_text() for r in (0, 1)] == [str(128 + sig)] * 2, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("imdb-lora: ")]
+    assert said == [
+        f"imdb-lora: {name}: finishing the step in flight and saving a checkpoint there, then stopping "
+        "(Ctrl-C again stops at once)",
+        f"imdb-lora: {what}; training was at step 7 of 8; its last checkpoint is "
+        f"{out / 'checkpoint.safetensors'} (step 7); continue it with: torchrun --nproc-per-node 2 -m "
+        f"imdb_lora train --output-dir {shlex.quote(str(out))} --resume",
+    ], err[-3000:]
+    with safe_open(out / "checkpoint.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["progress"])["global_step"] == 7
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+
+    resumed = torchrun(str(HERE / "ddp_probe.py"), "train", "--output-dir", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(one_process, out)

@@ -46,6 +46,7 @@ class Dist:
     started: bool = False  # whether this object initialised the process group (and must destroy it)
     device: torch.device | None = None  # this process's device, once start() has run
     local_world_size: int | None = None  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
+    stop_group: Any = None  # the group agree_on_stop reduces in (None: the default one, gloo on CPU)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Dist:
@@ -120,6 +121,11 @@ class Dist:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             self.started = True
+        if dist.get_backend() != "gloo":
+            # agree_on_stop runs at every step: a gloo group beside NCCL reduces a CPU tensor between
+            # the hosts, where an NCCL reduce would be read back from the device, a host sync per step
+            # that drains the queue of launched work (creating a group is collective: every rank, here)
+            self.stop_group = dist.new_group(backend="gloo")
         self.device = device
         return device
 
@@ -179,6 +185,18 @@ class Dist:
         out = t.detach().to(self.device, torch.float64, copy=True)
         dist.all_reduce(out)
         return out.to(t.device)
+
+    def agree_on_stop(self, signum: int) -> int:
+        """The largest signal number any rank passes (0: none), returned on every rank: the stop all
+        ranks take at this step boundary (training.stopping). Collective, at the same boundaries on
+        every rank; on the host (a CPU tensor, in stop_group), so it never waits for the device."""
+        if not self.enabled:
+            return signum
+        import torch.distributed as dist
+
+        flag = torch.tensor([signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
+        return int(flag.item())
 
     def loss_and_accuracy(self, logits: torch.Tensor, labels: list[int]) -> tuple[float, float]:
         """Mean loss and accuracy over the whole split, from this rank's shard of it."""

@@ -19,11 +19,16 @@ checkpoint stays: checkpoint writes are atomic). A second SIGTERM is ignored, as
 process group's members each get one; compare passes its own on to its training child); SIGKILL still
 ends it.
 
-Only one process decides here: under torchrun the ranks would see the signal at different step (or
-evaluation batch) boundaries and one would wait in a collective the others never reach, so a
-data-parallel run keeps the old behaviour (the trainer does not use this there). A signal the process
-does not take (SIGINT ignored by a background job, SIGTERM at its default outside the CLI) is left as
-it is.
+A data-parallel run (torchrun) stops at a step boundary too, but every rank must stop after the same
+step: each takes part in the collectives of every step (the gradients' all-reduce) and of the stop's
+save (the checkpoint's RNG gather), and torchrun passes the signal to each rank, which may then be a
+step ahead of another. So the ranks agree at every step boundary (`agree`, with Dist.agree_on_stop: a
+MAX over the signal numbers the ranks received) and stop together at the first boundary where any of
+them has one, all with the same exception (SIGTERM's if any rank got SIGTERM), rank 0 alone printing.
+The epoch's evaluation is not cut there (ranks can hold one evaluation batch more than another, so a
+per-batch agreement could wait for a rank that is done): a stop during it is taken after the epoch's
+record, at its end-of-epoch checkpoint. A signal the process does not take (SIGINT ignored by a
+background job, SIGTERM at its default outside the CLI) is left as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from ..errors import Terminated
@@ -51,10 +57,12 @@ class StopAtStepBoundary:
     (one that came after its last check) is raised on leaving, as the signal would have raised it.
     `doing` is what the first signal's line says will happen (the loop sets it as it moves on)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, announce: bool = True):
         self.enabled = enabled
+        self.announce = announce  # whether the first signal's line is printed (rank 0's, under torchrun)
         self.doing = STEPS
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first signal this process received
+        self.agreed: int | None = None  # the stop's signal, as the data-parallel ranks agreed on it
         self.acted = False
         self.previous: dict[int, object] = {}
 
@@ -62,10 +70,20 @@ class StopAtStepBoundary:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def agree(self, agree_on_stop: Callable[[int], int]) -> bool:
+        """Whether to stop at this boundary, decided with the other ranks of a data-parallel run:
+        `agree_on_stop` (Dist.agree_on_stop, a collective) turns this rank's signal number (0: none) into
+        the largest any rank has. A stop agreed on is taken here as that signal, received or not; it does
+        not count as this process's first signal (its own, coming later, is not a second Ctrl-C)."""
+        agreed = agree_on_stop(self.agreed or self.signum or 0)
+        if agreed:
+            self.agreed = agreed
+        return bool(agreed)
+
     def exception(self) -> KeyboardInterrupt:
         """What the signal raised before (the CLI turns it into the stop line and the exit status)."""
         self.acted = True
-        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+        return Terminated() if (self.agreed or self.signum) == signal.SIGTERM else KeyboardInterrupt()
 
     def check(self) -> None:
         """A boundary inside the work: raise StopRequested if a stop is waiting there."""
@@ -84,11 +102,11 @@ class StopAtStepBoundary:
         if self.signum is None:
             self.signum = signum
             name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            # os.write, not print: a handler runs between any two bytecodes, a progress bar's write too
-            os.write(
-                2,
-                f"\nimdb-lora: {name}: {self.doing}, then stopping (Ctrl-C again stops at once)\n".encode(),
-            )
+            if self.announce:  # os.write, not print: a handler runs between any two bytecodes
+                os.write(
+                    2,
+                    f"\nimdb-lora: {name}: {self.doing}, then stopping (Ctrl-C again stops at once)\n".encode(),
+                )
             return
         if signum == signal.SIGINT:  # a second Ctrl-C: at once, the last checkpoint kept
             raise KeyboardInterrupt
@@ -101,10 +119,10 @@ class StopAtStepBoundary:
         tb: TracebackType | None,
     ) -> None:
         for sig, handler in self.previous.items():
-            stopping_by_sigterm = sig == signal.SIGTERM and self.signum == signal.SIGTERM
+            stopping_by_sigterm = sig == signal.SIGTERM and signal.SIGTERM in (self.signum, self.agreed)
             signal.signal(sig, signal.SIG_IGN if stopping_by_sigterm else handler)  # type: ignore[arg-type]
         self.previous.clear()
         if exc_type is StopRequested:  # a check no caller acted on: the stop all the same, without a save
             raise self.exception() from None
-        if exc_type is None and self.requested and not self.acted:
+        if exc_type is None and (self.requested or self.agreed) and not self.acted:
             raise self.exception()

@@ -381,11 +381,9 @@ class Trainer:
             self.model.train()
             start = time.time()
             # The first Ctrl-C or SIGTERM in an epoch lets the work reach a point where a checkpoint
-            # can be written, writes it, then stops (stopping.py). One process only: under torchrun the
-            # ranks could see the signal at different steps or evaluation batches, and one would wait
-            # in a collective (the gradients' all-reduce, the evaluation's sums, the checkpoint's RNG
-            # gather) that the others never reach; a data-parallel run stops at once, as before.
-            with StopAtStepBoundary(enabled=not self.dist.enabled) as stop:
+            # can be written, writes it, then stops (stopping.py); data-parallel ranks agree on the
+            # step (_stopping), and rank 0 alone says so.
+            with StopAtStepBoundary(announce=self.dist.main) as stop:
                 while st.epoch <= cfg.epochs:
                     self._train_epoch(stop)
                     self._end_epoch(stop)
@@ -473,10 +471,10 @@ class Trainer:
                     t0 = time.time()
                     self._save_checkpoint()
                 self._after_step()
-                if stop.requested:
+                if self._stopping(stop):
                     break
             flush()
-            if stop.requested:  # at a step boundary: the resume checkpoint of the step reached
+            if self._stopping(stop):  # at a step boundary: the resume checkpoint of the step reached
                 st.epoch_train_seconds += time.time() - t0
                 t0 = time.time()
                 self._save_checkpoint_once()
@@ -484,6 +482,15 @@ class Trainer:
         finally:
             bar.close()
         st.epoch_train_seconds += time.time() - t0
+
+    def _stopping(self, stop: StopAtStepBoundary) -> bool:
+        """Whether the loop stops at this boundary. One process decides alone; data-parallel ranks
+        decide together (every rank calls this at the same boundaries), so that all stop after the same
+        step, whichever of them the signal reached first. Checked at every step: on the host, a reduce
+        of one number between the processes (Dist.agree_on_stop), no device sync."""
+        if not self.dist.enabled:
+            return stop.requested
+        return stop.agree(self.dist.agree_on_stop)
 
     def _check_diverged(self, what: str, loss: float) -> None:
         """A NaN or infinite loss: the weights are lost (calibration's LBFGS then raised a traceback)."""
@@ -535,19 +542,23 @@ class Trainer:
         the checkpoint of the epoch's steps is written (the evaluation is redone on --resume); once the
         record has begun (the adapter replaced, the row appended: the state has moved on), the record
         is finished up to the end-of-epoch checkpoint (a few writes) and the run stops there, so no
-        epoch is evaluated or appended twice."""
+        epoch is evaluated or appended twice. Data-parallel ranks finish the evaluation (one can have a
+        batch more than another: no boundary they all reach) and stop at the epoch's checkpoint."""
         t0 = time.time()
-        stop.doing = (
-            "ending the evaluation after its batch in flight and keeping a checkpoint of the epoch's steps"
-        )
+        if self.dist.enabled:
+            stop.doing, check = "finishing the epoch's evaluation, its record and its checkpoint", None
+        else:
+            stop.doing = "ending the evaluation after its batch in flight and keeping a checkpoint of the epoch's steps"
+            check = stop.check
         try:
-            row, weights, score = self._evaluate_epoch(stop.check)
+            row, weights, score = self._evaluate_epoch(check)
         except StopRequested:
             self._save_checkpoint_once()
             raise stop.exception() from None
-        stop.doing = "finishing the epoch's record and its checkpoint"
+        if not self.dist.enabled:
+            stop.doing = "finishing the epoch's record and its checkpoint"
         self._record_epoch(row, weights, score, t0)
-        if stop.requested:
+        if self._stopping(stop):
             raise stop.exception()
 
     def _save_checkpoint_once(self) -> None:
@@ -556,7 +567,7 @@ class Trainer:
         if self.checkpoint_step != self.state.global_step:
             self._save_checkpoint()
 
-    def _evaluate_epoch(self, check: Callable[[], None]) -> tuple[dict[str, Any], str, float]:
+    def _evaluate_epoch(self, check: Callable[[], None] | None) -> tuple[dict[str, Any], str, float]:
         """The epoch's row of figures, the weights that won (raw or ema) and their score. Changes no
         state, so a stop here (`check` raising after a batch) loses nothing but the evaluation: the
         LoRA merged for a flat pass (merge.merged_lora) and the average swapped in (Ema.applied) are
@@ -589,7 +600,8 @@ class Trainer:
                     row["ema_test_loss"], row["ema_test_accuracy"] = self.evaluate(
                         self.test_ids, self.test_y, "test (EMA)", check
                     )
-        check()  # a stop after the last batch (during the sums) is still one during the evaluation
+        if check is not None:  # a stop after the last batch (during the sums) is still one during it
+            check()
         return row, weights, score
 
     def _record_epoch(self, row: dict[str, Any], weights: str, score: float, t0: float) -> None:
