@@ -6,11 +6,12 @@
 #
 #   bash scripts/gpu-rehearse.sh [WORK]      (WORK default: a new temporary folder; kept, with the logs)
 #
-# Call 1 runs the `fast` part on the staged roberta-base; call 5 the `default` part (PARTS5 to change it,
+# Call 1 runs the `fast` part on the staged roberta-base, call 2 `fast-accuracy` on the staged MiniLM (a
+# `fast` session's two calls); call 5 the `default` part (PARTS5 to change it,
 # e.g. "default compare"). QUICK with the real MPNet-base trains at ~20 s a step on 2 cores, too slow for
 # the step limits, so call 5 rehearses with MiniLM in MPNet's place (MPNET; the staged MPNet is still put
-# together and checked). Takes 20-40 minutes on the 2-core machine. Exit status: 0 if both calls were.
-# FAST=0 leaves call 1 out. CUT=S rehearses a run cut by the deadline and carried to the next session:
+# together and checked). Takes 20-40 minutes on the 2-core machine. Exit status: 0 if every call was.
+# FAST=0 leaves calls 1 and 2 out. CUT=S rehearses a run cut by the deadline and carried to the next session:
 # call 5 runs with DEADLINE=S (small enough to cut `default`'s training after its first epoch), and what
 # it brings back (OUT/NAME.resume.tgz.NN) is staged with a copy of the stage under another path for
 # call 6, on a "fresh machine" (another RUNS), which must finish the run with --resume.
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 work=${1:-$(mktemp -d /tmp/gpu-rehearse.XXXX)}
 python=${PYTHON:-$PWD/.venv-gpu-versions/bin/python}
 minilm=${MPNET:-${PRETRAINED_DIR:-$HOME/.cache/pretrained}/all-MiniLM-L6-v2}
-for need in .stage/speed/c1 .stage/mpnet/c4 "$python" "$minilm"; do
+for need in .stage/speed/c1 .stage/minilm/c1 .stage/mpnet/c4 "$python" "$minilm"; do
   [ -e "$need" ] || { echo "gpu-rehearse: $need is missing (bash scripts/gpu-stage.sh; make test-gpu-versions)" >&2; exit 2; }
 done
 mkdir -p "$work/stage"
@@ -54,6 +55,8 @@ if [ "${FAST:-1}" != 0 ]; then
   put_together speed
   call call1 fast
   rc1=$?
+  put_together minilm  # call 2 of a `fast` session: MiniLM beside call 1's data
+  call call2 fast-accuracy || rc1=1
 fi
 put_together mpnet
 [ -f "$work/stage/all-mpnet-base-v2-fp16/model.safetensors" ] || { echo "gpu-rehearse: no MPNet in .stage/mpnet" >&2; exit 1; }

