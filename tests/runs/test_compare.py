@@ -257,6 +257,45 @@ def test_ctrl_c_in_full_before_its_checkpoint_keeps_the_finished_lora_run(
     assert "--resume" not in train_in_this_process[0]
 
 
+def test_ctrl_c_between_the_lora_setup_and_its_training_says_to_run_again_and_that_works(
+    tiny_models, imdb_dir, tmp_path, capsys, monkeypatch, train_in_this_process
+):
+    """The signal reaches the lora child once its setup is over, before its training's handler: the
+    child left its folder (config.yaml, a "running" run.json, no checkpoint), and the advice to run the
+    same command again was refused, the folder not empty."""
+    train = Trainer.train
+
+    def stopped_first(self):
+        monkeypatch.setattr(Trainer, "train", train)
+        raise KeyboardInterrupt
+
+    class LoraStoppedBeforeItsSteps(TrainInThisProcess):
+        code: int | None = None
+
+        def wait(self) -> int:
+            if self.argv[2] != "lora" or self.code is not None:  # compare waits again once interrupted
+                return super().wait() if self.code is None else self.code
+            self.code = main(self.argv)  # the child, given Ctrl-C
+            raise KeyboardInterrupt  # and compare, in the terminal's process group
+
+    monkeypatch.setattr(Trainer, "train", stopped_first)
+    monkeypatch.setattr(
+        imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=LoraStoppedBeforeItsSteps)
+    )
+    out = tmp_path / "cmp"
+    compare = ["compare", "--output-dir", str(out), *compare_flags(tiny_models, imdb_dir)]
+    assert main(compare) == 130
+    err = capsys.readouterr().err
+    assert Trainer.train is train and err.rstrip().endswith(
+        "imdb-lora: interrupted; the lora run stopped before its first checkpoint, so there is nothing of it "
+        "to resume; run the same compare command again"
+    )
+    assert not (out / "lora").exists()
+    monkeypatch.setattr(imdb_lora.runs.compare, "subprocess", SimpleNamespace(Popen=TrainInThisProcess))
+    assert main(compare) == 0  # the advice works
+    assert RunDir(out / "lora").status() == "finished" and RunDir(out / "full").status() == "finished"
+
+
 def test_a_failed_full_run_says_resume_keeps_the_finished_lora_run(
     tiny_models, imdb_dir, tmp_path, capsys, monkeypatch, train_in_this_process
 ):

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import hold_train_at, sigint_as_in_a_terminal, train_args, without_startup, write_imdb
 
 from imdb_lora.cli import main
+from imdb_lora.errors import Terminated
 from imdb_lora.runs.rundir import RunDir
 from imdb_lora.training.trainer import Trainer
 
@@ -94,6 +96,123 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(
     assert not out.exists()
     monkeypatch.undo()  # and the same command needs no --overwrite now
     assert main(train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1")) == 0
+
+
+STOPS = [
+    (KeyboardInterrupt, 130, "imdb-lora: interrupted"),
+    (Terminated, 143, "imdb-lora: stopped by SIGTERM"),
+]
+
+
+@pytest.mark.parametrize("stop, status, said", STOPS, ids=["ctrl-c", "sigterm"])
+def test_a_stop_just_after_the_run_folder_is_made_leaves_no_folder(
+    stop, status, said, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    """The signal arrives as mkdir returns, before the trainer has noted that it made the folder: the
+    folder was left behind, empty (the trainer noted it only after mkdir)."""
+    out = tmp_path / "r"
+    mkdir = Path.mkdir
+
+    def mkdir_then_stop(self, *args, **kwargs):
+        mkdir(self, *args, **kwargs)
+        if self == out:
+            raise stop
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_stop)
+    assert main(train_args(tiny_models("bert"), imdb_dir, out)) == status
+    assert capsys.readouterr().err.splitlines()[-1] == said
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def stop_as_training_begins(monkeypatch, stop: type[KeyboardInterrupt]) -> None:
+    """The signal arrives once setup is over, before train()'s handler is in place (its first line)."""
+    train = Trainer.train
+
+    def stopped_first(self):
+        monkeypatch.setattr(Trainer, "train", train)  # once: the rerun trains
+        raise stop
+
+    monkeypatch.setattr(Trainer, "train", stopped_first)
+
+
+@pytest.mark.parametrize("stop, status, said", STOPS, ids=["ctrl-c", "sigterm"])
+def test_a_stop_between_setup_and_training_leaves_nothing_and_says_so(
+    stop, status, said, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    """It left the folder with config.yaml and a "running" run.json, no checkpoint, a bare "interrupted",
+    and a rerun of the same command that was refused without --overwrite."""
+    stop_as_training_begins(monkeypatch, stop)
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out)) == status
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert (
+        line
+        == f"{said}; no checkpoint had been written yet, so there is nothing to resume; {out} was removed"
+    )
+    assert not out.exists()
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1")) == 0  # no --overwrite needed
+
+
+def test_a_stop_between_setup_and_training_of_a_resumed_run_says_how_to_resume(
+    tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    interrupt_at_step(monkeypatch, 2)
+    out = tmp_path / "r"
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--checkpoint-every", "1")) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    stop_as_training_begins(monkeypatch, KeyboardInterrupt)
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 130
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("imdb-lora: interrupted; training was at step 2 of ")
+    assert line.endswith(f"(step 2); continue it with: imdb-lora train --output-dir {out} --resume")
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert RunDir(out).status() == "finished"
+
+
+def test_a_stop_between_setup_and_training_under_overwrite_puts_the_old_run_back(
+    trained_run, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    """A stop before the replaced run's removal began: the old run was left aside (r.replaced-PID) and
+    the new one, with no checkpoint, in its place."""
+    run = shutil.copytree(trained_run, tmp_path / "r")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    drop = Trainer._drop_replaced
+
+    def stopped_first(self):
+        monkeypatch.setattr(Trainer, "_drop_replaced", drop)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_drop_replaced", stopped_first)
+    assert main(train_args(tiny_models("bert"), imdb_dir, run, "--overwrite")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "imdb-lora: interrupted"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"] and RunDir(run).status() == "finished"
+
+
+def test_a_stop_while_the_replaced_run_is_removed_finishes_removing_it(
+    trained_run, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+):
+    """Once the old run's removal has begun it cannot be put back whole: the removal finishes, and the
+    new run, without a checkpoint, goes as a stop before the first checkpoint takes it."""
+    run = shutil.copytree(trained_run, tmp_path / "r")
+    rmtree = shutil.rmtree
+
+    def rmtree_cut_short(path, *args, **kwargs):
+        if ".replaced-" in str(path):
+            monkeypatch.setattr(shutil, "rmtree", rmtree)
+            (Path(path) / "run.json").unlink()  # a part removed, then the signal
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_cut_short)
+    assert main(train_args(tiny_models("bert"), imdb_dir, run, "--overwrite")) == 130
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert (
+        line
+        == f"imdb-lora: interrupted; no checkpoint had been written yet, so there is nothing to resume; {run} was removed"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tiny_models, imdb_dir, tmp_path, monkeypatch, capsys):

@@ -86,7 +86,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = config_from_args(ns, base).validate()
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
     trainer = Trainer(cfg, out, overwrite=ns.overwrite, resume=ns.resume)
-    summary = trainer.setup().train()
+    summary = trainer.fit()
     if not trainer.dist.main:
         return 0  # under torchrun, rank 0 reports for all
     test = summary.get("test_accuracy")

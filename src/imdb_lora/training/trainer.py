@@ -1,4 +1,4 @@
-"""The training recipe: `Trainer(cfg, out).setup().train()` runs (or resumes) one run into its directory.
+"""The training recipe: `Trainer(cfg, out).fit()` (setup, then train) runs (or resumes) one run into its directory.
 
 setup() is a sequence of steps, each checking what can fail before anything slow or anything on disk
 happens: the run directory (fresh, overwritten or resumed, locked against a second process), the model
@@ -72,7 +72,7 @@ EVAL_PATHS = {"padded": "padded (length-sorted)", "packed": "packed", "flat": "f
 
 
 class Trainer:
-    """One run: `Trainer(cfg, out).setup().train()` returns the run's summary (also in run.json)."""
+    """One run: `Trainer(cfg, out).fit()` returns the run's summary (also in run.json)."""
 
     def __init__(
         self, cfg: Config, output_dir: str | os.PathLike, overwrite: bool = False, resume: bool = False
@@ -89,6 +89,28 @@ class Trainer:
         self.old_lock: IO[str] | None = None
         self.dist = Dist.from_env()  # torchrun's data-parallel place; rank 0 of 1 otherwise
         self.checkpoint_step: int | None = None  # global step of the resume checkpoint on disk, once known
+        # Between setup's guarded block and train's: "set up" (a replaced run still aside), then "dropping"
+        # (the replaced run being removed); None before and after. fit() handles a stop in that gap.
+        self.between: str | None = None
+
+    def fit(self) -> dict[str, Any]:
+        """setup() then train(), under one handler: a Ctrl-C or SIGTERM that comes after setup's own
+        handler is over and before train's has begun (with --overwrite, while the replaced run is
+        removed) leaves the run as a stop in either does, not a folder with nothing to resume."""
+        try:
+            self.setup()
+            return self.train()
+        except KeyboardInterrupt as e:
+            if self.between is None:
+                raise  # setup's or train's handler has already said (or undone) what the stop left
+            if self.between == "set up" and self.replaced is not None:
+                self._abandon()  # the old run still whole: put back, as a stop during setup does
+                raise
+            try:
+                raise self._stopped(e) from None
+            finally:
+                self.run.unlock()
+                self.dist.close()
 
     # ------------------------------------------------------------ setup
 
@@ -113,15 +135,24 @@ class Trainer:
             self._setup_optimizer()
             if self.dist.main:
                 self.run.write_status("running", self._summary())
+            self.between = "set up"  # the last statement: a stop from here on is fit()'s to handle
         except BaseException as e:
+            self.between = None
             self._abandon()
             failure = write_failure(e)
             if failure is not None:  # a full disk: what to do, in one line
                 raise UserError(self._setup_write_failed(failure)) from None
             raise
-        if self.replaced is not None:  # the new run is set up: only now is the old one dropped
-            shutil.rmtree(self.replaced, ignore_errors=True)
+        self._drop_replaced()
         return self
+
+    def _drop_replaced(self) -> None:
+        """The new run is set up: only now is the run --overwrite replaces removed (once this has begun,
+        a stop finishes it: the old run can no longer be put back whole)."""
+        if self.replaced is not None:
+            self.between = "dropping"
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
 
     def _check_directory(self) -> None:
         """Decide between a fresh run and a resumed one; refuse to lose anything silently."""
@@ -249,10 +280,13 @@ class Trainer:
             os.replace(run.path, self.replaced)
         try:
             run.path.parent.mkdir(parents=True, exist_ok=True)
+            # Set before mkdir, not after: a stop between the two would leave the folder it made behind.
+            # A stop before `created` below removes it, if still empty (_abandon).
+            self.made_dir = not run.path.exists()
             run.path.mkdir()
-            self.made_dir = True  # a stop before `created` below still removes it, if left empty
         except FileExistsError:
-            pass  # an empty folder is used as it is; another process's run is found under the lock below
+            self.made_dir = False  # made by another process meanwhile: not this one's to remove
+            # an empty folder is used as it is; another process's run is found under the lock below
         except OSError as e:
             raise UserError(f"--output-dir {run.path}: cannot create it ({e.strerror})") from None
         run.lock()  # another process that started on this folder meanwhile holds it: refused, naming it
@@ -375,6 +409,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, st = self.cfg.train, self.state
         try:
+            self.between = None  # from here a stop is this handler's
             torch.manual_seed(cfg.seed + self.dist.rank)  # each rank its own dropout masks
             if self.resumed:
                 restore_rng(self._rng, self.device)
@@ -395,9 +430,7 @@ class Trainer:
             self.run.write_status("finished", summary)
             return summary
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the CLI raises it (a subclass: kept)
-            stop = type(e)(self._interrupted())
-            stop.quiet = not self.dist.main  # torchrun signals every rank; rank 0 alone says where it stood
-            raise stop from None
+            raise self._stopped(e) from None
         except Exception as e:
             failure = write_failure(e)
             if failure is None:
@@ -409,6 +442,14 @@ class Trainer:
         finally:
             self.run.unlock()
             self.dist.close()
+
+    def _stopped(self, e: KeyboardInterrupt) -> KeyboardInterrupt:
+        """The stop to raise for Ctrl-C or SIGTERM once the run is set up: its line says what it left."""
+        self._drop_replaced()  # a stop that cut the removal short: the rest goes too
+        self.between = None  # handled: fit() passes it on as it is
+        stop = type(e)(self._interrupted())
+        stop.quiet = not self.dist.main  # torchrun signals every rank; rank 0 alone says where it stood
+        return stop
 
     def _interrupted(self) -> str:
         """What Ctrl-C or SIGTERM leaves: a run to --resume (where it stood, its last checkpoint, the
