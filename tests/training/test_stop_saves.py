@@ -24,6 +24,7 @@ from imdb_lora.modeling import forward
 from imdb_lora.runs.rundir import RunDir
 from imdb_lora.training import checkpoint
 from imdb_lora.training.progress import saved_step
+from imdb_lora.training.stopping import STEPS, StopAtStepBoundary
 from imdb_lora.training.trainer import Trainer
 
 TEXTS = ["great wonderful film", "awful boring waste", "the plot was dull and poor", "loved it. brilliant"]
@@ -388,3 +389,21 @@ def test_a_stop_in_the_evaluation_after_a_last_step_stop_writes_no_second_checkp
     )
     monkeypatch.undo()
     resume_to_the_uncut_run(uncut("auto", *EVAL), out, capfd, 1, 5)
+
+
+@pytest.mark.parametrize(
+    "env, again",
+    [
+        ({}, "Ctrl-C again stops at once"),
+        ({"TORCHELASTIC_RUN_ID": "x"}, "under torchrun, Ctrl-C again does not stop it sooner"),
+    ],
+    ids=["one-process", "torchrun"],
+)
+def test_the_first_signals_line_says_what_ctrl_c_again_does(env, again, monkeypatch, capfd):
+    """Under torchrun a terminal's second Ctrl-C reaches torchrun alone, which passes SIGTERM on (ignored
+    while stopping) and kills the processes 30 s later: the line promised a stop at once there too."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    StopAtStepBoundary()._handle(signal.SIGINT, None)
+    assert capfd.readouterr().err == f"\nimdb-lora: Ctrl-C: {STEPS}, then stopping ({again})\n"

@@ -27,8 +27,12 @@ MAX over the signal numbers the ranks received) and stop together at the first b
 them has one, all with the same exception (SIGTERM's if any rank got SIGTERM), rank 0 alone printing.
 The epoch's evaluation is not cut there (ranks can hold one evaluation batch more than another, so a
 per-batch agreement could wait for a rank that is done): a stop during it is taken after the epoch's
-record, at its end-of-epoch checkpoint. A signal the process does not take (SIGINT ignored by a
-background job, SIGTERM at its default outside the CLI) is left as it is.
+record, at its end-of-epoch checkpoint. A second Ctrl-C does not stop such a run sooner (the first
+signal's line says so there): torchrun starts each process in a session of its own, so a terminal's
+Ctrl-C reaches torchrun alone, which passes the first on as it came (SIGINT) and, on a second, sends
+SIGTERM, which a stopping process ignores, and kills the processes (SIGKILL) 30 s later; stopping at
+once on one rank could leave another waiting in a collective anyway. A signal the process does not
+take (SIGINT ignored by a background job, SIGTERM at its default outside the CLI) is left as it is.
 """
 
 from __future__ import annotations
@@ -36,13 +40,21 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 from ..errors import Terminated
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STEPS = "finishing the step in flight and saving a checkpoint there"  # what the first signal's line says
+AGAIN = "Ctrl-C again stops at once"
+AGAIN_UNDER_TORCHRUN = "under torchrun, Ctrl-C again does not stop it sooner"  # see the module's docstring
+
+
+def again_hint(env: Mapping[str, str] = os.environ) -> str:
+    """What a second Ctrl-C does, as the first signal's line says it: torchrun's agent sets
+    TORCHELASTIC_RUN_ID in every process it starts."""
+    return AGAIN_UNDER_TORCHRUN if "TORCHELASTIC_RUN_ID" in env else AGAIN
 
 
 class StopRequested(BaseException):
@@ -61,6 +73,7 @@ class StopAtStepBoundary:
         self.enabled = enabled
         self.announce = announce  # whether the first signal's line is printed (rank 0's, under torchrun)
         self.doing = STEPS
+        self.again = again_hint()
         self.signum: int | None = None  # the first signal this process received
         self.agreed: int | None = None  # the stop's signal, as the data-parallel ranks agreed on it
         self.acted = False
@@ -105,7 +118,7 @@ class StopAtStepBoundary:
             if self.announce:  # os.write, not print: a handler runs between any two bytecodes
                 os.write(
                     2,
-                    f"\nimdb-lora: {name}: {self.doing}, then stopping (Ctrl-C again stops at once)\n".encode(),
+                    f"\nimdb-lora: {name}: {self.doing}, then stopping ({self.again})\n".encode(),
                 )
             return
         if signum == signal.SIGINT:  # a second Ctrl-C: at once, the last checkpoint kept
