@@ -183,6 +183,17 @@ def test_the_table_names_each_device_when_the_runs_differ():
     )
 
 
+def test_the_table_names_a_local_base_by_its_folder_not_its_path():
+    row = {"model": "/home/me/models/all-MiniLM-L6-v2", "examples": {"train": 8, "val": 2, "test": 4}}
+    row |= {"trainable_parameters": 10, "trainable_percent": 1.0, "val_accuracy": 0.5, "train_seconds": 3.0}
+    row |= {"epochs_done": 1, "peak_memory_bytes": 1, "peak_memory_kind": "rss", "weights_bytes": 1}
+    row |= {"precision": "fp32", "device": "cpu"}
+    table = comparison_markdown([row | {"method": "lora"}, row | {"method": "full"}])
+    assert table.startswith("# LoRA vs full fine-tuning: all-MiniLM-L6-v2\n") and "/home/me" not in table
+    hub = comparison_markdown([row | {"method": "lora", "model": "sentence-transformers/all-MiniLM-L6-v2"}])
+    assert hub.startswith("# LoRA vs full fine-tuning: sentence-transformers/all-MiniLM-L6-v2\n")
+
+
 @pytest.mark.parametrize("left", ["resumable", "nothing"])
 def test_ctrl_c_lets_the_run_tidy_up_and_says_what_it_left(left, tmp_path, capsys, monkeypatch):
     waits = []

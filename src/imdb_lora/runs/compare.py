@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import Config, differing_fields
 from ..errors import Terminated, UserError
-from .report import fmt_bytes, fmt_seconds
+from .report import fmt_bytes, fmt_seconds, shown_model_name
 from .rundir import RunDir, atomic_write_text, require_creatable
 
 METHODS = ("lora", "full")
@@ -173,7 +173,8 @@ def kept_on_resume(out: Path, method: str, overwrite: bool) -> str:
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [
-        f"# LoRA vs full fine-tuning: {first['model']}",
+        # comparison.md is shared as results.md is: a local base by its folder's name, never this machine's path
+        f"# LoRA vs full fine-tuning: {shown_model_name(first['model'])}",
         "",
         f"{devices_line(rows)}; same data, epochs and seed for both; "
         f"train/val/test = {' / '.join(f'{v:,}' for v in first['examples'].values())} reviews. "
