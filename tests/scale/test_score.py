@@ -16,7 +16,7 @@ from conftest import SHARED, train_args
 from imdb_lora.cli import main
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.scale.batch import ScoreBatch
-from imdb_lora.scale.engines import schema_clash_inside
+from imdb_lora.scale.engines import Summary, schema_clash_inside
 
 pa = pytest.importorskip("pyarrow")  # the scale extra (part of dev)
 pq = pytest.importorskip("pyarrow.parquet")
@@ -59,6 +59,11 @@ def read_output(out: Path) -> list[dict]:
 
 def row_id(r: dict) -> str:
     return r.get("id") or r.get("rid") or f"{Path(r['source_file']).name}:{r['source_row']}"
+
+
+def test_the_summary_says_row_for_one_error_rows_otherwise():
+    one, two = Summary(rows=2, errors=1, seconds=1.0, examples=[]), Summary(2, 2, 1.0, [])
+    assert "; 1 row with an error;" in one.text("out/") and "; 2 rows with an error;" in two.text("out/")
 
 
 def test_local_engine_scores_files_keeps_ids_and_reports_bad_rows(trained_run, tmp_path, capsys):

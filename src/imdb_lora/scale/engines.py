@@ -74,7 +74,7 @@ class Summary:
         rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
         lines = [
             f"scored {self.rows:,} rows in {self.seconds:.1f} s ({rate:,.1f} rows/s); "
-            f"{self.errors:,} rows with an error; output: {output}"
+            f"{self.errors:,} {'row' if self.errors == 1 else 'rows'} with an error; output: {output}"
         ]
         return "\n".join(lines + [f"  {e}" for e in self.examples])
 
