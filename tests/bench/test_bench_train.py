@@ -73,6 +73,18 @@ def test_small_figures_keep_their_digits():
     assert re.search(r"timed_seconds\s+8\.43$", text, re.M) and "3,597.3" in text
 
 
+def test_counts_have_thousands_separators_as_the_estimates_beside_them():
+    from imdb_lora.bench.train import format_report
+
+    text = format_report(
+        {"epoch_reviews": 23750, "epoch_tokens": 2938673, "batch_size": 8, "compiled": False}
+    )
+    assert re.search(r"epoch_reviews\s+23,750$", text, re.M) and re.search(
+        r"epoch_tokens\s+2,938,673$", text, re.M
+    )
+    assert re.search(r"batch_size\s+8$", text, re.M) and re.search(r"compiled\s+False$", text, re.M)
+
+
 def test_bench_train_random_init_on_real_roberta_config(imdb_dir, capsys):
     from conftest import ROBERTA_BASE, needs_shared
 

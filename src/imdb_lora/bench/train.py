@@ -406,6 +406,8 @@ def format_report(report: dict[str, Any]) -> str:
             v = fmt_bytes(v)
         elif isinstance(v, float):  # small figures keep 3 significant digits (0.031 TFLOP/s, not 0.0)
             v = f"{v:.4f}" if k == "mfu" else f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+        elif isinstance(v, int) and not isinstance(v, bool):  # counts read as the floats beside them do
+            v = f"{v:,}"
         elif v is None:
             v = "–"
         lines.append(f"{k:<{width}}  {v}")
