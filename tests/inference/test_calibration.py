@@ -367,13 +367,15 @@ def test_the_temperature_is_fitted_on_validation_and_test_is_only_reported(tmp_p
     test = test / 40
     val_ids, test_ids = [[0]] * len(val), [[1]] * len(test)
     logits_of = {id(val_ids): val, id(test_ids): test}
+    passes = []  # the names their progress bars show
     tr = SimpleNamespace(
         cfg=Config().validate(),
         state=SimpleNamespace(history=[{"epoch": 1}], best_epoch=1, best_weights="raw"),
         run=RunDir(tmp_path), val_ids=val_ids, val_y=val_y, test_ids=test_ids, test_y=test_y,
-        eval_files=[], eval_logits=lambda seqs, name: logits_of[id(seqs)],
+        eval_files=[], eval_logits=lambda seqs, name: passes.append(name) or logits_of[id(seqs)],
     )  # fmt: skip
     post = after_training(tr)
+    assert passes == ["validation, kept checkpoint", "test, kept checkpoint"]  # not the epoch's bars again
     want = fit_temperature(val, val_y)
     assert want > 3 and fit_temperature(test, test_y) < 1
     record = json.loads((tmp_path / "calibration.json").read_text())

@@ -82,11 +82,12 @@ def after_training(tr: FinishedTraining) -> PostTraining:
     if st.history and (st.best_epoch != st.history[-1]["epoch"] or st.best_weights == "ema"):
         restore_kept_weights(tr.model, tr.run, cfg.train.method)
     out = PostTraining()
-    val = tr.eval_logits(tr.val_ids, "validation")
+    # Named apart from the epoch's passes, whose bars just showed the same splits: these read the kept weights
+    val = tr.eval_logits(tr.val_ids, "validation, kept checkpoint")
     temperature = fit_temperature(val, tr.val_y) if cfg.train.calibration else 1.0
     splits = {"val": (val, tr.val_y)}
     if cfg.train.eval_test_each_epoch:  # test is reported, as every epoch's test figures are
-        splits["test"] = (tr.eval_logits(tr.test_ids, "test"), tr.test_y)
+        splits["test"] = (tr.eval_logits(tr.test_ids, "test, kept checkpoint"), tr.test_y)
     record: dict[str, Any] = {"enabled": cfg.train.calibration, "temperature": temperature, "bins": ECE_BINS}
     for name, (logits, labels) in splits.items():
         figs = before_after(logits, labels, temperature)
