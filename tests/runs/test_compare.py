@@ -8,10 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import hold_train_at, sigint_as_in_a_terminal, sigterm_fails_the_test, train_args, write_imdb
 
 import imdb_lora.runs.compare
 from imdb_lora.cli import main
+from imdb_lora.metrics import peak_memory
 from imdb_lora.runs.compare import comparison_markdown
 from imdb_lora.runs.rundir import RunDir
 from imdb_lora.training.trainer import Trainer
@@ -192,6 +194,14 @@ def test_the_table_names_a_local_base_by_its_folder_not_its_path():
     assert table.startswith("# LoRA vs full fine-tuning: all-MiniLM-L6-v2\n") and "/home/me" not in table
     hub = comparison_markdown([row | {"method": "lora", "model": "sentence-transformers/all-MiniLM-L6-v2"}])
     assert hub.startswith("# LoRA vs full fine-tuning: sentence-transformers/all-MiniLM-L6-v2\n")
+
+
+def test_the_peak_memory_cell_has_no_nested_brackets():
+    row = {"model": "m", "examples": {"train": 8, "val": 2, "test": 4}, "trainable_parameters": 10}
+    row |= {"trainable_percent": 1.0, "val_accuracy": 0.5, "train_seconds": 3.0, "epochs_done": 1}
+    row |= {"peak_memory_bytes": 1 << 30, "peak_memory_kind": peak_memory(torch.device("cpu"))[1]}
+    row |= {"weights_bytes": 1, "precision": "fp32", "device": "cpu", "method": "lora"}
+    assert "| 1.0 GB, CPU (process peak RSS) |" in comparison_markdown([row])
 
 
 @pytest.mark.parametrize("left", ["resumable", "nothing"])

@@ -189,7 +189,8 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {name} | {r['trainable_parameters']:,} | {r['trainable_percent']:.2f}% | "
             f"{100 * r['val_accuracy']:.2f}% | {test} | {fmt_seconds(r['train_seconds'] / max(1, r['epochs_done']))} | "
-            f"{fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']}) | {fmt_bytes(r['weights_bytes'])} |"
+            # 'size, kind' as results.md says 'Peak memory, kind': the kind has brackets of its own
+            f"{fmt_bytes(r['peak_memory_bytes'])}, {r['peak_memory_kind']} | {fmt_bytes(r['weights_bytes'])} |"
         )
     return "\n".join(lines) + "\n"
 
