@@ -38,7 +38,7 @@ def test_choice_uses_validation_only_and_test_is_read_once(monkeypatch):
     test = {("default", None): 0.95, ("default", 256): 0.99, ("ema", None): 0.80, ("ema", 256): 0.99}
     reads = fake_runs(monkeypatch, val, test)
     out = selection.select(["default", "ema"], [None, 256], log=lambda *_: None)
-    assert out["chosen"] == {"run": "ema", "window_stride": None, "val_accuracy": 0.93}
+    assert out["chosen"] == {"run": "ema", "window_stride": 0, "val_accuracy": 0.93}
     assert [r for r in reads if r[0] == "test"] == [("test", "ema", None), ("test", "default", None)]
     assert all(r[0] == "val" for r in reads[:4])  # every validation read comes before any test read
     assert [t["role"] for t in out["test"]] == ["chosen", "control"]
@@ -49,7 +49,7 @@ def test_ties_keep_the_earlier_candidate_and_the_control_is_not_read_twice(monke
     val = {("default", None): 0.9, ("default", 128): 0.9, ("other", None): 0.9, ("other", 128): 0.9}
     reads = fake_runs(monkeypatch, val, {("default", None): 0.5})
     out = selection.select(["default", "other"], [None, 128], log=lambda *_: None)
-    assert out["chosen"]["run"] == "default" and out["chosen"]["window_stride"] is None
+    assert out["chosen"]["run"] == "default" and out["chosen"]["window_stride"] == 0
     assert [r for r in reads if r[0] == "test"] == [("test", "default", None)]
 
 
@@ -92,8 +92,11 @@ def test_select_end_to_end(trained_run, capsys):
     assert main(args) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)  # standard output is the JSON alone; each split's line and the winner's: stderr
-    assert err.splitlines()[-1].startswith(f"chosen on validation: {trained_run} window_stride=")
-    assert [(v["split"], v["window_stride"]) for v in result["validation"]] == [("val", None), ("val", 16)]
+    chosen = result["chosen"]  # the JSON and the lines say one truncated window the same way: stride 0
+    assert err.splitlines()[-1].startswith(
+        f"chosen on validation: {trained_run} window_stride={chosen['window_stride']} ("
+    )
+    assert [(v["split"], v["window_stride"]) for v in result["validation"]] == [("val", 0), ("val", 16)]
     assert all(t["split"] == "test" for t in result["test"]) and len(result["test"]) in (1, 2)
     info = json.loads((trained_run / "run.json").read_text())
     assert result["validation"][0]["accuracy"] == pytest.approx(info["val_accuracy"])

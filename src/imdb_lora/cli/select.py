@@ -56,7 +56,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     )
     c = result["chosen"]
     say(
-        f"chosen on validation: {c['run']} window_stride={c['window_stride'] or 0} ({100 * c['val_accuracy']:.2f}%)"
+        f"chosen on validation: {c['run']} window_stride={c['window_stride']} ({100 * c['val_accuracy']:.2f}%)"
     )
     if ns.json:
         print(json.dumps(result))

@@ -124,10 +124,19 @@ def select(
     if (chosen.run, chosen.window_stride) != control:
         test.append(score(*control, "test"))
     return {
-        "validation": [asdict(s) for s in val],
-        "chosen": {"run": chosen.run, "window_stride": chosen.window_stride, "val_accuracy": chosen.accuracy},
-        "test": [dict(asdict(s), role="chosen" if i == 0 else "control") for i, s in enumerate(test)],
+        "validation": [score_json(s) for s in val],
+        "chosen": {
+            "run": chosen.run,
+            "window_stride": chosen.window_stride or 0,
+            "val_accuracy": chosen.accuracy,
+        },
+        "test": [score_json(s) | {"role": "chosen" if i == 0 else "control"} for i, s in enumerate(test)],
     }
+
+
+def score_json(s: Score) -> dict:
+    """A score as the JSON gives it: one truncated window is stride 0, as the flag and the lines say it."""
+    return asdict(s) | {"window_stride": s.window_stride or 0}
 
 
 def check_strides_fit(loaded: dict[str, Classifier], strides: list[int | None]) -> None:
