@@ -106,3 +106,20 @@ def test_reliability_diagram_plots_the_used_bins_raw_and_calibrated(tmp_path, dr
         "perfect calibration": ([0, 1], [0, 1]),
         "raw (ECE 35.00%)": ([0.85], [0.5]),
     }
+
+
+def test_reliability_bin_counts_sit_in_white_boxes_over_the_curves(tmp_path, monkeypatch):
+    labels = []
+    real = Figure.savefig
+
+    def spy(self, *args, **kwargs):  # each count's text, and the highest line under it
+        for ax in self.axes:
+            top = max(line.get_zorder() for line in ax.get_lines())
+            labels.extend((t.get_text(), t.get_zorder() > top, t.get_bbox_patch()) for t in ax.texts)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    used = [{"lo": 0.6, "hi": 0.7, "count": 82, "confidence": 0.65, "accuracy": 0.7}]
+    plot_reliability({"test": {"before": used, "after": used}}, tmp_path / "reliability.png")
+    assert [(text, above) for text, above, _ in labels] == [("82", True), ("82", True)]
+    assert all(box is not None and box.get_facecolor()[:3] == (1.0, 1.0, 1.0) for *_, box in labels)

@@ -205,6 +205,11 @@ def plot_curves(history: list[dict[str, Any]], path, kept_epoch: int | None = No
     plt.close(fig)
 
 
+# a bin's count sits beside its point, where the other curve often passes: a white box drawn over every
+# line keeps it readable
+COUNT_LABEL = {"zorder": 5, "bbox": {"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85}}
+
+
 def plot_reliability(bins: dict[str, Any], path) -> None:
     """Reliability diagram per split: accuracy against mean confidence per bin, raw and calibrated."""
     import matplotlib
@@ -232,6 +237,7 @@ def plot_reliability(bins: dict[str, Any], path) -> None:
                         textcoords="offset points",
                         fontsize=7,
                         color=line.get_color(),
+                        **COUNT_LABEL,
                     )
         total = sum(b["count"] for b in next(iter(tables.values()), []))
         ax.set(
