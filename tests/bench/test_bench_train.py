@@ -13,7 +13,9 @@ def test_bench_train_reports_throughput(tiny_models, imdb_dir, capsys, kind, bat
             "--batching", batching, "--json"]  # fmt: skip
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["batching"] == batching and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1
+    assert r["batching"] == batching and r["tokens_per_second"] > 0
+    # the CPU's peak is measured: on a busy machine it can read below the model's rate, and then no MFU
+    assert 0 < r["mfu"] < 1 if r["mfu"] is not None else r["mfu_peak_source"].endswith("; no MFU")
     assert r["epoch_seconds_estimate"] > 0 and r["peak_memory_bytes"] > 0
     assert 0 < r["first_step_seconds"] == r["warmup_seconds"]  # one warm-up step: what --compile pays first
 

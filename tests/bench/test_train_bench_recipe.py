@@ -2,6 +2,7 @@
 from the train split's size."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -55,3 +56,29 @@ def test_bench_train_runs_the_recipes_step_and_sizes_the_epoch_by_the_train_spli
     assert r["epoch_reviews"] == 46
     assert r["epoch_tokens"] == pytest.approx(r["mean_review_tokens"] * 46, abs=1)
     assert r["epoch_seconds_estimate"] == pytest.approx(r["epoch_tokens"] / r["tokens_per_second"], rel=1e-3)
+
+
+def test_the_cpu_peak_is_the_best_of_several_trials(monkeypatch):
+    # the first trial is slowed by other work (1 s for one 2.1 GFLOP matmul), the later ones are not
+    ticks = iter([0.0, 1.0, 10.0, 10.01, 20.0, 20.02, 30.0, 30.05, 40.0, 40.1])
+    monkeypatch.setattr(bench_train.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    peak, source = device_peak_flops(torch.device("cpu"), None)
+    assert peak == pytest.approx(2 * 1024**3 / 0.01)  # the best trial, not the one slowed
+    assert source == "CPU fp32 matmul measured (best of 5, 2 threads)"
+
+
+def test_a_peak_below_the_models_own_rate_gives_no_mfu_and_says_why(
+    tiny_models, imdb_dir, capsys, monkeypatch
+):
+    measured_low = (1e6, "CPU fp32 matmul measured (best of 5, 1 thread)")  # a CPU busy with other work
+    monkeypatch.setattr(bench_train, "device_peak_flops", lambda device, given: measured_low)
+    args = ["bench", "eval", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--samples", "8",
+            "--batch-size", "8", "--max-length", "32", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^mfu\s+–$", out, re.M)  # never 1.3885, as if the model beat the CPU's peak
+    assert re.search(
+        r"^mfu_peak_source\s+CPU fp32 matmul measured .*beat this peak .*too low.*; no MFU$", out, re.M
+    )
+    assert bench_train.mfu_of(5e11, 1e12, "given") == (0.5, "given")  # under the peak: the ratio, unchanged
