@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -225,6 +226,14 @@ def sigint_as_in_a_terminal() -> None:
     A job a non-interactive shell starts in the background (`cmd &`, as CI runners and nohup scripts do)
     ignores SIGINT, its children inherit that, and imdb-lora then rightly keeps ignoring it."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_running_until(proc, ready: Callable[[], bool], seconds: float = 300, poll: float = 0.01) -> None:
+    """Wait while `proc` runs until `ready()` holds (at most `seconds`: a few starts of Python with torch on
+    a loaded machine); the caller asserts what it needs of both afterwards."""
+    deadline = time.time() + seconds
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(poll)
 
 
 def hold_train_at(method: str, ready: Path, env: dict[str, str], rank: int | None = None) -> dict[str, str]:

@@ -14,12 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import hold_train_at, sigint_as_in_a_terminal, train_args
+from conftest import hold_train_at, sigint_as_in_a_terminal, train_args, wait_running_until
 
 from imdb_lora.cli import main
 from imdb_lora.config import Config
@@ -200,9 +199,7 @@ def test_sigterm_to_a_torchrun_job_stops_every_rank_and_rank_0_alone_prints_the_
     job = subprocess.Popen(
         [*TORCHRUN, "-m", "imdb_lora", *args], stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    deadline = time.time() + 300  # three starts of Python with torch, on a loaded machine
-    while not (out / "checkpoint.safetensors").exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+    wait_running_until(job, (out / "checkpoint.safetensors").exists, poll=0.1)
     assert job.poll() is None and (out / "checkpoint.safetensors").exists(), "no checkpoint in 300 s"
     os.killpg(job.pid, signal.SIGTERM)
     err = job.communicate(timeout=120)[1]
@@ -245,9 +242,7 @@ def test_a_signal_to_a_torchrun_job_stops_every_rank_after_the_same_step_and_res
         preexec_fn=sigint_as_in_a_terminal,
     )
     try:
-        deadline = time.time() + 300  # three starts of Python with torch, on a loaded machine
-        while job.poll() is None and not held.exists() and time.time() < deadline:
-            time.sleep(0.05)
+        wait_running_until(job, held.exists, poll=0.05)
         assert job.poll() is None and held.exists(), "rank 1 never reached step 7"
         os.killpg(job.pid, sig)  # torchrun's own group, as a terminal or a scheduler signals it
         err = job.communicate(timeout=120)[1]

@@ -6,11 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import hold_train_at, train_args, write_imdb
+from conftest import hold_train_at, train_args, wait_running_until, write_imdb
 from safetensors import safe_open
 
 from imdb_lora.cli import main
@@ -61,9 +60,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_models, 
             [sys.executable, "-m", "imdb_lora", *args(killed)], env=env, stdout=f, stderr=f
         )
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not held.exists():
-            time.sleep(0.01)
+        wait_running_until(proc, held.exists)
         assert proc.poll() is None and held.exists(), (
             f"training never reached step 22: {log.read_text()[-2000:]}"
         )

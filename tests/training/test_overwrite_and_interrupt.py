@@ -9,11 +9,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import hold_train_at, sigint_as_in_a_terminal, train_args, without_startup, write_imdb
+from conftest import (
+    hold_train_at,
+    sigint_as_in_a_terminal,
+    train_args,
+    wait_running_until,
+    without_startup,
+    write_imdb,
+)
 
 from imdb_lora.cli import main
 from imdb_lora.errors import Terminated
@@ -283,9 +289,7 @@ def test_a_signal_during_training_says_where_the_checkpoint_is_and_how_to_resume
         preexec_fn=sigint_as_in_a_terminal,
     )
     try:
-        deadline = time.time() + 300
-        while proc.poll() is None and not held.exists() and time.time() < deadline:
-            time.sleep(0.01)
+        wait_running_until(proc, held.exists)
         assert proc.poll() is None and held.exists(), "training never reached step 7"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
