@@ -25,6 +25,10 @@ TRAIN_ROWS = [  # (step name, label)
     ("fast-bench-train-flat", "project, flat"),
     ("fast-bench-train-flat-graphs", "project, flat + CUDA graphs"),
     ("fast-bench-train-flat-graphs-working", "project, flat + CUDA graphs + bf16 working copies"),
+    (
+        "fast-bench-train-flat-graphs-working-fused",
+        "project, flat + CUDA graphs + bf16 working copies + fused q/k/v",
+    ),
     ("fast-bench-train-flat-compiled", "project, flat + torch.compile"),
     ("fast-bench-train-flat-compiled-graphs", "project, flat + torch.compile + CUDA graphs"),
 ]
@@ -134,6 +138,8 @@ def train_how(train: dict) -> str:
     command = train.get("command", "")
     if "--compile" in command:
         return "flat + torch.compile + CUDA graphs"
+    if "--bf16-working-copies" in command and "--fused-qkv" in command:
+        return "flat + CUDA graphs + bf16 working copies + fused q/k/v"
     if "--bf16-working-copies" in command:
         return "flat + CUDA graphs + bf16 working copies"
     return "flat + CUDA graphs"
@@ -144,6 +150,7 @@ CAPTURED = {
     "fast-bench-train-flat-graphs": "",
     "fast-bench-train-flat-compiled-graphs": "--compile",
     "fast-bench-train-flat-graphs-working": "--bf16-working-copies",
+    "fast-bench-train-flat-graphs-working-fused": "--bf16-working-copies --fused-qkv",
 }
 
 

@@ -118,16 +118,18 @@ step() {
 # fast           one call of at most ~7 minutes (DEADLINE defaults to 400 s for it): the CUDA
 #                equivalence tests, reference_lora.py and the project's benches on random-init
 #                roberta-base (real IMDB lengths, max length 512, seed LoRA settings, batch 32): flat
-#                with CUDA graphs, the same with bf16 working copies of the trainable weights, then
-#                compiled with and without graphs, a real 3-epoch `train` (flat + CUDA graphs, with
-#                the fastest captured step's flags: compiled or working copies; validation and test
+#                with CUDA graphs, the same with bf16 working copies of the trainable weights, the same
+#                with q/k/v fused too, then compiled with and without graphs, a real 3-epoch `train`
+#                (flat + CUDA graphs, with the fastest captured step's flags: compiled, working copies,
+#                or working copies + fused q/k/v; validation and test
 #                each epoch), flat evaluation cold and warm, padded (today's default), packed
 #                evaluation, flat eager (the deadline cuts from the end: the last three were measured
 #                on 2026-11-30 and are the least needed). scripts/fast_summary.py prints one table and writes
 #                OUT/fast-summary.json (date, GPU, versions, commands, every figure) for docs/measurements/.
 # fast-accuracy  all-MiniLM-L6-v2 (real weights, bert architecture: it takes the flat path; staged as
 #                all-MiniLM-L6-v2-fp16/) 1 epoch, default recipe, padded, flat + CUDA graphs and flat +
-#                CUDA graphs + bf16 working copies in the same call: the fast path must not cost accuracy.
+#                CUDA graphs + bf16 working copies + fused q/k/v in the same call: the fast path must not
+#                cost accuracy.
 # fast-mpnet     MPNet's flat path (FlexAttention; no attention dropout), at most ~9 minutes (DEADLINE
 #                defaults to 540 s for it; needs all-mpnet-base-v2-fp16/ staged): its CUDA tests, bench
 #                train flat and padded on random-init MPNet-base (max length 512, batch 32), then the
@@ -148,7 +150,8 @@ fast_part() {
   mkdir -p "$shared/models" && ln -sfn "$roberta" "$shared/models/roberta-base"
   if $py -c "import pytest" 2>/dev/null; then
     step fast-cuda-tests 120 env IMDB_LORA_SHARED="$shared" $py -m pytest -q -p no:cacheprovider \
-      tests/modeling/test_flat.py tests/modeling/test_working_copies.py -m "not slow" \
+      tests/modeling/test_flat.py tests/modeling/test_working_copies.py tests/modeling/test_fused_qkv.py \
+      -m "not slow" \
       -k "cuda or flash or flat_logits or flat_loss or static_buffer" -rs
   fi
   step fast-ref "$limit" $py "$ref" --model "$roberta" --random-init --data "$data" "${rs[@]}"
@@ -161,12 +164,17 @@ fast_part() {
   # the CPU count says ~30% fewer ops per step; tokens/s and kernels per step (--profile) against the line above
   step fast-bench-train-flat-graphs-working "$limit" $py -m imdb_lora bench train --model "$roberta" \
     --random-init --data "$data" --batching flat --cuda-graphs --bf16-working-copies "${gb[@]}" --json
+  # and with q/k/v fused (training/fused.py): one GEMM each for the base, the LoRA A's and B's, one
+  # dropout mask; the CPU count says 24% fewer ops per step than the working copies alone
+  step fast-bench-train-flat-graphs-working-fused "$limit" $py -m imdb_lora bench train --model "$roberta" \
+    --random-init --data "$data" --batching flat --cuda-graphs --bf16-working-copies --fused-qkv "${gb[@]}" \
+    --json
   step fast-bench-train-flat-compiled-graphs "$cl" $py -m imdb_lora bench train --model "$roberta" \
     --random-init --data "$data" --batching flat --compile --cuda-graphs "${gb[@]}" --json
   step fast-bench-train-flat-compiled "$cl" $py -m imdb_lora bench train --model "$roberta" \
     --random-init --data "$data" --batching flat --compile "${fb[@]}" --json
-  # the whole job with the fastest captured step the benches above measured (plain, compiled or with
-  # the bf16 working copies; one that failed is never chosen)
+  # the whole job with the fastest captured step the benches above measured (plain, compiled, with
+  # the bf16 working copies, or with them and fused q/k/v; one that failed is never chosen)
   local best=()
   read -r -a best <<<"$($py scripts/fast_summary.py --fastest-captured "$log")"
   step fast-train-3-epochs "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train --model "$roberta" \
@@ -192,12 +200,14 @@ AutoModel.from_pretrained(sys.argv[1], dtype=torch.float32).save_pretrained(sys.
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$stage/all-MiniLM-L6-v2-fp16" "$minilm"
   local how tiny=()
   [ "$quick" = 1 ] && tiny=(--max-train-samples 16 --max-eval-samples 8 --batch-size 4 --max-length 64 --val-size 0.25)
-  # flat-working: the captured step with bf16 working copies (training/working.py), whose bf16 gradient
-  # sums differ from autocast's: its accuracy against the other two before it could become a default
-  for how in padded flat flat-working; do
-    local extra=(--batching "${how%-working}")
+  # flat-working-fused: the captured step with bf16 working copies (training/working.py), whose bf16
+  # gradient sums differ from autocast's, and fused q/k/v (training/fused.py), whose LoRA branches share
+  # one dropout mask: both recipe changes in one run (the call is capped), its accuracy against the
+  # other two before either could become a default
+  for how in padded flat flat-working-fused; do
+    local extra=(--batching "${how%%-*}")
     [ "$how" != padded ] && [ "$quick" != 1 ] && extra+=(--cuda-graphs)  # no CUDA on the CPU rehearsal
-    [ "$how" = flat-working ] && extra+=(--bf16-working-copies)
+    [ "$how" = flat-working-fused ] && extra+=(--bf16-working-copies --fused-qkv)
     step "fast-accuracy-minilm-$how" "$limit" /usr/bin/time -f "wall %e s" $py -m imdb_lora train \
       --model "$minilm" --data "$data" --epochs 1 "${extra[@]}" "${tiny[@]}" \
       --output-dir "$runs/minilm-$how" --overwrite

@@ -7,9 +7,10 @@ MODEL: a model folder or hub id (random init: the op count does not depend on th
 the captured step's own code (CapturedSteps, uncaptured) with the recipe a CUDA run has: LoRA with the
 default settings, the frozen weights stored in bf16, bf16 autocast, and the varlen attention counted as
 one op forward and one backward (the flash kernel; the CPU reference runs it review by review). It runs
-three steps and counts the third, once as today (fp32 trainable weights cast at each use) and once with
---bf16-working-copies (training/working.py), and prints per step: non-view ops, dtype casts (one
-tensor's copy to another dtype), multi-tensor copies, gradient accumulations (add_ into a gradient).
+three steps and counts the third: as today (fp32 trainable weights cast at each use), with
+--bf16-working-copies (training/working.py), with --fused-qkv (training/fused.py) and with both, and
+prints per step: non-view ops, dtype casts (one tensor's copy to another dtype), multi-tensor copies,
+gradient accumulations (add_ into a gradient).
 A CUDA graph replays about one kernel per non-view op (a multi-tensor copy is one or a few), so the
 counts say how many kernels a change removes; timing is the GPU's (scripts/gpu-checks.sh part fast).
 """
@@ -130,11 +131,27 @@ def build(model_name: str, seed: int = 0):
     return model.train(), cfg
 
 
-def count_step(
-    model_name: str, working: bool, batch_size: int = 32, tokens: int = 64, steps: int = 3, top: int = 0
+# the rows: (--bf16-working-copies, --fused-qkv)
+HOWS = {
+    "today": (False, False),
+    "working copies": (True, False),
+    "fused q/k/v": (False, True),
+    "working + fused": (True, True),
+}
+
+
+def count_step(  # noqa: PLR0913
+    model_name: str,
+    working: bool,
+    batch_size: int = 32,
+    tokens: int = 64,
+    steps: int = 3,
+    top: int = 0,
+    fused: bool = False,
 ) -> dict[str, int]:
     """Figures of the last of `steps` static-buffer steps (bf16 autocast on the CPU)."""
     from imdb_lora.modeling import flat
+    from imdb_lora.training.fused import FusedQKV
     from imdb_lora.training.graphs import CapturedSteps
     from imdb_lora.training.working import WorkingCopies
 
@@ -145,9 +162,20 @@ def count_step(
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW and foreach clipping, as on CUDA (make_optimizer keeps the CPU's per-tensor AdamW)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-    copies = WorkingCopies(model, torch.bfloat16) if working else None
+    fuse = FusedQKV(model) if fused else None
+    copies = WorkingCopies(model, torch.bfloat16, fused=fuse) if working else None
     steps_ = CapturedSteps(
-        model, opt, params, cfg.train, cpu, pad_id, batch_size, tokens, capture=False, working=copies
+        model,
+        opt,
+        params,
+        cfg.train,
+        cpu,
+        pad_id,
+        batch_size,
+        tokens,
+        capture=False,
+        working=copies,
+        fused=fuse,
     )
     steps_.autocast = True  # as on CUDA
     rng = random.Random(0)
@@ -181,15 +209,14 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     rows = {
-        how: count_step(a.model, how == "working copies", a.batch_size, a.tokens, top=a.top)
-        for how in ("today", "working copies")
+        how: count_step(a.model, working, a.batch_size, a.tokens, top=a.top, fused=fused)
+        for how, (working, fused) in HOWS.items()
     }
     keys = list(rows["today"])
-    print(f"{'per step':<16}" + "".join(f"{k:>20}" for k in keys))
+    print(f"{'per step':<16}" + "".join(f"{k:>20}" for k in keys) + f"{'ops cut':>10}")
     for how, row in rows.items():
-        print(f"{how:<16}" + "".join(f"{row[k]:>20,}" for k in keys))
-    cut = 1 - rows["working copies"]["ops"] / rows["today"]["ops"]
-    print(f"non-view ops cut by {cut:.1%}")
+        cut = 1 - row["ops"] / rows["today"]["ops"]
+        print(f"{how:<16}" + "".join(f"{row[k]:>20,}" for k in keys) + f"{cut:>10.1%}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fast_summary.py"
 
 
@@ -96,7 +98,7 @@ def test_fast_summary_mpnet_part_alone(tmp_path, monkeypatch, capsys):
 
 def test_fastest_captured_gives_the_train_flags_of_the_fastest_captured_step(tmp_path, monkeypatch, capsys):
     """gpu-checks.sh trains its 3-epoch run with the captured step that was fastest in the same call:
-    compiled, with the bf16 working copies, or plain (LOG's flat + CUDA graphs: 490,000 tokens/s); a
+    compiled, with the bf16 working copies (and fused q/k/v), or plain (LOG's flat + CUDA graphs: 490,000 tokens/s); a
     bench that failed or was skipped (no rate) is never chosen."""
 
     def bench(name: str, rate: str | None) -> str:
@@ -105,23 +107,26 @@ def test_fastest_captured_gives_the_train_flags_of_the_fastest_captured_step(tmp
         return f'=== {name}: python3 -m imdb_lora bench train\n{{"bench": "train", "tokens_per_second": {rate}}}\n'
 
     compiled, working = "fast-bench-train-flat-compiled-graphs", "fast-bench-train-flat-graphs-working"
+    fused = "fast-bench-train-flat-graphs-working-fused"
     cases = [
-        (("520000.0", None), "--compile"),
-        (("410000.0", None), ""),
-        ((None, None), ""),
-        (("520000.0", "560000.0"), "--bf16-working-copies"),
-        (("580000.0", "560000.0"), "--compile"),
-        ((None, "480000.0"), ""),
+        (("520000.0", None, None), "--compile"),
+        (("410000.0", None, None), ""),
+        ((None, None, None), ""),
+        (("520000.0", "560000.0", None), "--bf16-working-copies"),
+        (("580000.0", "560000.0", None), "--compile"),
+        ((None, "480000.0", None), ""),
+        (("520000.0", "560000.0", "600000.0"), "--bf16-working-copies --fused-qkv"),
+        ((None, "560000.0", "550000.0"), "--bf16-working-copies"),
     ]
-    for i, ((c, w), want) in enumerate(cases):
+    for i, ((c, w, f), want) in enumerate(cases):
         log = tmp_path / f"log-{i}.txt"
-        log.write_text(LOG + bench(compiled, c) + bench(working, w))
+        log.write_text(LOG + bench(compiled, c) + bench(working, w) + bench(fused, f))
         monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--fastest-captured", str(log)])
         try:
             runpy.run_path(str(SCRIPT), run_name="__main__")
         except SystemExit as e:
             assert e.code == 0
-        assert capsys.readouterr().out.strip() == want, (c, w)
+        assert capsys.readouterr().out.strip() == want, (c, w, f)
 
 
 def test_fast_summary_says_what_compiling_cost(tmp_path, monkeypatch, capsys):
@@ -139,20 +144,33 @@ def test_fast_summary_says_what_compiling_cost(tmp_path, monkeypatch, capsys):
     assert r["steps"]["fast-bench-train-flat-compiled-graphs"]["first_step_seconds"] == 41.25
 
 
-def test_fast_summary_sets_the_working_copies_step_beside_the_captured_step(tmp_path, monkeypatch, capsys):
-    """The flat + CUDA graphs + bf16 working copies bench (gpu-checks.sh runs it right after flat +
-    CUDA graphs) gets its row, and each profiled bench its kernels per step, for the two to compare."""
-    working = (
-        "=== fast-bench-train-flat-graphs-working: python3 -m imdb_lora bench train --batching flat "
-        "--cuda-graphs --bf16-working-copies\n"
+@pytest.mark.parametrize(
+    "name, flags, label",
+    [
+        ("working", "--bf16-working-copies", "bf16 working copies"),
+        ("working-fused", "--bf16-working-copies --fused-qkv", "bf16 working copies + fused q/k/v"),
+    ],
+)
+def test_fast_summary_sets_the_working_copies_steps_beside_the_captured_step(
+    tmp_path, monkeypatch, capsys, name, flags, label
+):
+    """The flat + CUDA graphs + bf16 working copies bench and the same with fused q/k/v (gpu-checks.sh
+    runs them right after flat + CUDA graphs) get their rows, and each profiled bench its kernels per
+    step, for them to compare."""
+    step = f"fast-bench-train-flat-graphs-{name}"
+    bench = (
+        f"=== {step}: python3 -m imdb_lora bench train --batching flat --cuda-graphs {flags}\n"
         '{"bench": "train", "tokens_per_second": 560000.0, "epoch_seconds_estimate": 8.3, "mfu": 0.34, '
         '"profile": {"steps": 3, "device_kernels_per_step": 2050.0, "device_busy_ms_per_step": 24.5}}\n'
     )
-    text, r = summarise(tmp_path, monkeypatch, capsys, LOG + working, "fast-summary.json")
-    assert "| project, flat + CUDA graphs + bf16 working copies | 560,000 | 8.3 | 8.00x | 34.0% |" in text
-    line = (
-        "project, flat + CUDA graphs + bf16 working copies: 2,050 device kernels per step, GPU busy 24.5 ms"
-    )
-    assert line in text
+    text, r = summarise(tmp_path, monkeypatch, capsys, LOG + bench, "fast-summary.json")
+    assert f"| project, flat + CUDA graphs + {label} | 560,000 | 8.3 | 8.00x | 34.0% |" in text
+    assert f"project, flat + CUDA graphs + {label}: 2,050 device kernels per step, GPU busy 24.5 ms" in text
     assert "project, flat + CUDA graphs: " not in text  # its log line has no profile here
-    assert r["steps"]["fast-bench-train-flat-graphs-working"]["profile"]["device_kernels_per_step"] == 2050.0
+    assert r["steps"][step]["profile"]["device_kernels_per_step"] == 2050.0
+
+
+def test_the_three_epoch_run_says_which_captured_step_it_trained_with():
+    train_how = runpy.run_path(str(SCRIPT))["train_how"]
+    command = "train --batching flat --cuda-graphs --bf16-working-copies --fused-qkv"
+    assert train_how({"command": command}) == "flat + CUDA graphs + bf16 working copies + fused q/k/v"

@@ -194,6 +194,12 @@ class TrainConfig:
         "weights (fp32 masters in the optimizer and checkpoints, copied over once per step) and cast each "
         "shared input to bf16 once, a third fewer ops per step (no change on the CPU: fp32 copies)",
     )
+    fused_qkv: bool = _f(
+        False,
+        "--batching flat, LoRA on q/k/v: each self-attention computes query, key and value with one GEMM "
+        "each for the frozen weights, the LoRA A's and the B's, and one LoRA dropout mask shared by the "
+        "three (peft draws one per module); fewer kernels per step",
+    )
     checkpoint_every: int = _f(200, "also checkpoint every N steps inside an epoch (0: epoch ends only)")
     eval_test_each_epoch: bool = _f(True, "report test loss/acc after every epoch (never used to choose)")
     calibration: bool = _f(
@@ -254,6 +260,11 @@ class Config:
             (
                 not t.bf16_working_copies or (t.batching == "flat" and t.method == "lora"),
                 "--bf16-working-copies",
+                "needs --batching flat and --method lora",
+            ),
+            (
+                not t.fused_qkv or (t.batching == "flat" and t.method == "lora"),
+                "--fused-qkv",
                 "needs --batching flat and --method lora",
             ),
             (t.batch_size >= 1, "--batch-size", "must be >= 1"),

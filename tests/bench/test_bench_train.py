@@ -53,14 +53,16 @@ def test_cuda_graphs_off_the_gpu_says_it_has_no_effect(tiny_models, imdb_dir, ca
     assert json.loads(out)["first_step_seconds"] is None  # --warmup 0: no untimed step
 
 
-def test_bench_train_takes_the_working_copies_on_the_flat_path_only(tiny_models, imdb_dir, capsys):
-    """--bf16-working-copies runs the flat step with them (fp32 on the CPU, as the report says) and is
-    refused in one line without --batching flat."""
+@pytest.mark.parametrize("flags", [["--bf16-working-copies"], ["--bf16-working-copies", "--fused-qkv"]])
+def test_bench_train_takes_the_working_copies_on_the_flat_path_only(tiny_models, imdb_dir, capsys, flags):
+    """--bf16-working-copies (and --fused-qkv) run the flat step with them (fp32 copies on the CPU, as
+    the report says) and are refused in one line without --batching flat."""
     args = ["bench", "train", "--model", str(tiny_models("bert")), "--data", str(imdb_dir), "--steps", "1",
             "--warmup", "1", "--batch-size", "4", "--max-length", "64", "--samples", "8", "--device", "cpu",
-            "--bf16-working-copies", "--json"]  # fmt: skip
+            *flags, "--json"]  # fmt: skip
     assert main([*args, "--batching", "flat"]) == 0
-    assert json.loads(capsys.readouterr().out)["working_copies"] == "float32"
+    report = json.loads(capsys.readouterr().out)
+    assert report["working_copies"] == "float32" and report["fused_qkv"] == ("--fused-qkv" in flags)
     assert main(args) == 2
     assert "--bf16-working-copies needs --batching flat and --method lora" in capsys.readouterr().err
 

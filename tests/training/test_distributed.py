@@ -157,6 +157,20 @@ def test_torchrun_two_processes_match_one_process(one_process, no_dropout_bert, 
 
 
 @pytest.mark.slow
+def test_torchrun_with_fused_qkv_matches_one_process_with_it(no_dropout_bert, imdb_dir, tmp_path):
+    """--fused-qkv runs data-parallel (its gradients reach the parameters through autograd, which DDP
+    watches; unlike --bf16-working-copies): two processes with batch 4 compute what one with batch 8
+    does, on the flat path with q, k and v fused."""
+    flags = ("--batching", "flat", "--fused-qkv")
+    one = tmp_path / "one"
+    assert main([*recipe(no_dropout_bert, imdb_dir, one, 8), *flags]) == 0
+    r = torchrun("-m", "imdb_lora", *recipe(no_dropout_bert, imdb_dir, tmp_path / "ddp", 4), *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(one, tmp_path / "ddp")
+    assert "fused q/k/v" in json.loads((tmp_path / "ddp" / "run.json").read_text())["train_path"]
+
+
+@pytest.mark.slow
 def test_torchrun_killed_mid_epoch_resumes_to_the_same_result(
     one_process, no_dropout_bert, imdb_dir, tmp_path, capsys
 ):

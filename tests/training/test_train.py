@@ -1,9 +1,11 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import train_args
+from safetensors import safe_open
 
 from imdb_lora import config
 from imdb_lora.cli import main
@@ -98,15 +100,19 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("batching", ["auto", "flat", "flat-working-copies"])
+@pytest.mark.parametrize("batching", ["auto", "flat", "flat-working-copies", "flat-fused-working"])
 def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
     tiny_models, imdb_dir, tmp_path, monkeypatch, capsys, batching
 ):
     """flat-working-copies: --bf16-working-copies (fp32 copies on the CPU) saves and resumes its fp32
-    masters, and the run's figures equal those of the same run without it (the same computation)."""
-    working = batching == "flat-working-copies"
+    masters, and the run's figures equal those of the same run without it (the same computation).
+    flat-fused-working: the same with --fused-qkv too (q/k/v's copies packed), which resumes exactly;
+    its figures differ from the plain run's (one LoRA dropout mask for q, k and v) but its files do not:
+    the same names, the adapter and the checkpoint with the same tensors (keys, shapes, dtypes)."""
+    working = batching in ("flat-working-copies", "flat-fused-working")
+    fused = batching == "flat-fused-working"
 
-    def args(out, working=working):
+    def args(out, working=working, fused=fused):
         return train_args(
             tiny_models("bert"),
             imdb_dir,
@@ -118,6 +124,7 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
             "--batching",
             "flat" if batching.startswith("flat") else batching,
             *(["--bf16-working-copies"] if working else []),
+            *(["--fused-qkv"] if fused else []),
         )
 
     assert main(args(tmp_path / "straight")) == 0
@@ -142,18 +149,39 @@ def test_resume_after_a_mid_epoch_crash_matches_an_uninterrupted_run(
     train_path = json.loads((tmp_path / "crashed" / "run.json").read_text())["train_path"]
     assert train_path.startswith("padded" if batching == "auto" else "flat")
     assert ("fp32 working copies" in train_path) == working
+    assert ("one LoRA dropout mask shared by q, k, v" in train_path) == fused
     assert "at epoch 2, step 2" in capsys.readouterr().out  # resumed mid-epoch, not at the epoch's start
     a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
     drop = ("train_seconds", "eval_seconds")
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
-    if working:  # without the working copies: the same figures
+    if working and not fused:  # without the working copies: the same figures
         assert main(args(tmp_path / "plain", working=False)) == 0
         assert strip((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()) == strip(a)
+    if fused:  # the same files, adapter and checkpoint tensors as an unfused run
+        assert main(args(tmp_path / "plain", working=False, fused=False)) == 0
+        assert same_files(tmp_path / "plain", tmp_path / "straight")
     pa = Classifier.load(str(tmp_path / "straight")).logits(TEXTS)
     pb = Classifier.load(str(tmp_path / "crashed")).logits(TEXTS)
     assert torch.equal(pa, pb)
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Two run folders hold the same file names, and their safetensors files the same tensor names,
+    shapes and dtypes."""
+    names = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*"))  # noqa: E731
+    if names(a) != names(b):
+        return False
+    for f in a.rglob("*.safetensors"):
+        with safe_open(f, "pt") as x, safe_open(b / f.relative_to(a), "pt") as y:
+            if sorted(x.keys()) != sorted(y.keys()):
+                return False
+            if any(x.get_slice(k).get_shape() != y.get_slice(k).get_shape() for k in x.keys()):
+                return False
+            if any(x.get_slice(k).get_dtype() != y.get_slice(k).get_dtype() for k in x.keys()):
+                return False
+    return True
 
 
 def test_a_tie_on_validation_keeps_the_earlier_epoch(tiny_models, imdb_dir, tmp_path, monkeypatch):
@@ -296,6 +324,21 @@ def test_flat_batching_trains_and_is_recorded(tiny_models, imdb_dir, tmp_path, k
     assert sum(calls) == 5  # every step of the epoch (36 reviews, batch 8) ran the flat forward
     assert False in calls  # and evaluation too
     assert "training flat" in (out / "results.md").read_text()
+
+
+def test_fused_qkv_needs_flat_lora_on_qkv_and_is_not_built_for_mpnet(tiny_models, imdb_dir, tmp_path, capsys):
+    """Each refusal in one line, before the run folder is made (the model's type first, then its LoRA)."""
+    assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "a", "--fused-qkv")) == 2
+    assert "--fused-qkv needs --batching flat and --method lora" in capsys.readouterr().err
+    flat = ("--batching", "flat", "--fused-qkv")
+    assert main(train_args(tiny_models("mpnet"), imdb_dir, tmp_path / "m", *flat)) == 2
+    assert "--fused-qkv is not built for mpnet's flat path" in capsys.readouterr().err
+    ffn = ("--lora-targets", "ffn")
+    assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "f", *flat, *ffn)) == 2
+    err = capsys.readouterr().err
+    assert "--fused-qkv needs LoRA on query, key and value of every self-attention" in err
+    assert "Traceback" not in err
+    assert not any((tmp_path / d).exists() for d in ("a", "m", "f"))
 
 
 def test_bf16_working_copies_need_flat_lora_and_are_not_built_for_mpnet(

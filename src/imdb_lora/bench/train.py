@@ -32,9 +32,9 @@ from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
 from ..modeling.packing import classifier_of
 from ..runs.report import fmt_bytes
+from ..training.fused import step_extras
 from ..training.graphs import CapturedSteps, make_optimizer
 from ..training.step import train_step
-from ..training.working import WorkingCopies, working_dtype
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched against
 # torch.cuda.get_device_name(); the first key found in the name wins, so a key that contains another
@@ -77,6 +77,7 @@ class ThroughputOptions:
     compile: bool = False  # torch.compile each encoder layer (regional, dynamic shapes)
     cuda_graphs: bool = False  # flat training steps captured as CUDA graphs per bucket (CUDA)
     bf16_working_copies: bool = False  # bf16 working copies of the trainable weights (training/working.py)
+    fused_qkv: bool = False  # q, k and v fused in the step (training/fused.py)
     profile: int = 0  # after timing, profile this many more steps/batches
 
     def validate(self) -> ThroughputOptions:
@@ -120,6 +121,7 @@ def _setup(opts: ThroughputOptions, split: str):
     cfg.train.method, cfg.train.batching, cfg.data.max_length = opts.method, opts.batching, opts.max_length
     cfg.train.cuda_graphs = opts.cuda_graphs
     cfg.train.bf16_working_copies = opts.bf16_working_copies and split == "train"
+    cfg.train.fused_qkv = opts.fused_qkv and split == "train"
     cfg.validate()
     check_max_length(opts.model, opts.max_length)  # else a long review fails deep in the forward
     if split == "train" and opts.samples is not None:
@@ -145,7 +147,10 @@ def _setup(opts: ThroughputOptions, split: str):
     model = model.to(device)
     path = batching_path(opts.batching, model, device, training=split == "train")
     train = split == "train"
-    flat_options_check(model, path, opts.compile, opts.cuda_graphs and train, cfg.train.bf16_working_copies)
+    t = cfg.train
+    flat_options_check(
+        model, path, opts.compile, opts.cuda_graphs and train, t.bf16_working_copies, t.fused_qkv
+    )
     if path == "flat" and device.type == "cuda" and opts.method == "lora":
         frozen_weights_to_bf16(model)  # as the trainer does on the flat path
     if opts.compile:  # compiling happens in the untimed warm-up steps
@@ -224,13 +229,8 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
     if opts.cuda_graphs and not graphs:  # the report says cuda_graphs false; say why up front too
         print(f"--cuda-graphs: no effect on {device.type} (CUDA only)", file=sys.stderr, flush=True)
     opt = make_optimizer(params, cfg.train, device, captured=graphs)
-    working = WorkingCopies(model, working_dtype(device)) if opts.bf16_working_copies else None
-    if working is not None and path != "flat":  # --pooling mean trains padded
-        working.close()
-        working = None
-        print(
-            f"--bf16-working-copies: no effect with the {path} path (flat only)", file=sys.stderr, flush=True
-        )
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    working, fused = step_extras(model, path, device, opts.bf16_working_copies, opts.fused_qkv, say)
     captured = (
         CapturedSteps(
             model,
@@ -242,6 +242,7 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
             opts.batch_size,
             opts.max_length,
             working=working,
+            fused=fused,
         )
         if graphs
         else None
@@ -269,6 +270,7 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
             opts.max_length,
             captured=captured,
             working=working,
+            fused=fused,
         )
         return sum(len(s) for s in batch)
 
@@ -294,6 +296,7 @@ def bench_train(opts: ThroughputOptions) -> dict[str, Any]:
     report["cuda_graphs"] = captured is not None
     # the working copies' dtype (bf16 on CUDA, fp32 without autocast), or None without them
     report["working_copies"] = None if working is None else str(working.dtype).removeprefix("torch.")
+    report["fused_qkv"] = fused is not None
     report["first_step_seconds"] = warmup_seconds[0] if warmup_seconds else None
     report["warmup_seconds"] = sum(warmup_seconds)
     report["epoch_reviews"] = split_size

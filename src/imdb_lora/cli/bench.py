@@ -209,6 +209,12 @@ def add_bench_train_parsers(sub) -> None:
                 help="as train's --bf16-working-copies (--batching flat, LoRA): bf16 working copies of "
                 "the trainable weights and one bf16 cast of each shared input",
             )
+            p.add_argument(
+                "--fused-qkv",
+                action="store_true",
+                help="as train's --fused-qkv (--batching flat, LoRA): q, k and v as one GEMM each for the "
+                "frozen weights, the LoRA A's and B's, one LoRA dropout mask shared by the three",
+            )
         p.add_argument(
             "--profile",
             type=int,

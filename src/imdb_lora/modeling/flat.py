@@ -121,13 +121,24 @@ def supports_flat(model: nn.Module) -> bool:
 
 
 def flat_options_check(
-    model: nn.Module, path: str, compile: bool, cuda_graphs: bool, working_copies: bool = False
+    model: nn.Module,
+    path: str,
+    compile: bool,
+    cuda_graphs: bool,
+    working_copies: bool = False,
+    fused_qkv: bool = False,
 ) -> None:
-    """Refuse what the flat path does not build for a model: MPNet's has no --compile, --cuda-graphs
-    or --bf16-working-copies."""
+    """Refuse what the flat path does not build for a model: MPNet's has no --compile, --cuda-graphs,
+    --bf16-working-copies or --fused-qkv."""
     model_type = classifier_of(model).config.model_type
-    if path == "flat" and model_type in FLEX_MODELS and (compile or cuda_graphs or working_copies):
-        flag = "--compile" if compile else "--cuda-graphs" if cuda_graphs else "--bf16-working-copies"
+    asked = {
+        "--compile": compile,
+        "--cuda-graphs": cuda_graphs,
+        "--bf16-working-copies": working_copies,
+        "--fused-qkv": fused_qkv,
+    }
+    flag = next((f for f, on in asked.items() if on), None)
+    if path == "flat" and model_type in FLEX_MODELS and flag is not None:
         raise UserError(
             f"{flag} is not built for {model_type}'s flat path (FlexAttention, compiled on its own); "
             f"drop {flag} or use --batching padded"

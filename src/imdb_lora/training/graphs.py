@@ -32,14 +32,16 @@ With `--bf16-working-copies` (working.py) the step reads bf16 working copies of 
 copies their gradients to the fp32 masters before clipping and refreshes them from the masters after
 the update, both in place, so the graph's addresses hold; the weight and gradient casts, the LoRA
 inputs' round trips through fp32, the repeated casts of a shared input and the gradient accumulations
-above go (the CPU count before and after: docs/performance.md, scripts/step_ops.py).
+above go (the CPU count before and after: docs/performance.md, scripts/step_ops.py). With
+`--fused-qkv` (fused.py) each self-attention's q, k and v run as one GEMM each for the base, the LoRA
+A's and B's, with one dropout; the fused frozen weights and the packed working buffers keep their
+addresses too.
 On the CPU the same object runs the same static-buffer step eagerly (`capture=False`): the tests check
 it against the plain eager step. The capture itself needs CUDA (scripts/gpu-checks.sh, part `fast`).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,7 @@ from ..config import TrainConfig
 from ..data.batches import FLAT_BUCKET, FlatBatch, flatten, pinned
 from ..modeling.flat import flat_logits
 from ..modeling.packing import position_start
+from .fused import FusedQKV, step_swaps
 from .working import WorkingCopies
 
 
@@ -102,9 +105,11 @@ class CapturedSteps:
         max_length: int,
         capture: bool | None = None,
         working: WorkingCopies | None = None,
+        fused: FusedQKV | None = None,
     ):
         self.model, self.optimizer, self.params, self.cfg = model, optimizer, params, cfg
         self.working = working  # bf16 working copies of the trainable weights (working.py), or None
+        self.fused = fused  # q/k/v fused in the forward (fused.py), or None
         self.autocast = device.type == "cuda"  # bf16 autocast as the eager step has it (tests: CPU too)
         self.device, self.pad_id, self.batch_size = device, pad_id, batch_size
         self.capture = device.type == "cuda" if capture is None else capture
@@ -166,7 +171,7 @@ class CapturedSteps:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False
         ):
-            with w.swapped() if w is not None else nullcontext():
+            with step_swaps(w, self.fused):
                 logits = flat_logits(self.model, b.batch, static_max_len=self.max_len).float()
         loss = F.cross_entropy(logits, b.labels, label_smoothing=self.cfg.label_smoothing)
         loss.backward()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
 from .distributed import step_logits
+from .fused import FusedQKV, step_swaps
 from .graphs import CapturedSteps, set_lr
 from .working import WorkingCopies
 
@@ -29,6 +28,7 @@ def train_step(
     captured: CapturedSteps | None = None,
     loss_scale: float = 1.0,
     working: WorkingCopies | None = None,
+    fused: FusedQKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, clipping and the optimizer update for one batch at learning rate `lr`.
 
@@ -42,11 +42,12 @@ def train_step(
     batch, see distributed.py); 0 makes the step a stand-in that adds no gradient and no statistics.
     `working`: bf16 working copies of the trainable weights (working.py) for the forward and backward;
     their gradients go to the fp32 masters before clipping, the updated masters back after the step.
+    `fused`: each self-attention's q, k and v computed as one in the forward (fused.py, --fused-qkv).
     """
     if captured is not None and captured.handles(len(seqs)):
         return captured.step(seqs, labels, lr)
     set_lr(optimizer, lr)
-    with working.swapped() if working is not None else nullcontext():
+    with step_swaps(working, fused):
         logits = step_logits(model, seqs, pad_id, device, packed, row_tokens=row_tokens).float()
     loss = F.cross_entropy(logits, labels, label_smoothing=train_cfg.label_smoothing)
     (loss * loss_scale if loss_scale != 1.0 else loss).backward()

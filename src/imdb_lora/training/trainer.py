@@ -52,13 +52,14 @@ from ..runs.rundir import RunDir, atomic_write_text, require_creatable
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import Dist
 from .ema import Ema
+from .fused import fused_note, step_extras
 from .graphs import CapturedSteps, make_optimizer
 from .posthoc import after_training, load_eval_files
 from .progress import saved_step
 from .schedule import epoch_order, lr_at
 from .step import train_step
 from .stopping import STEPS, StopAtStepBoundary, StopRequested
-from .working import WorkingCopies, working_dtype, working_note
+from .working import working_note
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
 
@@ -315,7 +316,9 @@ class Trainer:
         self.path = batching_path(cfg.train.batching, self.model, self.device, training=True)
         self.eval_path = batching_path(cfg.train.batching, self.model, self.device, training=False)
         t = cfg.train
-        flat_options_check(self.model, self.path, t.compile, t.cuda_graphs, t.bf16_working_copies)
+        flat_options_check(
+            self.model, self.path, t.compile, t.cuda_graphs, t.bf16_working_copies, t.fused_qkv
+        )
         # The fast path on CUDA stores the frozen weights in bf16 once (autocast computes with bf16
         # copies of them anyway); LoRA, the head and the optimizer state stay fp32.
         self.bf16_base = self.path == "flat" and self.device.type == "cuda" and cfg.train.method == "lora"
@@ -352,14 +355,9 @@ class Trainer:
                     f"resuming {self.run.path} at epoch {self.state.epoch}, step {self.state.step_in_epoch}",
                     flush=True,
                 )
-        # built after the checkpoint is loaded: the working copies start from the loaded weights
-        self.working = (
-            WorkingCopies(self.model, working_dtype(self.device)) if t.bf16_working_copies else None
+        self.working, self.fused = step_extras(
+            self.model, self.path, self.device, t.bf16_working_copies, t.fused_qkv, self._say
         )
-        if self.working is not None and self.path != "flat":  # --pooling mean trains padded
-            self.working.close()
-            self.working = None
-            self._say(f"--bf16-working-copies: no effect with the {self.path} path (flat only)")
         self.captured = (
             CapturedSteps(
                 self.model,
@@ -371,6 +369,7 @@ class Trainer:
                 t.batch_size,
                 self.cfg.data.max_length,
                 working=self.working,
+                fused=self.fused,
             )
             if graphs
             else None
@@ -567,6 +566,7 @@ class Trainer:
             captured=self.captured,
             loss_scale=loss_scale,
             working=self.working,
+            fused=self.fused,
         )
         if self.ema is not None:
             self.ema.update()
@@ -758,6 +758,7 @@ class Trainer:
             + (", CUDA graphs" if self.captured is not None else "")
             + (", bf16 frozen weights" if self.bf16_base else "")
             + (f", {working_note(self.working)}" if self.working is not None else "")
+            + (f", {fused_note()}" if self.fused is not None else "")
             + (", torch.compile" if self.cfg.train.compile else ""),
             "eval_path": EVAL_PATHS[self.eval_path],
             "precision": "bf16 autocast" if self.device.type == "cuda" else "fp32",

@@ -37,6 +37,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -44,13 +45,21 @@ from torch import nn
 from ..modeling.lora import ROLE_PATTERNS
 from ..modeling.packing import classifier_of
 
+if TYPE_CHECKING:
+    from .fused import FusedQKV
+
 
 @dataclass
 class _Slot:
     module: nn.Module
     name: str  # "weight" or "bias"
     master: nn.Parameter  # fp32, the model's own parameter
-    working: nn.Parameter  # the working dtype, swapped in for the forward
+    working: torch.Tensor  # the working dtype: its own leaf swapped in for the forward, or a packed view
+    leaf: nn.Parameter  # the leaf whose .grad holds the working gradient: `working`, or its packed buffer
+    region: tuple[slice, ...] | None = None  # where in a packed buffer (and its gradient) it lies
+
+    def grad(self) -> torch.Tensor:
+        return self.leaf.grad if self.region is None else self.leaf.grad[self.region]
 
 
 def _cast_once(x):
@@ -64,21 +73,30 @@ def _cast_once(x):
 
 
 class WorkingCopies:
-    """Working copies of `model`'s trainable Linear weights in `dtype`, and the input casts."""
+    """Working copies of `model`'s trainable Linear weights in `dtype`, and the input casts. With `fused`
+    (fused.py, --fused-qkv) the copies of q/k/v's LoRA matrices and biases are views of one packed
+    buffer per kind and self-attention, which the fused forward reads whole (no per-step gather)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, fused: FusedQKV | None = None):
         self.dtype = dtype
         self.slots: list[_Slot] = []
+        for group in fused.groups if fused is not None else []:
+            for buffer, parts in group.pack(dtype):
+                for module, name, master, region in parts:
+                    self.slots.append(_Slot(module, name, master, buffer.detach()[region], buffer, region))
+        packed = {id(s.master) for s in self.slots}
         for module in model.modules():
             if not isinstance(module, nn.Linear):
                 continue
             for name in ("weight", "bias"):
                 p = module._parameters.get(name)
-                if p is not None and p.requires_grad and p.dtype == torch.float32:
+                if p is not None and p.requires_grad and p.dtype == torch.float32 and id(p) not in packed:
                     working = nn.Parameter(p.detach().to(dtype), requires_grad=True)
-                    self.slots.append(_Slot(module, name, p, working))
+                    self.slots.append(_Slot(module, name, p, working, working))
         self.masters = [s.master for s in self.slots]
         self.workings = [s.working for s in self.slots]
+        self.leaves = list({id(s.leaf): s.leaf for s in self.slots}.values())
+        self.own = [s for s in self.slots if s.region is None]  # swapped into their modules
         self.active = False
         self.hooks = [
             m.register_forward_pre_hook(self._cast_input, with_kwargs=True) for m in _cast_points(model)
@@ -98,28 +116,28 @@ class WorkingCopies:
     def swapped(self) -> Iterator[None]:
         """The working copies in place of the masters inside the block (the step's forward); autograd
         keeps what the backward needs, so the masters are back before it runs."""
-        for s in self.slots:
+        for s in self.own:
             s.module._parameters[s.name] = s.working
         self.active = True
         try:
             yield
         finally:
             self.active = False
-            for s in self.slots:
+            for s in self.own:
                 s.module._parameters[s.name] = s.master
 
     def grads_to_masters(self) -> None:
         """The working gradients into the masters' fp32 gradients (one multi-tensor copy), then dropped.
         A master without a gradient buffer gets one (the eager step sets them to None)."""
-        missing = [s.name for s in self.slots if s.working.grad is None]
+        missing = [leaf for leaf in self.leaves if leaf.grad is None]
         if missing:  # every wrapped Linear runs in every forward; a step without them is a bug here
             raise RuntimeError(f"{len(missing)} working copies got no gradient")
         for m in self.masters:
             if m.grad is None:
                 m.grad = torch.empty_like(m)
-        torch._foreach_copy_([m.grad for m in self.masters], [w.grad for w in self.workings])
-        for w in self.workings:
-            w.grad = None
+        torch._foreach_copy_([m.grad for m in self.masters], [s.grad() for s in self.slots])
+        for leaf in self.leaves:
+            leaf.grad = None
 
     @torch.no_grad()
     def refresh(self) -> None:
