@@ -248,6 +248,12 @@ def hold_train_at(method: str, ready: Path, env: dict[str, str], rank: int | Non
     return {**env, "PYTHONPATH": path, **held}
 
 
+def hold_score_at(method: str, ready: Path, env: dict[str, str]) -> dict[str, str]:
+    """As hold_train_at, for a real `imdb-lora score` process: it waits in the local engine's
+    `PartWriter.<method>` (its n-th call with "method:n"), having created `ready`."""
+    return {**hold_train_at(method, ready, env), "IMDB_LORA_TEST_HOLD_COMMAND": "score"}
+
+
 @contextlib.contextmanager
 def sigterm_fails_the_test():
     """Tests that send this process SIGTERM: if the code under test does not take it, the test fails

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ..errors import UserError, cannot_write, make_room, write_failure
 from ..extras import require
@@ -50,6 +51,10 @@ def add_score_parser(sub) -> None:
         help="replace an earlier score output (only a folder holding score's _imdb_lora_score.json marker)",
     )  # fmt: skip
     p.add_argument(
+        "--resume", action="store_true",
+        help="continue a stopped job's output (local engine): input files it finished are kept, the rest scored",
+    )  # fmt: skip
+    p.add_argument(
         "--max-chars", type=positive_int, default=MAX_CHARS, metavar="N",
         help=f"a longer text becomes a row with an error, never cut [default: {MAX_CHARS:,}]",
     )  # fmt: skip
@@ -59,12 +64,12 @@ def add_score_parser(sub) -> None:
         "a row that is not in it becomes a row with an error [default: utf-8]",
     )  # fmt: skip
     p.add_argument(
-        "--rows-per-batch", type=positive_int, default=256, metavar="N",
-        help="rows read and handed to a worker at a time (Ray Data's batch_size) [default: 256]",
+        "--rows-per-batch", type=positive_int, default=ROWS_PER_BATCH, metavar="N",
+        help=f"rows read and handed to a worker at a time (Ray Data's batch_size) [default: {ROWS_PER_BATCH}]",
     )  # fmt: skip
     # Renamed so that --batch-size means one thing in every command: said in one line, not "unrecognized".
     p.add_argument("--model-batch-size", action=Renamed, new="--batch-size", help=argparse.SUPPRESS)
-    add_batch_size_flag(p, 32, token_capped=True)
+    add_batch_size_flag(p, BATCH_SIZE, token_capped=True)
     add_device_flag(p, None, scope="local engine: ")
     g = p.add_argument_group("ray engine")
     g.add_argument("--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto) [default: "
@@ -83,10 +88,12 @@ def add_score_parser(sub) -> None:
 
 
 RAY_ONLY = ("ray_address", "workers", "cpus_per_worker")
+ROWS_PER_BATCH, BATCH_SIZE = 256, 32  # the defaults, which a resume command need not repeat
 
 
 def cmd_score(ns: argparse.Namespace) -> int:
     local = ns.engine == "local"  # Ray besides pyarrow for --engine ray
+    check_resume_flags(ns)
     require("scale", "score" if local else "score --engine ray", ("pyarrow",) if local else None)
     from ..scale.engines import ScoreJob, check_ray_address, prepare, run_local, run_ray
 
@@ -120,6 +127,8 @@ def cmd_score(ns: argparse.Namespace) -> int:
         max_chars=ns.max_chars,
         encoding=ns.encoding,
         overwrite=ns.overwrite,
+        resume=ns.resume,
+        engine=ns.engine,
     )
     try:
         prepare(job)
@@ -127,13 +136,70 @@ def cmd_score(ns: argparse.Namespace) -> int:
             summary = run_local(job, device=ns.device or "auto")
         else:
             summary = run_ray(job, ns.ray_address, ns.workers, ns.cpus_per_worker, ns.num_gpus_per_worker)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the line says what the output holds, how on
+        if not job.started:
+            raise
+        raise type(e)(f"{left_behind(job)}; {how_on(ns)}") from None
+    except UserError as e:  # an input that fails part way (unreadable): fixed, the job can go on
+        if not job.started or ns.engine != "local":
+            raise
+        raise UserError(f"{e}; {left_behind(job)}; once that is fixed, {how_on(ns)}") from None
     except Exception as e:
         failure = write_failure(e)
         if failure is None:
             raise
-        # its marker says "failed" (or, when even the first marker could not be written, there is none)
+        if not job.started:  # even the first marker could not be written: there is none
+            raise UserError(
+                f"--output {ns.output}: {cannot_write(failure)}; {make_room(failure)}, then score again"
+            ) from None
         raise UserError(
-            f"--output {ns.output}: {cannot_write(failure)}; {make_room(failure)}, then score again with --overwrite"
+            f"--output {ns.output}: {cannot_write(failure)}; {left_behind(job)}; {make_room(failure)}, then "
+            f"{how_on(ns)}"
         ) from None
     print(summary.text(ns.output))
     return 0
+
+
+def check_resume_flags(ns: argparse.Namespace) -> None:
+    if ns.resume and ns.overwrite:
+        raise UserError("--overwrite and --resume contradict each other; pass one")
+    if ns.resume and ns.engine != "local":
+        raise UserError(
+            "--resume works with --engine local only: Ray Data's workers write parts that do not say which "
+            "input files they finished, so a stopped Ray job cannot be continued file by file; replace its "
+            "output with --overwrite"
+        )
+
+
+def left_behind(job) -> str:
+    """What a stopped job leaves in its output."""
+    return f"the output {job.output} is unfinished ({job.done:,} of {len(job.sources):,} input files scored)"
+
+
+def how_on(ns: argparse.Namespace) -> str:
+    """The command that continues a stopped job: the local engine resumes; Ray's output is replaced."""
+    if ns.engine != "local":
+        return "Ray jobs cannot be resumed: score again with --overwrite"
+    return f"continue it with: {resume_command(ns)}"
+
+
+def resume_command(ns: argparse.Namespace) -> str:
+    """`imdb-lora score ... --resume` with this job's model, inputs, output and every flag given a value
+    other than its default (the ones --resume checks, and the batch sizes and device chosen)."""
+    args = ["imdb-lora", "score", str(ns.model), "--input", *map(str, ns.input), "--output", str(ns.output)]
+    valued = (
+        ("--text-column", ns.text_column, "text"),
+        ("--max-chars", ns.max_chars, MAX_CHARS),
+        ("--encoding", ns.encoding, "utf-8"),
+        ("--window-stride", ns.window_stride, None),
+        ("--base-model", ns.base_model, None),
+        ("--rows-per-batch", ns.rows_per_batch, ROWS_PER_BATCH),
+        ("--batch-size", ns.batch_size, BATCH_SIZE),
+        ("--max-batch-tokens", ns.max_batch_tokens, None),
+        ("--device", ns.device, None),
+    )
+    for flag, value, default in valued:
+        if value != default:
+            args += [flag, str(value)]
+    args += [flag for flag, on in (("--keep-text", ns.keep_text), ("--raw", ns.raw)) if on]
+    return shlex.join([*args, "--resume"])

@@ -7,4 +7,5 @@ engines  local (pyarrow only, no Ray import) and ray (map_batches over an actor 
 output   the output folder: where it may be (never on an input), its _imdb_lora_score.json marker
          (running/finished/failed), what --overwrite may replace (only a folder holding that marker), and
          its lock (local outputs: one job writes it at a time)
+resume   --resume: a record of each finished input file, and continuing a stopped local job from them
 """

@@ -1,7 +1,8 @@
 """The two engines of `imdb-lora score`, and what both share: the job, the output folder, the summary.
 
 local  reads each input file in Arrow batches and scores them in this process (pyarrow only: Ray is
-       never imported); one Parquet part per input file, in input order.
+       never imported); one Parquet part per input file, in input order, and a record of each file
+       once its part is closed, so that --resume continues a stopped job (scale/resume.py).
 ray    the same reading and the same ScoreBatch on a Ray cluster: Ray Data reads the files in tasks,
        scores the batches in an actor pool (one loaded model per actor, reused for every batch it gets)
        and writes Parquet from the workers; `preserve_order` keeps the output files in input order.
@@ -25,6 +26,7 @@ from ..errors import UserError
 from ..extras import require
 from .batch import MAX_CHARS, ScoreBatch
 from .output import fail_marker, finish_marker, prepare_output
+from .resume import FLAGS, Done, Resumed, job_record, part_stem, resume_output, write_record
 from .sources import Source, check_columns, check_encoding, filesystem, list_sources, read_batches
 
 
@@ -44,8 +46,17 @@ class ScoreJob:
     max_chars: int = MAX_CHARS  # a longer text is an error row, never cut
     encoding: str = "utf-8"  # of JSONL and CSV inputs (--encoding)
     overwrite: bool = False
+    resume: bool = False  # continue the stopped job of `output` (local engine only)
+    engine: str = "local"
     sources: list[Source] = field(default_factory=list)
     lock: IO[str] | None = field(default=None, repr=False, compare=False)  # a local output's, from prepare
+    started: bool = False  # the output is this job's (prepared): a stop leaves it unfinished
+    resumed: Resumed = field(default_factory=lambda: Resumed({}, 1, 0.0))  # the files kept, this attempt
+    done: int = 0  # input files whose parts and record are written (kept ones included)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change the rows (scale/resume.py: --resume must find them unchanged)."""
+        return {key: getattr(self, key) for key in FLAGS}
 
     def scorer_args(self, device: str, threads: int | None = None) -> dict[str, Any]:
         return dict(
@@ -69,6 +80,7 @@ class Summary:
     errors: int
     seconds: float
     examples: list[str]  # a few of the errors, with where they came from
+    kept: tuple[int, int] | None = None  # --resume: (input files kept from before, input files)
 
     def text(self, output: str) -> str:
         rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
@@ -76,6 +88,8 @@ class Summary:
             f"scored {self.rows:,} rows in {self.seconds:.1f} s ({rate:,.1f} rows/s); "
             f"{self.errors:,} {'row' if self.errors == 1 else 'rows'} with an error; output: {output}"
         ]
+        if self.kept is not None:
+            lines[0] += f" (resumed: {self.kept[0]:,} of {self.kept[1]:,} input files kept from before)"
         return "\n".join(lines + [f"  {e}" for e in self.examples])
 
 
@@ -88,7 +102,33 @@ def prepare(job: ScoreJob) -> None:
     job.encoding = check_encoding(job.encoding)
     job.sources = list_sources(job.inputs)
     check_columns(job.sources, job.text_column, job.max_chars, job.encoding)
-    job.lock = prepare_output(job.output, job.inputs, job.overwrite)  # last: nothing else can refuse now
+    record = job_record(job.settings(), model_identity(job.model), job.sources)
+    # last: nothing else can refuse now
+    if job.resume:
+        job.lock, job.resumed = resume_output(job.output, record, job.inputs)
+        job.done = len(job.resumed.kept)
+    else:
+        job.lock = prepare_output(job.output, job.inputs, job.overwrite, record)
+    job.started = True
+
+
+def model_identity(path: str) -> dict[str, str]:
+    """Where the model is, and a digest of what says which model it is: a run's run.json (its times,
+    figures and settings; a retrained run differs) and calibration.json (the temperature), an export's
+    marker (the sha256 of every file in it). Cheap: small files, never the weights."""
+    import hashlib
+    from pathlib import Path
+
+    from ..inference.exported import MARKER as EXPORT_MARKER
+    from ..inference.exported import is_export
+
+    folder = Path(path).expanduser().resolve()
+    names = [EXPORT_MARKER] if is_export(folder) else ["run.json", "calibration.json"]
+    digest = hashlib.sha256()
+    for name in names:
+        file = folder / name
+        digest.update(name.encode() + b"\0" + (file.read_bytes() if file.is_file() else b"-") + b"\0")
+    return {"path": str(folder), "sha256": digest.hexdigest()}
 
 
 def check_model(path: str, base_model: str | None = None) -> None:
@@ -151,26 +191,44 @@ def finished(job: ScoreJob, summary: Summary) -> Summary:
 
 
 def run_local(job: ScoreJob, device: str = "auto", progress: bool = True) -> Summary:
-    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     start = time.time()
     with recorded(job):
-        scorer = ScoreBatch(**job.scorer_args(device))
-        fsys, out = filesystem(job.output)
+        todo = [(i, s) for i, s in enumerate(job.sources) if i not in job.resumed.kept]
+        scorer = ScoreBatch(**job.scorer_args(device)) if todo else None  # nothing left: no model to load
         # closed on an error too, before its one line: else the bar is drawn again below it, at exit
         with tqdm(
-            total=known_rows(job.sources), unit="row", desc="score", disable=not progress, dynamic_ncols=True
-        ) as bar:
-            for i, src in enumerate(job.sources):
-                parts = PartWriter(fsys, f"{out}/part-{i:05d}", pq)
-                for table in read_batches(
-                    src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars, job.encoding
-                ):
-                    parts.write(scorer(table))
-                    bar.update(table.num_rows)
-                parts.close()
-        return finished(job, summarize(job.output, time.time() - start))
+            total=known_rows([s for _, s in todo]), unit="row", desc="score", disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:  # fmt: skip
+            for i, src in todo:
+                write_record(job.output, score_file(job, scorer, i, src, bar.update, start))
+                job.done += 1
+        summary = summarize(job.output, job.resumed.earlier_seconds + time.time() - start)
+        if job.resume:
+            summary.kept = (len(job.resumed.kept), len(job.sources))
+        return finished(job, summary)
+
+
+def score_file(job: ScoreJob, scorer: ScoreBatch, index: int, src: Source, update, start: float) -> Done:
+    """Input file `index` scored into its parts, all closed; the record that says so (not yet written)."""
+    import pyarrow.parquet as pq
+
+    fsys, out = filesystem(job.output)
+    parts = PartWriter(fsys, f"{out}/{part_stem(index)}", pq)
+    rows = errors = 0
+    for table in read_batches(
+        src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars, job.encoding
+    ):
+        scored = scorer(table)
+        parts.write(scored)
+        rows, errors = rows + scored.num_rows, errors + scored.num_rows - scored["error"].null_count
+        update(table.num_rows)
+    parts.close()
+    return Done(
+        index, src.uri, parts.written, rows, errors, job.resumed.attempt, round(time.time() - start, 3)
+    )
 
 
 class PartWriter:
@@ -180,6 +238,8 @@ class PartWriter:
         self.fsys, self.stem, self.pq = fsys, stem, pq
         self.writer = self.stream = None
         self.count = 0
+        self.name = ""
+        self.written: dict[str, int] = {}  # closed parts: file name -> size in bytes
 
     def write(self, table) -> None:
         if self.writer is not None and table.schema != self.writer.schema:
@@ -189,15 +249,19 @@ class PartWriter:
                 self.close()
         if self.writer is None:
             suffix = "" if self.count == 0 else f"-{self.count}"
-            self.stream = self.fsys.open_output_stream(f"{self.stem}{suffix}.parquet")
+            path = f"{self.stem}{suffix}.parquet"
+            self.name = path.rsplit("/", 1)[-1]
+            self.stream = self.fsys.open_output_stream(path)
             self.writer = self.pq.ParquetWriter(self.stream, table.schema)
             self.count += 1
         self.writer.write_table(table)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close()  # the footer: the part is whole once the stream is closed too
+            size = self.stream.tell()
             self.stream.close()
+            self.written[self.name] = size
             self.writer = self.stream = None
 
 

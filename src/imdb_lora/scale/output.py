@@ -3,7 +3,8 @@
 Every output holds `_imdb_lora_score.json` (a leading underscore: pyarrow datasets, Ray Data and pandas
 skip it when reading the Parquet parts). It is written before any part, with "status": "running", and
 rewritten when the job ends: "finished" with rows, errors and seconds, or "failed" with the error. A job
-that was killed leaves "running": its parts are incomplete. `--overwrite` replaces only a folder holding
+that was killed leaves "running": its parts are incomplete. The marker also records the job (its
+settings, model and input files), which `--resume` must find unchanged (scale/resume.py). `--overwrite` replaces only a folder holding
 this marker, so it can never empty a folder this tool did not write. Everything goes through the
 pyarrow filesystem of the output, so a bucket behaves as a local folder does.
 
@@ -31,13 +32,17 @@ from .sources import filesystem
 MARKER = "_imdb_lora_score.json"
 KIND = "imdb-lora score output"
 LOCK = "_imdb_lora_score.lock"  # a leading underscore too: readers of the parts skip it
-MARKER_BYTES = 64 * 1024  # a marker is a few hundred bytes; never read more than this
+# A marker names the job's input files (for --resume): ~150 bytes each; never read more than this.
+MARKER_BYTES = 256 * 1024 * 1024
 
 
-def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] | None:
+def prepare_output(
+    output: str, inputs: list[str], overwrite: bool, job: dict[str, Any] | None = None
+) -> IO[str] | None:
     """An empty output folder holding a "running" marker; an earlier output replaced only if --overwrite.
 
-    Returns the held lock of a local output (None for a remote one): close it when the job has ended.
+    `job`: what the marker records of the job, for --resume (scale/resume.py). Returns the held lock of
+    a local output (None for a remote one): close it when the job has ended.
     """
     from pyarrow import fs
 
@@ -58,9 +63,7 @@ def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] |
         if info.type == fs.FileType.Directory and _contents(fsys, path):
             marker = read_marker(output)
             if not overwrite:
-                raise UserError(
-                    f"--output {output} {describe(marker, local)}; pass --overwrite to replace it"
-                )
+                raise UserError(f"--output {output} {describe(marker, local)}; {what_to_pass(marker)}")
             if marker is None:  # --overwrite must never empty a folder this tool did not write
                 raise UserError(f"--output {output} is not an imdb-lora score output; refusing to replace it")
             if local and held is None:  # an output without a lock file: ours (its marker says so), lock it
@@ -81,7 +84,7 @@ def prepare_output(output: str, inputs: list[str], overwrite: bool) -> IO[str] |
             lock = lock_output(output, path, create=True)
         if lock is not None:
             write_pid(lock)
-        write_marker(output, {"status": "running", "started": _now()})
+        write_marker(output, {"status": "running", "started": utc_now(), "attempt": 1, "job": job})
     except BaseException:
         if lock is not None:
             lock.close()
@@ -128,6 +131,23 @@ def describe(marker: dict[str, Any] | None, lock_checked: bool = False) -> str:
     return f"holds an unfinished score output (status {marker.get('status')!r}: {why})"
 
 
+def resumable(marker: dict[str, Any] | None) -> bool:
+    """An unfinished output of the local engine that recorded its job: --resume can continue it."""
+    job = (marker or {}).get("job")
+    return (
+        marker is not None
+        and marker.get("status") != "finished"
+        and isinstance(job, dict)
+        and (job.get("engine") == "local")
+    )
+
+
+def what_to_pass(marker: dict[str, Any] | None) -> str:
+    if resumable(marker):
+        return "pass --resume to continue it, or --overwrite to replace it"
+    return "pass --overwrite to replace it"
+
+
 def check_placement(output: str, inputs: list[str]) -> None:
     """Refuse an output that is, holds or lies inside an input, or that holds the current directory."""
     out = location(output)
@@ -163,9 +183,14 @@ def overlaps(out: str, other: str, inner_only: bool = False) -> bool:
 # ---------------------------------------------------------------- the marker
 
 
-def marker_path(output: str) -> tuple[Any, str]:
+def output_file(output: str, name: str) -> tuple[Any, str]:
+    """(filesystem, path) of the file `name` in the output folder."""
     fsys, path = filesystem(output)
-    return fsys, f"{path.rstrip('/')}/{MARKER}"
+    return fsys, f"{path.rstrip('/')}/{name}"
+
+
+def marker_path(output: str) -> tuple[Any, str]:
+    return output_file(output, MARKER)
 
 
 def read_marker(output: str) -> dict[str, Any] | None:
@@ -195,14 +220,19 @@ def write_marker(output: str, record: dict[str, Any]) -> None:
         raise
 
 
+def carried(output: str) -> dict[str, Any]:
+    """What the running marker says of the job, kept when the job's end is written."""
+    marker = read_marker(output) or {}
+    return {k: marker[k] for k in ("started", "resumed", "attempt", "job") if k in marker}
+
+
 def finish_marker(output: str, rows: int, errors: int, seconds: float) -> None:
-    started = (read_marker(output) or {}).get("started")
     write_marker(
         output,
         {
+            **carried(output),
             "status": "finished",
-            "started": started,
-            "finished": _now(),
+            "finished": utc_now(),
             "rows": rows,
             "errors": errors,
             "seconds": round(seconds, 3),
@@ -212,13 +242,12 @@ def finish_marker(output: str, rows: int, errors: int, seconds: float) -> None:
 
 def fail_marker(output: str, error: BaseException) -> None:
     """Best effort: the job is already failing; a marker that cannot be written stays "running"."""
-    started = (read_marker(output) or {}).get("started")
     message = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
     try:
-        write_marker(output, {"status": "failed", "started": started, "error": message[:500]})
+        write_marker(output, {**carried(output), "status": "failed", "error": message[:500]})
     except Exception:  # noqa: BLE001 - keep the job's own error, not this one
         pass
 
 
-def _now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -23,7 +23,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.files import RepeatedKey, binary_kind, repeated_names, unique_keys
@@ -87,6 +87,9 @@ def full_uri(uri: str, path: str) -> str:
 class Source:
     uri: str  # absolute local path or URI: what read_batches opens, and the output's source_file
     format: str  # json, csv or parquet
+    # As listed (None where the filesystem does not say): score --resume checks an input is unchanged.
+    size: int | None = field(default=None, compare=False)
+    mtime_ns: int | None = field(default=None, compare=False)
 
 
 def list_sources(inputs: list[str]) -> list[Source]:
@@ -101,7 +104,7 @@ def list_sources(inputs: list[str]) -> list[Source]:
             raise UserError(f"--input: no such file or folder: {given}")
         if info.type == fs.FileType.Directory:
             found = [
-                f.path
+                f
                 for f in fsys.get_file_info(fs.FileSelector(path, recursive=True))
                 if f.type == fs.FileType.File
                 and format_of(f.path)
@@ -109,12 +112,17 @@ def list_sources(inputs: list[str]) -> list[Source]:
             ]
             if not found:
                 raise UserError(f"--input: {given} holds no .jsonl, .csv or .parquet file")
-            out += [Source(full_uri(given, p), format_of(p)) for p in sorted(found)]
+            out += [source_of(given, f) for f in sorted(found, key=lambda f: f.path)]
         elif format_of(path):
-            out.append(Source(full_uri(given, path), format_of(path)))
+            out.append(source_of(given, info))
         else:
             raise UserError(f"--input: {given}: unknown format; use .jsonl, .csv, .tsv or .parquet files")
     return out
+
+
+def source_of(given: str, info) -> Source:
+    """The Source of a listed file (a pyarrow FileInfo) under the --input it was found by."""
+    return Source(full_uri(given, info.path), format_of(info.path), info.size, info.mtime_ns)
 
 
 def check_encoding(name: str) -> str:

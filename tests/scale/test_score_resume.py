@@ -1,0 +1,446 @@
+"""`imdb-lora score --resume`: a stopped local job continues where it stood, to the output an uninterrupted
+job writes (the same parts, the same rows), and is refused in one line wherever it cannot do so soundly.
+Fast: the tiny trained run of conftest and files of a few lines; one real child process stopped by a
+signal (SIGINT, SIGKILL) while it writes a part."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import hold_score_at, wait_running_until
+
+from imdb_lora.cli import main
+from imdb_lora.scale import engines
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+MARKER = "_imdb_lora_score.json"
+ROWS = "2"  # rows per batch: every file below is read in several batches
+
+
+def write_inputs(folder: Path) -> list[Path]:
+    """Four files: a JSONL whose later lines add a key (two parts), a CSV, a Parquet, a JSONL with bad rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    a = folder / "a.jsonl"
+    a.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"id": "a1", "text": "great wonderful film"},
+                {"id": "a2", "text": "awful boring waste"},
+                {"id": "a3", "text": "loved it", "note": "later key"},
+                {"id": "a4", "text": "dull plot", "note": "x"},
+            ]
+        )
+    )
+    b = folder / "b.csv"
+    b.write_text("id,text\nb1,brilliant acting\nb2,\nb3,poor and dull\n")
+    c = folder / "c.parquet"
+    pq.write_table(pa.table({"id": ["c1", "c2", "c3"], "text": ["superb story", "meh", None]}), c)
+    d = folder / "d.jsonl"
+    d.write_text('{"id": "d1", "text": "fine"}\n{not json\n{"id": "d3", "text": "terrible"}\n')
+    return [a, b, c, d]
+
+
+def score(run: Path, inputs: Path, out: Path, *flags: str) -> int:
+    return main(
+        ["score", str(run), "--input", str(inputs), "--output", str(out), "--rows-per-batch", ROWS, *flags]
+    )
+
+
+def parts(out: Path) -> dict[str, pa.Table]:
+    return {f.name: pq.read_table(f) for f in sorted(out.glob("*.parquet"))}
+
+
+def marker(out: Path) -> dict:
+    return json.loads((out / MARKER).read_text())
+
+
+@pytest.fixture
+def reference(trained_run, tmp_path) -> tuple[Path, Path]:
+    """The inputs, and the output of an uninterrupted job on them."""
+    write_inputs(tmp_path / "in")
+    assert score(trained_run, tmp_path / "in", tmp_path / "ref") == 0
+    return tmp_path / "in", tmp_path / "ref"
+
+
+def same_output(out: Path, ref: Path) -> None:
+    """The same part files, each with the same rows (every column, probabilities too), and the same counts."""
+    got, want = parts(out), parts(ref)
+    assert (
+        list(got) == list(want) and len(want) == 5
+    )  # a.jsonl's later lines, with a key more: a part of their own
+    for name in want:
+        assert got[name].equals(want[name]), name
+    done, full = marker(out), marker(ref)
+    assert done["status"] == "finished" and (done["rows"], done["errors"]) == (full["rows"], full["errors"])
+
+
+def stop_at(monkeypatch, file: str, after_batches: int) -> None:
+    """Ctrl-C while the job reads `file`, after `after_batches` of its batches were scored and written."""
+    real = engines.read_batches
+
+    def interrupted(uri, *a, **kw):
+        for n, table in enumerate(real(uri, *a, **kw)):
+            if Path(uri).name == file and n == after_batches:
+                raise KeyboardInterrupt
+            yield table
+
+    monkeypatch.setattr(engines, "read_batches", interrupted)
+
+
+def reads(monkeypatch) -> list[str]:
+    """The input files the job opens, by name."""
+    real, seen = engines.read_batches, []
+
+    def spy(uri, *a, **kw):
+        seen.append(Path(uri).name)
+        return real(uri, *a, **kw)
+
+    monkeypatch.setattr(engines, "read_batches", spy)
+    return seen
+
+
+# ---------------------------------------------------------------- resuming
+
+
+@pytest.mark.parametrize(("file", "after"), [("b.csv", 0), ("c.parquet", 1), ("d.jsonl", 1)])
+def test_a_stopped_job_resumes_to_the_output_of_an_uninterrupted_one(
+    trained_run, reference, tmp_path, monkeypatch, capsys, file, after
+):
+    """Stopped before a file's first batch, or with half its part written (its footer missing)."""
+    inputs, ref = reference
+    out = tmp_path / "out"
+    stop_at(monkeypatch, file, after)
+    capsys.readouterr()
+    assert score(trained_run, inputs, out) == 130
+    err = capsys.readouterr().err
+    done = "abcd".index(file[0])
+    assert (
+        f"interrupted; the output {out} is unfinished ({done} of 4 input files scored); continue it with: "
+        in err
+    )
+    assert marker(out)["status"] == "failed"
+    if after:  # the half part is there: a file without its footer
+        assert (out / f"part-0000{done}.parquet").exists()
+    monkeypatch.undo()
+    seen = reads(monkeypatch)
+    assert score(trained_run, inputs, out, "--resume") == 0
+    assert seen == ["a.jsonl", "b.csv", "c.parquet", "d.jsonl"][done:]  # the finished files are not read
+    assert f"(resumed: {done} of 4 input files kept from before)" in capsys.readouterr().out
+    same_output(out, ref)
+    assert marker(out)["attempt"] == 2
+
+
+def test_a_part_closed_but_not_recorded_is_scored_again_without_duplicates(
+    trained_run, reference, tmp_path, monkeypatch
+):
+    """Killed between closing a file's last part and writing its record: the whole part is redone."""
+    inputs, ref = reference
+    out = tmp_path / "out"
+    real = engines.write_record
+
+    def killed_before_the_record(output, done):
+        if done.index == 1:
+            raise KeyboardInterrupt
+        real(output, done)
+
+    monkeypatch.setattr(engines, "write_record", killed_before_the_record)
+    assert score(trained_run, inputs, out) == 130
+    assert pq.read_table(out / "part-00001.parquet").num_rows == 3  # whole, yet unrecorded
+    monkeypatch.undo()
+    seen = reads(monkeypatch)
+    assert score(trained_run, inputs, out, "--resume") == 0
+    assert seen == ["b.csv", "c.parquet", "d.jsonl"]
+    same_output(out, ref)
+    assert len(pq.read_table(out).to_pylist()) == marker(ref)["rows"] == 13
+
+
+def test_a_kept_part_that_was_truncated_since_is_redone(trained_run, reference, tmp_path, monkeypatch):
+    inputs, ref = reference
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "c.parquet", 0)
+    assert score(trained_run, inputs, out) == 130
+    monkeypatch.undo()
+    with open(out / "part-00001.parquet", "r+b") as f:  # the record says its size: this is another
+        f.truncate(100)
+    (out / "part-00009.parquet").write_bytes(b"a stray part of no input")
+    seen = reads(monkeypatch)
+    assert score(trained_run, inputs, out, "--resume") == 0
+    assert seen == ["b.csv", "c.parquet", "d.jsonl"]
+    same_output(out, ref)
+
+
+def test_a_half_part_the_resumed_job_would_not_overwrite_is_deleted(trained_run, tmp_path, monkeypatch):
+    """Stopped in a.jsonl's second part (its lines with a key more), then resumed with larger batches,
+    which put all of a.jsonl in one part: the half second part must not stay beside it."""
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "a.jsonl", 3)  # a1, a2 in part-00000 (closed), a3 in part-00000-1 (half)
+    assert score(trained_run, tmp_path / "in", out, "--rows-per-batch", "1") == 130
+    assert (out / "part-00000-1.parquet").exists()
+    monkeypatch.undo()
+    assert score(trained_run, tmp_path / "in", out, "--resume", "--rows-per-batch", "4") == 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(4)]
+    ids = [r["id"] for r in pq.read_table(out / "part-00000.parquet").to_pylist()]
+    assert ids == ["a1", "a2", "a3", "a4"] and marker(out)["rows"] == 13
+
+
+def test_resume_goes_through_the_outputs_pyarrow_filesystem(monkeypatch):
+    """A remote output (pyarrow's in-memory mock filesystem): records, stale parts and marker as locally."""
+    from imdb_lora.scale import output as score_output
+    from imdb_lora.scale import resume
+
+    remote = pa.fs._MockFileSystem()
+    for module in (score_output, resume):
+        monkeypatch.setattr(module, "filesystem", lambda uri: (remote, uri.split("://", 1)[1]))
+    job = {"engine": "local", "model": {"path": "m", "sha256": "x"}, "inputs": [["mock://in/a", 1, 2]] * 2}
+    out = "mock://bucket/out"
+    assert score_output.prepare_output(out, ["mock://in"], overwrite=False, job=job) is None  # no lock
+    for name in ("part-00000.parquet", "part-00001.parquet"):
+        with remote.open_output_stream(f"bucket/out/{name}") as f:
+            f.write(b"a part")
+    resume.write_record(out, resume.Done(0, "mock://in/a", {"part-00000.parquet": 6}, 3, 1, 1, 2.5))
+    score_output.fail_marker(out, KeyboardInterrupt())
+    lock, resumed = resume.resume_output(out, job, ["mock://in"])
+    assert (
+        lock is None and list(resumed.kept) == [0] and resumed.attempt == 2 and resumed.earlier_seconds == 2.5
+    )
+    names = sorted(i.base_name for i in remote.get_file_info(pa.fs.FileSelector("bucket/out")))
+    kept = ["_imdb_lora_score.done-00000.json", MARKER, "part-00000.parquet"]
+    assert names == kept  # part-00001: no record
+    assert (
+        score_output.read_marker(out)["status"] == "running" and score_output.read_marker(out)["attempt"] == 2
+    )
+
+
+def test_the_marker_counts_and_times_the_whole_output(trained_run, reference, tmp_path, monkeypatch):
+    inputs, ref = reference
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "c.parquet", 0)
+    assert score(trained_run, inputs, out) == 130
+    first = [json.loads(p.read_text()) for p in sorted(out.glob("_imdb_lora_score.done-*.json"))]
+    assert [(r["index"], r["rows"], r["errors"], r["attempt"]) for r in first] == [(0, 4, 0, 1), (1, 3, 1, 1)]
+    assert sorted(first[0]["parts"]) == ["part-00000-1.parquet", "part-00000.parquet"]
+    monkeypatch.undo()
+    assert score(trained_run, inputs, out, "--resume") == 0
+    done = marker(out)
+    assert (done["rows"], done["errors"]) == (13, 3) == (marker(ref)["rows"], marker(ref)["errors"])
+    assert done["seconds"] > first[1]["seconds"] > 0  # the first attempt's time is in it
+    assert done["started"] and done["resumed"] and done["job"]["engine"] == "local"
+
+
+def test_a_resume_that_finds_every_file_done_only_finishes_the_marker(
+    trained_run, reference, tmp_path, monkeypatch
+):
+    """Killed after the last record, before the marker said "finished": no model is loaded."""
+    inputs, ref = reference
+    out = tmp_path / "out"
+    monkeypatch.setattr(engines, "finished", lambda job, summary: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert score(trained_run, inputs, out) == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(engines, "ScoreBatch", None)  # loading a model would fail
+    assert score(trained_run, inputs, out, "--resume") == 0
+    same_output(out, ref)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def one_line(capsys, needle: str) -> None:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "imdb-lora: error" in line]
+    assert needle in err and "Traceback" not in err and len(lines) == 1, err
+
+
+def state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+@pytest.fixture
+def stopped(trained_run, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """Inputs and the output of a job stopped after its first two files."""
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "c.parquet", 1)
+    assert score(trained_run, tmp_path / "in", out) == 130
+    monkeypatch.undo()
+    return tmp_path / "in", out
+
+
+def test_a_plain_rerun_of_a_stopped_output_names_resume(trained_run, stopped, capsys):
+    inputs, out = stopped
+    capsys.readouterr()
+    assert score(trained_run, inputs, out) == 2
+    one_line(capsys, "holds an unfinished score output (status 'failed': the job was killed or failed); "
+             "pass --resume to continue it, or --overwrite to replace it")  # fmt: skip
+
+
+def changed_model(run: Path, tmp: Path) -> Path:
+    copy = tmp / "run-copy"
+    shutil.copytree(run, copy)
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**info, "retrained": True}))
+    return copy
+
+
+REFUSALS = {
+    "overwrite": (["--overwrite"], "--overwrite and --resume contradict each other; pass one"),
+    "ray": (["--engine", "ray"], "--resume works with --engine local only: Ray Data's workers write parts"),
+    "max_chars": (
+        ["--max-chars", "50"],
+        "was scored with other settings: --max-chars 50 (the stopped job: 100000)",
+    ),
+    "keep_text": (["--keep-text"], "other settings: --keep-text (the stopped job: without it)"),
+    "encoding": (["--encoding", "latin-1"], "--encoding iso8859-1 (the stopped job: utf-8)"),
+    "raw": (["--raw"], "--raw (the stopped job: without it)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_resume_with_other_flags_is_refused_and_touches_nothing(trained_run, stopped, capsys, case):
+    inputs, out = stopped
+    flags, needle = REFUSALS[case]
+    before = state(out)
+    capsys.readouterr()
+    assert score(trained_run, inputs, out, "--resume", *flags) == 2
+    one_line(capsys, needle)
+    assert state(out) == before
+
+
+def test_resume_with_another_model_or_other_inputs_is_refused(trained_run, stopped, tmp_path, capsys):
+    inputs, out = stopped
+    before = state(out)
+    capsys.readouterr()
+    other = changed_model(trained_run, tmp_path)
+    assert score(other, inputs, out, "--resume") == 2
+    one_line(capsys, f"the model ({other} is not the {trained_run.resolve()} the stopped job scored with)")
+    (inputs / "e.jsonl").write_text('{"id": "e1", "text": "new"}\n')
+    assert score(trained_run, inputs, out, "--resume") == 2
+    one_line(capsys, "--input: 5 file(s) (the stopped job: 4)")
+    (inputs / "e.jsonl").unlink()
+    (inputs / "b.csv").write_text('id,text\nb1,"brilliant acting, edited"\nb2,\nb3,poor and dull\n')
+    assert score(trained_run, inputs, out, "--resume") == 2
+    one_line(capsys, f"--input: {inputs / 'b.csv'} changed since the stopped job read it")
+    assert state(out) == before
+
+
+def test_resume_with_a_model_changed_in_place_is_refused(trained_run, tmp_path, monkeypatch, capsys):
+    write_inputs(tmp_path / "in")
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(trained_run, run)
+    stop_at(monkeypatch, "b.csv", 0)
+    assert score(run, tmp_path / "in", out) == 130
+    monkeypatch.undo()
+    (run / "calibration.json").write_text(json.dumps({"temperature": 2.0}))  # calibrated again, say
+    capsys.readouterr()
+    assert score(run, tmp_path / "in", out, "--resume") == 2
+    one_line(capsys, f"the model ({run} changed since the stopped job scored with it)")
+
+
+def test_resume_refuses_a_finished_output_and_a_folder_that_is_none(trained_run, reference, tmp_path, capsys):
+    inputs, ref = reference
+    before = state(ref)
+    capsys.readouterr()
+    assert score(trained_run, inputs, ref, "--resume") == 2
+    one_line(capsys, f"--resume: --output {ref} is already finished; nothing to resume")
+    assert state(ref) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    assert score(trained_run, inputs, mine, "--resume") == 2
+    one_line(capsys, f"--resume: --output {mine} is not an imdb-lora score output (no {MARKER})")
+    assert state(mine) == {"notes.txt": b"precious"}
+    assert score(trained_run, inputs, tmp_path / "none", "--resume") == 2
+    one_line(capsys, f"--resume: --output {tmp_path / 'none'} does not exist; nothing to resume")
+    assert not (tmp_path / "none").exists()
+
+
+def test_resume_refuses_an_output_of_the_ray_engine_or_of_an_older_imdb_lora(trained_run, stopped, capsys):
+    inputs, out = stopped
+    written = marker(out)
+    for job, needle in (
+        (
+            {**written["job"], "engine": "ray"},
+            "was written by --engine ray, whose stopped jobs cannot be continued",
+        ),
+        (None, "was written by an earlier imdb-lora that recorded no settings; replace it with --overwrite"),
+    ):
+        (out / MARKER).write_text(json.dumps({**written, "job": job}))
+        before = state(out)
+        capsys.readouterr()
+        assert score(trained_run, inputs, out, "--resume") == 2
+        one_line(capsys, needle)
+        assert state(out) == before
+        assert score(trained_run, inputs, out) == 2  # and a plain rerun does not offer --resume
+        err = capsys.readouterr().err
+        assert "pass --overwrite to replace it" in err and "--resume" not in err
+
+
+def test_resume_refuses_the_output_of_a_live_job(trained_run, tmp_path, capsys):
+    from test_score_guards import holding_job
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "ok", "text": "great wonderful film"}\n')
+    out = tmp_path / "out"
+    with holding_job(out, src) as proc:
+        before = state(out)
+        capsys.readouterr()
+        assert main(["score", str(trained_run), "--input", str(src), "--output", str(out), "--resume"]) == 2
+        one_line(capsys, f"--output {out} is being written by another imdb-lora score job (pid {proc.pid})")
+        assert state(out) == before
+
+
+# ---------------------------------------------------------------- a real process, stopped by a signal
+
+
+# a real process (~5 s each): SIGKILL, which runs no clean-up, in the fast suite; SIGINT's stop line is
+# also checked in process above, so its real-process run is slow (`make test` and CI run it)
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGINT"]
+)
+def test_a_score_process_stopped_by_a_signal_mid_part_resumes(trained_run, reference, tmp_path, sig):
+    """The child waits in its 6th part write (c.parquet's second batch: its part is half-written) until
+    the signal comes; SIGKILL leaves "running" and no lock, SIGINT says how to continue."""
+    import imdb_lora
+
+    inputs, ref = reference
+    out, ready = tmp_path / "out", tmp_path / "held"
+    src = str(Path(imdb_lora.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    args = ["score", str(trained_run), "--input", str(inputs), "--output", str(out), "--rows-per-batch", ROWS]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imdb_lora", *args, "--device", "cpu"],
+        env=hold_score_at("write:6", ready, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_running_until(proc, ready.exists)
+        assert ready.exists(), proc.communicate()
+        proc.send_signal(sig)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert (out / "part-00002.parquet").exists()  # the half part of c.parquet
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL and marker(out)["status"] == "running"
+        command = ["imdb-lora", *args, "--device", "cpu", "--resume"]
+    else:
+        assert proc.returncode == 130 and marker(out)["status"] == "failed"
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(
+            f"imdb-lora: interrupted; the output {out} is unfinished (2 of 4 input files"
+        ), err
+        command = shlex.split(line.split("continue it with: ", 1)[1])
+        assert command[-1] == "--resume" and "--rows-per-batch" in command and "--device" in command
+    assert main(command[1:]) == 0
+    same_output(out, ref)
