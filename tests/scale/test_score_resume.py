@@ -141,6 +141,38 @@ def test_a_stopped_job_resumes_to_the_output_of_an_uninterrupted_one(
     assert marker(out)["attempt"] == 2
 
 
+@pytest.mark.parametrize("failure", ["full_disk", "unreadable_input"])
+def test_a_failed_job_says_how_to_resume_and_resumes(
+    trained_run, reference, tmp_path, monkeypatch, capsys, failure
+):
+    import errno
+
+    from imdb_lora.errors import UserError
+
+    inputs, ref = reference
+    out = tmp_path / "out"
+    real = engines.write_record
+    fault = {
+        "full_disk": OSError(errno.ENOSPC, "No space left on device"),
+        "unreadable_input": UserError("--input: cannot read c.parquet (connection reset)"),
+    }[failure]
+
+    def fails_at_the_third_file(output, done):
+        if done.index == 2:
+            raise fault
+        real(output, done)
+
+    monkeypatch.setattr(engines, "write_record", fails_at_the_third_file)
+    capsys.readouterr()
+    assert score(trained_run, inputs, out) == 2
+    how = "free some space, then" if failure == "full_disk" else "once that is fixed,"
+    one_line(capsys, f"the output {out} is unfinished (2 of 4 input files scored); {how} continue it with: ")
+    assert marker(out)["status"] == "failed"
+    monkeypatch.undo()
+    assert score(trained_run, inputs, out, "--resume") == 0
+    same_output(out, ref)
+
+
 def test_a_part_closed_but_not_recorded_is_scored_again_without_duplicates(
     trained_run, reference, tmp_path, monkeypatch
 ):
