@@ -177,6 +177,12 @@ def test_evaluate_json(trained_run, capsys):
     assert r["accuracy"] == pytest.approx(info["val_accuracy"], abs=1e-6)  # same checkpoint, same split
     code, out, _ = run(capsys, "evaluate", str(trained_run), "--max-samples", "10", "--json")
     assert json.loads(out)["examples"] == 10
+    # one truncated window is window_stride 0, as the flag's help and select's JSON say it (was null)
+    assert r["window_stride"] == 0 and json.loads(out)["window_stride"] == 0
+    code, out, _ = run(
+        capsys, "evaluate", str(trained_run), "--max-samples", "4", "--window-stride", "0", "--json"
+    )
+    assert code == 0 and json.loads(out)["window_stride"] == 0
 
 
 def test_python_dash_m_predicts_and_a_reader_that_stops_early_is_quiet(trained_run, tmp_path):

@@ -136,7 +136,7 @@ def test_evaluate_file_reports_and_writes_the_most_confident_mistakes(trained_ru
     probs = clf.logits(TEXTS).softmax(-1)
     assert r["rows"] == 5 and r["accuracy"] == pytest.approx(0.6)
     assert sum(map(sum, r["confusion"])) == 5 and r["confusion"][0][1] + r["confusion"][1][0] == 2
-    assert r["temperature"] == clf.temperature
+    assert r["temperature"] == clf.temperature and r["window_stride"] == 0  # one truncated window (was null)
     written = [
         json.loads(line) for line in (tmp_path / "errs" / "mine.csv.errors.jsonl").read_text().splitlines()
     ]

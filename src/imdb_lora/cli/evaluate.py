@@ -105,6 +105,12 @@ def _logits(clf, texts: list[str], ns: argparse.Namespace, desc: str):
         return clf.logits(texts, ns.batch_size, bar, window_stride=ns.window_stride)
 
 
+def json_stride(ns: argparse.Namespace) -> int:
+    """--window-stride as the JSON gives it: one truncated window is 0, as the flag, its help and select's
+    JSON say it (the parsed flag holds None for it, which the JSON printed as null)."""
+    return ns.window_stride or 0
+
+
 def _evaluate_split(ns: argparse.Namespace) -> int:
     import time
 
@@ -127,7 +133,7 @@ def _evaluate_split(ns: argparse.Namespace) -> int:
         "brier": f["brier"],
         "temperature": clf.temperature,
         "calibration": clf.calibration_note,
-        "window_stride": ns.window_stride,
+        "window_stride": json_stride(ns),
         "seconds": time.time() - t0,
         "random_init": clf.info.get("random_init", False),
     }
@@ -258,7 +264,7 @@ def _evaluate_file(
         **labeled_report(logits, labels),
         "temperature": clf.temperature,
         "calibration": clf.calibration_note,
-        "window_stride": ns.window_stride,
+        "window_stride": json_stride(ns),
     }
     if errors_path is not None:
         result["errors_file"] = str(errors_path)
