@@ -169,12 +169,39 @@ def test_a_yaml_merge_key_may_still_be_overridden(tmp_path):
     assert (cfg.train.epochs, cfg.train.lr) == (5, 0.001)
 
 
-def test_mpnet_default_config_is_the_default_recipe_with_a_larger_validation_split():
-    shipped = Config.load("mpnet-default").validate().to_dict()
+def changed_from_defaults(name: str) -> dict[tuple[str, str], object]:
+    """What a shipped recipe sets otherwise than the built-in defaults, (section, key): value."""
+    shipped = Config.load(name).validate().to_dict()
     defaults = Config().validate().to_dict()
-    changed = {(s, k) for s in defaults for k in defaults[s] if shipped[s][k] != defaults[s][k]}
-    assert changed == {("model", "name"), ("data", "val_size")}
-    assert shipped["data"]["val_size"] == 0.1
+    return {(s, k): shipped[s][k] for s in defaults for k in defaults[s] if shipped[s][k] != defaults[s][k]}
+
+
+def test_mpnet_default_config_is_the_default_recipe_with_a_larger_validation_split():
+    assert changed_from_defaults("mpnet-default") == {
+        ("model", "name"): "sentence-transformers/all-mpnet-base-v2",
+        ("data", "val_size"): 0.1,
+    }
+
+
+def test_reference_config_is_the_defaults_written_out():
+    # the README: "`--config reference` (the defaults written out)"
+    assert changed_from_defaults("reference") == {}
+
+
+def test_full_finetune_config_is_the_defaults_with_every_weight_trained():
+    assert changed_from_defaults("full-finetune") == {("train", "method"): "full", ("train", "lr"): 2e-5}
+
+
+def test_minilm_quick_config_is_the_real_checks_recipe():
+    """The README calls it the real check's: the recipe whose 80.80% test_real.py guards."""
+    from test_real import REAL_CHECK_FLAGS
+
+    ns = build_parser().parse_args(["train", *REAL_CHECK_FLAGS])
+    real = config_from_args(ns, Config()).validate().to_dict()
+    shipped = Config.load("minilm-quick").validate().to_dict()
+    assert shipped["model"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"  # test_real: a local copy
+    shipped["model"]["name"] = real["model"]["name"]
+    assert shipped == real
 
 
 def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
