@@ -269,6 +269,7 @@ def test_the_marker_counts_and_times_the_whole_output(trained_run, reference, tm
     assert (done["rows"], done["errors"]) == (13, 3) == (marker(ref)["rows"], marker(ref)["errors"])
     assert done["seconds"] > first[1]["seconds"] > 0  # the first attempt's time is in it
     assert done["started"] and done["resumed"] and done["job"]["engine"] == "local"
+    assert done["job"]["window_stride"] == 0  # one truncated window, as the flag says it (was null)
 
 
 def test_a_resume_that_finds_every_file_done_only_finishes_the_marker(

@@ -56,7 +56,8 @@ class ScoreJob:
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the rows (scale/resume.py: --resume must find them unchanged)."""
-        return {key: getattr(self, key) for key in FLAGS}
+        # one truncated window is --window-stride 0, as the flag and evaluate/select's JSON say it (was null)
+        return {key: getattr(self, key) for key in FLAGS} | {"window_stride": self.window_stride or 0}
 
     def scorer_args(self, device: str, threads: int | None = None) -> dict[str, Any]:
         return dict(
