@@ -120,6 +120,33 @@ def test_invalid_values_name_their_flag(flags, named):
     assert "\n" not in msg
 
 
+ROLES = ", ".join(LORA_ROLES)
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--batching", "flta"], "--batching must be auto, padded, packed or flat (got 'flta'); did you mean flat?"),
+        (["--truncation", "head-tail"], "--truncation must be head or head_tail (got 'head-tail'); did you mean head_tail?"),
+        (["--pooling", "maen"], "--pooling must be cls or mean (got 'maen'); did you mean mean?"),
+        (["--method", "ful"], "--method must be lora or full (got 'ful'); did you mean full?"),
+        (
+            ["--lora-targets", "ffm,poolr"],
+            f"--lora-targets: unknown role(s) ['ffm', 'poolr']; choose from {ROLES}; did you mean ffn and pooler?",
+        ),
+        (["--batching", "zzz"], "--batching must be auto, padded, packed or flat (got 'zzz')"),  # nothing close
+        (["--lora-targets", "xyz"], f"--lora-targets: unknown role(s) ['xyz']; choose from {ROLES}"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_value_names_the_close_one(flags, error):
+    """README: a mistyped choice close to a real one is named. argparse's choices did; the values the
+    config checks only listed theirs."""
+    ns = build_parser().parse_args(["train", *flags])
+    with pytest.raises(UserError) as e:
+        config_from_args(ns, Config()).validate()
+    assert str(e.value) == error
+
+
 def test_the_edges_of_each_range_are_accepted():
     ok = ["--lora-dropout", "0", "--val-size", "0.99", "--max-train-samples", "2", "--max-eval-samples", "2",
           "--max-length", "8", "--seed", str(2**32 - 1), "--weight-decay", "0", "--warmup-ratio", "0",
@@ -152,7 +179,11 @@ def test_unknown_yaml_field_is_an_error(tmp_path):
         ("train:\n  lr: true\n", "train.lr: expected float, got True"),
         ("model:\n  name: [a, b]\n", "model.name: expected str, got ['a', 'b']"),  # the model "['a', 'b']"
         ("data:\n  path: {a: 1}\n", "data.path: expected str, got {'a': 1}"),
-        ("train:\n  epochz: 3\n", "unknown field train.epochz"),  # named the file, not the flag
+        ("train:\n  epochz: 3\n", "unknown field train.epochz; did you mean epochs?"),  # the file, not a flag
+        (
+            "trian:\n  epochs: 3\n",
+            "unknown section 'trian'; expected one of ['model', 'lora', 'data', 'train']; did you mean train?",
+        ),  # fmt: skip
     ],
 )
 def test_a_yaml_recipe_read_wrong_is_one_line_naming_the_flag(tmp_path, text, error):

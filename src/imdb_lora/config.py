@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 # The YAML recipes shipped inside the package (a wheel too): `--config NAME` picks one by its name.
 SHIPPED_CONFIGS = Path(__file__).with_name("configs")
@@ -40,7 +40,7 @@ def config_file(value: str | os.PathLike) -> Path:
     shipped = shipped_configs()
     if name in shipped and p.name == str(value):
         return SHIPPED_CONFIGS / f"{name}.yaml"
-    hint = f"; the shipped one is --config {name}" if name in shipped else ""
+    hint = f"; the shipped one is --config {name}" if name in shipped else did_you_mean(name, shipped)
     if p.is_dir():
         raise UserError(
             f"--config: {value} is a folder, not a YAML file{hint} (shipped configs: {', '.join(shipped)})"
@@ -50,6 +50,15 @@ def config_file(value: str | os.PathLike) -> Path:
 
 # Roles LoRA can target; model.py maps each to module names per architecture.
 LORA_ROLES = ("attention_qkv", "attention_output", "ffn", "pooler", "word_embeddings")
+
+# The closed sets of values some fields take, by flag: a value outside one is refused naming the close
+# one (`--batching flta` ... did you mean flat?), as argparse's choices are.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "--pooling": ("cls", "mean"),
+    "--truncation": ("head", "head_tail"),
+    "--method": ("lora", "full"),
+    "--batching": ("auto", "padded", "packed", "flat"),
+}
 
 
 def _f(
@@ -226,7 +235,7 @@ class Config:
         m, lo, d, t = self.model, self.lora, self.data, self.train
         checks = [
             (bool(m.name), "--model", "must not be empty"),
-            (m.pooling in ("cls", "mean"), "--pooling", "must be cls or mean"),
+            _one_of("--pooling", m.pooling),
             (lo.r >= 1, "--lora-r", "must be a positive integer"),
             (0 < lo.alpha < math.inf, "--lora-alpha", "must be a positive number"),
             (
@@ -241,21 +250,17 @@ class Config:
             (d.max_train_samples is None or d.max_train_samples >= 2, "--max-train-samples", "must be >= 2"),
             (d.max_eval_samples is None or d.max_eval_samples >= 2, "--max-eval-samples", "must be >= 2"),
             (8 <= d.max_length <= 8192, "--max-length", "must be between 8 and 8192"),
-            (d.truncation in ("head", "head_tail"), "--truncation", "must be head or head_tail"),
+            _one_of("--truncation", d.truncation),
             (
                 d.truncation != "head_tail" or 0 < d.head_tokens < d.max_length - 2,
                 "--head-tokens",
                 "must be in (0, max_length - 2)",
             ),
             (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
-            (t.method in ("lora", "full"), "--method", "must be lora or full"),
+            _one_of("--method", t.method),
             (t.epochs >= 1, "--epochs", "must be >= 1"),
             (0 <= t.seed < 2**32, "--seed", "must be in [0, 2**32)"),  # numpy's and CUDA's seed range
-            (
-                t.batching in ("auto", "padded", "packed", "flat"),
-                "--batching",
-                "must be auto, padded, packed or flat",
-            ),
+            _one_of("--batching", t.batching),
             (not t.cuda_graphs or t.batching == "flat", "--cuda-graphs", "needs --batching flat"),
             (
                 not t.bf16_working_copies or (t.batching == "flat" and t.method == "lora"),
@@ -288,7 +293,9 @@ class Config:
         ]
         for ok, flag, msg in checks:
             if not ok:
-                raise UserError(f"{flag} {msg} (got {_value_of(self, flag)!r})")
+                value = _value_of(self, flag)
+                hint = did_you_mean(value, CHOICES[flag]) if flag in CHOICES else ""
+                raise UserError(f"{flag} {msg} (got {value!r}){hint}")
         paths = [("--model", m.name), ("--data", d.path), ("--train-file", d.train_file)]
         paths += [("--test-file", d.test_file), *(("--eval-file", f) for f in d.eval_files)]
         for flag, path in paths:
@@ -308,7 +315,10 @@ class Config:
             )
         bad = [r for r in lo.targets if r not in LORA_ROLES]
         if bad:
-            raise UserError(f"--lora-targets: unknown role(s) {bad}; choose from {', '.join(LORA_ROLES)}")
+            raise UserError(
+                f"--lora-targets: unknown role(s) {bad}; choose from {', '.join(LORA_ROLES)}"
+                f"{did_you_mean(bad, LORA_ROLES)}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,7 +335,10 @@ class Config:
         cfg = cls()
         for section, values in (raw or {}).items():
             if section not in _sections():
-                raise UserError(f"{source}: unknown section {section!r}; expected one of {list(_sections())}")
+                raise UserError(
+                    f"{source}: unknown section {section!r}; expected one of {list(_sections())}"
+                    f"{did_you_mean(str(section), _sections())}"
+                )
             if not isinstance(values, dict):
                 raise UserError(f"{source}: section {section!r} must be a mapping")
             target = getattr(cfg, section)
@@ -334,7 +347,7 @@ class Config:
                 if RETIRED_FIELDS.get((section, key), object()) == value:
                     continue  # an older run's config.yaml: the field's only value, now implied
                 if key not in names:
-                    raise UserError(f"{source}: unknown field {section}.{key}")
+                    raise UserError(f"{source}: unknown field {section}.{key}{did_you_mean(str(key), names)}")
                 setattr(target, key, coerce(value, type(target), names[key], f"{source}: {section}.{key}"))
         return cfg
 
@@ -474,6 +487,12 @@ def section_fields() -> list[tuple[str, type, dataclasses.Field]]:
 
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _one_of(flag: str, value: str) -> tuple[bool, str, str]:
+    """validate()'s check of a field whose values are CHOICES[flag]: `must be head or head_tail`."""
+    *most, last = CHOICES[flag]
+    return value in CHOICES[flag], flag, f"must be {', '.join(most)} or {last}"
 
 
 def _value_of(cfg: Config, flag: str) -> Any:

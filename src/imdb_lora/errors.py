@@ -3,14 +3,26 @@ what a full disk or a read-only file system makes a write raise (also one line, 
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
 import signal
+from collections.abc import Iterable
 
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad data); shown without a traceback."""
+
+
+def did_you_mean(given: str | Iterable[str], names: Iterable[str]) -> str:
+    """`; did you mean predict?`: the closest of `names` to each mistyped value in `given` that has one
+    (difflib's similarity of at least 0.6), for the end of a one-line error; "" when none is close.
+    The one matcher for argparse's choices (the CLI) and the values the config and export check."""
+    names = list(names)
+    givens = [given] if isinstance(given, str) else given
+    close = [m[0] for g in givens if (m := difflib.get_close_matches(g, names, n=1))]
+    return f"; did you mean {' and '.join(dict.fromkeys(close))}?" if close else ""
 
 
 class Terminated(KeyboardInterrupt):

@@ -61,6 +61,10 @@ def test_a_missing_config_says_what_is_shipped(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.startswith(
         "imdb-lora: error: --config: no such file: nope (shipped configs: "
     )
+    assert main(["train", "--config", "minilm-quik"]) == 2  # a shipped name mistyped: the close one named
+    assert capsys.readouterr().err.startswith(
+        "imdb-lora: error: --config: no such file: minilm-quik; did you mean minilm-quick? (shipped configs: "
+    )
     (tmp_path / "configs").mkdir()  # a folder is not a missing file
     assert main(["train", "--config", "configs"]) == 2
     assert capsys.readouterr().err.startswith(

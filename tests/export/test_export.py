@@ -10,6 +10,8 @@ from conftest import train_args
 
 from imdb_lora.cli import main
 from imdb_lora.config import Config
+from imdb_lora.errors import UserError
+from imdb_lora.export.exporter import check_options
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.inference.exported import MARKER
 
@@ -122,6 +124,20 @@ def test_roberta_onnx_export_fuses_and_matches(tiny_models, imdb_dir, tmp_path):
     want = Classifier.load(str(run), device="cpu").logits(TEXTS)
     got = Classifier.load(str(tmp_path / "onnx")).logits(TEXTS)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fmt, quantize, error",
+    [
+        ("onx", None, "--format: unknown format 'onx'; choose from merged, onnx; did you mean onnx?"),
+        ("onnx", "in8", "--quantize: unknown quantization 'in8'; choose from int8; did you mean int8?"),
+        ("tflite", None, "--format: unknown format 'tflite'; choose from merged, onnx"),  # nothing close
+    ],
+)
+def test_a_mistyped_format_names_the_close_one(fmt, quantize, error):
+    with pytest.raises(UserError) as e:
+        check_options(fmt, quantize)
+    assert str(e.value) == error
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import difflib
 import io
 import os
 import signal
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-from ..errors import Terminated, UserError, cannot_write, make_room, write_failure
+from ..errors import Terminated, UserError, cannot_write, did_you_mean, make_room, write_failure
 from .bench import add_bench_parser
 from .compare import add_compare_parser
 from .evaluate import add_evaluate_parser
@@ -64,8 +63,7 @@ def closest_choice(message: str) -> str:
         return ""
     given, _, listed = choices.partition(" (choose from ")
     names = [c.strip().strip("'") for c in listed.removesuffix(")").split(",")]
-    close = difflib.get_close_matches(given.strip("'"), names, n=1)
-    return f"; did you mean {close[0]}?" if close else ""
+    return did_you_mean(given.strip("'"), names)
 
 
 def build_parser() -> argparse.ArgumentParser:

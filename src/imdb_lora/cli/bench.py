@@ -14,6 +14,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 
+from ..config import CHOICES
 from ..errors import UserError
 from ..extras import require
 from ..serving.app import ServeSettings
@@ -153,13 +154,13 @@ def add_bench_train_parsers(sub) -> None:
         add_data_flag(p, "$IMDB_LORA_DATA, else download")
         p.add_argument(
             "--method",
-            choices=["lora", "full"],
+            choices=CHOICES["--method"],
             default="lora",
             help="lora (adapters + classifier) or full (every weight trains) [default: lora]",
         )
         p.add_argument(
             "--batching",
-            choices=["auto", "padded", "packed", "flat"],
+            choices=CHOICES["--batching"],
             default="auto",
             help="as train's --batching [default: auto]",
         )

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from .. import __version__
 from ..data.tokenize import record_max_length
-from ..errors import UserError, cannot_write, make_room, write_failure
+from ..errors import UserError, cannot_write, did_you_mean, make_room, write_failure
 from ..inference.classifier import Classifier
 from ..inference.exported import (
     FORMATS,
@@ -169,10 +169,13 @@ def unlock_destination(lock: IO[str], dest: Path) -> None:
 
 def check_options(fmt: str, quantize: str | None) -> None:
     if fmt not in FORMATS:
-        raise UserError(f"--format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise UserError(
+            f"--format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}{did_you_mean(fmt, FORMATS)}"
+        )
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise UserError(
             f"--quantize: unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}"
+            f"{did_you_mean(quantize, QUANTIZATIONS)}"
         )
     if quantize and fmt != "onnx":
         raise UserError("--quantize int8 needs --format onnx (onnxruntime runs the int8 model)")
