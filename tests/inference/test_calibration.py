@@ -157,6 +157,17 @@ def test_evaluate_file_reports_and_writes_the_most_confident_mistakes(trained_ru
     assert len((tmp_path / "errs" / "mine.csv.errors.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.parametrize(
+    "n, line", [(1, "1 most confident mistake written"), (2, "2 most confident mistakes written")]
+)
+def test_the_errors_line_says_mistake_for_one(n, line):
+    from imdb_lora.cli.evaluate import _file_text
+
+    r = {"file": "f.csv", "accuracy": 0.5, "loss": 0.7, "ece": 0.1, "brier": 0.25, "rows": 4,
+         "confusion": [[1, 1], [1, 1]], "errors_file": "e.jsonl", "errors_written": n}  # fmt: skip
+    assert _file_text(r).splitlines()[-1] == f"  {line} to e.jsonl"  # was "1 most confident mistakes"
+
+
 def test_an_errors_file_written_meanwhile_by_another_process_is_kept(
     trained_run, tmp_path, capsys, monkeypatch
 ):

@@ -135,7 +135,10 @@ def test_score_refuses_what_it_cannot_do(trained_run, tmp_path, capsys):
         (["--input", inp, "--output", str(tmp_path / "full")], "exists and is not empty; pass --overwrite"),
         (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "no such file or folder"),
         (["--input", str(tmp_path / "notext.csv"), "--output", str(tmp_path / "o")], "--text-column"),
-        (["--input", inp, "--output", str(tmp_path / "o"), "--workers", "2"], "apply to --engine ray only"),
+        (
+            ["--input", inp, "--output", str(tmp_path / "o"), "--workers", "2"],
+            "--workers applies to --engine ray only",
+        ),
     ]
     for args, needle in cases:
         assert main(["score", run, *args]) == 2

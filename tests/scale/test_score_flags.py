@@ -57,7 +57,9 @@ def test_flags_of_the_other_engine_are_refused(job, tmp_path, monkeypatch, capsy
     assert main([*job, "--engine", "ray", "--device", "cuda"]) == 2
     assert "--device applies to --engine local only" in one_line(capsys)
     assert main([*job, "--cpus-per-worker", "2"]) == 2
-    assert "--cpus-per-worker apply to --engine ray only" in one_line(capsys)
+    assert "--cpus-per-worker applies to --engine ray only" in one_line(capsys)
+    assert main([*job, "--cpus-per-worker", "2", "--num-gpus-per-worker", "1"]) == 2
+    assert "--cpus-per-worker, --num-gpus-per-worker apply to --engine ray only" in one_line(capsys)
     assert not (tmp_path / "out").exists()
 
 

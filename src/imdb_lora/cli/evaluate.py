@@ -334,5 +334,6 @@ def _file_text(r: dict[str, Any]) -> str:
         f"    {'POSITIVE':10}{fn:>10,}{tp:>10,}",
     ]
     if "errors_file" in r:
-        out.append(f"  {r['errors_written']} most confident mistakes written to {r['errors_file']}")
+        n = r["errors_written"]
+        out.append(f"  {n} most confident mistake{'' if n == 1 else 's'} written to {r['errors_file']}")
     return "\n".join(out)

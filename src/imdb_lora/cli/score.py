@@ -101,7 +101,8 @@ def cmd_score(ns: argparse.Namespace) -> int:
         given = [f"--{k.replace('_', '-')}" for k in RAY_ONLY if getattr(ns, k) is not None]
         given += ["--num-gpus-per-worker"] if ns.num_gpus_per_worker else []
         if given:
-            raise UserError(f"{', '.join(given)} apply to --engine ray only")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UserError(f"{', '.join(given)} {verb} to --engine ray only")
     else:
         if ns.device is not None:  # Ray workers never read it: a GPU would be silently left unused
             raise UserError(
