@@ -1,18 +1,18 @@
 """The flat training step captured as one CUDA graph per bucket: no per-step host cost.
 
-An eager step dispatches ~3,500 ops from the host (docs/performance.md), ~41 ms of fixed cost per step
-on an H200 at batch 32. A CUDA graph replays the whole step (forward, loss, backward, clipping, fused
-AdamW) with one launch, but still runs every kernel: the H200 profile counted 2,957 per step, most of
-them tiny casts and adds. A CPU count of the same step (a TorchDispatchMode counter; roberta-base,
-random init, the seed LoRA recipe, bf16 autocast as on CUDA, frozen weights in bf16, attention as one
-op like the flash kernel) gives 2,629 non-view ops, of which 762 dtype casts (the profile's
-direct_copy + bfloat16_copy kernels: 762). 442 of them are the ~220 fp32 trainable tensors (LoRA A/B,
-the wrapped layers' biases, the head) cast to bf16 at each use and their bf16 gradients cast back;
-most of the rest are activations: peft casts a LoRA branch's input to its fp32 weight dtype and
-autocast casts it back after the dropout, and each of q/k/v/intermediate casts the same fp32
-LayerNorm output. Add to that 222 gradient accumulations (`add_` into the gradients kept at fixed
-addresses) and ~100 fp32 adds summing the gradients of a LayerNorm output that several projections
-read (the profile's 319 fp32 adds).
+An eager step dispatches every op from the host, one launch each, and is launch-bound: on an H200 the
+eager flat step trained 79.0 k tokens/s against padded's 114.4 k, and captured 178.6 k (2026-11-30,
+docs/performance.md). A CUDA graph replays the whole step (forward, loss, backward, clipping, fused
+AdamW) with one launch, but still runs every kernel: the H200 profile counted ~2,960 per step, most of
+them tiny casts and adds. A CPU count of the same step (scripts/step_ops.py: roberta-base, random init,
+the default LoRA recipe, bf16 autocast as on CUDA, frozen weights in bf16, attention as one op each way
+like the flash kernel) gives 2,675 non-view ops, of which 763 dtype casts (the profile's direct_copy +
+bfloat16_copy kernels: 762). ~440 of them are the ~220 fp32 trainable tensors (LoRA A/B, the wrapped
+layers' biases, the head) cast to bf16 at each use and their bf16 gradients cast back; most of the rest
+are activations: peft casts a LoRA branch's input to its fp32 weight dtype and autocast casts it back
+after the dropout, and each of q/k/v/intermediate casts the same fp32 LayerNorm output. Add to that 222
+gradient accumulations (`add_` into the gradients kept at fixed addresses) and ~100 fp32 adds summing
+the gradients of a LayerNorm output that several projections read (the profile's 319 fp32 adds).
 What a graph needs, and how this module provides it:
 - Fixed shapes: flat rows are rounded up to a bucket (data.batches.FLAT_BUCKET), so a graph per
   bucket width covers every full batch; the kernel's max sequence length is a fixed bound. Batches of
