@@ -113,6 +113,16 @@ def reads(monkeypatch) -> list[str]:
 # ---------------------------------------------------------------- resuming
 
 
+def test_the_parts_in_file_name_order_hold_the_rows_in_input_order(reference):
+    """Readers (pyarrow, pandas, DuckDB's globs) take a folder's parts in file-name order: an input's later
+    parts (a.jsonl's lines with a key more) must sort after its first and before the next input's."""
+    _, ref = reference
+    names = sorted(p.name for p in ref.glob("*.parquet"))
+    assert len(names) == 5 and names[0] == "part-00000.parquet" and names[2] == "part-00001.parquet"
+    rows = [(Path(r["source_file"]).name, r["source_row"]) for r in pq.read_table(ref).to_pylist()]
+    assert rows == sorted(rows) and len(rows) == 13  # a.jsonl < b.csv < c.parquet < d.jsonl, each in order
+
+
 @pytest.mark.parametrize(("file", "after"), [("b.csv", 0), ("c.parquet", 1), ("d.jsonl", 1)])
 def test_a_stopped_job_resumes_to_the_output_of_an_uninterrupted_one(
     trained_run, reference, tmp_path, monkeypatch, capsys, file, after
