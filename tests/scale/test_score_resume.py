@@ -216,6 +216,7 @@ def test_a_kept_part_that_was_truncated_since_is_redone(trained_run, reference, 
     with open(out / "part-00001.parquet", "r+b") as f:  # the record says its size: this is another
         f.truncate(100)
     (out / "part-00009.parquet").write_bytes(b"a stray part of no input")
+    (out / "part-00000-1.parquet").write_bytes(b"unrecorded, named as imdb-lora named later parts before")
     seen = reads(monkeypatch)
     assert score(trained_run, inputs, out, "--resume") == 0
     assert seen == ["b.csv", "c.parquet", "d.jsonl"]
@@ -227,9 +228,9 @@ def test_a_half_part_the_resumed_job_would_not_overwrite_is_deleted(trained_run,
     which put all of a.jsonl in one part: the half second part must not stay beside it."""
     write_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    stop_at(monkeypatch, "a.jsonl", 3)  # a1, a2 in part-00000 (closed), a3 in part-00000-1 (half)
+    stop_at(monkeypatch, "a.jsonl", 3)  # a1, a2 in part-00000 (closed), a3 in part-00000_00001 (half)
     assert score(trained_run, tmp_path / "in", out, "--rows-per-batch", "1") == 130
-    assert (out / "part-00000-1.parquet").exists()
+    assert (out / "part-00000_00001.parquet").exists()
     monkeypatch.undo()
     assert score(trained_run, tmp_path / "in", out, "--resume", "--rows-per-batch", "4") == 0
     assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(4)]
@@ -272,7 +273,7 @@ def test_the_marker_counts_and_times_the_whole_output(trained_run, reference, tm
     assert score(trained_run, inputs, out) == 130
     first = [json.loads(p.read_text()) for p in sorted(out.glob("_imdb_lora_score.done-*.json"))]
     assert [(r["index"], r["rows"], r["errors"], r["attempt"]) for r in first] == [(0, 4, 0, 1), (1, 3, 1, 1)]
-    assert sorted(first[0]["parts"]) == ["part-00000-1.parquet", "part-00000.parquet"]
+    assert sorted(first[0]["parts"]) == ["part-00000.parquet", "part-00000_00001.parquet"]
     monkeypatch.undo()
     assert score(trained_run, inputs, out, "--resume") == 0
     done = marker(out)

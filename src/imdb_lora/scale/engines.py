@@ -249,8 +249,7 @@ class PartWriter:
             except Exception:  # noqa: BLE001 - another shape of row: its own part
                 self.close()
         if self.writer is None:
-            suffix = "" if self.count == 0 else f"-{self.count}"
-            path = f"{self.stem}{suffix}.parquet"
+            path = f"{self.stem}{later_part(self.count)}.parquet"
             self.name = path.rsplit("/", 1)[-1]
             self.stream = self.fsys.open_output_stream(path)
             self.writer = self.pq.ParquetWriter(self.stream, table.schema)
@@ -264,6 +263,14 @@ class PartWriter:
             self.stream.close()
             self.written[self.name] = size
             self.writer = self.stream = None
+
+
+def later_part(count: int) -> str:
+    """The suffix of an input file's part after its first: `_00001`... Readers take a folder's parts in
+    file-name order, and `part-00000_00001.parquet` sorts after `part-00000.parquet` ('_' after '.') and
+    before `part-00001.parquet`; the `-1` this replaced sorted before its file's first part ('-' before
+    '.'), so pyarrow and pandas read an input's later rows first."""
+    return "" if count == 0 else f"_{count:05d}"
 
 
 def known_rows(sources: list[Source]) -> int | None:

@@ -1,7 +1,7 @@
 """`imdb-lora score --resume`: a stopped local-engine job continues where it stood, input file by file.
 
 How a finished input file is known. The local engine writes input file i as `part-{i:05d}.parquet`
-(and `part-{i:05d}-{k}.parquet` when its rows change shape). Once that file's last part is closed, it
+(and `part-{i:05d}_{k:05d}.parquet` when its rows change shape). Once that file's last part is closed, it
 writes a record, `_imdb_lora_score.done-{i:05d}.json`: the input file, its parts with their sizes, its
 rows and errors. The record is the only proof of a finished file: a part without one (a job stopped
 while writing it, or between closing it and writing the record) is deleted and its input scored
@@ -53,7 +53,9 @@ from .sources import filesystem
 
 RECORD = "_imdb_lora_score.done-"  # + {i:05d}.json; a leading underscore: readers of the parts skip it
 RECORD_BYTES = 1024 * 1024  # a record names a file and its parts: a few hundred bytes
-PART = re.compile(r"part-(\d{5,})(?:-\d+)?\.parquet")
+# `-k`: an input file's later parts as imdb-lora named them before `_kkkkk` (engines.later_part), which
+# a stopped output of that version may hold: kept if recorded, else deleted as any other stale part.
+PART = re.compile(r"part-(\d{5,})(?:_\d{5,}|-\d+)?\.parquet")
 # The job settings that change the rows (ScoreJob fields) and the flags that set them, in the order
 # messages name them.
 FLAGS = {
