@@ -506,3 +506,24 @@ def test_a_score_process_stopped_by_a_signal_mid_part_resumes(trained_run, refer
         assert command[-1] == "--resume" and "--rows-per-batch" in command and "--device" in command
     assert main(command[1:]) == 0
     same_output(out, ref)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--input", "in dir", "it's.jsonl", "--output", 'o "q"', "--text-column=-t", "--encoding", "latin-1"],
+        ["--input=-x.jsonl", "--input", "a.csv", "--output=-o", "--base-model=-b", "--window-stride", "0"],
+    ],
+)
+def test_the_resume_command_parses_back_to_the_stopped_jobs_arguments(argv):
+    """The line's command as a shell splits it: the same model, inputs (in order), output and flags, also
+    for values a shell must quote and values that begin with '-' (which a flag's next word cannot be)."""
+    from imdb_lora.cli import build_parser
+    from imdb_lora.cli.score import resume_command
+
+    parser = build_parser()
+    ns = parser.parse_args(["score", "runs/x", *argv])
+    words = shlex.split(resume_command(ns))
+    assert words[:2] == ["imdb-lora", "score"] and words[-1] == "--resume"
+    again = parser.parse_args(words[1:])
+    assert vars(again) == {**vars(ns), "resume": True}
