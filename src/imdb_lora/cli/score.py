@@ -187,7 +187,13 @@ def how_on(ns: argparse.Namespace) -> str:
 def resume_command(ns: argparse.Namespace) -> str:
     """`imdb-lora score ... --resume` with this job's model, inputs, output and every flag given a value
     other than its default (the ones --resume checks, and the batch sizes and device chosen)."""
-    args = ["imdb-lora", "score", str(ns.model), "--input", *map(str, ns.input), "--output", str(ns.output)]
+    inputs = [str(i) for i in ns.input]
+    # A value beginning with '-' is read as a flag after its flag's name: joined to it with '=' instead.
+    if any(i.startswith("-") for i in inputs):
+        given = [f"--input={i}" for i in inputs]
+    else:
+        given = ["--input", *inputs]
+    args = ["imdb-lora", "score", str(ns.model), *given, *valued_flag("--output", str(ns.output))]
     valued = (
         ("--text-column", ns.text_column, "text"),
         ("--max-chars", ns.max_chars, MAX_CHARS),
@@ -201,6 +207,11 @@ def resume_command(ns: argparse.Namespace) -> str:
     )
     for flag, value, default in valued:
         if value != default:
-            args += [flag, str(value)]
+            args += valued_flag(flag, str(value))
     args += [flag for flag, on in (("--keep-text", ns.keep_text), ("--raw", ns.raw)) if on]
     return shlex.join([*args, "--resume"])
+
+
+def valued_flag(flag: str, value: str) -> list[str]:
+    """`--flag value`, or `--flag=value` where the value begins with '-' (argparse takes it for a flag)."""
+    return [f"{flag}={value}"] if value.startswith("-") else [flag, value]
