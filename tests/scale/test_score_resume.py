@@ -238,6 +238,19 @@ def test_a_half_part_the_resumed_job_would_not_overwrite_is_deleted(trained_run,
     assert ids == ["a1", "a2", "a3", "a4"] and marker(out)["rows"] == 13
 
 
+def test_files_of_the_user_in_a_stopped_output_are_left_and_not_counted(trained_run, stopped, tmp_path):
+    """A note or a folder put into the output between the stop and --resume: kept as they are, and the
+    summary counts the job's parts alone (it read every file of the folder as Parquet: a traceback)."""
+    inputs, out = stopped
+    (out / "notes.txt").write_text("scored with runs/x")
+    (out / "mine").mkdir()
+    (out / "mine" / "part-00009.parquet").write_bytes(b"not ours")
+    assert score(trained_run, inputs, out, "--resume") == 0
+    assert marker(out)["rows"] == 13 and marker(out)["errors"] == 3
+    assert (out / "notes.txt").read_text() == "scored with runs/x"
+    assert (out / "mine" / "part-00009.parquet").read_bytes() == b"not ours"
+
+
 def test_resume_goes_through_the_outputs_pyarrow_filesystem(monkeypatch):
     """A remote output (pyarrow's in-memory mock filesystem): records, stale parts and marker as locally."""
     from imdb_lora.scale import output as score_output
