@@ -203,10 +203,14 @@ def run_local(job: ScoreJob, device: str = "auto", progress: bool = True) -> Sum
             total=known_rows([s for _, s in todo]), unit="row", desc="score", disable=not progress,
             dynamic_ncols=True,
         ) as bar:  # fmt: skip
+            parts = [name for d in job.resumed.kept.values() for name in d.parts]
             for i, src in todo:
-                write_record(job.output, score_file(job, scorer, i, src, bar.update, start))
+                done = score_file(job, scorer, i, src, bar.update, start)
+                write_record(job.output, done)
+                parts += done.parts
                 job.done += 1
-        summary = summarize(job.output, job.resumed.earlier_seconds + time.time() - start)
+        # The job's parts alone: a resumed output may hold what its user put there since (a note, a folder)
+        summary = summarize(job.output, job.resumed.earlier_seconds + time.time() - start, parts=parts)
         if job.resume:
             summary.kept = (len(job.resumed.kept), len(job.sources))
         return finished(job, summary)
@@ -455,13 +459,15 @@ def schema_clash_inside(e: BaseException) -> UserError | None:
 # ---------------------------------------------------------------- summary
 
 
-def summarize(output: str, seconds: float, examples: int = 3) -> Summary:
-    """Rows and errors as written (read back from the output's `error` column)."""
+def summarize(output: str, seconds: float, examples: int = 3, parts: list[str] | None = None) -> Summary:
+    """Rows and errors as written (read back from the output's `error` column): of the part files named
+    in `parts` (in name order, which is input order), else of every Parquet file in the output (Ray's)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
     fsys, path = filesystem(output)
-    data = pds.dataset(path, filesystem=fsys, format="parquet")
+    where = path if parts is None else [f"{path.rstrip('/')}/{name}" for name in sorted(parts)]
+    data = pds.dataset(where, filesystem=fsys, format="parquet")
     if not data.files:  # inputs without a single row
         return Summary(0, 0, seconds, [])
     # Counted and picked by the dataset's scanner, a batch at a time: reading the three columns whole
