@@ -342,24 +342,6 @@ def test_a_plain_rerun_of_a_stopped_output_names_resume(trained_run, stopped, ca
              "pass --resume to continue it, or --overwrite to replace it")  # fmt: skip
 
 
-def test_a_stopped_output_that_recorded_one_window_as_null_resumes(trained_run, stopped, capsys):
-    """imdb-lora recorded the default --window-stride (one truncated window) as null in the first
-    --resume's markers, as 0 since: an output stopped under the first is still the same job."""
-    inputs, out = stopped
-    saved = marker(out)
-    assert saved["job"]["window_stride"] == 0
-    saved["job"]["window_stride"] = None
-    (out / MARKER).write_text(json.dumps(saved))
-    assert score(trained_run, inputs, out, "--resume") == 0
-    assert "(resumed: 2 of 4 input files kept from before)" in capsys.readouterr().out
-    assert score(trained_run, inputs, tmp := out.parent / "other", "--window-stride", "16") == 0
-    saved = marker(tmp)
-    saved.update(status="failed", job={**saved["job"], "window_stride": None})
-    (tmp / MARKER).write_text(json.dumps(saved))
-    assert score(trained_run, inputs, tmp, "--window-stride", "16", "--resume") == 2  # null is 0, never 16
-    assert "--window-stride 16 (the stopped job: 0)" in capsys.readouterr().err
-
-
 def changed_model(run: Path, tmp: Path) -> Path:
     copy = tmp / "run-copy"
     shutil.copytree(run, copy)

@@ -127,9 +127,6 @@ def job_record(settings: dict[str, Any], model: dict[str, str], sources: list) -
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between the stopped job's record and this one's, as the user would name it."""
-    # One truncated window was recorded as null before it was 0 (the flag's and select's word for it):
-    # an output stopped then is the same job, and no flag could give null.
-    saved, now = ({**d, "window_stride": d.get("window_stride") or 0} for d in (saved, now))
     found = [
         change(flag, saved.get(key), now.get(key))
         for key, flag in FLAGS.items()
