@@ -184,7 +184,7 @@ def test_a_failed_job_says_how_to_resume_and_resumes(
 
 
 def test_a_part_closed_but_not_recorded_is_scored_again_without_duplicates(
-    trained_run, reference, tmp_path, monkeypatch
+    trained_run, reference, tmp_path, monkeypatch, capsys
 ):
     """Killed between closing a file's last part and writing its record: the whole part is redone."""
     inputs, ref = reference
@@ -197,7 +197,9 @@ def test_a_part_closed_but_not_recorded_is_scored_again_without_duplicates(
         real(output, done)
 
     monkeypatch.setattr(engines, "write_record", killed_before_the_record)
+    capsys.readouterr()
     assert score(trained_run, inputs, out) == 130
+    assert f"the output {out} is unfinished (1 of 4 input files scored)" in capsys.readouterr().err
     assert pq.read_table(out / "part-00001.parquet").num_rows == 3  # whole, yet unrecorded
     monkeypatch.undo()
     seen = reads(monkeypatch)
@@ -205,6 +207,30 @@ def test_a_part_closed_but_not_recorded_is_scored_again_without_duplicates(
     assert seen == ["b.csv", "c.parquet", "d.jsonl"]
     same_output(out, ref)
     assert len(pq.read_table(out).to_pylist()) == marker(ref)["rows"] == 13
+
+
+def test_a_stop_just_after_a_record_is_written_counts_that_file(
+    trained_run, reference, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C as a file's record is closed: the stop line counts what --resume will keep (was one fewer)."""
+    inputs, ref = reference
+    out = tmp_path / "out"
+    real = engines.write_record
+
+    def killed_after_the_record(output, done):
+        real(output, done)
+        if done.index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engines, "write_record", killed_after_the_record)
+    capsys.readouterr()
+    assert score(trained_run, inputs, out) == 130
+    assert f"the output {out} is unfinished (2 of 4 input files scored)" in capsys.readouterr().err
+    monkeypatch.undo()
+    seen = reads(monkeypatch)
+    assert score(trained_run, inputs, out, "--resume") == 0
+    assert seen == ["c.parquet", "d.jsonl"]
+    same_output(out, ref)
 
 
 def test_a_kept_part_that_was_truncated_since_is_redone(trained_run, reference, tmp_path, monkeypatch):

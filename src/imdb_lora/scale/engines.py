@@ -26,7 +26,16 @@ from ..errors import UserError
 from ..extras import require
 from .batch import MAX_CHARS, ScoreBatch
 from .output import fail_marker, finish_marker, prepare_output
-from .resume import FLAGS, Done, Resumed, job_record, part_stem, resume_output, write_record
+from .resume import (
+    FLAGS,
+    Done,
+    Resumed,
+    has_record,
+    job_record,
+    part_stem,
+    resume_output,
+    write_record,
+)
 from .sources import Source, check_columns, check_encoding, filesystem, list_sources, read_batches
 
 
@@ -206,14 +215,26 @@ def run_local(job: ScoreJob, device: str = "auto", progress: bool = True) -> Sum
             parts = [name for d in job.resumed.kept.values() for name in d.parts]
             for i, src in todo:
                 done = score_file(job, scorer, i, src, bar.update, start)
-                write_record(job.output, done)
+                record_file(job, done)
                 parts += done.parts
-                job.done += 1
         # The job's parts alone: a resumed output may hold what its user put there since (a note, a folder)
         summary = summarize(job.output, job.resumed.earlier_seconds + time.time() - start, parts=parts)
         if job.resume:
             summary.kept = (len(job.resumed.kept), len(job.sources))
         return finished(job, summary)
+
+
+def record_file(job: ScoreJob, done: Done) -> None:
+    """Write a finished file's record and count it in `job.done`, which a stop line names: counted first,
+    so that a stop just after the record is written (Ctrl-C, or a failure closing its stream) does not
+    say one file fewer than the records hold; uncounted again if the stop left no record."""
+    job.done += 1
+    try:
+        write_record(job.output, done)
+    except BaseException:
+        if not has_record(job.output, done.index):
+            job.done -= 1
+        raise
 
 
 def score_file(job: ScoreJob, scorer: ScoreBatch, index: int, src: Source, update, start: float) -> Done:

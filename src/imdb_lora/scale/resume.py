@@ -98,6 +98,11 @@ def write_record(output: str, done: Done) -> None:
         f.write(json.dumps(asdict(done)).encode() + b"\n")
 
 
+def has_record(output: str, index: int) -> bool:
+    """Whether input file `index` has a whole record in the output (asked after a stop, not per file)."""
+    return read_record(*output_file(output, record_name(index))) is not None
+
+
 def read_record(fsys, path: str) -> Done | None:
     """A record, or None if it is not one (half-written, edited, not ours)."""
     try:
