@@ -384,7 +384,7 @@ REFUSALS = {
         "was scored with other settings: --max-chars 50 (the stopped job: 100000)",
     ),
     "keep_text": (["--keep-text"], "other settings: --keep-text (the stopped job: without it)"),
-    "encoding": (["--encoding", "latin-1"], "--encoding iso8859-1 (the stopped job: utf-8)"),
+    "encoding": (["--encoding", "latin-1"], "--encoding latin-1 (the stopped job: utf-8)"),
     "raw": (["--raw"], "--raw (the stopped job: without it)"),
 }
 
@@ -398,6 +398,23 @@ def test_resume_with_other_flags_is_refused_and_touches_nothing(trained_run, sto
     assert score(trained_run, inputs, out, "--resume", *flags) == 2
     one_line(capsys, needle)
     assert state(out) == before
+
+
+def test_resume_names_encodings_as_typed_and_takes_another_spelling_of_the_same(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    """Compared as codecs (latin-1 is iso-8859-1), named as the user typed them (never `iso8859-1`)."""
+    inputs = tmp_path / "in"
+    write_inputs(inputs)
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "c.parquet", 1)
+    assert score(trained_run, inputs, out, "--encoding", "Latin-1") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert score(trained_run, inputs, out, "--resume", "--encoding", "cp1252") == 2
+    one_line(capsys, "--encoding cp1252 (the stopped job: Latin-1); resume with")
+    assert score(trained_run, inputs, out, "--resume", "--encoding", "ISO-8859-1") == 0
+    assert "(resumed: 2 of 4 input files kept from before)" in capsys.readouterr().out
 
 
 def test_resume_with_another_model_or_other_inputs_is_refused(trained_run, stopped, tmp_path, capsys):

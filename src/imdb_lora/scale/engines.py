@@ -53,7 +53,8 @@ class ScoreJob:
     raw: bool = False  # ignore the run's calibration temperature, as predict --raw
     base_model: str | None = None  # a LoRA run's base, if it moved since training (--base-model)
     max_chars: int = MAX_CHARS  # a longer text is an error row, never cut
-    encoding: str = "utf-8"  # of JSONL and CSV inputs (--encoding)
+    encoding: str = "utf-8"  # of JSONL and CSV inputs (--encoding; from prepare on, the codec's own name)
+    encoding_given: str = ""  # --encoding as the user typed it, for messages (prepare)
     overwrite: bool = False
     resume: bool = False  # continue the stopped job of `output` (local engine only)
     engine: str = "local"
@@ -109,10 +110,13 @@ def prepare(job: ScoreJob) -> None:
 
     check_model(job.model, job.base_model)
     check_window_stride_of(job.model, job.window_stride)  # a bad one would make every row an error
-    job.encoding = check_encoding(job.encoding)
+    # the codec's name to compare (latin-1 and iso-8859-1 are one job); as typed to name it in messages
+    job.encoding_given, job.encoding = job.encoding, check_encoding(job.encoding)
     job.sources = list_sources(job.inputs)
     check_columns(job.sources, job.text_column, job.max_chars, job.encoding)
-    record = job_record(job.settings(), model_identity(job.model), job.sources)
+    record = job_record(
+        job.settings(), model_identity(job.model), job.sources, {"encoding": job.encoding_given}
+    )
     # last: nothing else can refuse now
     if job.resume:
         job.lock, job.resumed = resume_output(job.output, record, job.inputs)

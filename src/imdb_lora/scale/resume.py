@@ -121,19 +121,24 @@ def read_record(fsys, path: str) -> Done | None:
 # ---------------------------------------------------------------- what a job records, what must match
 
 
-def job_record(settings: dict[str, Any], model: dict[str, str], sources: list) -> dict[str, Any]:
-    """The marker's "job": what --resume must find unchanged."""
+def job_record(
+    settings: dict[str, Any], model: dict[str, str], sources: list, given: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The marker's "job": what --resume must find unchanged, and under "given" the settings as the
+    user typed them where that differs from what is compared (--encoding latin-1 is codec iso8859-1),
+    for messages only."""
     return {
         **settings,
         "model": model,
         "inputs": [[s.uri, s.size, s.mtime_ns] for s in sources],
+        "given": given or {},
     }
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between the stopped job's record and this one's, as the user would name it."""
     found = [
-        change(flag, saved.get(key), now.get(key))
+        change(flag, as_given(saved, key), as_given(now, key))
         for key, flag in FLAGS.items()
         if saved.get(key) != now.get(key)
     ]
@@ -146,6 +151,12 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         )
     found += input_differences(saved.get("inputs") or [], now["inputs"])
     return found
+
+
+def as_given(job: dict[str, Any], key: str) -> Any:
+    """A setting as its job's user typed it, if recorded (markers before "given": as compared)."""
+    given = job.get("given")
+    return given[key] if isinstance(given, dict) and key in given else job.get(key)
 
 
 def input_differences(saved: list, now: list) -> list[str]:
