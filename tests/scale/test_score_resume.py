@@ -123,6 +123,74 @@ def test_the_parts_in_file_name_order_hold_the_rows_in_input_order(reference):
     assert rows == sorted(rows) and len(rows) == 13  # a.jsonl < b.csv < c.parquet < d.jsonl, each in order
 
 
+def test_part_names_sort_in_input_order_past_99999_inputs():
+    """`part-100000.parquet` sorted before `part-10001.parquet` when the index had 5 digits whatever the count."""
+    from imdb_lora.scale.resume import part_digits, part_stem, record_name
+
+    assert [part_digits(n) for n in (1, 4, 100_000, 100_001, 10**7)] == [5, 5, 5, 6, 7]
+    digits = part_digits(100_001)
+    for indexes in ([9, 10], [10_001, 100_000], [99_999, 100_000]):
+        assert sorted(part_stem(i, digits) for i in indexes) == [part_stem(i, digits) for i in indexes]
+        assert sorted(record_name(i, digits) for i in indexes) == [record_name(i, digits) for i in indexes]
+
+
+def eleven_inputs(folder: Path) -> Path:
+    """Eleven one-line inputs: past the last one-digit index, as 100,001 inputs are past five digits."""
+    folder.mkdir()
+    for i in range(11):
+        (folder / f"x{i:02d}.jsonl").write_text(json.dumps({"id": i, "text": f"review {i} was good"}) + "\n")
+    return folder
+
+
+def least_digits(monkeypatch, digits: int) -> None:
+    from imdb_lora.scale import resume
+
+    monkeypatch.setattr(resume, "LEAST_DIGITS", digits)
+
+
+def test_parts_are_named_wide_enough_for_the_jobs_inputs_and_resumed_so(trained_run, tmp_path, monkeypatch):
+    """With one digit at least (as 5 are), 11 inputs get two: file-name order is input order, and a
+    stopped job's resume knows its records by those names."""
+    inputs = eleven_inputs(tmp_path / "in")
+    least_digits(monkeypatch, 1)
+    assert score(trained_run, inputs, tmp_path / "ref") == 0
+    names = [p.name for p in sorted((tmp_path / "ref").glob("*.parquet"))]
+    assert (
+        names == [f"part-{i:02d}.parquet" for i in range(11)]
+        and marker(tmp_path / "ref")["job"]["part_digits"] == 2
+    )
+    ids = [r["id"] for r in pq.read_table(tmp_path / "ref").to_pylist()]
+    assert ids == list(range(11))  # with part-10 named so, it would sort before part-2
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "x09.jsonl", 0)
+    assert score(trained_run, inputs, out) == 130
+    monkeypatch.undo()
+    least_digits(monkeypatch, 1)
+    seen = reads(monkeypatch)
+    assert score(trained_run, inputs, out, "--resume") == 0
+    assert seen == ["x09.jsonl", "x10.jsonl"]
+    assert parts(out).keys() == parts(tmp_path / "ref").keys()
+    assert all(parts(out)[n].equals(t) for n, t in parts(tmp_path / "ref").items())
+
+
+def test_the_resume_of_a_job_that_recorded_no_part_digits_keeps_its_names(trained_run, tmp_path, monkeypatch):
+    """A marker from before part_digits: its names had 5 digits, whatever the count; kept on resume."""
+    inputs = eleven_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "x03.jsonl", 0)
+    assert score(trained_run, inputs, out) == 130
+    monkeypatch.undo()
+    written = marker(out)
+    del written["job"]["part_digits"]
+    (out / MARKER).write_text(json.dumps(written))
+    least_digits(monkeypatch, 1)  # this version would name 11 inputs' parts with 2 digits
+    seen = reads(monkeypatch)
+    assert score(trained_run, inputs, out, "--resume") == 0
+    assert seen == [f"x{i:02d}.jsonl" for i in range(3, 11)]  # the 3 recorded files were known
+    assert [p.name for p in sorted(out.glob("*.parquet"))] == [f"part-{i:05d}.parquet" for i in range(11)]
+    assert marker(out)["job"]["part_digits"] == 5
+
+
 @pytest.mark.parametrize(("file", "after"), [("b.csv", 0), ("c.parquet", 1), ("d.jsonl", 1)])
 def test_a_stopped_job_resumes_to_the_output_of_an_uninterrupted_one(
     trained_run, reference, tmp_path, monkeypatch, capsys, file, after
@@ -167,10 +235,10 @@ def test_a_failed_job_says_how_to_resume_and_resumes(
         "unreadable_input": UserError("--input: cannot read c.parquet (connection reset)"),
     }[failure]
 
-    def fails_at_the_third_file(output, done):
+    def fails_at_the_third_file(output, done, *digits):
         if done.index == 2:
             raise fault
-        real(output, done)
+        real(output, done, *digits)
 
     monkeypatch.setattr(engines, "write_record", fails_at_the_third_file)
     capsys.readouterr()
@@ -191,10 +259,10 @@ def test_a_part_closed_but_not_recorded_is_scored_again_without_duplicates(
     out = tmp_path / "out"
     real = engines.write_record
 
-    def killed_before_the_record(output, done):
+    def killed_before_the_record(output, done, *digits):
         if done.index == 1:
             raise KeyboardInterrupt
-        real(output, done)
+        real(output, done, *digits)
 
     monkeypatch.setattr(engines, "write_record", killed_before_the_record)
     capsys.readouterr()
@@ -217,8 +285,8 @@ def test_a_stop_just_after_a_record_is_written_counts_that_file(
     out = tmp_path / "out"
     real = engines.write_record
 
-    def killed_after_the_record(output, done):
-        real(output, done)
+    def killed_after_the_record(output, done, *digits):
+        real(output, done, *digits)
         if done.index == 1:
             raise KeyboardInterrupt
 

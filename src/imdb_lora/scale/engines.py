@@ -28,6 +28,7 @@ from .batch import MAX_CHARS, ScoreBatch
 from .output import fail_marker, finish_marker, prepare_output
 from .resume import (
     FLAGS,
+    LEAST_DIGITS,
     Done,
     Resumed,
     has_record,
@@ -63,6 +64,7 @@ class ScoreJob:
     started: bool = False  # the output is this job's (prepared): a stop leaves it unfinished
     resumed: Resumed = field(default_factory=lambda: Resumed({}, 1, 0.0))  # the files kept, this attempt
     done: int = 0  # input files whose parts and record are written (kept ones included)
+    part_digits: int = LEAST_DIGITS  # of the input index in part and record names (prepare: the marker's)
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the rows (scale/resume.py: --resume must find them unchanged)."""
@@ -121,8 +123,10 @@ def prepare(job: ScoreJob) -> None:
     if job.resume:
         job.lock, job.resumed = resume_output(job.output, record, job.inputs)
         job.done = len(job.resumed.kept)
+        job.part_digits = job.resumed.digits
     else:
         job.lock = prepare_output(job.output, job.inputs, job.overwrite, record)
+        job.part_digits = record["part_digits"]
     job.started = True
 
 
@@ -234,9 +238,9 @@ def record_file(job: ScoreJob, done: Done) -> None:
     say one file fewer than the records hold; uncounted again if the stop left no record."""
     job.done += 1
     try:
-        write_record(job.output, done)
+        write_record(job.output, done, job.part_digits)
     except BaseException:
-        if not has_record(job.output, done.index):
+        if not has_record(job.output, done.index, job.part_digits):
             job.done -= 1
         raise
 
@@ -246,7 +250,7 @@ def score_file(job: ScoreJob, scorer: ScoreBatch, index: int, src: Source, updat
     import pyarrow.parquet as pq
 
     fsys, out = filesystem(job.output)
-    parts = PartWriter(fsys, f"{out}/{part_stem(index)}", pq)
+    parts = PartWriter(fsys, f"{out}/{part_stem(index, job.part_digits)}", pq)
     rows = errors = 0
     for table in read_batches(
         src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars, job.encoding

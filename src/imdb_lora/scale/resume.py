@@ -1,12 +1,13 @@
 """`imdb-lora score --resume`: a stopped local-engine job continues where it stood, input file by file.
 
-How a finished input file is known. The local engine writes input file i as `part-{i:05d}.parquet`
-(and `part-{i:05d}_{k:05d}.parquet` when its rows change shape). Once that file's last part is closed, it
-writes a record, `_imdb_lora_score.done-{i:05d}.json`: the input file, its parts with their sizes, its
-rows and errors. The record is the only proof of a finished file: a part without one (a job stopped
-while writing it, or between closing it and writing the record) is deleted and its input scored
-again, and a part whose size differs from its record's (truncated or replaced since) costs its whole
-file the same. A half-written record is not JSON and counts as none.
+How a finished input file is known. The local engine writes input file i as `part-{i:0Nd}.parquet`
+(and `part-{i:0Nd}_{k:05d}.parquet` when its rows change shape), N = part_digits(the job's inputs), at
+least 5, recorded in the marker as "part_digits" (jobs before it recorded none and used 5). Once that
+file's last part is closed, it writes a record, `_imdb_lora_score.done-{i:0Nd}.json`: the input file,
+its parts with their sizes, its rows and errors. The record is the only proof of a finished file: a
+part without one (a job stopped while writing it, or between closing it and writing the record) is
+deleted and its input scored again, and a part whose size differs from its record's (truncated or
+replaced since) costs its whole file the same. A half-written record is not JSON and counts as none.
 
 Why records, not parts written under a temporary name and renamed when closed: the output goes
 through pyarrow filesystems, and on object stores (S3, GCS) a rename is a copy of the whole part and a
@@ -51,11 +52,12 @@ from .output import (
 )
 from .sources import filesystem
 
-RECORD = "_imdb_lora_score.done-"  # + {i:05d}.json; a leading underscore: readers of the parts skip it
+RECORD = "_imdb_lora_score.done-"  # + {i:0Nd}.json; a leading underscore: readers of the parts skip it
 RECORD_BYTES = 1024 * 1024  # a record names a file and its parts: a few hundred bytes
-# `-k`: an input file's later parts as imdb-lora named them before `_kkkkk` (engines.later_part), which
-# a stopped output of that version may hold: kept if recorded, else deleted as any other stale part.
-PART = re.compile(r"part-(\d{5,})(?:_\d{5,}|-\d+)?\.parquet")
+# The index has part_digits digits (5 or more; its job's); `-k`: an input file's later parts as imdb-lora
+# named them before `_kkkkk` (engines.later_part), which a stopped output of that version may hold: kept
+# if recorded, else deleted as any other stale part.
+PART = re.compile(r"part-(\d+)(?:_\d{5,}|-\d+)?\.parquet")
 # The job settings that change the rows (ScoreJob fields) and the flags that set them, in the order
 # messages name them.
 FLAGS = {
@@ -69,13 +71,24 @@ FLAGS = {
 }
 
 
-def part_stem(index: int) -> str:
-    """The name of input file `index`'s first part, without `.parquet` (later ones add -1, -2...)."""
-    return f"part-{index:05d}"
+LEGACY_DIGITS = 5  # of the input index in the names of every job whose marker records no part_digits
+LEAST_DIGITS = LEGACY_DIGITS  # of the input index in part and record names, however few the inputs
 
 
-def record_name(index: int) -> str:
-    return f"{RECORD}{index:05d}.json"
+def part_digits(inputs: int) -> int:
+    """Digits of the input index in a job's part and record names: as many as its last index needs, at
+    least LEAST_DIGITS. Readers take parts in file-name order, which must be input order: with a fixed
+    5, `part-100000.parquet` sorted before `part-10001.parquet`."""
+    return max(LEAST_DIGITS, len(str(max(inputs - 1, 0))))
+
+
+def part_stem(index: int, digits: int = LEGACY_DIGITS) -> str:
+    """The name of input file `index`'s first part, without `.parquet` (later ones add _00001...)."""
+    return f"part-{index:0{digits}d}"
+
+
+def record_name(index: int, digits: int = LEGACY_DIGITS) -> str:
+    return f"{RECORD}{index:0{digits}d}.json"
 
 
 @dataclass
@@ -91,16 +104,16 @@ class Done:
     seconds: float  # how long that attempt had run when this file was done
 
 
-def write_record(output: str, done: Done) -> None:
+def write_record(output: str, done: Done, digits: int = LEGACY_DIGITS) -> None:
     """Written whole, after the file's parts are closed: its existence says they are complete."""
-    fsys, path = output_file(output, record_name(done.index))
+    fsys, path = output_file(output, record_name(done.index, digits))
     with fsys.open_output_stream(path) as f:
         f.write(json.dumps(asdict(done)).encode() + b"\n")
 
 
-def has_record(output: str, index: int) -> bool:
+def has_record(output: str, index: int, digits: int) -> bool:
     """Whether input file `index` has a whole record in the output (asked after a stop, not per file)."""
-    return read_record(*output_file(output, record_name(index))) is not None
+    return read_record(*output_file(output, record_name(index, digits))) is not None
 
 
 def read_record(fsys, path: str) -> Done | None:
@@ -132,6 +145,7 @@ def job_record(
         "model": model,
         "inputs": [[s.uri, s.size, s.mtime_ns] for s in sources],
         "given": given or {},
+        "part_digits": part_digits(len(sources)),
     }
 
 
@@ -189,6 +203,7 @@ class Resumed:
     kept: dict[int, Done]  # input index -> its record, for the files not scored again
     attempt: int  # this job's attempt number
     earlier_seconds: float  # the time the kept files took in earlier attempts
+    digits: int = LEGACY_DIGITS  # of the index in part and record names: the stopped job's (part_digits)
 
 
 def resume_output(output: str, job: dict[str, Any], inputs: list[str]) -> tuple[IO[str] | None, Resumed]:
@@ -213,7 +228,9 @@ def resume_output(output: str, job: dict[str, Any], inputs: list[str]) -> tuple[
             lock = lock_output(output, path, create=True)
         if lock is not None:
             write_pid(lock)
-        resumed = keep_finished(fsys, path, job["inputs"])
+        # the stopped job's names, even where this version would pick others (a marker without part_digits)
+        digits = stopped_digits(marker["job"])
+        resumed = keep_finished(fsys, path, job["inputs"], digits)
         resumed.attempt = int(marker.get("attempt") or 1) + 1
         write_marker(
             output,
@@ -222,7 +239,7 @@ def resume_output(output: str, job: dict[str, Any], inputs: list[str]) -> tuple[
                 "started": marker.get("started"),
                 "resumed": utc_now(),
                 "attempt": resumed.attempt,
-                "job": job,
+                "job": {**job, "part_digits": digits},
             },
         )
     except BaseException:
@@ -259,7 +276,13 @@ def resumable_marker(output: str, job: dict[str, Any]) -> dict[str, Any]:
     return marker
 
 
-def keep_finished(fsys, path: str, inputs: list) -> Resumed:
+def stopped_digits(saved: dict[str, Any]) -> int:
+    """The digits of the stopped job's part and record names: recorded, or LEGACY_DIGITS before they were."""
+    digits = saved.get("part_digits", LEGACY_DIGITS)
+    return digits if isinstance(digits, int) and 1 <= digits <= 20 else LEGACY_DIGITS
+
+
+def keep_finished(fsys, path: str, inputs: list, digits: int = LEGACY_DIGITS) -> Resumed:
     """The finished files' records; every other part and record deleted (half-written, unrecorded)."""
     from pyarrow import fs
 
@@ -267,14 +290,14 @@ def keep_finished(fsys, path: str, inputs: list) -> Resumed:
     kept: dict[int, Done] = {}
     for name in sorted(n for n in listing if n.startswith(RECORD)):
         done = read_record(fsys, f"{path}/{name}")
-        if done is not None and intact(done, listing, inputs) and name == record_name(done.index):
+        if done is not None and intact(done, listing, inputs) and name == record_name(done.index, digits):
             kept[done.index] = done
-    ours = {name for d in kept.values() for name in d.parts} | {record_name(i) for i in kept}
+    ours = {name for d in kept.values() for name in d.parts} | {record_name(i, digits) for i in kept}
     for name, info in listing.items():
         stale = PART.fullmatch(name) or name.startswith(RECORD) or name == MARKER + ".tmp"
         if stale and name not in ours and name != LOCK and info.type == fs.FileType.File:
             fsys.delete_file(f"{path}/{name}")
-    return Resumed(kept, 0, earlier_seconds(kept.values()))
+    return Resumed(kept, 0, earlier_seconds(kept.values()), digits)
 
 
 def intact(done: Done, listing: dict, inputs: list) -> bool:
