@@ -14,9 +14,10 @@ from imdb_lora.config import TrainConfig
 from imdb_lora.modeling import flat
 from imdb_lora.modeling.flat import flat_logits
 from imdb_lora.modeling.merge import frozen_weights_to_bf16, merged_lora
-from imdb_lora.training.fused import QKV, FusedQKV, step_swaps
+from imdb_lora.training.fused import QKV, FusedQKV
 from imdb_lora.training.graphs import CapturedSteps, make_optimizer
 from imdb_lora.training.step import train_step
+from imdb_lora.training.step_rewrites import step_swaps
 from imdb_lora.training.working import WorkingCopies
 
 

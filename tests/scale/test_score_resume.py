@@ -229,18 +229,11 @@ def test_a_failed_job_says_how_to_resume_and_resumes(
 
     inputs, ref = reference
     out = tmp_path / "out"
-    real = engines.write_record
     fault = {
         "full_disk": OSError(errno.ENOSPC, "No space left on device"),
         "unreadable_input": UserError("--input: cannot read c.parquet (connection reset)"),
     }[failure]
-
-    def fails_at_the_third_file(output, done, *digits):
-        if done.index == 2:
-            raise fault
-        real(output, done, *digits)
-
-    monkeypatch.setattr(engines, "write_record", fails_at_the_third_file)
+    raise_at_record(monkeypatch, 2, fault, after=False)  # the third file fails
     capsys.readouterr()
     assert score(trained_run, inputs, out) == 2
     how = "free some space, then" if failure == "full_disk" else "once that is fixed,"
@@ -257,14 +250,7 @@ def test_a_part_closed_but_not_recorded_is_scored_again_without_duplicates(
     """Killed between closing a file's last part and writing its record: the whole part is redone."""
     inputs, ref = reference
     out = tmp_path / "out"
-    real = engines.write_record
-
-    def killed_before_the_record(output, done, *digits):
-        if done.index == 1:
-            raise KeyboardInterrupt
-        real(output, done, *digits)
-
-    monkeypatch.setattr(engines, "write_record", killed_before_the_record)
+    raise_at_record(monkeypatch, 1, KeyboardInterrupt(), after=False)
     capsys.readouterr()
     assert score(trained_run, inputs, out) == 130
     assert f"the output {out} is unfinished (1 of 4 input files scored)" in capsys.readouterr().err
@@ -283,14 +269,7 @@ def test_a_stop_just_after_a_record_is_written_counts_that_file(
     """Ctrl-C as a file's record is closed: the stop line counts what --resume will keep (was one fewer)."""
     inputs, ref = reference
     out = tmp_path / "out"
-    real = engines.write_record
-
-    def killed_after_the_record(output, done, *digits):
-        real(output, done, *digits)
-        if done.index == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engines, "write_record", killed_after_the_record)
+    raise_at_record(monkeypatch, 1, KeyboardInterrupt(), after=True)
     capsys.readouterr()
     assert score(trained_run, inputs, out) == 130
     assert f"the output {out} is unfinished (2 of 4 input files scored)" in capsys.readouterr().err
@@ -405,6 +384,20 @@ def test_a_resume_that_finds_every_file_done_only_finishes_the_marker(
 
 
 # ---------------------------------------------------------------- refusals
+
+
+def raise_at_record(monkeypatch, index: int, error: BaseException, after: bool) -> None:
+    """Input file `index`'s record: `error` raised instead of writing it, or just after it is written."""
+    real = engines.write_record
+
+    def write_record(output, done, *digits):
+        if done.index == index and not after:
+            raise error
+        real(output, done, *digits)
+        if done.index == index:
+            raise error
+
+    monkeypatch.setattr(engines, "write_record", write_record)
 
 
 def one_line(capsys, needle: str) -> None:

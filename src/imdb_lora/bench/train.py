@@ -32,9 +32,9 @@ from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
 from ..modeling.packing import classifier_of
 from ..runs.report import fmt_bytes
-from ..training.fused import step_extras
 from ..training.graphs import CapturedSteps, make_optimizer
 from ..training.step import train_step
+from ..training.step_rewrites import step_extras
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched against
 # torch.cuda.get_device_name(); the first key found in the name wins, so a key that contains another

@@ -27,8 +27,8 @@ unchanged peft model: same modules, same parameters, same state-dict keys.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +38,6 @@ from torch import nn
 from ..errors import UserError
 from ..modeling.lora import ROLE_PATTERNS
 from ..modeling.packing import classifier_of
-from .working import WorkingCopies, working_dtype
 
 FLAG = "--fused-qkv"
 QKV = ("query", "key", "value")  # the BERT-like self-attention's projections, in the order it calls them
@@ -260,35 +259,6 @@ def _concatenated(bases: list[nn.Linear], name: str) -> torch.Tensor:
         p.data = fused[offset : offset + p.shape[0]]
         offset += p.shape[0]
     return fused
-
-
-def step_extras(
-    model: nn.Module,
-    path: str,
-    device: torch.device,
-    working_copies: bool,
-    fused_qkv: bool,
-    say: Callable[[str], None],
-) -> tuple[WorkingCopies | None, FusedQKV | None]:
-    """--bf16-working-copies and --fused-qkv for the training step, built after the model is placed,
-    its frozen weights converted and any checkpoint loaded (the copies start from the loaded weights).
-    Flat path only: on another (--pooling mean trains padded) each asked for is said to have no effect."""
-    if path != "flat":
-        for flag, on in (("--bf16-working-copies", working_copies), (FLAG, fused_qkv)):
-            if on:
-                say(f"{flag}: no effect with the {path} path (flat only)")
-        return None, None
-    fused = FusedQKV(model) if fused_qkv else None
-    working = WorkingCopies(model, working_dtype(device), fused=fused) if working_copies else None
-    return working, fused
-
-
-@contextmanager
-def step_swaps(working: WorkingCopies | None, fused: FusedQKV | None) -> Iterator[None]:
-    """What the step's forward runs inside: the working copies swapped in, the fused q/k/v."""
-    with working.swapped() if working is not None else nullcontext():
-        with fused.swapped() if fused is not None else nullcontext():
-            yield
 
 
 def fused_note() -> str:

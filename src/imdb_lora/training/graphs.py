@@ -52,7 +52,8 @@ from ..config import TrainConfig
 from ..data.batches import FLAT_BUCKET, FlatBatch, flatten, pinned
 from ..modeling.flat import flat_logits
 from ..modeling.packing import position_start
-from .fused import FusedQKV, step_swaps
+from .fused import FusedQKV
+from .step_rewrites import step_swaps
 from .working import WorkingCopies
 
 

@@ -8,8 +8,9 @@ from torch import nn
 
 from ..config import TrainConfig
 from .distributed import step_logits
-from .fused import FusedQKV, step_swaps
+from .fused import FusedQKV
 from .graphs import CapturedSteps, set_lr
+from .step_rewrites import step_swaps
 from .working import WorkingCopies
 
 

@@ -52,12 +52,13 @@ from ..runs.rundir import RunDir, atomic_write_text, require_creatable
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import Dist
 from .ema import Ema
-from .fused import fused_note, step_extras
+from .fused import fused_note
 from .graphs import CapturedSteps, make_optimizer
 from .posthoc import after_training, load_eval_files
 from .progress import saved_step
 from .schedule import epoch_order, lr_at
 from .step import train_step
+from .step_rewrites import step_extras
 from .stopping import STEPS, StopAtStepBoundary, StopRequested
 from .working import working_note
 

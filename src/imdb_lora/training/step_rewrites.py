@@ -1,0 +1,43 @@
+"""The training step's optional rewrites, built together and swapped in together: --bf16-working-copies
+(working.py) and --fused-qkv (fused.py). Here, above both: working.py reads FusedQKV's groups, so fused.py
+must not import working.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from .fused import FLAG, FusedQKV
+from .working import WorkingCopies, working_dtype
+
+
+def step_extras(
+    model: nn.Module,
+    path: str,
+    device: torch.device,
+    working_copies: bool,
+    fused_qkv: bool,
+    say: Callable[[str], None],
+) -> tuple[WorkingCopies | None, FusedQKV | None]:
+    """--bf16-working-copies and --fused-qkv for the training step, built after the model is placed,
+    its frozen weights converted and any checkpoint loaded (the copies start from the loaded weights).
+    Flat path only: on another (--pooling mean trains padded) each asked for is said to have no effect."""
+    if path != "flat":
+        for flag, on in (("--bf16-working-copies", working_copies), (FLAG, fused_qkv)):
+            if on:
+                say(f"{flag}: no effect with the {path} path (flat only)")
+        return None, None
+    fused = FusedQKV(model) if fused_qkv else None
+    working = WorkingCopies(model, working_dtype(device), fused=fused) if working_copies else None
+    return working, fused
+
+
+@contextmanager
+def step_swaps(working: WorkingCopies | None, fused: FusedQKV | None) -> Iterator[None]:
+    """What the step's forward runs inside: the working copies swapped in, the fused q/k/v."""
+    with working.swapped() if working is not None else nullcontext():
+        with fused.swapped() if fused is not None else nullcontext():
+            yield
