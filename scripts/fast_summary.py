@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Issue 10's table from one `scripts/gpu-checks.sh STAGE OUT fast` call, and its JSON record.
 
-    python3 scripts/fast_summary.py OUT/log.txt OUT/fast-summary.json
+    python3 scripts/fast_summary.py OUT/log.txt OUT/fast-summary.json [RUN]
     python3 scripts/fast_summary.py --fastest-captured OUT/log.txt   # train flags of the fastest captured step
 
 Reads the log that gpu-checks.sh wrote (each step's command after `=== NAME:`, then its output) and
 its summary.txt (exit status and seconds per step), prints one markdown table (tokens/s, epoch seconds,
 cold and warm test-set evaluation seconds, peak memory, MFU, ratio to reference_lora.py), each
-compiled bench's first step (what compiling cost) and the 3-epoch `train` wall time, and writes
+compiled bench's first step (what compiling cost) and the 3-epoch `train` wall time (with RUN, that
+run's directory: where its wall time went, from its run.json's `time_breakdown`), and writes
 every figure with the date, GPU, versions and commands to JSON (commit it under docs/measurements/). Standard library only: it runs on the GPU machine as is.
 """
 
@@ -174,7 +175,33 @@ def write_record(record: dict, json_path: str) -> None:
     print(f"wrote {json_path}")
 
 
-def main(log_path: str, json_path: str) -> int:
+def run_breakdown(run_dir: str | None, train: dict) -> dict | None:
+    """The 3-epoch run's time_breakdown from its run.json: only when this log's step finished (rc 0, or
+    no summary.txt to say) and the run did, so that an older run left in the folder is never read."""
+    if not run_dir or "epochs" not in train or train.get("rc", 0) != 0:
+        return None
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("status") != "finished":
+        return None
+    breakdown = info.get("time_breakdown")
+    return breakdown if isinstance(breakdown, dict) else None
+
+
+def breakdown_text(breakdown: dict) -> str:
+    """`train` wall by phase, as train's own closing line gives it."""
+    parts = [
+        f"{name.replace('_', ' ')} {s:.1f}"
+        for name, s in breakdown.items()
+        if name != "total" and isinstance(s, (int, float))
+    ]
+    return f"{num(breakdown.get('total'))} s = " + " + ".join(parts)
+
+
+def main(log_path: str, json_path: str, run_dir: str | None = None) -> int:
     log = Path(log_path).read_text()
     summary_path = Path(log_path).with_name("summary.txt")
     status = parse_status(summary_path.read_text()) if summary_path.exists() else {}
@@ -251,6 +278,10 @@ def main(log_path: str, json_path: str) -> int:
             f"train --epochs 3 ({train_how(train)}): epoch {e['epoch']} {e['train_s']:.1f}s train, {e['eval_s']:.1f}s eval"
         )
     print(f"train --epochs 3 wall: {num(train.get('wall_seconds'))} s")
+    breakdown = run_breakdown(run_dir, train)
+    if breakdown is not None:
+        train["time_breakdown"] = breakdown
+        print(f"train --epochs 3 time by phase (run.json): {breakdown_text(breakdown)}")
     best = max(
         (got.get(n, {}) for n, _ in TRAIN_ROWS if n != "fast-ref"),
         key=lambda f: f.get("tokens_per_second") or 0,
@@ -285,4 +316,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--fastest-captured"]:  # gpu-checks.sh: the 3-epoch run's extra flags
         print(fastest_captured(sys.argv[2]))
         sys.exit(0)
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(*sys.argv[1:4]))

@@ -125,7 +125,8 @@ step() {
 #                each epoch), flat evaluation cold and warm, padded (today's default), packed
 #                evaluation, flat eager (the deadline cuts from the end: the last three were measured
 #                on 2026-11-30 and are the least needed). scripts/fast_summary.py prints one table and writes
-#                OUT/fast-summary.json (date, GPU, versions, commands, every figure) for docs/measurements/.
+#                OUT/fast-summary.json (date, GPU, versions, commands, every figure) for docs/measurements/,
+#                with the 3-epoch run's wall time by phase (its run.json's time_breakdown).
 # fast-accuracy  all-MiniLM-L6-v2 (real weights, bert architecture: it takes the flat path; staged as
 #                all-MiniLM-L6-v2-fp16/) 1 epoch, default recipe, padded, flat + CUDA graphs and flat +
 #                CUDA graphs + bf16 working copies + fused q/k/v in the same call: the fast path must not
@@ -188,7 +189,7 @@ fast_part() {
     --data "$data" --batching packed "${eb[@]}" --json
   step fast-bench-train-flat "$limit" $py -m imdb_lora bench train --model "$roberta" --random-init \
     --data "$data" --batching flat "${fb[@]}" --json
-  $py scripts/fast_summary.py "$log" "$out/fast-summary.json" | tee -a "$summary"
+  $py scripts/fast_summary.py "$log" "$out/fast-summary.json" "$runs/roberta-random-flat-3ep" | tee -a "$summary"
 }
 
 fast_accuracy_part() {

@@ -174,3 +174,34 @@ def test_the_three_epoch_run_says_which_captured_step_it_trained_with():
     train_how = runpy.run_path(str(SCRIPT))["train_how"]
     command = "train --batching flat --cuda-graphs --bf16-working-copies --fused-qkv"
     assert train_how({"command": command}) == "flat + CUDA graphs + bf16 working copies + fused q/k/v"
+
+
+def test_the_3_epoch_runs_time_by_phase_comes_from_its_run_json(tmp_path, monkeypatch, capsys):
+    """With the run's folder (gpu-checks.sh passes it), its run.json's time_breakdown is printed and
+    recorded; a run that did not finish, or a step that failed, is not read (an older run.json may be
+    left there)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    breakdown = {"startup": 4.0, "setup": 6.5, "data": 10.3, "model": 3.0, "train_steps": 101.6,
+                 "evaluation": 22.6, "saving": 1.2, "after_training": 0.4, "reports": 1.1, "other": 0.3,
+                 "total": 151.0}  # fmt: skip
+    (tmp_path / "log.txt").write_text(LOG)
+    for status, rc, shown in (("finished", 0, True), ("running", 0, False), ("finished", 1, False)):
+        (run / "run.json").write_text(json.dumps({"status": status, "time_breakdown": breakdown}))
+        (tmp_path / "summary.txt").write_text(f"fast-train-3-epochs          rc={rc}    160s\n")
+        monkeypatch.setattr(
+            sys, "argv", [str(SCRIPT), str(tmp_path / "log.txt"), str(tmp_path / "s.json"), str(run)]
+        )
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        record = json.loads((tmp_path / "s.json").read_text())["steps"]["fast-train-3-epochs"]
+        line = (
+            "train --epochs 3 time by phase (run.json): 151.0 s = startup 4.0 + setup 6.5 + data 10.3 + "
+            "model 3.0 + train steps 101.6 + evaluation 22.6 + saving 1.2 + after training 0.4 + reports 1.1 + "
+            "other 0.3"
+        )
+        assert (line in out) == shown and ("time_breakdown" in record) == shown, (status, rc)
+        if shown:
+            assert record["time_breakdown"] == breakdown

@@ -384,6 +384,7 @@ def test_the_temperature_is_fitted_on_validation_and_test_is_only_reported(tmp_p
         state=SimpleNamespace(history=[{"epoch": 1}], best_epoch=1, best_weights="raw"),
         run=RunDir(tmp_path), val_ids=val_ids, val_y=val_y, test_ids=test_ids, test_y=test_y,
         eval_files=[], eval_logits=lambda seqs, name: passes.append(name) or logits_of[id(seqs)],
+        kept_logits=None,  # no epoch evaluation's logits in memory: both splits are evaluated
     )  # fmt: skip
     post = after_training(tr)
     assert passes == ["validation, kept checkpoint", "test, kept checkpoint"]  # not the epoch's bars again

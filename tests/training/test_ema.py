@@ -74,8 +74,8 @@ def test_winning_average_is_what_is_saved(tiny_models, imdb_dir, tmp_path, monke
     real = Trainer.evaluate
 
     def ema_always_wins(self, seqs, labels, name, after_batch=None):
-        loss, acc = real(self, seqs, labels, name, after_batch)
-        return (loss, 2.0) if "EMA" in name else (loss, acc)  # an accuracy no raw epoch can reach
+        loss, acc, logits = real(self, seqs, labels, name, after_batch)
+        return (loss, 2.0 if "EMA" in name else acc, logits)  # an accuracy no raw epoch can reach
 
     monkeypatch.setattr(Trainer, "evaluate", ema_always_wins)
     import imdb_lora.training.posthoc as posthoc

@@ -17,6 +17,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,11 +110,12 @@ class VersionAction(argparse.Action):
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # the command's start, for train's time breakdown (torch is not imported yet)
     # transformers' own deprecation notices (e.g. is_gradient_checkpointing) are not the user's to fix
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
     escape_unencodable_output()
     try:
-        code = run_command(build_parser(), argv)
+        code = run_command(build_parser(), argv, started)
         sys.stdout.flush()  # here, not at exit: `> file` on a full disk is then one line, as any write
         return code
     except UserError as e:  # one line, even when it quotes a path or a library's message with line breaks
@@ -166,10 +168,12 @@ def escape_unencodable_output() -> None:
         out.reconfigure(errors=OUTPUT_ERRORS)
 
 
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse the command line and run its command; its exit code."""
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, started: float | None = None) -> int:
+    """Parse the command line and run its command; its exit code. `started`: when the command began
+    (time.monotonic), handed to the command as `ns.started`."""
     try:
         ns, extra = parser.parse_known_args(argv)
+        ns.started = started
         if getattr(ns, "passthrough", False):  # compare hands the remaining flags to train
             ns.extra = extra
         elif extra and getattr(ns, "texts", None) is not None and not any(e.startswith("-") for e in extra):

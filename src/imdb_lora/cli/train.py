@@ -72,6 +72,7 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from ..training.timing import breakdown_line
     from ..training.trainer import Trainer
 
     if ns.resume and not ns.output_dir:
@@ -85,7 +86,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         base = Config()
     cfg = config_from_args(ns, base).validate()
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
-    trainer = Trainer(cfg, out, overwrite=ns.overwrite, resume=ns.resume)
+    trainer = Trainer(
+        cfg, out, overwrite=ns.overwrite, resume=ns.resume, started=getattr(ns, "started", None)
+    )
     summary = trainer.fit()
     if not trainer.dist.main:
         return 0  # under torchrun, rank 0 reports for all
@@ -95,4 +98,5 @@ def cmd_train(ns: argparse.Namespace) -> int:
         + (f" | test acc {100 * test:.2f}%" if test is not None else "")
         + f" | trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,}"
     )
+    print(breakdown_line(summary["time_breakdown"]))  # where the wall time went (run.json: time_breakdown)
     return 0

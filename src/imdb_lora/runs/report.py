@@ -118,6 +118,25 @@ def results_markdown(cfg: Config, history: list[dict[str, Any]], summary: dict[s
         f"{key_metrics(summary, history)}\n"
         + calibration_section(summary.get("calibration"))
         + eval_files_section(summary.get("eval_files"))
+        + time_section(summary.get("time_breakdown"))
+    )
+
+
+def time_section(breakdown: dict[str, float] | None) -> str:
+    """Where the command's wall time went, phase by phase ('' for runs made before the breakdown)."""
+    if not breakdown:
+        return ""
+    rows = [
+        f"| {name.replace('_', ' ')} | {seconds:.1f} s |"
+        for name, seconds in breakdown.items()
+        if name != "total"
+    ]
+    return (
+        "\n## Where the time went\n\n"
+        "This command's wall time, from its start to this report (a resumed run: this process only).\n\n"
+        "| Phase | Time |\n|---|---|\n"
+        + "\n".join(rows)
+        + f"\n| **total** | **{breakdown['total']:.1f} s** |\n"
     )
 
 
@@ -504,15 +523,17 @@ def card_calibration(cal: dict[str, Any] | None) -> str:
     return line + "\n" + "\n".join(calibration_rows(cal)) + "\n"
 
 
-def write_reports(
-    run: RunDir,
-    cfg: Config,
-    history: list[dict[str, Any]],
-    summary: dict[str, Any],
-    reliability: dict[str, Any] | None = None,
+def write_plots(
+    run: RunDir, history: list[dict[str, Any]], summary: dict[str, Any], reliability: dict[str, Any] | None
 ) -> None:
-    atomic_write_text(run.path / "results.md", results_markdown(cfg, history, summary))
-    atomic_write_text(run.path / "README.md", model_card(cfg, history, summary))
+    """curves.png and (with calibration figures) reliability.png. Drawn before results.md, so that the
+    time breakdown results.md and run.json give can count them."""
     plot_curves(history, run.path / "curves.png", kept_epoch=summary.get("best_epoch"))
     if reliability:
         plot_reliability(reliability, run.path / "reliability.png")
+
+
+def write_reports(run: RunDir, cfg: Config, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """results.md and the model card (README.md)."""
+    atomic_write_text(run.path / "results.md", results_markdown(cfg, history, summary))
+    atomic_write_text(run.path / "README.md", model_card(cfg, history, summary))

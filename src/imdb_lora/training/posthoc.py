@@ -27,6 +27,29 @@ class EvalFile:
 
 
 @dataclass
+class KeptLogits:
+    """The kept weights' logits on validation (and test), from the epoch evaluation that chose them.
+
+    Whole splits in input order, on the CPU (2 floats a review). Calibration reads them instead of
+    evaluating the same weights a second time: the same pass (Trainer.eval_logits, the same path, batches
+    and weights; the LoRA merged for a flat pass is restored bit for bit after each, and the kept weights
+    restored from disk are the tensors that were saved), so the same logits, without its time.
+    """
+
+    epoch: int
+    weights: str  # raw | ema
+    val: torch.Tensor
+    test: torch.Tensor | None  # None when the test split was not read for these weights
+
+    @classmethod
+    def of(
+        cls, epoch: int, weights: str, val: torch.Tensor | None, test: torch.Tensor | None
+    ) -> KeptLogits | None:
+        """None without validation's whole logits (data-parallel ranks evaluate shards)."""
+        return None if val is None else cls(epoch, weights, val, test)
+
+
+@dataclass
 class PostTraining:
     summary: dict[str, Any] = field(default_factory=dict)  # merged into run.json
     bins: dict[str, Any] = field(default_factory=dict)  # reliability tables, for the diagram
@@ -48,6 +71,7 @@ class FinishedTraining(Protocol):
     test_ids: list[list[int]]
     test_y: list[int]
     eval_files: list[EvalFile]
+    kept_logits: KeptLogits | None
 
     def eval_logits(self, seqs: list[list[int]], name: str) -> torch.Tensor: ...
 
@@ -82,12 +106,11 @@ def after_training(tr: FinishedTraining) -> PostTraining:
     if st.history and (st.best_epoch != st.history[-1]["epoch"] or st.best_weights == "ema"):
         restore_kept_weights(tr.model, tr.run, cfg.train.method)
     out = PostTraining()
-    # Named apart from the epoch's passes, whose bars just showed the same splits: these read the kept weights
-    val = tr.eval_logits(tr.val_ids, "validation, kept checkpoint")
+    val, test = kept_logits(tr)
     temperature = fit_temperature(val, tr.val_y) if cfg.train.calibration else 1.0
     splits = {"val": (val, tr.val_y)}
-    if cfg.train.eval_test_each_epoch:  # test is reported, as every epoch's test figures are
-        splits["test"] = (tr.eval_logits(tr.test_ids, "test, kept checkpoint"), tr.test_y)
+    if test is not None:  # test is reported, as every epoch's test figures are
+        splits["test"] = (test, tr.test_y)
     record: dict[str, Any] = {"enabled": cfg.train.calibration, "temperature": temperature, "bins": ECE_BINS}
     for name, (logits, labels) in splits.items():
         figs = before_after(logits, labels, temperature)
@@ -107,6 +130,23 @@ def after_training(tr: FinishedTraining) -> PostTraining:
     if tr.eval_files:
         out.summary["eval_files"] = [_report_file(tr, f, temperature) for f in tr.eval_files]
     return out
+
+
+def kept_logits(tr: FinishedTraining) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validation's and (when each epoch reads it) test's logits of the kept weights: those of the epoch
+    evaluation that chose them when this process ran it on the whole split, else a pass now (a resume
+    that started after the kept epoch, data-parallel runs, whose epochs each rank evaluated a shard of)."""
+    st, kept = tr.state, tr.kept_logits
+    if kept is None or (kept.epoch, kept.weights) != (st.best_epoch, st.best_weights):
+        kept = None
+    # Named apart from the epoch's passes, whose bars showed the same splits: these read the kept weights
+    val = kept.val if kept is not None else tr.eval_logits(tr.val_ids, "validation, kept checkpoint")
+    if not tr.cfg.train.eval_test_each_epoch:
+        return val, None
+    test = kept.test if kept is not None and kept.test is not None else None
+    if test is None:
+        test = tr.eval_logits(tr.test_ids, "test, kept checkpoint")
+    return val, test
 
 
 def _report_file(tr: FinishedTraining, f: EvalFile, temperature: float) -> dict[str, Any]:

@@ -47,19 +47,20 @@ from ..modeling.load import (
 )
 from ..modeling.lora import build_model
 from ..modeling.merge import frozen_weights_to_bf16
-from ..runs.report import write_reports
+from ..runs.report import write_plots, write_reports
 from ..runs.rundir import RunDir, atomic_write_text, require_creatable
 from .checkpoint import CHECKPOINT, Progress, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import Dist
 from .ema import Ema
 from .fused import fused_note
 from .graphs import CapturedSteps, make_optimizer
-from .posthoc import after_training, load_eval_files
+from .posthoc import KeptLogits, after_training, load_eval_files
 from .progress import saved_step
 from .schedule import epoch_order, lr_at
 from .step import train_step
 from .step_rewrites import step_extras
 from .stopping import STEPS, StopAtStepBoundary, StopRequested
+from .timing import Phases
 from .working import working_note
 
 POSTFIX_EVERY = 25  # steps between reading the running loss back from the device (progress bar)
@@ -77,8 +78,16 @@ class Trainer:
     """One run: `Trainer(cfg, out).fit()` returns the run's summary (also in run.json)."""
 
     def __init__(
-        self, cfg: Config, output_dir: str | os.PathLike, overwrite: bool = False, resume: bool = False
+        self,
+        cfg: Config,
+        output_dir: str | os.PathLike,
+        overwrite: bool = False,
+        resume: bool = False,
+        started: float | None = None,
     ):
+        """`started`: when the command began (time.monotonic; the CLI's entry), else now: the start of
+        run.json's `time_breakdown`."""
+        self.clock = Phases(started)
         self.cfg = cfg
         self.run = RunDir(output_dir)
         self.overwrite = overwrite
@@ -94,6 +103,10 @@ class Trainer:
         # Between setup's guarded block and train's: "set up" (a replaced run still aside), then "dropping"
         # (the replaced run being removed); None before and after. fit() handles a stop in that gap.
         self.between: str | None = None
+        # The kept weights' logits, from the epoch evaluation that chose them: calibration reads them
+        # rather than evaluating the same weights again (None: after_training evaluates, as it must after
+        # a resume past the best epoch or when each data-parallel rank evaluated a shard only).
+        self.kept_logits: KeptLogits | None = None
 
     def fit(self) -> dict[str, Any]:
         """setup() then train(), under one handler: a Ctrl-C or SIGTERM that comes after setup's own
@@ -117,6 +130,11 @@ class Trainer:
     # ------------------------------------------------------------ setup
 
     def setup(self) -> Trainer:
+        self.clock.since_start("startup")
+        with self.clock.timed("setup"):
+            return self._setup()
+
+    def _setup(self) -> Trainer:
         self.dist.check(self.cfg)
         self.device = self.dist.start(resolve_device(self.cfg.train.device))
         try:
@@ -235,10 +253,20 @@ class Trainer:
         check_max_length(self.model_source, cfg.data.max_length)
 
     def _setup_data(self) -> None:
-        cfg, d = self.cfg, self.cfg.data
+        cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name if not self.resumed else str(self.run.tokenizer_dir))
         check_vocabulary(self.model_source, self.tokenizer)
-        t0 = time.time()
+        self._read_data()
+        self.clock.add("data", self.data_seconds)
+        self._say(
+            f"data ready in {self.data_seconds:.0f} s: {len(self.train_ids):,} train, "
+            f"{len(self.val_ids):,} val, {len(self.test_ids):,} test reviews"
+        )
+
+    def _read_data(self) -> None:
+        """The splits read, tokenized (or found in the token cache) and the --eval-file files read."""
+        cfg, d = self.cfg, self.cfg.data
+        t0 = time.monotonic()
         splits = load_splits(d, cfg.train.seed, announce=self._say)
         self.data_source = splits.source
         self.examples_available = splits.available
@@ -254,11 +282,7 @@ class Trainer:
         self.test_ids = tok(splits.test.texts, "test")
         self.train_y, self.val_y, self.test_y = splits.train.labels, splits.val.labels, splits.test.labels
         self.eval_files = load_eval_files(d.eval_files)  # reported after training; read now to fail early
-        self.data_seconds = time.time() - t0
-        self._say(
-            f"data ready in {self.data_seconds:.0f} s: {len(self.train_ids):,} train, "
-            f"{len(self.val_ids):,} val, {len(self.test_ids):,} test reviews"
-        )
+        self.data_seconds = time.monotonic() - t0
 
     def _say(self, line: str) -> None:
         """A startup line on stderr, like the progress bars (stdout carries the results)."""
@@ -302,6 +326,11 @@ class Trainer:
         self.cfg.save(run.config_path)
 
     def _setup_model(self) -> None:
+        with self.clock.timed("model"):
+            self._load_model()
+
+    def _load_model(self) -> None:
+        """The model built (or loaded), on its device, its frozen weights cast, compiled if asked."""
         cfg = self.cfg
         self._say(f"loading model {self.model_source} ...")
         model, self.info = build_model(
@@ -414,7 +443,7 @@ class Trainer:
             if self.resumed:
                 restore_rng(self._rng, self.device)
             self.model.train()
-            start = time.time()
+            start = time.monotonic()
             # The first Ctrl-C or SIGTERM in an epoch lets the work reach a point where a checkpoint
             # can be written, writes it, then stops (stopping.py); data-parallel ranks agree on the
             # step (_stopping), and rank 0 alone says so.
@@ -423,10 +452,15 @@ class Trainer:
                     self._train_epoch(stop)
                     self._end_epoch(stop)
             if not self.dist.main:  # data-parallel: rank 0 calibrates and reports alone
-                return self._summary(wall_seconds=time.time() - start)
-            post = after_training(self)  # calibration and --eval-file report, on the kept checkpoint
-            summary = {**self._summary(wall_seconds=time.time() - start), **post.summary}
-            write_reports(self.run, self.cfg, st.history, summary, reliability=post.bins)
+                return self._summary(wall_seconds=time.monotonic() - start)
+            with self.clock.timed("after_training"):
+                post = after_training(self)  # calibration and --eval-file report, on the kept checkpoint
+            summary = {**self._summary(wall_seconds=time.monotonic() - start), **post.summary}
+            with self.clock.timed("reports"):
+                write_plots(self.run, st.history, summary, reliability=post.bins)
+            # up to here: results.md, the model card and run.json, written next, take milliseconds
+            summary["time_breakdown"] = self.clock.breakdown()
+            write_reports(self.run, self.cfg, st.history, summary)
             self.run.write_status("finished", summary)
             return summary
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as the CLI raises it (a subclass: kept)
@@ -494,7 +528,17 @@ class Trainer:
                 pending.clear()
                 bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
 
-        t0 = time.time()
+        t0 = time.monotonic()
+
+        def steps_took() -> None:
+            """The time since t0 to the epoch's training seconds and the clock's train_steps (the same
+            figure: checkpoints written meanwhile are left out of both, and timed as saving)."""
+            nonlocal t0
+            now = time.monotonic()
+            st.epoch_train_seconds += now - t0
+            self.clock.add("train_steps", now - t0)
+            t0 = now
+
         stop.doing = STEPS  # the first Ctrl-C or SIGTERM lets the step in flight finish and saves there
         try:  # the bar is cleared before an interruption's message, not after it, at exit
             for idx in batches[st.step_in_epoch :]:
@@ -508,21 +552,20 @@ class Trainer:
                 mid_epoch = st.step_in_epoch < len(batches)
                 if cfg.checkpoint_every and st.step_in_epoch % cfg.checkpoint_every == 0 and mid_epoch:
                     flush()
-                    st.epoch_train_seconds += time.time() - t0
-                    t0 = time.time()
+                    steps_took()
                     self._save_checkpoint()
+                    t0 = time.monotonic()
                 self._after_step()
                 if self._stopping(stop):
                     break
             flush()
             if self._stopping(stop):  # at a step boundary: the resume checkpoint of the step reached
-                st.epoch_train_seconds += time.time() - t0
-                t0 = time.time()
+                steps_took()
                 self._save_checkpoint_once()
                 raise stop.exception()
         finally:
             bar.close()
-        st.epoch_train_seconds += time.time() - t0
+        steps_took()
 
     def _stopping(self, stop: StopAtStepBoundary) -> bool:
         """Whether the loop stops at this boundary. One process decides alone; data-parallel ranks
@@ -586,20 +629,22 @@ class Trainer:
         is finished up to the end-of-epoch checkpoint (a few writes) and the run stops there, so no
         epoch is evaluated or appended twice. Data-parallel ranks finish the evaluation (one can have a
         batch more than another: no boundary they all reach) and stop at the epoch's checkpoint."""
-        t0 = time.time()
+        t0 = time.monotonic()
         if self.dist.enabled:
             stop.doing, check = "finishing the epoch's evaluation, its record and its checkpoint", None
         else:
             stop.doing = "ending the evaluation after its batch in flight and keeping a checkpoint of the epoch's steps"
             check = stop.check
         try:
-            row, weights, score = self._evaluate_epoch(check)
+            with self.clock.timed("evaluation"):
+                row, weights, score, logits = self._evaluate_epoch(check)
         except StopRequested:
             self._save_checkpoint_once()
             raise stop.exception() from None
         if not self.dist.enabled:
             stop.doing = "finishing the epoch's record and its checkpoint"
-        self._record_epoch(row, weights, score, t0)
+        with self.clock.timed("saving"):
+            self._record_epoch(row, weights, score, t0, logits)
         if self._stopping(stop):
             raise stop.exception()
 
@@ -609,14 +654,18 @@ class Trainer:
         if self.checkpoint_step != self.state.global_step:
             self._save_checkpoint()
 
-    def _evaluate_epoch(self, check: Callable[[], None] | None) -> tuple[dict[str, Any], str, float]:
-        """The epoch's row of figures, the weights that won (raw or ema) and their score. Changes no
+    def _evaluate_epoch(
+        self, check: Callable[[], None] | None
+    ) -> tuple[dict[str, Any], str, float, dict[str, torch.Tensor | None]]:
+        """The epoch's row of figures, the weights that won (raw or ema), their score and their logits
+        ({"val": ..., "test": ...}: a split's whole logits, None where not read or read in shards). Changes no
         state, so a stop here (`check` raising after a batch) loses nothing but the evaluation: the
         LoRA merged for a flat pass (merge.merged_lora) and the average swapped in (Ema.applied) are
         undone by their `finally` as the stop leaves them, and since the first signal only sets a flag,
         nothing can raise in the middle of those swaps; the checkpoint then holds the raw weights."""
         st, cfg = self.state, self.cfg.train
-        val_loss, val_acc = self.evaluate(self.val_ids, self.val_y, "validation", check)
+        val_loss, val_acc, val_logits = self.evaluate(self.val_ids, self.val_y, "validation", check)
+        logits = {"raw": {"val": val_logits, "test": None}, "ema": {"val": None, "test": None}}
         self._check_diverged("validation", val_loss)  # a last step's update can ruin the weights alone
         row = {
             "epoch": st.epoch,
@@ -626,11 +675,13 @@ class Trainer:
             "val_accuracy": val_acc,
         }
         if cfg.eval_test_each_epoch:
-            row["test_loss"], row["test_accuracy"] = self.evaluate(self.test_ids, self.test_y, "test", check)
+            row["test_loss"], row["test_accuracy"], logits["raw"]["test"] = self.evaluate(
+                self.test_ids, self.test_y, "test", check
+            )
         weights, score = "raw", val_acc
         if self.ema is not None:  # the average beside the raw weights; kept only if strictly better
             with self.ema.applied():
-                row["ema_val_loss"], row["ema_val_accuracy"] = self.evaluate(
+                row["ema_val_loss"], row["ema_val_accuracy"], logits["ema"]["val"] = self.evaluate(
                     self.val_ids, self.val_y, "validation (EMA)", check
                 )
                 if row["ema_val_accuracy"] > val_acc:
@@ -639,22 +690,32 @@ class Trainer:
                 # the test split is read for the average only when it is what will be saved (the raw
                 # weights' test figures are in every row already)
                 if weights == "ema" and score > st.best_val_accuracy and cfg.eval_test_each_epoch:
-                    row["ema_test_loss"], row["ema_test_accuracy"] = self.evaluate(
+                    row["ema_test_loss"], row["ema_test_accuracy"], logits["ema"]["test"] = self.evaluate(
                         self.test_ids, self.test_y, "test (EMA)", check
                     )
         if check is not None:  # a stop after the last batch (during the sums) is still one during it
             check()
-        return row, weights, score
+        return row, weights, score, logits[weights]
 
-    def _record_epoch(self, row: dict[str, Any], weights: str, score: float, t0: float) -> None:
+    def _record_epoch(
+        self,
+        row: dict[str, Any],
+        weights: str,
+        score: float,
+        t0: float,
+        logits: dict[str, torch.Tensor | None],
+    ) -> None:
         """The best adapter, the epoch's row, the end-of-epoch checkpoint: a stop meanwhile waits for
-        the checkpoint (a resume from any earlier one would evaluate this epoch again)."""
+        the checkpoint (a resume from any earlier one would evaluate this epoch again). `logits`: the
+        winning weights' (_evaluate_epoch), kept in memory with them for the calibration."""
         st = self.state
         if score > st.best_val_accuracy:  # strictly better: ties keep the earlier, cheaper epoch
             st.best_val_accuracy, st.best_epoch, st.best_weights = score, st.epoch, weights
             self._save_weights(weights)
+            # replaced (or dropped) with the weights: an earlier epoch's logits must never stand in
+            self.kept_logits = KeptLogits.of(st.epoch, weights, logits["val"], logits["test"])
         row["train_seconds"] = st.epoch_train_seconds
-        row["eval_seconds"] = time.time() - t0
+        row["eval_seconds"] = time.monotonic() - t0
         row["lr_end"] = float(self.optimizer.param_groups[0]["lr"])  # a tensor for captured steps
         st.history.append(row)
         if self.dist.main:
@@ -697,10 +758,13 @@ class Trainer:
         labels: list[int],
         name: str,
         after_batch: Callable[[], None] | None = None,
-    ) -> tuple[float, float]:
-        """Loss and accuracy over the whole split (each rank evaluates its shard when data-parallel)."""
+    ) -> tuple[float, float, torch.Tensor | None]:
+        """Loss and accuracy over the whole split (each rank evaluates its shard when data-parallel),
+        and the split's logits (CPU, input order; None when data-parallel: this rank's shard only)."""
         seqs, labels = self.dist.shard(seqs), self.dist.shard(labels)
-        return self.dist.loss_and_accuracy(self.eval_logits(seqs, name, after_batch), labels)
+        logits = self.eval_logits(seqs, name, after_batch)
+        loss, accuracy = self.dist.loss_and_accuracy(logits, labels)
+        return loss, accuracy, None if self.dist.enabled else logits
 
     def eval_logits(
         self, seqs: list[list[int]], name: str, after_batch: Callable[[], None] | None = None
@@ -729,12 +793,13 @@ class Trainer:
             bar.close()
 
     def _save_checkpoint(self) -> None:
-        others = self.dist.gather_rng(self.device)  # collective: every rank takes part
-        if self.dist.main:
-            extra = {**others, **(self.ema.state_dict() if self.ema is not None else {})}
-            save_checkpoint(
-                self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device, extra
-            )
+        with self.clock.timed("saving"):
+            others = self.dist.gather_rng(self.device)  # collective: every rank takes part
+            if self.dist.main:
+                extra = {**others, **(self.ema.state_dict() if self.ema is not None else {})}
+                save_checkpoint(
+                    self.run.path / CHECKPOINT, self.model, self.optimizer, self.state, self.device, extra
+                )
         self.checkpoint_step = self.state.global_step
 
     # ------------------------------------------------------------ the record
