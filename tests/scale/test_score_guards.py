@@ -522,6 +522,46 @@ def test_encoding_reads_jsonl_too(trained_run, tmp_path):
     ]
 
 
+def test_row_errors_name_the_encoding_as_typed_not_its_codec(trained_run, tmp_path, capsys):
+    """--encoding US-ASCII is Python's codec `ascii`: a row's error names what the user typed."""
+    csv, jsonl = tmp_path / "in.csv", tmp_path / "in.jsonl"
+    csv.write_bytes(LATIN1_CSV)
+    write_jsonl(jsonl, [GOOD, '{"id": "l", "text": "caf\xe9 superb"}'.encode("latin-1")])
+    for src, name in ((csv, "a"), (jsonl, "b")):
+        args = ["--input", str(src), "--output", str(tmp_path / name), "--encoding", "US-ASCII"]
+        assert score(trained_run, *args) == 0, capsys.readouterr().err
+    assert output_rows(tmp_path / "a")[1]["error"] == (
+        "column 'text' is not US-ASCII (byte 0xe9 at offset 3; --encoding)"
+    )
+    assert [r["error"] for r in output_rows(tmp_path / "b")] == [None, "line 2 is not US-ASCII"]
+
+
+def test_a_csv_header_error_names_the_encoding_as_typed(trained_run, tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"id,r\xe9sum\xe9,text\n1,x,great film\n")
+    args = ["--input", str(src), "--output", str(tmp_path / "out"), "--encoding", "US-ASCII"]
+    assert score(trained_run, *args) == 2
+    one_line_error(capsys, f"--input: the header of {src} is not US-ASCII; give its encoding with --encoding")
+
+
+def test_ray_read_stage_names_the_encoding_as_typed(trained_run, tmp_path):
+    """Ray's read stage gets the local engine's reading settings, --encoding as typed among them."""
+    from imdb_lora.scale import engines
+
+    src = tmp_path / "in.csv"
+    src.write_bytes(LATIN1_CSV)
+    job = engines.ScoreJob(
+        model=str(trained_run), inputs=[str(src)], output=str(tmp_path / "out"), encoding="US-ASCII"
+    )
+    engines.prepare(job)
+    job.lock.close()  # prepare took the output; nothing is written here
+    assert job.encoding == "ascii" and job.read_args()["encoding"] == "US-ASCII"
+    files = pa.table({"uri": [str(src)], "format": ["csv"]})
+    rows = [r for t in engines.read_files(files, **job.read_args()) for r in t.to_pylist()]
+    assert rows[1]["error"].startswith("column 'text' is not US-ASCII (byte 0xe9")
+    assert [r["text"] for r in rows] == ["great film", None, "awful boring"]
+
+
 @pytest.mark.parametrize("name", ["utf-9", "rot13"])
 def test_an_unknown_encoding_is_one_line(trained_run, tmp_path, capsys, name):
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD])

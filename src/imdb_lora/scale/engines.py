@@ -55,7 +55,7 @@ class ScoreJob:
     base_model: str | None = None  # a LoRA run's base, if it moved since training (--base-model)
     max_chars: int = MAX_CHARS  # a longer text is an error row, never cut
     encoding: str = "utf-8"  # of JSONL and CSV inputs (--encoding; from prepare on, the codec's own name)
-    encoding_given: str = ""  # --encoding as the user typed it, for messages (prepare)
+    encoding_given: str = ""  # --encoding as typed (prepare): what the readers take, to name it in errors
     overwrite: bool = False
     resume: bool = False  # continue the stopped job of `output` (local engine only)
     engine: str = "local"
@@ -70,6 +70,16 @@ class ScoreJob:
         """The settings that change the rows (scale/resume.py: --resume must find them unchanged)."""
         # one truncated window is --window-stride 0, as the flag and evaluate/select's JSON say it (was null)
         return {key: getattr(self, key) for key in FLAGS} | {"window_stride": self.window_stride or 0}
+
+    def read_args(self) -> dict[str, Any]:
+        """read_batches' settings, alike for both engines (Ray's read stage, read_files, takes them too).
+        --encoding goes as typed: the readers decode with its codec and name it as typed in errors."""
+        return dict(
+            rows=self.rows_per_batch,
+            text_column=self.text_column,
+            max_chars=self.max_chars,
+            encoding=self.encoding_given or self.encoding,
+        )
 
     def scorer_args(self, device: str, threads: int | None = None) -> dict[str, Any]:
         return dict(
@@ -115,7 +125,7 @@ def prepare(job: ScoreJob) -> None:
     # the codec's name to compare (latin-1 and iso-8859-1 are one job); as typed to name it in messages
     job.encoding_given, job.encoding = job.encoding, check_encoding(job.encoding)
     job.sources = list_sources(job.inputs)
-    check_columns(job.sources, job.text_column, job.max_chars, job.encoding)
+    check_columns(job.sources, job.text_column, job.max_chars, job.encoding_given)
     record = job_record(
         job.settings(), model_identity(job.model), job.sources, {"encoding": job.encoding_given}
     )
@@ -252,9 +262,7 @@ def score_file(job: ScoreJob, scorer: ScoreBatch, index: int, src: Source, updat
     fsys, out = filesystem(job.output)
     parts = PartWriter(fsys, f"{out}/{part_stem(index, job.part_digits)}", pq)
     rows = errors = 0
-    for table in read_batches(
-        src.uri, src.format, job.rows_per_batch, job.text_column, job.max_chars, job.encoding
-    ):
+    for table in read_batches(src.uri, src.format, **job.read_args()):
         scored = scorer(table)
         parts.write(scored)
         rows, errors = rows + scored.num_rows, errors + scored.num_rows - scored["error"].null_count
@@ -362,12 +370,7 @@ def _run_ray(
         read_files,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={
-            "rows": job.rows_per_batch,
-            "text_column": job.text_column,
-            "max_chars": job.max_chars,
-            "encoding": job.encoding,
-        },
+        fn_kwargs=job.read_args(),
         num_cpus=0,
     )
     ds = ds.map_batches(

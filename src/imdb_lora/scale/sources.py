@@ -232,7 +232,8 @@ def _check_jsonl_column(s: Source, text_column: str, max_chars: int, encoding: s
 def _jsonl_codec(encoding: str) -> str:
     """UTF-8 read as utf-8-sig: a byte order mark made line 1 an error row in JSONL, while pyarrow
     skips it in a CSV."""
-    return "utf-8-sig" if encoding == "utf-8" else encoding
+    codec = _codec(encoding)
+    return "utf-8-sig" if codec == "utf-8" else codec
 
 
 def _schema(s: Source, max_chars: int, encoding: str):
@@ -285,12 +286,23 @@ def _csv_reader(f, uri: str, max_chars: int, encoding: str, columns: int | None,
     return pcsv.open_csv(f, read_options=read, parse_options=_csv_parse(uri), convert_options=convert)
 
 
+# The reading functions take `encoding` as the user typed it (--encoding US-ASCII, latin-1): they decode
+# with its codec (_codec) and name it as typed in their errors (_label); a codec's own name (ascii,
+# iso8859-1) in an error sent the user looking for a flag value they never gave.
+
+
+@functools.cache
+def _codec(encoding: str) -> str:
+    """Python's own name of the codec `encoding` names (check_encoding has refused unknown names)."""
+    return codecs.lookup(encoding).name
+
+
 @functools.cache
 def _keeps_ascii(encoding: str) -> bool:
     """Every ASCII byte alone is that character (UTF-8, Latin-1, cp1252, Shift-JIS...): delimiters, quotes
     and newlines are the same bytes, so pyarrow can split the raw bytes and each cell is decoded alone."""
     try:
-        return all(bytes([b]).decode(encoding) == chr(b) for b in range(128))
+        return all(bytes([b]).decode(_codec(encoding)) == chr(b) for b in range(128))
     except UnicodeDecodeError:  # UTF-16/32, ISO-2022...
         return False
 
@@ -298,15 +310,16 @@ def _keeps_ascii(encoding: str) -> bool:
 def _stream_codec(encoding: str) -> str:
     """What pyarrow transcodes the whole file from: nothing ("utf8") where cells are decoded one by one;
     otherwise (UTF-16...) pyarrow transcodes to UTF-8, and a byte it cannot read fails the file."""
-    return "utf8" if _keeps_ascii(encoding) else encoding
+    return "utf8" if _keeps_ascii(encoding) else _codec(encoding)
 
 
 def _cell_codec(encoding: str) -> str:
-    return encoding if _keeps_ascii(encoding) else "utf-8"
+    return _codec(encoding) if _keeps_ascii(encoding) else "utf-8"
 
 
 def _label(encoding: str) -> str:
-    return "UTF-8" if encoding == "utf-8" else encoding
+    """The encoding as errors name it: as typed, UTF-8 however it was spelt (the default's name)."""
+    return "UTF-8" if _codec(encoding) == "utf-8" else encoding
 
 
 def _csv_parse(uri: str):
