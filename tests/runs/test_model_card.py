@@ -159,6 +159,12 @@ def test_card_of_a_run_on_labeled_files_does_not_claim_imdb(tmp_path):
     assert "IMDB" not in text and "imdb" not in text.split("---")[1]
     assert "labeled file `tickets.csv`" in text and str(tmp_path) not in text
     assert "a second 5% held out of `tickets.csv`" in text
+    assert "aclImdb" not in text  # its card told it to evaluate on IMDB
+    assert "imdb-lora evaluate THIS_DIR   # the files config.yaml names" in text
+    with_test = subset_card(
+        files, train_file=str(tmp_path / "tickets.csv"), test_file=str(tmp_path / "t.jsonl")
+    )
+    assert "imdb-lora evaluate THIS_DIR --file t.jsonl\n" in with_test and "aclImdb" not in with_test
 
 
 def test_card_says_how_long_a_text_it_reads():

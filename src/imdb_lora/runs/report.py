@@ -320,7 +320,7 @@ Binary sentiment classifier{" for movie reviews" if imdb else ""}: label 0 = NEG
 ## Use
 ```
 imdb-lora predict THIS_DIR "A wonderful film."
-imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz{card_eval_flags(cfg, summary)}
+{card_evaluate(cfg, summary, imdb)}
 ```
 {card_plain_use(cfg, base.snippet)}
 
@@ -428,6 +428,16 @@ def card_machine(summary: dict[str, Any]) -> str:
     if summary.get("finished_at"):
         line += f", finished {summary['finished_at']}"
     return line
+
+
+def card_evaluate(cfg: Config, summary: dict[str, Any], imdb: bool) -> str:
+    """The card's evaluate line. A run on labeled files was told to read IMDB (--data aclImdb_v1.tar.gz):
+    its own test file, or with none the files config.yaml names (the held-out split is seeded)."""
+    if imdb:
+        return f"imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz{card_eval_flags(cfg, summary)}"
+    if cfg.data.test_file:
+        return f"imdb-lora evaluate THIS_DIR --file {Path(cfg.data.test_file).name}"
+    return f"imdb-lora evaluate THIS_DIR{card_eval_flags(cfg, summary)}   # the files config.yaml names"
 
 
 def card_eval_flags(cfg: Config, summary: dict[str, Any]) -> str:
