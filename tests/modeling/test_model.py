@@ -174,3 +174,11 @@ def test_unreachable_hub_fails_at_once_without_library_retries(monkeypatch):
     assert time.time() - t0 < 10
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # behind a proxy the probe says nothing
     assert model_mod.hub_options("no-such-org/no-such-model") == {}
+
+
+@pytest.mark.parametrize("kind", ["roberta", "mpnet"])
+def test_a_pooler_alone_on_a_model_without_one_is_refused_in_one_line(tiny_models, kind):
+    """Their sequence-classification heads have no pooler: LoRA on it alone wrapped nothing, and peft
+    raised NoMatchingPeftModuleError (a traceback) after the data had loaded."""
+    with pytest.raises(UserError, match=rf"--lora-targets pooler: .*this {kind} model has no pooler"):
+        build_model(cfg_for(tiny_models(kind), targets=["pooler"]))

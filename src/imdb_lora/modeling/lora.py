@@ -93,6 +93,19 @@ def named_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
+def no_targets_message(model: nn.Module, roles: list[str], names: list[str]) -> str:
+    """Why LoRA would wrap nothing: only optional roles the model lacks (a sequence-classification head
+    of roberta or mpnet has no pooler), or only modules the checkpoint lacked (they train in full)."""
+    flag, given = ("--lora-modules", names) if names else ("--lora-targets", roles)
+    lacking = [r for r in roles if r in OPTIONAL_ROLES] if not names else []
+    why = (
+        f"this {model.config.model_type} model has no {' or '.join(lacking)}"
+        if lacking
+        else "the modules it selects were missing from the checkpoint and train in full"
+    )
+    return f"{flag} {','.join(given)}: LoRA would wrap no module ({why}); add a role, e.g. --lora-targets attention_qkv"
+
+
 def check_rank(model: nn.Module, targets: list[str], r: int) -> None:
     """A rank above a wrapped layer's smallest dimension adds nothing a product A @ B could express, and
     a huge one failed allocating its matrices (a RuntimeError traceback for --lora-r 10**12)."""
@@ -128,6 +141,8 @@ def apply_lora(
     head = head_module_names(model)
     fresh = [m for m in fresh if not m.startswith(tuple(head)) and m not in ("", "position_ids")]
     targets = [t for t in targets if t not in fresh]
+    if not targets:  # peft would raise NoMatchingPeftModuleError, a traceback
+        raise UserError(no_targets_message(model, lo.targets, lo.target_modules))
     check_rank(model, targets, lo.r)
     peft_cfg = LoraConfig(
         task_type="SEQ_CLS",
