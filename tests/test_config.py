@@ -260,3 +260,38 @@ def test_a_path_no_file_system_can_hold_is_one_line_naming_its_flag(path, field,
 def test_a_config_path_no_file_system_can_hold_is_one_line():
     with pytest.raises(UserError, match="^--config: not a usable path: a name of 300 bytes"):
         Config.load("x" * 300)
+
+
+def _with(**fields) -> Config:
+    cfg = Config()
+    for key, value in fields.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "fields, said",
+    [
+        (dict(train__method="full", lora__r=4, lora__targets=["ffn"]), "--lora-r, --lora-targets: no effect with --method full"),
+        (dict(lora__target_modules=["query"], lora__targets=["ffn"]), "--lora-targets: no effect with --lora-modules"),
+        (dict(data__head_tokens=16), "--head-tokens: no effect with --truncation head"),
+        (dict(data__train_file="a.csv", data__path="aclImdb"), "--data: no effect with --train-file"),
+        (dict(train__batching="flat", model__pooling="mean"), "--batching flat: no effect with --pooling mean"),
+    ],
+)  # fmt: skip
+def test_a_setting_the_others_leave_without_effect_is_said(fields, said):
+    """Each was silently ignored (found by running train's flags in combinations)."""
+    from imdb_lora.config import inert_settings
+
+    assert [n for n in inert_settings(_with(**fields)) if n.startswith(said)], inert_settings(_with(**fields))
+
+
+def test_defaults_and_settings_that_take_effect_say_nothing():
+    from imdb_lora.config import inert_settings
+
+    assert inert_settings(Config()) == []
+    assert inert_settings(_with(train__method="full")) == []  # the LoRA section at its defaults
+    assert inert_settings(_with(data__truncation="head_tail", data__head_tokens=16)) == []
+    assert inert_settings(_with(lora__target_modules=["query"])) == []  # roles at their default
+    assert inert_settings(_with(train__batching="packed", model__pooling="mean")) == []

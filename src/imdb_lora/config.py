@@ -385,6 +385,37 @@ class Config:
             raise UserError(f"{path}: a saved setting is invalid: {e}") from None
 
 
+def inert_settings(cfg: Config) -> list[str]:
+    """One line for each setting given (different from its default) that the others leave without
+    effect: said on stderr, as `--cuda-graphs` on the CPU is, so that no flag is silently ignored.
+    Settings whose effect depends on the model or the device are said where those are known."""
+    lo, d, t = cfg.lora, cfg.data, cfg.train
+    notes = []
+    if t.method == "full":
+        default = LoraSettings()
+        changed = [
+            flag_of(f) for f in dataclasses.fields(lo) if getattr(lo, f.name) != getattr(default, f.name)
+        ]
+        if changed:
+            notes.append(
+                f"{', '.join(changed)}: no effect with --method full (every weight trains; no adapters)"
+            )
+    elif lo.target_modules and lo.targets != LoraSettings().targets:
+        notes.append(
+            "--lora-targets: no effect with --lora-modules (the modules it names are wrapped instead)"
+        )
+    if d.truncation == "head" and d.head_tokens != DataConfig().head_tokens:
+        notes.append("--head-tokens: no effect with --truncation head (head_tail only)")
+    if d.train_file and d.path:
+        notes.append("--data: no effect with --train-file (the labeled files replace IMDB)")
+    if t.batching == "flat" and cfg.model.pooling == "mean":
+        notes.append(
+            "--batching flat: no effect with --pooling mean (it trains and evaluates padded: the flat "
+            "forward reads each review's first token only)"
+        )
+    return notes
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """safe_load's loader, but a key given twice in one mapping is an error: PyYAML keeps the last
     silently, so a second `train:` section dropped every setting of the first."""

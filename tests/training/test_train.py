@@ -364,11 +364,15 @@ def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, i
     assert not (tmp_path / "m").exists()
     assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "g", "--cuda-graphs")) == 2
     assert "--cuda-graphs needs --batching flat" in capsys.readouterr().err
-    flat = ("--batching", "flat", "--cuda-graphs", "--epochs", "1", "--no-eval-test-each-epoch")
-    assert main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "c", *flat)) == 0
+    flat = ("--batching", "flat", "--cuda-graphs", "--bf16-working-copies", "--epochs", "1")
     assert (
-        "--cuda-graphs: no effect on cpu with the flat path (CUDA and flat only)" in capsys.readouterr().err
+        main(train_args(tiny_models("bert"), imdb_dir, tmp_path / "c", *flat, "--no-eval-test-each-epoch"))
+        == 0
     )
+    err = capsys.readouterr().err
+    assert "--cuda-graphs: no effect on cpu with the flat path (CUDA and flat only)" in err
+    # fp32 copies on the CPU: run, but said to change nothing (it was in run.json's train_path only)
+    assert "--bf16-working-copies: no effect on cpu (no autocast" in err
 
 
 @pytest.mark.parametrize("samples, what", [(16, "training"), (8, "validation")])

@@ -31,7 +31,12 @@ def step_extras(
                 say(f"{flag}: no effect with the {path} path (flat only)")
         return None, None
     fused = FusedQKV(model) if fused_qkv else None
-    working = WorkingCopies(model, working_dtype(device), fused=fused) if working_copies else None
+    dtype = working_dtype(device)
+    if working_copies and dtype == torch.float32:  # run, as on CUDA, but they change nothing here
+        say(
+            f"--bf16-working-copies: no effect on {device.type} (no autocast: the copies are fp32, the same computation)"
+        )
+    working = WorkingCopies(model, dtype, fused=fused) if working_copies else None
     return working, fused
 
 

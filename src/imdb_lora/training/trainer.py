@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config, differing_fields
+from ..config import Config, differing_fields, inert_settings
 from ..data.batches import to_device
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
@@ -137,6 +137,8 @@ class Trainer:
     def _setup(self) -> Trainer:
         self.dist.check(self.cfg)
         self.device = self.dist.start(resolve_device(self.cfg.train.device))
+        for note in inert_settings(self.cfg):  # before the slow work: a flag ignored is said at once
+            self._say(note)
         try:
             self._check_directory()
             # Read now, not when run.json is written: the checkout may change (a commit, a rebase) while
