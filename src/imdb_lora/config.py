@@ -489,10 +489,12 @@ RESUME_MAY_CHANGE = frozenset(
 
 
 def differing_fields(saved: Config, given: Config, ignore: frozenset[str] = RESUME_MAY_CHANGE) -> list[str]:
-    """The fields (outside `ignore`) where a run's saved config and the one asked for now disagree."""
+    """The fields (outside `ignore`) where a run's saved config and the one asked for now disagree, each
+    named by its flag and its config.yaml key: `--lr (train.lr: 0.003 saved, 0.001 given)`."""
     ds, dg = saved.to_dict(), given.to_dict()
+    flags = {(sec, f.name): flag_of(f) for sec, _, f in section_fields()}
     return [
-        f"{sec}.{k} ({ds[sec][k]!r} saved, {dg[sec][k]!r} given)"
+        f"{flags[sec, k]} ({sec}.{k}: {ds[sec][k]!r} saved, {dg[sec][k]!r} given)"
         for sec in ds
         for k in ds[sec]
         if f"{sec}.{k}" not in ignore and ds[sec][k] != dg[sec][k]

@@ -157,7 +157,10 @@ def test_compare_resume_keeps_the_finished_run_and_continues_the_interrupted_one
     # a finished run is kept only with the settings asked for now
     trained.clear()
     assert main([*compare, "--resume", "--epochs", "2"]) == 2
-    assert "lora finished with other settings (train.epochs (1 saved, 2 given))" in capsys.readouterr().err
+    assert (
+        "lora finished with other settings (--epochs (train.epochs: 1 saved, 2 given))"
+        in capsys.readouterr().err
+    )
     assert trained == []
 
 

@@ -237,12 +237,12 @@ def test_resume_accepts_how_but_not_what(tiny_models, imdb_dir, tmp_path, monkey
     monkeypatch.undo()
     resume = ["train", "--output-dir", str(tmp_path / "r"), "--resume"]
     assert main([*resume, "--lr", "1e-3"]) == 2
-    assert "settings differ: train.lr" in capsys.readouterr().err
+    assert "settings differ: --lr (train.lr: 0.003 saved, 0.001 given)" in capsys.readouterr().err
     # a YAML given with --resume is compared too: the run's own settings with another lr are refused
     edited = tmp_path / "edited.yaml"
     edited.write_text((tmp_path / "r" / "config.yaml").read_text().replace("lr: 0.003", "lr: 0.001"))
     assert main([*resume, "--config", str(edited)]) == 2
-    assert "settings differ: train.lr (0.003 saved, 0.001 given)" in capsys.readouterr().err
+    assert "settings differ: --lr (train.lr: 0.003 saved, 0.001 given)" in capsys.readouterr().err
     assert main([*resume, "--overwrite"]) == 2
     assert "--overwrite and --resume contradict" in capsys.readouterr().err
     assert main([*resume, "--no-token-cache", "--device", "cpu"]) == 0
