@@ -295,3 +295,13 @@ def test_defaults_and_settings_that_take_effect_say_nothing():
     assert inert_settings(_with(data__truncation="head_tail", data__head_tokens=16)) == []
     assert inert_settings(_with(lora__target_modules=["query"])) == []  # roles at their default
     assert inert_settings(_with(train__batching="packed", model__pooling="mean")) == []
+
+
+def test_head_tokens_from_a_config_under_a_shorter_max_length_names_both_flags(capsys):
+    """minilm-quick's head_tokens 64 with --max-length 64 typed: the refusal named only --head-tokens,
+    which the user had not typed, and `max_length - 2` without its value."""
+    from imdb_lora.cli import main
+
+    assert main(["train", "--config", "minilm-quick", "--max-length", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--head-tokens must be in (0, 62): below --max-length 64 less its 2 special tokens (got 64)" in err

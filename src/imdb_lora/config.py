@@ -254,7 +254,7 @@ class Config:
             (
                 d.truncation != "head_tail" or 0 < d.head_tokens < d.max_length - 2,
                 "--head-tokens",
-                "must be in (0, max_length - 2)",
+                f"must be in (0, {d.max_length - 2}): below --max-length {d.max_length} less its 2 special tokens",
             ),
             (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
             _one_of("--method", t.method),
