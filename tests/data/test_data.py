@@ -527,3 +527,16 @@ def test_csv_cells_longer_than_csvs_default_limit_are_read(tmp_path):
     f.write_text(f'text,label\n"{long}",1\nshort,0\n')
     assert load_labeled_file(f).texts == [long, "short"]
     assert read_texts(str(f), None) == ([long, "short"], 0)
+
+
+@pytest.mark.parametrize("test_file", [False, True])
+def test_a_train_file_too_small_to_leave_a_training_review_is_refused(tmp_path, test_file):
+    """3 rows: validation takes one of each class, the carved test slice the last: a run trained on
+    nothing finished, with a run directory like any other."""
+    p = tmp_path / "three.csv"
+    p.write_text("text,label\na,0\nb,1\nc,0\n" if not test_file else "text,label\na,0\nb,1\n")
+    cfg = DataConfig(train_file=str(p), test_file=str(p) if test_file else None)
+    with pytest.raises(
+        UserError, match=r"--train-file .*three\.csv: its [23] training review\(s\) all go to"
+    ):
+        load_splits(cfg, seed=0)

@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..errors import UserError
 from .files import load_labeled_file
 from .imdb import describe_source, file_sha256, load_imdb, resolve_imdb_source
 from .labeled import Splits
@@ -55,13 +56,28 @@ def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = No
         imdb = load_imdb(path, origin)
         train, test = imdb["train"], imdb["test"]
         source = describe_source(path)
+    given = len(train)
     rest, val_idx = stratified_split(train.labels, data_cfg.val_size, seed)
     val, train = train.take(val_idx), train.take(rest)
-    if test is None:  # no test file: report on a second held-out slice, never on validation
+    carved = test is None
+    if carved:  # no test file: report on a second held-out slice, never on validation
         rest, test_idx = stratified_split(train.labels, data_cfg.val_size, seed + 1)
         test, train = train.take(test_idx), train.take(rest)
+    if not len(train):  # a run that trains on nothing would still finish, looking like a result
+        raise UserError(_nothing_to_train(data_cfg, given, carved))
     available = {"train": len(train), "val": len(val), "test": len(test)}
     train = train.take(stratified_subset(train.labels, data_cfg.max_train_samples, seed))
     val = val.take(stratified_subset(val.labels, data_cfg.max_eval_samples, seed))
     test = test.take(stratified_subset(test.labels, data_cfg.max_eval_samples, seed))
     return Splits(train, val, test, source, available)
+
+
+def _nothing_to_train(data_cfg, given: int, carved: bool) -> str:
+    """What to say when the held-out splits (at least one review of each class each) take every review."""
+    flag = f"--train-file {data_cfg.train_file}" if data_cfg.train_file else "--data"
+    held = (
+        "validation (--val-size, at least one review per class) and test slices"
+        if carved
+        else "validation split (--val-size, at least one review per class)"
+    )
+    return f"{flag}: its {given:,} training review(s) all go to the {held}, leaving none to train on; give more reviews"
