@@ -72,3 +72,10 @@ def test_a_run_records_where_its_time_went(tiny_models, imdb_dir, tmp_path, caps
     results = (out / "results.md").read_text()
     assert "## Where the time went" in results and f"| **total** | **{b['total']:.1f} s** |" in results
     assert f"| train steps | {b['train_steps']:.1f} s |" in results
+
+
+def test_a_run_whose_every_phase_is_short_still_ends_its_line_cleanly():
+    """A resume that only calibrates a tiny run takes ~0.2 s, every phase under the 0.05 s shown: the
+    line gives the total alone, not a dangling `=`."""
+    short = {**dict.fromkeys(PHASES, 0.02), "other": 0.001, "total": 0.181}
+    assert breakdown_line(short) == "time: 0.2 s (every phase under 0.05 s)"

@@ -16,9 +16,11 @@ from contextlib import contextmanager
 # In the order a run goes through them (run.json's `time_breakdown` keeps this order)
 PHASES = (
     "startup",  # the CLI's start to the trainer's setup: importing torch and the trainer, the config
-    "setup",  # device start (CUDA's init), directory checks, the model's config and the tokenizer
+    "setup",  # device start (CUDA's init), directory checks, the model's config, the tokenizer, the
+    # optimizer (a resume: its checkpoint read)
     "data",  # reading, splitting and tokenizing the data (= data_seconds)
-    "model",  # building or loading the model, its move to the device, frozen weights cast to bf16
+    "model",  # building or loading the model, its move to the device, frozen weights cast to bf16, and
+    # (a fresh run) the tokenizer written to tokenizer/, a random-init LoRA base to base_model/
     "train_steps",  # the epochs' optimizer steps (first-step compilation and graph capture included)
     "evaluation",  # the epochs' validation and test passes (and the EMA's)
     "saving",  # kept weights, resume checkpoints, metrics.jsonl and run.json during the loop
@@ -70,4 +72,6 @@ def breakdown_line(breakdown: dict[str, float]) -> str:
     parts = [
         f"{name.replace('_', ' ')} {s:.1f}" for name, s in breakdown.items() if name != "total" and s >= 0.05
     ]
-    return f"time: {breakdown['total']:.1f} s = " + " + ".join(parts)
+    total = f"time: {breakdown['total']:.1f} s"
+    # a resume that only calibrates a tiny run: nothing to list, and a bare `=` would read as cut off
+    return f"{total} = " + " + ".join(parts) if parts else f"{total} (every phase under 0.05 s)"
