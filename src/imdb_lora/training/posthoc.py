@@ -143,8 +143,8 @@ def kept_logits(tr: FinishedTraining) -> tuple[torch.Tensor, torch.Tensor | None
     val = kept.val if kept is not None else tr.eval_logits(tr.val_ids, "validation, kept checkpoint")
     if not tr.cfg.train.eval_test_each_epoch:
         return val, None
-    test = kept.test if kept is not None and kept.test is not None else None
-    if test is None:
+    test = kept.test if kept is not None else None
+    if test is None:  # not in memory, or not read for these weights (see KeptLogits.test)
         test = tr.eval_logits(tr.test_ids, "test, kept checkpoint")
     return val, test
 
