@@ -149,7 +149,7 @@ def test_a_failed_or_killed_job_leaves_its_marker_unfinished(trained_run, tmp_pa
     assert marker(out)["status"] == "failed" and "disk gone" in marker(out)["error"]
     capsys.readouterr()
     assert score(trained_run, "--input", str(src), "--output", str(out)) == 2
-    one_line_error(capsys, "holds an unfinished score output (status 'failed'")
+    one_line_error(capsys, "holds an unfinished score output (status 'failed': the job failed)")
     # A killed job cannot write anything more: its marker still says "running".
     score_output.write_marker(str(out), {"status": "running"})
     assert score(trained_run, "--input", str(src), "--output", str(out)) == 2

@@ -85,14 +85,17 @@ def same_output(out: Path, ref: Path) -> None:
     assert done["status"] == "finished" and (done["rows"], done["errors"]) == (full["rows"], full["errors"])
 
 
-def stop_at(monkeypatch, file: str, after_batches: int) -> None:
-    """Ctrl-C while the job reads `file`, after `after_batches` of its batches were scored and written."""
+def stop_at(
+    monkeypatch, file: str, after_batches: int, stop: type[KeyboardInterrupt] = KeyboardInterrupt
+) -> None:
+    """Ctrl-C (or `stop`: Terminated is SIGTERM) while the job reads `file`, after `after_batches` of its
+    batches were scored and written."""
     real = engines.read_batches
 
     def interrupted(uri, *a, **kw):
         for n, table in enumerate(real(uri, *a, **kw)):
             if Path(uri).name == file and n == after_batches:
-                raise KeyboardInterrupt
+                raise stop
             yield table
 
     monkeypatch.setattr(engines, "read_batches", interrupted)
@@ -207,7 +210,9 @@ def test_a_stopped_job_resumes_to_the_output_of_an_uninterrupted_one(
         f"interrupted; the output {out} is unfinished ({done} of 4 input files scored); continue it with: "
         in err
     )
-    assert marker(out)["status"] == "failed"
+    assert (marker(out)["status"], marker(out)["signal"]) == ("stopped", "SIGINT") and "error" not in marker(
+        out
+    )
     if after:  # the half part is there: a file without its footer
         assert (out / f"part-0000{done}.parquet").exists()
     monkeypatch.undo()
@@ -240,6 +245,51 @@ def test_a_failed_job_says_how_to_resume_and_resumes(
     one_line(capsys, f"the output {out} is unfinished (2 of 4 input files scored); {how} continue it with: ")
     assert marker(out)["status"] == "failed"
     monkeypatch.undo()
+    assert score(trained_run, inputs, out, "--resume") == 0
+    same_output(out, ref)
+
+
+def test_a_job_stopped_by_sigterm_is_stopped_not_failed_and_resumes(
+    trained_run, reference, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM (a scheduler, `kill`) is a stop, as Ctrl-C is: the marker says so and names it."""
+    from imdb_lora.errors import Terminated
+
+    inputs, ref = reference
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "c.parquet", 1, stop=Terminated)
+    capsys.readouterr()
+    assert score(trained_run, inputs, out) == 143
+    err = capsys.readouterr().err
+    assert f"imdb-lora: stopped by SIGTERM; the output {out} is unfinished (2 of 4 input files scored)" in err
+    assert (marker(out)["status"], marker(out)["signal"]) == ("stopped", "SIGTERM") and "error" not in marker(
+        out
+    )
+    monkeypatch.undo()
+    assert score(trained_run, inputs, out) == 2
+    one_line(capsys, "holds an unfinished score output (status 'stopped': the job was stopped by SIGTERM); "
+             "pass --resume to continue it")  # fmt: skip
+    assert score(trained_run, inputs, out, "--resume") == 0
+    same_output(out, ref)
+
+
+def test_a_stopped_output_of_an_earlier_version_still_resumes(
+    trained_run, reference, tmp_path, monkeypatch, capsys
+):
+    """Before "stopped", a job stopped by a signal wrote "failed" with the error "interrupted"."""
+    inputs, ref = reference
+    out = tmp_path / "out"
+    stop_at(monkeypatch, "c.parquet", 1)
+    assert score(trained_run, inputs, out) == 130
+    old = {k: v for k, v in marker(out).items() if k != "signal"} | {
+        "status": "failed",
+        "error": "interrupted",
+    }
+    (out / MARKER).write_text(json.dumps(old))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert score(trained_run, inputs, out) == 2
+    one_line(capsys, "(status 'failed': the job was stopped by a signal); pass --resume to continue it")
     assert score(trained_run, inputs, out, "--resume") == 0
     same_output(out, ref)
 
@@ -339,7 +389,7 @@ def test_resume_goes_through_the_outputs_pyarrow_filesystem(monkeypatch):
         with remote.open_output_stream(f"bucket/out/{name}") as f:
             f.write(b"a part")
     resume.write_record(out, resume.Done(0, "mock://in/a", {"part-00000.parquet": 6}, 3, 1, 1, 2.5))
-    score_output.fail_marker(out, KeyboardInterrupt())
+    score_output.end_marker(out, KeyboardInterrupt())
     lock, resumed = resume.resume_output(out, job, ["mock://in"])
     assert (
         lock is None and list(resumed.kept) == [0] and resumed.attempt == 2 and resumed.earlier_seconds == 2.5
@@ -425,7 +475,7 @@ def test_a_plain_rerun_of_a_stopped_output_names_resume(trained_run, stopped, ca
     inputs, out = stopped
     capsys.readouterr()
     assert score(trained_run, inputs, out) == 2
-    one_line(capsys, "holds an unfinished score output (status 'failed': the job was killed or failed); "
+    one_line(capsys, "holds an unfinished score output (status 'stopped': the job was stopped by SIGINT); "
              "pass --resume to continue it, or --overwrite to replace it")  # fmt: skip
 
 
@@ -596,7 +646,7 @@ def test_a_score_process_stopped_by_a_signal_mid_part_resumes(trained_run, refer
         assert proc.returncode == -signal.SIGKILL and marker(out)["status"] == "running"
         command = ["imdb-lora", *args, "--device", "cpu", "--resume"]
     else:
-        assert proc.returncode == 130 and marker(out)["status"] == "failed"
+        assert proc.returncode == 130 and marker(out)["status"] == "stopped"
         line = err.strip().splitlines()[-1]
         assert line.startswith(
             f"imdb-lora: interrupted; the output {out} is unfinished (2 of 4 input files"

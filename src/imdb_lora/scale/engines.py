@@ -25,7 +25,7 @@ from typing import IO, Any
 from ..errors import UserError
 from ..extras import require
 from .batch import MAX_CHARS, ScoreBatch
-from .output import fail_marker, finish_marker, prepare_output
+from .output import end_marker, finish_marker, prepare_output
 from .resume import (
     FLAGS,
     LEAST_DIGITS,
@@ -197,12 +197,13 @@ def is_onnx(path: str) -> bool:
 
 @contextmanager
 def recorded(job: ScoreJob) -> Iterator[None]:
-    """The job's end in its output's marker: "failed" with the error if anything escapes; then the
-    output's lock is let go (after the marker, so a job that finds the output unlocked reads its end)."""
+    """The job's end in its output's marker if anything escapes: "stopped" (a signal) or "failed" (an
+    error); then the output's lock is let go (after the marker, so a job that finds the output unlocked
+    reads its end)."""
     try:
         yield
     except BaseException as e:
-        fail_marker(job.output, e)
+        end_marker(job.output, e)
         raise
     finally:
         if job.lock is not None:

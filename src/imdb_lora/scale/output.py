@@ -2,10 +2,13 @@
 
 Every output holds `_imdb_lora_score.json` (a leading underscore: pyarrow datasets, Ray Data and pandas
 skip it when reading the Parquet parts). It is written before any part, with "status": "running", and
-rewritten when the job ends: "finished" with rows, errors and seconds, or "failed" with the error. A job
-that was killed leaves "running": its parts are incomplete. The marker also records the job (its
-settings, model and input files), which `--resume` must find unchanged (scale/resume.py). `--overwrite` replaces only a folder holding
-this marker, so it can never empty a folder this tool did not write. Everything goes through the
+rewritten when the job ends: "finished" with rows, errors and seconds, "stopped" with the signal (Ctrl-C,
+SIGTERM), or "failed" with the error. A job that was killed (SIGKILL, a crash), or that could not write
+its end, leaves "running": its parts are incomplete. --resume takes every status but "finished" alike
+(scale/resume.py); before "stopped" existed, a stopped job's marker said "failed" with the error
+"interrupted". The marker also records the job (its settings, model and input files), which `--resume`
+must find unchanged. `--overwrite` replaces only a folder holding this marker, so it can never empty a
+folder this tool did not write. Everything goes through the
 pyarrow filesystem of the output, so a bucket behaves as a local folder does.
 
 A LOCAL output is also locked while a job writes it: `_imdb_lora_score.lock` holds the writer's pid
@@ -25,7 +28,7 @@ import posixpath
 import time
 from typing import IO, Any
 
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from ..runs.filelock import lock_file, write_pid
 from .sources import filesystem
 
@@ -125,10 +128,19 @@ def describe(marker: dict[str, Any] | None, lock_checked: bool = False) -> str:
     """
     if marker is None:
         return "exists and is not empty"
-    if marker.get("status") == "finished":
+    status = marker.get("status")
+    if status == "finished":
         return "holds an earlier score output"
-    why = "the job was killed or failed" if lock_checked else "the job was killed, failed or is still running"
-    return f"holds an unfinished score output (status {marker.get('status')!r}: {why})"
+    # "stopped" and "failed" are written as the job ends: it has ended, lock or not
+    if status == "stopped" or marker.get("error") == "interrupted":  # the latter: "failed", before "stopped"
+        why = f"the job was stopped by {marker.get('signal', 'a signal')}"
+    elif status == "failed":
+        why = "the job failed"
+    elif lock_checked:
+        why = "the job was killed or failed"
+    else:
+        why = "the job was killed, failed or is still running"
+    return f"holds an unfinished score output (status {status!r}: {why})"
 
 
 def resumable(marker: dict[str, Any] | None) -> bool:
@@ -240,11 +252,16 @@ def finish_marker(output: str, rows: int, errors: int, seconds: float) -> None:
     )
 
 
-def fail_marker(output: str, error: BaseException) -> None:
-    """Best effort: the job is already failing; a marker that cannot be written stays "running"."""
-    message = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+def end_marker(output: str, error: BaseException) -> None:
+    """The end of a job that did not finish: "stopped" with the signal (Ctrl-C, SIGTERM: the user's or
+    a scheduler's choice, not a fault), else "failed" with the error. Best effort: the job is already
+    ending; a marker that cannot be written stays "running"."""
+    if isinstance(error, KeyboardInterrupt):
+        end = {"status": "stopped", "signal": "SIGTERM" if isinstance(error, Terminated) else "SIGINT"}
+    else:
+        end = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:500]}
     try:
-        write_marker(output, {**carried(output), "status": "failed", "error": message[:500]})
+        write_marker(output, {**carried(output), **end})
     except Exception:  # noqa: BLE001 - keep the job's own error, not this one
         pass
 
