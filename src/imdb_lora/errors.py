@@ -1,5 +1,6 @@
 """The exceptions the CLI turns into one line: user mistakes (exit code 2) and SIGTERM (exit 143), and
-what a full disk or a read-only file system makes a write raise (also one line, exit code 2)."""
+what a full disk or a read-only file system makes a write raise (also one line, exit code 2); and the
+wording its lines share (did_you_mean, counted)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ def did_you_mean(given: str | Iterable[str], names: Iterable[str]) -> str:
     givens = [given] if isinstance(given, str) else given
     close = [m[0] for g in givens if (m := difflib.get_close_matches(g, names, n=1))]
     return f"; did you mean {' and '.join(dict.fromkeys(close))}?" if close else ""
+
+
+def counted(n: float, noun: str, plural: str | None = None) -> str:
+    """`1 row`, `2 rows`, `1,000 rows`: a count and its noun, singular for exactly one (`plural` where
+    adding an s is wrong: `counted(n, "process", "processes")`). The one way the CLI's lines count
+    (a float too: Ray's `1.0 GPU`)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 class Terminated(KeyboardInterrupt):

@@ -119,7 +119,7 @@ def test_bench_eval_profile_prints_table(tiny_models, imdb_dir, capsys):
             "--batch-size", "4", "--max-length", "64", "--device", "cpu", "--profile", "5"]  # fmt: skip
     assert main(args) == 0  # 5 batches asked, 3 exist: the longest batch is reused
     out = capsys.readouterr().out
-    assert "profile of 5 step(s), per step:" in out and re.search(r"host_ops_per_step\s+[\d,]+", out)
+    assert "profile of 5 steps, per step:" in out and re.search(r"host_ops_per_step\s+[\d,]+", out)
     assert "costliest ops" in out
 
 

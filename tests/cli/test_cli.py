@@ -94,15 +94,26 @@ def test_predict_from_file(trained_run, tmp_path, capsys, fmt):
     assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == texts
 
 
+def test_counts_say_one_row_and_two_rows():
+    from imdb_lora.errors import counted
+
+    assert [counted(n, "row") for n in (0, 1, 2, 1234)] == ["0 rows", "1 row", "2 rows", "1,234 rows"]
+    assert (
+        counted(1, "process", "processes") == "1 process"
+        and counted(4, "process", "processes") == "4 processes"
+    )
+    assert counted(1.0, "GPU") == "1.0 GPU" and counted(0.5, "GPU") == "0.5 GPUs"  # Ray's resource counts
+
+
 def test_predict_says_how_many_blank_lines_it_skipped(trained_run, tmp_path, capsys, monkeypatch):
     # they used to vanish silently, so outputs no longer lined up with input lines unnoticed
     f = tmp_path / "in.txt"
     f.write_text("a fine film\n\nawful\n   \nboring\n")
     code, out, err = run(capsys, "predict", str(trained_run), "--file", str(f), "--json")
-    assert code == 0 and len(out.splitlines()) == 3 and f"skipped 2 blank line(s) of --file {f}" in err
+    assert code == 0 and len(out.splitlines()) == 3 and f"skipped 2 blank lines of --file {f}" in err
     monkeypatch.setattr(sys, "stdin", io.StringIO("great\n\nawful\n"))
     code, out, err = run(capsys, "predict", str(trained_run), "--json")
-    assert code == 0 and len(out.splitlines()) == 2 and "skipped 1 blank line(s) of stdin" in err
+    assert code == 0 and len(out.splitlines()) == 2 and "skipped 1 blank line of stdin" in err
     code, _, err = run(capsys, "predict", str(trained_run), "great")
     assert code == 0 and "skipped" not in err
 
@@ -419,7 +430,7 @@ def test_a_gpu_index_beyond_the_machine_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(UserError, match=r"--device cuda:2: this machine has 2 GPU\(s\), cuda:0 to cuda:1"):
+    with pytest.raises(UserError, match=r"--device cuda:2: this machine has 2 GPUs, cuda:0 to cuda:1"):
         resolve_device("cuda:2")
 
 

@@ -168,6 +168,15 @@ def test_the_errors_line_says_mistake_for_one(n, line):
     assert _file_text(r).splitlines()[-1] == f"  {line} to e.jsonl"  # was "1 most confident mistakes"
 
 
+def test_evaluate_file_says_row_for_a_one_row_file(trained_run, tmp_path, capsys):
+    f = tmp_path / "one.csv"
+    f.write_text("text,label\ngreat wonderful film,1\n")
+    code, out, err = run(capsys, "evaluate", trained_run, "--file", f, "--device", "cpu")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith(f"{f}: "))
+    assert line.endswith("| 1 row"), out  # was "| 1 rows"
+
+
 def test_an_errors_file_written_meanwhile_by_another_process_is_kept(
     trained_run, tmp_path, capsys, monkeypatch
 ):
@@ -328,7 +337,7 @@ def test_predict_raw_ignores_the_temperature(hot_run, capsys):
 
 
 def test_training_calibrates_the_kept_checkpoint_and_reports_eval_files(
-    trained_run, tiny_models, imdb_dir, tmp_path
+    trained_run, tiny_models, imdb_dir, tmp_path, capsys
 ):
     info = json.loads((trained_run / "run.json").read_text())
     cal = info["calibration"]
@@ -345,18 +354,26 @@ def test_training_calibrates_the_kept_checkpoint_and_reports_eval_files(
     assert "## Calibration" in (trained_run / "results.md").read_text()
     assert "- Calibration: temperature" in (trained_run / "README.md").read_text()
 
-    # --no-calibration and --eval-file (twice), 1 epoch
-    f1, f2 = tmp_path / "a.csv", tmp_path / "b.jsonl"
+    # --no-calibration and --eval-file (three times, one of one row), 1 epoch
+    f1, f2, f3 = tmp_path / "a.csv", tmp_path / "b.jsonl", tmp_path / "c.csv"
     f1.write_text("text,label\ngreat wonderful film,Positive\nawful boring,neg\nloved it,POS\n")
     f2.write_text('{"text": "terrible waste", "label": 0}\n{"text": "superb", "label": "positive"}\n')
+    f3.write_text("text,label\ndull,0\n")
     out = tmp_path / "run"
     args = train_args(tiny_models("bert"), imdb_dir, out, "--epochs", "1", "--no-calibration",
-                      "--eval-file", str(f1), "--eval-file", str(f2))  # fmt: skip
+                      "--eval-file", str(f1), "--eval-file", str(f2), "--eval-file", str(f3))  # fmt: skip
+    capsys.readouterr()
     assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval file ")]
+    assert [line.rsplit("| ", 1)[1] for line in lines] == ["3 rows", "2 rows", "1 row"]  # was "1 rows"
     info = json.loads((out / "run.json").read_text())
     assert not (out / "calibration.json").exists() and not info["calibration"]["enabled"]
     assert "after" not in info["calibration"]["val"]
-    assert [(f["file"], f["rows"]) for f in info["eval_files"]] == [("a.csv", 3), ("b.jsonl", 2)]
+    assert [(f["file"], f["rows"]) for f in info["eval_files"]] == [
+        ("a.csv", 3),
+        ("b.jsonl", 2),
+        ("c.csv", 1),
+    ]
     for f in info["eval_files"]:
         assert sum(map(sum, f["confusion"])) == f["rows"] and 0 <= f["ece"] <= 1
     results = (out / "results.md").read_text()

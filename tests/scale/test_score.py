@@ -64,6 +64,8 @@ def row_id(r: dict) -> str:
 def test_the_summary_says_row_for_one_error_rows_otherwise():
     one, two = Summary(rows=2, errors=1, seconds=1.0, examples=[]), Summary(2, 2, 1.0, [])
     assert "; 1 row with an error;" in one.text("out/") and "; 2 rows with an error;" in two.text("out/")
+    single = Summary(rows=1, errors=0, seconds=1.0, examples=[], kept=(0, 1)).text("out/")
+    assert single.startswith("scored 1 row in 1.0 s") and "(resumed: 0 of 1 input file kept" in single
 
 
 def test_local_engine_scores_files_keeps_ids_and_reports_bad_rows(trained_run, tmp_path, capsys):

@@ -263,7 +263,7 @@ def _inputs_that_give_no_text(tmp: Path) -> dict[str, tuple[Path, str]]:
 
     gz.write_bytes(gzip.compress(GOOD + b"\n"))
     return {
-        "jsonl_without_the_key": (jsonl, "has no key 'text' in its first 2 JSON object(s) (keys: Text, id)"),
+        "jsonl_without_the_key": (jsonl, "has no key 'text' in its first 2 JSON objects (keys: Text, id)"),
         "csv_column_twice": (twice_csv, "names column(s) ['text'] more than once"),
         "parquet_column_twice": (twice_pq, "names column(s) ['text'] more than once"),
         "parquet_text_of_ints": (ints, "column 'text' holds int64, not strings"),

@@ -537,7 +537,7 @@ def test_resume_with_another_model_or_other_inputs_is_refused(trained_run, stopp
     one_line(capsys, f"the model ({other} is not the {trained_run.resolve()} the stopped job scored with)")
     (inputs / "e.jsonl").write_text('{"id": "e1", "text": "new"}\n')
     assert score(trained_run, inputs, out, "--resume") == 2
-    one_line(capsys, "--input: 5 file(s) (the stopped job: 4)")
+    one_line(capsys, "--input: 5 files (the stopped job: 4)")
     (inputs / "e.jsonl").unlink()
     (inputs / "b.csv").write_text('id,text\nb1,"brilliant acting, edited"\nb2,\nb3,poor and dull\n')
     assert score(trained_run, inputs, out, "--resume") == 2

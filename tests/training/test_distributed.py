@@ -187,7 +187,7 @@ def test_torchrun_killed_mid_epoch_resumes_to_the_same_result(
     capsys.readouterr()
     assert main(["train", "--output-dir", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "trained by 2 process(es) and this launch has 1" in err and "Traceback" not in err
+    assert "trained by 2 processes and this launch has 1" in err and "Traceback" not in err
 
     resumed = torchrun(
         *args[:1], "train", "--output-dir", str(out), "--resume", env=probe, log_dir=tmp_path / "logs"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..data.splits import load_splits, stratified_subset
-from ..errors import UserError
+from ..errors import UserError, counted
 
 if TYPE_CHECKING:
     from ..data.labeled import LabeledTexts
@@ -33,7 +33,7 @@ def test_reviews(clf: Classifier, data: str | None, n: int, seed: int) -> tuple[
     splits = load_splits(data_cfg, seed)
     test = splits.test
     if n > len(test):
-        raise UserError(f"--samples {n}: the test split has only {len(test)} reviews")
+        raise UserError(f"--samples {n}: the test split has only {counted(len(test), 'review')}")
     idx = stratified_subset(test.labels, n, seed)
     random.Random(seed).shuffle(idx)  # mixed lengths and labels, as requests would come
     return test.take(idx), describe_reviews(splits.source, data_cfg.test_file)

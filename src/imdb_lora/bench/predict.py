@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.labeled import LabeledTexts
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..inference.classifier import Classifier
 from ..modeling.load import position_limit
 from .common import machine, percentile, test_reviews
@@ -31,7 +31,7 @@ def bench_predict(
     for size in batch_sizes:  # a larger batch ran all `samples` reviews at once, reported as `size`
         if size > samples:
             raise UserError(
-                f"--batch-sizes {size} is more than the {samples} reviews of --samples; lower it or raise --samples"
+                f"--batch-sizes {size} is more than the {counted(samples, 'review')} of --samples; lower it or raise --samples"
             )
     seen: dict[Path, str] = {}
     for path in paths:  # runs/x, ./runs/x and runs/x/ are one model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..inference.classifier import Classifier
 from ..serving.app import ServeSettings, create_app
 from ..serving.server import BackgroundServer
@@ -55,8 +55,8 @@ def format_serve_report(r: dict[str, Any]) -> str:
     lat, e2e = r["latency_ms"], r["end_to_end_ms"]
     return "\n".join(
         [
-            f"bench serve: {r['requests']} requests of {r['texts_per_request']} review(s) "
-            f"from {r['clients']} concurrent clients on loopback; {r['distinct_reviews']} distinct {r['data']}",
+            f"bench serve: {counted(r['requests'], 'request')} of {counted(r['texts_per_request'], 'review')} "
+            f"from {counted(r['clients'], 'concurrent client')} on loopback; {r['distinct_reviews']} distinct {r['data']}",
             f"machine: {r['machine']}",
             f"requests/s {r['requests_per_s']:.2f} | reviews/s {r['texts_per_s']:.2f} | "
             f"admitted latency p50 {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms, p99 {lat['p99']:.0f} ms | "

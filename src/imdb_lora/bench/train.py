@@ -23,7 +23,7 @@ from ..data.batches import to_device
 from ..data.imdb import load_imdb, resolve_imdb_source
 from ..data.splits import stratified_split, stratified_subset
 from ..data.tokcache import cached_encode
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..metrics import peak_memory
 from ..modeling.flat import batching_path, flat_options_check
 from ..modeling.forward import batched_logits, compile_encoder
@@ -109,7 +109,7 @@ def _check_batch(opts: ThroughputOptions, reviews: int) -> None:
     if opts.batch_size > reviews:
         drawn = "the whole train split" if opts.samples is None else f"--samples {opts.samples}"
         raise UserError(
-            f"--batch-size {opts.batch_size} is more than the {reviews} reviews drawn ({drawn}); "
+            f"--batch-size {opts.batch_size} is more than the {counted(reviews, 'review')} drawn ({drawn}); "
             "lower --batch-size" + ("" if opts.samples is None else " or raise --samples")
         )
 
@@ -138,7 +138,9 @@ def _setup(opts: ThroughputOptions, split: str):
         else len(full)
     )
     if opts.samples is not None and opts.samples > len(full):  # else fewer would be timed than asked
-        raise UserError(f"--samples {opts.samples}: the {split} split has only {len(full):,} reviews")
+        raise UserError(
+            f"--samples {opts.samples}: the {split} split has only {counted(len(full), 'review')}"
+        )
     data = full.take(stratified_subset(full.labels, opts.samples, 0))
     if split == "train":
         _check_batch(opts, len(data))
@@ -450,7 +452,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def format_profile(prof: dict[str, Any]) -> str:
     lines = []
-    lines.append(f"\nprofile of {prof['steps']} step(s), per step:")
+    lines.append(f"\nprofile of {counted(prof['steps'], 'step')}, per step:")
     for k, v in prof.items():
         if k not in ("steps", "top"):
             lines.append(f"  {k:<26}{v:,.3f}" if isinstance(v, float) else f"  {k:<26}{v}")

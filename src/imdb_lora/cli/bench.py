@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 
 from ..config import CHOICES
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..extras import require
 from ..serving.app import ServeSettings
 from .common import (
@@ -102,7 +102,7 @@ def cmd_bench_serve(ns: argparse.Namespace) -> int:
     require("serve", "bench serve")
     if ns.texts_per_request > ns.samples:  # 10**12 texts per request hung building the first request
         raise UserError(
-            f"--texts-per-request {ns.texts_per_request} is more than the {ns.samples} reviews of --samples; "
+            f"--texts-per-request {ns.texts_per_request} is more than the {counted(ns.samples, 'review')} of --samples; "
             "lower it or raise --samples"
         )
     settings = (
@@ -133,7 +133,7 @@ def cmd_bench_serve(ns: argparse.Namespace) -> int:
     )
     print(json.dumps(load, indent=2) if ns.json else format_serve_report(load))
     if load["errors"]:
-        raise UserError(f"bench serve: {load['errors']} of {load['requests']} requests failed")
+        raise UserError(f"bench serve: {load['errors']} of {counted(load['requests'], 'request')} failed")
     return 0
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError, cannot_write, make_room, write_failure
+from ..errors import UserError, cannot_write, counted, make_room, write_failure
 from ..runs.rundir import atomic_write_text, require_creatable
 from .chunks import chunks
 from .common import (
@@ -143,7 +143,7 @@ def _evaluate_split(ns: argparse.Namespace) -> int:
         warn = "  (RANDOM-INIT run: accuracy is meaningless)" if result["random_init"] else ""
         print(
             f"{split}: accuracy {100 * f['accuracy']:.2f}% | loss {f['nll']:.4f} | ECE {100 * f['ece']:.2f}% | "
-            f"Brier {f['brier']:.4f} | {len(part):,} reviews | {result['seconds']:.1f}s{warn}"
+            f"Brier {f['brier']:.4f} | {counted(len(part), 'review')} | {result['seconds']:.1f}s{warn}"
         )
     return 0
 
@@ -327,13 +327,13 @@ def _file_text(r: dict[str, Any]) -> str:
     (tn, fp), (fn, tp) = r["confusion"]
     out = [
         f"{r['file']}: accuracy {100 * r['accuracy']:.2f}% | loss {r['loss']:.4f} | ECE {100 * r['ece']:.2f}% | "
-        f"Brier {r['brier']:.4f} | {r['rows']:,} rows",
+        f"Brier {r['brier']:.4f} | {counted(r['rows'], 'row')}",
         "  confusion (rows: true label, columns: predicted)",
         f"    {'':10}{'NEGATIVE':>10}{'POSITIVE':>10}",
         f"    {'NEGATIVE':10}{tn:>10,}{fp:>10,}",
         f"    {'POSITIVE':10}{fn:>10,}{tp:>10,}",
     ]
     if "errors_file" in r:
-        n = r["errors_written"]
-        out.append(f"  {n} most confident mistake{'' if n == 1 else 's'} written to {r['errors_file']}")
+        mistakes = counted(r["errors_written"], "most confident mistake")
+        out.append(f"  {mistakes} written to {r['errors_file']}")
     return "\n".join(out)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, counted
 from .chunks import chunks
 from .common import (
     add_base_model_flag,
@@ -95,7 +95,7 @@ def _note_blank(reader, ns: argparse.Namespace) -> None:
     """Said, because outputs then no longer line up with input lines."""
     if reader is not None and reader.blank:
         source = f"--file {ns.file}" if ns.file else "stdin"
-        print(f"imdb-lora: skipped {reader.blank:,} blank line(s) of {source}", file=sys.stderr)
+        print(f"imdb-lora: skipped {counted(reader.blank, 'blank line')} of {source}", file=sys.stderr)
 
 
 def _stdin(ns: argparse.Namespace) -> Iterable[str] | None:

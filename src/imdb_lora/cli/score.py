@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..errors import UserError, cannot_write, make_room, write_failure
+from ..errors import UserError, cannot_write, counted, make_room, write_failure
 from ..extras import require
 from ..scale.batch import MAX_CHARS
 from .common import (
@@ -174,7 +174,7 @@ def check_resume_flags(ns: argparse.Namespace) -> None:
 
 def left_behind(job) -> str:
     """What a stopped job leaves in its output."""
-    return f"the output {job.output} is unfinished ({job.done:,} of {len(job.sources):,} input files scored)"
+    return f"the output {job.output} is unfinished ({job.done:,} of {counted(len(job.sources), 'input file')} scored)"
 
 
 def how_on(ns: argparse.Namespace) -> str:

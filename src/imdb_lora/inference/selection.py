@@ -15,7 +15,7 @@ from typing import Any
 
 from ..data.splits import load_splits, stratified_subset
 from ..data.tokenize import check_window_stride
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..metrics import loss_and_accuracy
 from .classifier import Classifier
 from .exported import is_export
@@ -113,7 +113,7 @@ def select(
         )
         s = Score(run, stride, split, acc, loss, n, seconds)
         log(
-            f"{split} {run} window_stride={stride or 0}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {n:,} reviews"
+            f"{split} {run} window_stride={stride or 0}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {counted(n, 'review')}"
         )
         return s
 

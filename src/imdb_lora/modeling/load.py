@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..data.labeled import LABEL_NAMES
-from ..errors import UserError
+from ..errors import UserError, counted
 
 NUM_LABELS = len(LABEL_NAMES)  # binary sentiment: 0 = negative, 1 = positive, end to end
 # Models whose position ids start after the padding index (fairseq convention) rather than at 0.
@@ -359,6 +359,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            f"--device {name}: this machine has {counted(torch.cuda.device_count(), 'GPU')}, cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
     return device

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from ..config import Config
+from ..errors import counted
 from .rundir import RunDir, atomic_write_text
 
 
@@ -260,7 +261,7 @@ def plot_reliability(bins: dict[str, Any], path) -> None:
                     )
         total = sum(b["count"] for b in next(iter(tables.values()), []))
         ax.set(
-            title=f"Reliability ({'validation' if split == 'val' else split}, {total:,} reviews)",
+            title=f"Reliability ({'validation' if split == 'val' else split}, {counted(total, 'review')})",
             xlabel="confidence of the predicted label",
             ylabel="accuracy",
             xlim=(0.45, 1.02),
@@ -312,8 +313,8 @@ Binary sentiment classifier{" for movie reviews" if imdb else ""}: label 0 = NEG
 - Method: {method}
 - Trainable parameters: {summary["trainable_parameters"]:,} of {summary["total_parameters"]:,} ({summary["trainable_percent"]:.2f}%)
 - Data: {card_data(cfg, summary)}
-- Max length {cfg.data.max_length} tokens ({card_truncation(cfg)}); {cfg.train.epochs} epoch{"s" if cfg.train.epochs != 1 else ""}, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
-- Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}% on {summary["examples"]["val"]:,} reviews)
+- Max length {cfg.data.max_length} tokens ({card_truncation(cfg)}); {counted(cfg.train.epochs, "epoch")}, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
+- Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}% on {counted(summary["examples"]["val"], "review")})
 - Test accuracy of that checkpoint: {card_test(test, summary["examples"]["test"])}
 - Trained on: {card_machine(summary)}
 {card_calibration(summary.get("calibration"))}

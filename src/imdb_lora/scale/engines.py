@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..extras import require
 from .batch import MAX_CHARS, ScoreBatch
 from .output import end_marker, finish_marker, prepare_output
@@ -108,11 +108,13 @@ class Summary:
     def text(self, output: str) -> str:
         rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
         lines = [
-            f"scored {self.rows:,} rows in {self.seconds:.1f} s ({rate:,.1f} rows/s); "
-            f"{self.errors:,} {'row' if self.errors == 1 else 'rows'} with an error; output: {output}"
+            f"scored {counted(self.rows, 'row')} in {self.seconds:.1f} s ({rate:,.1f} rows/s); "
+            f"{counted(self.errors, 'row')} with an error; output: {output}"
         ]
         if self.kept is not None:
-            lines[0] += f" (resumed: {self.kept[0]:,} of {self.kept[1]:,} input files kept from before)"
+            lines[0] += (
+                f" (resumed: {self.kept[0]:,} of {counted(self.kept[1], 'input file')} kept from before)"
+            )
         return "\n".join(lines + [f"  {e}" for e in self.examples])
 
 
@@ -455,7 +457,7 @@ def pool_size(resources: dict[str, float], cpus: float, gpus: float) -> int:
         fit = resources.get("GPU", 0) // gpus
         if fit < 1:
             raise UserError(
-                f"--num-gpus-per-worker {gpus}: the Ray cluster has {resources.get('GPU', 0)} GPU(s)"
+                f"--num-gpus-per-worker {gpus}: the Ray cluster has {counted(resources.get('GPU', 0), 'GPU')}"
             )
         return int(fit)
     return max(1, int(resources.get("CPU", 1) // cpus))

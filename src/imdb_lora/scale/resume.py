@@ -39,7 +39,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
-from ..errors import UserError
+from ..errors import UserError, counted
 from .output import (
     LOCK,
     MARKER,
@@ -176,7 +176,7 @@ def as_given(job: dict[str, Any], key: str) -> Any:
 def input_differences(saved: list, now: list) -> list[str]:
     """The first input file that differs (a list of 100,000 would make no line), and how."""
     if len(saved) != len(now):
-        return [f"--input: {len(now):,} file(s) (the stopped job: {len(saved):,})"]
+        return [f"--input: {counted(len(now), 'file')} (the stopped job: {len(saved):,})"]
     for (uri, size, mtime), (was_uri, was_size, was_mtime) in zip(now, saved):
         if uri != was_uri:
             return [f"--input: {uri} where the stopped job read {was_uri}"]

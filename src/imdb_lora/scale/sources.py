@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.files import RepeatedKey, binary_kind, repeated_names, unique_keys
-from ..errors import UserError
+from ..errors import UserError, counted
 
 FORMATS = {
     ".jsonl": "json",
@@ -224,7 +224,7 @@ def _check_jsonl_column(s: Source, text_column: str, max_chars: int, encoding: s
     if objects:
         keys = ", ".join(list(seen)[:20]) or "none"
         raise UserError(
-            f"--text-column: {s.uri} has no key {text_column!r} in its first {objects:,} JSON object(s) "
+            f"--text-column: {s.uri} has no key {text_column!r} in its first {counted(objects, 'JSON object')} "
             f"(keys: {keys})"
         )
 

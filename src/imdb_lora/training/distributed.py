@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..metrics import loss_and_accuracy
 from ..modeling.forward import forward_logits
 
@@ -111,7 +111,7 @@ class Dist:
                 )
             if self.local_rank >= torch.cuda.device_count():
                 raise UserError(
-                    f"LOCAL_RANK {self.local_rank} but only {torch.cuda.device_count()} GPU(s) here: "
+                    f"LOCAL_RANK {self.local_rank} but only {counted(torch.cuda.device_count(), 'GPU')} here: "
                     "start at most one process per GPU (torchrun --nproc-per-node)"
                 )
             device = torch.device("cuda", self.local_rank)
@@ -226,8 +226,8 @@ class Dist:
             ) from None
         if was != self.world_size:
             raise UserError(
-                f"--resume: {path} was trained by {was} process(es) and this launch has {self.world_size}; "
-                f"resume with the same number (torchrun --nproc-per-node x nodes = {was}), since the "
+                f"--resume: {path} was trained by {counted(was, 'process', 'processes')} and this launch "
+                f"has {self.world_size}; resume with the same number (torchrun --nproc-per-node x nodes = {was}), since the "
                 "world size decides each step's batch"
             )
 

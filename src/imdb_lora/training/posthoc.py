@@ -17,6 +17,7 @@ from ..calibration import ECE_BINS, before_after, fit_temperature, labeled_repor
 from ..data.files import load_labeled_file
 from ..data.labeled import LabeledTexts
 from ..data.tokcache import cached_encode
+from ..errors import counted
 from ..runs.rundir import RunDir
 
 
@@ -156,7 +157,7 @@ def _report_file(tr: FinishedTraining, f: EvalFile, temperature: float) -> dict[
     report = {"file": name, **labeled_report(tr.eval_logits(ids, name) / temperature, f.data.labels)}
     print(
         f"eval file {name}: accuracy {100 * report['accuracy']:.2f}% | loss {report['loss']:.4f} | "
-        f"ECE {100 * report['ece']:.2f}% | {report['rows']:,} rows",
+        f"ECE {100 * report['ece']:.2f}% | {counted(report['rows'], 'row')}",
         flush=True,
     )
     return report
