@@ -318,3 +318,65 @@ def test_ray_data_tracebacks_stay_off_the_console(capsys):
     err = capsys.readouterr().err
     assert err.splitlines() == ["An exception was raised from a task", "no traceback here"]
     assert "Traceback" in session_file.getvalue() and "inside a Ray task" in session_file.getvalue()
+
+
+RAY_INTERNAL = "Exception occurred in Ray Data or Ray Core internal code. ... please open an issue"
+
+
+def test_ray_datas_report_of_a_failure_score_says_in_one_line_stays_off_the_console(capsys, monkeypatch):
+    """Ray Data (ray/data/exceptions.py) reports a failure it re-raises with two lines: the internal-code
+    one (advice to open an issue with Ray) and "Full stack trace:" with the traceback. Without the
+    traceback the second is bare (it was left on the console); the first is wrong for an input score
+    cannot read, which score says in one line. Both stay in the session log; another failure (a Ray bug)
+    keeps the advice."""
+    import io
+    import logging
+
+    from imdb_lora.errors import UserError
+    from imdb_lora.scale import engines
+
+    parent = logging.getLogger("imdb-lora-test.ray.data")
+    report = logging.getLogger("imdb-lora-test.ray.data.exceptions")  # ray.data.exceptions, in Ray
+    monkeypatch.setattr(engines, "RAY_DATA_REPORT", report.name, raising=False)
+    parent.propagate = False
+    session_file = io.StringIO()
+    parent.handlers = [logging.StreamHandler(session_file), logging.StreamHandler()]
+    engines.console_without_tracebacks(parent)
+
+    def ray_reports(failure: Exception) -> None:  # as ray.data.exceptions.omit_traceback_stdout does
+        try:
+            raise failure
+        except Exception:
+            report.error(RAY_INTERNAL)
+            report.exception("Full stack trace:", exc_info=True)
+
+    ray_reports(UserError("--input: cannot read b.csv after row 3 (CSV parse error)"))
+    assert capsys.readouterr().err == ""
+    assert session_file.getvalue().count(RAY_INTERNAL) == 1 and "Full stack trace:\nTraceback" in (
+        session_file.getvalue()
+    )
+    ray_reports(RuntimeError("a bug in Ray"))
+    assert capsys.readouterr().err.splitlines() == [RAY_INTERNAL]  # no bare "Full stack trace:"
+    assert session_file.getvalue().count("Full stack trace:\nTraceback") == 2
+
+
+def test_a_user_error_inside_ray_is_its_own_line_not_rays_traceback():
+    """Ray re-raises a worker's UserError as a RayTaskError that is also a UserError, whose text is the
+    worker's whole traceback; Ray Data appends its retry note to the error's own message. Real Ray
+    classes, in a child process: this one never imports Ray (test_local_engine_never_imports_ray)."""
+    pytest.importorskip("ray")
+    code = """
+import ray.exceptions
+from imdb_lora.errors import UserError
+from imdb_lora.scale.engines import user_error_inside
+cause = UserError("--input: cannot read b.csv after row 3 (CSV parse error)")
+cause.args = (cause.args[0] + "\\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s).",)
+wrapped = ray.exceptions.RayTaskError("read_files", "Traceback (most recent call last):", cause)
+print(repr(str(user_error_inside(wrapped.as_instanceof_cause()))))
+"""
+    import imdb_lora
+
+    src = str(Path(imdb_lora.__file__).parents[1])  # this checkout's, as the tests import it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == repr("--input: cannot read b.csv after row 3 (CSV parse error)"), out.stdout

@@ -398,28 +398,55 @@ def _run_ray(
 def console_without_tracebacks(logger: logging.Logger) -> None:
     """A failed Ray Data task logs its whole traceback on the console (~200 lines) before the exception
     reaches score, which then ends in one line (user_error_inside, schema_clash_inside): the console
-    keeps Ray's log line, Ray's session log file (its other handler) the traceback."""
+    keeps Ray's log line ("An exception was raised from a task of operator ..."), Ray's session log
+    file (its other handler) the traceback and Ray Data's report of it (WithoutTraceback)."""
     for handler in logger.handlers:
         on_console = getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
         if on_console and not any(isinstance(f, WithoutTraceback) for f in handler.filters):
             handler.addFilter(WithoutTraceback(handler))
 
 
+# Ray Data's logger of the failure it re-raises to the driver: "Exception occurred in Ray Data or Ray Core
+# internal code ... please open an issue", then "Full stack trace:" and the traceback (ray/data/exceptions.py)
+RAY_DATA_REPORT = "ray.data.exceptions"
+
+
 class WithoutTraceback(logging.Filter):
     """Passes a record on to its handler without the traceback, leaving the record itself untouched
-    (the other handlers get it whole)."""
+    (the other handlers get it whole). On this handler (the console) it drops:
+    - a record that only introduced its traceback (Ray Data's "Full stack trace:"), bare without it;
+    - Ray Data's report of a failure that score ends in one line of its own (an input it cannot read, files
+      that disagree on a column's type): its advice to open an issue with Ray is wrong for those.
+    """
 
     def __init__(self, handler: logging.Handler):
         super().__init__()
         self.handler = handler
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == RAY_DATA_REPORT and said_in_one_line(handled(record)):
+            return False
         if not (record.exc_info or record.exc_text):
             return True
+        if record.getMessage().rstrip().endswith(":"):  # the traceback's header, nothing more
+            return False
         plain = copy.copy(record)
         plain.exc_info, plain.exc_text = None, None
         self.handler.handle(plain)  # passes this filter, then the handler writes it
         return False
+
+
+def handled(record: logging.LogRecord) -> BaseException | None:
+    """The exception a record is about: its own, else the one being handled where it was logged (Ray
+    Data logs its report inside the `except` that re-raises the failure, in this thread)."""
+    if record.exc_info and record.exc_info[1] is not None:
+        return record.exc_info[1]
+    return sys.exc_info()[1]
+
+
+def said_in_one_line(e: BaseException | None) -> bool:
+    """score ends with its own one line for `e` (see _run_ray)."""
+    return e is not None and (user_error_inside(e) or schema_clash_inside(e)) is not None
 
 
 RAY_PORT_WAIT = 5.0  # seconds: a Ray head answers at once; a wrong address would keep ray.init for minutes
@@ -472,9 +499,18 @@ def _chain(e: BaseException | None):
         e = getattr(e, "cause", None) or e.__cause__
 
 
+# What Ray Data appends to a task's error once its retries are spent (ray/data/_internal/util.py):
+# "\nFailed to apply UDF transform after 1/1 attempts (...).\nTo change retry attempts, ..."
+RAY_RETRY_NOTE = "\nFailed to "
+
+
 def user_error_inside(e: BaseException) -> UserError | None:
-    """The UserError a Ray worker raised (Ray wraps it in its own exceptions), to report in one line."""
-    return next((UserError(str(x)) for x in _chain(e) if isinstance(x, UserError)), None)
+    """The UserError a Ray worker raised, to report in one line: the innermost one, the worker's own.
+    Ray re-raises it as a RayTaskError that is also a UserError (its cause's class) but whose text is
+    the worker's whole traceback; the error itself is that exception's `cause`, with Ray Data's note on
+    retries appended to its message, which is cut."""
+    raised = [x for x in _chain(e) if isinstance(x, UserError)]
+    return UserError(str(raised[-1]).split(RAY_RETRY_NOTE, 1)[0]) if raised else None
 
 
 def schema_clash_inside(e: BaseException) -> UserError | None:
