@@ -262,15 +262,12 @@ def test_a_job_stopped_by_sigterm_is_stopped_not_failed_and_resumes(
     assert score(trained_run, inputs, out) == 143
     err = capsys.readouterr().err
     assert f"imdb-lora: stopped by SIGTERM; the output {out} is unfinished (2 of 4 input files scored)" in err
-    assert (marker(out)["status"], marker(out)["signal"]) == ("stopped", "SIGTERM") and "error" not in marker(
-        out
-    )
+    stopped = marker(out)
+    assert (stopped["status"], stopped["signal"]) == ("stopped", "SIGTERM") and "error" not in stopped
     monkeypatch.undo()
-    assert score(trained_run, inputs, out) == 2
-    one_line(capsys, "holds an unfinished score output (status 'stopped': the job was stopped by SIGTERM); "
-             "pass --resume to continue it")  # fmt: skip
-    assert score(trained_run, inputs, out, "--resume") == 0
-    same_output(out, ref)
+    refused_then_resumed(
+        trained_run, inputs, out, ref, capsys, "(status 'stopped': the job was stopped by SIGTERM)"
+    )
 
 
 def test_a_stopped_output_of_an_earlier_version_still_resumes(
@@ -281,16 +278,20 @@ def test_a_stopped_output_of_an_earlier_version_still_resumes(
     out = tmp_path / "out"
     stop_at(monkeypatch, "c.parquet", 1)
     assert score(trained_run, inputs, out) == 130
-    old = {k: v for k, v in marker(out).items() if k != "signal"} | {
-        "status": "failed",
-        "error": "interrupted",
-    }
-    (out / MARKER).write_text(json.dumps(old))
+    old = {k: v for k, v in marker(out).items() if k != "signal"}
+    (out / MARKER).write_text(json.dumps({**old, "status": "failed", "error": "interrupted"}))
     monkeypatch.undo()
+    refused_then_resumed(
+        trained_run, inputs, out, ref, capsys, "(status 'failed': the job was stopped by a signal)"
+    )
+
+
+def refused_then_resumed(run: Path, inputs: Path, out: Path, ref: Path, capsys, status: str) -> None:
+    """A plain rerun is refused naming the stop and --resume; --resume ends as an uninterrupted job."""
     capsys.readouterr()
-    assert score(trained_run, inputs, out) == 2
-    one_line(capsys, "(status 'failed': the job was stopped by a signal); pass --resume to continue it")
-    assert score(trained_run, inputs, out, "--resume") == 0
+    assert score(run, inputs, out) == 2
+    one_line(capsys, f"{status}; pass --resume to continue it")
+    assert score(run, inputs, out, "--resume") == 0
     same_output(out, ref)
 
 
