@@ -537,6 +537,6 @@ def test_a_train_file_too_small_to_leave_a_training_review_is_refused(tmp_path, 
     p.write_text("text,label\na,0\nb,1\nc,0\n" if not test_file else "text,label\na,0\nb,1\n")
     cfg = DataConfig(train_file=str(p), test_file=str(p) if test_file else None)
     with pytest.raises(
-        UserError, match=r"--train-file .*three\.csv: its [23] training review\(s\) all go to"
+        UserError, match=r"--train-file .*three\.csv: [23] training reviews, all taken by the "
     ):
         load_splits(cfg, seed=0)

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, counted
 from .files import load_labeled_file
 from .imdb import describe_source, file_sha256, load_imdb, resolve_imdb_source
 from .labeled import Splits
@@ -80,4 +80,7 @@ def _nothing_to_train(data_cfg, given: int, carved: bool) -> str:
         if carved
         else "validation split (--val-size, at least one review per class)"
     )
-    return f"{flag}: its {given:,} training review(s) all go to the {held}, leaving none to train on; give more reviews"
+    return (
+        f"{flag}: {counted(given, 'training review')}, all taken by the {held}, leaving none to train on; "
+        "give more reviews"
+    )
