@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import reprlib
 import types
 import typing
@@ -168,6 +169,21 @@ class DataConfig:
 class TrainConfig:
     method: str = _f("lora", "lora (adapters + classifier) or full (every weight trains)")
     epochs: int = _f(3, "passes over the training split")
+    max_steps: int | None = _f(
+        None,
+        "stop after N optimizer steps in all (every epoch counted); the learning-rate schedule is laid "
+        "over min(N, epochs x steps per epoch), and an epoch cut short is evaluated like a full one",
+        shown="none: --epochs decides",
+        metavar="N",
+    )
+    max_time: str | None = _f(
+        None,
+        "wall-time budget counted from the command's start: seconds (90, 90s), 30m, 1h30m or 1.5h; "
+        "training stops at the first step boundary past it (the learning-rate schedule is not "
+        "rescaled), then the cut epoch's evaluation, calibration and reports run (after the budget)",
+        shown="none",
+        metavar="DURATION",
+    )
     batch_size: int = _f(32, "reviews per optimizer step")
     eval_batch_size: int = _f(
         64,
@@ -259,6 +275,7 @@ class Config:
             (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
             _one_of("--method", t.method),
             (t.epochs >= 1, "--epochs", "must be >= 1"),
+            (t.max_steps is None or t.max_steps >= 1, "--max-steps", "must be >= 1"),
             (0 <= t.seed < 2**32, "--seed", "must be in [0, 2**32)"),  # numpy's and CUDA's seed range
             _one_of("--batching", t.batching),
             (not t.cuda_graphs or t.batching == "flat", "--cuda-graphs", "needs --batching flat"),
@@ -291,6 +308,8 @@ class Config:
                 "must be auto, cpu or cuda[:N]",
             ),
         ]
+        if t.max_time is not None:
+            duration_seconds(t.max_time)  # raises naming --max-time
         for ok, flag, msg in checks:
             if not ok:
                 value = _value_of(self, flag)
@@ -465,6 +484,30 @@ def path_problem(path: str) -> str | None:
     return None
 
 
+# --max-time's grammar: plain seconds (90, 2.5) or hours, minutes and seconds, each at most once and in
+# that order, each a number with its unit (90s, 30m, 1h30m, 1.5h, 1h0m30s).
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+DURATION = re.compile(rf"(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s)?")
+DURATION_FORMS = "seconds (90, 90s) or a number with h, m, s units in that order (30m, 1h30m, 1.5h)"
+
+
+def duration_seconds(text: str) -> float:
+    """--max-time's value in seconds; a one-line error naming the flag for anything else, or for 0."""
+    s = str(text).strip().lower()
+    plain = re.fullmatch(_NUMBER, s)
+    parts = None if plain else DURATION.fullmatch(s)
+    if plain:
+        seconds = float(s)
+    elif parts and any(parts.groups()):
+        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = 3600 * h + 60 * m + sec
+    else:
+        raise UserError(f"--max-time must be a duration: {DURATION_FORMS} (got {text!r})")
+    if not 0 < seconds < math.inf:
+        raise UserError(f"--max-time must be a finite duration above 0 seconds (got {text!r})")
+    return seconds
+
+
 def _absolute_if_local(path: str | None) -> str | None:
     """An existing local path as an absolute one; hub ids, URLs and None unchanged."""
     if path is None:
@@ -474,7 +517,9 @@ def _absolute_if_local(path: str | None) -> str | None:
 
 
 # Settings a resumed run may change: where and how it computes, not what it computes (calibration and
-# the labeled-file report happen after the last epoch and change no weight).
+# the labeled-file report happen after the last epoch and change no weight; --max-time is the resumed
+# command's own budget, from its start, and the schedule is never laid over it; --max-steps is not
+# here: the schedule is laid over it, so a changed cap would change every step's learning rate).
 RESUME_MAY_CHANGE = frozenset(
     {
         "train.device",
@@ -484,6 +529,7 @@ RESUME_MAY_CHANGE = frozenset(
         "data.token_cache",
         "train.calibration",
         "data.eval_files",
+        "train.max_time",
     }
 )
 

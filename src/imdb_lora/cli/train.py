@@ -71,6 +71,14 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _ended_by(summary: dict) -> str:
+    """The done line's note when a budget, not the epochs, ended training."""
+    ended = summary["ended_by"]
+    if ended == "epochs":
+        return ""
+    return f" | stopped by --{ended.replace('_', '-')} {summary[ended]} at step {summary['steps_done']:,}"
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from ..training.timing import breakdown_line
     from ..training.trainer import Trainer
@@ -97,6 +105,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         f"done: {out} | best epoch {summary['best_epoch']} | val acc {100 * summary['val_accuracy']:.2f}%"
         + (f" | test acc {100 * test:.2f}%" if test is not None else "")
         + f" | trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,}"
+        + _ended_by(summary)
     )
     print(breakdown_line(summary["time_breakdown"]))  # where the wall time went (run.json: time_breakdown)
     return 0

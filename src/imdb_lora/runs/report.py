@@ -37,8 +37,9 @@ def epoch_table(history: list[dict[str, Any]], best_epoch: int) -> str:
     rows = [head, sep]
     for r in history:
         mark = (" *" + (" (EMA)" if r.get("weights") == "ema" else "")) if r["epoch"] == best_epoch else ""
+        cut = f" ({r['steps']:,} of {r['steps_in_epoch']:,} steps)" if "steps" in r else ""
         cells = [
-            f"{r['epoch']}{mark}",
+            f"{r['epoch']}{cut}{mark}",
             f"{r['train_loss']:.4f}",
             f"{100 * r['train_accuracy']:.2f}%",
             f"{r['val_loss']:.4f}",
@@ -51,6 +52,17 @@ def epoch_table(history: list[dict[str, Any]], best_epoch: int) -> str:
         cells.append(fmt_seconds(r["train_seconds"]))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def ended_by_text(summary: dict[str, Any]) -> str:
+    """What ended training, with the budgets that were set: `--max-steps 7 (step 7 of 7; --epochs 2
+    would train 10)`."""
+    ended = summary.get("ended_by", "epochs")
+    budgets = [f"--{k.replace('_', '-')} {summary[k]}" for k in ("max_steps", "max_time") if summary.get(k)]
+    what = "the epochs" if ended == "epochs" else f"--{ended.replace('_', '-')} {summary[ended]}"
+    done = f"step {summary['steps_done']:,} of {summary['total_steps']:,}"
+    unused = [b for b in budgets if not b.startswith(what)]
+    return f"{what} ({done})" + (f"; also set: {', '.join(unused)}" if unused else "")
 
 
 def _pct(x: float | None) -> str:
@@ -85,6 +97,8 @@ def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
         ("Time per epoch", fmt_seconds(train_s / max(1, n))),
         ("Best epoch (by validation accuracy)", str(summary["best_epoch"])),
     ]
+    if summary.get("max_steps") or summary.get("max_time") or summary.get("ended_by", "epochs") != "epochs":
+        rows.append(("Training ended by", ended_by_text(summary)))
     if summary.get("ema_decay"):
         kept = summary.get("kept_weights") == "ema"
         rows.append(

@@ -39,6 +39,9 @@ class Progress:
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     best_weights: str = "raw"  # raw, or ema: the moving average won on validation and was saved
+    # max_steps or max_time: the budget that cut training short (None: not cut; the epochs end it). Kept
+    # here so that a run stopped after the cut (during the cut epoch's evaluation) trains no further.
+    ended_by: str | None = None
 
 
 def save_checkpoint(

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config, differing_fields, inert_settings
+from ..config import Config, differing_fields, duration_seconds, inert_settings
 from ..data.batches import to_device
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
@@ -372,7 +372,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, t, self.device, captured=graphs)
         self.global_batch = t.batch_size * self.dist.world_size  # --batch-size is per process
         self.steps_per_epoch = math.ceil(len(self.train_ids) / self.global_batch)
-        self.total_steps = self.steps_per_epoch * t.epochs
+        self.planned_steps = self.steps_per_epoch * t.epochs  # what the epochs alone would train
+        # The schedule is laid over --max-steps where it cuts, so a capped run decays to its end too.
+        self.total_steps = min(t.max_steps, self.planned_steps) if t.max_steps else self.planned_steps
+        self.time_budget = duration_seconds(t.max_time) if t.max_time else None
         self.state = Progress()
         self.ema = Ema.for_model(self.model, t.ema_decay)
         self._rng: dict[str, torch.Tensor] = {}
@@ -450,7 +453,9 @@ class Trainer:
             # can be written, writes it, then stops (stopping.py); data-parallel ranks agree on the
             # step (_stopping), and rank 0 alone says so.
             with StopAtStepBoundary(announce=self.dist.main) as stop:
-                while st.epoch <= cfg.epochs:
+                # A budget's cut ends the loop after the cut epoch's record; a resume from a checkpoint
+                # written after the cut (a stop during that evaluation) evaluates it and trains no more.
+                while st.epoch <= cfg.epochs and (st.ended_by is None or st.step_in_epoch > 0):
                     self._train_epoch(stop)
                     self._end_epoch(stop)
             if not self.dist.main:  # data-parallel: rank 0 calibrates and reports alone
@@ -542,8 +547,9 @@ class Trainer:
             t0 = now
 
         stop.doing = STEPS  # the first Ctrl-C or SIGTERM lets the step in flight finish and saves there
+        todo = [] if st.ended_by else batches[st.step_in_epoch :]  # cut by a budget: evaluated only
         try:  # the bar is cleared before an interruption's message, not after it, at exit
-            for idx in batches[st.step_in_epoch :]:
+            for idx in todo:
                 pending.append(self._step(idx))
                 st.seen += len(idx)
                 st.step_in_epoch += 1
@@ -558,6 +564,8 @@ class Trainer:
                     self._save_checkpoint()
                     t0 = time.monotonic()
                 self._after_step()
+                if self._budget_spent():
+                    break
                 if self._stopping(stop):
                     break
             flush()
@@ -568,6 +576,37 @@ class Trainer:
         finally:
             bar.close()
         steps_took()
+
+    def _budget_spent(self) -> bool:
+        """Whether --max-steps or --max-time cuts training at this step boundary (then recorded in
+        `ended_by`, and said on stderr). Not once the epochs' last step is done: they end the run then.
+        Every data-parallel rank calls this at the same boundaries: --max-steps is the same on each,
+        and for --max-time rank 0's clock decides, passed to the others by the stop's collective."""
+        st, t = self.state, self.cfg.train
+        if st.global_step >= self.planned_steps:
+            return False
+        if t.max_steps and st.global_step >= t.max_steps:
+            st.ended_by = "max_steps"
+        elif self.time_budget is not None and self._time_is_up():
+            st.ended_by = "max_time"
+        else:
+            return False
+        flag = f"--max-steps {t.max_steps}" if st.ended_by == "max_steps" else f"--max-time {t.max_time}"
+        self._say(
+            f"{flag} reached at step {st.global_step:,} (epoch {st.epoch}, {st.step_in_epoch:,} of its "
+            f"{self.steps_per_epoch:,} steps): evaluating it, then finishing the run"
+        )
+        return True
+
+    def _time_is_up(self) -> bool:
+        up = self.dist.main and self._elapsed() >= self.time_budget
+        if not self.dist.enabled:
+            return up
+        return bool(self.dist.agree_on_stop(int(up)))  # rank 0's 1 is every rank's MAX
+
+    def _elapsed(self) -> float:
+        """Seconds since the command's start (the CLI's entry; --max-time's origin). Tests replace it."""
+        return time.monotonic() - self.clock.start
 
     def _stopping(self, stop: StopAtStepBoundary) -> bool:
         """Whether the loop stops at this boundary. One process decides alone; data-parallel ranks
@@ -676,6 +715,12 @@ class Trainer:
             "val_loss": val_loss,
             "val_accuracy": val_acc,
         }
+        if st.step_in_epoch < self.steps_per_epoch:  # cut by a budget: what the figures cover
+            row["steps"], row["steps_in_epoch"], row["train_reviews"] = (
+                st.step_in_epoch,
+                self.steps_per_epoch,
+                st.seen,
+            )
         if cfg.eval_test_each_epoch:
             row["test_loss"], row["test_accuracy"], logits["raw"]["test"] = self.evaluate(
                 self.test_ids, self.test_y, "test", check
@@ -835,6 +880,11 @@ class Trainer:
             "examples": {"train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)},
             "examples_available": self.examples_available,
             "epochs_done": len(st.history),
+            "steps_done": st.global_step,
+            "total_steps": self.total_steps,
+            "ended_by": st.ended_by or "epochs",  # what ended training: epochs, max_steps or max_time
+            "max_steps": cfg.train.max_steps,
+            "max_time": cfg.train.max_time,
             "best_epoch": st.best_epoch,
             "kept_weights": st.best_weights,
             "ema_decay": cfg.train.ema_decay,
