@@ -63,6 +63,7 @@ def test_max_steps_inside_an_epoch_evaluates_the_cut_epoch_and_finishes(capped, 
     assert "| 2 (2 of 5 steps)" in results
     assert "| Training ended by | --max-steps 7 (step 7 of 7) |" in results
     assert yaml.safe_load((capped / "config.yaml").read_text())["train"]["max_steps"] == 7
+    assert "; 2 epochs (cut by --max-steps 7 at step 7), batch 8" in (capped / "README.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -327,7 +327,7 @@ Binary sentiment classifier{" for movie reviews" if imdb else ""}: label 0 = NEG
 - Method: {method}
 - Trainable parameters: {summary["trainable_parameters"]:,} of {summary["total_parameters"]:,} ({summary["trainable_percent"]:.2f}%)
 - Data: {card_data(cfg, summary)}
-- Max length {cfg.data.max_length} tokens ({card_truncation(cfg)}); {counted(cfg.train.epochs, "epoch")}, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
+- Max length {cfg.data.max_length} tokens ({card_truncation(cfg)}); {counted(cfg.train.epochs, "epoch")}{card_cut(summary)}, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.train.seed}
 - Checkpoint: epoch {summary["best_epoch"]}, chosen by validation accuracy ({100 * summary["val_accuracy"]:.2f}% on {counted(summary["examples"]["val"], "review")})
 - Test accuracy of that checkpoint: {card_test(test, summary["examples"]["test"])}
 - Trained on: {card_machine(summary)}
@@ -413,6 +413,14 @@ def card_data(cfg: Config, summary: dict[str, Any]) -> str:
         f"{where}{'; **a subset**' if subset else ''}: {part('train', 'training reviews', train_from)}, "
         f"{part('val', 'validation reviews', val_from)}, {part('test', 'test reviews', test_from)}"
     )
+
+
+def card_cut(summary: dict[str, Any]) -> str:
+    """The card's note when a budget, not the epochs, ended training."""
+    ended = summary.get("ended_by", "epochs")
+    if ended == "epochs":
+        return ""
+    return f" (cut by --{ended.replace('_', '-')} {summary[ended]} at step {summary['steps_done']:,})"
 
 
 def card_truncation(cfg: Config) -> str:

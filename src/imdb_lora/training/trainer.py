@@ -548,6 +548,7 @@ class Trainer:
 
         stop.doing = STEPS  # the first Ctrl-C or SIGTERM lets the step in flight finish and saves there
         todo = [] if st.ended_by else batches[st.step_in_epoch :]  # cut by a budget: evaluated only
+        cut = False  # whether a budget cut it here (said once the bar is cleared)
         try:  # the bar is cleared before an interruption's message, not after it, at exit
             for idx in todo:
                 pending.append(self._step(idx))
@@ -565,6 +566,7 @@ class Trainer:
                     t0 = time.monotonic()
                 self._after_step()
                 if self._budget_spent():
+                    cut = True
                     break
                 if self._stopping(stop):
                     break
@@ -576,10 +578,12 @@ class Trainer:
         finally:
             bar.close()
         steps_took()
+        if cut:
+            self._say(self._cut_line())
 
     def _budget_spent(self) -> bool:
         """Whether --max-steps or --max-time cuts training at this step boundary (then recorded in
-        `ended_by`, and said on stderr). Not once the epochs' last step is done: they end the run then.
+        `ended_by`; _train_epoch says so). Not once the epochs' last step is done: they end the run then.
         Every data-parallel rank calls this at the same boundaries: --max-steps is the same on each,
         and for --max-time rank 0's clock decides, passed to the others by the stop's collective."""
         st, t = self.state, self.cfg.train
@@ -591,12 +595,15 @@ class Trainer:
             st.ended_by = "max_time"
         else:
             return False
+        return True
+
+    def _cut_line(self) -> str:
+        st, t = self.state, self.cfg.train
         flag = f"--max-steps {t.max_steps}" if st.ended_by == "max_steps" else f"--max-time {t.max_time}"
-        self._say(
+        return (
             f"{flag} reached at step {st.global_step:,} (epoch {st.epoch}, {st.step_in_epoch:,} of its "
             f"{self.steps_per_epoch:,} steps): evaluating it, then finishing the run"
         )
-        return True
 
     def _time_is_up(self) -> bool:
         up = self.dist.main and self._elapsed() >= self.time_budget
