@@ -129,17 +129,22 @@ def ctrl_c_at_step(monkeypatch):
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("at", [3, 7], ids=["before-the-cap", "at-the-cap"])
+@pytest.mark.parametrize(
+    "at,extra",
+    [(3, ()), (7, ()), (7, ("--checkpoint-every", "2"))],
+    ids=["before-the-cap", "at-the-cap", "at-the-cap-after-a-periodic-checkpoint"],
+)
 def test_a_ctrl_c_capped_run_resumes_to_the_uncut_capped_run(
-    at, capped, ctrl_c_at_step, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
+    at, extra, capped, ctrl_c_at_step, tiny_models, imdb_dir, tmp_path, monkeypatch, capsys
 ):
     """At step 3 the resume trains on to the same cap; at step 7 (the cut step) the stop's checkpoint
     holds the cut, so the resume evaluates the cut epoch and trains nothing more. A budget's --max-time
     may change on --resume (the resumed command's own budget); --max-steps may not (the schedule is
-    laid over it)."""
+    laid over it). With --checkpoint-every 2 the periodic checkpoint of step 7 is written before the
+    cut: the stop writes it again, holding the cut."""
     ctrl_c_at_step(at)
     out = tmp_path / "r"
-    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--max-steps", "7")) == 130
+    assert main(train_args(tiny_models("bert"), imdb_dir, out, "--max-steps", "7", *extra)) == 130
     assert f"training was at step {at} of 7" in capsys.readouterr().err
     monkeypatch.undo()
     resume = ["train", "--output-dir", str(out), "--resume"]

@@ -595,6 +595,9 @@ class Trainer:
             st.ended_by = "max_time"
         else:
             return False
+        # A checkpoint written at this step (--checkpoint-every) predates the cut: a stop from here on
+        # writes its own, holding `ended_by`, or a resume would train past the budget.
+        self.checkpoint_step = None
         return True
 
     def _cut_line(self) -> str:
