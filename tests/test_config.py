@@ -297,6 +297,51 @@ def test_defaults_and_settings_that_take_effect_say_nothing():
     assert inert_settings(_with(train__batching="packed", model__pooling="mean")) == []
 
 
+def test_only_a_setting_typed_on_the_command_line_is_named_inert():
+    """A value a recipe set (minilm-quick's head_tokens 64) that a typed flag leaves inert (--truncation
+    head) was named as if the user had typed its flag."""
+    from imdb_lora.config import inert_settings
+
+    recipe = _with(data__truncation="head", data__head_tokens=64, train__method="full", lora__r=4)
+    assert inert_settings(recipe, typed={"data.truncation", "train.method"}) == []
+    assert inert_settings(recipe, typed={"data.head_tokens", "lora.r"}) == [
+        "--lora-r: no effect with --method full (every weight trains; no adapters)",
+        "--head-tokens: no effect with --truncation head (head_tail only)",
+    ]
+    typed_default = inert_settings(_with(train__method="full"), typed={"lora.r"})  # typed, if at its default
+    assert typed_default == ["--lora-r: no effect with --method full (every weight trains; no adapters)"]
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["--config", "minilm-quick", "--truncation", "head"], False),
+        (["--config", "minilm-quick", "--truncation", "head", "--head-tokens", "64"], True),
+    ],
+)
+def test_train_names_as_inert_only_the_flags_typed(tmp_path, capsys, args, said):
+    """Through the CLI: the note comes before the model is looked for, so a missing one ends the run."""
+    from imdb_lora.cli import main
+
+    out = ["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "run")]
+    assert main(["train", *args, *out]) == 2
+    assert ("--head-tokens: no effect" in capsys.readouterr().err) is said
+
+
+def test_a_resume_does_not_name_its_saved_settings_inert(tmp_path, capsys):
+    """`train --resume` with no flags reads the run's config.yaml: nothing in it was typed now."""
+    from imdb_lora.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = _with(data__truncation="head", data__head_tokens=64, train__method="full", lora__r=4)
+    saved.model.name = str(tmp_path / "no-model")
+    saved.save(run / "config.yaml")
+    assert main(["train", "--resume", "--output-dir", str(run)]) == 2  # no checkpoint to resume
+    err = capsys.readouterr().err
+    assert "no effect" not in err and "holds no resumable run" in err, err
+
+
 def test_head_tokens_from_a_config_under_a_shorter_max_length_names_both_flags(capsys):
     """minilm-quick's head_tokens 64 with --max-length 64 typed: the refusal named only --head-tokens,
     which the user had not typed, and `max_length - 2` without its value."""

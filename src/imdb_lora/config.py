@@ -14,6 +14,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -404,30 +405,38 @@ class Config:
             raise UserError(f"{path}: a saved setting is invalid: {e}") from None
 
 
-def inert_settings(cfg: Config) -> list[str]:
-    """One line for each setting given (different from its default) that the others leave without
-    effect: said on stderr, as `--cuda-graphs` on the CPU is, so that no flag is silently ignored.
-    Settings whose effect depends on the model or the device are said where those are known."""
+def inert_settings(cfg: Config, typed: Collection[str] | None = None) -> list[str]:
+    """One line for each setting given that the others leave without effect: said on stderr, as
+    `--cuda-graphs` on the CPU is, so that no flag is silently ignored. `typed`: the config keys
+    (`data.head_tokens`) set by a flag on the command line, the only ones named: a value that came from
+    a `--config` recipe (minilm-quick's head_tokens, left inert by a typed `--truncation head`) or from
+    a resumed run's config.yaml was not typed, and naming its flag would be false. None (a config built
+    in code): every value that differs from its default. Settings whose effect depends on the model or
+    the device are said where those are known."""
+    defaults = Config()
+
+    def given(section: str, name: str) -> bool:
+        if typed is not None:
+            return f"{section}.{name}" in typed
+        return getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name)
+
     lo, d, t = cfg.lora, cfg.data, cfg.train
     notes = []
     if t.method == "full":
-        default = LoraSettings()
-        changed = [
-            flag_of(f) for f in dataclasses.fields(lo) if getattr(lo, f.name) != getattr(default, f.name)
-        ]
+        changed = [flag_of(f) for f in dataclasses.fields(lo) if given("lora", f.name)]
         if changed:
             notes.append(
                 f"{', '.join(changed)}: no effect with --method full (every weight trains; no adapters)"
             )
-    elif lo.target_modules and lo.targets != LoraSettings().targets:
+    elif lo.target_modules and given("lora", "targets"):
         notes.append(
             "--lora-targets: no effect with --lora-modules (the modules it names are wrapped instead)"
         )
-    if d.truncation == "head" and d.head_tokens != DataConfig().head_tokens:
+    if d.truncation == "head" and given("data", "head_tokens"):
         notes.append("--head-tokens: no effect with --truncation head (head_tail only)")
-    if d.train_file and d.path:
+    if d.train_file and d.path and given("data", "path"):
         notes.append("--data: no effect with --train-file (the labeled files replace IMDB)")
-    if t.batching == "flat" and cfg.model.pooling == "mean":
+    if t.batching == "flat" and cfg.model.pooling == "mean" and given("train", "batching"):
         notes.append(
             "--batching flat: no effect with --pooling mean (it trains and evaluates padded: the flat "
             "forward reads each review's first token only)"

@@ -43,6 +43,12 @@ def _default_text(f) -> str:
     return text.replace("%", "%%")
 
 
+def typed_settings(ns: argparse.Namespace) -> frozenset[str]:
+    """The config keys (`data.head_tokens`) a flag on the command line set: defaults are suppressed, so
+    only a typed flag leaves its key in the namespace."""
+    return frozenset(f"{sec}.{f.name}" for sec, _, f in section_fields() if f"{sec}.{f.name}" in vars(ns))
+
+
 def config_from_args(ns: argparse.Namespace, base: Config) -> Config:
     for sec, cls, f in section_fields():
         key = f"{sec}.{f.name}"
@@ -95,7 +101,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = config_from_args(ns, base).validate()
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
     trainer = Trainer(
-        cfg, out, overwrite=ns.overwrite, resume=ns.resume, started=getattr(ns, "started", None)
+        cfg,
+        out,
+        overwrite=ns.overwrite,
+        resume=ns.resume,
+        started=getattr(ns, "started", None),
+        typed=typed_settings(ns),
     )
     summary = trainer.fit()
     if not trainer.dist.main:

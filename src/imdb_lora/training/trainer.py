@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO, Any
 
@@ -84,11 +84,14 @@ class Trainer:
         overwrite: bool = False,
         resume: bool = False,
         started: float | None = None,
+        typed: Collection[str] | None = None,
     ):
         """`started`: when the command began (time.monotonic; the CLI's entry), else now: the start of
-        run.json's `time_breakdown`."""
+        run.json's `time_breakdown`. `typed`: the config keys the command line set (config.inert_settings
+        names only those; None: every setting off its default)."""
         self.clock = Phases(started)
         self.cfg = cfg
+        self.typed = typed
         self.run = RunDir(output_dir)
         self.overwrite = overwrite
         self.resume = resume
@@ -137,7 +140,9 @@ class Trainer:
     def _setup(self) -> Trainer:
         self.dist.check(self.cfg)
         self.device = self.dist.start(resolve_device(self.cfg.train.device))
-        for note in inert_settings(self.cfg):  # before the slow work: a flag ignored is said at once
+        for note in inert_settings(
+            self.cfg, self.typed
+        ):  # before the slow work: a flag ignored is said at once
             self._say(note)
         try:
             self._check_directory()
