@@ -167,6 +167,15 @@ def test_card_of_a_run_on_labeled_files_does_not_claim_imdb(tmp_path):
     assert "imdb-lora evaluate THIS_DIR --file t.jsonl\n" in with_test and "aclImdb" not in with_test
 
 
+def test_card_of_a_run_on_part_of_its_test_file_evaluates_the_same_part(tmp_path):
+    """`--file t.jsonl` reads the whole file (and takes no --max-samples): the card's figure came from 500
+    of its 2,000 reviews, which `evaluate THIS_DIR --max-samples 500` reads again from config.yaml."""
+    part = {**SUBSET, "data_source": {"kind": "files"}, "examples_available": {"test": 2_000}}
+    text = subset_card(part, train_file=str(tmp_path / "tickets.csv"), test_file=str(tmp_path / "t.jsonl"))
+    assert "imdb-lora evaluate THIS_DIR --max-samples 500   # the files config.yaml names" in text
+    assert "--file" not in text and "aclImdb" not in text
+
+
 def test_card_says_how_long_a_text_it_reads():
     text = subset_card(SUBSET, max_length=128, truncation="head_tail", head_tokens=64)
     assert "first 64 and last 64 tokens" in text

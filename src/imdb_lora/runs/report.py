@@ -455,12 +455,15 @@ def card_machine(summary: dict[str, Any]) -> str:
 
 def card_evaluate(cfg: Config, summary: dict[str, Any], imdb: bool) -> str:
     """The card's evaluate line. A run on labeled files was told to read IMDB (--data aclImdb_v1.tar.gz):
-    its own test file, or with none the files config.yaml names (the held-out split is seeded)."""
+    its own test file, or with none the files config.yaml names (the held-out split is seeded). A test
+    file read in part (--max-eval-samples) is named through config.yaml too: `--file` reads it whole
+    and takes no --max-samples, so its figure would not be the card's."""
+    flags = card_eval_flags(cfg, summary)
     if imdb:
-        return f"imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz{card_eval_flags(cfg, summary)}"
-    if cfg.data.test_file:
+        return f"imdb-lora evaluate THIS_DIR --data aclImdb_v1.tar.gz{flags}"
+    if cfg.data.test_file and not flags:
         return f"imdb-lora evaluate THIS_DIR --file {Path(cfg.data.test_file).name}"
-    return f"imdb-lora evaluate THIS_DIR{card_eval_flags(cfg, summary)}   # the files config.yaml names"
+    return f"imdb-lora evaluate THIS_DIR{flags}   # the files config.yaml names"
 
 
 def card_eval_flags(cfg: Config, summary: dict[str, Any]) -> str:
