@@ -108,7 +108,7 @@ step() {
   $py "$here/gpu_summary.py" record "$steps" "$name" "$rc" "$((SECONDS - t0))" "$part" -- "${cmd[@]}"
   # progress bars end in a carriage return, not a newline: the line after one (a bench's --json
   # report) starts with the bar's remains, so split at carriage returns before matching
-  tr '\r' '\n' <"$part" | grep -E '^\{|^epoch [0-9]+:|^epoch [0-9]+ steps|tok/s|peak_mem|total_s|^wall|^done:|^chosen|^(val|test) |^\| |error|^resuming|stopped by SIGTERM' \
+  tr '\r' '\n' <"$part" | grep -E '^\{|^epoch [0-9]+:|^epoch [0-9]+ steps|tok/s|peak_mem|total_s|^wall|^done:|^time: |^chosen|^(val|test) |^\| |error|^resuming|stopped by SIGTERM' \
     | cut -c1-600 | sed 's/^/    /' >>"$summary"
   rm -f "$part"
   return $rc

@@ -461,6 +461,20 @@ def test_bad_flag_value_names_the_flag(capsys):
             "imdb-lora predict: error: unrecognized arguments: --bogus (see imdb-lora predict --help)",
         ),
         (["predcit", "RUN"], "did you mean predict? (see imdb-lora --help)"),
+        (
+            ["train", "--max-stpes", "5"],
+            "imdb-lora train: error: unrecognized arguments: --max-stpes 5; did you mean --max-steps? "
+            "(see imdb-lora train --help)",
+        ),
+        # a prefix is not a flag: a later flag sharing it would change what the same line means
+        (["train", "--max-step", "5"], "--max-step 5; did you mean --max-steps?"),
+        (["train", "--warmpu-ratio=0.1"], "--warmpu-ratio=0.1; did you mean --warmup-ratio?"),
+        # a nested command's own flags, and its own name
+        (
+            ["bench", "train", "--stepz", "3"],
+            "imdb-lora bench train: error: unrecognized arguments: --stepz 3; "
+            "did you mean --steps? (see imdb-lora bench train --help)",
+        ),
         (["bench", "trian"], "did you mean train? (see imdb-lora bench --help)"),
         (
             ["serve"],

@@ -179,7 +179,12 @@ def test_compare_checks_both_runs_and_its_flags_before_training(
     assert main([*compare, "--epochs", "many"]) == 2
     assert "--epochs: expected int, got 'many'" in capsys.readouterr().err
     assert main([*compare, "--lora-rank", "8"]) == 2
-    assert "train flags: unrecognized arguments: --lora-rank 8" in capsys.readouterr().err
+    assert (
+        "train flags: unrecognized arguments: --lora-rank 8; did you mean --lora-r?"
+        in capsys.readouterr().err
+    )
+    assert main([*compare, "--lora-dropou", "0.1"]) == 2  # a prefix of --lora-dropout is not taken for it
+    assert "unrecognized arguments: --lora-dropou 0.1; did you mean --lora-dropout?" in capsys.readouterr().err
     assert (out / "full" / "notes.txt").read_text() == "not a run"
 
 

@@ -25,6 +25,7 @@ from typing import NoReturn
 
 from ..errors import Terminated, UserError, cannot_write, did_you_mean, make_room, write_failure
 from .bench import add_bench_parser
+from .common import closest_flag
 from .compare import add_compare_parser
 from .evaluate import add_evaluate_parser
 from .export import add_export_parser
@@ -53,8 +54,15 @@ class Parser(argparse.ArgumentParser):
     names the closest one. Subcommands' parsers are of this class too (add_subparsers takes the class
     of the parser it is called on)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        # No prefixes of flags: `--max-step 5` taken as --max-steps today would become an error, or
+        # another flag, the day a flag sharing the prefix is added; a mistyped flag is named instead.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}{closest_choice(message)} (see {self.prog} --help)\n")
+        hint = closest_choice(message) or closest_flag(message, self._option_string_actions)
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
 
 
 def closest_choice(message: str) -> str:
@@ -65,6 +73,16 @@ def closest_choice(message: str) -> str:
     given, _, listed = choices.partition(" (choose from ")
     names = [c.strip().strip("'") for c in listed.removesuffix(")").split(",")]
     return did_you_mean(given.strip("'"), names)
+
+
+def command_parser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `ns` was parsed for: `imdb-lora bench train`'s, not the root's."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(ns, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,10 +197,10 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, started
         elif extra and getattr(ns, "texts", None) is not None and not any(e.startswith("-") for e in extra):
             ns.texts += extra  # texts after options: `predict RUN --json "text"`
         elif extra:  # said by the command's own parser: its --help lists what it takes
-            command = f"{parser.prog} {ns.command}"
-            parser.exit(
-                2, f"{command}: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)\n"
-            )
+            command = command_parser(parser, ns)
+            message = f"unrecognized arguments: {' '.join(extra)}"
+            hint = closest_flag(message, command._option_string_actions)
+            parser.exit(2, f"{command.prog}: error: {message}{hint} (see {command.prog} --help)\n")
         with sigterm_as_interrupt():
             return ns.func(ns)
     except SystemExit as e:  # argparse usage errors (code 2), --help and --version (code 0)

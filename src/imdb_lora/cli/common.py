@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import path_problem
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..inference.exported import missing_folder
 
 
@@ -160,3 +161,10 @@ def require_directories(*paths: str) -> None:
     for path in paths:
         if not Path(path).expanduser().is_dir():
             raise UserError(missing_folder(path))
+
+
+def closest_flag(message: str, flags: Iterable[str]) -> str:
+    """`; did you mean --max-steps?` for argparse's "unrecognized arguments: --max-stpes 5"."""
+    head, found, rest = message.partition("unrecognized arguments: ")
+    given = [a.split("=", 1)[0] for a in rest.split() if a.startswith("--")] if found else []
+    return did_you_mean(given, [f for f in flags if f.startswith("--")]) if given else ""

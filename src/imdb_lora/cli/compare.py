@@ -7,7 +7,7 @@ from typing import NoReturn
 
 from ..config import Config
 from ..errors import UserError
-from .common import learning_rate, nonempty_path
+from .common import closest_flag, learning_rate, nonempty_path
 from .train import add_config_flags, config_from_args
 
 
@@ -47,10 +47,10 @@ def add_compare_parser(sub) -> None:
 def method_configs(train_args: list[str], lrs: dict[str, float | None]) -> dict[str, Config]:
     """The settings each method's `train` would run with, parsed here so that a mistyped flag or value
     fails at once rather than after the first method has trained."""
-    p = argparse.ArgumentParser(prog="imdb-lora compare", add_help=False)
+    p = argparse.ArgumentParser(prog="imdb-lora compare", add_help=False, allow_abbrev=False)
     p.add_argument("--config")
     add_config_flags(p)
-    p.error = _refuse  # one line naming the flag, not train's whole usage text
+    p.error = lambda message: _refuse(message + closest_flag(message, p._option_string_actions))
     ns = p.parse_args(train_args)
     configs = {}
     for method, lr in lrs.items():
