@@ -140,9 +140,8 @@ class Trainer:
     def _setup(self) -> Trainer:
         self.dist.check(self.cfg)
         self.device = self.dist.start(resolve_device(self.cfg.train.device))
-        for note in inert_settings(
-            self.cfg, self.typed
-        ):  # before the slow work: a flag ignored is said at once
+        # before the slow work: a flag left without effect is said at once
+        for note in inert_settings(self.cfg, self.typed):
             self._say(note)
         try:
             self._check_directory()
