@@ -42,6 +42,18 @@ def test_results_headline_is_the_kept_epochs_test_accuracy():
     assert "| Trainable parameters | 1,234 |" in text and "| Adapter size on disk | 2.0 KB |" in text
 
 
+def test_time_per_epoch_averages_the_full_epochs_only():
+    # epoch 3 cut by --max-steps after 1 of its 10 steps: 12 s would have been 1.2 s, pulling 11 s to 7.4 s
+    cut = [
+        *HISTORY[:2],
+        {**HISTORY[2], "train_seconds": 1.2, "steps": 1, "steps_in_epoch": 10, "train_reviews": 8},
+    ]
+    text = results_markdown(Config().validate(), cut, {**SUMMARY, "train_seconds": 22.2})
+    assert "| Time per epoch | 10.5 s |" in text
+    alone = results_markdown(Config().validate(), cut[2:], {**SUMMARY, "train_seconds": 1.2, "best_epoch": 3})
+    assert "| Time per epoch | – (no full epoch; the cut one: 1.2 s for 1 of 10 steps) |" in alone
+
+
 @pytest.fixture
 def drawn(monkeypatch):
     """The lines of each axis of every figure saved: {axis title: {line label: (x, y)}}."""

@@ -76,8 +76,20 @@ def shown_model_name(name: str) -> str:
     return Path(name).name if os.path.isabs(name) else name
 
 
+def time_per_epoch(history: list[dict[str, Any]]) -> str:
+    """The mean training time of the full epochs: an epoch cut by --max-steps or --max-time (its row says
+    how many steps it trained) would pull the mean down; a run of cut epochs alone says what it shows."""
+    full = [r["train_seconds"] for r in history if "steps" not in r]
+    if full:
+        return fmt_seconds(sum(full) / len(full))
+    cut = [r for r in history if "steps" in r]
+    if not cut:
+        return "–"
+    r = cut[-1]
+    return f"– (no full epoch; the cut one: {fmt_seconds(r['train_seconds'])} for {r['steps']:,} of {r['steps_in_epoch']:,} steps)"
+
+
 def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    n = len(history)
     train_s = summary["train_seconds"]
     weights = "Adapter size on disk" if summary["method"] == "lora" else "Model size on disk"
     rows = [
@@ -94,7 +106,7 @@ def key_metrics(summary: dict[str, Any], history: list[dict[str, Any]]) -> str:
         ),
         ("Examples (train / val / test)", " / ".join(f"{v:,}" for v in summary["examples"].values())),
         ("Training time", fmt_seconds(train_s)),
-        ("Time per epoch", fmt_seconds(train_s / max(1, n))),
+        ("Time per epoch", time_per_epoch(history)),
         ("Best epoch (by validation accuracy)", str(summary["best_epoch"])),
     ]
     if summary.get("max_steps") or summary.get("max_time") or summary.get("ended_by", "epochs") != "epochs":
