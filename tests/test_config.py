@@ -257,6 +257,17 @@ def test_a_path_no_file_system_can_hold_is_one_line_naming_its_flag(path, field,
         c.validate()
 
 
+def test_the_same_eval_file_given_twice_is_refused(tmp_path, monkeypatch):
+    # once as a relative path, once absolute: the same file, which would be evaluated and reported twice
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\n")
+    monkeypatch.chdir(tmp_path)
+    c = Config()
+    c.data.eval_files = ["x.csv", str(tmp_path / "x.csv")]
+    line = f"--eval-file {(tmp_path / 'x.csv').resolve()} is given twice; list each file once"
+    with pytest.raises(UserError, match=f"^{re.escape(line)}$"):
+        c.validate()
+
+
 def test_a_config_path_no_file_system_can_hold_is_one_line():
     with pytest.raises(UserError, match="^--config: not a usable path: a name of 300 bytes"):
         Config.load("x" * 300)

@@ -326,6 +326,9 @@ class Config:
         m.name = _absolute_if_local(m.name)
         d.path, d.train_file, d.test_file = map(_absolute_if_local, (d.path, d.train_file, d.test_file))
         d.eval_files = [_absolute_if_local(f) for f in d.eval_files]
+        twice = sorted({f for f in d.eval_files if d.eval_files.count(f) > 1})
+        if twice:  # it would be evaluated, and reported, once per mention
+            raise UserError(f"--eval-file {twice[0]} is given twice; list each file once")
         if t.lr is None:  # LoRA matrices start at zero and need a far larger step than full weights
             t.lr = 4e-4 if t.method == "lora" else 2e-5
         if t.lr * t.weight_decay >= 1:  # AdamW scales each weight by 1 - lr * weight_decay a step
