@@ -429,6 +429,27 @@ def test_labeled_train_file_without_test_carves_both(tmp_path):
     assert not set(s.test.texts) & (set(s.train.texts) | set(s.val.texts))
 
 
+@pytest.mark.parametrize("labels", [[1] * 40, [1] * 39 + [0]])
+def test_a_training_split_of_one_class_is_refused_naming_the_flag(tmp_path, labels):
+    # all positive; or one negative, which the validation slice takes (it holds one review of each class)
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\n" + "".join(f"review {i},{y}\n" for i, y in enumerate(labels)))
+    with pytest.raises(UserError) as e:
+        load_splits(DataConfig(train_file=str(p), val_size=0.1), seed=0)
+    assert str(e.value).startswith(
+        f"--train-file {p}: every training review ("
+    ) and "is positive (label 1)" in str(e.value)
+
+
+def test_a_test_file_of_one_class_is_accepted(tmp_path):
+    # accuracy on one class's reviews is a fair question; only the training split needs both
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(20)))
+    test.write_text("text,label\n" + "".join(f"other {i},0\n" for i in range(5)))
+    s = load_splits(DataConfig(train_file=str(train), test_file=str(test), val_size=0.1), seed=0)
+    assert set(s.train.labels) == {0, 1} and s.test.labels == [0] * 5
+
+
 @pytest.fixture(scope="module", params=["roberta", "bert"])
 def tok(request, tiny_models):
     """roberta-base's real BPE tokenizer (from ../shared) and the tiny WordPiece one (always there), so

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import UserError, counted
 from .files import load_labeled_file
 from .imdb import describe_source, file_sha256, load_imdb, resolve_imdb_source
-from .labeled import Splits
+from .labeled import LABEL_NAMES, Splits
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -65,6 +65,8 @@ def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = No
         test, train = train.take(test_idx), train.take(rest)
     if not len(train):  # a run that trains on nothing would still finish, looking like a result
         raise UserError(_nothing_to_train(data_cfg, given, carved))
+    if len(set(train.labels)) < 2:  # a classifier that never saw the other class would still finish
+        raise UserError(_one_class(data_cfg, train.labels))
     available = {"train": len(train), "val": len(val), "test": len(test)}
     train = train.take(stratified_subset(train.labels, data_cfg.max_train_samples, seed))
     val = val.take(stratified_subset(val.labels, data_cfg.max_eval_samples, seed))
@@ -83,4 +85,15 @@ def _nothing_to_train(data_cfg, given: int, carved: bool) -> str:
     return (
         f"{flag}: {counted(given, 'training review')}, all taken by the {held}, leaving none to train on; "
         "give more reviews"
+    )
+
+
+def _one_class(data_cfg, labels: Sequence[int]) -> str:
+    """What to say when every training review has one label: so in the file, or left so once a class's
+    only reviews went to the held-out slices (each takes at least one review of each class)."""
+    flag = f"--train-file {data_cfg.train_file}" if data_cfg.train_file else f"--data {data_cfg.path or ''}"
+    return (
+        f"{flag.rstrip()}: every training review ({counted(len(labels), 'review')}) is "
+        f"{LABEL_NAMES[labels[0]].lower()} (label {labels[0]}): a classifier never shown the other class cannot learn to tell them apart; "
+        "give reviews of both classes"
     )
