@@ -105,7 +105,9 @@ def test_unknown_architecture_names_the_flag(tmp_path):
             embedding_size=8,
         )
     ).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="not mapped for model type 'albert'.*--lora-modules"):
+    with pytest.raises(
+        UserError, match="not mapped for model type 'albert'.*--lora-modules.*query,key,value"
+    ):
         build_model(cfg_for(tmp_path))
     model, info = build_model(cfg_for(tmp_path, target_modules=["query", "key", "value"]))
     wrapped = [
@@ -117,6 +119,16 @@ def test_unknown_architecture_names_the_flag(tmp_path):
 def test_explicit_module_names_that_match_nothing(tiny_models):
     with pytest.raises(UserError, match="--lora-modules"):
         build_model(cfg_for(tiny_models("bert"), target_modules=["nothing_here"]))
+
+
+@pytest.mark.parametrize("kind, names", [("mpnet", "q,k,v,o,"), ("roberta", "query,key,value,dense,")])
+def test_lora_modules_matching_nothing_names_the_models_own_layers(tiny_models, kind, names):
+    # roberta's query,value names nothing on mpnet, whose attention is q,k,v,o: the refusal says so
+    with pytest.raises(UserError) as e:
+        build_model(cfg_for(tiny_models(kind), target_modules=["query_x", "value_x"]))
+    line = str(e.value)
+    assert line.startswith(f"--lora-modules: none of query_x,value_x names a module of this {kind} model")
+    assert names in line.split("its layers' names: ")[1] + "," and "classifier" not in line, line
 
 
 def test_missing_model_folder(tmp_path):

@@ -66,11 +66,9 @@ def lora_target_modules(model: nn.Module, roles: list[str]) -> list[str]:
     if patterns is None:
         raise UserError(
             f"LoRA roles are not mapped for model type {model_type!r} (known: {', '.join(ROLE_PATTERNS)}); "
-            "give module names with --lora-modules, e.g. --lora-modules query,key,value,dense"
+            f"give module names with --lora-modules; its layers' names: {','.join(module_suffixes(model))}"
         )
-    head = tuple(head_module_names(model))
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    names = [n for n in names if not n.startswith(head)]
+    names = wrappable_modules(model)
     chosen: list[str] = []
     for role in roles:
         hits = [n for n in names if re.search(patterns[role], n)]
@@ -89,8 +87,25 @@ def named_target_modules(model: nn.Module, names: list[str]) -> list[str]:
         if not n.startswith(head) and any(n == t or n.endswith("." + t) for t in names)
     ]
     if not found:
-        raise UserError(f"--lora-modules: none of {names} names a module of this model")
+        raise UserError(
+            f"--lora-modules: none of {','.join(names)} names a module of this {model.config.model_type} "
+            f"model; its layers' names: {','.join(module_suffixes(model))}"
+        )
     return found
+
+
+def module_suffixes(model: nn.Module) -> list[str]:
+    """The last parts of the names of the layers LoRA can wrap (linear and embedding, the head excluded),
+    in model order: what --lora-modules takes (mpnet's attention is q,k,v,o where roberta's is
+    query,key,value)."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in wrappable_modules(model)))
+
+
+def wrappable_modules(model: nn.Module) -> list[str]:
+    """Full names of the linear and embedding layers outside the classification head."""
+    head = tuple(head_module_names(model))
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    return [n for n in names if not n.startswith(head)]
 
 
 def no_targets_message(model: nn.Module, roles: list[str], names: list[str]) -> str:
