@@ -184,7 +184,9 @@ def test_compare_checks_both_runs_and_its_flags_before_training(
         in capsys.readouterr().err
     )
     assert main([*compare, "--lora-dropou", "0.1"]) == 2  # a prefix of --lora-dropout is not taken for it
-    assert "unrecognized arguments: --lora-dropou 0.1; did you mean --lora-dropout?" in capsys.readouterr().err
+    assert (
+        "unrecognized arguments: --lora-dropou 0.1; did you mean --lora-dropout?" in capsys.readouterr().err
+    )
     assert (out / "full" / "notes.txt").read_text() == "not a run"
 
 
