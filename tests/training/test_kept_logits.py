@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import train_args
 
 import imdb_lora.training.trainer as trainer_module
 from imdb_lora.cli import main
 from imdb_lora.training import posthoc
 from imdb_lora.training.posthoc import KeptLogits
 from imdb_lora.training.trainer import Trainer
-from tests.conftest import train_args
 
 SMALL = ("--max-eval-samples", "12", "--eval-batch-size", "4")
 KEPT_PASSES = ["validation, kept checkpoint", "test, kept checkpoint"]

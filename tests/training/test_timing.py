@@ -6,11 +6,11 @@ import json
 import time
 
 import pytest
+from conftest import train_args
 
 from imdb_lora.cli import main
 from imdb_lora.training.timing import PHASES, Phases, breakdown_line
 from imdb_lora.training.trainer import Trainer
-from tests.conftest import train_args
 
 
 def test_phases_are_exclusive_and_never_add_up_to_more_than_the_total(monkeypatch):
