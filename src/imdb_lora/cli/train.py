@@ -79,10 +79,10 @@ def add_train_parser(sub) -> None:
 
 def _ended_by(summary: dict) -> str:
     """The done line's note when a budget, not the epochs, ended training."""
-    ended = summary["ended_by"]
-    if ended == "epochs":
-        return ""
-    return f" | stopped by --{ended.replace('_', '-')} {summary[ended]} at step {summary['steps_done']:,}"
+    from ..runs.report import budget_cut
+
+    cut = budget_cut(summary)
+    return f" | stopped by {cut}" if cut else ""
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

@@ -54,9 +54,18 @@ def epoch_table(history: list[dict[str, Any]], best_epoch: int) -> str:
     return "\n".join(rows)
 
 
+def budget_cut(summary: dict[str, Any]) -> str | None:
+    """`--max-steps 7 at step 7` when a budget, not the epochs, ended training (else None): the one
+    wording of train's done line and the model card."""
+    ended = summary.get("ended_by", "epochs")
+    if ended == "epochs":
+        return None
+    return f"--{ended.replace('_', '-')} {summary[ended]} at step {summary['steps_done']:,}"
+
+
 def ended_by_text(summary: dict[str, Any]) -> str:
-    """What ended training, with the budgets that were set: `--max-steps 7 (step 7 of 7; --epochs 2
-    would train 10)`."""
+    """results.md's "Training ended by": what ended training, with the budgets that were set:
+    `--max-steps 7 (step 7 of 10)`, `the epochs (step 10 of 10); also set: --max-time 30s`."""
     ended = summary.get("ended_by", "epochs")
     budgets = [f"--{k.replace('_', '-')} {summary[k]}" for k in ("max_steps", "max_time") if summary.get(k)]
     what = "the epochs" if ended == "epochs" else f"--{ended.replace('_', '-')} {summary[ended]}"
@@ -429,10 +438,8 @@ def card_data(cfg: Config, summary: dict[str, Any]) -> str:
 
 def card_cut(summary: dict[str, Any]) -> str:
     """The card's note when a budget, not the epochs, ended training."""
-    ended = summary.get("ended_by", "epochs")
-    if ended == "epochs":
-        return ""
-    return f" (cut by --{ended.replace('_', '-')} {summary[ended]} at step {summary['steps_done']:,})"
+    cut = budget_cut(summary)
+    return f" (cut by {cut})" if cut else ""
 
 
 def card_truncation(cfg: Config) -> str:
