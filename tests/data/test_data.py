@@ -561,3 +561,15 @@ def test_a_train_file_too_small_to_leave_a_training_review_is_refused(tmp_path, 
         UserError, match=r"--train-file .*three\.csv: [23] training reviews, all taken by the "
     ):
         load_splits(cfg, seed=0)
+
+
+@pytest.mark.parametrize("by_env", [False, True])
+def test_a_data_refusal_names_where_the_path_came_from(tmp_path, monkeypatch, by_env):
+    """An IMDB copy too small to train on, chosen by $IMDB_LORA_DATA: the refusal named --data, a flag
+    the user never typed."""
+    root = write_imdb(tmp_path / "imdb", per_class=1)
+    monkeypatch.setenv("IMDB_LORA_DATA", str(root))
+    with pytest.raises(UserError) as e:
+        load_splits(DataConfig(path=None if by_env else str(root)), seed=0)
+    origin = "$IMDB_LORA_DATA" if by_env else "--data"
+    assert str(e.value).startswith(f"{origin} {root}: 2 training reviews, all taken by the validation split")

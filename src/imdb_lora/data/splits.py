@@ -50,12 +50,15 @@ def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = No
         train = load_labeled_file(data_cfg.train_file, "--train-file")
         test = load_labeled_file(data_cfg.test_file, "--test-file") if data_cfg.test_file else None
         source = {"kind": "files", "files": {f: file_sha256(Path(f).expanduser()) for f in files}}
+        named = f"--train-file {data_cfg.train_file}"
     else:
         path, origin = resolve_imdb_source(data_cfg.path)  # a download has its own progress bar
         say(f"reading IMDB from {path} ...")
         imdb = load_imdb(path, origin)
         train, test = imdb["train"], imdb["test"]
         source = describe_source(path)
+        # The refusals below name where the path came from: --data, $IMDB_LORA_DATA or the download
+        named = f"{origin} {path}" if origin != "the IMDB download" else f"{origin} ({path})"
     given = len(train)
     rest, val_idx = stratified_split(train.labels, data_cfg.val_size, seed)
     val, train = train.take(val_idx), train.take(rest)
@@ -64,9 +67,9 @@ def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = No
         rest, test_idx = stratified_split(train.labels, data_cfg.val_size, seed + 1)
         test, train = train.take(test_idx), train.take(rest)
     if not len(train):  # a run that trains on nothing would still finish, looking like a result
-        raise UserError(_nothing_to_train(data_cfg, given, carved))
+        raise UserError(_nothing_to_train(named, given, carved))
     if len(set(train.labels)) < 2:  # a classifier that never saw the other class would still finish
-        raise UserError(_one_class(data_cfg, train.labels))
+        raise UserError(_one_class(named, train.labels))
     available = {"train": len(train), "val": len(val), "test": len(test)}
     train = train.take(stratified_subset(train.labels, data_cfg.max_train_samples, seed))
     val = val.take(stratified_subset(val.labels, data_cfg.max_eval_samples, seed))
@@ -74,9 +77,9 @@ def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = No
     return Splits(train, val, test, source, available)
 
 
-def _nothing_to_train(data_cfg, given: int, carved: bool) -> str:
-    """What to say when the held-out splits (at least one review of each class each) take every review."""
-    flag = f"--train-file {data_cfg.train_file}" if data_cfg.train_file else "--data"
+def _nothing_to_train(flag: str, given: int, carved: bool) -> str:
+    """What to say when the held-out splits (at least one review of each class each) take every review;
+    `flag` names where the reviews came from, with their path."""
     held = (
         "validation (--val-size, at least one review per class) and test slices"
         if carved
@@ -88,12 +91,11 @@ def _nothing_to_train(data_cfg, given: int, carved: bool) -> str:
     )
 
 
-def _one_class(data_cfg, labels: Sequence[int]) -> str:
+def _one_class(flag: str, labels: Sequence[int]) -> str:
     """What to say when every training review has one label: so in the file, or left so once a class's
     only reviews went to the held-out slices (each takes at least one review of each class)."""
-    flag = f"--train-file {data_cfg.train_file}" if data_cfg.train_file else f"--data {data_cfg.path or ''}"
     return (
-        f"{flag.rstrip()}: every training review ({counted(len(labels), 'review')}) is "
+        f"{flag}: every training review ({counted(len(labels), 'review')}) is "
         f"{LABEL_NAMES[labels[0]].lower()} (label {labels[0]}): a classifier never shown the other class cannot learn to tell them apart; "
         "give reviews of both classes"
     )
