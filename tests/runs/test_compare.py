@@ -193,6 +193,7 @@ def test_compare_checks_both_runs_and_its_flags_before_training(
 def test_the_table_names_each_device_when_the_runs_differ():
     row = {"model": "m", "examples": {"train": 8, "val": 2, "test": 4}, "trainable_parameters": 10}
     row |= {"trainable_percent": 1.0, "val_accuracy": 0.5, "train_seconds": 3.0, "epochs_done": 1}
+    row |= {"history": [{"epoch": 1, "train_seconds": 3.0}]}
     row |= {"peak_memory_bytes": 1, "peak_memory_kind": "rss", "weights_bytes": 1, "precision": "fp32"}
     lora, full = row | {"method": "lora", "device": "cpu"}, row | {"method": "full", "device": "cpu"}
     assert "Device: cpu (fp32); same data" in comparison_markdown([lora, full])
@@ -207,6 +208,7 @@ def test_the_table_names_a_local_base_by_its_folder_not_its_path(tmp_path):
     row = {"model": str(local), "examples": {"train": 8, "val": 2, "test": 4}}
     row |= {"trainable_parameters": 10, "trainable_percent": 1.0, "val_accuracy": 0.5, "train_seconds": 3.0}
     row |= {"epochs_done": 1, "peak_memory_bytes": 1, "peak_memory_kind": "rss", "weights_bytes": 1}
+    row |= {"history": [{"epoch": 1, "train_seconds": 3.0}]}
     row |= {"precision": "fp32", "device": "cpu"}
     table = comparison_markdown([row | {"method": "lora"}, row | {"method": "full"}])
     assert (
@@ -219,9 +221,21 @@ def test_the_table_names_a_local_base_by_its_folder_not_its_path(tmp_path):
 def test_the_peak_memory_cell_has_no_nested_brackets():
     row = {"model": "m", "examples": {"train": 8, "val": 2, "test": 4}, "trainable_parameters": 10}
     row |= {"trainable_percent": 1.0, "val_accuracy": 0.5, "train_seconds": 3.0, "epochs_done": 1}
+    row |= {"history": [{"epoch": 1, "train_seconds": 3.0}]}
     row |= {"peak_memory_bytes": 1 << 30, "peak_memory_kind": peak_memory(torch.device("cpu"))[1]}
     row |= {"weights_bytes": 1, "precision": "fp32", "device": "cpu", "method": "lora"}
     assert "| 1.0 GB, CPU (process peak RSS) |" in comparison_markdown([row])
+
+
+def test_seconds_per_epoch_averages_the_full_epochs_only():
+    """Two 11 s epochs and one cut after 1 of 10 steps (1.2 s): the cut one pulled the mean to 7.7 s."""
+    row = {"model": "m", "examples": {"train": 8, "val": 2, "test": 4}, "trainable_parameters": 10}
+    row |= {"trainable_percent": 1.0, "val_accuracy": 0.5, "train_seconds": 23.2, "epochs_done": 3}
+    row |= {"peak_memory_bytes": 1, "peak_memory_kind": "rss", "weights_bytes": 1}
+    row |= {"weights_bytes": 1, "precision": "fp32", "device": "cpu", "method": "lora"}
+    full = [{"epoch": e, "train_seconds": 11.0} for e in (1, 2)]
+    row |= {"history": [*full, {"epoch": 3, "train_seconds": 1.2, "steps": 1, "steps_in_epoch": 10}]}
+    assert "| 11.0 s |" in comparison_markdown([row])
 
 
 @pytest.mark.parametrize("left", ["resumable", "nothing"])

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import Config, differing_fields
 from ..errors import Terminated, UserError
-from .report import fmt_bytes, fmt_seconds, shown_model_name
+from .report import fmt_bytes, shown_model_name, time_per_epoch
 from .rundir import RunDir, atomic_write_text, require_creatable
 
 METHODS = ("lora", "full")
@@ -54,7 +54,8 @@ def run_compare(
                 raise type(e)(after_interrupt(out, method, overwrite, before)) from None
             except UserError as e:  # the child failed and said why; what it means for the runs before it
                 raise UserError(f"{e}{kept_on_resume(out, method, overwrite)}") from None
-        rows.append(RunDir(run).require_finished())
+        done = RunDir(run)
+        rows.append(done.require_finished() | {"history": done.read_metrics()})
     table = comparison_markdown(rows)
     atomic_write_text(out / "comparison.md", table)
     return table
@@ -188,7 +189,7 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
         test = f"{100 * r['test_accuracy']:.2f}%" if r.get("test_accuracy") is not None else "–"
         lines.append(
             f"| {name} | {r['trainable_parameters']:,} | {r['trainable_percent']:.2f}% | "
-            f"{100 * r['val_accuracy']:.2f}% | {test} | {fmt_seconds(r['train_seconds'] / max(1, r['epochs_done']))} | "
+            f"{100 * r['val_accuracy']:.2f}% | {test} | {time_per_epoch(r['history'])} | "
             # 'size, kind' as results.md says 'Peak memory, kind': the kind has brackets of its own
             f"{fmt_bytes(r['peak_memory_bytes'])}, {r['peak_memory_kind']} | {fmt_bytes(r['weights_bytes'])} |"
         )

@@ -230,6 +230,16 @@ class RunDir:
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's rows, one per epoch ([] when there is none)."""
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except ValueError as e:  # a damaged copy: one line, not a traceback
+            raise UserError(f"{self.metrics_path}: not one JSON object per line ({e})") from None
+
     def write_calibration(self, record: dict[str, Any]) -> None:
         atomic_write_text(self.calibration_path, json.dumps(record, indent=2) + "\n")
 
