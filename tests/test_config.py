@@ -268,6 +268,24 @@ def test_the_same_eval_file_given_twice_is_refused(tmp_path, monkeypatch):
         c.validate()
 
 
+@pytest.mark.parametrize("flag", ["--train-file", "--test-file"])
+def test_an_eval_file_that_is_the_train_or_test_file_is_refused(tmp_path, monkeypatch, capsys, flag):
+    """The same file through a symlink and a ./ path, resolved before they are compared; refused before
+    the model is looked for (the missing one would be the next line)."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "x.csv")
+    monkeypatch.chdir(tmp_path)
+    files = (
+        ["--train-file", "./x.csv"] if flag == "--train-file" else ["--train-file", "y.csv", flag, "./x.csv"]
+    )
+    args = [*files, "--eval-file", "link.csv", "--model", "no-model", "--output-dir", "run"]
+    assert main(["train", *args]) == 2
+    line = f"--eval-file {(tmp_path / 'x.csv').resolve()} is also the {flag}: "
+    assert line in capsys.readouterr().err
+
+
 def test_a_config_path_no_file_system_can_hold_is_one_line():
     with pytest.raises(UserError, match="^--config: not a usable path: a name of 300 bytes"):
         Config.load("x" * 300)

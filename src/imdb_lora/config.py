@@ -520,6 +520,26 @@ def duration_seconds(text: str) -> float:
     return seconds
 
 
+def refuse_eval_file_clashes(cfg: Config) -> None:
+    """A new training's --eval-file must be neither its --train-file (leakage) nor its --test-file (the
+    same reviews reported twice). `cfg` is validated, its paths resolved, so ./a, a and a symlink to it
+    compare equal. Not part of validate(): a run trained before this check still loads."""
+    d = cfg.data
+    for flag, other in (("--train-file", d.train_file), ("--test-file", d.test_file)):
+        if other in d.eval_files:
+            raise UserError(_eval_file_clash(flag, other))
+
+
+def _eval_file_clash(flag: str, path: str) -> str:
+    """Why an --eval-file that is also the training or test file is refused."""
+    why = (
+        "its reviews were trained on, so its accuracy would say nothing of unseen reviews"
+        if flag == "--train-file"
+        else "it is evaluated and reported already, as the test split; it would be reported twice under two names"
+    )
+    return f"--eval-file {path} is also the {flag}: {why}; give --eval-file another file"
+
+
 def _absolute_if_local(path: str | None) -> str | None:
     """An existing local path as an absolute one; hub ids, URLs and None unchanged."""
     if path is None:

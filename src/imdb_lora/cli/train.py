@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..config import Config, coerce, flag_of, section_fields, shipped_configs
+from ..config import Config, coerce, flag_of, refuse_eval_file_clashes, section_fields, shipped_configs
 from ..errors import UserError
 from .common import nonempty_path
 
@@ -99,6 +99,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     else:
         base = Config()
     cfg = config_from_args(ns, base).validate()
+    refuse_eval_file_clashes(cfg)
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
     trainer = Trainer(
         cfg,
