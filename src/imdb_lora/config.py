@@ -408,6 +408,11 @@ class Config:
             raise UserError(f"{path}: a saved setting is invalid: {e}") from None
 
 
+# compare trains each method as a child `train` given the user's same train flags, naming the child's
+# method here: the full arm's --lora-* flags were meant for the LoRA arm, so calling them inert is noise.
+COMPARE_ARM_ENV = "IMDB_LORA_COMPARE_ARM"
+
+
 def inert_settings(cfg: Config, typed: Collection[str] | None = None) -> list[str]:
     """One line for each setting given that the others leave without effect: said on stderr, as
     `--cuda-graphs` on the CPU is, so that no flag is silently ignored. `typed`: the config keys

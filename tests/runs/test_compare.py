@@ -527,3 +527,32 @@ def test_real_ctrl_c_before_the_first_checkpoint_says_to_run_again(tiny_models, 
     assert "nothing of it to resume; run the same compare command again" in text, text[-2000:]
     assert "--resume continues it" not in text
     assert not (out / "lora").exists() and not (out / "full").exists()
+
+
+@pytest.mark.parametrize("arm", [None, "full"])
+def test_the_full_arm_does_not_call_the_lora_arms_flags_inert(tmp_path, capsys, monkeypatch, arm):
+    """compare gives both arms the user's --lora-r; the full one said '--lora-r: no effect with --method
+    full', noise under compare. A train typed by hand still says it. (Before the model is looked for.)"""
+    from imdb_lora.cli import main
+    from imdb_lora.config import COMPARE_ARM_ENV
+    from imdb_lora.runs import compare as compare_mod
+
+    seen = []
+
+    class Child:  # the child train, as compare starts it: only its environment matters here
+        def __init__(self, args, env):
+            seen.append(env.get(COMPARE_ARM_ENV))
+
+        __enter__ = lambda self: self  # noqa: E731
+        __exit__ = lambda self, *a: None  # noqa: E731
+        wait = lambda self: 0  # noqa: E731
+
+    with monkeypatch.context() as m:  # subprocess is shared: patched only while the child is started
+        m.setattr(compare_mod.subprocess, "Popen", Child)
+        compare_mod.train_method("full", tmp_path / "full", ["--lora-r", "4"], None, "fresh")
+    assert seen == ["full"]
+    if arm:
+        monkeypatch.setenv(COMPARE_ARM_ENV, arm)
+    out = ["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "run")]
+    assert main(["train", "--method", "full", "--lora-r", "4", *out]) == 2
+    assert ("--lora-r: no effect with --method full" in capsys.readouterr().err) is (arm is None)

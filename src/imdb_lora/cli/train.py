@@ -7,7 +7,15 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ..config import Config, coerce, flag_of, refuse_eval_file_clashes, section_fields, shipped_configs
+from ..config import (
+    COMPARE_ARM_ENV,
+    Config,
+    coerce,
+    flag_of,
+    refuse_eval_file_clashes,
+    section_fields,
+    shipped_configs,
+)
 from ..errors import UserError
 from .common import nonempty_path
 
@@ -46,7 +54,10 @@ def _default_text(f) -> str:
 def typed_settings(ns: argparse.Namespace) -> frozenset[str]:
     """The config keys (`data.head_tokens`) a flag on the command line set: defaults are suppressed, so
     only a typed flag leaves its key in the namespace."""
-    return frozenset(f"{sec}.{f.name}" for sec, _, f in section_fields() if f"{sec}.{f.name}" in vars(ns))
+    typed = {f"{sec}.{f.name}" for sec, _, f in section_fields() if f"{sec}.{f.name}" in vars(ns)}
+    if os.environ.get(COMPARE_ARM_ENV) == "full":  # compare's full arm: its --lora-* were the LoRA arm's
+        typed = {key for key in typed if not key.startswith("lora.")}
+    return frozenset(typed)
 
 
 def config_from_args(ns: argparse.Namespace, base: Config) -> Config:
