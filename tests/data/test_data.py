@@ -259,6 +259,18 @@ def test_labeled_file_missing_column(tmp_path):
         load_labeled_file(p)
 
 
+def test_labeled_file_of_one_unlabeled_line_names_the_missing_columns(tmp_path):
+    # a one-line text file given to evaluate --file: its line is the CSV header, and no row follows;
+    # it said "has no rows", not that the file is not labeled
+    p = tmp_path / "d.txt"
+    p.write_text("a single review, no header\n")
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['text', 'label'\]"):
+        load_labeled_file(p)
+    p.write_text("text,label\n")  # the columns are there: no rows is the fault
+    with pytest.raises(UserError, match="has no rows"):
+        load_labeled_file(p)
+
+
 @pytest.mark.parametrize("label", ["2", "-1", "maybe", "positiv", ""])  # pos/neg are spellings
 def test_labeled_file_bad_label(tmp_path, label):
     p = tmp_path / "d.csv"

@@ -264,15 +264,12 @@ def labeled_rows(
         records: Iterable[tuple[int, dict]] = jsonl_objects(split_lines(pieces), p, flag)
     else:
         records = CsvRows(pieces, p, flag, _size(p))
+    if isinstance(records, CsvRows):  # the header names the columns even when no row follows it
+        need_columns(records.header, p, flag, text_column, label_column)
     first = True
     for n, row in records:
         if first:
-            missing = [c for c in (text_column, label_column) if c not in row]
-            if missing:
-                raise UserError(
-                    f"{flag}: {p} lacks column(s) {missing}; it needs {text_column!r} and {label_column!r}"
-                    f" (columns found: {list(row)})"
-                )
+            need_columns(list(row), p, flag, text_column, label_column)
             first = False
         text, label = row.get(text_column), row.get(label_column)
         if text is not None and not isinstance(text, str):
@@ -292,6 +289,16 @@ def labeled_rows(
         yield n, text, y
     if first:
         raise UserError(f"{flag}: {p} has no rows")
+
+
+def need_columns(found: list[str], p: Path, flag: str, text_column: str, label_column: str) -> None:
+    """One line naming the columns a labeled file lacks (a CSV's header, a JSONL file's first object)."""
+    missing = [c for c in (text_column, label_column) if c not in found]
+    if missing:
+        raise UserError(
+            f"{flag}: {p} lacks column(s) {missing}; it needs {text_column!r} and {label_column!r}"
+            f" (columns found: {found})"
+        )
 
 
 def _size(p: Path) -> int | None:
