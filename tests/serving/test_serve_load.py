@@ -274,6 +274,10 @@ def test_withdrawn_jobs_leave_the_queue_and_are_skipped():
 def test_queue_smaller_than_a_request_and_bad_token_budget_are_flag_errors(capsys):
     assert main(["serve", "somewhere", "--max-texts", "64", "--max-queue", "10"]) == 2
     assert "--max-queue (10) must be at least --max-texts (64)" in capsys.readouterr().err
+    # a body limit below the smallest request: the service started and answered every /predict 413
+    assert main(["serve", "somewhere", "--max-body-bytes", "14"]) == 2
+    assert "--max-body-bytes (14) must be at least 15" in capsys.readouterr().err
+    assert len(b'{"texts":["x"]}') == 15  # what the limit is measured against
     assert main(["serve", "somewhere", "--request-timeout", "0"]) == 2
     assert "--request-timeout must be a number >= 1" in capsys.readouterr().err
     # a batch's first request waited for company past its own timeout: every request got 504

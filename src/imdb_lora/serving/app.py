@@ -61,6 +61,10 @@ MAX_HEAD_BYTES = 16 * 1024
 PATHS = "the service answers POST /predict and GET /, /health, /info, /metrics and /openapi.json"
 
 
+# the smallest body /predict answers, {"texts":["x"]}: a lower --max-body-bytes refuses every request
+SMALLEST_BODY = 15
+
+
 @dataclass
 class ServeSettings:
     max_body_bytes: int = 2_000_000  # 64 reviews of 20,000 characters, with room for JSON escapes
@@ -89,6 +93,12 @@ class ServeSettings:
             lowest = 0 if name in ("max_wait_ms", "max_connections_per_client") else 1
             if not math.isfinite(value) or value < lowest:
                 raise UserError(f"{flag} must be a number >= {lowest} (got {value})")
+        # else the service started and answered every /predict 413
+        if self.max_body_bytes < SMALLEST_BODY:
+            raise UserError(
+                f"--max-body-bytes ({self.max_body_bytes}) must be at least {SMALLEST_BODY}: the smallest "
+                'request, {"texts":["x"]}, would not fit'
+            )
         if self.max_queue < self.max_texts:  # else a full-size request could never be admitted
             raise UserError(f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts})")
         if self.max_wait_ms >= 1000 * self.request_timeout:  # else a request without company gets 504
