@@ -117,7 +117,21 @@ def list_sources(inputs: list[str]) -> list[Source]:
             out.append(source_of(given, info))
         else:
             raise UserError(f"--input: {given}: unknown format; use .jsonl, .csv, .tsv or .parquet files")
-    return out
+    return once_each(out, inputs)
+
+
+def once_each(sources: list[Source], inputs: list[str]) -> list[Source]:
+    """The sources, refused in one line if a file is listed twice (the same path given twice, or a
+    folder and a file in it): it was scored twice, its rows repeated under the same source_file and
+    source_row, so the output no longer had one row per input row."""
+    seen: set[str] = set()
+    for src in sources:
+        if src.uri in seen:
+            raise UserError(
+                f"--input: {src.uri} is named twice by --input {' '.join(inputs)}; give each file once"
+            )
+        seen.add(src.uri)
+    return sources
 
 
 def source_of(given: str, info) -> Source:
