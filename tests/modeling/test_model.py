@@ -194,3 +194,16 @@ def test_a_pooler_alone_on_a_model_without_one_is_refused_in_one_line(tiny_model
     raised NoMatchingPeftModuleError (a traceback) after the data had loaded."""
     with pytest.raises(UserError, match=rf"--lora-targets pooler: .*this {kind} model has no pooler"):
         build_model(cfg_for(tiny_models(kind), targets=["pooler"]))
+
+
+def test_the_pooler_alone_is_refused_before_the_data_are_read(tiny_models, tmp_path, capsys):
+    """Decided from config.json: the refusal came after the data had loaded (seconds to minutes for
+    IMDB). A --data that does not exist shows the order: it would be the first line otherwise."""
+    from imdb_lora.cli import main
+
+    args = ["--model", str(tiny_models("roberta")), "--lora-targets", "pooler", "--max-length", "64"]
+    args += ["--data", str(tmp_path / "no-data"), "--output-dir", str(tmp_path / "run")]
+    assert main(["train", *args]) == 2
+    assert "--lora-targets pooler: LoRA would wrap no module (this roberta model has no pooler)" in (
+        capsys.readouterr().err
+    )

@@ -158,7 +158,7 @@ def check_saved_max_length(max_length: int, limit: int | None, config_path: os.P
         )
 
 
-def _config_if_readable(name: str):
+def config_if_readable(name: str):
     """The model's config for the early checks below, or None when it cannot be read: loading the model
     itself then reports the problem, with its own message."""
     from transformers import AutoConfig
@@ -171,7 +171,7 @@ def _config_if_readable(name: str):
 
 def check_max_length(name: str, max_length: int) -> None:
     """--max-length must fit the model's position embeddings; checked before anything is written."""
-    config = _config_if_readable(name)
+    config = config_if_readable(name)
     if config is None:
         return
     limit = position_limit(config)
@@ -185,7 +185,7 @@ def check_max_length(name: str, max_length: int) -> None:
 def check_vocabulary(name: str, tokenizer) -> None:
     """The tokenizer's ids must all have a row in the model's embeddings (config vocab_size): a folder
     whose tokenizer is another model's otherwise fails mid-epoch with torch's index error."""
-    config = _config_if_readable(name)
+    config = config_if_readable(name)
     rows = getattr(config, "vocab_size", None)
     if isinstance(rows, int) and len(tokenizer) > rows:
         raise UserError(

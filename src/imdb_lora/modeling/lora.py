@@ -19,12 +19,13 @@ from ..errors import UserError
 from .load import (
     NUM_LABELS,
     base_fingerprint,
+    config_if_readable,
     head_module_names,
     hub_revision,
     load_base_model,
     open_to_readers,
 )
-from .pooling import set_pooling
+from .pooling import POOLER_HEADS, set_pooling
 
 # Per architecture: role -> regex over full module names (re.search). A layer index is always present
 # for encoder roles, so heads such as the classifier's own `dense` never match.
@@ -108,13 +109,25 @@ def wrappable_modules(model: nn.Module) -> list[str]:
     return [n for n in names if not n.startswith(head)]
 
 
-def no_targets_message(model: nn.Module, roles: list[str], names: list[str]) -> str:
+def check_targets_before_data(name: str, cfg: Config) -> None:
+    """--lora-targets naming only the pooler, for a model whose classifier has none (all but bert's):
+    decided from config.json alone, so the refusal comes before the data are read (seconds to minutes)."""
+    lo = cfg.lora
+    if cfg.train.method != "lora" or lo.target_modules or not set(lo.targets) <= OPTIONAL_ROLES:
+        return
+    config = config_if_readable(name)
+    kind = getattr(config, "model_type", None)
+    if kind in ROLE_PATTERNS and kind not in POOLER_HEADS:  # others are left to build_model's checks
+        raise UserError(no_targets_message(kind, lo.targets, []))
+
+
+def no_targets_message(model_type: str, roles: list[str], names: list[str]) -> str:
     """Why LoRA would wrap nothing: only optional roles the model lacks (a sequence-classification head
     of roberta or mpnet has no pooler), or only modules the checkpoint lacked (they train in full)."""
     flag, given = ("--lora-modules", names) if names else ("--lora-targets", roles)
     lacking = [r for r in roles if r in OPTIONAL_ROLES] if not names else []
     why = (
-        f"this {model.config.model_type} model has no {' or '.join(lacking)}"
+        f"this {model_type} model has no {' or '.join(lacking)}"
         if lacking
         else "the modules it selects were missing from the checkpoint and train in full"
     )
@@ -157,7 +170,7 @@ def apply_lora(
     fresh = [m for m in fresh if not m.startswith(tuple(head)) and m not in ("", "position_ids")]
     targets = [t for t in targets if t not in fresh]
     if not targets:  # peft would raise NoMatchingPeftModuleError, a traceback
-        raise UserError(no_targets_message(model, lo.targets, lo.target_modules))
+        raise UserError(no_targets_message(model.config.model_type, lo.targets, lo.target_modules))
     check_rank(model, targets, lo.r)
     peft_cfg = LoraConfig(
         task_type="SEQ_CLS",

@@ -45,7 +45,7 @@ from ..modeling.load import (
     resolve_device,
     software_versions,
 )
-from ..modeling.lora import build_model
+from ..modeling.lora import build_model, check_targets_before_data
 from ..modeling.merge import frozen_weights_to_bf16
 from ..runs.report import write_plots, write_reports
 from ..runs.rundir import RunDir, atomic_write_text, require_creatable
@@ -257,6 +257,7 @@ class Trainer:
         self.model_source = str(self.base_dir) if resumed_base else cfg.model.name
         check_model_source(self.model_source, cfg.model.random_init)
         check_max_length(self.model_source, cfg.data.max_length)
+        check_targets_before_data(self.model_source, cfg)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
