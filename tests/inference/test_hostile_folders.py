@@ -252,6 +252,8 @@ def test_missing_weights_or_tokenizer_files_are_one_line(trained_run, merged_exp
     for f in (run / "tokenizer").iterdir():
         f.unlink()
     predict_fails(run, capsys, "no usable tokenizer in")
+    (run / "tokenizer").rmdir()  # it said "(Repo id must be in the form 'repo_name' ...)": a hub id's rule
+    predict_fails(run, capsys, f"no usable tokenizer in {run / 'tokenizer'}: no such folder")
 
 
 def test_a_damaged_or_swapped_export_file_is_named(trained_run, merged_export, tmp_path, capsys):

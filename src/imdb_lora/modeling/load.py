@@ -253,6 +253,8 @@ def software_versions(package: Path | None = None) -> dict[str, str | bool | Non
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    if is_local(name) and not Path(name).expanduser().is_dir():  # transformers would take it for a hub id
+        raise UserError(f"no usable tokenizer in {name}: no such folder")
     try:
         tok = AutoTokenizer.from_pretrained(name, use_fast=True, **hub_options(name), **NO_REMOTE_CODE)
     except OSError as e:
