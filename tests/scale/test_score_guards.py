@@ -615,16 +615,27 @@ def test_a_long_line_is_skipped_in_pieces_not_read_whole(tmp_path):
     assert got == [None, "after\n"] and peak < 5_000_000
 
 
-@pytest.mark.parametrize("twice", ["same path", "folder and its file"])
+@pytest.mark.parametrize(
+    "twice", ["same path", "folder and its file", "symlink", "file URI", "folder symlink"]
+)
 def test_a_file_named_twice_is_refused_in_one_line(tmp_path, twice):
-    # it was scored twice: its rows repeated under the same source_file and source_row
+    # it was scored twice: its rows repeated (under the same source_file and source_row, or another name)
     from imdb_lora.errors import UserError
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text('{"text": "fine"}\n')
-    first = str(tmp_path / "in") if twice == "folder and its file" else str(tmp_path / "in" / "a.jsonl")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "in" / "a.jsonl")
+    (tmp_path / "in-link").symlink_to(tmp_path / "in")
+    second = {
+        "same path": tmp_path / "in" / "a.jsonl",
+        "folder and its file": tmp_path / "in" / "a.jsonl",
+        "symlink": tmp_path / "link.jsonl",
+        "file URI": f"file://{tmp_path / 'in' / 'a.jsonl'}",
+        "folder symlink": tmp_path / "in-link",
+    }[twice]
+    first = str(tmp_path / "in") if "folder" in twice else str(tmp_path / "in" / "a.jsonl")
     with pytest.raises(
-        UserError, match=r"--input: .*a\.jsonl is named twice by --input .*; give each file once"
+        UserError, match=r"--input: .*a\.jsonl.* is named twice by --input .*; give each file once"
     ):
-        sources.list_sources([first, str(tmp_path / "in" / "a.jsonl")])
+        sources.list_sources([first, str(second)])
     assert [s.uri for s in sources.list_sources([str(tmp_path / "in")])] == [str(tmp_path / "in" / "a.jsonl")]

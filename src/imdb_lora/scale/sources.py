@@ -122,16 +122,25 @@ def list_sources(inputs: list[str]) -> list[Source]:
 
 def once_each(sources: list[Source], inputs: list[str]) -> list[Source]:
     """The sources, refused in one line if a file is listed twice (the same path given twice, or a
-    folder and a file in it): it was scored twice, its rows repeated under the same source_file and
-    source_row, so the output no longer had one row per input row."""
-    seen: set[str] = set()
+    folder and a file in it, or by a symlink or a file:// URI): it was scored twice, its rows repeated,
+    so the output no longer had one row per input row."""
+    seen: dict[str, str] = {}  # same_file_key -> the name it was first listed under
     for src in sources:
-        if src.uri in seen:
+        key = same_file_key(src.uri)
+        if key in seen:
+            also = f" (as {seen[key]})" if seen[key] != src.uri else ""
             raise UserError(
-                f"--input: {src.uri} is named twice by --input {' '.join(inputs)}; give each file once"
+                f"--input: {src.uri}{also} is named twice by --input {' '.join(inputs)}; give each file once"
             )
-        seen.add(src.uri)
+        seen[key] = src.uri
     return sources
+
+
+def same_file_key(uri: str) -> str:
+    """What makes two listed names one file: a local file's real path (symlinks followed, file:// URIs
+    read as paths); a remote URI as given."""
+    local = uri.removeprefix("file://") if uri.startswith("file://") or "://" not in uri else None
+    return os.path.realpath(local) if local is not None else uri
 
 
 def source_of(given: str, info) -> Source:
