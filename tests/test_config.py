@@ -268,22 +268,74 @@ def test_the_same_eval_file_given_twice_is_refused(tmp_path, monkeypatch):
         c.validate()
 
 
-@pytest.mark.parametrize("flag", ["--train-file", "--test-file"])
-def test_an_eval_file_that_is_the_train_or_test_file_is_refused(tmp_path, monkeypatch, capsys, flag):
+@pytest.mark.parametrize("clash", ["eval is train", "eval is test", "test is train"])
+def test_an_eval_or_test_file_that_is_the_train_or_test_file_is_refused(tmp_path, monkeypatch, capsys, clash):
     """The same file through a symlink and a ./ path, resolved before they are compared; refused before
-    the model is looked for (the missing one would be the next line)."""
+    the model is looked for (the missing one would be the next line). A --test-file that is the
+    --train-file was accepted: trained-on reviews reported as the test accuracy."""
     from imdb_lora.cli import main
 
     (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
     (tmp_path / "link.csv").symlink_to(tmp_path / "x.csv")
     monkeypatch.chdir(tmp_path)
-    files = (
-        ["--train-file", "./x.csv"] if flag == "--train-file" else ["--train-file", "y.csv", flag, "./x.csv"]
+    files, flag, other = {
+        "eval is train": (
+            ["--train-file", "./x.csv", "--eval-file", "link.csv"],
+            "--eval-file",
+            "--train-file",
+        ),
+        "eval is test": (
+            ["--train-file", "y.csv", "--test-file", "./x.csv", "--eval-file", "link.csv"],
+            "--eval-file",
+            "--test-file",
+        ),
+        "test is train": (
+            ["--train-file", "./x.csv", "--test-file", "link.csv"],
+            "--test-file",
+            "--train-file",
+        ),
+    }[clash]
+    assert main(["train", *files, "--model", "no-model", "--output-dir", "run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {(tmp_path / 'x.csv').resolve()} is also the {other}: " in err and err.count("\n") == 1, (
+        err
     )
-    args = [*files, "--eval-file", "link.csv", "--model", "no-model", "--output-dir", "run"]
-    assert main(["train", *args]) == 2
-    line = f"--eval-file {(tmp_path / 'x.csv').resolve()} is also the {flag}: "
-    assert line in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_file_clash_it_was_started_with(tmp_path, monkeypatch, capsys):
+    """A run started before clashes were refused: --resume cannot drop its --eval-file, so refusing
+    the clash stranded its epochs. It is said and kept; a clash typed with --resume is still refused."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = Config()
+    saved.data.train_file, saved.data.eval_files = str(tmp_path / "x.csv"), [str(tmp_path / "x.csv")]
+    saved.model.name = str(tmp_path / "no-model")
+    saved.save(tmp_path / "run" / "config.yaml")
+    main(["train", "--resume", "--output-dir", "run"])  # goes on, to fail on the missing model or run
+    err = capsys.readouterr().err
+    assert (
+        "is also the --train-file: its reviews were trained on" in err
+        and "kept, as the run was started" in err
+    )
+    saved.data.eval_files = []
+    saved.save(tmp_path / "run" / "config.yaml")
+    assert main(["train", "--resume", "--output-dir", "run", "--eval-file", "x.csv"]) == 2
+    assert "; give --eval-file another file" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_file_clash_before_the_first_run(tmp_path, capsys):
+    """It started the LoRA run, whose train refused it, and then said that run had failed: two lines."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    x = str(tmp_path / "x.csv")
+    args = ["compare", "--output-dir", str(tmp_path / "cmp"), "--train-file", x, "--eval-file", x]
+    assert main([*args, "--model", str(tmp_path / "no-model")]) == 2
+    out, err = capsys.readouterr()
+    assert "== lora" not in out and err.count("\n") == 1 and "is also the --train-file" in err, (out, err)
 
 
 def test_a_config_path_no_file_system_can_hold_is_one_line():

@@ -525,24 +525,42 @@ def duration_seconds(text: str) -> float:
     return seconds
 
 
-def refuse_eval_file_clashes(cfg: Config) -> None:
-    """A new training's --eval-file must be neither its --train-file (leakage) nor its --test-file (the
-    same reviews reported twice). `cfg` is validated, its paths resolved, so ./a, a and a symlink to it
-    compare equal. Not part of validate(): a run trained before this check still loads."""
+def file_clashes(cfg: Config) -> list[tuple[str, str]]:
+    """(flag, why) for each labeled file that is also another of the run's: an --eval-file or
+    --test-file that is the --train-file (leakage: trained-on reviews reported as unseen) or an
+    --eval-file that is the --test-file (the same reviews reported twice under two names). `cfg` is
+    validated, its paths resolved, so ./a, a and a symlink to it compare equal."""
     d = cfg.data
-    for flag, other in (("--train-file", d.train_file), ("--test-file", d.test_file)):
-        if other in d.eval_files:
-            raise UserError(_eval_file_clash(flag, other))
+    pairs = [("--test-file", d.test_file, "--train-file", d.train_file)]
+    for f in d.eval_files:
+        pairs += [
+            ("--eval-file", f, "--train-file", d.train_file),
+            ("--eval-file", f, "--test-file", d.test_file),
+        ]
+    return [(flag, _clash(flag, path, other)) for flag, path, other, also in pairs if path and path == also]
 
 
-def _eval_file_clash(flag: str, path: str) -> str:
-    """Why an --eval-file that is also the training or test file is refused."""
+def _clash(flag: str, path: str, other: str) -> str:
+    """Why a file that is also the --train-file or the --test-file means nothing."""
     why = (
         "its reviews were trained on, so its accuracy would say nothing of unseen reviews"
-        if flag == "--train-file"
+        if other == "--train-file"
         else "it is evaluated and reported already, as the test split; it would be reported twice under two names"
     )
-    return f"--eval-file {path} is also the {flag}: {why}; give --eval-file another file"
+    return f"{flag} {path} is also the {other}: {why}"
+
+
+def refuse_file_clashes(cfg: Config, started: Config | None = None) -> list[str]:
+    """Refuse a new training's clashing files (file_clashes) in one line. Not part of validate(), so a
+    run trained before this check still loads; and under --resume (`started`: the run's saved settings)
+    a clash the run was started with is returned as a note, not refused: refusing would strand the
+    epochs it has trained, and --resume cannot drop an --eval-file."""
+    kept = file_clashes(started) if started is not None else []
+    clashes = file_clashes(cfg)
+    for flag, why in clashes:
+        if (flag, why) not in kept:
+            raise UserError(f"{why}; give {flag} another file")
+    return [f"{why}; kept, as the run was started with it" for _, why in clashes]
 
 
 def _absolute_if_local(path: str | None) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-from ..config import Config
+from ..config import Config, refuse_file_clashes
 from ..errors import UserError
 from .common import closest_flag, learning_rate, nonempty_path
 from .train import add_config_flags, config_from_args
@@ -70,5 +70,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     lrs = {"lora": ns.lora_lr, "full": ns.full_lr}
     check_train_args(ns.extra)  # before parsing them: --method is a train flag too
     configs = method_configs(ns.extra, lrs)
+    if not ns.resume:  # else each train refuses a clash its run was not started with, and keeps one it was
+        for cfg in configs.values():
+            refuse_file_clashes(cfg)  # now, not when the LoRA run starts, with a second line after
     print(run_compare(ns.output_dir, ns.extra, lrs, ns.overwrite, ns.resume, configs))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from ..config import (
@@ -12,7 +13,7 @@ from ..config import (
     Config,
     coerce,
     flag_of,
-    refuse_eval_file_clashes,
+    refuse_file_clashes,
     section_fields,
     shipped_configs,
 )
@@ -110,7 +111,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     else:
         base = Config()
     cfg = config_from_args(ns, base).validate()
-    refuse_eval_file_clashes(cfg)
+    before = Config.load(saved, flag="--resume") if ns.resume and saved.is_file() else None
+    notes = refuse_file_clashes(cfg, before)
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
     trainer = Trainer(
         cfg,
@@ -120,6 +122,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         started=getattr(ns, "started", None),
         typed=typed_settings(ns),
     )
+    for note in notes if trainer.dist.main else []:  # under torchrun, rank 0 says it for all
+        print(note, file=sys.stderr, flush=True)
     summary = trainer.fit()
     if not trainer.dist.main:
         return 0  # under torchrun, rank 0 reports for all
