@@ -240,7 +240,9 @@ def test_truncated_weights_are_one_line_naming_the_folder(trained_run, full_run,
     assert "--model" not in err_out
 
 
-def test_missing_weights_or_tokenizer_files_are_one_line(trained_run, merged_export, tmp_path, capsys):
+def test_missing_weights_or_tokenizer_files_are_one_line(
+    trained_run, merged_export, tmp_path, capsys, monkeypatch
+):
     """Not "--model: ... use --random-init" (flags of train), nor transformers' message on five lines."""
     no_weights = copy(merged_export, tmp_path / "a")
     (no_weights / "model" / "model.safetensors").unlink()
@@ -254,6 +256,9 @@ def test_missing_weights_or_tokenizer_files_are_one_line(trained_run, merged_exp
     predict_fails(run, capsys, "no usable tokenizer in")
     (run / "tokenizer").rmdir()  # it said "(Repo id must be in the form 'repo_name' ...)": a hub id's rule
     predict_fails(run, capsys, f"no usable tokenizer in {run / 'tokenizer'}: no such folder")
+    monkeypatch.chdir(tmp_path)  # a relative c/tokenizer that is not there read as a hub id: "--model: ..."
+    relative = run.relative_to(tmp_path)
+    predict_fails(relative, capsys, f"no usable tokenizer in {relative / 'tokenizer'}: no such folder")
 
 
 def test_a_damaged_or_swapped_export_file_is_named(trained_run, merged_export, tmp_path, capsys):

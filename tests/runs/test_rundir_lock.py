@@ -169,18 +169,18 @@ def test_a_run_replaced_while_it_is_read_is_refused_not_mixed(trained_run, tmp_p
     shutil.copytree(trained_run, run)
     load_tokenizer = classifier.load_tokenizer
 
-    def overwritten_meanwhile(path):
+    def overwritten_meanwhile(path, **kw):
         os.replace(run, tmp_path / "old")  # as train --overwrite sets the old run aside...
         shutil.copytree(tmp_path / "old", run)  # ...and makes a new one in its place
-        return load_tokenizer(path)
+        return load_tokenizer(path, **kw)
 
     monkeypatch.setattr(classifier, "load_tokenizer", overwritten_meanwhile)
     with pytest.raises(UserError, match=r"changed while it was read .*run the command again"):
         Classifier.load(str(run), device="cpu")
 
-    def refused_writer_meanwhile(path):
+    def refused_writer_meanwhile(path, **kw):
         (run / ".lock").write_text("123\n")  # a writer refused by the lock leaves its pid: no change
-        return load_tokenizer(path)
+        return load_tokenizer(path, **kw)
 
     monkeypatch.setattr(classifier, "load_tokenizer", refused_writer_meanwhile)
     Classifier.load(str(run), device="cpu")

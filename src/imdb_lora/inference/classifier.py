@@ -186,7 +186,7 @@ class Classifier:
             if base_model is not None:  # the same base (fingerprint-checked) from another place: said
                 info = {**info, "base_model_from": base_model}
         check_saved_max_length(cfg.data.max_length, position_limit(model.config), run.config_path)
-        tokenizer = load_tokenizer(str(run.tokenizer_dir))
+        tokenizer = load_tokenizer(str(run.tokenizer_dir), folder=True)
         return cls(model.to(dev), tokenizer, dev, cfg, info, max_batch_tokens)
 
     # ------------------------------------------------------------ inference
@@ -281,7 +281,7 @@ def check_window_stride_of(path: str, stride: int | None) -> None:
         run = RunDir(root)
         config_path, tokenizer_dir = run.config_path, run.tokenizer_dir
     cfg = Config.load_saved(config_path)
-    check_window_stride(load_tokenizer(str(tokenizer_dir)), cfg.data.max_length, stride)
+    check_window_stride(load_tokenizer(str(tokenizer_dir), folder=True), cfg.data.max_length, stride)
 
 
 def to_prediction(text: str, probs: list[float]) -> Prediction:

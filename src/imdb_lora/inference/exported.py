@@ -127,7 +127,7 @@ def load_export(path: str | os.PathLike, device: str = "auto"):
     cfg = Config.load_saved(root / "config.yaml")
     info = read_json_object(root / "run.json")
     info["export"] = marker
-    tokenizer = load_tokenizer(str(root / "tokenizer"))
+    tokenizer = load_tokenizer(str(root / "tokenizer"), folder=True)
     if marker["format"] == "merged":
         dev = resolve_device(device)
         model, _ = load_base_model(str(root / "model"), NUM_LABELS, False, cfg.train.seed, flag=None)

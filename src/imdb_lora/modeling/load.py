@@ -250,15 +250,18 @@ def software_versions(package: Path | None = None) -> dict[str, str | bool | Non
     }
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, folder: bool = False):
+    """`folder`: a run's or an export's own tokenizer/, never a hub id, even where its relative path
+    (runs/x/tokenizer) is not there and reads as one."""
     from transformers import AutoTokenizer
 
-    if is_local(name) and not Path(name).expanduser().is_dir():  # transformers would take it for a hub id
+    local = folder or is_local(name)
+    if local and not Path(name).expanduser().is_dir():  # transformers would take it for a hub id
         raise UserError(f"no usable tokenizer in {name}: no such folder")
     try:
         tok = AutoTokenizer.from_pretrained(name, use_fast=True, **hub_options(name), **NO_REMOTE_CODE)
     except OSError as e:
-        if is_local(name):
+        if local:
             raise UserError(f"no usable tokenizer in {name} ({one_line(e)})") from None
         raise _hub_error(name, e) from None
     except ValueError as e:  # custom tokenizer code, an unknown tokenizer class and the like

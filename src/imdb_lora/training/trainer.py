@@ -261,7 +261,11 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model.name if not self.resumed else str(self.run.tokenizer_dir))
+        self.tokenizer = (
+            load_tokenizer(str(self.run.tokenizer_dir), folder=True)
+            if self.resumed
+            else load_tokenizer(cfg.model.name)
+        )
         check_vocabulary(self.model_source, self.tokenizer)
         self._read_data()
         self.clock.add("data", self.data_seconds)
