@@ -556,3 +556,15 @@ def test_the_full_arm_does_not_call_the_lora_arms_flags_inert(tmp_path, capsys, 
     out = ["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "run")]
     assert main(["train", "--method", "full", "--lora-r", "4", *out]) == 2
     assert ("--lora-r: no effect with --method full" in capsys.readouterr().err) is (arm is None)
+
+
+@pytest.mark.parametrize("content", [b"[1]\n", b"3\n", b"\xff\xfe\n", b"{\n"])
+def test_a_damaged_metrics_file_is_one_line(tmp_path, content):
+    """compare reads each run's metrics.jsonl for its table: a row that is no object, or bytes that are
+    not UTF-8, came out as a traceback (TypeError in the table, UnicodeDecodeError in the reading)."""
+    from imdb_lora.errors import UserError
+    from imdb_lora.runs.rundir import RunDir
+
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1, "train_seconds": 1.0}\n' + content)
+    with pytest.raises(UserError, match=r"metrics\.jsonl: not one JSON object per line \("):
+        RunDir(tmp_path).read_metrics()

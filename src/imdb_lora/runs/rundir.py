@@ -234,11 +234,18 @@ class RunDir:
         """metrics.jsonl's rows, one per epoch ([] when there is none)."""
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        try:
-            return [json.loads(line) for line in lines if line.strip()]
-        except ValueError as e:  # a damaged copy: one line, not a traceback
+        try:  # a damaged copy (not UTF-8, not JSON, a line that is no object): one line, not a traceback
+            rows = [
+                json.loads(line)
+                for line in self.metrics_path.read_bytes().decode().splitlines()
+                if line.strip()
+            ]
+            bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
+            if bad is not None:
+                raise ValueError(f"row {bad} is a JSON {type(rows[bad - 1]).__name__}")
+        except ValueError as e:
             raise UserError(f"{self.metrics_path}: not one JSON object per line ({e})") from None
+        return rows
 
     def write_calibration(self, record: dict[str, Any]) -> None:
         atomic_write_text(self.calibration_path, json.dumps(record, indent=2) + "\n")
