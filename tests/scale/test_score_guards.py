@@ -616,7 +616,7 @@ def test_a_long_line_is_skipped_in_pieces_not_read_whole(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "twice", ["same path", "folder and its file", "symlink", "file URI", "folder symlink"]
+    "twice", ["same path", "folder and its file", "symlink", "file URI", "folder symlink", "hard link"]
 )
 def test_a_file_named_twice_is_refused_in_one_line(tmp_path, twice):
     # it was scored twice: its rows repeated (under the same source_file and source_row, or another name)
@@ -626,12 +626,14 @@ def test_a_file_named_twice_is_refused_in_one_line(tmp_path, twice):
     (tmp_path / "in" / "a.jsonl").write_text('{"text": "fine"}\n')
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "in" / "a.jsonl")
     (tmp_path / "in-link").symlink_to(tmp_path / "in")
+    os.link(tmp_path / "in" / "a.jsonl", tmp_path / "hard.jsonl")  # one file, as A.jsonl on a case-blind disk
     second = {
         "same path": tmp_path / "in" / "a.jsonl",
         "folder and its file": tmp_path / "in" / "a.jsonl",
         "symlink": tmp_path / "link.jsonl",
         "file URI": f"file://{tmp_path / 'in' / 'a.jsonl'}",
         "folder symlink": tmp_path / "in-link",
+        "hard link": tmp_path / "hard.jsonl",
     }[twice]
     first = str(tmp_path / "in") if "folder" in twice else str(tmp_path / "in" / "a.jsonl")
     with pytest.raises(

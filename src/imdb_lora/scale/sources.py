@@ -137,10 +137,17 @@ def once_each(sources: list[Source], inputs: list[str]) -> list[Source]:
 
 
 def same_file_key(uri: str) -> str:
-    """What makes two listed names one file: a local file's real path (symlinks followed, file:// URIs
-    read as paths); a remote URI as given."""
-    local = uri.removeprefix("file://") if uri.startswith("file://") or "://" not in uri else None
-    return os.path.realpath(local) if local is not None else uri
+    """What makes two listed names one file: a local file's device and inode (file:// URIs read as
+    paths), which a symlink, a hard link and, on a case-insensitive disk, another case share; a remote
+    URI as given."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    local = uri.removeprefix("file://")
+    try:
+        st = os.stat(local)
+    except OSError:  # listed a moment ago: gone since, it is reported when read
+        return os.path.realpath(local)
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def source_of(given: str, info) -> Source:
