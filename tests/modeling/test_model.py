@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 from conftest import ROBERTA_BASE, needs_shared
@@ -207,3 +208,18 @@ def test_the_pooler_alone_is_refused_before_the_data_are_read(tiny_models, tmp_p
     assert "--lora-targets pooler: LoRA would wrap no module (this roberta model has no pooler)" in (
         capsys.readouterr().err
     )
+
+
+def test_a_bert_checkpoint_without_its_pooler_is_not_said_to_have_none(tiny_models, tmp_path):
+    """BERT's classifier has a pooler; a checkpoint saved without its weights gets a new one, trained
+    in full. It was refused as 'this bert model has no pooler', which is not so."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(tiny_models("bert"), tmp_path / "bert"))
+    weights = next(folder.glob("*.safetensors"))
+    kept = {k: v for k, v in load_file(weights).items() if ".pooler." not in k}
+    save_file(kept, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"--lora-targets pooler: .*the modules it selects were missing from"):
+        build_model(cfg_for(folder, targets=["pooler"]))

@@ -123,9 +123,11 @@ def check_targets_before_data(name: str, cfg: Config) -> None:
 
 def no_targets_message(model_type: str, roles: list[str], names: list[str]) -> str:
     """Why LoRA would wrap nothing: only optional roles the model lacks (a sequence-classification head
-    of roberta or mpnet has no pooler), or only modules the checkpoint lacked (they train in full)."""
+    of roberta or mpnet has no pooler), or only modules the checkpoint lacked (they train in full: a
+    bert checkpoint saved without its pooler has one, new)."""
     flag, given = ("--lora-modules", names) if names else ("--lora-targets", roles)
-    lacking = [r for r in roles if r in OPTIONAL_ROLES] if not names else []
+    has_all = names or model_type in POOLER_HEADS
+    lacking = [] if has_all else [r for r in roles if r in OPTIONAL_ROLES]
     why = (
         f"this {model_type} model has no {' or '.join(lacking)}"
         if lacking
