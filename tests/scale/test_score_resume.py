@@ -677,3 +677,17 @@ def test_the_resume_command_parses_back_to_the_stopped_jobs_arguments(argv):
     assert words[:2] == ["imdb-lora", "score"] and words[-1] == "--resume"
     again = parser.parse_args(words[1:])
     assert vars(again) == {**vars(ns), "resume": True}
+
+
+@pytest.mark.parametrize("saved_stride", [None, 0])
+def test_a_marker_of_either_stride_form_is_the_same_job(saved_stride):
+    """score's marker held null for one truncated window until 090718f, 0 since: a job stopped under
+    either resumes with no --window-stride (the same rows), and a real change names 0, not 'not given'."""
+    from imdb_lora.scale import resume
+
+    settings = engines.ScoreJob(model="m", inputs=["a.jsonl"], output="out").settings()
+    model = {"path": "m", "sha256": "x"}
+    saved = resume.job_record(settings | {"window_stride": saved_stride}, model, [])
+    assert resume.differences(saved, resume.job_record(settings, model, [])) == []
+    windows = resume.job_record(settings | {"window_stride": 16}, model, [])
+    assert resume.differences(saved, windows) == ["--window-stride 16 (the stopped job: 0)"]

@@ -108,7 +108,9 @@ def _logits(clf, texts: list[str], ns: argparse.Namespace, desc: str):
 def json_stride(ns: argparse.Namespace) -> int:
     """--window-stride as the JSON gives it: one truncated window is 0, as the flag, its help and select's
     JSON say it (the parsed flag holds None for it, which the JSON printed as null)."""
-    return ns.window_stride or 0
+    from ..data.tokenize import recorded_stride
+
+    return recorded_stride(ns.window_stride)
 
 
 def _evaluate_split(ns: argparse.Namespace) -> int:

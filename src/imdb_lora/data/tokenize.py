@@ -103,6 +103,13 @@ def encode(
     return out
 
 
+def recorded_stride(stride: int | None) -> int:
+    """A window stride as every JSON record gives it (evaluate and select's --json, score's marker): one
+    truncated window, None in memory, is 0, as the flag says it. Readers pass a record's value through
+    it too: records written before (score's marker until 090718f) hold null for it."""
+    return stride or 0
+
+
 def check_window_stride(
     tokenizer, max_length: int, stride: int | None, flag: str = "--window-stride", whose: str = ""
 ) -> None:

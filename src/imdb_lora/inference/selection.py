@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.splits import load_splits, stratified_subset
-from ..data.tokenize import check_window_stride
+from ..data.tokenize import check_window_stride, recorded_stride
 from ..errors import UserError, counted
 from ..metrics import loss_and_accuracy
 from .classifier import Classifier
@@ -113,7 +113,7 @@ def select(
         )
         s = Score(run, stride, split, acc, loss, n, seconds)
         log(
-            f"{split} {run} window_stride={stride or 0}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {counted(n, 'review')}"
+            f"{split} {run} window_stride={recorded_stride(stride)}: accuracy {100 * acc:.2f}% | loss {loss:.4f} | {counted(n, 'review')}"
         )
         return s
 
@@ -127,7 +127,7 @@ def select(
         "validation": [score_json(s) for s in val],
         "chosen": {
             "run": chosen.run,
-            "window_stride": chosen.window_stride or 0,
+            "window_stride": recorded_stride(chosen.window_stride),
             "val_accuracy": chosen.accuracy,
         },
         "test": [score_json(s) | {"role": "chosen" if i == 0 else "control"} for i, s in enumerate(test)],
@@ -136,7 +136,7 @@ def select(
 
 def score_json(s: Score) -> dict:
     """A score as the JSON gives it: one truncated window is stride 0, as the flag and the lines say it."""
-    return asdict(s) | {"window_stride": s.window_stride or 0}
+    return asdict(s) | {"window_stride": recorded_stride(s.window_stride)}
 
 
 def check_strides_fit(loaded: dict[str, Classifier], strides: list[int | None]) -> None:

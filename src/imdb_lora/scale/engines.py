@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..data.tokenize import recorded_stride
 from ..errors import UserError, counted
 from ..extras import require
 from .batch import MAX_CHARS, ScoreBatch
@@ -68,8 +69,9 @@ class ScoreJob:
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the rows (scale/resume.py: --resume must find them unchanged)."""
-        # one truncated window is --window-stride 0, as the flag and evaluate/select's JSON say it (was null)
-        return {key: getattr(self, key) for key in FLAGS} | {"window_stride": self.window_stride or 0}
+        return {key: getattr(self, key) for key in FLAGS} | {
+            "window_stride": recorded_stride(self.window_stride)
+        }
 
     def read_args(self) -> dict[str, Any]:
         """read_batches' settings, alike for both engines (Ray's read stage, read_files, takes them too).
