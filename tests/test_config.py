@@ -5,7 +5,7 @@ import yaml
 
 from imdb_lora.cli import build_parser
 from imdb_lora.cli.train import config_from_args
-from imdb_lora.config import LORA_ROLES, SHIPPED_CONFIGS, Config
+from imdb_lora.config import LORA_ROLES, SHIPPED_CONFIGS, Config, shipped_configs
 from imdb_lora.errors import UserError
 
 
@@ -381,16 +381,70 @@ def test_defaults_and_settings_that_take_effect_say_nothing():
 def test_only_a_setting_typed_on_the_command_line_is_named_inert():
     """A value a recipe set (minilm-quick's head_tokens 64) that a typed flag leaves inert (--truncation
     head) was named as if the user had typed its flag."""
-    from imdb_lora.config import inert_settings
+    from imdb_lora.config import Given, inert_settings
 
     recipe = _with(data__truncation="head", data__head_tokens=64, train__method="full", lora__r=4)
-    assert inert_settings(recipe, typed={"data.truncation", "train.method"}) == []
-    assert inert_settings(recipe, typed={"data.head_tokens", "lora.r"}) == [
+    assert inert_settings(recipe, Given(frozenset({"data.truncation", "train.method"}))) == []
+    assert inert_settings(recipe, Given(frozenset({"data.head_tokens", "lora.r"}))) == [
         "--lora-r: no effect with --method full (every weight trains; no adapters)",
         "--head-tokens: no effect with --truncation head (head_tail only)",
     ]
-    typed_default = inert_settings(_with(train__method="full"), typed={"lora.r"})  # typed, if at its default
+    typed_default = inert_settings(
+        _with(train__method="full"), Given(frozenset({"lora.r"}))
+    )  # at its default too
     assert typed_default == ["--lora-r: no effect with --method full (every weight trains; no adapters)"]
+
+
+def _in_file(text: str, tmp_path, typed: frozenset[str] = frozenset()) -> list[str]:
+    """inert_settings for my.yaml holding `text`, with the flags `typed` (their values as the file's)."""
+    from imdb_lora.config import Given, inert_settings
+
+    (tmp_path / "my.yaml").write_text(text)
+    cfg, keys = Config.load_with_keys(tmp_path / "my.yaml")
+    return inert_settings(cfg.validate(), Given(typed, "my.yaml", keys))
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("train: {method: full}\nlora: {r: 4, alpha: 8}\n",
+         "my.yaml: lora.r, lora.alpha have no effect with train.method: full (every weight trains; no adapters)"),
+        ("lora: {target_modules: [query], targets: [ffn]}\n",
+         "my.yaml: lora.targets has no effect with lora.target_modules (the modules it names are wrapped instead)"),
+        ("data: {truncation: head, head_tokens: 16}\n",
+         "my.yaml: data.head_tokens has no effect with data.truncation: head (head_tail only)"),
+        ("data: {train_file: a.csv, path: aclImdb}\n",
+         "my.yaml: data.path has no effect with data.train_file (the labeled files replace IMDB)"),
+        ("train: {batching: flat}\nmodel: {pooling: mean}\n",
+         "my.yaml: train.batching: flat has no effect with model.pooling: mean (it trains and evaluates "
+         "padded: the flat forward reads each review's first token only)"),
+    ],
+)  # fmt: skip
+def test_a_conflict_inside_a_config_file_is_said_naming_the_file_and_key(tmp_path, text, said):
+    """The same settings as flags were said; set in a --config file, nothing was."""
+    assert _in_file(text, tmp_path) == [said]
+
+
+def test_a_typed_flag_overrides_the_files_setting_quietly_and_names_the_files_condition(tmp_path):
+    """--method full over a file's LoRA section is the user's choice (as --config reference --method
+    full): its lora.* then have no use, and saying so would be noise. A typed --lora-r that the file's
+    method: full leaves without effect names where that method came from."""
+    text = "train: {method: full}\nlora: {r: 4}\n"
+    assert _in_file(text, tmp_path, frozenset({"train.method"})) == []
+    assert _in_file(text, tmp_path, frozenset({"lora.r"})) == [
+        "--lora-r: no effect with train.method: full in my.yaml (every weight trains; no adapters)"
+    ]
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_each_shipped_config_as_meant_says_nothing_inert(name):
+    """Each shipped recipe alone (minilm-quick with --model, as offline use needs) has no setting that
+    another leaves without effect: a note on one would be noise on every use."""
+    from imdb_lora.config import Given, inert_settings
+
+    cfg, keys = Config.load_with_keys(name)
+    typed = frozenset({"model.name"}) if name == "minilm-quick" else frozenset()
+    assert keys and inert_settings(cfg.validate(), Given(typed, name, keys)) == []
 
 
 @pytest.mark.parametrize(

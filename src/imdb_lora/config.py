@@ -14,7 +14,6 @@ import re
 import reprlib
 import types
 import typing
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,6 +376,13 @@ class Config:
     @classmethod
     def load(cls, path: str | os.PathLike, flag: str | None = "--config") -> Config:
         """A YAML config; errors start with `flag` (None: a file the user did not name, e.g. a run's)."""
+        return cls.load_with_keys(path, flag)[0]
+
+    @classmethod
+    def load_with_keys(
+        cls, path: str | os.PathLike, flag: str | None = "--config"
+    ) -> tuple[Config, frozenset[str]]:
+        """load(), and the keys (`lora.r`) the file sets: what a note about them names (Given)."""
         at = f"{flag}: " if flag else ""
         problem = path_problem(str(path))
         if problem:
@@ -395,7 +401,9 @@ class Config:
             raise UserError(f"{at}{p} is unreadable ({type(e).__name__})") from None
         if raw is not None and not isinstance(raw, dict):
             raise UserError(f"{at}{p} must hold a mapping of sections")
-        return cls.from_dict(raw or {}, source=f"{at}{p}")  # its errors name the flag too
+        cfg = cls.from_dict(raw or {}, source=f"{at}{p}")  # its errors name the flag too
+        keys = {f"{section}.{key}" for section, values in (raw or {}).items() for key in values}
+        return cfg, frozenset(keys - {f"{sec}.{key}" for sec, key in RETIRED_FIELDS})
 
     @classmethod
     def load_saved(cls, path: str | os.PathLike) -> Config:
@@ -413,43 +421,99 @@ class Config:
 COMPARE_ARM_ENV = "IMDB_LORA_COMPARE_ARM"
 
 
-def inert_settings(cfg: Config, typed: Collection[str] | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Given:
+    """Where the settings a user gave came from, so that a note names each as it was written: the config
+    keys (`data.head_tokens`) that flags typed on the command line set, and those a `--config` file set
+    (`file`: that flag's value as given, my.yaml or a shipped name)."""
+
+    typed: frozenset[str] = frozenset()
+    file: str | None = None
+    in_file: frozenset[str] = frozenset()
+
+    def from_file(self, key: str) -> bool:
+        """Set by the --config file, not overridden by a flag."""
+        return key in self.in_file and key not in self.typed
+
+    def where(self, key: str) -> str:
+        """A note's subject: `--cuda-graphs` as typed (or built in code), `my.yaml: train.cuda_graphs` from the file."""
+        return f"{self.file}: {key}" if self.from_file(key) else _FLAGS_OF_KEYS[key]
+
+    def name(self, key: str, value: Any = None) -> str:
+        """`--batching flat` as typed (or built in code); `train.batching: flat` as the file says it."""
+        if self.from_file(key):
+            return key if value is None else f"{key}: {value}"
+        return _FLAGS_OF_KEYS[key] if value is None else f"{_FLAGS_OF_KEYS[key]} {value}"
+
+
+def inert_settings(cfg: Config, given: Given | None = None) -> list[str]:
     """One line for each setting given that the others leave without effect: said on stderr, as
-    `--cuda-graphs` on the CPU is, so that no flag is silently ignored. `typed`: the config keys
-    (`data.head_tokens`) set by a flag on the command line, the only ones named: a value that came from
-    a `--config` recipe (minilm-quick's head_tokens, left inert by a typed `--truncation head`) or from
-    a resumed run's config.yaml was not typed, and naming its flag would be false. None (a config built
-    in code): every value that differs from its default. Settings whose effect depends on the model or
-    the device are said where those are known."""
-    defaults = Config()
-
-    def given(section: str, name: str) -> bool:
-        if typed is not None:
-            return f"{section}.{name}" in typed
-        return getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name)
-
+    `--cuda-graphs` on the CPU is, so that no flag is silently ignored. `given`: what the command line
+    typed and what its --config file set; each note names the flag, or the file and its key. A file's
+    value left inert by a typed flag is not said (`--config minilm-quick --truncation head` overrides the
+    recipe, whose head_tokens then has no use); nor is one from a resumed run's config.yaml, which names
+    every setting. None (a config built in code): every value that differs from its default, named by
+    its flag. Settings whose effect depends on the model or the device are said where those are known."""
     lo, d, t = cfg.lora, cfg.data, cfg.train
-    notes = []
+    notes: list[str] = []
     if t.method == "full":
-        changed = [flag_of(f) for f in dataclasses.fields(lo) if given("lora", f.name)]
-        if changed:
-            notes.append(
-                f"{', '.join(changed)}: no effect with --method full (every weight trains; no adapters)"
-            )
-    elif lo.target_modules and given("lora", "targets"):
-        notes.append(
-            "--lora-targets: no effect with --lora-modules (the modules it names are wrapped instead)"
+        lora_keys = [f"lora.{f.name}" for f in dataclasses.fields(lo)]
+        notes += _inert(cfg, given, lora_keys, ("train.method", "full"), "every weight trains; no adapters")
+    elif lo.target_modules:
+        notes += _inert(
+            cfg,
+            given,
+            ["lora.targets"],
+            ("lora.target_modules", None),
+            "the modules it names are wrapped instead",
         )
-    if d.truncation == "head" and given("data", "head_tokens"):
-        notes.append("--head-tokens: no effect with --truncation head (head_tail only)")
-    if d.train_file and d.path and given("data", "path"):
-        notes.append("--data: no effect with --train-file (the labeled files replace IMDB)")
-    if t.batching == "flat" and cfg.model.pooling == "mean" and given("train", "batching"):
-        notes.append(
-            "--batching flat: no effect with --pooling mean (it trains and evaluates padded: the flat "
-            "forward reads each review's first token only)"
+    if d.truncation == "head":
+        notes += _inert(cfg, given, ["data.head_tokens"], ("data.truncation", "head"), "head_tail only")
+    if d.train_file and d.path:
+        notes += _inert(
+            cfg, given, ["data.path"], ("data.train_file", None), "the labeled files replace IMDB"
         )
+    if t.batching == "flat" and cfg.model.pooling == "mean":
+        why = "it trains and evaluates padded: the flat forward reads each review's first token only"
+        notes += _inert(cfg, given, ["train.batching"], ("model.pooling", "mean"), why, shown="flat")
     return notes
+
+
+def _inert(
+    cfg: Config,
+    given: Given | None,
+    keys: list[str],
+    by: tuple[str, str | None],
+    why: str,
+    shown: str | None = None,
+) -> list[str]:
+    """The notes for `keys` left without effect by the setting `by` (its key, and its value as said; `shown`:
+    the inert keys' value as said): one for those typed, one for those the --config file set, unless a
+    typed flag set `by` (an override of the file: its value then has no use)."""
+    condition, value = by
+    if given is None:  # built in code: every value off its default, named by its flag
+        defaults, given = Config(), Given()
+        typed = [k for k in keys if _value_at(cfg, k) != _value_at(defaults, k)]
+        in_file: list[str] = []
+    else:
+        typed = [k for k in keys if k in given.typed]
+        in_file = [] if condition in given.typed else [k for k in keys if given.from_file(k)]
+    about = given.name(condition, value)
+    notes = []
+    if typed:
+        where = f" in {given.file}" if given.from_file(condition) else ""
+        names = ", ".join(given.name(k, shown) for k in typed)
+        notes.append(f"{names}: no effect with {about}{where} ({why})")
+    if in_file:
+        names = ", ".join(given.name(k, shown) for k in in_file)
+        verb = "has" if len(in_file) == 1 else "have"
+        notes.append(f"{given.file}: {names} {verb} no effect with {about} ({why})")
+    return notes
+
+
+def _value_at(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -621,6 +685,10 @@ def section_fields() -> list[tuple[str, type, dataclasses.Field]]:
 
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+# `lora.r` -> `--lora-r`: the flag of each config key, for messages about keys
+_FLAGS_OF_KEYS = {f"{sec}.{f.name}": flag_of(f) for sec, _, f in section_fields()}
 
 
 def _one_of(flag: str, value: str) -> tuple[bool, str, str]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import train_args, write_imdb
 from safetensors import safe_open
 
 from imdb_lora import config
@@ -409,3 +409,26 @@ def test_a_lora_rank_above_the_wrapped_layers_dimension_is_one_line(tiny_models,
     err = capsys.readouterr().err
     assert "imdb-lora: error: --lora-r 33 is more than 32, the smallest dimension of the layers" in err
     assert "Traceback" not in err and not out.exists()  # a failed setup leaves nothing behind
+
+
+def test_settings_from_a_config_file_are_said_by_the_file_and_key(tiny_models, imdb_dir, tmp_path, capsys):
+    """A --config file's settings that others leave without effect were not said at all (LoRA settings
+    with method: full), or were named by flags never typed (--cuda-graphs off CUDA, the data refusals'
+    --data): each now names the file and its key."""
+    recipe = tmp_path / "my.yaml"
+    recipe.write_text("train: {method: full, batching: flat, cuda_graphs: true}\nlora: {r: 4}\n")
+    args = train_args(
+        tiny_models("bert"), imdb_dir, tmp_path / "run", "--config", str(recipe), "--epochs", "1"
+    )
+    assert main([*args, "--max-steps", "1", "--no-eval-test-each-epoch"]) == 0
+    err = capsys.readouterr().err
+    assert f"{recipe}: lora.r has no effect with train.method: full (every weight trains; no adapters)" in err
+    assert f"{recipe}: train.cuda_graphs: no effect on cpu with the flat path (CUDA and flat only)" in err
+    small = write_imdb(tmp_path / "small", per_class=1)  # too few reviews: the data refusal
+    recipe.write_text(f"data: {{path: {small}}}\n")
+    model = ["--model", str(tiny_models("bert")), "--device", "cpu", "--max-length", "64"]
+    assert main(["train", "--config", str(recipe), *model, "--output-dir", str(tmp_path / "r2")]) == 2
+    assert (
+        f"{recipe}: data.path {small}: 2 training reviews, all taken by the validation"
+        in capsys.readouterr().err
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import (
     COMPARE_ARM_ENV,
     Config,
+    Given,
     coerce,
     flag_of,
     refuse_file_clashes,
@@ -50,6 +51,11 @@ def _default_text(f) -> str:
     else:
         text = "none" if f.default is None else str(f.default)
     return text.replace("%", "%%")
+
+
+def given_settings(ns: argparse.Namespace, in_file: frozenset[str] = frozenset()) -> Given:
+    """What the command line typed and what its --config file set (`in_file`), for the notes that name them."""
+    return Given(typed_settings(ns), ns.config, in_file)
 
 
 def typed_settings(ns: argparse.Namespace) -> frozenset[str]:
@@ -104,8 +110,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.resume and not ns.output_dir:
         raise UserError("--resume needs --output-dir (the run to continue)")
     saved = Path(ns.output_dir or "") / "config.yaml"
+    in_file: frozenset[str] = frozenset()
     if ns.config:  # under --resume too, so a YAML that changed since the run started is caught
-        base = Config.load(ns.config)
+        base, in_file = Config.load_with_keys(ns.config)
     elif ns.resume and saved.is_file():  # flags alone: the run's own settings, changed only where given
         base = Config.load(saved, flag="--resume")
     else:
@@ -120,7 +127,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         overwrite=ns.overwrite,
         resume=ns.resume,
         started=getattr(ns, "started", None),
-        typed=typed_settings(ns),
+        given=given_settings(ns, in_file),
     )
     for note in notes if trainer.dist.main else []:  # under torchrun, rank 0 says it for all
         print(note, file=sys.stderr, flush=True)

@@ -38,21 +38,33 @@ def stratified_subset(labels: Sequence[int], n: int | None, seed: int) -> list[i
     return sorted(held)
 
 
-def load_splits(data_cfg, seed: int, announce: Callable[[str], None] | None = None) -> Splits:
+def load_splits(
+    data_cfg,
+    seed: int,
+    announce: Callable[[str], None] | None = None,
+    where: Callable[[str], str] | None = None,
+) -> Splits:
     """Train/validation/test for a run, from IMDB or labeled files, subsets applied.
 
     `announce` is told what is about to be read (reading the full IMDB archive takes tens of seconds).
+    `where` names a setting in errors (config.Given.where: `--data`, or `my.yaml: data.path` when a
+    --config file set it); None: by its flag.
     """
     say = announce or (lambda _line: None)
+    where = (
+        where
+        or {"data.path": "--data", "data.train_file": "--train-file", "data.test_file": "--test-file"}.get
+    )
     if data_cfg.train_file:
         files = [f for f in (data_cfg.train_file, data_cfg.test_file) if f]
         say(f"reading {', '.join(files)} ...")
-        train = load_labeled_file(data_cfg.train_file, "--train-file")
-        test = load_labeled_file(data_cfg.test_file, "--test-file") if data_cfg.test_file else None
+        train = load_labeled_file(data_cfg.train_file, where("data.train_file"))
+        test = load_labeled_file(data_cfg.test_file, where("data.test_file")) if data_cfg.test_file else None
         source = {"kind": "files", "files": {f: file_sha256(Path(f).expanduser()) for f in files}}
-        named = f"--train-file {data_cfg.train_file}"
+        named = f"{where('data.train_file')} {data_cfg.train_file}"
     else:
         path, origin = resolve_imdb_source(data_cfg.path)  # a download has its own progress bar
+        origin = where("data.path") if origin == "--data" else origin
         say(f"reading IMDB from {path} ...")
         imdb = load_imdb(path, origin)
         train, test = imdb["train"], imdb["test"]

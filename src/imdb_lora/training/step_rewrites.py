@@ -21,20 +21,24 @@ def step_extras(
     working_copies: bool,
     fused_qkv: bool,
     say: Callable[[str], None],
+    name: Callable[[str], str] | None = None,
 ) -> tuple[WorkingCopies | None, FusedQKV | None]:
     """--bf16-working-copies and --fused-qkv for the training step, built after the model is placed,
     its frozen weights converted and any checkpoint loaded (the copies start from the loaded weights).
-    Flat path only: on another (--pooling mean trains padded) each asked for is said to have no effect."""
+    Flat path only: on another (--pooling mean trains padded) each asked for is said to have no effect.
+    `name`: how a note names a setting's key (config.Given.where: its flag, or a --config file's key)."""
+    flags = {"train.bf16_working_copies": "--bf16-working-copies", "train.fused_qkv": FLAG}
+    name = name or flags.__getitem__
     if path != "flat":
-        for flag, on in (("--bf16-working-copies", working_copies), (FLAG, fused_qkv)):
+        for key, on in (("train.bf16_working_copies", working_copies), ("train.fused_qkv", fused_qkv)):
             if on:
-                say(f"{flag}: no effect with the {path} path (flat only)")
+                say(f"{name(key)}: no effect with the {path} path (flat only)")
         return None, None
     fused = FusedQKV(model) if fused_qkv else None
     dtype = working_dtype(device)
     if working_copies and dtype == torch.float32:  # run, as on CUDA, but they change nothing here
         say(
-            f"--bf16-working-copies: no effect on {device.type} (no autocast: the copies are fp32, the same computation)"
+            f"{name('train.bf16_working_copies')}: no effect on {device.type} (no autocast: the copies are fp32, the same computation)"
         )
     working = WorkingCopies(model, dtype, fused=fused) if working_copies else None
     return working, fused

@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config, differing_fields, duration_seconds, inert_settings
+from ..config import Config, Given, differing_fields, duration_seconds, inert_settings
 from ..data.batches import to_device
 from ..data.splits import load_splits
 from ..data.tokcache import cached_encode
@@ -84,14 +84,15 @@ class Trainer:
         overwrite: bool = False,
         resume: bool = False,
         started: float | None = None,
-        typed: Collection[str] | None = None,
+        given: Given | None = None,
     ):
         """`started`: when the command began (time.monotonic; the CLI's entry), else now: the start of
-        run.json's `time_breakdown`. `typed`: the config keys the command line set (config.inert_settings
-        names only those; None: every setting off its default)."""
+        run.json's `time_breakdown`. `given`: the settings the command line typed and its --config
+        file set (config.Given: the notes on settings left without effect name only those, each where
+        it was written; None: every setting off its default, by its flag)."""
         self.clock = Phases(started)
         self.cfg = cfg
-        self.typed = typed
+        self.given = given
         self.run = RunDir(output_dir)
         self.overwrite = overwrite
         self.resume = resume
@@ -141,7 +142,7 @@ class Trainer:
         self.dist.check(self.cfg)
         self.device = self.dist.start(resolve_device(self.cfg.train.device))
         # before the slow work: a flag left without effect is said at once
-        for note in inert_settings(self.cfg, self.typed):
+        for note in inert_settings(self.cfg, self.given):
             self._say(note)
         try:
             self._check_directory()
@@ -278,7 +279,7 @@ class Trainer:
         """The splits read, tokenized (or found in the token cache) and the --eval-file files read."""
         cfg, d = self.cfg, self.cfg.data
         t0 = time.monotonic()
-        splits = load_splits(d, cfg.train.seed, announce=self._say)
+        splits = load_splits(d, cfg.train.seed, announce=self._say, where=self._where)
         self.data_source = splits.source
         self.examples_available = splits.available
 
@@ -294,6 +295,10 @@ class Trainer:
         self.train_y, self.val_y, self.test_y = splits.train.labels, splits.val.labels, splits.test.labels
         self.eval_files = load_eval_files(d.eval_files)  # reported after training; read now to fail early
         self.data_seconds = time.monotonic() - t0
+
+    def _where(self, key: str) -> str:
+        """A note's name for a setting: its flag, or the --config file and key that set it (config.Given)."""
+        return (self.given or Given()).where(key)
 
     def _say(self, line: str) -> None:
         """A startup line on stderr, like the progress bars (stdout carries the results)."""
@@ -376,7 +381,7 @@ class Trainer:
         graphs = t.cuda_graphs and self.device.type == "cuda" and self.path == "flat"
         if t.cuda_graphs and not graphs:  # asked for, but nothing to capture with here: say so
             self._say(
-                f"--cuda-graphs: no effect on {self.device.type} with the {self.path} path (CUDA and flat only)"
+                f"{self._where('train.cuda_graphs')}: no effect on {self.device.type} with the {self.path} path (CUDA and flat only)"
             )
         self.optimizer = make_optimizer(self.params, t, self.device, captured=graphs)
         self.global_batch = t.batch_size * self.dist.world_size  # --batch-size is per process
@@ -400,7 +405,7 @@ class Trainer:
                     flush=True,
                 )
         self.working, self.fused = step_extras(
-            self.model, self.path, self.device, t.bf16_working_copies, t.fused_qkv, self._say
+            self.model, self.path, self.device, t.bf16_working_copies, t.fused_qkv, self._say, self._where
         )
         self.captured = (
             CapturedSteps(
