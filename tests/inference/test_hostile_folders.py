@@ -240,6 +240,32 @@ def test_truncated_weights_are_one_line_naming_the_folder(trained_run, full_run,
     assert "--model" not in err_out
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["predict", "great film"], ["evaluate"], ["export", "--to", "EXPORT"], ["serve"], ["select"]],
+    ids=lambda c: c[0],
+)
+def test_a_folder_of_runs_names_its_runs(command, tmp_path, capsys):
+    """compare's --output-dir (or runs/) given where one run is meant: one line naming the runs inside,
+    not only 'not an imdb-lora run directory'; nothing is written."""
+    folder = tmp_path / "cmp"
+    for method in ("lora", "full"):
+        (folder / method).mkdir(parents=True)
+        (folder / method / "run.json").write_text('{"status": "finished"}')
+        (folder / method / "config.yaml").write_text("{}")
+    (folder / "comparison.md").write_text("| Method |\n")
+    argv = [command[0], str(folder), *(str(tmp_path / "x") if a == "EXPORT" else a for a in command[1:])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("imdb-lora: error:"), err
+    assert f"{folder} is compare's output folder, not a run" in err
+    assert f"{folder / 'full'}, {folder / 'lora'}" in err
+    assert not (tmp_path / "x").exists()
+    (folder / "comparison.md").unlink()  # runs/ holding runs: the same pointer, without naming compare
+    assert main(argv) == 2
+    assert f"{folder} is a folder of runs, not a run" in capsys.readouterr().err
+
+
 def test_missing_weights_or_tokenizer_files_are_one_line(
     trained_run, merged_export, tmp_path, capsys, monkeypatch
 ):

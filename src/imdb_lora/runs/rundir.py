@@ -256,7 +256,7 @@ class RunDir:
             raise UserError(f"no such run directory: {self.path}")
         info = self.read_status()
         if not info or not self.config_path.is_file():
-            raise UserError(f"{self.path} is not an imdb-lora run directory (no run.json/config.yaml)")
+            raise UserError(self.not_a_run_message())
         if info.get("status") != "finished":
             # "running" is also what a copy taken while training went on says: no final weights yet
             how = (
@@ -271,6 +271,19 @@ class RunDir:
         if not self.weights_dir(info.get("method", "lora")).is_dir():
             raise UserError(f"{self.path} has no {self.weights_dir(info.get('method', 'lora')).name}/ folder")
         return info
+
+    def not_a_run_message(self) -> str:
+        """Why this folder is no run; a folder of runs (compare's output, or runs/) names them, since a
+        user who gives `compare --output-dir`'s folder to predict/evaluate/export/serve means one of them."""
+        try:
+            runs = sorted(p for p in self.path.iterdir() if p.is_dir() and RunDir(p).is_run())
+        except OSError:  # unreadable: say what is known
+            runs = []
+        if not runs:
+            return f"{self.path} is not an imdb-lora run directory (no run.json/config.yaml)"
+        shown = ", ".join(str(p) for p in runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
+        what = "compare's output folder" if (self.path / "comparison.md").is_file() else "a folder of runs"
+        return f"{self.path} is {what}, not a run; give one of its runs: {shown}"
 
     # ------------------------------------------------------------ weights
 
