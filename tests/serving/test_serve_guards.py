@@ -452,6 +452,20 @@ def test_allowed_hosts_follow_the_bind_address_and_the_flag():
             allowed_hosts("0.0.0.0", bad)
 
 
+def test_an_ipv6_host_in_brackets_is_bound_as_the_address(trained_run, monkeypatch, capsys):
+    """--host [::1], as a URL writes it: bound as ::1, loopback (no 'reachable' warning, the loopback Host
+    names); it was a false warning, then 'cannot listen on [::1]' (Name or service not known)."""
+    calls = []
+    monkeypatch.setattr(server_module, "serve", lambda app, host, *a: calls.append((app, host)))
+    assert main(["serve", str(trained_run), "--device", "cpu", "--host", "[::1]"]) == 0
+    (app, host), out = calls[0], capsys.readouterr().out
+    assert host == "::1" and "warning" not in out
+    with TestClient(app, base_url="http://rebind.example") as c:
+        assert c.get("/health").status_code == 400  # loopback: only loopback Host names
+    assert main(["serve", str(trained_run), "--host", "[localhost]"]) == 2
+    assert "--host [localhost]: only an IPv6 address goes in brackets" in capsys.readouterr().err
+
+
 def test_serve_cli_wires_the_host_check_and_the_new_limits(trained_run, monkeypatch):
     ns = build_parser().parse_args(["serve", "run"])
     assert ns.body_timeout == 10 and ns.max_connections == 1000 and ns.allowed_hosts is None

@@ -132,9 +132,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     settings = settings_from_args(ns)
     if not 0 <= ns.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (got {ns.port})")
-    from ..serving.server import allowed_hosts, is_loopback, serve
+    from ..serving.server import allowed_hosts, bind_address, is_loopback, serve
 
-    hosts = allowed_hosts(ns.host, ns.allowed_hosts)  # a flag mistake fails before the model loads
+    host = bind_address(ns.host)
+    hosts = allowed_hosts(host, ns.allowed_hosts)  # a flag mistake fails before the model loads
     require_directories(ns.model)
     from ..inference.classifier import Classifier
     from ..serving.app import create_app
@@ -142,9 +143,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     clf = Classifier.load(
         ns.model, device=ns.device, base_model=ns.base_model, raw=ns.raw, max_batch_tokens=ns.max_batch_tokens
     )
-    if not is_loopback(ns.host):
-        print(f"warning: --host {ns.host} makes the service reachable from other machines", flush=True)
+    if not is_loopback(host):
+        print(f"warning: --host {host} makes the service reachable from other machines", flush=True)
     # said after the line with the URL, which stays the first (scripts read it)
     about = f"loaded {ns.model}: {clf.describe()}"
-    serve(create_app(clf, settings, hosts), ns.host, ns.port, ns.log_level, about)
+    serve(create_app(clf, settings, hosts), host, ns.port, ns.log_level, about)
     return 0

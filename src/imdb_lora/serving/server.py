@@ -50,6 +50,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_address(host: str) -> str:
+    """--host as bind() takes it: an IPv6 address written as in a URL, [::1], loses its brackets (bound
+    as given, it was "Name or service not known", after a warning that [::1] is not loopback)."""
+    if not (host.startswith("[") and host.endswith("]")):
+        return host
+    try:
+        return str(ipaddress.IPv6Address(host[1:-1]))
+    except ValueError:
+        raise UserError(f"--host {host}: only an IPv6 address goes in brackets (e.g. [::1])") from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
