@@ -407,7 +407,7 @@ def _in_file(text: str, tmp_path, typed: frozenset[str] = frozenset()) -> list[s
 @pytest.mark.parametrize(
     "text, said",
     [
-        ("train: {method: full}\nlora: {r: 4, alpha: 8}\n",
+        ("train: {method: full}\nlora: {r: 4, alpha: 16}\n",
          "my.yaml: lora.r, lora.alpha have no effect with train.method: full (every weight trains; no adapters)"),
         ("lora: {target_modules: [query], targets: [ffn]}\n",
          "my.yaml: lora.targets has no effect with lora.target_modules (the modules it names are wrapped instead)"),
@@ -433,6 +433,27 @@ def test_a_typed_flag_overrides_the_files_setting_quietly_and_names_the_files_co
     assert _in_file(text, tmp_path, frozenset({"train.method"})) == []
     assert _in_file(text, tmp_path, frozenset({"lora.r"})) == [
         "--lora-r: no effect with train.method: full in my.yaml (every weight trains; no adapters)"
+    ]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_runs_own_config_yaml_rerun_as_config_says_nothing_inert(tmp_path, method):
+    """A run's config.yaml (its recipe, `train --config runs/x/config.yaml`) writes every setting out:
+    at their defaults, a default run's head_tokens (truncation head) and a full run's LoRA section were
+    said on every rerun, though the run is the same with them or without them. A value off its default
+    in the same file is still said."""
+    cfg = Config()
+    cfg.train.method = method
+    cfg.save(tmp_path / "config.yaml")
+    from imdb_lora.config import Given, inert_settings
+
+    loaded, keys = Config.load_with_keys(tmp_path / "config.yaml")
+    assert inert_settings(loaded.validate(), Given(frozenset(), "config.yaml", keys)) == []
+    cfg.data.head_tokens = 32
+    cfg.save(tmp_path / "config.yaml")
+    loaded, keys = Config.load_with_keys(tmp_path / "config.yaml")
+    assert inert_settings(loaded.validate(), Given(frozenset(), "config.yaml", keys)) == [
+        "config.yaml: data.head_tokens has no effect with data.truncation: head (head_tail only)"
     ]
 
 

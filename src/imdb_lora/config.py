@@ -489,15 +489,25 @@ def _inert(
 ) -> list[str]:
     """The notes for `keys` left without effect by the setting `by` (its key, and its value as said; `shown`:
     the inert keys' value as said): one for those typed, one for those the --config file set, unless a
-    typed flag set `by` (an override of the file: its value then has no use)."""
+    typed flag set `by` (an override of the file: its value then has no use). A file's value at its
+    default is not said: the run is the same with it or without it, and a run's own config.yaml given as
+    --config (its recipe, rerun) writes every setting out, so a default run's head_tokens would be said
+    on every rerun."""
     condition, value = by
+    defaults = Config()
     if given is None:  # built in code: every value off its default, named by its flag
-        defaults, given = Config(), Given()
+        given = Given()
         typed = [k for k in keys if _value_at(cfg, k) != _value_at(defaults, k)]
         in_file: list[str] = []
     else:
         typed = [k for k in keys if k in given.typed]
-        in_file = [] if condition in given.typed else [k for k in keys if given.from_file(k)]
+        in_file = [
+            k
+            for k in keys
+            if condition not in given.typed
+            and given.from_file(k)
+            and _value_at(cfg, k) != _value_at(defaults, k)
+        ]
     about = given.name(condition, value)
     notes = []
     if typed:
