@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from imdb_lora.cli import main
+from imdb_lora.errors import UserError
 from imdb_lora.scale import sources
 
 pa = pytest.importorskip("pyarrow")
@@ -641,3 +642,16 @@ def test_a_file_named_twice_is_refused_in_one_line(tmp_path, twice):
     ):
         sources.list_sources([first, str(second)])
     assert [s.uri for s in sources.list_sources([str(tmp_path / "in")])] == [str(tmp_path / "in" / "a.jsonl")]
+
+
+def test_a_worker_larger_than_the_ray_cluster_is_refused():
+    """--cpus-per-worker 64 on a 2-CPU Ray cluster: one line, not a job that waits for ever (it did, with
+    Ray's autoscaler logging 'No available node types can fulfill resource request' every ~35 s)."""
+    from imdb_lora.scale.engines import pool_size
+
+    assert pool_size({"CPU": 2.0}, 1.0, 0) == 2 and pool_size({"CPU": 2.0}, 2.0, 0) == 1
+    with pytest.raises(UserError, match=r"^--cpus-per-worker 64: the Ray cluster has 2.0 CPUs$"):
+        pool_size({"CPU": 2.0}, 64.0, 0)
+    with pytest.raises(UserError, match="--num-gpus-per-worker 1"):
+        pool_size({"CPU": 2.0}, 1.0, 1.0)
+    assert pool_size({"CPU": 8.0, "GPU": 2.0}, 1.0, 1.0) == 2

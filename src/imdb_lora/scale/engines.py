@@ -368,7 +368,8 @@ def _run_ray(
     console_without_tracebacks(logging.getLogger("ray.data"))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output files in input order
-    size = workers or pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)
+    fit = pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)  # also with --workers
+    size = workers or fit
     ds = ray.data.from_items([{"uri": s.uri, "format": s.format} for s in job.sources])
     # Reading and writing are light next to the model: they take no CPU slot from the actors.
     ds = ds.map_batches(
@@ -481,7 +482,13 @@ def read_files(batch, rows: int, text_column: str, max_chars: int = MAX_CHARS, e
 
 
 def pool_size(resources: dict[str, float], cpus: float, gpus: float) -> int:
-    """As many actors as the cluster holds: by GPUs when workers take GPUs, else by CPUs."""
+    """As many actors as the cluster holds: by GPUs when workers take GPUs, else by CPUs. A worker the
+    cluster cannot hold at all is refused: Ray would wait for it for ever, logging only its autoscaler's
+    "No available node types can fulfill resource request" every half minute."""
+    if resources.get("CPU", 0) < cpus:
+        raise UserError(
+            f"--cpus-per-worker {cpus:g}: the Ray cluster has {counted(resources.get('CPU', 0), 'CPU')}"
+        )
     if gpus:
         fit = resources.get("GPU", 0) // gpus
         if fit < 1:
@@ -489,7 +496,7 @@ def pool_size(resources: dict[str, float], cpus: float, gpus: float) -> int:
                 f"--num-gpus-per-worker {gpus}: the Ray cluster has {counted(resources.get('GPU', 0), 'GPU')}"
             )
         return int(fit)
-    return max(1, int(resources.get("CPU", 1) // cpus))
+    return int(resources["CPU"] // cpus)
 
 
 def _chain(e: BaseException | None):
