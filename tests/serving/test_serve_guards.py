@@ -458,12 +458,23 @@ def test_an_ipv6_host_in_brackets_is_bound_as_the_address(trained_run, monkeypat
     calls = []
     monkeypatch.setattr(server_module, "serve", lambda app, host, *a: calls.append((app, host)))
     assert main(["serve", str(trained_run), "--device", "cpu", "--host", "[::1]"]) == 0
-    (app, host), out = calls[0], capsys.readouterr().out
-    assert host == "::1" and "warning" not in out
+    (app, host), said = calls[0], capsys.readouterr()
+    assert host == "::1" and "warning" not in said.out + said.err
     with TestClient(app, base_url="http://rebind.example") as c:
         assert c.get("/health").status_code == 400  # loopback: only loopback Host names
     assert main(["serve", str(trained_run), "--host", "[localhost]"]) == 2
     assert "--host [localhost]: only an IPv6 address goes in brackets" in capsys.readouterr().err
+
+
+def test_the_exposed_host_warning_goes_to_stderr_so_the_url_stays_stdouts_first_line(
+    trained_run, monkeypatch, capsys
+):
+    """Scripts read serve's first stdout line for the URL: the warning for a non-loopback --host came first."""
+    monkeypatch.setattr(server_module, "serve", lambda *a: print("serving on http://x"))
+    assert main(["serve", str(trained_run), "--device", "cpu", "--host", "0.0.0.0"]) == 0
+    said = capsys.readouterr()
+    assert said.out.splitlines()[0] == "serving on http://x"
+    assert "warning: --host 0.0.0.0 makes the service reachable from other machines" in said.err
 
 
 def test_serve_cli_wires_the_host_check_and_the_new_limits(trained_run, monkeypatch):

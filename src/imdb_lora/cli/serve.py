@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import UserError
 from ..extras import require
@@ -143,8 +144,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     clf = Classifier.load(
         ns.model, device=ns.device, base_model=ns.base_model, raw=ns.raw, max_batch_tokens=ns.max_batch_tokens
     )
-    if not is_loopback(host):
-        print(f"warning: --host {host} makes the service reachable from other machines", flush=True)
+    if not is_loopback(host):  # stderr: stdout's first line stays the URL, which scripts read
+        print(
+            f"warning: --host {host} makes the service reachable from other machines",
+            file=sys.stderr,
+            flush=True,
+        )
     # said after the line with the URL, which stays the first (scripts read it)
     about = f"loaded {ns.model}: {clf.describe()}"
     serve(create_app(clf, settings, hosts), host, ns.port, ns.log_level, about)
