@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..config import Given
 from ..errors import UserError, counted
 from .files import load_labeled_file
 from .imdb import describe_source, file_sha256, load_imdb, resolve_imdb_source
@@ -51,10 +52,7 @@ def load_splits(
     --config file set it); None: by its flag.
     """
     say = announce or (lambda _line: None)
-    where = (
-        where
-        or {"data.path": "--data", "data.train_file": "--train-file", "data.test_file": "--test-file"}.get
-    )
+    where = where or Given().where  # by its flag
     if data_cfg.train_file:
         files = [f for f in (data_cfg.train_file, data_cfg.test_file) if f]
         say(f"reading {', '.join(files)} ...")

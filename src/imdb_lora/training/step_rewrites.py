@@ -10,7 +10,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from .fused import FLAG, FusedQKV
+from ..config import Given
+from .fused import FusedQKV
 from .working import WorkingCopies, working_dtype
 
 
@@ -27,8 +28,7 @@ def step_extras(
     its frozen weights converted and any checkpoint loaded (the copies start from the loaded weights).
     Flat path only: on another (--pooling mean trains padded) each asked for is said to have no effect.
     `name`: how a note names a setting's key (config.Given.where: its flag, or a --config file's key)."""
-    flags = {"train.bf16_working_copies": "--bf16-working-copies", "train.fused_qkv": FLAG}
-    name = name or flags.__getitem__
+    name = name or Given().where  # by its flag
     if path != "flat":
         for key, on in (("train.bf16_working_copies", working_copies), ("train.fused_qkv", fused_qkv)):
             if on:
