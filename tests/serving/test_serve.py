@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import sys
 
 import httpx
 import pytest
@@ -9,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from imdb_lora.cli import build_parser, main
 from imdb_lora.inference.classifier import Classifier
-from imdb_lora.serving.app import ServeSettings, create_app
+from imdb_lora.serving.app import ServeSettings, create_app, nesting_exceeds
 from imdb_lora.serving.batcher import Batcher
 
 LIMITS = ServeSettings(max_body_bytes=4000, max_texts=4, max_chars=200, max_batch=8, max_wait_ms=20)
@@ -122,7 +123,8 @@ def test_a_compressed_body_or_another_charset_is_415(client, headers, why):
 @pytest.mark.parametrize(
     "body, why",
     [
-        ("[" * 1500 + "]" * 1500, "nested too deeply"),
+        ("[" * 1500 + "]" * 1500, "nested too deeply (more than 100 levels)"),
+        ("[" * 101 + "]" * 101, "nested too deeply (more than 100 levels)"),
         (b'{"texts": ["\xff"]}', "not UTF-8"),
         (json.dumps({"texts": ["good"]}).encode("utf-16"), "not UTF-8"),  # was read: JSON is UTF-8
         ('{"texts": ["awful"], "texts": ["great"]}', 'key "texts" given twice'),  # the last one won
@@ -136,6 +138,37 @@ def test_bodies_json_cannot_parse_are_422_invalid_json_saying_why(client, body, 
     assert (
         assert_clean_error(r, 422, "invalid_json")["message"] == f"the request body is not valid JSON: {why}"
     )
+
+
+def test_nesting_is_refused_by_its_own_bound_whatever_the_recursion_limit(client):
+    # torch's compiler raises the recursion limit to 2,000: json.loads then read 1,500 levels, and
+    # the answer was pydantic's, not "nested too deeply" (failed in the full suite, passed alone)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)
+    try:
+        body = "[" * 1500 + "]" * 1500
+        r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    finally:
+        sys.setrecursionlimit(limit)
+    assert assert_clean_error(r, 422, "invalid_json")["message"].endswith(
+        "nested too deeply (more than 100 levels)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, deeper",
+    [
+        ("[" * 100 + "]" * 100, False),
+        ("[" * 101 + "]" * 101, True),
+        ("{" * 60 + "[" * 41, True),  # arrays and objects count alike
+        (json.dumps({"texts": ["[" * 500 + "{" * 500]}), False),  # brackets in a string are text
+        (json.dumps({"texts": ['he said \\"[' * 200]}), False),  # escaped quotes do not end it
+        ('"' + '\\"' * 200 + "[" * 101, False),  # an unterminated string runs to the end
+        ("]" * 200 + "[" * 50, False),
+    ],
+)
+def test_nesting_exceeds_counts_levels_outside_strings(text, deeper):
+    assert nesting_exceeds(text, 100) is deeper
 
 
 def test_a_text_of_control_characters_is_refused(client):
