@@ -498,11 +498,151 @@ def test_a_resume_does_not_name_its_saved_settings_inert(tmp_path, capsys):
     assert "no effect" not in err and "holds no resumable run" in err, err
 
 
-def test_head_tokens_from_a_config_under_a_shorter_max_length_names_both_flags(capsys):
+def test_head_tokens_from_a_config_under_a_shorter_max_length_names_the_key_and_the_flag(capsys):
     """minilm-quick's head_tokens 64 with --max-length 64 typed: the refusal named only --head-tokens,
-    which the user had not typed, and `max_length - 2` without its value."""
+    which the user had not typed, and `max_length - 2` without its value; then --head-tokens beside
+    --max-length, though the recipe set it."""
     from imdb_lora.cli import main
 
     assert main(["train", "--config", "minilm-quick", "--max-length", "64"]) == 2
     err = capsys.readouterr().err
-    assert "--head-tokens must be in (0, 62): below --max-length 64 less its 2 special tokens (got 64)" in err
+    said = "minilm-quick: data.head_tokens must be in (0, 62): below --max-length 64 less its 2 special tokens (got 64)"
+    assert said in err
+
+
+# A refusal of a --config file's value: (the file's text, the same value as flags, the refusal's rest after
+# its subject, as the file's key and as the flag). Each refusal validate() makes, in its kinds.
+FILE_REFUSALS = [
+    ("lora: {r: 0}", ["--lora-r", "0"], "lora.r", "--lora-r", " must be a positive integer (got 0)"),
+    (
+        "train: {batching: flta}",
+        ["--batching", "flta"],
+        "train.batching",
+        "--batching",
+        " must be auto, padded, packed or flat (got 'flta'); did you mean flat?",
+    ),
+    (
+        "train: {max_time: soon}",
+        ["--max-time", "soon"],
+        "train.max_time",
+        "--max-time",
+        " must be a duration: ",
+    ),
+    (
+        f"data: {{path: {'x' * 300}}}",
+        ["--data", "x" * 300],
+        "data.path",
+        "--data",
+        ": not a usable path: a name of 300 bytes",
+    ),
+    (
+        "data: {eval_files: [no-such.csv, no-such.csv]}",
+        ["--eval-file", "no-such.csv", "--eval-file", "no-such.csv"],
+        "data.eval_files",
+        "--eval-file",
+        " no-such.csv is given twice; list each file once",
+    ),
+    (
+        "train: {weight_decay: 2500}",
+        ["--weight-decay", "2500"],
+        "train.weight_decay",
+        "--weight-decay",
+        " 2500 times --lr 0.0004 must be below 1: AdamW multiplies",
+    ),
+    (
+        "lora: {targets: [ffm]}",
+        ["--lora-targets", "ffm"],
+        "lora.targets",
+        "--lora-targets",
+        f": unknown role(s) ['ffm']; choose from {ROLES}; did you mean ffn?",
+    ),
+    (
+        "train: {cuda_graphs: true}",
+        ["--cuda-graphs"],
+        "train.cuda_graphs",
+        "--cuda-graphs",
+        " needs --batching flat (got True)",
+    ),
+]
+
+
+def _train_refusal(capsys, *args: str) -> str:
+    """The one line `train` refuses `args` with (before any model or data is looked for)."""
+    from imdb_lora.cli import main
+
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err.removeprefix("imdb-lora: error: ").strip()
+
+
+@pytest.mark.parametrize("text, flags, key, flag, rest", FILE_REFUSALS, ids=[r[2] for r in FILE_REFUSALS])
+def test_a_refused_config_file_value_names_the_file_and_key(
+    tmp_path, monkeypatch, capsys, text, flags, key, flag, rest
+):
+    """`train --config my.yaml` whose file set `lora: {r: 0}` was refused naming --lora-r, a flag never
+    typed. The same value typed is named by its flag, as is a typed flag over the file's value."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text(text + "\n")
+    assert _train_refusal(capsys, "--config", "my.yaml").startswith(f"my.yaml: {key}{rest}")
+    assert _train_refusal(capsys, *flags).startswith(f"{flag}{rest}")
+    assert _train_refusal(capsys, "--config", "my.yaml", *flags).startswith(f"{flag}{rest}")
+
+
+def test_the_other_setting_a_refusal_names_says_where_it_came_from(tmp_path, monkeypatch, capsys):
+    """--weight-decay times --lr, and --head-tokens below --max-length: each side as it was given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr.yaml").write_text("train: {lr: 0.5}\n")
+    (tmp_path / "both.yaml").write_text("train: {lr: 0.5, weight_decay: 2500}\n")
+    assert _train_refusal(capsys, "--config", "lr.yaml", "--weight-decay", "2500").startswith(
+        "--weight-decay 2500 times train.lr 0.5 in lr.yaml must be below 1"
+    )
+    assert _train_refusal(capsys, "--config", "both.yaml").startswith(
+        "both.yaml: train.weight_decay 2500 times train.lr 0.5 must be below 1"
+    )
+    assert _train_refusal(capsys, "--config", "both.yaml", "--lr", "0.1").startswith(
+        "both.yaml: train.weight_decay 2500 times --lr 0.1 must be below 1"
+    )
+    (tmp_path / "ht.yaml").write_text("data: {truncation: head_tail, max_length: 64, head_tokens: 100}\n")
+    bound = "must be in (0, 62): below"
+    assert _train_refusal(capsys, "--config", "ht.yaml") == (
+        f"ht.yaml: data.head_tokens {bound} data.max_length 64 less its 2 special tokens (got 100)"
+    )
+    assert _train_refusal(capsys, "--config", "ht.yaml", "--head-tokens", "90") == (
+        f"--head-tokens {bound} data.max_length 64 in ht.yaml less its 2 special tokens (got 90)"
+    )
+
+
+def test_compare_names_a_refused_config_file_value_by_the_file_and_key(tmp_path, monkeypatch):
+    """compare checks both methods' settings before the first trains, naming them as each `train` will."""
+    from imdb_lora.cli.compare import method_configs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text("lora: {r: 0}\ntrain: {weight_decay: 2500, method: full}\n")
+    lrs = {"lora": None, "full": None}
+    with pytest.raises(UserError, match=r"^my\.yaml: lora\.r must be a positive integer \(got 0\)$"):
+        method_configs(["--config", "my.yaml"], lrs)
+    with pytest.raises(UserError, match=r"^--lora-r must be a positive integer \(got -1\)$"):
+        method_configs(["--config", "my.yaml", "--lora-r", "-1"], lrs)
+    # the LoRA arm's rate is --lora-lr's, given to its `train` as --lr
+    with pytest.raises(UserError, match=r"^my\.yaml: train\.weight_decay 2500 times --lr 0\.001 must"):
+        method_configs(["--config", "my.yaml", "--lora-r", "4"], {"lora": 1e-3, "full": None})
+
+
+def test_a_saved_config_yaml_names_its_invalid_setting_by_key(tmp_path):
+    """A run's config.yaml was refused naming a flag: `.../config.yaml: a saved setting is invalid:
+    --lora-r must be ...`; no flag was typed, the file holds lora.r."""
+    (tmp_path / "config.yaml").write_text("lora: {r: 0}\ndata: {truncation: head_tail, max_length: 64}\n")
+    with pytest.raises(UserError) as e:
+        Config.load_saved(tmp_path / "config.yaml")
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'config.yaml'}: a saved setting is invalid: lora.r must be a positive integer (got 0)"
+    )
+    (tmp_path / "config.yaml").write_text(
+        "data: {truncation: head_tail, max_length: 64}\n"
+    )  # head_tokens 128: default
+    with pytest.raises(
+        UserError, match=r"is invalid: data\.head_tokens must be in \(0, 62\): below data\.max_length 64 less"
+    ):
+        Config.load_saved(tmp_path / "config.yaml")

@@ -52,13 +52,13 @@ def config_file(value: str | os.PathLike) -> Path:
 # Roles LoRA can target; model.py maps each to module names per architecture.
 LORA_ROLES = ("attention_qkv", "attention_output", "ffn", "pooler", "word_embeddings")
 
-# The closed sets of values some fields take, by flag: a value outside one is refused naming the close
-# one (`--batching flta` ... did you mean flat?), as argparse's choices are.
+# The closed sets of values some fields take, by config key: a value outside one is refused naming the
+# close one (`--batching flta` ... did you mean flat?), as argparse's choices are.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "--pooling": ("cls", "mean"),
-    "--truncation": ("head", "head_tail"),
-    "--method": ("lora", "full"),
-    "--batching": ("auto", "padded", "packed", "flat"),
+    "model.pooling": ("cls", "mean"),
+    "data.truncation": ("head", "head_tail"),
+    "train.method": ("lora", "full"),
+    "train.batching": ("auto", "padded", "packed", "flat"),
 }
 
 
@@ -246,99 +246,110 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> Config:
-        """Raise UserError naming the flag of the first invalid field."""
+    def validate(self, given: Given | None = None) -> Config:
+        """Raise UserError naming the first invalid field as it was given (`given`, config.Given): by its
+        flag (`--lora-r`), or by the --config file and key that set it (`my.yaml: lora.r`). None: every
+        field by its flag (a config built in code, or from flags alone)."""
+        given = given or Given()
         m, lo, d, t = self.model, self.lora, self.data, self.train
+        max_length = _beside(given, "data.max_length", d.max_length, "data.head_tokens")
         checks = [
-            (bool(m.name), "--model", "must not be empty"),
-            _one_of("--pooling", m.pooling),
-            (lo.r >= 1, "--lora-r", "must be a positive integer"),
-            (0 < lo.alpha < math.inf, "--lora-alpha", "must be a positive number"),
+            (bool(m.name), "model.name", "must not be empty"),
+            _one_of("model.pooling", m.pooling),
+            (lo.r >= 1, "lora.r", "must be a positive integer"),
+            (0 < lo.alpha < math.inf, "lora.alpha", "must be a positive number"),
             (
                 lo.r < 1 or lora_scale(lo.alpha, lo.r, lo.rslora) <= MAX_LORA_SCALE,
-                "--lora-alpha",
+                "lora.alpha",
                 f"must keep the LoRA scale (alpha/sqrt(r) with --rslora, alpha/r without) at most "
                 f"{MAX_LORA_SCALE:g}",
             ),
-            (0 <= lo.dropout < 1, "--lora-dropout", "must be in [0, 1)"),
-            (bool(lo.targets) or bool(lo.target_modules), "--lora-targets", "needs at least one role"),
-            (0 < d.val_size < 1, "--val-size", "must be a fraction in (0, 1)"),
-            (d.max_train_samples is None or d.max_train_samples >= 2, "--max-train-samples", "must be >= 2"),
-            (d.max_eval_samples is None or d.max_eval_samples >= 2, "--max-eval-samples", "must be >= 2"),
-            (8 <= d.max_length <= 8192, "--max-length", "must be between 8 and 8192"),
-            _one_of("--truncation", d.truncation),
+            (0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+            (bool(lo.targets) or bool(lo.target_modules), "lora.targets", "needs at least one role"),
+            (0 < d.val_size < 1, "data.val_size", "must be a fraction in (0, 1)"),
+            (
+                d.max_train_samples is None or d.max_train_samples >= 2,
+                "data.max_train_samples",
+                "must be >= 2",
+            ),
+            (d.max_eval_samples is None or d.max_eval_samples >= 2, "data.max_eval_samples", "must be >= 2"),
+            (8 <= d.max_length <= 8192, "data.max_length", "must be between 8 and 8192"),
+            _one_of("data.truncation", d.truncation),
             (
                 d.truncation != "head_tail" or 0 < d.head_tokens < d.max_length - 2,
-                "--head-tokens",
-                f"must be in (0, {d.max_length - 2}): below --max-length {d.max_length} less its 2 special tokens",
+                "data.head_tokens",
+                f"must be in (0, {d.max_length - 2}): below {max_length} less its 2 special tokens",
             ),
-            (d.test_file is None or d.train_file is not None, "--test-file", "needs --train-file"),
-            _one_of("--method", t.method),
-            (t.epochs >= 1, "--epochs", "must be >= 1"),
-            (t.max_steps is None or t.max_steps >= 1, "--max-steps", "must be >= 1"),
-            (0 <= t.seed < 2**32, "--seed", "must be in [0, 2**32)"),  # numpy's and CUDA's seed range
-            _one_of("--batching", t.batching),
-            (not t.cuda_graphs or t.batching == "flat", "--cuda-graphs", "needs --batching flat"),
+            (d.test_file is None or d.train_file is not None, "data.test_file", "needs --train-file"),
+            _one_of("train.method", t.method),
+            (t.epochs >= 1, "train.epochs", "must be >= 1"),
+            (t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1"),
+            (0 <= t.seed < 2**32, "train.seed", "must be in [0, 2**32)"),  # numpy's and CUDA's seed range
+            _one_of("train.batching", t.batching),
+            (not t.cuda_graphs or t.batching == "flat", "train.cuda_graphs", "needs --batching flat"),
             (
                 not t.bf16_working_copies or (t.batching == "flat" and t.method == "lora"),
-                "--bf16-working-copies",
+                "train.bf16_working_copies",
                 "needs --batching flat and --method lora",
             ),
             (
                 not t.fused_qkv or (t.batching == "flat" and t.method == "lora"),
-                "--fused-qkv",
+                "train.fused_qkv",
                 "needs --batching flat and --method lora",
             ),
-            (t.batch_size >= 1, "--batch-size", "must be >= 1"),
-            (t.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
+            (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1"),
             (
                 t.lr is None or 0 < t.lr < 1,
-                "--lr",
+                "train.lr",
                 "must be a number in (0, 1): AdamW moves each weight by about lr a step",
             ),
-            (0 <= t.weight_decay < math.inf, "--weight-decay", "must be a number >= 0"),
-            (0 <= t.warmup_ratio < 1, "--warmup-ratio", "must be in [0, 1)"),
-            (0 <= t.max_grad_norm < math.inf, "--max-grad-norm", "must be a number >= 0"),
-            (0 <= t.label_smoothing < 1, "--label-smoothing", "must be in [0, 1)"),
-            (t.checkpoint_every >= 0, "--checkpoint-every", "must be >= 0"),
-            (0 <= t.ema_decay < 1, "--ema-decay", "must be in [0, 1) (0: off)"),
+            (0 <= t.weight_decay < math.inf, "train.weight_decay", "must be a number >= 0"),
+            (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
+            (0 <= t.max_grad_norm < math.inf, "train.max_grad_norm", "must be a number >= 0"),
+            (0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
+            (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+            (0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0: off)"),
             (
                 t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-                "--device",
+                "train.device",
                 "must be auto, cpu or cuda[:N]",
             ),
         ]
         if t.max_time is not None:
-            duration_seconds(t.max_time)  # raises naming --max-time
-        for ok, flag, msg in checks:
+            duration_seconds(t.max_time, given.where("train.max_time"))
+        for ok, key, msg in checks:
             if not ok:
-                value = _value_of(self, flag)
-                hint = did_you_mean(value, CHOICES[flag]) if flag in CHOICES else ""
-                raise UserError(f"{flag} {msg} (got {value!r}){hint}")
-        paths = [("--model", m.name), ("--data", d.path), ("--train-file", d.train_file)]
-        paths += [("--test-file", d.test_file), *(("--eval-file", f) for f in d.eval_files)]
-        for flag, path in paths:
+                value = _value_at(self, key)
+                hint = did_you_mean(value, CHOICES[key]) if key in CHOICES else ""
+                raise UserError(f"{given.where(key)} {msg} (got {value!r}){hint}")
+        paths = [("model.name", m.name), ("data.path", d.path), ("data.train_file", d.train_file)]
+        paths += [("data.test_file", d.test_file), *(("data.eval_files", f) for f in d.eval_files)]
+        for key, path in paths:
             problem = path and path_problem(path)
             if problem:
-                raise UserError(f"{flag}: not a usable path: {problem}")
+                raise UserError(f"{given.where(key)}: not a usable path: {problem}")
         # Local paths become absolute, so a run directory works from any working directory.
         m.name = _absolute_if_local(m.name)
         d.path, d.train_file, d.test_file = map(_absolute_if_local, (d.path, d.train_file, d.test_file))
         d.eval_files = [_absolute_if_local(f) for f in d.eval_files]
         twice = sorted({f for f in d.eval_files if d.eval_files.count(f) > 1})
         if twice:  # it would be evaluated, and reported, once per mention
-            raise UserError(f"--eval-file {twice[0]} is given twice; list each file once")
+            raise UserError(
+                f"{given.where('data.eval_files')} {twice[0]} is given twice; list each file once"
+            )
         if t.lr is None:  # LoRA matrices start at zero and need a far larger step than full weights
             t.lr = 4e-4 if t.method == "lora" else 2e-5
         if t.lr * t.weight_decay >= 1:  # AdamW scales each weight by 1 - lr * weight_decay a step
+            lr = _beside(given, "train.lr", f"{t.lr:g}", "train.weight_decay")
             raise UserError(
-                f"--weight-decay {t.weight_decay:g} times --lr {t.lr:g} must be below 1: AdamW multiplies every "
-                "weight by 1 - lr * weight_decay each step"
+                f"{given.where('train.weight_decay')} {t.weight_decay:g} times {lr} must be below 1: AdamW "
+                "multiplies every weight by 1 - lr * weight_decay each step"
             )
         bad = [r for r in lo.targets if r not in LORA_ROLES]
         if bad:
             raise UserError(
-                f"--lora-targets: unknown role(s) {bad}; choose from {', '.join(LORA_ROLES)}"
+                f"{given.where('lora.targets')}: unknown role(s) {bad}; choose from {', '.join(LORA_ROLES)}"
                 f"{did_you_mean(bad, LORA_ROLES)}"
             )
         return self
@@ -408,10 +419,11 @@ class Config:
     @classmethod
     def load_saved(cls, path: str | os.PathLike) -> Config:
         """The config.yaml of a run or an export, held to the same checks as the flags that made it: a
-        hand-edited or foreign file fails here in one line, not later as a traceback mid-request."""
+        hand-edited or foreign file fails here in one line, not later as a traceback mid-request, naming
+        the setting by its key in that file (`lora.r`), as no flag was typed."""
         cfg = cls.load(path, flag=None)
         try:
-            return cfg.validate()
+            return cfg.validate(Given(in_file=frozenset(_FLAGS_OF_KEYS)))  # every key: the file's
         except UserError as e:
             raise UserError(f"{path}: a saved setting is invalid: {e}") from None
 
@@ -436,8 +448,11 @@ class Given:
         return key in self.in_file and key not in self.typed
 
     def where(self, key: str) -> str:
-        """A note's subject: `--cuda-graphs` as typed (or built in code), `my.yaml: train.cuda_graphs` from the file."""
-        return f"{self.file}: {key}" if self.from_file(key) else _FLAGS_OF_KEYS[key]
+        """A note's subject: `--cuda-graphs` as typed (or built in code), `my.yaml: train.cuda_graphs` from
+        the file (`train.cuda_graphs` alone where no file is named: a message that names it itself)."""
+        if not self.from_file(key):
+            return _FLAGS_OF_KEYS[key]
+        return f"{self.file}: {key}" if self.file else key
 
     def name(self, key: str, value: Any = None) -> str:
         """`--batching flat` as typed (or built in code); `train.batching: flat` as the file says it."""
@@ -582,8 +597,9 @@ DURATION = re.compile(rf"(?:{_NUMBER}h)?(?:{_NUMBER}m)?(?:{_NUMBER}s)?")
 DURATION_FORMS = "seconds (90, 90s) or a number with h, m, s units in that order (30m, 1h30m, 1.5h)"
 
 
-def duration_seconds(text: str) -> float:
-    """--max-time's value in seconds; a one-line error naming the flag for anything else, or for 0."""
+def duration_seconds(text: str, name: str = "--max-time") -> float:
+    """--max-time's value in seconds; a one-line error naming the setting (`name`: its flag, or the
+    --config file's key) for anything else, or for 0."""
     s = str(text).strip().lower()
     plain = re.fullmatch(_NUMBER, s)
     parts = None if plain else DURATION.fullmatch(s)
@@ -593,9 +609,9 @@ def duration_seconds(text: str) -> float:
         h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
         seconds = 3600 * h + 60 * m + sec
     else:
-        raise UserError(f"--max-time must be a duration: {DURATION_FORMS} (got {text!r})")
+        raise UserError(f"{name} must be a duration: {DURATION_FORMS} (got {text!r})")
     if not 0 < seconds < math.inf:
-        raise UserError(f"--max-time must be a finite duration above 0 seconds (got {text!r})")
+        raise UserError(f"{name} must be a finite duration above 0 seconds (got {text!r})")
     return seconds
 
 
@@ -701,17 +717,18 @@ def flag_of(f: dataclasses.Field) -> str:
 _FLAGS_OF_KEYS = {f"{sec}.{f.name}": flag_of(f) for sec, _, f in section_fields()}
 
 
-def _one_of(flag: str, value: str) -> tuple[bool, str, str]:
-    """validate()'s check of a field whose values are CHOICES[flag]: `must be head or head_tail`."""
-    *most, last = CHOICES[flag]
-    return value in CHOICES[flag], flag, f"must be {', '.join(most)} or {last}"
+def _beside(given: Given, key: str, value: Any, subject: str) -> str:
+    """Another setting that a refusal of `subject` names, with its value, as it was given: `--max-length
+    64`, or `data.max_length 64` from the --config file (`... in my.yaml` where the subject was typed)."""
+    if not given.from_file(key):
+        return f"{_FLAGS_OF_KEYS[key]} {value}"
+    return f"{key} {value}" + (f" in {given.file}" if given.file and not given.from_file(subject) else "")
 
 
-def _value_of(cfg: Config, flag: str) -> Any:
-    for sec, _, f in section_fields():
-        if flag_of(f) == flag:
-            return getattr(getattr(cfg, sec), f.name)
-    return None
+def _one_of(key: str, value: str) -> tuple[bool, str, str]:
+    """validate()'s check of a field whose values are CHOICES[key]: `must be head or head_tail`."""
+    *most, last = CHOICES[key]
+    return value in CHOICES[key], key, f"must be {', '.join(most)} or {last}"
 
 
 def _resolved_type(owner: type, f: dataclasses.Field) -> tuple[Any, bool]:

@@ -47,7 +47,7 @@ def test_a_file_of_that_name_wins_over_the_shipped_one(tmp_path, monkeypatch, ca
     (tmp_path / "reference").write_text("train: {epochs: 0}\n")
     assert main(["train", "--config", "reference", "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "--epochs" in err and "must be >= 1" in err, err
+    assert "reference: train.epochs must be >= 1 (got 0)" in err, err  # the file's key, as it set it
 
 
 def test_a_missing_config_says_what_is_shipped(tmp_path, monkeypatch, capsys):

@@ -119,15 +119,16 @@ def test_run_json_that_is_not_an_object_is_refused(trained_run, tmp_path, capsys
 @pytest.mark.parametrize(
     "section, key, value, expected",
     [
-        ("data", "max_length", 1_000_000_000, "--max-length must be between 8 and 8192"),
-        ("data", "max_length", -5, "--max-length must be between 8 and 8192"),
+        ("data", "max_length", 1_000_000_000, "invalid: data.max_length must be between 8 and 8192"),
+        ("data", "max_length", -5, "invalid: data.max_length must be between 8 and 8192"),
         ("data", "max_length", 4096, "exceeds the"),  # valid as a setting, past the model's positions
-        ("data", "truncation", "bogus", "--truncation must be head or head_tail"),
-        ("model", "pooling", "evil", "--pooling must be cls or mean"),
-        ("train", "seed", 10**26, "--seed must be in [0, 2**32)"),
+        ("data", "truncation", "bogus", "invalid: data.truncation must be head or head_tail"),
+        ("model", "pooling", "evil", "invalid: model.pooling must be cls or mean"),
+        ("train", "seed", 10**26, "invalid: train.seed must be in [0, 2**32)"),
     ],
 )
 def test_saved_settings_are_checked_like_flags(trained_run, tmp_path, capsys, section, key, value, expected):
+    """Named by their key in config.yaml: no flag was typed (they were named by flags)."""
     run = copy(trained_run, tmp_path)
     edit_yaml(run / "config.yaml", section, key, value)
     predict_fails(run, capsys, "config.yaml", expected)

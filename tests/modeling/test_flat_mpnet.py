@@ -250,6 +250,26 @@ def test_mpnet_flat_is_chosen_only_when_asked(tiny_models):
         flat_options_check(model, "flat", compile=True, cuda_graphs=False)
 
 
+def test_mpnet_flat_refusal_names_a_config_files_key_as_it_was_given(tiny_models):
+    """The refusal named --cuda-graphs and said to drop it where a --config file had set it."""
+    from imdb_lora.config import Given
+
+    model = tiny_lora_mpnet(tiny_models)
+    in_file = Given(frozenset(), "my.yaml", frozenset({"train.cuda_graphs", "train.fused_qkv"}))
+    with pytest.raises(UserError) as e:
+        flat_options_check(model, "flat", compile=False, cuda_graphs=True, name=in_file.where)
+    assert str(e.value) == (
+        "my.yaml: train.cuda_graphs is not built for mpnet's flat path (FlexAttention, compiled on its own); "
+        "set it false there or use --batching padded"
+    )
+    with pytest.raises(
+        UserError, match="^--fused-qkv is not built for .*; drop --fused-qkv or use --batching padded$"
+    ):
+        flat_options_check(
+            model, "flat", False, False, fused_qkv=True, name=Given(frozenset({"train.fused_qkv"})).where
+        )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs a CUDA device here")
 def test_mpnet_flex_on_cuda_matches_padded():
     """On the GPU: compiled FlexAttention under bf16 autocast; logits and every full-fine-tuning

@@ -357,6 +357,17 @@ def test_bf16_working_copies_need_flat_lora_and_are_not_built_for_mpnet(
     assert not (tmp_path / "m").exists()
 
 
+def test_flat_mpnet_refusal_names_the_config_files_key(tiny_models, imdb_dir, tmp_path, capsys):
+    """The trainer passes its names to the flat path's check: a --config file's setting by file and key."""
+    (tmp_path / "my.yaml").write_text("train: {batching: flat, bf16_working_copies: true}\n")
+    args = train_args(tiny_models("mpnet"), imdb_dir, tmp_path / "m", "--config", str(tmp_path / "my.yaml"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'my.yaml'}: train.bf16_working_copies is not built for mpnet's flat path" in err, err
+    assert "set it false there or use --batching padded" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_flat_mpnet_refuses_cuda_graphs_and_cuda_graphs_need_flat(tiny_models, imdb_dir, tmp_path, capsys):
     args = train_args(tiny_models("mpnet"), imdb_dir, tmp_path / "m", "--batching", "flat", "--cuda-graphs")
     assert main(args) == 2

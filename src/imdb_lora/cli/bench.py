@@ -154,13 +154,13 @@ def add_bench_train_parsers(sub) -> None:
         add_data_flag(p, "$IMDB_LORA_DATA, else download")
         p.add_argument(
             "--method",
-            choices=CHOICES["--method"],
+            choices=CHOICES["train.method"],
             default="lora",
             help="lora (adapters + classifier) or full (every weight trains) [default: lora]",
         )
         p.add_argument(
             "--batching",
-            choices=CHOICES["--batching"],
+            choices=CHOICES["train.batching"],
             default="auto",
             help="as train's --batching [default: auto]",
         )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import NoReturn
 
 from ..config import Config, refuse_file_clashes
 from ..errors import UserError
 from .common import closest_flag, learning_rate, nonempty_path
-from .train import add_config_flags, config_from_args
+from .train import add_config_flags, config_from_args, given_settings
 
 
 def add_compare_parser(sub) -> None:
@@ -54,9 +55,13 @@ def method_configs(train_args: list[str], lrs: dict[str, float | None]) -> dict[
     ns = p.parse_args(train_args)
     configs = {}
     for method, lr in lrs.items():
-        cfg = config_from_args(ns, Config.load(ns.config) if ns.config else Config())
+        base, in_file = Config.load_with_keys(ns.config) if ns.config else (Config(), frozenset())
+        cfg = config_from_args(ns, base)
         cfg.train.method, cfg.train.lr = method, lr if lr is not None else cfg.train.lr
-        configs[method] = cfg.validate()
+        # named as the method's `train` names them: it is given --method, and --lr where one is set here
+        given = given_settings(ns, in_file)
+        typed = given.typed | {"train.method"} | ({"train.lr"} if lr is not None else set())
+        configs[method] = cfg.validate(dataclasses.replace(given, typed=typed))
     return configs
 
 

@@ -117,7 +117,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         base = Config.load(saved, flag="--resume")
     else:
         base = Config()
-    cfg = config_from_args(ns, base).validate()
+    given = given_settings(ns, in_file)  # refusals and notes name a file's setting by its key
+    cfg = config_from_args(ns, base).validate(given)
     before = Config.load(saved, flag="--resume") if ns.resume and saved.is_file() else None
     notes = refuse_file_clashes(cfg, before)
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
@@ -127,7 +128,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         overwrite=ns.overwrite,
         resume=ns.resume,
         started=getattr(ns, "started", None),
-        given=given_settings(ns, in_file),
+        given=given,
     )
     for note in notes if trainer.dist.main else []:  # under torchrun, rank 0 says it for all
         print(note, file=sys.stderr, flush=True)

@@ -25,10 +25,13 @@ for it (flat_options_check refuses them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Given
 from ..data.batches import FlatBatch
 from ..errors import UserError
 from .flat_mpnet import mpnet_flat_hidden
@@ -127,21 +130,27 @@ def flat_options_check(
     cuda_graphs: bool,
     working_copies: bool = False,
     fused_qkv: bool = False,
+    name: Callable[[str], str] | None = None,
 ) -> None:
     """Refuse what the flat path does not build for a model: MPNet's has no --compile, --cuda-graphs,
-    --bf16-working-copies or --fused-qkv."""
+    --bf16-working-copies or --fused-qkv. `name`: how the refusal names the setting's key
+    (config.Given.where: its flag, or a --config file's key)."""
+    name = name or Given().where  # by its flag
     model_type = classifier_of(model).config.model_type
     asked = {
-        "--compile": compile,
-        "--cuda-graphs": cuda_graphs,
-        "--bf16-working-copies": working_copies,
-        "--fused-qkv": fused_qkv,
+        "train.compile": compile,
+        "train.cuda_graphs": cuda_graphs,
+        "train.bf16_working_copies": working_copies,
+        "train.fused_qkv": fused_qkv,
     }
-    flag = next((f for f, on in asked.items() if on), None)
-    if path == "flat" and model_type in FLEX_MODELS and flag is not None:
+    key = next((k for k, on in asked.items() if on), None)
+    if path == "flat" and model_type in FLEX_MODELS and key is not None:
+        subject = name(key)
+        # a flag is dropped; a file's key is turned off where it is set
+        drop = f"drop {subject}" if subject.startswith("--") else "set it false there"
         raise UserError(
-            f"{flag} is not built for {model_type}'s flat path (FlexAttention, compiled on its own); "
-            f"drop {flag} or use --batching padded"
+            f"{subject} is not built for {model_type}'s flat path (FlexAttention, compiled on its own); "
+            f"{drop} or use --batching padded"
         )
 
 

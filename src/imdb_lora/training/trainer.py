@@ -363,7 +363,7 @@ class Trainer:
         self.eval_path = batching_path(cfg.train.batching, self.model, self.device, training=False)
         t = cfg.train
         flat_options_check(
-            self.model, self.path, t.compile, t.cuda_graphs, t.bf16_working_copies, t.fused_qkv
+            self.model, self.path, t.compile, t.cuda_graphs, t.bf16_working_copies, t.fused_qkv, self._where
         )
         # The fast path on CUDA stores the frozen weights in bf16 once (autocast computes with bf16
         # copies of them anyway); LoRA, the head and the optimizer state stay fp32.
