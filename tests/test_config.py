@@ -1,4 +1,6 @@
+import os
 import re
+import shutil
 
 import pytest
 import yaml
@@ -324,6 +326,84 @@ def test_a_resumed_run_keeps_the_file_clash_it_was_started_with(tmp_path, monkey
     saved.save(tmp_path / "run" / "config.yaml")
     assert main(["train", "--resume", "--output-dir", "run", "--eval-file", "x.csv"]) == 2
     assert "; give --eval-file another file" in capsys.readouterr().err
+
+
+def test_an_eval_file_hard_linked_to_the_train_file_is_refused(tmp_path, monkeypatch, capsys):
+    """Another name for the same file, which resolve() cannot see through: compared by samefile."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    os.link(tmp_path / "x.csv", tmp_path / "hard.csv")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--train-file", "x.csv", "--eval-file", "hard.csv", "--model", "no-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (
+        f"--eval-file {tmp_path / 'hard.csv'} is also the --train-file ({tmp_path / 'x.csv'}, the same file "
+        "under another name): its reviews were trained on" in err
+    ), err
+
+
+def test_an_identical_copy_is_refused_and_another_file_of_its_size_is_not(tmp_path, monkeypatch, capsys):
+    """`cp train.csv test.csv` is the same leakage as the same file; a file of the same size but other
+    bytes is another file, and the command goes on (to fail on the missing model)."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "copy.csv").write_bytes((tmp_path / "x.csv").read_bytes())
+    (tmp_path / "other.csv").write_text("text,label\nnice,1\nsad,0\n")
+    assert (tmp_path / "other.csv").stat().st_size == (tmp_path / "x.csv").stat().st_size
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--train-file", "x.csv", "--model", "no-model", "--output-dir", "run"]
+    assert main([*args, "--test-file", "copy.csv"]) == 2
+    err = capsys.readouterr().err
+    line = (
+        f"imdb-lora: error: --test-file {tmp_path / 'copy.csv'} is an identical copy of the --train-file "
+        f"{tmp_path / 'x.csv'}: its reviews were trained on, so its accuracy would say nothing of unseen "
+        "reviews; give --test-file another file\n"
+    )
+    assert err == line, err
+    assert main([*args, "--test-file", "other.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "copy" not in err and "is also" not in err and "--model" in err, err
+
+
+@pytest.mark.parametrize("kind", ["hard link", "copy", "folder linked since"])
+def test_a_resumed_run_keeps_the_hard_link_or_copy_it_was_started_with(tmp_path, monkeypatch, capsys, kind):
+    """A run started before these were refused is not stranded by the content check: the saved settings
+    (not validated again) find the same clash, said and kept; the same typed with --resume is refused.
+    Also when the saved path's folder became a symlink since: the typed files resolve through it, so
+    the saved ones are resolved too, or the two lines differ and the kept clash was refused."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    if kind == "hard link":
+        os.link(tmp_path / "data" / "x.csv", tmp_path / "data" / "e.csv")
+    elif kind == "copy":
+        shutil.copy(tmp_path / "data" / "x.csv", tmp_path / "data" / "e.csv")
+    else:  # trained on data/x.csv as the --eval-file too; data/ then moved to real/, data a link to it
+        (tmp_path / "data").rename(tmp_path / "real")
+        (tmp_path / "data").symlink_to(tmp_path / "real")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = Config()
+    e = "x.csv" if kind == "folder linked since" else "e.csv"
+    saved.data.train_file, saved.data.eval_files = str(tmp_path / "data/x.csv"), [str(tmp_path / "data" / e)]
+    saved.model.name = str(tmp_path / "no-model")
+    saved.save(tmp_path / "run" / "config.yaml")
+    main(["train", "--resume", "--output-dir", "run"])  # goes on, to fail on the missing model or run
+    err = capsys.readouterr().err
+    said = {
+        "hard link": "the same file under another name",
+        "copy": "is an identical copy of the --train-file",
+        "folder linked since": f"--eval-file {tmp_path / 'real' / 'x.csv'} is also the --train-file: ",
+    }[kind]
+    assert said in err and "; kept, as the run was started with it" in err, err
+    saved.data.eval_files = []
+    saved.save(tmp_path / "run" / "config.yaml")
+    assert main(["train", "--resume", "--output-dir", "run", "--eval-file", f"data/{e}"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "; give --eval-file another file" in err, err
 
 
 def test_compare_refuses_a_file_clash_before_the_first_run(tmp_path, capsys):

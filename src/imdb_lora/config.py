@@ -8,6 +8,7 @@ flag (its name with dashes, or the `flag` given in its metadata). The resolved c
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import math
 import os
 import re
@@ -618,25 +619,57 @@ def duration_seconds(text: str, name: str = "--max-time") -> float:
 def file_clashes(cfg: Config) -> list[tuple[str, str]]:
     """(flag, why) for each labeled file that is also another of the run's: an --eval-file or
     --test-file that is the --train-file (leakage: trained-on reviews reported as unseen) or an
-    --eval-file that is the --test-file (the same reviews reported twice under two names). `cfg` is
-    validated, its paths resolved, so ./a, a and a symlink to it compare equal."""
+    --eval-file that is the --test-file (the same reviews reported twice under two names). Paths are
+    compared resolved, so ./a, a and a symlink to it are one file; a hard link (or a bind mount) is the
+    same file to os.path.samefile; and a byte-identical copy holds the same reviews: the same leakage."""
     d = cfg.data
-    pairs = [("--test-file", d.test_file, "--train-file", d.train_file)]
-    for f in d.eval_files:
+    # resolved here too: a resumed run's saved settings (not validated again) then name each file as the
+    # validated ones do, so that refuse_file_clashes matches the clash it was started with
+    train, test = _absolute_if_local(d.train_file), _absolute_if_local(d.test_file)
+    pairs = [("--test-file", test, "--train-file", train)]
+    for f in map(_absolute_if_local, d.eval_files):
         pairs += [
-            ("--eval-file", f, "--train-file", d.train_file),
-            ("--eval-file", f, "--test-file", d.test_file),
+            ("--eval-file", f, "--train-file", train),
+            ("--eval-file", f, "--test-file", test),
         ]
-    return [(flag, _clash(flag, path, other)) for flag, path, other, also in pairs if path and path == also]
+    clashes = [(flag, path, other, also, _sameness(path, also)) for flag, path, other, also in pairs]
+    return [
+        (flag, _clash(flag, path, other, also, same)) for flag, path, other, also, same in clashes if same
+    ]
 
 
-def _clash(flag: str, path: str, other: str) -> str:
-    """Why a file that is also the --train-file or the --test-file means nothing."""
+def _sameness(path: str | None, also: str | None) -> str | None:
+    """How `path` is the file `also`: "path" (the same resolved path), "file" (another name for the
+    same file: a hard link), "copy" (another file of the same bytes), or None."""
+    if not path or not also:
+        return None
+    if path == also:  # kept for missing files, which samefile cannot stat
+        return "path"
+    try:
+        if os.path.samefile(path, also):
+            return "file"
+        # Sizes first (filecmp compares them before any byte), then the bytes, up to the first that
+        # differs: no reading at all for files of different sizes, the usual case. Not file_sha256:
+        # config sits below data in the import layers. shallow=False: equal stat signatures (size and
+        # mtime) are not taken for equal content; clear_cache: a file rewritten within the mtime's
+        # resolution is read again.
+        filecmp.clear_cache()
+        return "copy" if filecmp.cmp(path, also, shallow=False) else None
+    except OSError:  # missing or unreadable: read, and refused by name, where the data loads
+        return None
+
+
+def _clash(flag: str, path: str, other: str, also: str, same: str) -> str:
+    """Why a file that is also the --train-file or the --test-file (or a copy of it) means nothing."""
     why = (
         "its reviews were trained on, so its accuracy would say nothing of unseen reviews"
         if other == "--train-file"
         else "it is evaluated and reported already, as the test split; it would be reported twice under two names"
     )
+    if same == "copy":
+        return f"{flag} {path} is an identical copy of the {other} {also}: {why}"
+    if same == "file":
+        return f"{flag} {path} is also the {other} ({also}, the same file under another name): {why}"
     return f"{flag} {path} is also the {other}: {why}"
 
 

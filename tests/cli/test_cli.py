@@ -410,6 +410,62 @@ def test_a_moved_base_model_points_to_base_model(trained_run, tmp_path, capsys):
     expect_error(capsys, "--base-model: ", "predict", str(run), "x", "--base-model", str(tmp_path))
 
 
+@pytest.mark.parametrize("command", ["evaluate", "select"])
+def test_a_saved_data_path_that_no_longer_loads_names_the_run_config_and_the_way_back(
+    trained_run, tmp_path, capsys, command
+):
+    """The line named the run's saved data settings as --data, --train-file or --test-file, which the
+    user never typed: it names config.yaml's key (or run.json's, for the IMDB copy it records) and says
+    how to reach the data; a --data typed is named as typed."""
+    rundir = shutil.copytree(trained_run, tmp_path / "r")
+    saved, info = (
+        yaml.safe_load((rundir / "config.yaml").read_text()),
+        json.loads((rundir / "run.json").read_text()),
+    )
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"good {i},1\nbad {i},0\n" for i in range(8)))
+    (tmp_path / "empty").mkdir()
+    gone, labeled = str(tmp_path / "gone"), {"path": None, "train_file": str(tmp_path / "t.csv")}
+    imdb_way, file_way = (
+        "; pass --data with where the IMDB data is now",
+        "; put the file back there (a symlink will do)",
+    )
+    if command == "evaluate":
+        file_way += ", or evaluate a labeled file where it is now with --file"
+    cases = [
+        (
+            {"path": gone},
+            None,
+            f"{rundir}/config.yaml: data.path: no such file or directory: {gone}{imdb_way}",
+        ),
+        (
+            {**labeled, "train_file": gone},
+            None,
+            f"{rundir}/config.yaml: data.train_file: no such file: {gone}{file_way}",
+        ),
+        (
+            {**labeled, "test_file": gone},
+            None,
+            f"{rundir}/config.yaml: data.test_file: no such file: {gone}{file_way}",
+        ),
+        (  # config.yaml says none; run.json's IMDB copy is read while it is there, and named as run.json's
+            {"path": None},
+            str(tmp_path / "empty"),
+            f"{rundir}/run.json: data_source.path: {tmp_path / 'empty'} is not an aclImdb dataset",
+        ),
+    ]
+    for data, recorded, line in cases:
+        (rundir / "config.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"], **data}}))
+        source = {**info["data_source"], "path": recorded or info["data_source"]["path"]}
+        (rundir / "run.json").write_text(json.dumps({**info, "data_source": source}))
+        code, _, err = run(capsys, command, str(rundir), "--device", "cpu")
+        err = without_startup(err)
+        assert code == 2 and err.startswith(f"imdb-lora: error: {line}") and err.count("\n") == 1, err
+        assert recorded is None or err.endswith(f"{imdb_way}\n"), err
+    expect_error(
+        capsys, f"error: --data: no such file or directory: {gone}\n", command, str(rundir), "--data", gone
+    )
+
+
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 def test_a_device_typo_is_one_line(trained_run, capsys, command):
     text = ["x"] if command == "predict" else ["--max-samples", "4"]

@@ -401,3 +401,26 @@ def test_int8_quantizing_on_a_full_disk_says_enospc_and_other_failures_stay_thei
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10_000, 5_000, 5_000))
     with pytest.raises(ValueError, match="onnx.ModelProto"):
         corrupt()
+
+
+def test_an_export_names_a_labeled_file_it_cannot_find_as_its_config_key(
+    tiny_models, tmp_path, monkeypatch, capsys
+):
+    """An export's config.yaml names a run's labeled files without this machine's path (t.csv): read in
+    the current folder, so the line names the export's setting and says so; there, evaluate reads it."""
+    (tmp_path / "data").mkdir()
+    rows = "".join(f"a good film {i},1\na bad film {i},0\n" for i in range(12))
+    (tmp_path / "data" / "t.csv").write_text(f"text,label\n{rows}")
+    args = train_args(tiny_models("bert"), tmp_path, tmp_path / "run", "--epochs", "1")
+    args[args.index("--data") : args.index("--data") + 2] = ["--train-file", str(tmp_path / "data" / "t.csv")]
+    assert main(args) == 0 and export(tmp_path / "run", tmp_path / "exp") == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(tmp_path / "exp"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"imdb-lora: error: {tmp_path / 'exp' / 'config.yaml'}: data.train_file: no such file: t.csv; the "
+        "export names the file only: run the command in the folder that holds it, or evaluate a labeled "
+        "file where it is now with --file\n"
+    )
+    monkeypatch.chdir(tmp_path / "data")
+    assert main(["evaluate", str(tmp_path / "exp"), "--device", "cpu", "--json"]) == 0

@@ -121,7 +121,7 @@ def _evaluate_split(ns: argparse.Namespace) -> int:
 
     split = ns.split or "test"
     clf = _load(ns)
-    part = split_of(clf, split, ns.max_samples, ns.data)
+    part = split_of(clf, split, ns.max_samples, ns.data, file_flag=True)
     t0 = time.time()
     logits = _logits(clf, part.texts, ns, f"evaluate {split}")
     f = figures(logits, part.labels)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import Config, Given
 from ..data.batches import default_max_batch_tokens
 from ..data.labeled import LABEL_NAMES, has_content
 from ..data.tokenize import check_window_stride, encode, encode_windows
@@ -91,6 +92,9 @@ class Classifier:
         self.temperature = 1.0
         self.calibration_note = "uncalibrated"
         self.raw = False  # --raw: the temperature is ignored (said apart from a run that has none)
+        # How errors name the saved data settings when a split is read again (saved_data_where); None:
+        # by their flags, as for a config built in code
+        self.data_where: Callable[[str], str] | None = None
 
     def use_calibration(self, folder: str, raw: bool = False) -> None:
         """Apply the temperature stored in `folder` (a run or an export), or none with raw=True."""
@@ -154,6 +158,7 @@ class Classifier:
             if base_model is not None:  # said, not ignored: the user meant some other model to be used
                 raise base_model_of_an_export(path)
             clf = cls(*load_export(path, device), max_batch_tokens=max_batch_tokens)
+            clf.data_where = saved_data_where(Path(path).expanduser() / "config.yaml")
         else:
             clf = cls._load_run(path, device, base_model, merge, max_batch_tokens, base_flag)
         clf.use_calibration(path, raw)
@@ -172,7 +177,7 @@ class Classifier:
         run = RunDir(path)
         info = run.require_finished()
         cfg = Config.load_saved(run.config_path)
-        use_recorded_imdb(cfg, info)
+        recorded = use_recorded_imdb(cfg, info)
         dev = resolve_device(device)
         if info["method"] == "full":
             if base_model is not None:  # the run holds the whole model: there is no base to point at
@@ -187,7 +192,9 @@ class Classifier:
                 info = {**info, "base_model_from": base_model}
         check_saved_max_length(cfg.data.max_length, position_limit(model.config), run.config_path)
         tokenizer = load_tokenizer(str(run.tokenizer_dir), folder=True)
-        return cls(model.to(dev), tokenizer, dev, cfg, info, max_batch_tokens)
+        clf = cls(model.to(dev), tokenizer, dev, cfg, info, max_batch_tokens)
+        clf.data_where = saved_data_where(run.config_path, recorded)
+        return clf
 
     # ------------------------------------------------------------ inference
 
@@ -256,17 +263,36 @@ class Classifier:
         return [to_prediction(t, p) for t, p in zip(texts, probs.tolist())]
 
 
-def use_recorded_imdb(cfg: Config, info: dict[str, Any]) -> None:
+def use_recorded_imdb(cfg: Config, info: dict[str, Any]) -> bool:
     """A run trained on `$IMDB_LORA_DATA` or the download keeps `data.path: null` in config.yaml, and
     its run.json (`data_source.path`) says which IMDB copy it read. Reading the run again (evaluate,
     select, bench) defaults to that copy while it is there, as `--data` given to train would, not to
-    whatever `$IMDB_LORA_DATA` says now or a fresh download (which fails offline)."""
+    whatever `$IMDB_LORA_DATA` says now or a fresh download (which fails offline). True if it did."""
     d, source = cfg.data, info.get("data_source") or {}
     recorded = source.get("path")
     if d.path is not None or d.train_file is not None or source.get("kind") != "imdb":
-        return
+        return False
     if isinstance(recorded, str) and Path(recorded).is_absolute() and Path(recorded).exists():
         d.path = recorded
+        return True
+    return False
+
+
+def saved_data_where(config_path: Path, recorded: bool = False) -> Callable[[str], str]:
+    """How errors name a run's (or an export's) data settings when its splits are read again without
+    --data: as `runs/x/config.yaml: data.path`, where they were saved, not as the --data, --train-file
+    or --test-file the user did not type; the IMDB copy use_recorded_imdb took from run.json (`recorded`)
+    as `runs/x/run.json: data_source.path`."""
+    saved = Given(
+        file=str(config_path), in_file=frozenset({"data.path", "data.train_file", "data.test_file"})
+    )
+
+    def where(key: str) -> str:
+        if recorded and key == "data.path":
+            return f"{config_path.with_name('run.json')}: data_source.path"
+        return saved.where(key)
+
+    return where
 
 
 def check_window_stride_of(path: str, stride: int | None) -> None:

@@ -9,6 +9,7 @@ then is the test split read: once for the winner and once for the first run as t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,20 +54,54 @@ def evaluate_split(
     return loss, acc, len(part), time.time() - t0
 
 
-def split_of(clf: Classifier, split: str, max_samples: int | None, data: str | None = None, cache=None):
+def split_of(
+    clf: Classifier,
+    split: str,
+    max_samples: int | None,
+    data: str | None = None,
+    cache=None,
+    file_flag: bool = False,
+):
     """A run's test or validation split as evaluate reads it: the whole split (the training-time
     subset does not apply) or a stratified subset; `data` replaces the run's data source. `cache`
-    keeps loaded splits between calls (reading the IMDB archive takes seconds each time)."""
+    keeps loaded splits between calls (reading the IMDB archive takes seconds each time). A saved data
+    setting that no longer loads is named as config.yaml's key, with the way to the data
+    (moved_data); `file_flag`: the command has --file (evaluate) to read a labeled file where it is now."""
     data_cfg = clf.config.data
     if data:
         data_cfg.path, data_cfg.train_file, data_cfg.test_file = data, None, None
     data_cfg.max_eval_samples = None
     key = validation_key(clf)
-    splits = (cache or {}).get(key) or load_splits(data_cfg, clf.config.train.seed)
+    where = None if data else clf.data_where  # a typed --data is named as typed
+    try:
+        splits = (cache or {}).get(key) or load_splits(data_cfg, clf.config.train.seed, where=where)
+    except UserError as e:
+        raise moved_data(e, where, data_cfg, file_flag) from None
     if cache is not None:
         cache[key] = splits
     part = splits.test if split == "test" else splits.val
     return part.take(stratified_subset(part.labels, max_samples, clf.config.train.seed))
+
+
+def moved_data(
+    e: UserError, where: Callable[[str], str] | None, data_cfg, file_flag: bool = False
+) -> UserError:
+    """`e` with the way to the data where it names a saved data setting (the data moved or was replaced
+    since training): --data for IMDB; a run's labeled files only load from where they were, as no flag
+    moves them (--data reads IMDB instead, and evaluate's --file reads a labeled file where it is now)."""
+    keys = ("data.path", "data.train_file", "data.test_file")
+    key = next((k for k in keys if where and str(e).startswith(f"{where(k)}: ")), None)
+    if key is None:  # a typed --data, $IMDB_LORA_DATA, the download: their lines say what to do
+        return e
+    if key == "data.path":
+        return UserError(f"{e}; pass --data with where the IMDB data is now")
+    if Path(getattr(data_cfg, key.split(".")[1])).is_absolute():
+        way = "put the file back there (a symlink will do)"
+    else:  # an export's config.yaml names a file, never this machine's path (export/portable.py)
+        way = "the export names the file only: run the command in the folder that holds it"
+    if file_flag:
+        way += ", or evaluate a labeled file where it is now with --file"
+    return UserError(f"{e}; {way}")
 
 
 def validation_key(clf: Classifier) -> tuple:
