@@ -418,6 +418,58 @@ def test_compare_refuses_a_file_clash_before_the_first_run(tmp_path, capsys):
     assert "== lora" not in out and err.count("\n") == 1 and "is also the --train-file" in err, (out, err)
 
 
+@pytest.mark.parametrize(
+    "typed, said, fix",
+    [
+        (
+            [],
+            "my.yaml: data.eval_files {x} is also the data.train_file: ",
+            "; point data.eval_files in my.yaml at",
+        ),
+        (
+            ["--eval-file", "x.csv"],
+            "--eval-file {x} is also the data.train_file in my.yaml: ",
+            "; give --eval-file",
+        ),
+        (
+            ["--train-file", "x.csv"],
+            "my.yaml: data.eval_files {x} is also the --train-file: ",
+            "; point data.",
+        ),
+    ],
+    ids=["both in the file", "eval typed", "train typed"],
+)
+def test_a_file_clash_names_each_file_as_it_was_given(tmp_path, monkeypatch, capsys, typed, said, fix):
+    """A clash a --config file set was refused naming flags the user never typed (`--eval-file X is
+    also the --train-file; give --eval-file another file`): each side is named by flag or by key."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "my.yaml").write_text("data: {train_file: x.csv, eval_files: [x.csv]}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "my.yaml", *typed, "--model", "no-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said.format(x=tmp_path / "x.csv") in err and fix in err, err
+
+
+def test_compare_names_a_file_clash_its_config_file_set_by_key(tmp_path, monkeypatch, capsys):
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "my.yaml").write_text("data: {train_file: x.csv, test_file: x.csv}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--output-dir", "cmp", "--config", "my.yaml", "--model", "no-model"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and (
+            f"my.yaml: data.test_file {tmp_path / 'x.csv'} is also the data.train_file: its reviews were trained "
+            "on" in err
+        )
+        and "; point data.test_file in my.yaml at another file" in err
+    ), err
+
+
 def test_a_config_path_no_file_system_can_hold_is_one_line():
     with pytest.raises(UserError, match="^--config: not a usable path: a name of 300 bytes"):
         Config.load("x" * 300)

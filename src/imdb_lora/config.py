@@ -616,26 +616,29 @@ def duration_seconds(text: str, name: str = "--max-time") -> float:
     return seconds
 
 
-def file_clashes(cfg: Config) -> list[tuple[str, str]]:
-    """(flag, why) for each labeled file that is also another of the run's: an --eval-file or
-    --test-file that is the --train-file (leakage: trained-on reviews reported as unseen) or an
-    --eval-file that is the --test-file (the same reviews reported twice under two names). Paths are
-    compared resolved, so ./a, a and a symlink to it are one file; a hard link (or a bind mount) is the
-    same file to os.path.samefile; and a byte-identical copy holds the same reviews: the same leakage."""
+# A labeled file that is also another of the run's: (its key, its path, the other's key, the other's
+# path, how it is that file: "path", "file" or "copy", see _sameness).
+FileClash = tuple[str, str, str, str, str]
+
+
+def file_clashes(cfg: Config) -> list[FileClash]:
+    """Each labeled file that is also another of the run's: an --eval-file or --test-file that is the
+    --train-file (leakage: trained-on reviews reported as unseen) or an --eval-file that is the
+    --test-file (the same reviews reported twice under two names). Paths are compared resolved, so ./a,
+    a and a symlink to it are one file; a hard link (or a bind mount) is the same file to
+    os.path.samefile; and a byte-identical copy holds the same reviews: the same leakage."""
     d = cfg.data
     # resolved here too: a resumed run's saved settings (not validated again) then name each file as the
     # validated ones do, so that refuse_file_clashes matches the clash it was started with
     train, test = _absolute_if_local(d.train_file), _absolute_if_local(d.test_file)
-    pairs = [("--test-file", test, "--train-file", train)]
+    pairs = [("data.test_file", test, "data.train_file", train)]
     for f in map(_absolute_if_local, d.eval_files):
         pairs += [
-            ("--eval-file", f, "--train-file", train),
-            ("--eval-file", f, "--test-file", test),
+            ("data.eval_files", f, "data.train_file", train),
+            ("data.eval_files", f, "data.test_file", test),
         ]
-    clashes = [(flag, path, other, also, _sameness(path, also)) for flag, path, other, also in pairs]
-    return [
-        (flag, _clash(flag, path, other, also, same)) for flag, path, other, also, same in clashes if same
-    ]
+    clashes = [(key, path, other, also, _sameness(path, also)) for key, path, other, also in pairs]
+    return [clash for clash in clashes if clash[4]]
 
 
 def _sameness(path: str | None, also: str | None) -> str | None:
@@ -659,31 +662,48 @@ def _sameness(path: str | None, also: str | None) -> str | None:
         return None
 
 
-def _clash(flag: str, path: str, other: str, also: str, same: str) -> str:
-    """Why a file that is also the --train-file or the --test-file (or a copy of it) means nothing."""
+def clash_line(clash: FileClash, given: Given | None = None) -> str:
+    """Why a file that is also the --train-file or the --test-file (or a copy of it) means nothing, each
+    file named as it was given (config.Given): `--eval-file X is also the --train-file: ...`, or
+    `my.yaml: data.eval_files X is also the data.train_file: ...` where the --config file set them."""
+    given = given or Given()
+    key, path, other, also, same = clash
     why = (
         "its reviews were trained on, so its accuracy would say nothing of unseen reviews"
-        if other == "--train-file"
+        if other == "data.train_file"
         else "it is evaluated and reported already, as the test split; it would be reported twice under two names"
     )
+    if not given.from_file(other):
+        other_name = _FLAGS_OF_KEYS[other]
+    else:  # the file's key; which file, unless the subject named it already
+        other_name = other + ("" if given.from_file(key) or not given.file else f" in {given.file}")
+    subject = given.where(key)
     if same == "copy":
-        return f"{flag} {path} is an identical copy of the {other} {also}: {why}"
+        return f"{subject} {path} is an identical copy of the {other_name} {also}: {why}"
     if same == "file":
-        return f"{flag} {path} is also the {other} ({also}, the same file under another name): {why}"
-    return f"{flag} {path} is also the {other}: {why}"
+        return f"{subject} {path} is also the {other_name} ({also}, the same file under another name): {why}"
+    return f"{subject} {path} is also the {other_name}: {why}"
 
 
-def refuse_file_clashes(cfg: Config, started: Config | None = None) -> list[str]:
+def refuse_file_clashes(cfg: Config, started: Config | None = None, given: Given | None = None) -> list[str]:
     """Refuse a new training's clashing files (file_clashes) in one line. Not part of validate(), so a
     run trained before this check still loads; and under --resume (`started`: the run's saved settings)
     a clash the run was started with is returned as a note, not refused: refusing would strand the
-    epochs it has trained, and --resume cannot drop an --eval-file."""
+    epochs it has trained, and --resume cannot drop an --eval-file. `given`: where each setting came
+    from, so that the line names a --config file's key as the file wrote it (default: by its flag)."""
+    given = given or Given()
     kept = file_clashes(started) if started is not None else []
     clashes = file_clashes(cfg)
-    for flag, why in clashes:
-        if (flag, why) not in kept:
-            raise UserError(f"{why}; give {flag} another file")
-    return [f"{why}; kept, as the run was started with it" for _, why in clashes]
+    for clash in clashes:
+        if clash not in kept:
+            key = clash[0]
+            fix = (
+                f"point {key} in {given.file} at another file"
+                if given.from_file(key) and given.file
+                else f"give {_FLAGS_OF_KEYS[key]} another file"
+            )
+            raise UserError(f"{clash_line(clash, given)}; {fix}")
+    return [f"{clash_line(clash, given)}; kept, as the run was started with it" for clash in clashes]
 
 
 def _absolute_if_local(path: str | None) -> str | None:

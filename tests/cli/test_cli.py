@@ -410,13 +410,13 @@ def test_a_moved_base_model_points_to_base_model(trained_run, tmp_path, capsys):
     expect_error(capsys, "--base-model: ", "predict", str(run), "x", "--base-model", str(tmp_path))
 
 
-@pytest.mark.parametrize("command", ["evaluate", "select"])
+@pytest.mark.parametrize("command", ["evaluate", "select", "bench predict"])
 def test_a_saved_data_path_that_no_longer_loads_names_the_run_config_and_the_way_back(
     trained_run, tmp_path, capsys, command
 ):
     """The line named the run's saved data settings as --data, --train-file or --test-file, which the
     user never typed: it names config.yaml's key (or run.json's, for the IMDB copy it records) and says
-    how to reach the data; a --data typed is named as typed."""
+    how to reach the data; a --data typed is named as typed. bench predict reads the test reviews so too."""
     rundir = shutil.copytree(trained_run, tmp_path / "r")
     saved, info = (
         yaml.safe_load((rundir / "config.yaml").read_text()),
@@ -457,12 +457,17 @@ def test_a_saved_data_path_that_no_longer_loads_names_the_run_config_and_the_way
         (rundir / "config.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"], **data}}))
         source = {**info["data_source"], "path": recorded or info["data_source"]["path"]}
         (rundir / "run.json").write_text(json.dumps({**info, "data_source": source}))
-        code, _, err = run(capsys, command, str(rundir), "--device", "cpu")
+        code, _, err = run(capsys, *command.split(), str(rundir), "--device", "cpu")
         err = without_startup(err)
         assert code == 2 and err.startswith(f"imdb-lora: error: {line}") and err.count("\n") == 1, err
         assert recorded is None or err.endswith(f"{imdb_way}\n"), err
     expect_error(
-        capsys, f"error: --data: no such file or directory: {gone}\n", command, str(rundir), "--data", gone
+        capsys,
+        f"error: --data: no such file or directory: {gone}\n",
+        *command.split(),
+        str(rundir),
+        "--data",
+        gone,
     )
 
 

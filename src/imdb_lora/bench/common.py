@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..data.splits import load_splits, stratified_subset
 from ..errors import UserError, counted
+from ..inference.selection import moved_data
 
 if TYPE_CHECKING:
     from ..data.labeled import LabeledTexts
@@ -30,7 +31,11 @@ def test_reviews(clf: Classifier, data: str | None, n: int, seed: int) -> tuple[
     if data:
         data_cfg.path, data_cfg.train_file, data_cfg.test_file = data, None, None
     data_cfg.max_eval_samples = None
-    splits = load_splits(data_cfg, seed)
+    where = None if data else clf.data_where  # a saved data setting by the run's config.yaml key
+    try:
+        splits = load_splits(data_cfg, seed, where=where)
+    except UserError as e:
+        raise moved_data(e, where, data_cfg) from None
     test = splits.test
     if n > len(test):
         raise UserError(f"--samples {n}: the test split has only {counted(len(test), 'review')}")

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import NoReturn
 
-from ..config import Config, refuse_file_clashes
+from ..config import Config, Given, refuse_file_clashes
 from ..errors import UserError
 from .common import closest_flag, learning_rate, nonempty_path
 from .train import add_config_flags, config_from_args, given_settings
@@ -48,21 +48,28 @@ def add_compare_parser(sub) -> None:
 def method_configs(train_args: list[str], lrs: dict[str, float | None]) -> dict[str, Config]:
     """The settings each method's `train` would run with, parsed here so that a mistyped flag or value
     fails at once rather than after the first method has trained."""
+    return {method: cfg for method, (cfg, _) in method_settings(train_args, lrs).items()}
+
+
+def method_settings(train_args: list[str], lrs: dict[str, float | None]) -> dict[str, tuple[Config, Given]]:
+    """method_configs, each with where its settings came from (config.Given), to name them by."""
     p = argparse.ArgumentParser(prog="imdb-lora compare", add_help=False, allow_abbrev=False)
     p.add_argument("--config")
     add_config_flags(p)
     p.error = lambda message: _refuse(message + closest_flag(message, p._option_string_actions))
     ns = p.parse_args(train_args)
-    configs = {}
+    settings = {}
     for method, lr in lrs.items():
         base, in_file = Config.load_with_keys(ns.config) if ns.config else (Config(), frozenset())
         cfg = config_from_args(ns, base)
         cfg.train.method, cfg.train.lr = method, lr if lr is not None else cfg.train.lr
         # named as the method's `train` names them: it is given --method, and --lr where one is set here
         given = given_settings(ns, in_file)
-        typed = given.typed | {"train.method"} | ({"train.lr"} if lr is not None else set())
-        configs[method] = cfg.validate(dataclasses.replace(given, typed=typed))
-    return configs
+        given = dataclasses.replace(
+            given, typed=given.typed | {"train.method"} | ({"train.lr"} if lr is not None else set())
+        )
+        settings[method] = (cfg.validate(given), given)
+    return settings
 
 
 def _refuse(message: str) -> NoReturn:
@@ -74,9 +81,12 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     lrs = {"lora": ns.lora_lr, "full": ns.full_lr}
     check_train_args(ns.extra)  # before parsing them: --method is a train flag too
-    configs = method_configs(ns.extra, lrs)
+    settings = method_settings(ns.extra, lrs)
+    configs = {method: cfg for method, (cfg, _) in settings.items()}
     if not ns.resume:  # else each train refuses a clash its run was not started with, and keeps one it was
-        for cfg in configs.values():
-            refuse_file_clashes(cfg)  # now, not when the LoRA run starts, with a second line after
+        for cfg, given in settings.values():
+            refuse_file_clashes(
+                cfg, given=given
+            )  # now, not when the LoRA run starts, with a second line after
     print(run_compare(ns.output_dir, ns.extra, lrs, ns.overwrite, ns.resume, configs))
     return 0

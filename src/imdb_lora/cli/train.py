@@ -120,7 +120,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     given = given_settings(ns, in_file)  # refusals and notes name a file's setting by its key
     cfg = config_from_args(ns, base).validate(given)
     before = Config.load(saved, flag="--resume") if ns.resume and saved.is_file() else None
-    notes = refuse_file_clashes(cfg, before)
+    notes = refuse_file_clashes(cfg, before, given)
     out = ns.output_dir or os.path.join("runs", f"{Path(cfg.model.name).name}-{cfg.train.method}")
     trainer = Trainer(
         cfg,
