@@ -452,6 +452,33 @@ def test_a_file_clash_names_each_file_as_it_was_given(tmp_path, monkeypatch, cap
     assert err.count("\n") == 1 and said.format(x=tmp_path / "x.csv") in err and fix in err, err
 
 
+def test_compare_resume_refuses_a_new_sub_runs_file_clash_before_the_first_run(tmp_path, capsys):
+    """Under --resume the clash was left to each method's train: a sub-run not started yet was refused
+    by its train, after the method before it had trained, in two lines. A sub-run started with the clash
+    keeps it, as `train --resume` does."""
+    from imdb_lora.cli import main
+
+    (tmp_path / "x.csv").write_text("text,label\ngood,1\nbad,0\n")
+    x, out = str(tmp_path / "x.csv"), tmp_path / "cmp"
+    args = ["compare", "--resume", "--output-dir", str(out), "--train-file", x, "--eval-file", x]
+    args += ["--model", str(tmp_path / "no-model")]
+    assert main(args) == 2
+    stdout, err = capsys.readouterr()
+    assert "== lora" not in stdout and err.count("\n") == 1 and "is also the --train-file" in err, (
+        stdout,
+        err,
+    )
+    for method in ("lora", "full"):  # both started with it: not refused here
+        started = Config()
+        started.model.name, started.train.method = str(tmp_path / "no-model"), method
+        started.data.train_file, started.data.eval_files = x, [x]
+        (out / method).mkdir(parents=True)
+        started.save(out / method / "config.yaml")
+    assert main(args) == 2
+    stdout, err = capsys.readouterr()
+    assert "is also the" not in err and "holds no finished or resumable run" in err, err  # on to the plan
+
+
 def test_compare_names_a_file_clash_its_config_file_set_by_key(tmp_path, monkeypatch, capsys):
     from imdb_lora.cli import main
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import NoReturn
 
 from ..config import Config, Given, refuse_file_clashes
@@ -83,10 +84,20 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     check_train_args(ns.extra)  # before parsing them: --method is a train flag too
     settings = method_settings(ns.extra, lrs)
     configs = {method: cfg for method, (cfg, _) in settings.items()}
-    if not ns.resume:  # else each train refuses a clash its run was not started with, and keeps one it was
-        for cfg, given in settings.values():
-            refuse_file_clashes(
-                cfg, given=given
-            )  # now, not when the LoRA run starts, with a second line after
+    for method, (cfg, given) in settings.items():  # now, not when its train starts: a second line after
+        refuse_file_clashes(cfg, _started(ns, method), given)  # a kept clash's note: its train says it
     print(run_compare(ns.output_dir, ns.extra, lrs, ns.overwrite, ns.resume, configs))
     return 0
+
+
+def _started(ns: argparse.Namespace, method: str) -> Config | None:
+    """Under --resume, the settings the method's sub-run was started with: a clash it was started with
+    is kept (its train says so), as `train --resume` keeps it. None where there is no such run yet, or
+    its config.yaml does not load (then its train, or the plan, says why)."""
+    saved = Path(ns.output_dir) / method / "config.yaml"
+    if not ns.resume or not saved.is_file():
+        return None
+    try:
+        return Config.load(saved, flag="--resume")
+    except UserError:
+        return None
