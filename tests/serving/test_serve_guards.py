@@ -133,6 +133,31 @@ def test_a_body_trickling_past_its_deadline_gets_408_and_the_connection_closes(c
     assert 0.9 < took < 4  # the whole body's deadline (1 s): not an idle timeout, nor the header one
 
 
+def test_a_body_refused_before_it_was_read_does_not_reset_the_answer(clf):
+    """413 for a declared Content-Length over the limit goes before the body is read. The server closed
+    at once, and body bytes arriving after (or unread at) the close were answered with a reset, which
+    could overtake the 413: test_real_uvicorn_on_a_free_loopback_port's httpx read then failed with
+    ReadError (4 of 180 runs with frequent thread switches). Now it lingers: FIN after the answer, the
+    rest of the body read and dropped until the client closes, for at most LINGER_SECONDS."""
+    from imdb_lora.serving.protocol import LINGER_SECONDS
+
+    with BackgroundServer(create_app(clf, replace(BIG, max_body_bytes=4000))) as server:
+        sock = connect(server.url)
+        sock.sendall(POST_HEAD.replace(b"Length: 100", b"Length: 100000"))  # the body comes after the 413
+        answer = read_all(sock)  # until the server's FIN: it has answered and closed its side
+        t0 = time.monotonic()
+        assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer, answer[:200]
+        for _ in range(3):  # the server still reads: no reset (before: the second send failed, EPIPE)
+            sock.sendall(b"x" * 30000)
+            time.sleep(0.05)
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while time.monotonic() - t0 < LINGER_SECONDS + 8:  # closed for good after the linger
+                sock.sendall(b"x" * 1000)
+                time.sleep(0.05)
+        assert time.monotonic() - t0 > LINGER_SECONDS - 0.5
+        sock.close()
+
+
 # ---------------------------------------------------------------- slow request heads (slowloris)
 
 
