@@ -84,6 +84,44 @@ def test_no_cluster_behind_auto_is_one_line(job, no_cluster, capsys):
     assert no_cluster == ["auto"]
 
 
+@pytest.fixture
+def two_cpu_cluster(monkeypatch):
+    """A stand-in `ray` already connected to a 2-CPU cluster (never a real start); the list records
+    each look at the cluster's resources."""
+    looks = []
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: True
+    fake.cluster_resources = lambda: looks.append(1) or {"CPU": 2.0}
+    fake.data = types.ModuleType("ray.data")
+    options = types.SimpleNamespace(execution_options=types.SimpleNamespace())  # what run_ray sets first
+    fake.data.DataContext = types.SimpleNamespace(get_current=lambda: options)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    return looks
+
+
+def test_a_worker_larger_than_the_cluster_is_refused_before_the_output_is_touched(
+    job, tmp_path, two_cpu_cluster, capsys
+):
+    """The refusal came after the output's "running" marker: the folder was left "failed", and the rerun
+    with a sane --cpus-per-worker was refused unless given --overwrite, for a job that scored nothing."""
+    out = tmp_path / "out"
+    assert main([*job, "--engine", "ray", "--cpus-per-worker", "64"]) == 2
+    assert one_line(capsys) == "imdb-lora: error: --cpus-per-worker 64: the Ray cluster has 2.0 CPUs"
+    assert not out.exists() and two_cpu_cluster == [1]
+    # an earlier output given --overwrite is not emptied by a job that cannot run
+    assert main(job) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*job, "--engine", "ray", "--cpus-per-worker", "64", "--overwrite"]) == 2
+    assert "--cpus-per-worker 64: the Ray cluster has 2.0 CPUs" in one_line(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # and an output refused anyway is said before Ray is asked anything
+    assert main([*job, "--engine", "ray", "--cpus-per-worker", "64"]) == 2
+    assert "holds an earlier score output; pass --overwrite" in one_line(capsys)
+    assert two_cpu_cluster == [1, 1]
+
+
 def test_a_worker_loads_its_model_without_transformers_deprecation_notices(trained_run):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

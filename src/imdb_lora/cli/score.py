@@ -95,7 +95,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
     local = ns.engine == "local"  # Ray besides pyarrow for --engine ray
     check_resume_flags(ns)
     require("scale", "score" if local else "score --engine ray", ("pyarrow",) if local else None)
-    from ..scale.engines import ScoreJob, check_ray_address, prepare, run_local, run_ray
+    from ..scale.engines import ScoreJob, check_ray_address, prepare, run_local, run_ray, start_ray
 
     if ns.engine == "local":
         given = [f"--{k.replace('_', '-')}" for k in RAY_ONLY if getattr(ns, k) is not None]
@@ -132,7 +132,13 @@ def cmd_score(ns: argparse.Namespace) -> int:
         engine=ns.engine,
     )
     try:
-        prepare(job)
+        # Ray is started and the cluster checked before the output is prepared: a refusal leaves none
+        ray_up = (
+            None
+            if local
+            else lambda: start_ray(job, ns.ray_address, ns.cpus_per_worker, ns.num_gpus_per_worker)
+        )
+        prepare(job, ready=ray_up)
         if ns.engine == "local":
             summary = run_local(job, device=ns.device or "auto")
         else:

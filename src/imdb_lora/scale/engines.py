@@ -17,7 +17,7 @@ import copy
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -26,7 +26,7 @@ from ..data.tokenize import recorded_stride
 from ..errors import UserError, counted
 from ..extras import require
 from .batch import MAX_CHARS, ScoreBatch
-from .output import end_marker, finish_marker, prepare_output
+from .output import check_output, end_marker, finish_marker, prepare_output
 from .resume import (
     FLAGS,
     LEAST_DIGITS,
@@ -120,8 +120,12 @@ class Summary:
         return "\n".join(lines + [f"  {e}" for e in self.examples])
 
 
-def prepare(job: ScoreJob) -> None:
-    """Check everything that can be checked before any work: model, inputs, their columns, output."""
+def prepare(job: ScoreJob, ready: Callable[[], object] | None = None) -> None:
+    """Check everything that can be checked before any work: model, inputs, their columns, output.
+
+    `ready`: what must work before the output is prepared and takes time (start_ray: Ray started, the
+    cluster's resources checked); run after every other check, the output's refusals included, and
+    before the output is touched, so that what it refuses leaves no marker a rerun must --overwrite."""
     from ..inference.classifier import check_window_stride_of
 
     check_model(job.model, job.base_model)
@@ -139,6 +143,9 @@ def prepare(job: ScoreJob) -> None:
         job.done = len(job.resumed.kept)
         job.part_digits = job.resumed.digits
     else:
+        if ready is not None:
+            check_output(job.output, job.inputs, job.overwrite)
+            ready()
         job.lock = prepare_output(job.output, job.inputs, job.overwrite, record)
         job.part_digits = record["part_digits"]
     job.started = True
@@ -347,12 +354,13 @@ def run_ray(
         return finished(job, _run_ray(job, address, workers, cpus_per_worker, gpus_per_worker))
 
 
-def _run_ray(
-    job: ScoreJob, address: str | None, workers: int | None, cpus_per_worker: float, gpus_per_worker: float
-) -> Summary:
+def start_ray(job: ScoreJob, address: str | None, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """Ray connected (started if it is not), and the actors the cluster holds (pool_size), or one line
+    for what cannot work. Given to prepare() as `ready`, before the output is touched: a refusal here
+    used to come after the output's "running" marker, leaving a "failed" one that a rerun with a sane
+    value could not reuse without --overwrite. Again in _run_ray, where it is quick (Ray is up)."""
     require("scale", "score --engine ray", ("ray.data",))
     import ray
-    import ray.data
 
     if gpus_per_worker and is_onnx(job.model):
         raise UserError(
@@ -364,11 +372,20 @@ def _run_ray(
         except ConnectionError as e:  # "auto" with no cluster running, or a cluster that went away
             flag = "--ray-address" if address else "$RAY_ADDRESS"
             raise UserError(f"{flag}: cannot connect to a Ray cluster ({e})") from None
+    return pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)  # also with --workers
+
+
+def _run_ray(
+    job: ScoreJob, address: str | None, workers: int | None, cpus_per_worker: float, gpus_per_worker: float
+) -> Summary:
+    fit = start_ray(job, address, cpus_per_worker, gpus_per_worker)
+    import ray
+    import ray.data
+
     start = time.time()
     console_without_tracebacks(logging.getLogger("ray.data"))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output files in input order
-    fit = pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)  # also with --workers
     size = workers or fit
     ds = ray.data.from_items([{"uri": s.uri, "format": s.format} for s in job.sources])
     # Reading and writing are light next to the model: they take no CPU slot from the actors.

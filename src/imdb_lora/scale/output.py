@@ -47,28 +47,10 @@ def prepare_output(
     `job`: what the marker records of the job, for --resume (scale/resume.py). Returns the held lock of
     a local output (None for a remote one): close it when the job has ended.
     """
-    from pyarrow import fs
-
-    check_placement(output, inputs)
-    fsys, path = filesystem(output)
-    local = fsys.type_name == "local"
-    info = fsys.get_file_info(path)
-    if info.type == fs.FileType.File:
-        raise UserError(f"--output {output} is a file; give a folder")
-    if info.type not in (fs.FileType.Directory, fs.FileType.NotFound):  # /dev/null, a FIFO, a socket
-        raise UserError(f"--output {output} exists and is not a folder; give a folder")
-    # The lock of an earlier job, before anything else: a running job's folder is never read as
-    # "unfinished" nor emptied. Only an existing lock file is opened: a folder this tool may refuse
-    # (not a score output, no --overwrite) gets nothing written into it.
-    held = lock_output(output, path, create=False) if local and info.type == fs.FileType.Directory else None
+    fsys, path, local, held, full = _checked(output, inputs, overwrite)
     lock = None
     try:
-        if info.type == fs.FileType.Directory and _contents(fsys, path):
-            marker = read_marker(output)
-            if not overwrite:
-                raise UserError(f"--output {output} {describe(marker, local)}; {what_to_pass(marker)}")
-            if marker is None:  # --overwrite must never empty a folder this tool did not write
-                raise UserError(f"--output {output} is not an imdb-lora score output; refusing to replace it")
+        if full:
             if local and held is None:  # an output without a lock file: ours (its marker says so), lock it
                 held = lock_output(output, path, create=True)
             if held is not None:  # a job refused by our lock from here on names us, not a dead holder
@@ -96,6 +78,46 @@ def prepare_output(
         if held is not None:
             held.close()
     return lock
+
+
+def check_output(output: str, inputs: list[str], overwrite: bool) -> None:
+    """prepare_output's refusals, with nothing written or deleted: for a job with slow work to do before
+    it prepares its output (score --engine ray starts Ray), so that a refused output is said first."""
+    held = _checked(output, inputs, overwrite)[3]
+    if held is not None:
+        held.close()
+
+
+def _checked(output: str, inputs: list[str], overwrite: bool):
+    """The refusals of prepare_output, before it changes anything: (filesystem, path, local, the lock of
+    an earlier job's lock file, now held, or None, whether the folder holds anything)."""
+    from pyarrow import fs
+
+    check_placement(output, inputs)
+    fsys, path = filesystem(output)
+    local = fsys.type_name == "local"
+    info = fsys.get_file_info(path)
+    if info.type == fs.FileType.File:
+        raise UserError(f"--output {output} is a file; give a folder")
+    if info.type not in (fs.FileType.Directory, fs.FileType.NotFound):  # /dev/null, a FIFO, a socket
+        raise UserError(f"--output {output} exists and is not a folder; give a folder")
+    # The lock of an earlier job, before anything else: a running job's folder is never read as
+    # "unfinished" nor emptied. Only an existing lock file is opened: a folder this tool may refuse
+    # (not a score output, no --overwrite) gets nothing written into it.
+    held = lock_output(output, path, create=False) if local and info.type == fs.FileType.Directory else None
+    try:
+        full = info.type == fs.FileType.Directory and bool(_contents(fsys, path))
+        if full:
+            marker = read_marker(output)
+            if not overwrite:
+                raise UserError(f"--output {output} {describe(marker, local)}; {what_to_pass(marker)}")
+            if marker is None:  # --overwrite must never empty a folder this tool did not write
+                raise UserError(f"--output {output} is not an imdb-lora score output; refusing to replace it")
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
+    return fsys, path, local, held, full
 
 
 def _contents(fsys, path: str) -> list:
