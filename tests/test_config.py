@@ -783,9 +783,24 @@ def test_compare_names_a_refused_config_file_value_by_the_file_and_key(tmp_path,
         method_configs(["--config", "my.yaml"], lrs)
     with pytest.raises(UserError, match=r"^--lora-r must be a positive integer \(got -1\)$"):
         method_configs(["--config", "my.yaml", "--lora-r", "-1"], lrs)
-    # the LoRA arm's rate is --lora-lr's, given to its `train` as --lr
-    with pytest.raises(UserError, match=r"^my\.yaml: train\.weight_decay 2500 times --lr 0\.001 must"):
+    # the LoRA arm's rate is --lora-lr's, given to its `train` as --lr: named as the user typed it
+    with pytest.raises(UserError, match=r"^my\.yaml: train\.weight_decay 2500 times --lora-lr 0\.001 must"):
         method_configs(["--config", "my.yaml", "--lora-r", "4"], {"lora": 1e-3, "full": None})
+
+
+def test_compare_names_each_arms_rate_by_the_flag_typed(tmp_path, monkeypatch):
+    """compare's weight-decay x lr refusal named --lora-lr's (and --full-lr's) rate `--lr`, the flag compare
+    passes to the arm's `train`, not one the user typed; a --lr among the train flags stays --lr."""
+    from imdb_lora.cli.compare import method_configs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wd.yaml").write_text("train: {weight_decay: 500}\n")  # x LoRA's default 4e-4: 0.2, fine
+    with pytest.raises(UserError, match=r"^wd\.yaml: train\.weight_decay 500 times --full-lr 0\.01 must"):
+        method_configs(["--config", "wd.yaml"], {"lora": None, "full": 0.01})
+    with pytest.raises(UserError, match=r"^wd\.yaml: train\.weight_decay 500 times --lr 0\.01 must"):
+        method_configs(["--config", "wd.yaml", "--lr", "0.01"], {"lora": None, "full": None})
+    with pytest.raises(UserError, match=r"^--weight-decay 500 times --lora-lr 0\.01 must"):
+        method_configs(["--weight-decay", "500", "--lr", "1e-4"], {"lora": 0.01, "full": None})
 
 
 def test_a_saved_config_yaml_names_its_invalid_setting_by_key(tmp_path):

@@ -432,6 +432,9 @@ class Config:
 # compare trains each method as a child `train` given the user's same train flags, naming the child's
 # method here: the full arm's --lora-* flags were meant for the LoRA arm, so calling them inert is noise.
 COMPARE_ARM_ENV = "IMDB_LORA_COMPARE_ARM"
+# ... and, where it passes the child --lr for the user's --lora-lr or --full-lr, that flag here: the
+# child's refusals (a diverging training's `try a lower ...`) name the rate as the user typed it.
+COMPARE_LR_ENV = "IMDB_LORA_COMPARE_LR"
 
 
 @dataclass(frozen=True)
@@ -443,23 +446,39 @@ class Given:
     typed: frozenset[str] = frozenset()
     file: str | None = None
     in_file: frozenset[str] = frozenset()
+    # (key, flag) where the flag typed for a key is not its own: compare's `--lora-lr` sets the LoRA
+    # arm's train.lr, and a refusal of that rate names what the user typed, not train's `--lr`
+    flags: tuple[tuple[str, str], ...] = ()
 
     def from_file(self, key: str) -> bool:
         """Set by the --config file, not overridden by a flag."""
         return key in self.in_file and key not in self.typed
 
+    def flag(self, key: str) -> str:
+        """The flag that sets `key` here (`--lr`; `--lora-lr` in compare's LoRA arm when typed)."""
+        return dict(self.flags).get(key) or _FLAGS_OF_KEYS[key]
+
     def where(self, key: str) -> str:
         """A note's subject: `--cuda-graphs` as typed (or built in code), `my.yaml: train.cuda_graphs` from
         the file (`train.cuda_graphs` alone where no file is named: a message that names it itself)."""
         if not self.from_file(key):
-            return _FLAGS_OF_KEYS[key]
+            return self.flag(key)
         return f"{self.file}: {key}" if self.file else key
 
     def name(self, key: str, value: Any = None) -> str:
         """`--batching flat` as typed (or built in code); `train.batching: flat` as the file says it."""
         if self.from_file(key):
             return key if value is None else f"{key}: {value}"
-        return _FLAGS_OF_KEYS[key] if value is None else f"{_FLAGS_OF_KEYS[key]} {value}"
+        return self.flag(key) if value is None else f"{self.flag(key)} {value}"
+
+    def said(self, key: str, subject: str | None = None) -> str:
+        """A setting named inside a refusal whose subject is another (`subject`), or in its advice:
+        `--lora-targets` as typed, `lora.targets in my.yaml` from the file (the file left out where the
+        subject came from it too: the line begins with its name)."""
+        if not self.from_file(key):
+            return self.flag(key)
+        named = subject is not None and self.from_file(subject)
+        return key + (f" in {self.file}" if self.file and not named else "")
 
 
 def inert_settings(cfg: Config, given: Given | None = None) -> list[str]:
@@ -673,10 +692,7 @@ def clash_line(clash: FileClash, given: Given | None = None) -> str:
         if other == "data.train_file"
         else "it is evaluated and reported already, as the test split; it would be reported twice under two names"
     )
-    if not given.from_file(other):
-        other_name = _FLAGS_OF_KEYS[other]
-    else:  # the file's key; which file, unless the subject named it already
-        other_name = other + ("" if given.from_file(key) or not given.file else f" in {given.file}")
+    other_name = given.said(other, key)  # the file's key; which file, unless the subject named it already
     subject = given.where(key)
     if same == "copy":
         return f"{subject} {path} is an identical copy of the {other_name} {also}: {why}"
@@ -700,7 +716,7 @@ def refuse_file_clashes(cfg: Config, started: Config | None = None, given: Given
             fix = (
                 f"point {key} in {given.file} at another file"
                 if given.from_file(key) and given.file
-                else f"give {_FLAGS_OF_KEYS[key]} another file"
+                else f"give {given.flag(key)} another file"
             )
             raise UserError(f"{clash_line(clash, given)}; {fix}")
     return [f"{clash_line(clash, given)}; kept, as the run was started with it" for clash in clashes]
@@ -774,7 +790,7 @@ def _beside(given: Given, key: str, value: Any, subject: str) -> str:
     """Another setting that a refusal of `subject` names, with its value, as it was given: `--max-length
     64`, or `data.max_length 64` from the --config file (`... in my.yaml` where the subject was typed)."""
     if not given.from_file(key):
-        return f"{_FLAGS_OF_KEYS[key]} {value}"
+        return f"{given.flag(key)} {value}"
     return f"{key} {value}" + (f" in {given.file}" if given.file and not given.from_file(subject) else "")
 
 

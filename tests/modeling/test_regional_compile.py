@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import build_tiny
 from test_packing import models
 
-from imdb_lora.config import Config
+from imdb_lora.config import Config, Given
 from imdb_lora.data.batches import flatten, pad_batch
 from imdb_lora.errors import UserError
 from imdb_lora.modeling.flat import flat_logits
@@ -136,6 +136,10 @@ def test_a_model_without_a_layer_list_is_one_line(tiny_models):
     model.get_base_model().config.num_hidden_layers = 5  # no ModuleList of 5 layers in the tiny bert
     with pytest.raises(UserError, match="--compile: no list of 5 encoder layers found in this bert model"):
         compile_encoder(model, backend="eager")
+    # a --config file's train.compile, as the trainer names it (config.Given): by the file and key
+    flag = Given(file="my.yaml", in_file=frozenset({"train.compile"})).where("train.compile")
+    with pytest.raises(UserError, match=r"^my\.yaml: train\.compile: no list of 5 .*; set it false there$"):
+        compile_encoder(model, backend="eager", flag=flag)
 
 
 class Crash(Exception):

@@ -568,3 +568,37 @@ def test_a_damaged_metrics_file_is_one_line(tmp_path, content):
     (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1, "train_seconds": 1.0}\n' + content)
     with pytest.raises(UserError, match=r"metrics\.jsonl: not one JSON object per line \("):
         RunDir(tmp_path).read_metrics()
+
+
+def test_an_arms_train_names_its_rate_by_the_flag_the_user_typed(tmp_path, capsys, monkeypatch):
+    """compare passes --lora-lr's (--full-lr's) rate to the arm's train as --lr; the child's refusals (a
+    diverging training's `try a lower --lr`) named --lr, a flag the user never typed. Here a refusal the
+    child makes before anything is looked for: its rate is named as typed, and only where compare set it."""
+    from imdb_lora.cli import main
+    from imdb_lora.config import COMPARE_ARM_ENV, COMPARE_LR_ENV
+    from imdb_lora.runs import compare as compare_mod
+
+    seen = []
+
+    class Child:  # the child train, as compare starts it: only its environment matters here
+        def __init__(self, args, env):
+            seen.append((env.get(COMPARE_ARM_ENV), env.get(COMPARE_LR_ENV)))
+
+        __enter__ = lambda self: self  # noqa: E731
+        __exit__ = lambda self, *a: None  # noqa: E731
+        wait = lambda self: 0  # noqa: E731
+
+    with monkeypatch.context() as m:  # subprocess is shared: patched only while the child is started
+        m.setattr(compare_mod.subprocess, "Popen", Child)
+        m.setenv(COMPARE_LR_ENV, "--full-lr")  # an outer compare's: not passed on where no rate is set
+        compare_mod.train_method("lora", tmp_path / "lora", [], 0.01, "fresh")
+        compare_mod.train_method("full", tmp_path / "full", [], None, "fresh")
+    assert seen == [("lora", "--lora-lr"), ("full", None)]
+    args = ["train", "--weight-decay", "500", "--lr", "0.01", "--output-dir", str(tmp_path / "run")]
+    monkeypatch.setenv(COMPARE_ARM_ENV, "lora")
+    monkeypatch.setenv(COMPARE_LR_ENV, "--lora-lr")
+    assert main(args) == 2
+    assert "--weight-decay 500 times --lora-lr 0.01 must be below 1" in capsys.readouterr().err
+    monkeypatch.delenv(COMPARE_ARM_ENV)  # a train typed by hand: the variable alone names nothing
+    assert main(args) == 2
+    assert "--weight-decay 500 times --lr 0.01 must be below 1" in capsys.readouterr().err

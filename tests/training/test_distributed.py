@@ -21,7 +21,7 @@ import torch
 from conftest import hold_train_at, sigint_as_in_a_terminal, train_args, wait_running_until
 
 from imdb_lora.cli import main
-from imdb_lora.config import Config
+from imdb_lora.config import Config, Given
 from imdb_lora.errors import UserError
 from imdb_lora.inference.classifier import Classifier
 from imdb_lora.training.distributed import Dist
@@ -116,6 +116,36 @@ def test_environment_and_resume_checks(tmp_path):
     Dist().check(cfg)
     with pytest.raises(UserError, match="--bf16-working-copies does not run under torchrun"):
         d.check(cfg)
+
+
+def test_torchrun_refusals_name_a_config_files_setting_by_file_and_key():
+    """The data-parallel refusals named --cuda-graphs, --bf16-working-copies and --device whatever had
+    set them; the trainer passes its config.Given, and a typed flag is still named by the flag."""
+    d = Dist.from_env({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    given = Given(file="my.yaml", in_file=frozenset({"train.batching", "train.cuda_graphs", "train.device"}))
+    cfg = Config()
+    cfg.train.batching, cfg.train.cuda_graphs = "flat", True
+    with pytest.raises(UserError, match=r"^my\.yaml: train\.cuda_graphs does not run under torchrun: .*; set "
+        r"it false there \(train\.batching: flat itself works\)$"):  # fmt: skip
+        d.check(cfg, given)
+    with pytest.raises(UserError, match=r"^--cuda-graphs does not run .*; drop the flag \(--batching flat "):
+        d.check(cfg, Given())
+    cfg.train.cuda_graphs, cfg.train.bf16_working_copies = False, True
+    in_file = Given(file="my.yaml", in_file=frozenset({"train.bf16_working_copies"}))
+    with pytest.raises(
+        UserError, match=r"^my\.yaml: train\.bf16_working_copies does not .*; set it false there$"
+    ):
+        d.check(cfg, in_file)
+    # checked before CUDA is touched: the same on a machine without it
+    with pytest.raises(
+        UserError,
+        match=r"^my\.yaml: train\.device cuda:1: under torchrun .*; set it to cuda \(or auto\) there$",
+    ):
+        d.start(torch.device("cuda", 1), given.where("train.device"))
+    with pytest.raises(
+        UserError, match=r"^--device cuda:1: under torchrun .*; pass --device cuda \(or auto\)$"
+    ):
+        d.start(torch.device("cuda", 1))
 
 
 def test_the_resume_hint_names_the_launch_a_run_needs():

@@ -293,7 +293,7 @@ def test_auto_on_cuda_trains_padded_and_evaluates_flat_with_the_same_metrics(
     monkeypatch.setattr(
         trainer_module,
         "batching_path",
-        lambda mode, model, _, training: real(mode, model, torch.device("cuda"), training),
+        lambda mode, model, _, training, **kw: real(mode, model, torch.device("cuda"), training, **kw),
     )
     assert main(train_args(tiny_models("roberta"), imdb_dir, tmp_path / "auto", "--epochs", "1")) == 0
     info = json.loads((tmp_path / "auto" / "run.json").read_text())
@@ -427,14 +427,17 @@ def test_settings_from_a_config_file_are_said_by_the_file_and_key(tiny_models, i
     with method: full), or were named by flags never typed (--cuda-graphs off CUDA, the data refusals'
     --data): each now names the file and its key."""
     recipe = tmp_path / "my.yaml"
-    recipe.write_text("train: {method: full, batching: flat, cuda_graphs: true}\nlora: {r: 4}\n")
+    recipe.write_text(
+        "train: {method: full, batching: flat, cuda_graphs: true, max_steps: 1}\nlora: {r: 4}\n"
+    )
     args = train_args(
         tiny_models("bert"), imdb_dir, tmp_path / "run", "--config", str(recipe), "--epochs", "1"
     )
-    assert main([*args, "--max-steps", "1", "--no-eval-test-each-epoch"]) == 0
+    assert main([*args, "--no-eval-test-each-epoch"]) == 0
     err = capsys.readouterr().err
     assert f"{recipe}: lora.r has no effect with train.method: full (every weight trains; no adapters)" in err
     assert f"{recipe}: train.cuda_graphs: no effect on cpu with the flat path (CUDA and flat only)" in err
+    assert f"{recipe}: train.max_steps 1 reached at step 1 (epoch 1, 1 of its" in err  # was `--max-steps 1`
     small = write_imdb(tmp_path / "small", per_class=1)  # too few reviews: the data refusal
     recipe.write_text(f"data: {{path: {small}}}\n")
     model = ["--model", str(tiny_models("bert")), "--device", "cpu", "--max-length", "64"]

@@ -64,10 +64,13 @@ def method_settings(train_args: list[str], lrs: dict[str, float | None]) -> dict
         base, in_file = Config.load_with_keys(ns.config) if ns.config else (Config(), frozenset())
         cfg = config_from_args(ns, base)
         cfg.train.method, cfg.train.lr = method, lr if lr is not None else cfg.train.lr
-        # named as the method's `train` names them: it is given --method, and --lr where one is set here
+        # named as the method's `train` names them: it is given --method, and --lr where one is set here,
+        # which a refusal names as the user typed it (--lora-lr, --full-lr)
         given = given_settings(ns, in_file)
         given = dataclasses.replace(
-            given, typed=given.typed | {"train.method"} | ({"train.lr"} if lr is not None else set())
+            given,
+            typed=given.typed | {"train.method"} | ({"train.lr"} if lr is not None else set()),
+            flags=(("train.lr", f"--{method}-lr"),) if lr is not None else (),
         )
         settings[method] = (cfg.validate(given), given)
     return settings

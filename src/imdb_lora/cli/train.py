@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import (
     COMPARE_ARM_ENV,
+    COMPARE_LR_ENV,
     Config,
     Given,
     coerce,
@@ -54,8 +55,10 @@ def _default_text(f) -> str:
 
 
 def given_settings(ns: argparse.Namespace, in_file: frozenset[str] = frozenset()) -> Given:
-    """What the command line typed and what its --config file set (`in_file`), for the notes that name them."""
-    return Given(typed_settings(ns), ns.config, in_file)
+    """What the command line typed and what its --config file set (`in_file`), for the notes that name them.
+    In a compare arm given the user's --lora-lr or --full-lr as --lr, the rate is named by that flag."""
+    renamed = os.environ.get(COMPARE_LR_ENV) if os.environ.get(COMPARE_ARM_ENV) else None
+    return Given(typed_settings(ns), ns.config, in_file, (("train.lr", renamed),) if renamed else ())
 
 
 def typed_settings(ns: argparse.Namespace) -> frozenset[str]:

@@ -174,8 +174,11 @@ def enable_flat(model: nn.Module) -> None:
             m.config._attn_implementation = FLAT_ATTENTION
 
 
-def batching_path(mode: str, model: nn.Module, device: torch.device, training: bool) -> str:
-    """The --batching decision: padded, packed or flat.
+def batching_path(
+    mode: str, model: nn.Module, device: torch.device, training: bool, flag: str = "--batching"
+) -> str:
+    """The --batching decision: padded, packed or flat (`flag`: the setting as given, `--batching` or a
+    --config file's `my.yaml: train.batching`, for the refusals of a path the model does not have).
 
     auto, as measured on an H200 (docs/performance.md, docs/measurements/2026-11-30-fast-h200.json):
     padded training (eager flat trained slower than padded; flat is faster only with --cuda-graphs,
@@ -192,12 +195,12 @@ def batching_path(mode: str, model: nn.Module, device: torch.device, training: b
     if mode == "flat":
         if not supports_flat(model):
             raise UserError(
-                f"--batching flat is not supported for model type {model_type!r} "
+                f"{flag} flat is not supported for model type {model_type!r} "
                 f"(supported: {', '.join(sorted(FLAT_MODELS))}); use padded or packed"
             )
         return "flat"
     if mode == "packed" and not supports_packing(model):
-        raise UserError(f"--batching packed is not supported for model type {model_type!r}")
+        raise UserError(f"{flag} packed is not supported for model type {model_type!r}")
     if mode == "packed":
         return "packed"
     if mode == "auto" and device.type == "cuda" and not training:

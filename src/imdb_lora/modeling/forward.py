@@ -44,20 +44,22 @@ def path_name(path: bool | str) -> str:
     return "packed" if path else "padded"
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
+def encoder_layers(model: nn.Module, flag: str = "--compile") -> nn.ModuleList:
     """The encoder's repeated block: its ModuleList of num_hidden_layers layers of one class
-    (encoder.layer on RoBERTa, BERT and MPNet; transformer.layer on DistilBERT)."""
+    (encoder.layer on RoBERTa, BERT and MPNet; transformer.layer on DistilBERT). `flag`: the setting
+    that asked for it, as given (`--compile`, or a --config file's `my.yaml: train.compile`)."""
     m = classifier_of(model)
     n = m.config.num_hidden_layers
     for module in getattr(m, m.base_model_prefix).modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and len({type(x) for x in module}) == 1:
             return module
+    drop = f"drop {flag}" if flag.startswith("--") else "set it false there"  # a file's key: where it is set
     raise UserError(
-        f"--compile: no list of {n} encoder layers found in this {m.config.model_type} model; drop --compile"
+        f"{flag}: no list of {n} encoder layers found in this {m.config.model_type} model; {drop}"
     )
 
 
-def compile_encoder(model: nn.Module, backend: str = "inductor") -> None:
+def compile_encoder(model: nn.Module, backend: str = "inductor", flag: str = "--compile") -> None:
     """Regional compilation: torch.compile each encoder layer in place, dynamic shapes (review lengths
     vary), so that one compiled graph serves every layer (PyTorch's regional compilation recipe).
 
@@ -66,9 +68,10 @@ def compile_encoder(model: nn.Module, backend: str = "inductor") -> None:
     graph's size do not grow with the layer count, where compiling the whole encoder traced one graph
     of every layer (for roberta-base's 12, twelve times the ops to compile). The embeddings, the pooler
     and the head stay eager (a few ops). In place (nn.Module.compile), so PEFT, the state dict's keys,
-    LoRA merging and the packed and flat paths (which call the encoder) see the same modules.
+    LoRA merging and the packed and flat paths (which call the encoder) see the same modules. `flag`:
+    the setting as given, for the refusal of a model without such layers.
     """
-    for layer in encoder_layers(model):
+    for layer in encoder_layers(model, flag):
         layer.compile(dynamic=True, backend=backend)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import Given
 from ..data.labeled import LABEL_NAMES
 from ..errors import UserError, counted
 
@@ -58,7 +59,8 @@ def has_weights(folder: Path) -> bool:
 
 def check_model_source(name: str, random_init: bool, flag: str | None = "--model") -> None:
     """Fail early, naming the flag (--model; --base-model when reading a run), when a local model folder is
-    missing or unusable. flag=None: a folder inside a run or an export, which no flag names."""
+    missing or unusable. flag=None: a folder inside a run or an export, which no flag names; a --config
+    file's model.name is named by the file and key (`my.yaml: model.name`, config.Given.where)."""
     if not is_local(name):
         return
     p = Path(name).expanduser()
@@ -70,7 +72,10 @@ def check_model_source(name: str, random_init: bool, flag: str | None = "--model
     if not (p / "config.json").is_file():
         raise UserError(f"{lead}{p} has no config.json (not a Hugging Face model folder)")
     if not random_init and not has_weights(p):
-        hint = "; use --random-init for an untrained architecture" if flag == "--model" else ""
+        # a model to train (--model or a file's model.name), not a run's base: --random-init builds it
+        hint = (
+            "; use --random-init for an untrained architecture" if flag not in (None, "--base-model") else ""
+        )
         raise UserError(f"{lead}{p} has no model.safetensors (only safetensors weights are loaded){hint}")
 
 
@@ -103,10 +108,12 @@ def is_damaged_weights(e: Exception) -> bool:
 
 
 def _hub_error(name: str, e: Exception, flag: str = "--model") -> UserError:
+    """`flag`: the setting that named the model, as given (`--model`, or `my.yaml: model.name`)."""
     why = "the hub is unreachable and no copy is cached" if hub_options(name) else type(e).__name__
+    fix = f"pass {flag} PATH to" if flag.startswith("--") else "point it at"
     return UserError(
         f"{flag}: could not load {name!r} from the Hugging Face hub ({why}); "
-        f"without network, pass {flag} PATH to a local model folder"
+        f"without network, {fix} a local model folder"
     )
 
 
@@ -169,27 +176,37 @@ def config_if_readable(name: str):
         return None
 
 
-def check_max_length(name: str, max_length: int) -> None:
-    """--max-length must fit the model's position embeddings; checked before anything is written."""
+def check_max_length(name: str, max_length: int, given: Given | None = None) -> None:
+    """--max-length must fit the model's position embeddings; checked before anything is written.
+    `given`: where the settings came from (config.Given), to name a --config file's data.max_length by
+    the file and key; by its flag by default."""
     config = config_if_readable(name)
     if config is None:
         return
     limit = position_limit(config)
     if limit is not None and max_length > limit:
+        given = given or Given()
+        subject = given.where("data.max_length")
+        fix = (
+            f"set it to {limit} or less there"
+            if given.from_file("data.max_length")
+            else f"pass {subject} {limit} or less"
+        )
         raise UserError(
-            f"--max-length {max_length} exceeds what {Path(name).name or name} can read "
-            f"({limit} tokens per sequence); pass --max-length {limit} or less"
+            f"{subject} {max_length} exceeds what {Path(name).name or name} can read "
+            f"({limit} tokens per sequence); {fix}"
         )
 
 
-def check_vocabulary(name: str, tokenizer) -> None:
+def check_vocabulary(name: str, tokenizer, flag: str = "--model") -> None:
     """The tokenizer's ids must all have a row in the model's embeddings (config vocab_size): a folder
-    whose tokenizer is another model's otherwise fails mid-epoch with torch's index error."""
+    whose tokenizer is another model's otherwise fails mid-epoch with torch's index error. `flag`: the
+    setting that named the model, as given (`--model`, or `my.yaml: model.name`)."""
     config = config_if_readable(name)
     rows = getattr(config, "vocab_size", None)
     if isinstance(rows, int) and len(tokenizer) > rows:
         raise UserError(
-            f"--model {name}: its tokenizer has {len(tokenizer):,} tokens, more than the {rows:,} rows of "
+            f"{flag} {name}: its tokenizer has {len(tokenizer):,} tokens, more than the {rows:,} rows of "
             "the model's embeddings (vocab_size in config.json); the tokenizer belongs to another model"
         )
 
@@ -250,9 +267,9 @@ def software_versions(package: Path | None = None) -> dict[str, str | bool | Non
     }
 
 
-def load_tokenizer(name: str, folder: bool = False):
+def load_tokenizer(name: str, folder: bool = False, flag: str = "--model"):
     """`folder`: a run's or an export's own tokenizer/, never a hub id, even where its relative path
-    (runs/x/tokenizer) is not there and reads as one."""
+    (runs/x/tokenizer) is not there and reads as one. `flag`: the setting a hub id came from, as given."""
     from transformers import AutoTokenizer
 
     local = folder or is_local(name)
@@ -263,7 +280,7 @@ def load_tokenizer(name: str, folder: bool = False):
     except OSError as e:
         if local:
             raise UserError(f"no usable tokenizer in {name} ({one_line(e)})") from None
-        raise _hub_error(name, e) from None
+        raise _hub_error(name, e, flag) from None
     except ValueError as e:  # custom tokenizer code, an unknown tokenizer class and the like
         raise _remote_code_error(name, e, "tokenizer") or UserError(
             f"no usable tokenizer in {name} ({one_line(e)})"
@@ -349,21 +366,22 @@ def base_fingerprint(model: nn.Module) -> str:
 # ---------------------------------------------------------------- devices and batched inference
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """--device: auto (a GPU when there is one), cpu, cuda or cuda:N. Other torch devices (mps, xla...)
-    are refused here, in one line: nothing of imdb-lora is built or tested for them."""
+    are refused here, in one line: nothing of imdb-lora is built or tested for them. `flag`: the setting
+    as given (train's device may come from a --config file: `my.yaml: train.device`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"{flag} {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: imdb-lora runs on cpu or cuda (cuda:N) only")
+        raise UserError(f"{flag} {name}: imdb-lora runs on cpu or cuda (cuda:N) only")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
+        raise UserError(f"{flag} {name}: CUDA is not available on this machine")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(
-            f"--device {name}: this machine has {counted(torch.cuda.device_count(), 'GPU')}, cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            f"{flag} {name}: this machine has {counted(torch.cuda.device_count(), 'GPU')}, cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
     return device

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, Given
 from ..errors import UserError
 from .load import (
     NUM_LABELS,
@@ -79,8 +79,9 @@ def lora_target_modules(model: nn.Module, roles: list[str]) -> list[str]:
     return chosen
 
 
-def named_target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """Modules chosen by explicit name suffixes (--lora-modules), the head excluded."""
+def named_target_modules(model: nn.Module, names: list[str], flag: str = "--lora-modules") -> list[str]:
+    """Modules chosen by explicit name suffixes (--lora-modules), the head excluded. `flag`: the setting
+    as given (`--lora-modules`, or `my.yaml: lora.target_modules` from a --config file)."""
     head = tuple(head_module_names(model))
     found = [
         n
@@ -89,7 +90,7 @@ def named_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     ]
     if not found:
         raise UserError(
-            f"--lora-modules: none of {','.join(names)} names a module of this {model.config.model_type} "
+            f"{flag}: none of {','.join(names)} names a module of this {model.config.model_type} "
             f"model; its layers' names: {','.join(module_suffixes(model))}"
         )
     return found
@@ -109,23 +110,28 @@ def wrappable_modules(model: nn.Module) -> list[str]:
     return [n for n in names if not n.startswith(head)]
 
 
-def check_targets_before_data(name: str, cfg: Config) -> None:
+def check_targets_before_data(name: str, cfg: Config, given: Given | None = None) -> None:
     """--lora-targets naming only the pooler, for a model whose classifier has none (all but bert's):
-    decided from config.json alone, so the refusal comes before the data are read (seconds to minutes)."""
+    decided from config.json alone, so the refusal comes before the data are read (seconds to minutes).
+    `given`: where the settings came from (config.Given), to name a --config file's key as written."""
     lo = cfg.lora
     if cfg.train.method != "lora" or lo.target_modules or not set(lo.targets) <= OPTIONAL_ROLES:
         return
     config = config_if_readable(name)
     kind = getattr(config, "model_type", None)
     if kind in ROLE_PATTERNS and kind not in POOLER_HEADS:  # others are left to build_model's checks
-        raise UserError(no_targets_message(kind, lo.targets, []))
+        raise UserError(no_targets_message(kind, lo.targets, [], given))
 
 
-def no_targets_message(model_type: str, roles: list[str], names: list[str]) -> str:
+def no_targets_message(
+    model_type: str, roles: list[str], names: list[str], given: Given | None = None
+) -> str:
     """Why LoRA would wrap nothing: only optional roles the model lacks (a sequence-classification head
     of roberta or mpnet has no pooler), or only modules the checkpoint lacked (they train in full: a
-    bert checkpoint saved without its pooler has one, new)."""
-    flag, given = ("--lora-modules", names) if names else ("--lora-targets", roles)
+    bert checkpoint saved without its pooler has one, new). `given`: where the settings came from
+    (config.Given): a --config file's lora.targets is named by the file and key, the role added there."""
+    given = given or Given()
+    key, listed = ("lora.target_modules", names) if names else ("lora.targets", roles)
     has_all = names or model_type in POOLER_HEADS
     lacking = [] if has_all else [r for r in roles if r in OPTIONAL_ROLES]
     why = (
@@ -133,36 +139,48 @@ def no_targets_message(model_type: str, roles: list[str], names: list[str]) -> s
         if lacking
         else "the modules it selects were missing from the checkpoint and train in full"
     )
-    return f"{flag} {','.join(given)}: LoRA would wrap no module ({why}); add a role, e.g. --lora-targets attention_qkv"
+    if given.from_file("lora.targets"):
+        fix = f"add a role to {given.said('lora.targets', key)}, e.g. attention_qkv"
+    else:
+        fix = f"add a role, e.g. {given.flag('lora.targets')} attention_qkv"
+    return f"{given.where(key)} {','.join(listed)}: LoRA would wrap no module ({why}); {fix}"
 
 
-def check_rank(model: nn.Module, targets: list[str], r: int) -> None:
+def check_rank(model: nn.Module, targets: list[str], r: int, given: Given | None = None) -> None:
     """A rank above a wrapped layer's smallest dimension adds nothing a product A @ B could express, and
-    a huge one failed allocating its matrices (a RuntimeError traceback for --lora-r 10**12)."""
+    a huge one failed allocating its matrices (a RuntimeError traceback for --lora-r 10**12). `given`:
+    where the settings came from (config.Given), to name a --config file's lora.r by the file and key."""
     modules = dict(model.named_modules())
     weights = [getattr(modules[t], "weight", None) for t in targets]
     smallest = min(
         (min(w.shape) for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2), default=None
     )
     if smallest is not None and r > smallest:
+        given = given or Given()
+        fix = "lower it there" if given.from_file("lora.r") else f"lower {given.flag('lora.r')}"
         raise UserError(
-            f"--lora-r {r:,} is more than {smallest:,}, the smallest dimension of the layers LoRA wraps "
-            "(a rank cannot exceed it); lower --lora-r"
+            f"{given.where('lora.r')} {r:,} is more than {smallest:,}, the smallest dimension of the layers "
+            f"LoRA wraps (a rank cannot exceed it); {fix}"
         )
 
 
 def apply_lora(
-    model: nn.Module, cfg: Config, missing_keys: list[str], revision: str | None = None
+    model: nn.Module,
+    cfg: Config,
+    missing_keys: list[str],
+    revision: str | None = None,
+    given: Given | None = None,
 ) -> nn.Module:
     """Wrap `model` in LoRA adapters as the config says. `revision`: the hub commit the base was loaded
     from (None for a local folder), saved in adapter_config.json where peft keeps it (`revision`), so
     that peft's AutoPeftModel* loads the very base weights the adapter was trained on, not the hub's
-    latest."""
+    latest. `given`: where the settings came from (config.Given), as the refusals name them."""
     from peft import LoraConfig, get_peft_model
 
     lo = cfg.lora
+    given = given or Given()
     if lo.target_modules:
-        targets = named_target_modules(model, lo.target_modules)
+        targets = named_target_modules(model, lo.target_modules, given.where("lora.target_modules"))
     else:
         targets = lora_target_modules(model, lo.targets)
     # Weights the checkpoint lacked (besides the head) are random: train and save them in full rather
@@ -172,8 +190,8 @@ def apply_lora(
     fresh = [m for m in fresh if not m.startswith(tuple(head)) and m not in ("", "position_ids")]
     targets = [t for t in targets if t not in fresh]
     if not targets:  # peft would raise NoMatchingPeftModuleError, a traceback
-        raise UserError(no_targets_message(model.config.model_type, lo.targets, lo.target_modules))
-    check_rank(model, targets, lo.r)
+        raise UserError(no_targets_message(model.config.model_type, lo.targets, lo.target_modules, given))
+    check_rank(model, targets, lo.r, given)
     peft_cfg = LoraConfig(
         task_type="SEQ_CLS",
         r=lo.r,
@@ -188,18 +206,27 @@ def apply_lora(
 
 
 def build_model(
-    cfg: Config, source: str | None = None, random_init: bool | None = None, save_base_to: Path | None = None
+    cfg: Config,
+    source: str | None = None,
+    random_init: bool | None = None,
+    save_base_to: Path | None = None,
+    given: Given | None = None,
 ) -> tuple[nn.Module, dict]:
     """The model to train (LoRA-wrapped or full) and facts about its base for the run record.
 
     `source`/`random_init` override the config (a resumed random-init run reloads its saved base);
-    `save_base_to` keeps the base weights the adapter belongs to when they exist nowhere else.
+    `save_base_to` keeps the base weights the adapter belongs to when they exist nowhere else; `given`:
+    where the settings came from (config.Given): a refusal names a --config file's setting by the file
+    and key (`my.yaml: lora.r`), a typed one by its flag (the default).
     """
     m = cfg.model
+    given = given or Given()
     source = source or m.name
     random_init = m.random_init if random_init is None else random_init
-    model, missing = load_base_model(source, NUM_LABELS, random_init, cfg.train.seed)
-    set_pooling(model, m.pooling)
+    model, missing = load_base_model(
+        source, NUM_LABELS, random_init, cfg.train.seed, flag=given.where("model.name")
+    )
+    set_pooling(model, m.pooling, given.where("model.pooling"))
     info = {
         "model_type": model.config.model_type,
         "base_fingerprint": base_fingerprint(model),
@@ -213,7 +240,7 @@ def build_model(
     if cfg.train.method == "lora":
         # a random-init base exists only in the run's base_model/: no hub commit holds its weights
         revision = None if random_init else info["model_revision"]
-        model = apply_lora(model, cfg, missing, revision=revision)
+        model = apply_lora(model, cfg, missing, revision=revision, given=given)
     else:
         model.requires_grad_(True)
     info["trainable_parameters"], info["total_parameters"] = count_parameters(model, info["base_parameters"])

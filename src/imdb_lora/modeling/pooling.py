@@ -30,8 +30,9 @@ def pooling_of(m: nn.Module) -> str:
     return getattr(m.config, CONFIG_KEY, "cls")
 
 
-def set_pooling(m: nn.Module, pooling: str) -> None:
-    """Record the pooling on the model's config; mean needs a head this module knows how to feed."""
+def set_pooling(m: nn.Module, pooling: str, flag: str = "--pooling") -> None:
+    """Record the pooling on the model's config; mean needs a head this module knows how to feed.
+    `flag`: the setting as given (`--pooling`, or a --config file's `my.yaml: model.pooling`)."""
     if pooling == "cls":
         if hasattr(m.config, CONFIG_KEY):
             delattr(m.config, CONFIG_KEY)
@@ -39,7 +40,7 @@ def set_pooling(m: nn.Module, pooling: str) -> None:
     if m.config.model_type not in FIRST_TOKEN_HEADS | POOLER_HEADS:
         known = ", ".join(sorted(FIRST_TOKEN_HEADS | POOLER_HEADS))
         raise UserError(
-            f"--pooling mean is not supported for model type {m.config.model_type!r} (known: {known})"
+            f"{flag} mean is not supported for model type {m.config.model_type!r} (known: {known})"
         )
     setattr(m.config, CONFIG_KEY, pooling)
 

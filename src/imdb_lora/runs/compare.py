@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import COMPARE_ARM_ENV, Config, differing_fields
+from ..config import COMPARE_ARM_ENV, COMPARE_LR_ENV, Config, differing_fields
 from ..errors import Terminated, UserError
 from .report import fmt_bytes, shown_model_name, time_per_epoch
 from .rundir import RunDir, atomic_write_text, require_creatable
@@ -105,7 +105,9 @@ def train_method(method: str, run: Path, train_args: list[str], lr: float | None
         args += ["--lr", str(lr)]
     args += {"fresh": [], "overwrite": ["--overwrite"], "resume": ["--resume"]}[plan]
     print(f"== {method}: imdb-lora {' '.join(args)}", flush=True)
-    env = os.environ | {COMPARE_ARM_ENV: method}
+    env = {k: v for k, v in os.environ.items() if k != COMPARE_LR_ENV} | {COMPARE_ARM_ENV: method}
+    if lr is not None:  # the --lr above is the user's --lora-lr or --full-lr: named so by the child
+        env[COMPARE_LR_ENV] = f"--{method}-lr"
     with subprocess.Popen([sys.executable, "-m", "imdb_lora", *args], env=env) as proc:
         try:
             code = proc.wait()

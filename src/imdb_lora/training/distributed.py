@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Given
 from ..errors import UserError, counted
 from ..metrics import loss_and_accuracy
 from ..modeling.forward import forward_logits
@@ -84,30 +85,43 @@ class Dist:
             return f"torchrun --nproc-per-node {self.world_size} -m imdb_lora {train}"
         return f"torchrun -m imdb_lora {train}, launched as before ({self.world_size} processes in all)"
 
-    def check(self, cfg) -> None:
-        """Settings that cannot run data-parallel, refused before anything starts."""
+    def check(self, cfg, given: Given | None = None) -> None:
+        """Settings that cannot run data-parallel, refused before anything starts, each named as it was
+        given (config.Given: by its flag, or by the --config file and key that set it)."""
+        given = given or Given()
+
+        def drop(key: str) -> str:  # a flag is dropped; a file's key is turned off where it is set
+            return "set it false there" if given.from_file(key) else "drop the flag"
+
         if self.enabled and cfg.train.cuda_graphs:
             raise UserError(
-                "--cuda-graphs does not run under torchrun: DDP's gradient all-reduce happens outside "
-                "the captured graph; drop the flag (--batching flat itself works)"
+                f"{given.where('train.cuda_graphs')} does not run under torchrun: DDP's gradient all-reduce "
+                f"happens outside the captured graph; {drop('train.cuda_graphs')} "
+                f"({given.name('train.batching', 'flat')} itself works)"
             )
         if self.enabled and cfg.train.bf16_working_copies:
             raise UserError(
-                "--bf16-working-copies does not run under torchrun: DDP's gradient all-reduce watches the "
-                "fp32 parameters, and the step's gradients reach their working copies; drop the flag"
+                f"{given.where('train.bf16_working_copies')} does not run under torchrun: DDP's gradient "
+                "all-reduce watches the fp32 parameters, and the step's gradients reach their working "
+                f"copies; {drop('train.bf16_working_copies')}"
             )
 
     # ------------------------------------------------------------ process group
 
-    def start(self, device: torch.device) -> torch.device:
-        """Join the process group (NCCL on CUDA, gloo on CPU); return this process's device."""
+    def start(self, device: torch.device, flag: str = "--device") -> torch.device:
+        """Join the process group (NCCL on CUDA, gloo on CPU); return this process's device. `flag`: the
+        device setting as given (`--device`, or a --config file's `my.yaml: train.device`)."""
         if not self.enabled:
             return device
         if device.type == "cuda":
             if device.index is not None:
+                fix = (
+                    f"pass {flag} cuda (or auto)"
+                    if flag.startswith("--")
+                    else "set it to cuda (or auto) there"
+                )
                 raise UserError(
-                    f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; "
-                    "pass --device cuda (or auto)"
+                    f"{flag} {device}: under torchrun each process takes the GPU of its LOCAL_RANK; {fix}"
                 )
             if self.local_rank >= torch.cuda.device_count():
                 raise UserError(

@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Given
 from ..errors import UserError
 from ..modeling.lora import ROLE_PATTERNS
 from ..modeling.packing import classifier_of
 
-FLAG = "--fused-qkv"
+KEY = "train.fused_qkv"
 QKV = ("query", "key", "value")  # the BERT-like self-attention's projections, in the order it calls them
 
 # (module, parameter name, fp32 master, region of the packed buffer it occupies)
@@ -154,10 +155,13 @@ def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
 
 
 class FusedQKV:
-    """Every self-attention of `model` with query, key and value computed as one (see the module doc)."""
+    """Every self-attention of `model` with query, key and value computed as one (see the module doc).
+    `given`: where the settings came from (config.Given), so that a refusal names a --config file's
+    train.fused_qkv by the file and key (`my.yaml: train.fused_qkv needs ...`); by its flag by default."""
 
-    def __init__(self, model: nn.Module):
-        self.groups = [_fuse(attention, layers) for attention, layers in _attentions(model)]
+    def __init__(self, model: nn.Module, given: Given | None = None):
+        given = given or Given()
+        self.groups = [_fuse(attention, layers, given) for attention, layers in _attentions(model, given)]
         for g in self.groups:
             g.stand_ins = [_StandIn(g, i) for i in range(3)]
 
@@ -178,7 +182,12 @@ class FusedQKV:
                     g.attention._modules[name] = layer
 
 
-def _attentions(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+def _dropped(given: Given, said: str = "it") -> str:
+    """How to turn --fused-qkv off as it was given: drop the flag, or set the --config file's key false."""
+    return f"set {said} false there" if given.from_file(KEY) else f"drop {given.flag(KEY)}"
+
+
+def _attentions(model: nn.Module, given: Given) -> list[tuple[nn.Module, list[nn.Module]]]:
     """(self-attention, [query, key, value] LoRA layers) for each self-attention; refuses in one line
     where a projection is not a plain peft LoRA Linear with one active adapter."""
     from peft.tuners.lora import LoraLayer
@@ -187,22 +196,23 @@ def _attentions(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
     pattern = ROLE_PATTERNS.get(model_type, {}).get("attention_qkv")
     modules = dict(model.named_modules())
     parents = sorted({n.rsplit(".", 1)[0] for n in modules if pattern and re.search(pattern, n)})
+    flag = given.where(KEY)
     if not parents:
-        raise UserError(f"{FLAG} is not built for model type {model_type!r}; drop {FLAG}")
+        raise UserError(f"{flag} is not built for model type {model_type!r}; {_dropped(given)}")
     found = []
     for parent in parents:
         layers = [modules.get(f"{parent}.{name}") for name in QKV]
         if not all(isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), nn.Linear) for m in layers):
             raise UserError(
-                f"{FLAG} needs LoRA on query, key and value of every self-attention ({parent} has it on "
+                f"{flag} needs LoRA on query, key and value of every self-attention ({parent} has it on "
                 f"{', '.join(n for n, m in zip(QKV, layers) if isinstance(m, LoraLayer)) or 'none'}); "
-                f"add the attention_qkv role to --lora-targets or drop {FLAG}"
+                f"add the attention_qkv role to {given.said('lora.targets', KEY)} or {_dropped(given, KEY)}"
             )
         found.append((modules[parent], layers))
     return found
 
 
-def _adapter(layers: list[nn.Module]) -> str:
+def _adapter(layers: list[nn.Module], given: Given) -> str:
     """The one active adapter the three layers share, if they are plain LoRA (no DoRA, no LoRA bias)."""
     names = {tuple(m.active_adapters) for m in layers}
     adapter = next(iter(names))[0] if len(names) == 1 and len(next(iter(names))) == 1 else None
@@ -216,25 +226,28 @@ def _adapter(layers: list[nn.Module]) -> str:
         for m in layers
     )
     if not plain:
-        raise UserError(f"{FLAG} needs one plain LoRA adapter on query, key and value; drop {FLAG}")
+        raise UserError(
+            f"{given.where(KEY)} needs one plain LoRA adapter on query, key and value; {_dropped(given)}"
+        )
     return adapter
 
 
-def _fuse(attention: nn.Module, layers: list[nn.Module]) -> _Group:
+def _fuse(attention: nn.Module, layers: list[nn.Module], given: Given) -> _Group:
     """The group for one self-attention: its frozen q/k/v weights concatenated once, the base layers'
     parameters rebound as views of the result (no second copy)."""
-    adapter = _adapter(layers)
+    adapter = _adapter(layers, given)
+    flag = given.where(KEY)
     bases = [m.get_base_layer() for m in layers]
     ranks = {m.r[adapter] for m in layers}
     scalings = {m.scaling[adapter] for m in layers}
     dropouts = {getattr(m.lora_dropout[adapter], "p", 0.0) for m in layers}
     if len(ranks) != 1 or len(scalings) != 1 or len(dropouts) != 1:
-        raise UserError(f"{FLAG} needs the same LoRA rank, scaling and dropout on query, key and value")
+        raise UserError(f"{flag} needs the same LoRA rank, scaling and dropout on query, key and value")
     if any(b.weight.requires_grad for b in bases):
-        raise UserError(f"{FLAG} needs the query, key and value weights frozen (LoRA trains beside them)")
+        raise UserError(f"{flag} needs the query, key and value weights frozen (LoRA trains beside them)")
     trained = {None if b.bias is None else b.bias.requires_grad for b in bases}  # {False}: frozen biases
     if len(trained) != 1:
-        raise UserError(f"{FLAG} needs query, key and value's biases all trained, all frozen or none")
+        raise UserError(f"{flag} needs query, key and value's biases all trained, all frozen or none")
     weight = _concatenated(bases, "weight")
     bias = _concatenated(bases, "bias") if trained == {False} else None
     sizes = [b.out_features for b in bases]

@@ -77,9 +77,10 @@ class FinishedTraining(Protocol):
     def eval_logits(self, seqs: list[list[int]], name: str) -> torch.Tensor: ...
 
 
-def load_eval_files(paths: list[str]) -> list[EvalFile]:
-    """Read every --eval-file before training starts, so a bad file fails at once, not after hours."""
-    return [EvalFile(p, load_labeled_file(p, "--eval-file")) for p in paths]
+def load_eval_files(paths: list[str], flag: str = "--eval-file") -> list[EvalFile]:
+    """Read every --eval-file before training starts, so a bad file fails at once, not after hours.
+    `flag`: the setting as given (`--eval-file`, or a --config file's `my.yaml: data.eval_files`)."""
+    return [EvalFile(p, load_labeled_file(p, flag)) for p in paths]
 
 
 def restore_kept_weights(model: torch.nn.Module, run: RunDir, method: str) -> None:

@@ -22,19 +22,21 @@ def step_extras(
     working_copies: bool,
     fused_qkv: bool,
     say: Callable[[str], None],
-    name: Callable[[str], str] | None = None,
+    given: Given | None = None,
 ) -> tuple[WorkingCopies | None, FusedQKV | None]:
     """--bf16-working-copies and --fused-qkv for the training step, built after the model is placed,
     its frozen weights converted and any checkpoint loaded (the copies start from the loaded weights).
     Flat path only: on another (--pooling mean trains padded) each asked for is said to have no effect.
-    `name`: how a note names a setting's key (config.Given.where: its flag, or a --config file's key)."""
-    name = name or Given().where  # by its flag
+    `given`: where the settings came from (config.Given): notes and refusals name a setting by its flag,
+    or by the --config file and key that set it (by its flag when None)."""
+    given = given or Given()
+    name = given.where
     if path != "flat":
         for key, on in (("train.bf16_working_copies", working_copies), ("train.fused_qkv", fused_qkv)):
             if on:
                 say(f"{name(key)}: no effect with the {path} path (flat only)")
         return None, None
-    fused = FusedQKV(model) if fused_qkv else None
+    fused = FusedQKV(model, given) if fused_qkv else None
     dtype = working_dtype(device)
     if working_copies and dtype == torch.float32:  # run, as on CUDA, but they change nothing here
         say(

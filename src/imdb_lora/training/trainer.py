@@ -89,10 +89,12 @@ class Trainer:
         """`started`: when the command began (time.monotonic; the CLI's entry), else now: the start of
         run.json's `time_breakdown`. `given`: the settings the command line typed and its --config
         file set (config.Given: the notes on settings left without effect name only those, each where
-        it was written; None: every setting off its default, by its flag)."""
+        it was written, and every refusal names a setting so; None: every setting off its default, by
+        its flag)."""
         self.clock = Phases(started)
         self.cfg = cfg
         self.given = given
+        self.named = given or Given()  # how refusals and notes name a setting: by flag, or file and key
         self.run = RunDir(output_dir)
         self.overwrite = overwrite
         self.resume = resume
@@ -139,8 +141,9 @@ class Trainer:
             return self._setup()
 
     def _setup(self) -> Trainer:
-        self.dist.check(self.cfg)
-        self.device = self.dist.start(resolve_device(self.cfg.train.device))
+        self.dist.check(self.cfg, self.named)
+        device = self._where("train.device")  # a --config file's device is named by the file and key
+        self.device = self.dist.start(resolve_device(self.cfg.train.device, device), device)
         # before the slow work: a flag left without effect is said at once
         for note in inert_settings(self.cfg, self.given):
             self._say(note)
@@ -256,18 +259,18 @@ class Trainer:
         # A resumed random-init run reloads its saved base rather than trusting RNG reproducibility.
         resumed_base = self.resumed and self.base_dir is not None and self.base_dir.is_dir()
         self.model_source = str(self.base_dir) if resumed_base else cfg.model.name
-        check_model_source(self.model_source, cfg.model.random_init)
-        check_max_length(self.model_source, cfg.data.max_length)
-        check_targets_before_data(self.model_source, cfg)
+        check_model_source(self.model_source, cfg.model.random_init, self._where("model.name"))
+        check_max_length(self.model_source, cfg.data.max_length, self.named)
+        check_targets_before_data(self.model_source, cfg, self.named)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = (
             load_tokenizer(str(self.run.tokenizer_dir), folder=True)
             if self.resumed
-            else load_tokenizer(cfg.model.name)
+            else load_tokenizer(cfg.model.name, flag=self._where("model.name"))
         )
-        check_vocabulary(self.model_source, self.tokenizer)
+        check_vocabulary(self.model_source, self.tokenizer, self._where("model.name"))
         self._read_data()
         self.clock.add("data", self.data_seconds)
         self._say(
@@ -293,12 +296,13 @@ class Trainer:
         self.val_ids = tok(splits.val.texts, "val")
         self.test_ids = tok(splits.test.texts, "test")
         self.train_y, self.val_y, self.test_y = splits.train.labels, splits.val.labels, splits.test.labels
-        self.eval_files = load_eval_files(d.eval_files)  # reported after training; read now to fail early
+        # reported after training; read now to fail early
+        self.eval_files = load_eval_files(d.eval_files, self._where("data.eval_files"))
         self.data_seconds = time.monotonic() - t0
 
     def _where(self, key: str) -> str:
         """A note's name for a setting: its flag, or the --config file and key that set it (config.Given)."""
-        return (self.given or Given()).where(key)
+        return self.named.where(key)
 
     def _say(self, line: str) -> None:
         """A startup line on stderr, like the progress bars (stdout carries the results)."""
@@ -354,13 +358,17 @@ class Trainer:
             source=self.model_source,
             random_init=cfg.model.random_init and self.model_source == cfg.model.name,
             save_base_to=self.base_dir if not self.resumed and self.dist.main else None,
+            given=self.named,
         )
         if not self.resumed and self.dist.main:
             self.tokenizer.save_pretrained(self.run.tokenizer_dir)
             record_max_length(self.run.tokenizer_dir, cfg.data.max_length)
         self.model = model.to(self.device)
-        self.path = batching_path(cfg.train.batching, self.model, self.device, training=True)
-        self.eval_path = batching_path(cfg.train.batching, self.model, self.device, training=False)
+        batching = self._where("train.batching")
+        self.path = batching_path(cfg.train.batching, self.model, self.device, training=True, flag=batching)
+        self.eval_path = batching_path(
+            cfg.train.batching, self.model, self.device, training=False, flag=batching
+        )
         t = cfg.train
         flat_options_check(
             self.model, self.path, t.compile, t.cuda_graphs, t.bf16_working_copies, t.fused_qkv, self._where
@@ -371,7 +379,7 @@ class Trainer:
         if self.bf16_base:
             frozen_weights_to_bf16(self.model)
         if cfg.train.compile:
-            compile_encoder(self.model)
+            compile_encoder(self.model, flag=self._where("train.compile"))
         self.step_model = self.dist.wrap(self.model)  # DDP around the forward when data-parallel
 
     def _setup_optimizer(self) -> None:
@@ -405,7 +413,7 @@ class Trainer:
                     flush=True,
                 )
         self.working, self.fused = step_extras(
-            self.model, self.path, self.device, t.bf16_working_copies, t.fused_qkv, self._say, self._where
+            self.model, self.path, self.device, t.bf16_working_copies, t.fused_qkv, self._say, self.named
         )
         self.captured = (
             CapturedSteps(
@@ -616,10 +624,12 @@ class Trainer:
 
     def _cut_line(self) -> str:
         st, t = self.state, self.cfg.train
-        flag = f"--max-steps {t.max_steps}" if st.ended_by == "max_steps" else f"--max-time {t.max_time}"
+        key, value = (
+            ("train.max_steps", t.max_steps) if st.ended_by == "max_steps" else ("train.max_time", t.max_time)
+        )
         return (
-            f"{flag} reached at step {st.global_step:,} (epoch {st.epoch}, {st.step_in_epoch:,} of its "
-            f"{self.steps_per_epoch:,} steps): evaluating it, then finishing the run"
+            f"{self._where(key)} {value} reached at step {st.global_step:,} (epoch {st.epoch}, "
+            f"{st.step_in_epoch:,} of its {self.steps_per_epoch:,} steps): evaluating it, then finishing the run"
         )
 
     def _time_is_up(self) -> bool:
@@ -645,11 +655,14 @@ class Trainer:
         """A NaN or infinite loss: the weights are lost (calibration's LBFGS then raised a traceback)."""
         if math.isfinite(loss):
             return
-        cfg, st = self.cfg.train, self.state
-        alpha = f" or --lora-alpha (it is {self.cfg.lora.alpha:g})" if cfg.method == "lora" else ""
+        cfg, st, named = self.cfg.train, self.state, self.named
+        # each setting as it was given: `--lr`, or `train.lr in my.yaml`
+        alpha = (
+            f" or {named.said('lora.alpha')} (it is {self.cfg.lora.alpha:g})" if cfg.method == "lora" else ""
+        )
         raise UserError(
             f"training diverged: the {what} loss became {loss} by step {st.global_step:,} (epoch "
-            f"{st.epoch}); try a lower --lr (it is {cfg.lr:g}){alpha}"
+            f"{st.epoch}); try a lower {named.said('train.lr')} (it is {cfg.lr:g}){alpha}"
         )
 
     def _step(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
