@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -113,9 +114,10 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info", about: st
     settings = app.state.settings
     fd_limit = raise_fd_limit()
     if fd_limit is not None and fd_limit < settings.max_connections + 64:  # 64: the model, logs, ...
-        print(
+        print(  # stderr: stdout's first line stays the URL, which scripts read
             f"warning: at most {fd_limit} open files allowed (ulimit -n), fewer than --max-connections "
             f"{settings.max_connections} needs; lower --max-connections or raise the limit",
+            file=sys.stderr,
             flush=True,
         )
     sock = bind(host, port)
