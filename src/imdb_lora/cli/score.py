@@ -179,7 +179,10 @@ def check_resume_flags(ns: argparse.Namespace) -> None:
 
 
 def left_behind(job) -> str:
-    """What a stopped job leaves in its output."""
+    """What a stopped job leaves in its output: the input files scored, for the local engine. Ray's parts
+    do not say which input files they hold (a stopped Ray job had written parts and said "0 of 4")."""
+    if job.engine != "local":
+        return f"the output {job.output} is unfinished"
     return f"the output {job.output} is unfinished ({job.done:,} of {counted(len(job.sources), 'input file')} scored)"
 
 
