@@ -130,7 +130,8 @@ def test_a_compressed_body_or_another_charset_is_415(client, headers, why):
         ('{"texts": ["awful"], "texts": ["great"]}', 'key "texts" given twice'),  # the last one won
         ('{"texts": [NaN]}', "NaN is not JSON"),
         ('{"texts": ["a"], "n": -Infinity}', "-Infinity is not JSON"),
-        ('{"texts": ["a"]} {}', "Extra data"),
+        ('{"texts": ["a"]} {}', "Extra data at line 1, column 18"),
+        ('{\n  "texts": ["a",]\n}', "Expecting value at line 2, column 17"),  # where the decoder stopped
     ],
 )
 def test_bodies_json_cannot_parse_are_422_invalid_json_saying_why(client, body, why):

@@ -642,6 +642,17 @@ async def _client_gone(request: "Request") -> None:
 # ---------------------------------------------------------------- errors
 
 
+def json_position(doc: Any, loc: Any) -> str:
+    """Where in the body Python's JSON decoder stopped (FastAPI gives the body and the offset):
+    ` at line 3, column 12`, so that a client finds a stray comma in a long body. Empty for
+    parse_json's own refusals, which are about the whole body (their document is empty)."""
+    pos = loc[-1] if isinstance(loc, (list, tuple)) and loc else None
+    if not isinstance(doc, str) or not doc or not isinstance(pos, int) or not 0 <= pos <= len(doc):
+        return ""
+    line, line_start = doc.count("\n", 0, pos) + 1, doc.rfind("\n", 0, pos) + 1
+    return f" at line {line}, column {pos - line_start + 1}"
+
+
 def _add_error_handlers(app: "FastAPI") -> None:
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
@@ -653,6 +664,7 @@ def _add_error_handlers(app: "FastAPI") -> None:
         for e in errors:
             if e.get("type") == "json_invalid":  # parse_json's reason, or Python's ("Expecting value")
                 why = ((e.get("ctx") or {}).get("error") or "").removesuffix(" at")  # "...character at"
+                why += json_position(exc.body, e.get("loc")) if why else ""
                 return error_json(
                     422, "invalid_json", "the request body is not valid JSON" + (f": {why}" if why else "")
                 )
