@@ -147,6 +147,12 @@ def test_score_refuses_what_it_cannot_do(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["score", str(tmp_path), "--input", inp, "--output", str(tmp_path / "o")]) == 2  # not a run
+    capsys.readouterr()
+    # the model as a URI (docs/scale.md's cluster example gave one): said so, not "no such run directory"
+    assert main(["score", "s3://bucket/exports/minilm", "--input", inp, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL s3://bucket/exports/minilm: the model is read from a local folder" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
     assert (tmp_path / "full" / "x.parquet").read_text() == "earlier output"  # nothing replaced
 
 

@@ -183,6 +183,11 @@ def check_model(path: str, base_model: str | None = None) -> None:
     from ..modeling.load import check_model_source
     from ..runs.rundir import RunDir
 
+    if "://" in path:  # read as a local path it was "no such run directory", as if it were mistyped
+        raise UserError(
+            f"MODEL {path}: the model is read from a local folder (a run directory or an export), not a "
+            "URI; copy it to a path that every worker reads (a shared filesystem, or the image) and give that"
+        )
     if is_export(path):
         read_marker(Path(path).expanduser())
         if base_model is not None:

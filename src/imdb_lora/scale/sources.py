@@ -22,6 +22,7 @@ import functools
 import io
 import json
 import os
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,10 +78,16 @@ def filesystem(uri: str):
 
 
 def full_uri(uri: str, path: str) -> str:
-    """How a listed file is named to other processes: a URI for remote files, an absolute local path."""
+    """How a listed file is named to other processes: a URI for remote files, an absolute local path.
+
+    A URI's query (pyarrow's filesystem options: `?endpoint_override=HOST:PORT&scheme=http` for an
+    S3-compatible store) is carried to the files listed under it: without it each file of
+    `s3://bucket/in/?endpoint_override=...` was opened on AWS itself (a bucket of the same name there,
+    or a one-line network error), not the store that listed it."""
     if "://" not in uri:
         return path
-    return uri.split("://", 1)[0] + "://" + path
+    query = urllib.parse.urlsplit(uri).query
+    return uri.split("://", 1)[0] + "://" + path + (f"?{query}" if query else "")
 
 
 @dataclass(frozen=True)
@@ -203,9 +210,9 @@ def check_columns(sources: list[Source], text_column: str, max_chars: int, encod
 def _check_not_binary(s: Source) -> None:
     """A JSONL or CSV file that is compressed (or Parquet) without saying so in its name: each of its
     'lines' became an error row (JSONL), or pyarrow's parse error quoted the raw bytes (CSV)."""
-    if s.format == "parquet" or format_of(s.uri) is None or s.uri.lower().endswith(COMPRESSIONS):
+    fsys, path = filesystem(s.uri)  # its name without a URI's query (full_uri)
+    if s.format == "parquet" or format_of(path) is None or path.lower().endswith(COMPRESSIONS):
         return
-    fsys, path = filesystem(s.uri)
     with fsys.open_input_stream(path, compression=None) as f:
         head = f.read(8)
     kind = binary_kind(head)
