@@ -1,11 +1,13 @@
 """`imdb-lora` under torchrun, watched: the script torchrun starts in the data-parallel tests.
 
-It runs the same `imdb_lora.cli.main` as `python -m imdb_lora`, and adds two probes set by environment:
+It runs the same `imdb_lora.cli.main` as `python -m imdb_lora`, and adds probes set by environment:
 - PROBE_RUN_DIR + PROBE_LOG: on every rank but 0, an audit hook logs (one line each, to PROBE_LOG.rank<r>)
   every file creation, write, rename or removal under the run directory: only rank 0 may write there;
 - PROBE_KILL_AT_STEP=k: rank 0 kills itself with SIGKILL after its k-th optimizer step (a real crash:
   no cleanup, no exception handler), which brings the whole torchrun job down mid-epoch;
-- PROBE_STATUS: every rank writes the exit status `imdb-lora` returned to PROBE_STATUS.rank<r>.
+- PROBE_STATUS: every rank writes the exit status `imdb-lora` returned to PROBE_STATUS.rank<r>;
+- PROBE_STILL_CLOCK_RANK=r: rank r's own --max-time clock stands still (never runs out), so that rank
+  stops on a budget only when rank 0's clock, passed on at each step boundary, says so.
 
 `python ddp_probe.py --self-test DIR LOG` checks that the audit hook sees the writes a run makes.
 """
@@ -60,6 +62,12 @@ def kill_after(step: int) -> None:
     Trainer._after_step = after_step
 
 
+def still_clock() -> None:
+    from imdb_lora.training.trainer import Trainer
+
+    Trainer._elapsed = lambda self: 0.0
+
+
 def self_test(run_dir: str, log_path: str) -> None:
     """Writes made the ways a run makes them; the log must list them."""
     from pathlib import Path
@@ -82,6 +90,8 @@ def main() -> int:
         watch_writes(os.environ["PROBE_RUN_DIR"], f"{os.environ['PROBE_LOG']}.rank{rank}")
     if rank == 0 and os.environ.get("PROBE_KILL_AT_STEP"):
         kill_after(int(os.environ["PROBE_KILL_AT_STEP"]))
+    if os.environ.get("PROBE_STILL_CLOCK_RANK") == str(rank):
+        still_clock()
     from imdb_lora.cli import main as cli_main
 
     code = cli_main(sys.argv[1:])

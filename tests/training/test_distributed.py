@@ -50,11 +50,31 @@ def recipe(model: Path, data: Path, out: Path, per_device_batch: int) -> list[st
     )  # fmt: skip
 
 
-def torchrun(*args: str, env: dict | None = None, log_dir: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS` (a free port each time)."""
+def torchrun(
+    *args: str, env: dict | None = None, log_dir: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS` (a free port each time).
+    A job still running after `timeout` s (ranks waiting in different collectives wait for gloo's 30
+    minutes) fails the test: torchrun is sent SIGTERM, which it passes on to its ranks and follows with
+    SIGKILL 30 s later (they run in sessions of their own: killing torchrun alone would leave them)."""
     logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
     cmd = [*TORCHRUN, *logs, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    job = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.terminate()
+        try:
+            err = job.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            job.kill()
+            err = job.communicate()[1]
+        pytest.fail(
+            f"torchrun still running after {timeout} s (ranks waiting for each other?):\n{err[-3000:]}"
+        )
+    return subprocess.CompletedProcess(cmd, job.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +332,127 @@ def test_a_signal_to_a_torchrun_job_stops_every_rank_after_the_same_step_and_res
     resumed = torchrun(str(HERE / "ddp_probe.py"), "train", "--output-dir", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(one_process, out)
+
+
+# ---------------------------------------------------------------- --max-time under torchrun
+
+# Seconds from the command's start. The 2-core machine starts the first step 3.7-4.4 s after it (torch's
+# import, the rendezvous, the model) and runs all 8 steps in ~0.15 s: no real-clock budget can be aimed
+# at a later step, and one spent during startup is still a cut inside the first epoch (after step 1).
+BUDGET = "1"
+
+
+@pytest.fixture(scope="module")
+def cut_by_max_time(no_dropout_bert, imdb_dir, tmp_path_factory):
+    """step -> the reference of a run --max-time cuts there: one process, batch 8, its clock made to
+    run out at that step (built once per step)."""
+    from imdb_lora.training.trainer import Trainer
+
+    built: dict[int, Path] = {}
+
+    def get(step: int) -> Path:
+        if step not in built:
+            out = tmp_path_factory.mktemp(f"cut{step}") / "run"
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(Trainer, "_elapsed", lambda self: 1e9 if self.state.global_step >= step else 0.0)
+                assert main([*recipe(no_dropout_bert, imdb_dir, out, 8), "--max-time", BUDGET]) == 0
+            built[step] = out
+        return built[step]
+
+    return get
+
+
+def cut_line(step: int) -> str:
+    """What rank 0 says at a --max-time cut of the tests' runs (4 steps an epoch, 8 in all)."""
+    epoch, in_epoch = 1 + (step - 1) // 4, 1 + (step - 1) % 4
+    return (
+        f"--max-time {BUDGET} reached at step {step} (epoch {epoch}, {in_epoch} of its 4 steps): "
+        "evaluating it, then finishing the run"
+    )
+
+
+def assert_cut_and_finished(run: Path, stdout: str, cut_by_max_time) -> int:
+    """run.json records the cut (at a step before the last), the done line says it, and the figures
+    are one process's cut at the same step; the step of the cut."""
+    info = json.loads((run / "run.json").read_text())
+    step = info["steps_done"]
+    assert (info["status"], info["ended_by"], info["max_time"], info["total_steps"]) == (
+        "finished", "max_time", BUDGET, 8,
+    )  # fmt: skip
+    assert 1 <= step < 8 and info["world_size"] == 2
+    done = [line for line in stdout.splitlines() if line.startswith("done: ")]
+    assert len(done) == 1 and done[0].endswith(f" | stopped by --max-time {BUDGET} at step {step}"), stdout
+    assert (
+        f"| Training ended by | --max-time {BUDGET} (step {step} of 8) |" in (run / "results.md").read_text()
+    )
+    assert_same_run(cut_by_max_time(step), run)
+    return step
+
+
+@pytest.mark.slow
+def test_max_time_under_torchrun_stops_every_rank_after_the_same_step_and_rank_0_alone_reports(
+    cut_by_max_time, no_dropout_bert, imdb_dir, tmp_path
+):
+    """--max-time on a real clock under torchrun: rank 0's clock decides at each step boundary and the
+    stop's collective passes it on. Rank 1's own clock stands still here (PROBE_STILL_CLOCK_RANK), so it
+    stops only because rank 0 says so; a rank deciding alone would go on training while the other
+    evaluates, the two waiting in different collectives (the timeout then fails the test). The budget is
+    spent at whichever step boundary the machine's load puts past it (the command's start counts, so
+    here the first); every rank exits 0, rank 0 alone says where it cut and reports, run.json records
+    the cut, and the figures are those of one process cut at the same step."""
+    out, status = tmp_path / "ddp", tmp_path / "status"
+    env = {"PROBE_STATUS": str(status), "PROBE_STILL_CLOCK_RANK": "1"}
+    args = [str(HERE / "ddp_probe.py"), *recipe(no_dropout_bert, imdb_dir, out, 4), "--max-time", BUDGET]
+    r = torchrun(*args, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [Path(f"{status}.rank{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
+    step = assert_cut_and_finished(out, r.stdout, cut_by_max_time)
+    assert [line for line in r.stderr.splitlines() if "reached at step" in line] == [cut_line(step)]
+
+
+@pytest.mark.slow
+def test_a_torchrun_job_stopped_after_its_max_time_cut_resumes_to_the_figures_of_one_left_alone(
+    cut_by_max_time, no_dropout_bert, imdb_dir, tmp_path
+):
+    """SIGTERM to the job after --max-time's cut (rank 1 held just past it, rank 0 going on to the cut
+    epoch's evaluation, where it waits for rank 1): the ranks finish that evaluation and its record and stop together at the end-of-epoch
+    checkpoint, which holds the cut, each with SIGTERM's status; the torchrun --resume that rank 0 prints
+    trains no more step and finishes as the run left alone would have (README: Budgets)."""
+    out, status, held = tmp_path / "ddp", tmp_path / "status", tmp_path / "held"
+    env = hold_train_at("_cut_line", held, {**os.environ, "PROBE_STATUS": str(status)}, rank=1)
+    args = [str(HERE / "ddp_probe.py"), *recipe(no_dropout_bert, imdb_dir, out, 4), "--max-time", BUDGET]
+    job = subprocess.Popen(
+        [*TORCHRUN, *args], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        wait_running_until(job, held.exists, seconds=120, poll=0.05)
+        assert job.poll() is None and held.exists(), "rank 1 never reached the cut"
+        os.killpg(job.pid, signal.SIGTERM)
+        err = job.communicate(timeout=120)[1]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert [Path(f"{status}.rank{rank}").read_text() for rank in (0, 1)] == ["143"] * 2, err[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    step = info["steps_done"]
+    said = [line for line in err.splitlines() if line.startswith(("imdb-lora: ", "--max-time "))]
+    # rank 0 alone speaks; its signal's line comes before or after its cut line (rank 0 may still be
+    # on its way to the evaluation when the signal comes), and says what it then finishes
+    assert len(said) == 3 and said.count(cut_line(step)) == 1, err[-3000:]
+    assert any(
+        line.startswith("imdb-lora: SIGTERM: finishing ")
+        and line.endswith(", then stopping (under torchrun, Ctrl-C again does not stop it sooner)")
+        for line in said[:2]
+    ), err[-3000:]
+    assert said[2] == (
+        f"imdb-lora: stopped by SIGTERM; training was at step {step} of 8; its last checkpoint is "
+        f"{out / 'checkpoint.safetensors'} (step {step}); continue it with: torchrun --nproc-per-node 2 -m "
+        f"imdb_lora train --output-dir {shlex.quote(str(out))} --resume"
+    ), err[-3000:]
+    assert info["status"] == "running" and info["epochs_done"] == 1 + (step - 1) // 4
+
+    resumed = torchrun(str(HERE / "ddp_probe.py"), "train", "--output-dir", str(out), "--resume", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reached at step" not in resumed.stderr  # no step trained, no second cut
+    assert assert_cut_and_finished(out, resumed.stdout, cut_by_max_time) == step
