@@ -481,6 +481,12 @@ class Given:
         return key + (f" in {self.file}" if self.file and not named else "")
 
 
+def turn_off(subject: str) -> str:
+    """The advice to turn a boolean setting off, as `subject` names it (Given.where): `drop --compile`
+    for a flag, `set it false there` for a --config file's key (`my.yaml: train.compile`)."""
+    return f"drop {subject}" if subject.startswith("--") else "set it false there"
+
+
 def inert_settings(cfg: Config, given: Given | None = None) -> list[str]:
     """One line for each setting given that the others leave without effect: said on stderr, as
     `--cuda-graphs` on the CPU is, so that no flag is silently ignored. `given`: what the command line

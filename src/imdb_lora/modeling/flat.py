@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Given
+from ..config import Given, turn_off
 from ..data.batches import FlatBatch
 from ..errors import UserError
 from .flat_mpnet import mpnet_flat_hidden
@@ -146,11 +146,9 @@ def flat_options_check(
     key = next((k for k, on in asked.items() if on), None)
     if path == "flat" and model_type in FLEX_MODELS and key is not None:
         subject = name(key)
-        # a flag is dropped; a file's key is turned off where it is set
-        drop = f"drop {subject}" if subject.startswith("--") else "set it false there"
         raise UserError(
             f"{subject} is not built for {model_type}'s flat path (FlexAttention, compiled on its own); "
-            f"{drop} or use --batching padded"
+            f"{turn_off(subject)} or use --batching padded"
         )
 
 

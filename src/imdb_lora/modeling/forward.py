@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from ..config import turn_off
 from ..data.batches import (
     flat_token_batches,
     flatten,
@@ -53,9 +54,8 @@ def encoder_layers(model: nn.Module, flag: str = "--compile") -> nn.ModuleList:
     for module in getattr(m, m.base_model_prefix).modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and len({type(x) for x in module}) == 1:
             return module
-    drop = f"drop {flag}" if flag.startswith("--") else "set it false there"  # a file's key: where it is set
     raise UserError(
-        f"{flag}: no list of {n} encoder layers found in this {m.config.model_type} model; {drop}"
+        f"{flag}: no list of {n} encoder layers found in this {m.config.model_type} model; {turn_off(flag)}"
     )
 
 
