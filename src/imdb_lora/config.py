@@ -481,10 +481,11 @@ class Given:
         return key + (f" in {self.file}" if self.file and not named else "")
 
 
-def turn_off(subject: str) -> str:
+def turn_off(subject: str, said: str = "it") -> str:
     """The advice to turn a boolean setting off, as `subject` names it (Given.where): `drop --compile`
-    for a flag, `set it false there` for a --config file's key (`my.yaml: train.compile`)."""
-    return f"drop {subject}" if subject.startswith("--") else "set it false there"
+    for a flag, `set it false there` for a --config file's key (`my.yaml: train.compile`; `said`: how the
+    advice names that key, where the line began with another setting)."""
+    return f"drop {subject}" if subject.startswith("--") else f"set {said} false there"
 
 
 def inert_settings(cfg: Config, given: Given | None = None) -> list[str]:

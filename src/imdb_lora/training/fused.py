@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Given
+from ..config import Given, turn_off
 from ..errors import UserError
 from ..modeling.lora import ROLE_PATTERNS
 from ..modeling.packing import classifier_of
@@ -182,11 +182,6 @@ class FusedQKV:
                     g.attention._modules[name] = layer
 
 
-def _dropped(given: Given, said: str = "it") -> str:
-    """How to turn --fused-qkv off as it was given: drop the flag, or set the --config file's key false."""
-    return f"set {said} false there" if given.from_file(KEY) else f"drop {given.flag(KEY)}"
-
-
 def _attentions(model: nn.Module, given: Given) -> list[tuple[nn.Module, list[nn.Module]]]:
     """(self-attention, [query, key, value] LoRA layers) for each self-attention; refuses in one line
     where a projection is not a plain peft LoRA Linear with one active adapter."""
@@ -198,7 +193,7 @@ def _attentions(model: nn.Module, given: Given) -> list[tuple[nn.Module, list[nn
     parents = sorted({n.rsplit(".", 1)[0] for n in modules if pattern and re.search(pattern, n)})
     flag = given.where(KEY)
     if not parents:
-        raise UserError(f"{flag} is not built for model type {model_type!r}; {_dropped(given)}")
+        raise UserError(f"{flag} is not built for model type {model_type!r}; {turn_off(flag)}")
     found = []
     for parent in parents:
         layers = [modules.get(f"{parent}.{name}") for name in QKV]
@@ -206,7 +201,7 @@ def _attentions(model: nn.Module, given: Given) -> list[tuple[nn.Module, list[nn
             raise UserError(
                 f"{flag} needs LoRA on query, key and value of every self-attention ({parent} has it on "
                 f"{', '.join(n for n, m in zip(QKV, layers) if isinstance(m, LoraLayer)) or 'none'}); "
-                f"add the attention_qkv role to {given.said('lora.targets', KEY)} or {_dropped(given, KEY)}"
+                f"add the attention_qkv role to {given.said('lora.targets', KEY)} or {turn_off(flag, KEY)}"
             )
         found.append((modules[parent], layers))
     return found
@@ -227,7 +222,7 @@ def _adapter(layers: list[nn.Module], given: Given) -> str:
     )
     if not plain:
         raise UserError(
-            f"{given.where(KEY)} needs one plain LoRA adapter on query, key and value; {_dropped(given)}"
+            f"{given.where(KEY)} needs one plain LoRA adapter on query, key and value; {turn_off(given.where(KEY))}"
         )
     return adapter
 
