@@ -139,8 +139,21 @@ def test_predict_text_column(trained_run, tmp_path, capsys):
         "great film",
         "awful, boring",
     ]
+    # .ndjson is JSON Lines, as for score: it was refused ("--text-column applies to ... only") and,
+    # without the flag, its lines were classified as texts, braces and all
+    nd = tmp_path / "in.ndjson"
+    nd.write_text('{"id": 1, "review": "great film"}\n')
+    code, out, _ = run(
+        capsys, "predict", str(trained_run), "--file", str(nd), "--text-column", "review", "--json"
+    )
+    assert code == 0 and json.loads(out)["text"] == "great film"
     expect_error(
-        capsys, "has no 'text' column (it has id, review)", "predict", str(trained_run), "--file", str(f)
+        capsys,
+        "lacks column(s) ['text']; it needs 'text' (columns found: ['id', 'review'])",
+        "predict",
+        str(trained_run),
+        "--file",
+        str(f),
     )
     expect_error(
         capsys, "--text-column applies to a CSV, TSV or JSONL --file only",

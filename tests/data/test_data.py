@@ -1,5 +1,7 @@
+import codecs
 import json
 import random
+import re
 import tarfile
 
 import pytest
@@ -321,6 +323,16 @@ def test_a_labeled_file_given_as_data_points_to_the_right_flags(tmp_path):
         ("crlf.jsonl", b'{"text": "great", "label": 1}\r\n', ["great"]),
         ("trailing.csv", b"text,label\ngreat,1,\n", ["great"]),  # an empty cell past the header loses nothing
         ("bom.txt", b"\xef\xbb\xbfgreat\nawful\n", ["great", "awful"]),
+        # UTF-16 with its byte order mark: Excel's "Unicode Text" (tab-separated), PowerShell 5's `>`;
+        # it was "not UTF-8 (byte 0xff on line 1)"
+        ("u16.tsv", "text\tlabel\r\ngreat\t1\r\nawful\t0\r\n".encode("utf-16"), ["great", "awful"]),
+        ("u16be.csv", "text,label\ngreat,1\n".encode("utf-16-be").join([b"\xfe\xff", b""]), ["great"]),
+        ("u16.jsonl", '{"text": "caf\u00e9", "label": 1}\r\n'.encode("utf-16"), ["caf\u00e9"]),
+        ("u16.txt", "great\r\nawful\r\n".encode("utf-16"), ["great", "awful"]),
+        # lone CR line ends (Excel for Mac's "CSV (Macintosh)"): csv refused the file as one line, "line 0"
+        ("mac.csv", b"text,label\rgreat,1\rawful,0\r", ["great", "awful"]),
+        # another name for JSON Lines (score takes it): predict read its lines as texts, braces and all
+        ("d.ndjson", b'{"text": "great", "label": 1}\n', ["great"]),
     ],
 )
 def test_labeled_and_text_files_read_alike_whatever_their_line_ends_or_byte_order_mark(
@@ -352,6 +364,26 @@ def test_labeled_and_text_files_read_alike_whatever_their_line_ends_or_byte_orde
         ("gz.jsonl", b"\x1f\x8b\x08\x00rest of a gzip stream", "is gzip-compressed, not text"),
         ("p.csv", b"PAR1\x15\x04 rest of a Parquet file", "is a Parquet file, not text"),
         ("bad.csv", b"text,label\ngreat,1\ncaf\xe9,0\n", r"is not UTF-8 \(byte 0xe9 on line 3\)"),
+        # JSON written over several lines, a .json file's array or `jq .`'s output: "Expecting value"
+        ("pretty.json", b'[\n  {"text": "great", "label": 1}\n]\n', r"line 1 is not JSON .*not a JSON array"),
+        (
+            "jq.jsonl",
+            b'{\n  "text": "great",\n  "label": 1\n}\n',
+            "line 1 is not JSON .*not one object over several",
+        ),
+        (
+            "comma.jsonl",
+            b'{"text": "great", "label": 1},\n',
+            r"line 1 is not JSON \(Extra data at column 30\)",
+        ),
+        # it said: lacks column(s) ['text', 'label'] (columns found: [])
+        ("empty.csv", b"", "is empty$"),
+        ("blank.csv", b"\ntext,label\ngreat,1\n", "line 1, the header, is blank$"),
+        (
+            "bad16.csv",
+            codecs.BOM_UTF16_LE + "text,label\n".encode("utf-16-le") + b"\x00\xdc",
+            "is not UTF-16",
+        ),
     ],
 )
 def test_labeled_and_text_files_that_would_be_misread_are_refused_in_one_line(tmp_path, name, content, error):
@@ -360,6 +392,64 @@ def test_labeled_and_text_files_that_would_be_misread_are_refused_in_one_line(tm
     for read in (lambda: load_labeled_file(p, "--file"), lambda: read_texts(str(p), None)):
         with pytest.raises(UserError, match=f"^--file: .*{name} .*{error}"):
             read()
+
+
+def test_mac_line_ends_keep_rows_on_the_lines_an_editor_shows(tmp_path):
+    c = tmp_path / "d.csv"
+    c.write_bytes(b'text,label\r"two\rlines",1\rok,0\rbad,7\r')
+    with pytest.raises(UserError, match="d.csv line 5 has label '7'"):
+        load_labeled_file(c)
+    c.write_bytes(b'text,label\r"two\rlines",1\rok,0\r')
+    data = load_labeled_file(c)
+    assert data.texts == ["two\rlines", "ok"] and data.lines == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "name, header, columns, hint",
+    [
+        (
+            "d.csv",
+            "Text, Label",
+            "['Text', ' Label']",
+            r"in another case or with spaces around: \['Text'",
+        ),
+        # Excel in a locale whose decimal point is a comma separates columns with ';'
+        (
+            "d.csv",
+            "text;label",
+            "['text;label']",
+            "its header is one column holding ';': columns are separated by ','",
+        ),
+        (
+            "d.csv",
+            "text\tlabel",
+            r"['text\tlabel']",
+            "its header is one column holding tabs: .* when named .tsv",
+        ),
+        (
+            "d.tsv",
+            "text,label",
+            "['text,label']",
+            r"its header is one column holding ',': columns are separated by '\\t'",
+        ),
+    ],
+)
+def test_a_missing_column_says_what_the_header_holds_instead(tmp_path, name, header, columns, hint):
+    p = tmp_path / name
+    p.write_text(f"{header}\nfine,1\n")
+    with pytest.raises(
+        UserError, match=rf"lacks column\(s\) .*\(columns found: {re.escape(columns)}\); {hint}"
+    ):
+        load_labeled_file(p)
+    with pytest.raises(UserError, match=rf"lacks column\(s\) \['text'\]; it needs 'text' .*; {hint}"):
+        read_texts(str(p), None)
+
+
+def test_a_json_label_is_shown_as_json(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine", "label": true}\n')
+    with pytest.raises(UserError, match="line 1 has label true; labels must be"):  # was "True"
+        load_labeled_file(p)
 
 
 def test_a_labeled_text_that_is_no_string_is_named_as_such(tmp_path):

@@ -50,11 +50,11 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if ns.texts and ns.file:
         raise UserError("give texts as arguments or --file, not both")
     require_directories(ns.run)
-    from ..data.files import TextLines
+    from ..data.files import TextLines, is_tabular
     from ..inference.classifier import Classifier, check_texts, check_window_stride_of
 
     check_window_stride_of(ns.run, ns.window_stride)
-    tabular = ns.file is not None and Path(ns.file).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
+    tabular = ns.file is not None and is_tabular(Path(ns.file))
     if ns.text_column != "text" and not tabular:
         raise UserError("--text-column applies to a CSV, TSV or JSONL --file only")
     reader = None if ns.texts else TextLines(ns.file, _stdin(ns), ns.text_column)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterable, Iterator
@@ -42,6 +44,21 @@ def binary_kind(head: bytes) -> str | None:
     return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
 
 
+# The suffixes read as JSON Lines (any case); every other file is CSV (TSV as .tsv) or, for predict, plain
+# lines. .ndjson is another common name for the same format (score takes it too): predict read its lines
+# as texts, braces and all.
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def is_jsonl(p: Path) -> bool:
+    return p.suffix.lower() in JSONL_SUFFIXES
+
+
+def is_tabular(p: Path) -> bool:
+    """A file read by columns (JSONL, CSV, TSV), not as one text per line."""
+    return is_jsonl(p) or p.suffix.lower() in (".csv", ".tsv")
+
+
 def repeated_names(names: list[str]) -> list[str]:
     """The column names given more than once, sorted (csv and pyarrow keep one of them without a word)."""
     return sorted({n for n in names if names.count(n) > 1})
@@ -70,9 +87,23 @@ def utf8_pieces(stream: Iterable[bytes], what: str) -> Iterator[str]:
 
 
 def file_pieces(p: Path, flag: str) -> Iterator[str]:
-    """A file's lines (each with its b"\\n"), decoded as decode_text decodes the whole."""
+    """A file's lines (each with its b"\\n"), decoded as decode_text decodes the whole; a file that starts
+    with UTF-16's byte order mark (Excel's "Unicode Text", PowerShell 5's `>` and Out-File) as UTF-16,
+    which is no UTF-8: it was refused at its first byte."""
+    what = f"{flag}: {p}"
     with open(p, "rb") as f:
-        yield from utf8_pieces(f, f"{flag}: {p}")
+        if f.peek(2)[:2] not in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            yield from utf8_pieces(f, what)
+            return
+        # newline="": lines end as they do in the file (csv wants them so), at "\n", "\r\n" or "\r"
+        text = io.TextIOWrapper(f, encoding="utf-16", newline="")
+        lines = 0
+        try:
+            for line in text:
+                yield line
+                lines += 1
+        except UnicodeDecodeError:  # a lone surrogate, or an odd number of bytes
+            raise UserError(f"{what} starts as UTF-16 but is not UTF-16 after line {lines}") from None
 
 
 def split_lines(pieces: Iterable[str]) -> Iterator[str]:
@@ -117,12 +148,15 @@ class CsvRows:
         csv.field_size_limit(max(csv.field_size_limit(), limit))
         self.p, self.flag = p, flag
         self.delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
-        self._tap = _Tap(lines)
+        self._tap = _Tap(csv_lines(lines))
         self.reader = csv.DictReader(self._tap, delimiter=self.delimiter)
         try:
             self.header = list(self.reader.fieldnames or [])
         except csv.Error as e:
             raise UserError(f"{flag}: {p} line {self.reader.line_num} is not valid CSV ({e})") from None
+        if not self.header:  # else "lacks column(s) [...] (columns found: [])"
+            blank = self._tap.take()  # the header's line, if the file has one
+            raise UserError(f"{flag}: {p} " + ("line 1, the header, is blank" if blank else "is empty"))
         _check_header(self.header, p, flag)
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
@@ -133,8 +167,8 @@ class CsvRows:
             for row in reader:
                 last_lines = self._tap.take()
                 extra = row.get(None) or []  # cells past the header's columns
-                breaks = sum(v.count("\n") for v in row.values() if isinstance(v, str))
-                breaks += sum(v.count("\n") for v in extra)
+                breaks = sum(line_breaks(v) for v in row.values() if isinstance(v, str))
+                breaks += sum(line_breaks(v) for v in extra)
                 line = reader.line_num - breaks
                 if any(v.strip() for v in extra):  # e.g. an unquoted comma in a text: it was cut there
                     raise UserError(
@@ -168,6 +202,26 @@ class CsvRows:
             ) from None
 
 
+def csv_lines(pieces: Iterable[str]) -> Iterator[str]:
+    """The pieces (each ending with its "\\n") cut into lines as csv wants them, as a file opened with
+    newline="" gives them: a line also ends at a lone "\\r", as Excel for Mac's "CSV (Macintosh)" ends
+    every line (one piece, the whole file: csv refused it, "new-line character seen in unquoted field")."""
+    for piece in pieces:
+        if piece.find("\r", 0, len(piece) - 2) == -1:  # no "\r" but perhaps a last "\r\n" (or "\r")
+            yield piece
+        else:
+            yield from _CSV_LINE.findall(piece)
+
+
+_CSV_LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+")
+
+
+def line_breaks(cell: str) -> int:
+    """The line breaks in a cell, as csv_lines cuts lines: "\\n", "\\r\\n" or a lone "\\r"."""
+    n = cell.count("\n")
+    return n + cell.count("\r") - cell.count("\r\n") if "\r" in cell else n
+
+
 class _Tap:
     """An iterator of lines that keeps those taken since the last take(), and whether the last ended
     with a line break."""
@@ -183,7 +237,7 @@ class _Tap:
     def __next__(self) -> str:
         line = next(self._lines)
         self._taken.append(line)
-        self.ends_with_newline = line.endswith("\n")
+        self.ends_with_newline = line.endswith(("\n", "\r"))
         return line
 
     def take(self) -> list[str]:
@@ -210,13 +264,26 @@ def jsonl_objects(content: str | Iterable[str], p: Path, flag: str) -> Iterator[
         except RepeatedKey as e:
             raise UserError(f"{flag}: {p} line {n} has the key {e.key!r} more than once") from None
         except json.JSONDecodeError as e:
-            raise UserError(f"{flag}: {p} line {n} is not JSON ({e.msg})") from None
+            raise UserError(
+                f"{flag}: {p} line {n} is not JSON ({e.msg} at column {e.colno}){_several(line, e)}"
+            ) from None
         except (ValueError, RecursionError) as e:  # e.g. an integer past Python's digit limit, or nesting
             raise UserError(f"{flag}: {p} line {n} is not usable JSON ({type(e).__name__})") from None
         if not isinstance(obj, dict):
             hint = "; JSON Lines is one object per line, not a JSON array" if isinstance(obj, list) else ""
             raise UserError(f"{flag}: {p} line {n} is not a JSON object{hint}")
         yield n, obj
+
+
+def _several(line: str, e: json.JSONDecodeError) -> str:
+    """A hint where the line holds the start of a JSON value written over several lines (a .json file's
+    array, `jq .`'s indented output): its first line failed with no word of the format."""
+    head = line.lstrip()
+    if head.startswith("["):
+        return "; JSON Lines is one object per line, not a JSON array (jq -c '.[]' converts one)"
+    if head.startswith("{") and e.pos >= len(line.rstrip()):
+        return "; JSON Lines is one object per line, not one object over several lines (jq -c . converts it)"
+    return ""
 
 
 class RepeatedKey(ValueError):
@@ -260,16 +327,16 @@ def labeled_rows(
     row at a time (load_labeled_file holds them all; evaluate only the labels)."""
     p = readable_file(path, flag)
     pieces = file_pieces(p, flag)
-    if p.suffix.lower() in (".jsonl", ".json"):
+    if is_jsonl(p):
         records: Iterable[tuple[int, dict]] = jsonl_objects(split_lines(pieces), p, flag)
     else:
         records = CsvRows(pieces, p, flag, _size(p))
     if isinstance(records, CsvRows):  # the header names the columns even when no row follows it
-        need_columns(records.header, p, flag, text_column, label_column)
+        need_columns(records.header, p, flag, [text_column, label_column], records.delimiter)
     first = True
     for n, row in records:
         if first:
-            need_columns(list(row), p, flag, text_column, label_column)
+            need_columns(list(row), p, flag, [text_column, label_column])
             first = False
         text, label = row.get(text_column), row.get(label_column)
         if text is not None and not isinstance(text, str):
@@ -282,8 +349,9 @@ def labeled_rows(
             raise UserError(f"{flag}: {p} line {n} has no {label_column!r} value")
         y = parse_label(label)
         if y is None:
+            shown = repr(label) if isinstance(label, str) else json.dumps(label)  # JSON's true, not True
             raise UserError(
-                f"{flag}: {p} line {n} has label {label!r}; labels must be 0 (negative) or 1 (positive)"
+                f"{flag}: {p} line {n} has label {shown}; labels must be 0 (negative) or 1 (positive)"
                 " (also accepted: 0.0/1.0, negative/positive, neg/pos, any case)"
             )
         yield n, text, y
@@ -291,14 +359,30 @@ def labeled_rows(
         raise UserError(f"{flag}: {p} has no rows")
 
 
-def need_columns(found: list[str], p: Path, flag: str, text_column: str, label_column: str) -> None:
-    """One line naming the columns a labeled file lacks (a CSV's header, a JSONL file's first object)."""
-    missing = [c for c in (text_column, label_column) if c not in found]
-    if missing:
-        raise UserError(
-            f"{flag}: {p} lacks column(s) {missing}; it needs {text_column!r} and {label_column!r}"
-            f" (columns found: {found})"
-        )
+def need_columns(
+    found: list[str], p: Path, flag: str, wanted: list[str], delimiter: str | None = None
+) -> None:
+    """One line naming the columns a file lacks (a CSV's header, a JSONL file's first object), with the
+    columns it has, and why where it is plain: a name in another case or with spaces around it, or a
+    header read as one column because another character separates its columns (`delimiter`: a CSV's)."""
+    missing = [c for c in wanted if c not in found]
+    if not missing:
+        return
+    needs = " and ".join(repr(c) for c in wanted)
+    hint = ""
+    near = [f for f in found if f.strip().lower() in {c.strip().lower() for c in missing}]
+    if near:
+        hint = f"; in another case or with spaces around: {near}"
+    elif delimiter is not None and len(found) == 1:
+        other = next((c for c in "\t;," if c != delimiter and c in found[0]), None)
+        if other == "\t":
+            hint = "; its header is one column holding tabs: a tab-separated file is read so when named .tsv"
+        elif other is not None:
+            hint = (
+                f"; its header is one column holding {other!r}: columns are separated by {delimiter!r} here"
+            )
+            hint += " (a .csv by commas, a .tsv by tabs)"
+    raise UserError(f"{flag}: {p} lacks column(s) {missing}; it needs {needs} (columns found: {found}){hint}")
 
 
 def _size(p: Path) -> int | None:
@@ -333,10 +417,9 @@ class TextLines:
         p = self.path
         if p is None:
             return self._plain(split_lines(self.stdin or ()))
-        suffix = p.suffix.lower()
-        if suffix in (".jsonl", ".json"):
+        if is_jsonl(p):
             return self._jsonl(p)
-        if suffix in (".csv", ".tsv"):
+        if is_tabular(p):
             return self._csv(p)
         return self._plain(split_lines(file_pieces(p, "--file")))
 
@@ -357,10 +440,7 @@ class TextLines:
     def _csv(self, p: Path) -> Iterator[str]:
         column = self.text_column
         rows = CsvRows(file_pieces(p, "--file"), p, "--file", _size(p))
-        if column not in rows.header:
-            raise UserError(
-                f"--file: {p} has no {column!r} column (it has {', '.join(rows.header) or 'none'})"
-            )
+        need_columns(rows.header, p, "--file", [column], rows.delimiter)
         for n, row in rows:
             if row[column] is None:  # a row with fewer cells than the header
                 raise UserError(f"--file: {p} line {n} has no {column!r} value")
