@@ -155,6 +155,17 @@ def test_predict_text_column(trained_run, tmp_path, capsys):
         "--file",
         str(f),
     )
+    # an empty cell is named by its file and line, not as "text 2" of the texts read
+    f.write_text('id,review\n1,great film\n2,"  "\n')
+    expect_error(
+        capsys, f"--file: {f} line 3 has an empty 'review' text",
+        "predict", str(trained_run), "--file", str(f), "--text-column", "review",
+    )  # fmt: skip
+    nd.write_text('{"review": "great film"}\n{"review": ""}\n')
+    expect_error(
+        capsys, f"--file: {nd} line 2 has an empty 'review' text",
+        "predict", str(trained_run), "--file", str(nd), "--text-column", "review",
+    )  # fmt: skip
     expect_error(
         capsys, "--text-column applies to a CSV, TSV or JSONL --file only",
         "predict", str(trained_run), "x", "--text-column", "review",

@@ -435,7 +435,7 @@ class TextLines:
         for n, obj in jsonl_objects(split_lines(file_pieces(p, "--file")), p, "--file"):
             if not isinstance(obj.get(column), str):
                 raise UserError(f"--file: {p} line {n} has no {column!r} string")
-            yield obj[column]
+            yield self._checked(obj[column], p, n)
 
     def _csv(self, p: Path) -> Iterator[str]:
         column = self.text_column
@@ -444,4 +444,14 @@ class TextLines:
         for n, row in rows:
             if row[column] is None:  # a row with fewer cells than the header
                 raise UserError(f"--file: {p} line {n} has no {column!r} value")
-            yield row[column]
+            yield self._checked(row[column], p, n)
+
+    def _checked(self, text: str, p: Path, n: int) -> str:
+        """A cell's text, refused here where its line is known (predict's own check names only its place
+        among the texts, which is no line of a CSV with a header or quoted line breaks)."""
+        if not has_content(text):
+            raise UserError(
+                f"--file: {p} line {n} has an empty {self.text_column!r} text (or only whitespace or "
+                "control characters); give a review"
+            )
+        return text
