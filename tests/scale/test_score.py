@@ -287,6 +287,43 @@ def test_local_engine_matches_predict_on_real_reviews(roberta_run, real_reviews,
     check_against_predict(tmp_path / "out", reviews, predicted)
 
 
+@pytest.mark.slow  # a real `imdb-lora score --engine ray` process starting its own Ray (~15-30 s)
+def test_a_ray_job_whose_workers_cannot_load_the_model(trained_run, tmp_path):
+    """Each actor's traceback was printed on the console some six times (its own output, forwarded to the
+    driver), and the job ended in Ray's ActorDiedError traceback with exit status 1, its output "failed"
+    with no part, refused to the rerun unless given --overwrite. Now: score's one line; no worker line;
+    the workers' output is in Ray's session logs; the rerun on the mended model needs no --overwrite."""
+    pytest.importorskip("ray")
+    import imdb_lora
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not safetensors")
+    reviews = tmp_path / "in.jsonl"
+    reviews.write_text('{"text": "great film"}\n{"text": "awful"}\n')
+    src = str(Path(imdb_lora.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_LOG_TO_DRIVER", None)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "imdb_lora", "score", str(run), "--input", str(reviews),
+               "--output", str(out), "--engine", "ray", "--workers", "2"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("imdb-lora:")]
+    assert done.returncode == 2 and errors == [
+        f"imdb-lora: error: the adapter weights in {run / 'adapter'} are damaged "
+        "(Error while deserializing header: header too large)"
+    ], done.stderr
+    assert "(MapWorker(" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert json.loads((out / "_imdb_lora_score.json").read_text())["status"] == "failed"
+    weights.write_bytes(good)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "scored 2 rows" in done.stdout, done.stderr
+
+
 @pytest.mark.slow
 def test_ray_engine_matches_predict_on_real_reviews(roberta_run, real_reviews, predicted, tmp_path, capsys):
     ray = pytest.importorskip("ray")

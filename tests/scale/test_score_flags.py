@@ -23,12 +23,16 @@ def job(trained_run, tmp_path):
 
 @pytest.fixture
 def no_cluster(monkeypatch):
-    """A stand-in `ray` whose init fails as Ray's does when no cluster answers (never a real start)."""
+    """A stand-in `ray` whose init fails as Ray's does when no cluster answers (never a real start);
+    the list records each init's address, `ray.init.asked` its other arguments."""
     calls = []
 
     def init(address=None, **kwargs):
         calls.append(address)
+        init.asked.append(kwargs)
         raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    init.asked = []
 
     fake = types.ModuleType("ray")
     fake.is_initialized = lambda: False
@@ -164,6 +168,22 @@ def test_sigterm_stops_a_ray_job_as_ctrl_c_does_though_ray_init_sets_its_own_han
     assert (record["status"], record["signal"]) == ("stopped", "SIGTERM")
 
 
+def ray_running(monkeypatch, dataset) -> types.SimpleNamespace:
+    """A stand-in `ray` already connected to a 2-CPU cluster whose Ray Data gives `dataset` for the job's
+    file list; returns the DataContext the engine sets."""
+    context = types.SimpleNamespace(execution_options=types.SimpleNamespace())
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: True
+    fake.cluster_resources = lambda: {"CPU": 2.0}
+    fake.data = types.ModuleType("ray.data")
+    fake.data.DataContext = types.SimpleNamespace(get_current=lambda: context)
+    fake.data.from_items = lambda items: dataset
+    fake.data.ActorPoolStrategy = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    return context
+
+
 def test_the_ray_engine_cuts_an_input_file_into_small_blocks_spread_over_the_actors(
     job, tmp_path, monkeypatch
 ):
@@ -182,17 +202,68 @@ def test_the_ray_engine_cuts_an_input_file_into_small_blocks_spread_over_the_act
         def write_parquet(self, path, **kwargs):
             asked["write_parquet"] = kwargs
 
-    context = types.SimpleNamespace(execution_options=types.SimpleNamespace())
-    fake = types.ModuleType("ray")
-    fake.is_initialized = lambda: True
-    fake.cluster_resources = lambda: {"CPU": 2.0}
-    fake.data = types.ModuleType("ray.data")
-    fake.data.DataContext = types.SimpleNamespace(get_current=lambda: context)
-    fake.data.from_items = lambda items: Dataset()
-    fake.data.ActorPoolStrategy = lambda **kwargs: kwargs
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    context = ray_running(monkeypatch, Dataset())
     assert main([*job, "--engine", "ray"]) == 0
     assert context.execution_options.preserve_order and context.target_max_block_size <= 1 << 20
     assert asked["ScoreBatch"]["compute"] == {"size": 2, "max_tasks_in_flight_per_actor": 1}
     assert asked["write_parquet"]["min_rows_per_file"] >= 100_000  # small blocks, yet not a part per block
+
+
+def test_ray_keeps_the_workers_output_off_the_console_unless_asked(job, no_cluster, monkeypatch):
+    """A worker that could not load the model printed its traceback on the console some six times (each
+    actor, each retry; 370 lines) before score's one line: ray.init(log_to_driver=False) keeps the
+    workers' output in Ray's session logs. RAY_LOG_TO_DRIVER in the environment is Ray's own switch."""
+    monkeypatch.delenv("RAY_LOG_TO_DRIVER", raising=False)
+    assert main([*job, "--engine", "ray"]) == 2  # no cluster: what follows ray.init is not this test's
+    monkeypatch.setenv("RAY_LOG_TO_DRIVER", "1")
+    assert main([*job, "--engine", "ray"]) == 2
+    asked = sys.modules["ray"].init.asked
+    assert [a["log_to_driver"] for a in asked] == [False, None]  # None: Ray reads RAY_LOG_TO_DRIVER
+
+
+# The text of the ActorDiedError a driver gets when ScoreBatch's constructor raised in the actors
+# (Ray 2.60, the model's adapter file damaged): the worker's error survives only as its traceback's text.
+ACTOR_DIED = (
+    "The actor died because of an error raised in its creation task, ray::MapWorker(MapBatches(ScoreBatch))"
+    ".__init__() (pid=1711, ip=192.0.2.2, actor_id=ba0d, repr=MapWorker(MapBatches(ScoreBatch)))\n"
+    '  File ".../imdb_lora/inference/classifier.py", line 376, in load_adapter_model\n'
+    '    raise UserError(f"the adapter weights in {adapter} are damaged ({first_line(e)})") from None\n'
+    "imdb_lora.errors.UserError: the adapter weights in run/adapter are damaged (header too large)"
+)
+
+
+@pytest.fixture
+def workers_cannot_load_the_model(monkeypatch):
+    """A stand-in `ray` on a 2-CPU cluster whose job fails as Ray 2.60's does when every actor's
+    constructor raises: an ActorDiedError (a stand-in of the class) before any part is written."""
+
+    class ActorDiedError(RuntimeError):
+        pass
+
+    class Dataset:
+        def map_batches(self, fn, **kwargs):
+            return self
+
+        def write_parquet(self, path, **kwargs):
+            raise ActorDiedError(ACTOR_DIED)
+
+    ray_running(monkeypatch, Dataset())
+
+
+def test_a_ray_job_whose_workers_cannot_load_the_model_is_one_line_and_its_rerun_needs_no_overwrite(
+    job, tmp_path, workers_cannot_load_the_model, monkeypatch, capsys
+):
+    """It ended in Ray's traceback (exit status 1), and its output, holding only a "failed" marker, was
+    refused to the rerun unless given --overwrite, for a job that wrote no row."""
+    import json
+
+    out = tmp_path / "out"
+    assert main([*job, "--engine", "ray"]) == 2
+    assert one_line(capsys) == (
+        "imdb-lora: error: the adapter weights in run/adapter are damaged (header too large)"
+    )
+    record = json.loads((out / "_imdb_lora_score.json").read_text())
+    assert record["status"] == "failed" and "adapter weights" in record["error"]
+    monkeypatch.undo()  # the model loads again: the same command, without --overwrite
+    assert main(job) == 0
+    assert json.loads((out / "_imdb_lora_score.json").read_text())["status"] == "finished"

@@ -157,6 +157,74 @@ def test_a_failed_or_killed_job_leaves_its_marker_unfinished(trained_run, tmp_pa
     one_line_error(capsys, "holds an unfinished score output (status 'running': the job was killed")
 
 
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"  # AWS's documented example secret, not a real one
+
+
+@pytest.mark.parametrize(
+    "flag, uri, shown",
+    [
+        ("--input", f"s3://b/in/?access_key=AKIDEXAMPLE&secret_key={SECRET}", "s3://b/in/"),
+        ("--input", f"s3://AKIDEXAMPLE:{SECRET}@b/in/", "s3://b/in/"),
+        ("--output", f"abfs://c@acct.dfs.core.windows.net/out?tenant_id=t&client_id=i&client_secret={SECRET}",
+         "abfs://c@acct.dfs.core.windows.net/out"),
+        ("--output", f"abfs://c:{SECRET}@acct.dfs.core.windows.net/out", "abfs://c@acct.dfs.core.windows.net/out"),
+    ],
+)  # fmt: skip
+def test_credentials_in_a_uri_are_one_line_that_never_prints_them(
+    trained_run, tmp_path, capsys, flag, uri, shown
+):
+    """The secret went into the console (pyarrow's refusal of S3's query keys was printed after the URI
+    whole) or, where pyarrow takes it, into source_file, the marker and the summary line."""
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    given = {"--input": str(src), "--output": str(tmp_path / "out"), flag: uri}
+    assert score(trained_run, "--input", given["--input"], "--output", given["--output"]) == 2
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    assert captured.err.startswith(f"imdb-lora: error: {flag} {shown}: credentials in a URI"), captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_an_output_whose_job_ended_before_any_part_is_replaced_without_overwrite(
+    trained_run, tmp_path, capsys
+):
+    """A job that failed before writing a row (here the model's adapter file is damaged, which only
+    loading it finds) left its folder holding just a "failed" marker; the rerun, once the model was
+    fixed, was refused unless given --overwrite. Such a folder loses nothing if replaced; one that holds
+    anything else, or whose job may still be running, is still refused."""
+    import shutil
+
+    from imdb_lora.scale import output as score_output
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not safetensors")
+    src, out = write_jsonl(tmp_path / "in.jsonl", [GOOD]), tmp_path / "out"
+    assert score(run, "--input", str(src), "--output", str(out)) == 2
+    one_line_error(capsys, "are damaged")  # the line still says what failed
+    assert marker(out)["status"] == "failed" and not list(out.glob("*.parquet"))
+    weights.write_bytes(good)
+    assert score(run, "--input", str(src), "--output", str(out)) == 0
+    assert marker(out)["status"] == "finished" and len(output_rows(out)) == 1
+    capsys.readouterr()
+
+    def left(name: str, status: str, *extra: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        score_output.write_marker(str(folder), {"status": status})
+        for f in extra:
+            (folder / f).write_text("kept")
+        return folder
+
+    assert score(run, "--input", str(src), "--output", str(left("stopped", "stopped"))) == 0
+    for folder in (left("running", "running"), left("note", "failed", "notes.txt")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        assert score(run, "--input", str(src), "--output", str(folder)) == 2
+        one_line_error(capsys, "holds an unfinished score output")
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_full_disk_under_the_first_marker_is_one_line_and_leaves_an_output_to_reuse(
     trained_run, tmp_path, capsys, monkeypatch
 ):

@@ -265,3 +265,27 @@ def test_an_endpoint_in_the_uris_query_reaches_every_listed_file(trained_run, bu
     assert done["job"]["inputs"][0][0] == f"s3://{name}/reviews/a.jsonl?{query}"  # as it is opened again
     table = pq.read_table(f"{out}/part-00001.parquet", filesystem=s3)
     assert set(table["source_file"].to_pylist()) == {f"s3://{name}/reviews/b.csv?{query}"}
+
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"  # AWS's documented example secret, not a real one
+
+
+def test_credentials_in_a_uri_are_refused_without_printing_them(trained_run, bucket, capsys):
+    """pyarrow takes an S3 key and secret as `s3://KEY:SECRET@bucket/...`. score writes its URIs into
+    the output (source_file, the marker) and onto the console (the summary, refusals, a stop line's
+    resume command): such a job ran, and its summary printed the secret. Now one line naming the flag,
+    without the secret, before anything is read or written."""
+    s3, name, _ = bucket
+    given = f"s3://testing:{SECRET}@{name}"
+    cases = [
+        (f"{given}/reviews/", f"s3://{name}/scored", f"--input s3://{name}/reviews/"),
+        (f"s3://{name}/reviews/", f"{given}/scored", f"--output s3://{name}/scored"),
+    ]
+    for inputs, out, flag in cases:
+        assert score(trained_run, inputs, out) == 2
+        captured = capsys.readouterr()
+        assert SECRET not in captured.out + captured.err
+        err = captured.err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"imdb-lora: error: {flag}: credentials"), err
+        assert "AWS_SECRET_ACCESS_KEY" in err
+        assert listing(s3, f"{name}/scored") == {}

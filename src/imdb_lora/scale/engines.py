@@ -40,7 +40,15 @@ from .resume import (
     resume_output,
     write_record,
 )
-from .sources import Source, check_columns, check_encoding, filesystem, list_sources, read_batches
+from .sources import (
+    Source,
+    check_columns,
+    check_encoding,
+    check_no_credentials,
+    filesystem,
+    list_sources,
+    read_batches,
+)
 
 
 @dataclass
@@ -130,6 +138,9 @@ def prepare(job: ScoreJob, ready: Callable[[], object] | None = None) -> None:
     before the output is touched, so that what it refuses leaves no marker a rerun must --overwrite."""
     from ..inference.classifier import check_window_stride_of
 
+    # first: every later message may name these URIs
+    for flag, uri in [("MODEL", job.model), *(("--input", i) for i in job.inputs), ("--output", job.output)]:
+        check_no_credentials(flag, uri)
     check_model(job.model, job.base_model)
     check_window_stride_of(job.model, job.window_stride)  # a bad one would make every row an error
     # the codec's name to compare (latin-1 and iso-8859-1 are one job); as typed to name it in messages
@@ -376,11 +387,24 @@ def start_ray(job: ScoreJob, address: str | None, cpus_per_worker: float, gpus_p
     if not ray.is_initialized():
         with sigterm_handler_kept():
             try:
-                ray.init(address=address, logging_level="WARNING")  # None: RAY_ADDRESS, else a local cluster
+                # address None: RAY_ADDRESS, else a local cluster
+                ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver())
             except ConnectionError as e:  # "auto" with no cluster running, or a cluster that went away
                 flag = "--ray-address" if address else "$RAY_ADDRESS"
                 raise UserError(f"{flag}: cannot connect to a Ray cluster ({e})") from None
     return pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)  # also with --workers
+
+
+def log_to_driver() -> bool | None:
+    """ray.init's log_to_driver: False, so the workers' stdout and stderr stay in Ray's session logs
+    (/tmp/ray/session_latest/logs/worker-*) instead of the console. A worker that cannot load the model
+    printed its traceback there ~6 times over (each actor, each retry, Ray's "(raylet) ... will be
+    retried" lines on stdout: 370 lines for one failure) before score's own line; the failure still
+    reaches the driver as an exception, which score says in one line. RAY_LOG_TO_DRIVER=1 in the
+    environment brings them back: then None, and Ray reads that variable itself."""
+    import os
+
+    return None if "RAY_LOG_TO_DRIVER" in os.environ else False
 
 
 # Ray engine: bytes per Ray Data block (~750 IMDB reviews with their columns), rows per Parquet part at least
@@ -570,7 +594,19 @@ def user_error_inside(e: BaseException) -> UserError | None:
     the worker's whole traceback; the error itself is that exception's `cause`, with Ray Data's note on
     retries appended to its message, which is cut."""
     raised = [x for x in _chain(e) if isinstance(x, UserError)]
-    return UserError(str(raised[-1]).split(RAY_RETRY_NOTE, 1)[0]) if raised else None
+    if raised:
+        return UserError(str(raised[-1]).split(RAY_RETRY_NOTE, 1)[0])
+    # An actor whose constructor raised (ScoreBatch: a model the workers cannot load) reaches the driver
+    # as an ActorDiedError that keeps only the text of the worker's traceback, not the error: the job
+    # ended in Ray's traceback (exit status 1). The traceback's last line names the UserError.
+    for x in _chain(e):
+        said = str(x).rsplit(f"\n{USER_ERROR}: ", 1)
+        if len(said) == 2:
+            return UserError(said[1].split("\n", 1)[0])
+    return None
+
+
+USER_ERROR = f"{UserError.__module__}.{UserError.__qualname__}"  # as a traceback's last line names it
 
 
 def schema_clash_inside(e: BaseException) -> UserError | None:

@@ -8,7 +8,8 @@ its end, leaves "running": its parts are incomplete. --resume takes every status
 (scale/resume.py); before "stopped" existed, a stopped job's marker said "failed" with the error
 "interrupted". The marker also records the job (its settings, model and input files), which `--resume`
 must find unchanged. `--overwrite` replaces only a folder holding this marker, so it can never empty a
-folder this tool did not write. Everything goes through the
+folder this tool did not write; a folder holding nothing but the marker of a job that ended ("failed",
+"stopped") before writing a part is replaced without it (nothing_to_lose). Everything goes through the
 pyarrow filesystem of the output, so a bucket behaves as a local folder does.
 
 A LOCAL output is also locked while a job writes it: `_imdb_lora_score.lock` holds the writer's pid
@@ -106,10 +107,11 @@ def _checked(output: str, inputs: list[str], overwrite: bool):
     # (not a score output, no --overwrite) gets nothing written into it.
     held = lock_output(output, path, create=False) if local and info.type == fs.FileType.Directory else None
     try:
-        full = info.type == fs.FileType.Directory and bool(_contents(fsys, path))
+        contents = _contents(fsys, path) if info.type == fs.FileType.Directory else []
+        full = bool(contents)
         if full:
             marker = read_marker(output)
-            if not overwrite:
+            if not overwrite and not nothing_to_lose(marker, contents):
                 raise UserError(f"--output {output} {describe(marker, local)}; {what_to_pass(marker)}")
             if marker is None:  # --overwrite must never empty a folder this tool did not write
                 raise UserError(f"--output {output} is not an imdb-lora score output; refusing to replace it")
@@ -118,6 +120,16 @@ def _checked(output: str, inputs: list[str], overwrite: bool):
             held.close()
         raise
     return fsys, path, local, held, full
+
+
+def nothing_to_lose(marker: dict[str, Any] | None, contents: list) -> bool:
+    """An output whose job ended ("failed" or "stopped") before it wrote anything but its marker: a
+    worker that could not load the model, a first block that raised, Ctrl-C during Ray's start. Replacing
+    it loses nothing, so a rerun needs no --overwrite (it did: the rerun of a Ray job whose workers could
+    not load the model was refused until given --overwrite, for an output holding no row). A "running"
+    marker is not taken: on a remote output (no lock) its job may still be starting."""
+    ended = marker is not None and marker.get("status") in ("failed", "stopped")
+    return ended and [i.base_name for i in contents] == [MARKER]
 
 
 def _contents(fsys, path: str) -> list:

@@ -90,6 +90,50 @@ def full_uri(uri: str, path: str) -> str:
     return uri.split("://", 1)[0] + "://" + path + (f"?{query}" if query else "")
 
 
+# Query keys of pyarrow's filesystem URIs that hold a secret (abfs takes `client_secret`), or that would
+# (S3 refuses `access_key`/`secret_key`/`session_token` in pyarrow 26, but its refusal came after the URI
+# was already in a message): matched by name, so a key added later is caught too.
+SECRET_WORDS = ("secret", "key", "token", "password", "sas", "signature", "credential")
+
+
+def check_no_credentials(flag: str, uri: str) -> None:
+    """Refuse a URI that carries credentials: the password of `s3://KEY:SECRET@bucket/...` (pyarrow's
+    S3 access and secret key; abfs's account key), any user part of an s3:// URI (an access key), or a
+    query key that names a secret. score writes its URIs into the output (source_file, the marker and
+    its records) and onto the console (errors, the summary, a stop line's resume command). The line
+    names the URI without its password and query, so the secret is never printed."""
+    if "://" not in uri:
+        return
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        user, password = parts.username, parts.password
+    except ValueError:  # a malformed netloc: pyarrow refuses it
+        return
+    keys = [k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    secret = [k for k in keys if any(w in k.lower() for w in SECRET_WORDS)]
+    if not (password is not None or (user and parts.scheme == "s3") or secret):
+        return
+    what = f"the query's {', '.join(secret)}" if secret else "a KEY:SECRET@ part"
+    env = (
+        "the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) variables or an AWS profile"
+        if parts.scheme == "s3"
+        else "the store's own environment variables or configuration, as pyarrow reads them"
+    )
+    raise UserError(
+        f"{flag} {without_credentials(uri)}: credentials in a URI ({what}) would be written into the "
+        f"output and onto the console; remove them and give them by {env}"
+    )
+
+
+def without_credentials(uri: str) -> str:
+    """A URI as it may be printed: its query and password dropped (s3://: its whole user part, a key)."""
+    parts = urllib.parse.urlsplit(uri)
+    user, _, host = parts.netloc.rpartition("@")
+    user = user.split(":", 1)[0]  # a password, never shown
+    kept = f"{user}@{host}" if user and parts.scheme != "s3" else host  # abfs: the container, not a secret
+    return urllib.parse.urlunsplit((parts.scheme, kept, parts.path, "", ""))
+
+
 @dataclass(frozen=True)
 class Source:
     uri: str  # absolute local path or URI: what read_batches opens, and the output's source_file
