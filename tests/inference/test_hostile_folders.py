@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import train_args
 
@@ -336,3 +337,79 @@ def test_base_model_is_refused_where_it_does_not_apply(merged_export, full_run, 
         assert f"--base-model applies to {expected}" in err and "\n" not in err
     assert main(["export", str(full_run), "--to", str(full_run.parent / "x"), "--base-model", "b"]) == 2
     assert "--base-model applies to LoRA runs only" in capsys.readouterr().err
+
+
+def resave(path: Path, change) -> None:
+    """Rewrite a safetensors file with `change` applied to its tensors (a dict, changed in place)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def named(tensors: dict, *parts: str) -> str:
+    return next(k for k in sorted(tensors) if all(p in k for p in parts))
+
+
+def widen(*parts: str):
+    def change(tensors):
+        key = named(tensors, *parts)
+        tensors[key] = torch.zeros(*(n + 1 for n in tensors[key].shape))
+
+    return change
+
+
+def drop(*parts: str):
+    return lambda tensors: tensors.pop(named(tensors, *parts))
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (widen("lora_A"), "is unusable (size mismatch for "),
+        (widen("classifier", "weight"), "is unusable (size mismatch for "),
+        # PEFT loads non-strictly: a missing LoRA tensor kept its random initialisation, silently
+        (drop("lora_A"), "adapter_model.safetensors lacks 1 tensor of the adapter"),
+        (drop("classifier", "weight"), "is unusable (adapter_model.safetensors lacks"),
+    ],
+    ids=["lora-shape", "head-shape", "lora-missing", "head-missing"],
+)
+def test_adapter_weights_that_do_not_fit_are_one_line(trained_run, tmp_path, capsys, change, expected):
+    """A tensor of the wrong shape was torch's traceback; a missing one a traceback or a silent
+    random initialisation (every answer wrong)."""
+    run = copy(trained_run, tmp_path)
+    resave(run / "adapter" / "adapter_model.safetensors", change)
+    predict_fails(run, capsys, expected, "train the run again")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("{oops", "adapter_config.json is not valid JSON"), ('"8"', "adapter_config.json: ")],
+    ids=["not-json", "r-a-string"],
+)
+def test_a_damaged_adapter_config_is_one_line(trained_run, tmp_path, capsys, text, expected):
+    run = copy(trained_run, tmp_path)
+    config = run / "adapter" / "adapter_config.json"
+    config.write_text(text if text.startswith("{") else config.read_text().replace('"r": 8', f'"r": {text}'))
+    predict_fails(run, capsys, f"the adapter in {run / 'adapter'} is unusable", expected)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [(widen("classifier", "weight"), "do not fit its config.json"), (drop("encoder"), "lack 1 tensor")],
+    ids=["shape", "missing"],
+)
+def test_full_weights_that_do_not_fit_are_one_line(full_run, tmp_path, capsys, change, expected):
+    """transformers' RuntimeError pointing at a report it never showed; a missing tensor randomly
+    initialised without a word."""
+    full = copy(full_run, tmp_path)
+    resave(full / "model" / "model.safetensors", change)
+    predict_fails(full, capsys, f"the weights in {full / 'model'} {expected}")
+
+
+def test_a_tokenizer_without_its_config_is_one_line(trained_run, tmp_path, capsys):
+    """Without tokenizer_config.json the tokenizer loads with no padding token: torch's TypeError."""
+    run = copy(trained_run, tmp_path)
+    (run / "tokenizer" / "tokenizer_config.json").unlink()
+    predict_fails(run, capsys, "no usable tokenizer in", "has no padding token")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from ..config import Config, Given
 from ..data.batches import default_max_batch_tokens
 from ..data.labeled import LABEL_NAMES, has_content
 from ..data.tokenize import check_window_stride, encode, encode_windows
-from ..errors import UserError
+from ..errors import UserError, counted
 from ..modeling.forward import batched_logits
 from ..modeling.load import (
     NUM_LABELS,
@@ -370,9 +372,54 @@ def load_adapter_model(
     if not (adapter / "adapter_model.safetensors").is_file():  # PEFT would fall back to a pickled .bin
         raise UserError(f"{adapter} has no adapter_model.safetensors (only safetensors weights are loaded)")
     try:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with warnings.catch_warnings():  # check_adapter_complete says it in one line
+            warnings.filterwarnings("ignore", "Found missing adapter keys", UserWarning)
+            model = PeftModel.from_pretrained(model, str(adapter))
     except Exception as e:
         if is_damaged_weights(e):  # a truncated or garbled copy: one line, not safetensors' traceback
             raise UserError(f"the adapter weights in {adapter} are damaged ({first_line(e)})") from None
-        raise
+        problem = adapter_problem(e)
+        if problem is None:
+            raise
+        raise UserError(f"the adapter in {adapter} is unusable ({problem}); {RESTORE}") from None
+    check_adapter_complete(model, adapter / "adapter_model.safetensors")
     return model.merge_and_unload() if merge else model
+
+
+RESTORE = "it was damaged or edited: restore it from a good copy, or train the run again"
+
+
+def adapter_problem(e: Exception) -> str | None:
+    """What PEFT's error on a damaged adapter folder means, in a few words; None for anything else.
+    An adapter_config.json that is not JSON, or whose values have the wrong type (`"r": "8"`), and
+    weights of the wrong shape (or a config whose r no longer matches them) fail inside PEFT and torch;
+    a weight missing from the head fails in PEFT's lookup (KeyError)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"adapter_config.json is not valid JSON: {e.msg}"
+    if isinstance(e, KeyError):
+        return f"adapter_model.safetensors lacks {e.args[0] if e.args else 'a tensor'}"
+    if isinstance(e, RuntimeError) and "size mismatch for " in str(e):
+        first = next(line for line in str(e).splitlines() if "size mismatch for " in line)
+        return first.strip().rstrip(".")
+    if isinstance(e, (TypeError, ValueError)):
+        return f"adapter_config.json: {first_line(e)}"
+    return None
+
+
+def check_adapter_complete(model, weights: Path) -> None:
+    """PEFT loads an adapter non-strictly: a LoRA tensor missing from the file keeps its random
+    initialisation, and every prediction is silently wrong. Every tensor the model saves must be there."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:  # the header only: names, not tensors
+        saved = set(f.keys())
+    # False: "auto" looks up the base's config by the adapter's ./NAME and warns when it is not found
+    # there; imdb-lora never resizes the vocabulary, so no embedding layer is ever saved whole
+    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    missing = sorted(set(expected) - saved)
+    if missing:
+        raise UserError(
+            f"{weights} lacks {counted(len(missing), 'tensor')} of the adapter "
+            f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {RESTORE}"
+        )

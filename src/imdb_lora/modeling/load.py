@@ -287,6 +287,10 @@ def load_tokenizer(name: str, folder: bool = False, flag: str = "--model"):
         ) from None
     if not tok.is_fast:
         raise UserError(f"{name}: a fast tokenizer (tokenizer.json) is required")
+    if folder and tok.pad_token_id is None:  # a run's tokenizer always has one: batching pads with it
+        raise UserError(
+            f"no usable tokenizer in {name}: it has no padding token (tokenizer_config.json missing or edited?)"
+        )
     return tok
 
 
@@ -331,8 +335,21 @@ def load_base_model(
     except Exception as e:
         if is_damaged_weights(e):  # a truncated copy or download: one line, not safetensors' traceback
             raise UserError(f"{lead}the weights in {name} are damaged ({first_line(e)})") from None
+        if isinstance(e, RuntimeError) and "ignore_mismatched_sizes" in str(e):  # its report is logged
+            raise UserError(
+                f"{lead}the weights in {name} do not fit its config.json (a tensor of the wrong shape): "
+                "damaged, edited or from another model"
+            ) from None
         raise
-    return name_labels(model), list(info.get("missing_keys", []))
+    missing = list(info.get("missing_keys", []))
+    if flag is None and missing:
+        # A run's or an export's own model was saved whole: a weight it lacks would be randomly
+        # initialised and every prediction silently wrong. (A base model's missing head is expected.)
+        raise UserError(
+            f"the weights in {name} lack {counted(len(missing), 'tensor')} its config.json needs "
+            f"({missing[0]}{', ...' if len(missing) > 1 else ''}): damaged or edited; restore them"
+        )
+    return name_labels(model), missing
 
 
 def name_labels(model: nn.Module) -> nn.Module:
